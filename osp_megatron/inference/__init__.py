@@ -1,0 +1,1 @@
+"""osp_megatron.inference package."""

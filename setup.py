@@ -1,0 +1,46 @@
+"""Packaging for osp_megatron: a megatron-core framework for sparse text-to-video Diffusion Transformers."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="osp-megatron",
+    version="0.1.0",
+    description="Megatron-core framework for training Wan2.1-style video DiTs with Skiparse attention, "
+    "sparse sequence parallelism and HiF8 training",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["osp_megatron*", "checkpoints_tools*", "data*", "launch*"]),
+    package_data={"osp_megatron": ["configs/*.yaml"]},
+    install_requires=[
+        "torch>=2.4,<2.15",
+        "megatron-core>=0.16.1,<0.20",
+        "numpy",
+        "einops>=0.7",
+        "pyyaml",
+        "safetensors",
+        "webdataset>=0.2.86",
+        "av>=12",
+        "tensorboard",
+        "tqdm",
+        "psutil",
+        "diffusers>=0.33",
+        "transformers>=4.45",
+        "sentencepiece",
+    ],
+    extras_require={
+        "test": ["pytest>=7", "pytest-timeout"],
+        "gpu": ["flash-attn", "transformer-engine[pytorch]"],
+        "ulysses-baseline": ["deepspeed"],
+        "npu": ["torch_npu"],
+        "eval": ["vbench"],
+    },
+    entry_points={
+        "console_scripts": [
+            "osp-train=osp_megatron.training.cli:main",
+            "osp-sample=osp_megatron.inference.cli:main",
+            "osp-make-synthetic=osp_megatron.data.synthetic:main",
+            "osp-ckpt=checkpoints_tools.cli:main",
+        ]
+    },
+)
