@@ -1,0 +1,209 @@
+"""Crash-safe training checkpoints: sharded weights, EMA and optimizer moments, per-rank RNG and data state.
+
+A checkpoint is written into `step_XXXXXXXX.tmp`, then renamed and published through `latest` by one atomic
+rename each; a crash at any moment leaves the previous checkpoint complete and the unfinished one ignored.
+"""
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from osp_megatron.checkpointing.sharded import load_shard_into, partition_dim, save_shard
+from osp_megatron.config.errors import ConfigError
+
+FORMAT = "osp-megatron-checkpoint/1"
+METADATA = "metadata.json"
+
+
+def checkpoint_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(str(path), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _ranks():
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    replica = parallel_state.get_data_parallel_rank(with_context_parallel=True)
+    return tp_rank, tp_size, replica
+
+
+def named_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    return dict(model.named_parameters())
+
+
+def save_model_shard(directory: Path, tensors: dict[str, torch.Tensor], params: dict[str, torch.nn.Parameter]):
+    tp_rank, tp_size, _ = _ranks()
+    partition = {name: partition_dim(params[name.split("/", 1)[-1]]) for name in tensors}
+    save_shard(directory, tensors, partition, tp_rank, tp_size)
+
+
+def is_complete(path: Path) -> bool:
+    return (path / METADATA).is_file()
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    root = checkpoint_dir(run_dir)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and not p.name.endswith(".tmp")
+             and is_complete(p)]
+    return sorted(found, key=lambda p: int(p.name.split("_")[1]))
+
+
+def latest_checkpoint(run_dir: str | Path) -> Optional[Path]:
+    """Newest complete checkpoint of a run (via `latest`, else by scanning), or None."""
+    root = checkpoint_dir(run_dir)
+    pointer = root / "latest"
+    if pointer.is_file():
+        candidate = root / pointer.read_text().strip()
+        if is_complete(candidate):
+            return candidate
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, optimizer=None, ema=None,
+                    rank_state: Optional[dict] = None, metadata: Optional[dict] = None,
+                    keep_last: Optional[int] = None) -> Path:
+    """Collective: every rank calls it. Returns the published checkpoint folder."""
+    root = checkpoint_dir(run_dir)
+    final = root / step_dir_name(step)
+    tmp = root / (step_dir_name(step) + ".tmp")
+    global_rank = dist.get_rank() if dist.is_initialized() else 0
+    if global_rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    _barrier()
+
+    tp_rank, tp_size, replica = _ranks()
+    params = named_parameters(model)
+    if replica == 0:
+        save_model_shard(tmp / "model", {n: p.data for n, p in params.items()}, params)
+        if ema is not None:
+            save_model_shard(tmp / "ema", ema.state_tensors(), params)
+        if optimizer is not None:
+            moments, scalars = optimizer_moments(optimizer, params)
+            save_model_shard(tmp / "optimizer", moments, params)
+            if tp_rank == 0:
+                _write_atomic(tmp / "optimizer" / "scalars.json", json.dumps(scalars))
+    (tmp / "ranks").mkdir(exist_ok=True)
+    torch.save(rank_state or {}, tmp / "ranks" / f"rank{global_rank:05d}.pt")
+    _barrier()
+
+    if global_rank == 0:
+        info = dict(metadata or {})
+        info.update(format=FORMAT, step=step, tensor_parallel=tp_size, saved_at=time.time(),
+                    world_size=dist.get_world_size() if dist.is_initialized() else 1)
+        _write_atomic(tmp / METADATA, json.dumps(info, indent=2, default=str))
+        if final.exists():
+            stale = root / (final.name + ".old")
+            if stale.exists():
+                shutil.rmtree(stale)
+            os.replace(final, stale)
+            os.replace(tmp, final)
+            shutil.rmtree(stale)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(root)
+        _write_atomic(root / "latest", final.name)
+        if keep_last:
+            for old in list_checkpoints(run_dir)[:-keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def optimizer_moments(optimizer, params: dict[str, torch.nn.Parameter]):
+    """AdamW state as named tensors ('exp_avg/<param>') plus per-parameter scalar step counts."""
+    names = {id(p): n for n, p in params.items()}
+    moments, scalars = {}, {}
+    for param, state in optimizer.state.items():
+        name = names[id(param)]
+        for key, value in state.items():
+            if torch.is_tensor(value) and value.dim() > 0:
+                moments[f"{key}/{name}"] = value
+            else:
+                scalars[f"{key}/{name}"] = float(value)
+    return moments, scalars
+
+
+def read_metadata(path: str | Path) -> dict:
+    path = Path(path)
+    if not is_complete(path):
+        raise ConfigError(f"{str(path)!r} is not a complete checkpoint (no {METADATA}); an interrupted save "
+                          "leaves a '.tmp' folder that is never loaded")
+    return json.loads((path / METADATA).read_text())
+
+
+def load_model_weights(path: str | Path, model: torch.nn.Module, which: str = "model", strict: bool = True):
+    """Load weights (or EMA weights with which='ema') into `model` at its own tensor-parallel size."""
+    tp_rank, tp_size, _ = _ranks()
+    folder = Path(path) / which
+    if not folder.is_dir():
+        raise ConfigError(f"checkpoint {str(path)!r} has no {which!r} weights folder")
+    return load_shard_into(folder, named_parameters(model), tp_rank, tp_size, strict=strict, what=which)
+
+
+def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer=None, ema=None) -> tuple[dict, dict]:
+    """Restore everything a training step depends on; returns (metadata, this rank's saved state)."""
+    path = Path(path)
+    metadata = read_metadata(path)
+    tp_rank, tp_size, _ = _ranks()
+    params = named_parameters(model)
+    load_model_weights(path, model)
+    if ema is not None and (path / "ema").is_dir():
+        load_shard_into(path / "ema", ema.state_tensors(), tp_rank, tp_size, what="ema")
+    if optimizer is not None and (path / "optimizer").is_dir():
+        _load_optimizer(path / "optimizer", optimizer, params, tp_rank, tp_size)
+    global_rank = dist.get_rank() if dist.is_initialized() else 0
+    rank_file = path / "ranks" / f"rank{global_rank:05d}.pt"
+    rank_state = torch.load(rank_file, weights_only=False) if rank_file.exists() else {}
+    return metadata, rank_state
+
+
+def _load_optimizer(folder: Path, optimizer, params, tp_rank, tp_size):
+    scalars = json.loads((folder / "scalars.json").read_text())
+    targets = {}
+    for name, param in params.items():
+        if f"step/{name}" not in scalars:
+            continue
+        state = optimizer.state[param]
+        for key in ("exp_avg", "exp_avg_sq"):
+            state[key] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            targets[f"{key}/{name}"] = state[key]
+        state["step"] = torch.tensor(scalars[f"step/{name}"], dtype=torch.float32)
+    load_shard_into(folder, targets, tp_rank, tp_size, what="optimizer")

@@ -1,0 +1,178 @@
+"""Building blocks of the Wan2.1 DiT layer on megatron-core tensor-parallel linears.
+
+Self-attention (q/k RMSNorm across heads, 3D RoPE, swappable core), cross-attention, AdaLN-modulated layer.
+"""
+
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from osp_megatron.attention.dispatch import dot_product_attention
+from osp_megatron.models.rope import apply_rope
+from osp_megatron.parallel import state
+from osp_megatron.parallel.mappings import all_reduce_sum_with_grad
+
+
+@dataclass
+class AttentionContext:
+    """How the tokens a rank holds are laid out, as far as the self-attention core must know.
+
+    In a sparse (Skiparse) layout the N tokens of a sample are `subsequences` equal runs, each attending only
+    within itself; everything else in a block is per-token, so only the attention core looks at this.
+    """
+
+    subsequences: int = 1
+    key_mask: Optional[torch.Tensor] = None  # bool [subsequences, N/subsequences]; None when nothing is padded
+    backend: str = "auto"
+
+
+def attend_in_layout(q, k, v, context: AttentionContext):
+    """Dense attention inside each subsequence of q, k, v [B, N, heads, head_dim] -> [B, N, heads, head_dim]."""
+    batch, tokens = q.shape[:2]
+    count = context.subsequences
+    if count == 1:
+        mask = context.key_mask
+        return dot_product_attention(q, k, v, key_padding_mask=mask, backend=context.backend)
+    split = [batch * count, tokens // count, *q.shape[2:]]
+    mask = None if context.key_mask is None else context.key_mask.repeat(batch, 1)
+    out = dot_product_attention(q.reshape(split), k.reshape(split), v.reshape(split), key_padding_mask=mask,
+                                backend=context.backend)
+    return out.reshape(q.shape)
+
+
+class FullAttention(torch.nn.Module):
+    """Dense attention core over the tokens this rank holds (full layers, or subsequences in sparse layout)."""
+
+    def __init__(self, config: TransformerConfig, **kwargs):
+        super().__init__()
+
+    def forward(self, q, k, v, context: AttentionContext):
+        return attend_in_layout(q, k, v, context)
+
+
+class HeadShardedRMSNorm(torch.nn.Module):
+    """RMSNorm over all heads' channels (Wan's q/k norm) while tensor parallelism splits the heads.
+
+    The mean square is taken over the full width, so the partial sums of squares are all-reduced over the
+    tensor-parallel group; the weight is split like the heads.
+    """
+
+    def __init__(self, full_size: int, eps: float, tp_size: int):
+        super().__init__()
+        self.full_size, self.eps = full_size, eps
+        self.weight = torch.nn.Parameter(torch.ones(full_size // tp_size))
+        set_tensor_model_parallel_attributes(self.weight, is_parallel=True, dim=0, stride=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        square_sum = all_reduce_sum_with_grad(x32.pow(2).sum(-1, keepdim=True), state.tensor_parallel_group())
+        normed = x32 * torch.rsqrt(square_sum / self.full_size + self.eps)
+        return (normed * self.weight.float()).type_as(x)
+
+
+class FP32LayerNorm(torch.nn.LayerNorm):
+    """LayerNorm evaluated in float32 whatever the activation dtype (the AdaLN statistics need it)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight.float() if self.weight is not None else None
+        bias = self.bias.float() if self.bias is not None else None
+        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps)
+
+
+@dataclass
+class AttentionSubmodules:
+    linear_q: Union[ModuleSpec, type] = None
+    linear_k: Union[ModuleSpec, type] = None
+    linear_v: Union[ModuleSpec, type] = None
+    q_norm: Union[ModuleSpec, type] = None
+    k_norm: Union[ModuleSpec, type] = None
+    core_attention: Union[ModuleSpec, type] = None
+    linear_proj: Union[ModuleSpec, type] = None
+
+
+class WanAttention(MegatronModule):
+    """Self- or cross-attention of a Wan block; heads are split over tensor-parallel ranks.
+
+    Self-attention rotates q and k with the 3D RoPE tables of the tokens; cross-attention reads keys and
+    values from the text states and uses no positions.
+    """
+
+    def __init__(self, config: TransformerConfig, submodules: AttentionSubmodules, is_cross: bool = False):
+        super().__init__(config=config)
+        dim, tp = config.hidden_size, config.tensor_model_parallel_size
+        self.is_cross = is_cross
+        self.heads_per_rank = config.num_attention_heads // tp
+        self.head_dim = dim // config.num_attention_heads
+        column = dict(config=config, init_method=config.init_method, bias=True, gather_output=False,
+                      skip_bias_add=False)
+        self.linear_q = build_module(submodules.linear_q, dim, dim, **column)
+        self.linear_k = build_module(submodules.linear_k, dim, dim, **column)
+        self.linear_v = build_module(submodules.linear_v, dim, dim, **column)
+        self.q_norm = build_module(submodules.q_norm, dim, config.layernorm_epsilon, tp)
+        self.k_norm = build_module(submodules.k_norm, dim, config.layernorm_epsilon, tp)
+        self.core_attention = build_module(submodules.core_attention, config=config)
+        self.linear_proj = build_module(
+            submodules.linear_proj, dim, dim, config=config, init_method=config.output_layer_init_method,
+            bias=True, input_is_parallel=True, skip_bias_add=False,
+        )
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unflatten(-1, (self.heads_per_rank, self.head_dim))
+
+    def forward(self, hidden, context: AttentionContext, rope=None, text_states=None):
+        source = text_states if self.is_cross else hidden
+        q = self._heads(self.q_norm(self.linear_q(hidden)[0]))
+        k = self._heads(self.k_norm(self.linear_k(source)[0]))
+        v = self._heads(self.linear_v(source)[0])
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        out = self.core_attention(q, k, v, context)
+        return self.linear_proj(out.flatten(-2))[0]
+
+
+@dataclass
+class WanLayerSubmodules:
+    self_attention: Union[ModuleSpec, type] = None
+    cross_attention: Union[ModuleSpec, type] = None
+    mlp: Union[ModuleSpec, type] = None
+
+
+class WanDiTLayer(MegatronModule):
+    """One Wan2.1 block: AdaLN-modulated self-attention, cross-attention to text, modulated GELU FFN.
+
+    `modulation` is the per-sample 6-way projection of the timestep embedding [B, 6, dim]; the block adds
+    its own learned table (shift, scale, gate for attention, then shift, scale, gate for the FFN).
+    """
+
+    def __init__(self, config: TransformerConfig, submodules: WanLayerSubmodules, layer_number: int = 0,
+                 cross_attn_norm: bool = True):
+        super().__init__(config=config)
+        dim, eps = config.hidden_size, config.layernorm_epsilon
+        self.layer_number = layer_number
+        self.norm1 = FP32LayerNorm(dim, eps, elementwise_affine=False)
+        self.self_attention = build_module(submodules.self_attention, config=config)
+        self.norm2 = FP32LayerNorm(dim, eps, elementwise_affine=True) if cross_attn_norm else torch.nn.Identity()
+        self.cross_attention = build_module(submodules.cross_attention, config=config)
+        self.norm3 = FP32LayerNorm(dim, eps, elementwise_affine=False)
+        self.mlp = build_module(submodules.mlp, config=config, ffn_hidden_size=config.ffn_hidden_size)
+        self.modulation = torch.nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+
+    def forward(self, hidden, text_states, modulation, rope, context: AttentionContext):
+        shift, scale, gate, ffn_shift, ffn_scale, ffn_gate = (self.modulation + modulation.float()).chunk(6, dim=1)
+        normed = (self.norm1(hidden) * (1 + scale) + shift).type_as(hidden)
+        attended = self.self_attention(normed, context, rope=rope)
+        hidden = (hidden.float() + attended * gate).type_as(hidden)
+        normed = self.norm2(hidden).type_as(hidden)
+        hidden = hidden + self.cross_attention(normed, AttentionContext(backend=context.backend),
+                                               text_states=text_states)
+        normed = (self.norm3(hidden) * (1 + ffn_scale) + ffn_shift).type_as(hidden)
+        ffn_out, ffn_bias = self.mlp(normed)
+        if ffn_bias is not None:
+            ffn_out = ffn_out + ffn_bias
+        return (hidden.float() + ffn_out.float() * ffn_gate).type_as(hidden)

@@ -1,0 +1,81 @@
+"""Where a rank's tokens sit between blocks: full row-major order or a Skiparse (token/group) layout.
+
+The model calls `enter`, `switch` and `exit` at pattern changes only, so consecutive sparse blocks keep the
+sparse layout; RoPE tables and key masks follow the same permutation as the hidden states.
+"""
+
+
+import torch
+
+from osp_megatron.models.rope import rope_tables
+from osp_megatron.models.wan.layers import AttentionContext
+
+SPARSE_KINDS = ("token", "group")
+
+
+class LocalTokenLayout:
+    """All tokens of each sample on this rank (no sequence parallelism).
+
+    Hidden states are always [B, N_local, dim]; in a sparse kind the N_local tokens are P^2 equal runs
+    (one per subsequence, padded grid), which only the self-attention core needs to know.
+    """
+
+    def __init__(self, grid, sparse_ratio: int, head_dim: int, rope_theta: float, device, backend="auto"):
+        self.grid, self.ratio, self.device, self.backend = tuple(grid), sparse_ratio, device, backend
+        self._full_rope = rope_tables(self.grid, head_dim, rope_theta, device)
+        self._cache = {}
+
+    # -- token order -----------------------------------------------------------------------------------
+    def _to_kind(self, x: torch.Tensor, kind: str) -> torch.Tensor:
+        """Full row-major [B, N, ...] -> layout `kind` [B, N_local, ...]."""
+        if kind == "full":
+            return x
+        from osp_megatron.attention.skiparse import to_sparse_layout
+
+        sparse = to_sparse_layout(x, self.grid, self.ratio, kind)
+        return sparse.reshape(x.shape[0], -1, *sparse.shape[2:])
+
+    def _from_kind(self, x: torch.Tensor, kind: str) -> torch.Tensor:
+        if kind == "full":
+            return x
+        from osp_megatron.attention.skiparse import from_sparse_layout
+
+        count = self.ratio**2
+        sparse = x.reshape(x.shape[0] * count, -1, *x.shape[2:])
+        return from_sparse_layout(sparse, self.grid, self.ratio, kind)
+
+    def enter(self, x: torch.Tensor, kind: str) -> torch.Tensor:
+        """Hidden states straight after the patch embedding -> layout of the first block."""
+        return self._to_kind(x, kind)
+
+    def switch(self, x: torch.Tensor, from_kind: str, to_kind: str) -> torch.Tensor:
+        if from_kind == to_kind:
+            return x
+        if from_kind in SPARSE_KINDS and to_kind in SPARSE_KINDS:
+            from osp_megatron.attention.skiparse import switch_sparse_pattern
+
+            count = self.ratio**2
+            sparse = x.reshape(x.shape[0] * count, -1, *x.shape[2:])
+            return switch_sparse_pattern(sparse, self.grid, self.ratio).reshape(x.shape)
+        return self._to_kind(self._from_kind(x, from_kind), to_kind)
+
+    def exit(self, x: torch.Tensor, kind: str) -> torch.Tensor:
+        """Layout of the last block -> full row-major [B, T*H*W, dim] for the output head."""
+        return self._from_kind(x, kind)
+
+    # -- per-layout side tables ------------------------------------------------------------------------
+    def rope(self, kind: str):
+        if ("rope", kind) not in self._cache:
+            self._cache[("rope", kind)] = tuple(self._to_kind(t, kind) for t in self._full_rope)
+        return self._cache[("rope", kind)]
+
+    def attention_context(self, kind: str) -> AttentionContext:
+        if kind == "full":
+            return AttentionContext(backend=self.backend)
+        if ("mask", kind) not in self._cache:
+            from osp_megatron.attention.skiparse import sparse_key_mask
+
+            mask = sparse_key_mask(self.grid, self.ratio, kind, self.device)
+            self._cache[("mask", kind)] = None if bool(mask.all()) else mask
+        return AttentionContext(subsequences=self.ratio**2, key_mask=self._cache[("mask", kind)],
+                                backend=self.backend)
