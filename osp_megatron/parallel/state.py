@@ -171,3 +171,8 @@ def ensure_single_rank_group() -> torch.device:
     if dist.is_initialized() and parallel_state.model_parallel_is_initialized():
         return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     return init_distributed(ParallelConfig())
+
+
+def amax_reduction_group():
+    """Ranks that must agree on quantisation scales: those sharing one model replica (tensor x context)."""
+    return parallel_state.get_tensor_and_context_parallel_group()

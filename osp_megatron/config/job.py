@@ -1,0 +1,132 @@
+"""The training job's configuration: one typed tree (run, train, checkpoint, parallel, model, data, quant, sample).
+
+Built from a YAML file plus dotted overrides by `load_job_config`; cross-section consistency is checked here.
+"""
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from osp_megatron.config.errors import ConfigError
+from osp_megatron.config.loader import load_config
+from osp_megatron.data.config import DataConfig
+from osp_megatron.inference.config import SampleConfig
+from osp_megatron.models.config import ModelConfig
+from osp_megatron.parallel.state import ParallelConfig
+from osp_megatron.quantization.config import QuantConfig
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/tiny_t2v"  # output folder: checkpoints/, tensorboard/, metrics.jsonl, samples/
+
+    def validate(self, prefix: str = "run") -> None:
+        if not self.dir:
+            raise ConfigError(f"{prefix}.dir must name an output folder")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    seed: int = 1234
+    # Save and exit once the step is a multiple of this (Megatron's --exit-interval); 0 disables it.
+    exit_interval: int = 0
+    micro_batch_size: int = 1
+    global_batch_size: int = 1
+    lr: float = 1e-4
+    min_lr: float = 0.0
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    ema_decay: float = 0.0  # 0 disables the EMA copy of the weights
+    # Rectified flow: s = sigmoid(N(logit_mean, logit_std)), then s' = k s / (1 + (k - 1) s) with k = shift.
+    timestep_shift: float = 1.0
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on accelerators, fp32 on CPU
+    log_interval: int = 1
+    progress: bool = True  # console progress bar (rank 0)
+    sample_at_end: bool = True  # write one sample video with the final (EMA if any) weights
+
+    def validate(self, prefix: str = "train") -> None:
+        positive = ("steps", "micro_batch_size", "global_batch_size", "log_interval")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{prefix}.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("exit_interval", "warmup_steps"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{prefix}.{name} must be >= 0, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ConfigError(f"{prefix}.lr must be > 0, got {self.lr}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ConfigError(f"{prefix}.min_lr must be in [0, train.lr={self.lr}], got {self.min_lr}")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"{prefix}.ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.timestep_shift <= 0:
+            raise ConfigError(f"{prefix}.timestep_shift must be > 0, got {self.timestep_shift}")
+        if self.logit_std <= 0:
+            raise ConfigError(f"{prefix}.logit_std must be > 0, got {self.logit_std}")
+        if self.grad_clip < 0:
+            raise ConfigError(f"{prefix}.grad_clip must be >= 0 (0 disables clipping), got {self.grad_clip}")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ConfigError(f"{prefix}.global_batch_size={self.global_batch_size} is not a multiple of "
+                              f"{prefix}.micro_batch_size={self.micro_batch_size}")
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 0  # save every N steps (0: only at the end and at exit_interval)
+    # "auto": continue from the newest complete checkpoint in run.dir if any; "none": start fresh;
+    # or a path to a checkpoint folder to continue from.
+    resume: str = "auto"
+    load: Optional[str] = None  # initialise weights only (a framework checkpoint, e.g. from `osp-ckpt import`)
+    load_ema: bool = False  # with `load`: take the EMA weights instead of the raw ones
+    keep_last: int = 0  # keep only the newest N checkpoints (0 keeps all)
+    save_at_end: bool = True
+
+    def validate(self, prefix: str = "checkpoint") -> None:
+        if self.interval < 0 or self.keep_last < 0:
+            raise ConfigError(f"{prefix}.interval and {prefix}.keep_last must be >= 0")
+        if not self.resume:
+            raise ConfigError(f"{prefix}.resume must be 'auto', 'none' or a checkpoint path")
+
+
+@dataclass
+class JobConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def validate(self, prefix: str = "") -> None:
+        pairs = [("data.text_dim", self.data.text_dim, "model.text_dim", self.model.text_dim),
+                 ("data.text_len", self.data.text_len, "model.text_len", self.model.text_len),
+                 ("data.latent_channels", self.data.latent_channels, "model.in_channels", self.model.in_channels)]
+        for key_a, a, key_b, b in pairs:
+            if a != b:
+                raise ConfigError(f"{key_a}={a} does not match {key_b}={b}")
+        patch = self.model.patch_size
+        latent = (self.data.latent_frames, self.data.latent_height, self.data.latent_width)
+        for axis, size, step in zip(("latent_frames", "latent_height", "latent_width"), latent, patch):
+            if size % step:
+                raise ConfigError(f"data.{axis}={size} is not divisible by model.patch_size {patch}")
+        if self.model.sparse_ratio > 1:
+            ratio = self.model.sparse_ratio
+            if self.model.num_heads % (self.parallel.tensor * self.parallel.ulysses):
+                raise ConfigError(
+                    f"model.num_heads={self.model.num_heads} is not divisible by parallel.tensor x parallel.ulysses"
+                    f" = {self.parallel.tensor * self.parallel.ulysses}"
+                )
+            if (ratio * ratio) % self.parallel.ssp:
+                raise ConfigError(f"parallel.ssp={self.parallel.ssp} must divide model.sparse_ratio^2 = {ratio * ratio}")
+
+
+def load_job_config(path=None, overrides=None) -> JobConfig:
+    return load_config(JobConfig, path, overrides)

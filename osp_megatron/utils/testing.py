@@ -1,0 +1,60 @@
+"""Run a function on several CPU ranks (gloo) inside one test, and collect what each rank returns.
+
+Used by the distributed tests: every parallel layout is checked against a single-rank run this way.
+"""
+
+import os
+import socket
+import traceback
+
+import torch
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _worker(rank, world_size, port, fn, args, queue):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    try:
+        result = fn(rank, world_size, *args)
+        queue.put((rank, "ok", result))
+    except BaseException:  # report the failure to the parent instead of hanging the test
+        queue.put((rank, "error", traceback.format_exc()))
+    finally:
+        from osp_megatron.parallel.state import destroy_distributed
+
+        destroy_distributed()
+
+
+def run_on_ranks(fn, world_size: int, *args, timeout: float = 300.0) -> list:
+    """fn(rank, world_size, *args) on `world_size` forked processes; returns results in rank order."""
+    context = mp.get_context("fork")
+    queue = context.Queue()
+    port = free_port()
+    processes = [context.Process(target=_worker, args=(r, world_size, port, fn, args, queue))
+                 for r in range(world_size)]
+    for process in processes:
+        process.start()
+    results, errors = {}, []
+    try:
+        for _ in range(world_size):
+            rank, status, payload = queue.get(timeout=timeout)
+            if status == "ok":
+                results[rank] = payload
+            else:
+                errors.append(f"rank {rank} failed:\n{payload}")
+                break
+    finally:
+        for process in processes:
+            process.join(timeout=5 if errors else timeout)
+            if process.is_alive():
+                process.kill()
+    if errors:
+        raise RuntimeError("\n".join(errors))
+    return [results[r] for r in range(world_size)]
