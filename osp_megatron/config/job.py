@@ -47,12 +47,11 @@ class TrainConfig:
     logit_std: float = 1.0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on accelerators, fp32 on CPU
-    log_interval: int = 1
     progress: bool = True  # console progress bar (rank 0)
     sample_at_end: bool = True  # write one sample video with the final (EMA if any) weights
 
     def validate(self, prefix: str = "train") -> None:
-        positive = ("steps", "micro_batch_size", "global_batch_size", "log_interval")
+        positive = ("steps", "micro_batch_size", "global_batch_size")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{prefix}.{name} must be >= 1, got {getattr(self, name)}")
@@ -104,6 +103,20 @@ class JobConfig:
     data: DataConfig = field(default_factory=DataConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+
+    @classmethod
+    def resolve_defaults(cls, data: dict, prefix: str) -> dict:
+        """Data fields that must equal model fields default to the model's values (after its preset)."""
+        model = data.get("model") or {}
+        if isinstance(model, dict) and isinstance(data.get("data", {}), dict):
+            resolved = ModelConfig.resolve_defaults(dict(model), "model")
+            section = dict(data.get("data") or {})
+            for data_key, model_key in (("text_dim", "text_dim"), ("text_len", "text_len"),
+                                        ("latent_channels", "in_channels")):
+                if data_key not in section:
+                    section[data_key] = resolved.get(model_key, getattr(ModelConfig, model_key))
+            data["data"] = section
+        return data
 
     def validate(self, prefix: str = "") -> None:
         pairs = [("data.text_dim", self.data.text_dim, "model.text_dim", self.model.text_dim),

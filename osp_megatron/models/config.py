@@ -13,7 +13,7 @@ from osp_megatron.config.errors import ConfigError
 # splittable.
 PRESETS: dict[str, dict] = {
     "tiny": dict(
-        dim=64, num_layers=4, num_heads=4, ffn_dim=128, text_dim=32, text_len=16, full_blocks=1,
+        dim=64, num_layers=4, num_heads=4, ffn_dim=128, text_dim=32, text_len=32, full_blocks=1,
     ),
     "wan-1.3b": dict(
         dim=1536, num_layers=30, num_heads=12, ffn_dim=8960, text_dim=4096, text_len=512, full_blocks=4,
@@ -39,7 +39,7 @@ class ModelConfig:
     out_channels: int = 16
     patch_size: list[int] = field(default_factory=lambda: [1, 2, 2])
     text_dim: int = 32
-    text_len: int = 16
+    text_len: int = 32
     freq_dim: int = 256
     eps: float = 1e-6
     cross_attn_norm: bool = True

@@ -33,6 +33,9 @@ def default_config_path():
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    from osp_megatron.utils.logging import quiet_third_party_warnings
+
+    quiet_third_party_warnings()
     try:
         import yaml
 

@@ -104,13 +104,14 @@ class Trainer:
 
     # -- set-up ----------------------------------------------------------------------------------------
     def _build_loader(self):
-        from osp_megatron.data import build_train_loader, ensure_synthetic_data
+        from osp_megatron.data.loader import build_data_loader
+        from osp_megatron.data.synthetic import ensure_synthetic_data
 
         if self.config.data.synthetic:
             if dist.get_rank() == 0:
                 ensure_synthetic_data(self.config.data)
             dist.barrier()
-        return build_train_loader(self.config.data, micro_batch_size=self.config.train.micro_batch_size,
+        return build_data_loader(self.config.data, micro_batch_size=self.config.train.micro_batch_size,
                                   dp_rank=self.dp_rank, dp_size=self.dp_size, seed=self.config.train.seed)
 
     def _initialise_weights_or_resume(self) -> None:
@@ -224,8 +225,7 @@ class Trainer:
                     step_time_s=elapsed,
                     eta_s=(time.time() - started) / done * (cfg.steps - self.step),
                 )
-                if self.step % cfg.log_interval == 0 or self.step == cfg.steps:
-                    logger.log(self.step, last)
+                logger.log(self.step, last)
                 if ckpt.interval and self.step % ckpt.interval == 0:
                     self.save()
                 if cfg.exit_interval and self.step % cfg.exit_interval == 0 and self.step < cfg.steps:

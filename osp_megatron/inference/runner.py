@@ -1,0 +1,44 @@
+"""Render videos from a DiT in this process: build the frozen encoders a job config names, sample, write .mp4.
+
+Every tensor-parallel rank runs the sampler (the model is sharded); only the writing rank saves the file.
+"""
+
+from pathlib import Path
+
+import torch
+
+from osp_megatron.inference.pipeline import TextToVideoPipeline
+from osp_megatron.inference.video_io import write_video
+from osp_megatron.models.text_encoder import build_text_encoder
+from osp_megatron.models.vae import build_vae
+
+
+def build_pipeline(model, job_config, device) -> TextToVideoPipeline:
+    """Pipeline with the VAE and text encoder of `model.vae_path` / `model.text_encoder_path` (tiny if unset).
+
+    The tiny random encoders are seeded like the synthetic data set's, so prompts map to the states the
+    model was trained on.
+    """
+    seed = job_config.data.synthetic_seed
+    vae = build_vae(job_config.model.vae_path, seed=seed, device=device)
+    text_encoder = build_text_encoder(job_config.model.text_encoder_path, job_config.model.text_dim,
+                                      job_config.model.text_len, seed=seed, device=device)
+    return TextToVideoPipeline(model, vae, text_encoder, latent_channels=job_config.model.in_channels,
+                               patch_size=tuple(job_config.model.patch_size), device=device)
+
+
+@torch.no_grad()
+def render_sample(model, job_config, device, output=None, write: bool = True, progress: bool = False):
+    """Generate the job's `sample` section with `model`; returns the written path(s)."""
+    sample = job_config.sample
+    sample.validate()
+    model.eval()
+    pipeline = build_pipeline(model, job_config, device)
+    videos = pipeline(sample.prompts, sample.negative_prompt, sample.num_frames, sample.height, sample.width,
+                      sample.num_steps, sample.shift, sample.guidance_scale, sample.seed, progress=progress)
+    paths = [Path(output)] if output is not None and len(sample.prompts) == 1 else [Path(p) for p in sample.output_paths()]
+    if write:
+        for video, path in zip(videos, paths):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_video(str(path), video, fps=sample.fps)
+    return paths[0] if len(paths) == 1 else paths
