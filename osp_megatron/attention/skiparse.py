@@ -170,20 +170,60 @@ def skiparse_dense_mask(grid, sparse_ratio, pattern, device=None):
     return subsequence[:, None] == subsequence[None, :]
 
 
-def skiparse_attention_sparse_layout(q, k, v, key_mask=None, backend="auto"):
+def real_key_runs(key_mask):
+    """Consecutive subsequences that share one set of real key positions, for attention without masks.
+
+    key_mask bool [M, L] -> list of (start, stop, key_index) where key_index is None when every key of the
+    run is real, else the long indices of the real keys (empty when the run is all padding). Padded keys
+    are then removed instead of masked, so the mask-free (fastest) kernels run even on padded grids.
+    """
+    runs = []
+    for row in range(key_mask.shape[0]):
+        index = key_mask[row].nonzero().flatten()
+        index = None if index.numel() == key_mask.shape[1] else index
+        if runs:
+            start, stop, previous = runs[-1]
+            same = (previous is None and index is None) or (
+                previous is not None and index is not None and torch.equal(previous, index))
+            if same:
+                runs[-1] = (start, row + 1, previous)
+                continue
+        runs.append((row, row + 1, index))
+    return runs
+
+
+def skiparse_attention_sparse_layout(q, k, v, key_mask=None, backend="auto", key_runs=None):
     """Dense attention inside each subsequence for q, k, v already in the sparse layout [B*M, L, heads, dim].
 
     key_mask: None when no subsequence holds padding, else bool [M, L] (True = real token) for the M
     subsequences held here, sparse row b*M + m using mask row m; M is P^2 without sequence parallelism
-    (sparse_key_mask gives it) and the locally held subsequences' rows with it.
+    (sparse_key_mask gives it) and the locally held subsequences' rows with it. `key_runs` (from
+    real_key_runs(key_mask), computed once per layout) skips the per-call grouping.
     """
-    if key_mask is not None and key_mask.shape[0] != q.shape[0]:
+    if key_mask is None and key_runs is None:
+        return dot_product_attention(q, k, v, backend=backend)
+    if key_runs is None:
         if key_mask.dim() != 2 or q.shape[0] % key_mask.shape[0]:
             raise ValueError(
                 f"key_mask {tuple(key_mask.shape)} must have a row count dividing the sparse batch {q.shape[0]}"
             )
-        key_mask = key_mask.repeat(q.shape[0] // key_mask.shape[0], 1)
-    return dot_product_attention(q, k, v, key_padding_mask=key_mask, backend=backend)
+        key_runs = real_key_runs(key_mask)
+    held = key_runs[-1][1]
+    if q.shape[0] % held:
+        raise ValueError(f"sparse batch {q.shape[0]} is not a multiple of the {held} subsequences of key_runs")
+    q5, k5, v5 = (t.reshape(t.shape[0] // held, held, *t.shape[1:]) for t in (q, k, v))
+    outputs = []
+    for start, stop, index in key_runs:
+        q_run, k_run, v_run = (t[:, start:stop].flatten(0, 1) for t in (q5, k5, v5))
+        if index is not None and index.numel() == 0:
+            outputs.append(torch.zeros_like(q5[:, start:stop]))
+            continue
+        if index is not None:
+            k_run, v_run = k_run.index_select(1, index), v_run.index_select(1, index)
+        out = dot_product_attention(q_run, k_run, v_run, backend=backend)
+        outputs.append(out.unflatten(0, (q5.shape[0], stop - start)))
+    out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+    return out.reshape(q.shape)
 
 
 def skiparse_attention(q, k, v, grid, pattern, sparse_ratio, backend="auto"):

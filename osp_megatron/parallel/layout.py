@@ -7,6 +7,13 @@ sparse layout; RoPE tables and key masks follow the same permutation as the hidd
 
 import torch
 
+from osp_megatron.attention.skiparse import (
+    from_sparse_layout,
+    real_key_runs,
+    sparse_key_mask,
+    switch_sparse_pattern,
+    to_sparse_layout,
+)
 from osp_megatron.models.rope import rope_tables
 from osp_megatron.models.wan.layers import AttentionContext
 
@@ -30,16 +37,12 @@ class LocalTokenLayout:
         """Full row-major [B, N, ...] -> layout `kind` [B, N_local, ...]."""
         if kind == "full":
             return x
-        from osp_megatron.attention.skiparse import to_sparse_layout
-
         sparse = to_sparse_layout(x, self.grid, self.ratio, kind)
         return sparse.reshape(x.shape[0], -1, *sparse.shape[2:])
 
     def _from_kind(self, x: torch.Tensor, kind: str) -> torch.Tensor:
         if kind == "full":
             return x
-        from osp_megatron.attention.skiparse import from_sparse_layout
-
         count = self.ratio**2
         sparse = x.reshape(x.shape[0] * count, -1, *x.shape[2:])
         return from_sparse_layout(sparse, self.grid, self.ratio, kind)
@@ -52,8 +55,6 @@ class LocalTokenLayout:
         if from_kind == to_kind:
             return x
         if from_kind in SPARSE_KINDS and to_kind in SPARSE_KINDS:
-            from osp_megatron.attention.skiparse import switch_sparse_pattern
-
             count = self.ratio**2
             sparse = x.reshape(x.shape[0] * count, -1, *x.shape[2:])
             return switch_sparse_pattern(sparse, self.grid, self.ratio).reshape(x.shape)
@@ -72,10 +73,11 @@ class LocalTokenLayout:
     def attention_context(self, kind: str) -> AttentionContext:
         if kind == "full":
             return AttentionContext(backend=self.backend)
-        if ("mask", kind) not in self._cache:
-            from osp_megatron.attention.skiparse import sparse_key_mask
-
-            mask = sparse_key_mask(self.grid, self.ratio, kind, self.device)
-            self._cache[("mask", kind)] = None if bool(mask.all()) else mask
-        return AttentionContext(subsequences=self.ratio**2, key_mask=self._cache[("mask", kind)],
+        if ("runs", kind) not in self._cache:
+            mask = sparse_key_mask(self.grid, self.ratio, kind, "cpu")
+            self._cache[("runs", kind)] = None if bool(mask.all()) else [
+                (start, stop, None if index is None else index.to(self.device))
+                for start, stop, index in real_key_runs(mask)
+            ]
+        return AttentionContext(subsequences=self.ratio**2, key_runs=self._cache[("runs", kind)],
                                 backend=self.backend)

@@ -165,20 +165,22 @@ def test_padded_keys_are_never_attended(sparse_ratio, pattern):
     torch.testing.assert_close(noisy_out[real], out[real], rtol=0, atol=1e-12)
 
 
-def test_mask_is_omitted_when_the_grid_needs_no_padding(monkeypatch):
-    """Without padding no key mask reaches the kernel (so mask-free fast kernels apply); with padding one does."""
-    seen_masks = []
+def test_padded_keys_are_removed_not_masked(monkeypatch):
+    """No key mask ever reaches the kernel (so mask-free fast kernels apply): without padding every key is
+    passed, with padding the padded keys are dropped before the call."""
+    seen = []
 
     def recording_attention(q, k, v, key_padding_mask=None, backend="auto"):
-        seen_masks.append(key_padding_mask)
+        seen.append((key_padding_mask, q.shape[1], k.shape[1]))
         return torch.zeros_like(q)
 
     monkeypatch.setattr(skiparse, "dot_product_attention", recording_attention)
     for grid in [(1, 4, 8), (1, 5, 8)]:
         q, k, v = (t.detach() for t in random_qkv(1, grid))
         skiparse_attention(q, k, v, grid, "token", 2)
-    assert seen_masks[0] is None
-    assert seen_masks[1] is not None and not seen_masks[1].all()
+    assert all(mask is None for mask, _, _ in seen)
+    assert seen[0][1] == seen[0][2]  # unpadded grid: one call, all keys
+    assert any(keys < queries for _, queries, keys in seen[1:])
 
 
 def test_batch_of_one_table_broadcasts_over_the_batch():

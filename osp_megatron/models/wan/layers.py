@@ -14,6 +14,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from osp_megatron.attention.dispatch import dot_product_attention
+from osp_megatron.attention.skiparse import skiparse_attention_sparse_layout
 from osp_megatron.models.rope import apply_rope
 from osp_megatron.parallel import state
 from osp_megatron.parallel.mappings import all_reduce_sum_with_grad
@@ -28,21 +29,18 @@ class AttentionContext:
     """
 
     subsequences: int = 1
-    key_mask: Optional[torch.Tensor] = None  # bool [subsequences, N/subsequences]; None when nothing is padded
+    key_runs: Optional[list] = None  # real_key_runs() of the padded layout; None when nothing is padded
     backend: str = "auto"
 
 
 def attend_in_layout(q, k, v, context: AttentionContext):
     """Dense attention inside each subsequence of q, k, v [B, N, heads, head_dim] -> [B, N, heads, head_dim]."""
-    batch, tokens = q.shape[:2]
     count = context.subsequences
     if count == 1:
-        mask = context.key_mask
-        return dot_product_attention(q, k, v, key_padding_mask=mask, backend=context.backend)
-    split = [batch * count, tokens // count, *q.shape[2:]]
-    mask = None if context.key_mask is None else context.key_mask.repeat(batch, 1)
-    out = dot_product_attention(q.reshape(split), k.reshape(split), v.reshape(split), key_padding_mask=mask,
-                                backend=context.backend)
+        return dot_product_attention(q, k, v, backend=context.backend)
+    split = [q.shape[0] * count, q.shape[1] // count, *q.shape[2:]]
+    out = skiparse_attention_sparse_layout(q.reshape(split), k.reshape(split), v.reshape(split),
+                                           backend=context.backend, key_runs=context.key_runs)
     return out.reshape(q.shape)
 
 

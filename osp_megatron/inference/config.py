@@ -1,0 +1,68 @@
+"""Typed configuration of one text-to-video sampling run (the `sample:` section of a YAML file).
+
+Defaults follow Wan2.1 480P sampling: 81 frames at 16 fps, 50 Euler steps, shift 5, guidance 5.
+"""
+
+from dataclasses import dataclass
+
+from osp_megatron.config.errors import ConfigError
+
+
+@dataclass
+class SampleConfig:
+    """What to generate and where to write it; checkpoint and model settings live in their own sections."""
+
+    prompt: str | list[str] = "a red circle moving left"
+    negative_prompt: str = ""
+    num_steps: int = 50
+    shift: float = 5.0
+    guidance_scale: float = 5.0
+    num_frames: int = 81
+    height: int = 480
+    width: int = 832
+    fps: int = 16
+    seed: int = 0
+    # With several prompts, files are written as <stem>-000.mp4, <stem>-001.mp4, ...
+    output: str = "outputs/sample.mp4"
+
+    @property
+    def prompts(self):
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
+    def validate(self, prefix="sample"):
+        """Raise ConfigError naming `prefix.key` for the first invalid field; return self."""
+        prompts = self.prompt if isinstance(self.prompt, (list, tuple)) else [self.prompt]
+        if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
+            raise ConfigError(f"{prefix}.prompt must be a non-empty string or list of strings, got {self.prompt!r}")
+        if not isinstance(self.negative_prompt, str):
+            raise ConfigError(f"{prefix}.negative_prompt must be a string, got {self.negative_prompt!r}")
+        for key in ("num_steps", "num_frames", "height", "width"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{prefix}.{key} must be a positive integer, got {value!r}")
+        if (self.num_frames - 1) % 4:
+            raise ConfigError(f"{prefix}.num_frames must be 1 + a multiple of 4 (the VAE's temporal stride), "
+                              f"e.g. 81, got {self.num_frames}")
+        for key in ("height", "width"):
+            if getattr(self, key) % 8:
+                raise ConfigError(f"{prefix}.{key} must be a multiple of 8 (the VAE's spatial stride; 16 with a "
+                                  f"2x2 patch), got {getattr(self, key)}")
+        for key in ("shift", "fps"):
+            value = getattr(self, key)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"{prefix}.{key} must be a positive number, got {value!r}")
+        if not isinstance(self.guidance_scale, (int, float)) or self.guidance_scale < 0:
+            raise ConfigError(f"{prefix}.guidance_scale must be a number >= 0 (1 disables guidance), "
+                              f"got {self.guidance_scale!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise ConfigError(f"{prefix}.seed must be a non-negative integer, got {self.seed!r}")
+        if not isinstance(self.output, str) or not self.output.endswith(".mp4"):
+            raise ConfigError(f"{prefix}.output must be a path ending in .mp4, got {self.output!r}")
+        return self
+
+    def output_paths(self):
+        """One .mp4 path per prompt."""
+        if len(self.prompts) == 1:
+            return [self.output]
+        stem = self.output[: -len(".mp4")]
+        return [f"{stem}-{i:03d}.mp4" for i in range(len(self.prompts))]

@@ -1,0 +1,126 @@
+"""Tests of the synthetic data set: real webdataset shards, learnable content, idempotent writing.
+
+Uses the session shard set of conftest.py plus a few tiny private ones.
+"""
+
+import io
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+import webdataset
+
+from osp_megatron.config.errors import ConfigError
+from osp_megatron.data import synthetic
+from osp_megatron.data.synthetic import make_synthetic_shards
+from osp_megatron.models.text_encoder import build_text_encoder
+
+
+def _read_all(folder):
+    urls = sorted(str(p) for p in folder.glob("shard-*.tar"))
+    dataset = webdataset.WebDataset(urls, shardshuffle=False, empty_check=False).decode()
+    return list(dataset)
+
+
+def test_shards_are_webdataset_tars_with_expected_fields_and_shapes(shard_dir):
+    """webdataset itself reads every shard; each sample has latent [C,T,H,W], text [l, D], txt and json."""
+    samples = _read_all(shard_dir)
+    assert len(samples) == 50
+    assert sorted(os.listdir(shard_dir)) == ["index.json"] + [f"shard-{i:06d}.tar" for i in range(7)]
+    assert len({s["__key__"] for s in samples}) == 50
+    for sample in samples:
+        assert sample["latent.npy"].shape == (16, 2, 4, 6) and sample["latent.npy"].dtype == np.float32
+        text = sample["text.npy"]
+        assert text.dtype == np.float32 and text.ndim == 2 and text.shape[1] == 16 and 1 <= text.shape[0] <= 32
+        assert sample["json"]["caption"] == sample["txt"]
+        assert sample["json"]["text_length"] == text.shape[0]
+
+
+def test_index_lists_every_shard_with_its_sample_count(shard_dir):
+    """index.json names each shard with its number of samples and records the shapes."""
+    index = json.loads((shard_dir / "index.json").read_text())
+    assert [e["num_samples"] for e in index["shards"]] == [8] * 6 + [2]
+    assert index["latent_shape"] == [16, 2, 4, 6] and index["text_len"] == 32 and index["text_dim"] == 16
+
+
+def test_text_states_are_the_tiny_encoder_states_of_the_caption(shard_dir):
+    """text.npy equals the seeded tiny text encoder's unpadded states of the caption, so sampling can match."""
+    sample = _read_all(shard_dir)[0]
+    states, lengths = build_text_encoder(None, 16, 32, seed=3).encode([sample["txt"]])
+    assert sample["text.npy"].shape[0] == int(lengths[0])
+    torch.testing.assert_close(torch.from_numpy(sample["text.npy"]), states[0, : lengths[0]], atol=1e-5, rtol=1e-5)
+
+
+def test_latent_is_a_function_of_the_caption_plus_small_noise(shard_dir):
+    """Samples with the same caption differ only by the small noise; different captions differ far more."""
+    by_caption = {}
+    for sample in _read_all(shard_dir):
+        by_caption.setdefault(sample["txt"], []).append(sample["latent.npy"])
+    repeated = [latents for latents in by_caption.values() if len(latents) > 1]
+    assert repeated, "the vocabulary is small enough that 50 samples repeat a caption"
+    same = np.std(repeated[0][0] - repeated[0][1])
+    assert same < 2 * synthetic.NOISE_STD
+    clean = [synthetic.blob_latent(*words, (16, 2, 4, 6)) for words in
+             [("red", "circle", "moving left"), ("blue", "circle", "moving left"), ("red", "tall bar", "moving up")]]
+    assert np.std(clean[0] - clean[1]) > 5 * synthetic.NOISE_STD
+    assert np.std(clean[0] - clean[2]) > 5 * synthetic.NOISE_STD
+
+
+def test_motion_moves_the_blob_in_the_named_direction():
+    """'moving right' puts the blob's centre of mass further right in the last frame than in the first."""
+    latent = synthetic.blob_latent("white", "circle", "moving right", (4, 5, 16, 16))
+    energy = (latent**2).sum(axis=(0, 2))  # [T, W]
+    centre = (energy * np.arange(16)).sum(axis=1) / energy.sum(axis=1)
+    assert np.all(np.diff(centre) > 0)
+
+
+def test_existing_complete_data_is_reused(tmp_path):
+    """A second call with the same parameters rewrites nothing."""
+    make_synthetic_shards(str(tmp_path), 6, 4, (16, 1, 2, 2), 32, 8, seed=0)
+    stamps = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
+    shards = make_synthetic_shards(str(tmp_path), 6, 4, (16, 1, 2, 2), 32, 8, seed=0)
+    assert [s.num_samples for s in shards] == [4, 2]
+    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == stamps
+    assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
+
+
+def test_different_existing_data_set_is_an_error(tmp_path):
+    """Asking for other parameters in a folder that holds a data set names index.json instead of overwriting."""
+    make_synthetic_shards(str(tmp_path), 4, 4, (16, 1, 2, 2), 32, 8, seed=0)
+    with pytest.raises(ConfigError, match="index.json"):
+        make_synthetic_shards(str(tmp_path), 4, 4, (16, 1, 2, 2), 32, 8, seed=1)
+
+
+def test_generation_is_deterministic(tmp_path):
+    """The same seed writes byte-identical shards."""
+    make_synthetic_shards(str(tmp_path / "a"), 4, 4, (16, 1, 2, 2), 32, 8, seed=5)
+    make_synthetic_shards(str(tmp_path / "b"), 4, 4, (16, 1, 2, 2), 32, 8, seed=5)
+    a = [s["latent.npy"] for s in _read_all(tmp_path / "a")]
+    b = [s["latent.npy"] for s in _read_all(tmp_path / "b")]
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
+def test_console_entry_writes_shards_and_documents_every_flag(tmp_path, capsys):
+    """osp-make-synthetic writes a data set, and --help describes each of its flags."""
+    out = tmp_path / "cli"
+    assert synthetic.main(["--out", str(out), "--num-samples", "3", "--samples-per-shard", "2", "--latent-frames",
+                           "1", "--latent-height", "2", "--latent-width", "2", "--text-dim", "8"]) == 0
+    assert len(_read_all(out)) == 3
+    with pytest.raises(SystemExit) as exit_info:
+        synthetic.main(["--help"])
+    assert exit_info.value.code == 0
+    help_text = capsys.readouterr().out
+    for flag in ("--out", "--num-samples", "--samples-per-shard", "--latent-channels", "--latent-frames",
+                 "--latent-height", "--latent-width", "--text-len", "--text-dim", "--seed", "--text-encoder"):
+        assert flag in help_text
+
+
+def test_npy_entries_decode_without_pickle(shard_dir):
+    """The .npy payloads are plain arrays (no pickled objects), safe to load with allow_pickle=False."""
+    import tarfile
+
+    with tarfile.open(shard_dir / "shard-000000.tar") as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith("latent.npy"))
+        np.load(io.BytesIO(tar.extractfile(member).read()), allow_pickle=False)
