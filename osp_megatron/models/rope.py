@@ -38,8 +38,6 @@ def rope_tables(grid, head_dim: int, theta: float = 10000.0, device=None):
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate consecutive channel pairs (2i, 2i+1) of x [B, N, heads, head_dim] by the tabled angles."""
-    pairs = x.float().unflatten(-1, (-1, 2))
-    real, imag = pairs[..., 0], pairs[..., 1]
-    cos_half, sin_half = cos[..., 0::2], sin[..., 0::2]
-    rotated = torch.stack((real * cos_half - imag * sin_half, real * sin_half + imag * cos_half), dim=-1)
-    return rotated.flatten(-2).type_as(x)
+    from osp_megatron.models.wan.fused import rotary
+
+    return rotary(x, cos, sin)

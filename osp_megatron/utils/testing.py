@@ -4,6 +4,7 @@ Used by the distributed tests: every parallel layout is checked against a single
 """
 
 import os
+import pickle
 import socket
 import traceback
 
@@ -22,7 +23,9 @@ def _worker(rank, world_size, port, fn, args, queue):
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     try:
-        result = fn(rank, world_size, *args)
+        # Plain pickle copies tensors into the message; the queue's own pickler would share their memory,
+        # which breaks once this process exits before the parent has read them.
+        result = pickle.dumps(fn(rank, world_size, *args))
         queue.put((rank, "ok", result))
     except BaseException:  # report the failure to the parent instead of hanging the test
         queue.put((rank, "error", traceback.format_exc()))
@@ -46,7 +49,7 @@ def run_on_ranks(fn, world_size: int, *args, timeout: float = 300.0) -> list:
         for _ in range(world_size):
             rank, status, payload = queue.get(timeout=timeout)
             if status == "ok":
-                results[rank] = payload
+                results[rank] = pickle.loads(payload)
             else:
                 errors.append(f"rank {rank} failed:\n{payload}")
                 break

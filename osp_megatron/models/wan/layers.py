@@ -16,6 +16,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from osp_megatron.attention.dispatch import dot_product_attention
 from osp_megatron.attention.skiparse import skiparse_attention_sparse_layout
 from osp_megatron.models.rope import apply_rope
+from osp_megatron.models.wan import fused
 from osp_megatron.parallel import state
 from osp_megatron.parallel.mappings import all_reduce_sum_with_grad
 
@@ -68,10 +69,8 @@ class HeadShardedRMSNorm(torch.nn.Module):
         set_tensor_model_parallel_attributes(self.weight, is_parallel=True, dim=0, stride=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        square_sum = all_reduce_sum_with_grad(x32.pow(2).sum(-1, keepdim=True), state.tensor_parallel_group())
-        normed = x32 * torch.rsqrt(square_sum / self.full_size + self.eps)
-        return (normed * self.weight.float()).type_as(x)
+        total = all_reduce_sum_with_grad(fused.square_sum(x), state.tensor_parallel_group())
+        return fused.rms_scale(x, total, self.weight, self.full_size, self.eps)
 
 
 class FP32LayerNorm(torch.nn.LayerNorm):
@@ -153,24 +152,22 @@ class WanDiTLayer(MegatronModule):
         super().__init__(config=config)
         dim, eps = config.hidden_size, config.layernorm_epsilon
         self.layer_number = layer_number
-        self.norm1 = FP32LayerNorm(dim, eps, elementwise_affine=False)
+        self.eps = eps  # the two AdaLN LayerNorms have no weights: fused.modulated_layer_norm computes them
         self.self_attention = build_module(submodules.self_attention, config=config)
         self.norm2 = FP32LayerNorm(dim, eps, elementwise_affine=True) if cross_attn_norm else torch.nn.Identity()
         self.cross_attention = build_module(submodules.cross_attention, config=config)
-        self.norm3 = FP32LayerNorm(dim, eps, elementwise_affine=False)
         self.mlp = build_module(submodules.mlp, config=config, ffn_hidden_size=config.ffn_hidden_size)
         self.modulation = torch.nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
 
     def forward(self, hidden, text_states, modulation, rope, context: AttentionContext):
         shift, scale, gate, ffn_shift, ffn_scale, ffn_gate = (self.modulation + modulation.float()).chunk(6, dim=1)
-        normed = (self.norm1(hidden) * (1 + scale) + shift).type_as(hidden)
-        attended = self.self_attention(normed, context, rope=rope)
-        hidden = (hidden.float() + attended * gate).type_as(hidden)
+        attended = self.self_attention(fused.modulated_layer_norm(hidden, shift, scale, self.eps), context,
+                                       rope=rope)
+        hidden = fused.gated_residual(hidden, attended, gate)
         normed = self.norm2(hidden).type_as(hidden)
         hidden = hidden + self.cross_attention(normed, AttentionContext(backend=context.backend),
                                                text_states=text_states)
-        normed = (self.norm3(hidden) * (1 + ffn_scale) + ffn_shift).type_as(hidden)
-        ffn_out, ffn_bias = self.mlp(normed)
+        ffn_out, ffn_bias = self.mlp(fused.modulated_layer_norm(hidden, ffn_shift, ffn_scale, self.eps))
         if ffn_bias is not None:
             ffn_out = ffn_out + ffn_bias
-        return (hidden.float() + ffn_out.float() * ffn_gate).type_as(hidden)
+        return fused.gated_residual(hidden, ffn_out, ffn_gate)

@@ -3,7 +3,6 @@
 forward(latents [B, C, T, H, W], timestep [B], text_states [B, L, text_dim]) -> velocity [B, C, T, H, W].
 """
 
-import functools
 import math
 from typing import Callable, Optional
 
@@ -16,6 +15,7 @@ from torch.utils.checkpoint import checkpoint
 
 from osp_megatron.config.errors import ConfigError
 from osp_megatron.models.config import ModelConfig
+from osp_megatron.models.wan import fused
 from osp_megatron.models.wan.layers import FP32LayerNorm
 from osp_megatron.models.wan.spec import wan_layer_spec
 from osp_megatron.parallel.layout import LocalTokenLayout
@@ -34,7 +34,7 @@ def build_transformer_config(model: ModelConfig, tensor_parallel: int = 1, cpu_i
         layernorm_epsilon=model.eps,
         add_bias_linear=True,
         gated_linear_unit=False,
-        activation_func=functools.partial(F.gelu, approximate="tanh"),
+        activation_func=fused.gelu_tanh,
         bias_activation_fusion=False,
         gradient_accumulation_fusion=False,
         init_method=torch.nn.init.xavier_uniform_,

@@ -1,0 +1,138 @@
+"""FP8 / HiF8 quantized training vs BF16 on one GPU: wan-14b GEMM shapes and DiT training steps.
+
+Prints a table and writes JSON. Example (one H200): python benchmarks/bench_fp8.py --out fp8.json
+`--tiny` runs the same code on CPU with toy sizes (used by the test suite).
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+from datetime import date
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bench_skiparse import RESOLUTIONS, TINY_RESOLUTIONS, build_dit, timed  # noqa: E402
+
+from osp_megatron.config.loader import from_dict  # noqa: E402
+from osp_megatron.models.flops import forward_flops  # noqa: E402
+from osp_megatron.parallel.state import ensure_single_rank_group  # noqa: E402
+from osp_megatron.quantization import QuantConfig, apply_quantization  # noqa: E402
+
+# (name, in_features, out_features) of every GEMM in a wan-14b block.
+WAN14B_GEMMS = [("qkvo", 5120, 5120), ("ffn_up", 5120, 13824), ("ffn_down", 13824, 5120)]
+
+
+def quant_config(recipe: str, backend: str = "auto", include=None) -> QuantConfig:
+    """The quant section for `recipe`; the model default quantizes the DiT blocks' linears."""
+    fields = {"recipe": recipe, "backend": backend}
+    if include is not None:
+        fields["modules"] = {"include": include, "exclude": []}
+    return from_dict(QuantConfig, fields, "quant")
+
+
+def linear_rows(args, device, dtype):
+    rows = []
+    tokens = 256 if args.tiny else args.tokens
+    gemms = [("toy", 64, 128)] if args.tiny else WAN14B_GEMMS
+    for name, fan_in, fan_out in gemms:
+        x = torch.randn(tokens, fan_in, device=device, dtype=dtype, requires_grad=True)
+        grad = torch.randn(tokens, fan_out, device=device, dtype=dtype)
+        measured = {}
+        for label, recipe in (("bf16", None), *((r, r) for r in args.recipes)):
+            layer = torch.nn.Sequential(torch.nn.Linear(fan_in, fan_out, device=device, dtype=dtype))
+            if recipe is not None:
+                assert apply_quantization(layer, quant_config(recipe, args.backend, include=["*"]))
+
+            def step():
+                layer(x).backward(grad)
+
+            ms = timed(step, args.warmup, args.repeat, device)
+            measured[f"{label}_ms"] = ms
+            measured[f"{label}_tflops"] = 6 * tokens * fan_in * fan_out / ms / 1e9
+        rows.append({"bench": "linear", "gemm": name, "tokens": tokens, "in": fan_in, "out": fan_out, **measured,
+                     **{f"{r}_speedup": measured["bf16_ms"] / measured[f"{r}_ms"] for r in args.recipes}})
+    return rows
+
+
+def step_rows(args, device, dtype):
+    rows = []
+    resolutions = TINY_RESOLUTIONS if args.tiny else {k: RESOLUTIONS[k] for k in args.resolutions}
+    for name, grid in resolutions.items():
+        latent = (grid[0], grid[1] * 2, grid[2] * 2)
+        x = torch.randn(1, 16, *latent, device=device, dtype=dtype)
+        timestep = torch.tensor([500.0], device=device)
+        text_len = 8 if args.tiny else 512
+        text = torch.randn(1, text_len, 32 if args.tiny else 4096, device=device, dtype=dtype)
+        measured = {}
+        cases = [("full_bf16_block", False, 1, 1, None), ("sparse_bf16_block", True, 1, 0, None)]
+        cases += [(f"sparse_{r}_block", True, 1, 0, r) for r in args.recipes]
+        cases += [("full_bf16_model", False, args.blocks, args.blocks, None)]
+        cases += [(f"hybrid_{r}_model", True, args.blocks, args.blocks // 5, r) for r in args.recipes]
+        for label, sparse, layers, full_blocks, recipe in cases:
+            model, config = build_dit(args, device, dtype, sparse, layers, full_blocks)
+            if recipe is not None:
+                assert apply_quantization(model, quant_config(recipe, args.backend))
+
+            def step():
+                model(x, timestep, text).float().square().mean().backward()
+
+            ms = timed(step, args.warmup, args.repeat, device)
+            measured[f"{label}_ms"] = ms
+            measured[f"{label}_model_tflops"] = 3 * forward_flops(config, grid, text_len) / ms / 1e9
+            del model
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        full = measured["full_bf16_block_ms"]
+        row = {"bench": "training_step", "resolution": name, "blocks": args.blocks, **measured}
+        for recipe in args.recipes:
+            sparse = measured[f"sparse_{recipe}_block_ms"]
+            row[f"{recipe}_hybrid_vs_full_bf16_model"] = measured["full_bf16_model_ms"] / measured[f"hybrid_{recipe}_model_ms"]
+            row[f"{recipe}_projected_40_block_vs_full_bf16"] = 40 * full / (8 * full + 32 * sparse)
+        rows.append(row)
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="toy sizes on the CPU (for tests)")
+    parser.add_argument("--recipes", nargs="+", default=["fp8_hybrid", "hif8"],
+                        help="quant.recipe values to compare with bf16")
+    parser.add_argument("--backend", default="auto", help="quant.backend (auto: real FP8 GEMMs on SM90)")
+    parser.add_argument("--tokens", type=int, default=80640, help="GEMM rows (768P: 80640 tokens)")
+    parser.add_argument("--resolutions", nargs="+", default=["768P", "720P"], choices=list(RESOLUTIONS))
+    parser.add_argument("--blocks", type=int, default=5, help="blocks of the model step (1:4 full:sparse)")
+    parser.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--heads", type=int, default=40)
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--skip", choices=["linear", "step"], action="append", default=[])
+    parser.add_argument("--out", default="fp8_bench.json")
+    args = parser.parse_args(argv)
+    args.attention_backend = "auto"
+    device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    if args.tiny:
+        args.heads, args.head_dim, args.blocks, args.warmup, args.repeat = 2, 16, 5, 1, 1
+    ensure_single_rank_group()
+    rows = []
+    if "linear" not in args.skip:
+        rows += linear_rows(args, device, dtype)
+    if "step" not in args.skip:
+        rows += step_rows(args, device, dtype)
+    for row in rows:
+        print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}))
+    info = {"date": date.today().isoformat(), "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+            "torch": torch.__version__, "command": " ".join(sys.argv), "rows": rows}
+    with open(args.out, "w") as handle:
+        json.dump(info, handle, indent=2, default=str)
+    return info
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    main()

@@ -1,0 +1,322 @@
+"""Quantized GEMMs for linear layers: the autocast context, apply/remove on a model, scale checkpoints.
+
+nn.Linear gets its ``forward`` swapped, megatron-core Column/RowParallelLinear their ``_forward_impl``.
+"""
+
+import contextlib
+import fnmatch
+import sys
+import threading
+import types
+import warnings
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from osp_megatron.config.errors import ConfigError
+from osp_megatron.quantization.backends import (
+    ScaledMMLinearFunction,
+    TransformerEngineGemm,
+    load_transformer_engine,
+    scaled_mm_applies,
+)
+from osp_megatron.quantization.config import QuantConfig
+from osp_megatron.quantization.recipes import ROLES, Recipe, TensorScaler
+
+_STATE_ATTRIBUTE = "_quantization_state"
+
+
+@dataclass
+class _AutocastFrame:
+    enabled: bool
+    recipe: Optional[Recipe]
+    group: Optional[dist.ProcessGroup]
+
+
+_autocast_frames = threading.local()
+
+
+def _frames() -> List[_AutocastFrame]:
+    if not hasattr(_autocast_frames, "stack"):
+        _autocast_frames.stack = []
+    return _autocast_frames.stack
+
+
+@contextlib.contextmanager
+def quantized_autocast(
+    enabled: bool = True,
+    recipe: Optional[Recipe] = None,
+    amax_reduction_group: Optional[dist.ProcessGroup] = None,
+):
+    """Choose how layers prepared by ``apply_quantization`` run their GEMMs inside the block.
+
+    enabled=False runs them in high precision.  A ``recipe`` given here becomes each layer's recipe
+    from its next call on (scale histories restart, as they belong to the old format); an
+    ``amax_reduction_group`` given here is used inside the block only.  Outside any block layers
+    quantize with their current recipe.  The choice is captured in the forward pass, so backward
+    may run outside the block.
+    """
+    _frames().append(_AutocastFrame(enabled, recipe, amax_reduction_group))
+    try:
+        yield
+    finally:
+        _frames().pop()
+
+
+class LinearQuantizationState:
+    """Recipe, amax reduction group and per-role scalers of one quantized linear layer."""
+
+    def __init__(self, recipe: Recipe, group: Optional[dist.ProcessGroup], patched: str, previous: Any):
+        self.group = group
+        self.patched = patched  # the instance attribute replaced: "forward" or "_forward_impl"
+        self.previous = previous  # an instance attribute that was there before, restored on removal
+        self.recipe = recipe
+        self.scalers: Dict[str, TensorScaler] = {role: recipe.make_scaler(role) for role in ROLES}
+        self.te_gemm: Optional[TransformerEngineGemm] = None
+        self.warned_fallback = False
+
+    def use_recipe(self, recipe: Recipe) -> None:
+        """Switch recipe; scale histories restart because they belong to the old format."""
+        if recipe != self.recipe:
+            self.recipe = recipe
+            self.scalers = {role: recipe.make_scaler(role) for role in ROLES}
+            self.te_gemm = None
+
+    def active(self) -> Optional[Tuple[Recipe, Optional[dist.ProcessGroup]]]:
+        """(recipe, group) to quantize this call with, or None to run in high precision."""
+        frames = _frames()
+        if not frames:
+            return self.recipe, self.group
+        frame = frames[-1]
+        if not frame.enabled:
+            return None
+        if frame.recipe is not None:
+            self.use_recipe(frame.recipe)
+        return self.recipe, frame.group if frame.group is not None else self.group
+
+    def state_dict(self) -> Dict[str, Dict[str, Any]]:
+        return {role: scaler.state_dict() for role, scaler in self.scalers.items()}
+
+    def load_state_dict(self, state: Dict[str, Dict[str, Any]]) -> None:
+        for role, scaler in self.scalers.items():
+            scaler.load_state_dict(state[role])
+
+
+class _QuantizeOperand(torch.autograd.Function):
+    """Forward: quantize-dequantize; backward: identity (straight-through estimator)."""
+
+    @staticmethod
+    def forward(ctx, tensor, scaler: TensorScaler, group):
+        return scaler.quantize_dequantize(tensor, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None, None
+
+
+class _QuantizeGradient(torch.autograd.Function):
+    """Forward: identity; backward: quantize-dequantize the incoming gradient."""
+
+    @staticmethod
+    def forward(ctx, tensor, scaler: TensorScaler, group):
+        ctx.scaler, ctx.group = scaler, group
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return ctx.scaler.quantize_dequantize(grad, ctx.group), None, None
+
+
+def quantized_matmul(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    state: LinearQuantizationState,
+    recipe: Recipe,
+    group: Optional[dist.ProcessGroup] = None,
+) -> torch.Tensor:
+    """``x @ weight.T`` (no bias) quantized by ``recipe`` with the scalers of ``state``.
+
+    Emulated path: out = qdq(x) @ qdq(W).T; backward uses qdq(grad_out) against qdq(W) and qdq(x),
+    and passes those gradients straight through the quantizers to x and W.
+    """
+    if recipe.backend == "transformer_engine":
+        if state.te_gemm is None:
+            state.te_gemm = TransformerEngineGemm(weight, recipe)
+        return state.te_gemm(x, weight, group)
+    if recipe.backend in ("auto", "scaled_mm"):
+        x2d = x.reshape(-1, x.shape[-1]).contiguous()
+        if scaled_mm_applies(recipe.format, x2d, weight):
+            out = ScaledMMLinearFunction.apply(x2d, weight, state.scalers, group)
+            return out.reshape(*x.shape[:-1], weight.shape[0])
+        if recipe.backend == "scaled_mm" and not state.warned_fallback:
+            state.warned_fallback = True
+            warnings.warn(
+                "quant.backend 'scaled_mm' needs an E4M3 recipe, CUDA capability >= 9.0 and GEMM "
+                f"dimensions divisible by 16 (got {tuple(x2d.shape)} x {tuple(weight.shape)}); "
+                "emulating this layer instead"
+            )
+    x_q = _QuantizeOperand.apply(x, state.scalers["input"], group)
+    w_q = _QuantizeOperand.apply(weight, state.scalers["weight"], group)
+    return _QuantizeGradient.apply(F.linear(x_q, w_q), state.scalers["grad_output"], group)
+
+
+def _original(module: torch.nn.Module, state: LinearQuantizationState):
+    """The bound method that ran before quantization was applied."""
+    if state.previous is not None:
+        return state.previous
+    return types.MethodType(getattr(type(module), state.patched), module)
+
+
+def _quantized_torch_linear_forward(self, input: torch.Tensor) -> torch.Tensor:
+    state: LinearQuantizationState = getattr(self, _STATE_ATTRIBUTE)
+    active = state.active()
+    if active is None:
+        return _original(self, state)(input)
+    out = quantized_matmul(input, self.weight, state, *active)
+    return out + self.bias if self.bias is not None else out
+
+
+def _quantized_megatron_forward_impl(
+    self,
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    gradient_accumulation_fusion: bool = False,
+    allreduce_dgrad: bool = False,
+    sequence_parallel: bool = False,
+    grad_output_buffer: Optional[list] = None,
+    wgrad_deferral_limit: Optional[int] = None,
+    tp_group: Optional[dist.ProcessGroup] = None,
+    **kwargs,
+) -> torch.Tensor:
+    """Drop-in ``_forward_impl``: megatron's own TP mappings around a quantized local GEMM.
+
+    The gather/reduce-scatter (sequence parallel) and data-gradient all-reduce happen exactly as in
+    megatron, but through its autograd mappings, so the overlap with the weight-gradient GEMM is
+    lost.  Gradient-accumulation fusion is not used: the weight gradient lands in ``weight.grad``.
+    """
+    state: LinearQuantizationState = getattr(self, _STATE_ATTRIBUTE)
+    active = state.active()
+    if active is None:
+        return _original(self, state)(
+            input=input, weight=weight, bias=bias,
+            gradient_accumulation_fusion=gradient_accumulation_fusion,
+            allreduce_dgrad=allreduce_dgrad, sequence_parallel=sequence_parallel,
+            grad_output_buffer=grad_output_buffer, wgrad_deferral_limit=wgrad_deferral_limit,
+            tp_group=tp_group, **kwargs,
+        )
+    if grad_output_buffer is not None:
+        raise RuntimeError(
+            "quantized linears do not support deferred embedding wgrad compute; exclude this "
+            "layer with quant.modules.exclude"
+        )
+    from megatron.core.tensor_parallel import mappings
+
+    group = tp_group if tp_group is not None else self.tp_group
+    if sequence_parallel:
+        input = mappings.gather_from_sequence_parallel_region(input, tensor_parallel_output_grad=True, group=group)
+    elif allreduce_dgrad:
+        input = mappings.copy_to_tensor_model_parallel_region(input, group=group)
+    out = quantized_matmul(input, weight, state, *active)
+    return out + bias if bias is not None else out
+
+
+def _megatron_linear_types() -> tuple:
+    # Only modules of an already imported megatron can be in the model; avoid importing it (slow,
+    # and absent on some GPU images) just to run isinstance checks.
+    layers = sys.modules.get("megatron.core.tensor_parallel.layers")
+    if layers is None:
+        return ()
+    return (layers.ColumnParallelLinear, layers.RowParallelLinear)
+
+
+def _patch_target(module: torch.nn.Module) -> Optional[Tuple[str, Any]]:
+    """(attribute to replace, replacement function) for a supported linear layer, else None."""
+    megatron_types = _megatron_linear_types()
+    if megatron_types and isinstance(module, megatron_types):
+        return "_forward_impl", _quantized_megatron_forward_impl
+    if isinstance(module, torch.nn.Linear):
+        return "forward", _quantized_torch_linear_forward
+    return None
+
+
+def module_is_selected(name: str, include: List[str], exclude: List[str]) -> bool:
+    """True when ``name`` matches an include pattern and no exclude pattern (fnmatch, case-sensitive)."""
+    included = any(fnmatch.fnmatchcase(name, pattern) for pattern in include)
+    return included and not any(fnmatch.fnmatchcase(name, pattern) for pattern in exclude)
+
+
+def apply_quantization(
+    model: torch.nn.Module,
+    quant_config: QuantConfig,
+    amax_reduction_group: Optional[dist.ProcessGroup] = None,
+) -> List[str]:
+    """Quantize the GEMMs of the selected linear layers of ``model`` in place.
+
+    ``amax_reduction_group`` is the group whose ranks must agree on each scale (the tensor- and
+    sequence-parallel group).  Returns the qualified names of the layers now quantized; recipe
+    "none" changes nothing.  Applying again replaces the previous quantization.
+    """
+    recipe = quant_config.build_recipe()
+    if recipe is None:
+        return []
+    if recipe.backend == "transformer_engine":
+        load_transformer_engine()
+    remove_quantization(model)
+    quantized = []
+    for name, module in model.named_modules():
+        target = _patch_target(module)
+        if target is None or not module_is_selected(name, quant_config.modules.include, quant_config.modules.exclude):
+            continue
+        attribute, function = target
+        previous = module.__dict__.get(attribute)
+        state = LinearQuantizationState(recipe, amax_reduction_group, attribute, previous)
+        setattr(module, _STATE_ATTRIBUTE, state)
+        setattr(module, attribute, types.MethodType(function, module))
+        quantized.append(name)
+    return quantized
+
+
+def quantized_modules(model: torch.nn.Module) -> Dict[str, LinearQuantizationState]:
+    """Qualified name -> quantization state of every quantized layer of ``model``."""
+    return {
+        name: module.__dict__[_STATE_ATTRIBUTE]
+        for name, module in model.named_modules()
+        if _STATE_ATTRIBUTE in module.__dict__
+    }
+
+
+def remove_quantization(model: torch.nn.Module) -> List[str]:
+    """Restore the original GEMMs of every quantized layer; returns their names."""
+    removed = []
+    for name, state in quantized_modules(model).items():
+        module = model.get_submodule(name)
+        del module.__dict__[state.patched]
+        if state.previous is not None:
+            module.__dict__[state.patched] = state.previous
+        del module.__dict__[_STATE_ATTRIBUTE]
+        removed.append(name)
+    return removed
+
+
+def quantization_state_dict(model: torch.nn.Module) -> Dict[str, Dict[str, Dict[str, Any]]]:
+    """Amax histories and scales of every quantized layer, keyed by layer name and role."""
+    return {name: state.state_dict() for name, state in quantized_modules(model).items()}
+
+
+def load_quantization_state_dict(
+    model: torch.nn.Module, state_dict: Dict[str, Dict[str, Dict[str, Any]]], strict: bool = True
+) -> None:
+    """Restore ``quantization_state_dict`` output; ``strict`` requires the same set of layers."""
+    states = quantized_modules(model)
+    if strict and set(states) != set(state_dict):
+        missing, unexpected = sorted(set(states) - set(state_dict)), sorted(set(state_dict) - set(states))
+        raise ConfigError(
+            f"quantization state: layers missing from the checkpoint {missing}, unexpected {unexpected}"
+        )
+    for name, state in states.items():
+        if name in state_dict:
+            state.load_state_dict(state_dict[name])

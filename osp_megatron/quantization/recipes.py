@@ -1,0 +1,258 @@
+"""Quantization recipes (delayed scaling, current scaling, HiF8) and per-tensor scale bookkeeping.
+
+A recipe says which format and scaling rule each GEMM operand uses; a TensorScaler keeps the amax
+history and scale of one operand role of one linear layer and can be checkpointed.
+"""
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar, Dict, Iterable, Optional
+
+import torch
+import torch.distributed as dist
+
+from osp_megatron.config.errors import ConfigError
+from osp_megatron.quantization.formats import E4M3, E5M2, HIF8, Format
+
+ROLES = ("input", "weight", "grad_output")
+# Formats per recipe "format": (inputs and weights, output gradients).
+FORMAT_PAIRS = {
+    "e4m3": (E4M3, E4M3),
+    "e5m2": (E5M2, E5M2),
+    "hybrid": (E4M3, E5M2),
+    "hif8": (HIF8, HIF8),
+}
+AMAX_COMPUTE_ALGOS = ("max", "most_recent")
+BACKENDS = ("auto", "emulate", "scaled_mm", "transformer_engine")
+
+
+def require_choice(value: Any, allowed: Iterable[Any], key: str) -> None:
+    """Raise ConfigError naming ``key`` unless ``value`` is one of ``allowed``."""
+    allowed = list(allowed)
+    if value not in allowed:
+        raise ConfigError(f"{key}: got {value!r}; allowed: {', '.join(repr(a) for a in allowed)}")
+
+
+def require_int(value: Any, minimum: int, key: str) -> None:
+    """Raise ConfigError naming ``key`` unless ``value`` is an int >= ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{key}: got {value!r}; allowed: an integer >= {minimum}")
+
+
+def require_bool(value: Any, key: str) -> None:
+    """Raise ConfigError naming ``key`` unless ``value`` is a bool."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key}: got {value!r}; allowed: true or false")
+
+
+def check_recipe_combination(recipe_format: str, stochastic: bool, backend: str, prefix: str) -> None:
+    """Reject settings that do not fit the format: stochastic rounding and FP8-only backends."""
+    if stochastic and recipe_format != "hif8":
+        raise ConfigError(
+            f"{prefix}.stochastic_grad_rounding: only allowed with the HiF8 format, got format {recipe_format!r}"
+        )
+    if backend in ("scaled_mm", "transformer_engine") and recipe_format == "hif8":
+        raise ConfigError(
+            f"{prefix}.backend: {backend!r} runs FP8 only; allowed with HiF8: 'auto', 'emulate'"
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class Recipe:
+    """Per-tensor scaling recipe; subclasses choose when the scale is computed.
+
+    format: "hybrid" (E4M3 inputs/weights, E5M2 gradients), "e4m3", "e5m2" or "hif8".
+    margin: the scale is divided by 2^margin (headroom against amax growth).
+    forward_target / backward_target: value the amax of x and W / of the output gradient is
+    scaled to; None means the format's default (FP8: its maximum; HiF8: 15 and 224).
+    stochastic_grad_rounding: hybrid stochastic rounding of output gradients (HiF8 only).
+    backend: "auto", "emulate", "scaled_mm" or "transformer_engine" (see docs/quantization.md).
+    """
+
+    format: str = "hybrid"
+    margin: int = 0
+    forward_target: Optional[float] = None
+    backward_target: Optional[float] = None
+    stochastic_grad_rounding: bool = False
+    backend: str = "auto"
+
+    delayed: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        self.validate(type(self).__name__)
+
+    @property
+    def history_len(self) -> int:
+        return 1
+
+    @property
+    def compute_algo(self) -> str:
+        return "most_recent"
+
+    def validate(self, prefix: str) -> None:
+        """Check every field; errors name ``prefix.field`` and the allowed values."""
+        require_choice(self.format, FORMAT_PAIRS, f"{prefix}.format")
+        require_int(self.margin, 0, f"{prefix}.margin")
+        for name in ("forward_target", "backward_target"):
+            target = getattr(self, name)
+            if target is not None and not (isinstance(target, (int, float)) and target > 0):
+                raise ConfigError(f"{prefix}.{name}: got {target!r}; allowed: a positive number or null")
+        require_bool(self.stochastic_grad_rounding, f"{prefix}.stochastic_grad_rounding")
+        require_choice(self.backend, BACKENDS, f"{prefix}.backend")
+        check_recipe_combination(self.format, self.stochastic_grad_rounding, self.backend, prefix)
+
+    def format_for(self, role: str) -> Format:
+        forward, backward = FORMAT_PAIRS[self.format]
+        return backward if role == "grad_output" else forward
+
+    def target_for(self, role: str) -> float:
+        fmt = self.format_for(role)
+        if role == "grad_output":
+            return self.backward_target if self.backward_target is not None else fmt.backward_target
+        return self.forward_target if self.forward_target is not None else fmt.forward_target
+
+    def make_scaler(self, role: str) -> "TensorScaler":
+        """A fresh scale bookkeeper for ``role`` ("input", "weight" or "grad_output")."""
+        require_choice(role, ROLES, "role")
+        return TensorScaler(
+            fmt=self.format_for(role),
+            target=self.target_for(role),
+            margin=self.margin,
+            history_len=self.history_len,
+            compute_algo=self.compute_algo,
+            delayed=self.delayed,
+            stochastic=self.stochastic_grad_rounding and role == "grad_output",
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class CurrentScaling(Recipe):
+    """Scale from the amax of the tensor being quantized (just in time, like Float8CurrentScaling)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class DelayedScaling(Recipe):
+    """Scale from the amax history of earlier calls (like Transformer Engine's DelayedScaling).
+
+    amax_history_len: how many past amaxes are kept; amax_compute_algo: "max" over the history or
+    "most_recent".  The very first call, with an empty history, scales from its own amax.
+    """
+
+    amax_history_len: int = 1024
+    amax_compute_algo: str = "max"
+
+    delayed: ClassVar[bool] = True
+
+    @property
+    def history_len(self) -> int:
+        return self.amax_history_len
+
+    @property
+    def compute_algo(self) -> str:
+        return self.amax_compute_algo
+
+    def validate(self, prefix: str) -> None:
+        super().validate(prefix)
+        require_int(self.amax_history_len, 1, f"{prefix}.amax_history_len")
+        require_choice(self.amax_compute_algo, AMAX_COMPUTE_ALGOS, f"{prefix}.amax_compute_algo")
+
+
+@dataclass(frozen=True, kw_only=True)
+class HiF8Recipe(CurrentScaling):
+    """OSP-Next HiF8 training: current per-tensor scaling to 15 (x, W) and 224 (gradients)."""
+
+    format: str = "hif8"
+
+
+class TensorScaler:
+    """Amax history and scale of one quantized operand role (input, weight or grad_output).
+
+    The amax is all-reduced (MAX) over ``group`` so that ranks holding pieces of one logical
+    tensor agree on its scale.  Non-finite amaxes are recorded as 0 ("no information"), so an
+    overflow step leaves the scale unchanged instead of poisoning the history.
+    """
+
+    def __init__(
+        self,
+        fmt: Format,
+        target: float,
+        margin: int = 0,
+        history_len: int = 1,
+        compute_algo: str = "most_recent",
+        delayed: bool = False,
+        stochastic: bool = False,
+    ):
+        self.format = fmt
+        self.target = float(target)
+        self.margin = margin
+        self.compute_algo = compute_algo
+        self.delayed = delayed
+        self.stochastic = stochastic
+        self.amax_history = torch.zeros(history_len, dtype=torch.float32)
+        self.scale = torch.ones((), dtype=torch.float32)
+        self.num_updates = 0
+
+    def _to_device(self, device: torch.device) -> None:
+        if self.scale.device != device:
+            self.amax_history = self.amax_history.to(device)
+            self.scale = self.scale.to(device)
+
+    def _scale_from_amax(self, amax: torch.Tensor) -> torch.Tensor:
+        scale = self.target / (amax * 2.0**self.margin)
+        usable = (amax > 0) & torch.isfinite(amax)
+        return torch.where(usable, scale, self.scale)
+
+    def compute_scale(
+        self, tensor: torch.Tensor, group: Optional[dist.ProcessGroup] = None
+    ) -> torch.Tensor:
+        """Scale to quantize ``tensor`` with now; records its amax and updates the next scale."""
+        self._to_device(tensor.device)
+        if tensor.numel() == 0:
+            amax = torch.zeros((), dtype=torch.float32, device=tensor.device)
+        else:
+            # One pass over memory, without materialising |tensor|.
+            amax = torch.linalg.vector_norm(tensor.detach(), ord=math.inf).to(torch.float32)
+        if group is not None and dist.get_world_size(group) > 1:
+            dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=group)
+        if self.delayed and self.num_updates > 0:
+            scale = self.scale
+        else:
+            scale = self._scale_from_amax(amax)
+        self._record(amax)
+        return scale
+
+    def _record(self, amax: torch.Tensor) -> None:
+        history = torch.roll(self.amax_history, 1)
+        history[0] = torch.where(torch.isfinite(amax), amax, torch.zeros_like(amax))
+        self.amax_history = history
+        reduced = history.max() if self.compute_algo == "max" else history[0]
+        self.scale = self._scale_from_amax(reduced)
+        self.num_updates += 1
+
+    def quantize_dequantize(
+        self,
+        tensor: torch.Tensor,
+        group: Optional[dist.ProcessGroup] = None,
+        generator: Optional[torch.Generator] = None,
+    ) -> torch.Tensor:
+        """``qdq(tensor * scale) / scale`` in ``tensor``'s dtype, with the scale from ``compute_scale``."""
+        scale = self.compute_scale(tensor, group)
+        return self.format.scaled_qdq(tensor, scale, stochastic=self.stochastic, generator=generator)
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {
+            "amax_history": self.amax_history.detach().cpu().clone(),
+            "scale": self.scale.detach().cpu().clone(),
+            "num_updates": self.num_updates,
+        }
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Restore a checkpoint; a different history length keeps the most recent entries."""
+        device = self.scale.device
+        saved = state["amax_history"].to(device=device, dtype=torch.float32)
+        history = torch.zeros_like(self.amax_history, device=device)
+        keep = min(len(history), len(saved))
+        history[:keep] = saved[:keep]
+        self.amax_history = history
+        self.scale = state["scale"].to(device=device, dtype=torch.float32).reshape(())
+        self.num_updates = int(state["num_updates"])
