@@ -27,6 +27,8 @@ from osp_megatron.config.loader import to_dict
 from osp_megatron.models.builder import build_model, count_parameters
 from osp_megatron.models.flops import training_flops
 from osp_megatron.parallel import state
+from osp_megatron.parallel.ledger import ledger
+from osp_megatron.parallel.ssp import check_sequence_parallel_layout
 from osp_megatron.training.flow_matching import flow_matching_loss
 from osp_megatron.training.metrics import MetricsLogger
 from osp_megatron.training.optim import EMA, average_gradients, build_optimizer, clip_gradients, lr_at, set_lr
@@ -60,6 +62,10 @@ class Trainer:
         self.config = config
         if config.train.device == "cpu" and config.parallel.backend is None:
             config.parallel.backend = "gloo"
+        grid = tuple(size // patch for size, patch in zip(
+            (config.data.latent_frames, config.data.latent_height, config.data.latent_width), config.model.patch_size))
+        check_sequence_parallel_layout(config.model, grid, config.parallel.tensor, config.parallel.ssp,
+                                       config.parallel.ulysses, source="token grid of data.latent_*")
         self.device = state.init_distributed(config.parallel)
         if config.train.device == "cpu":
             self.device = torch.device("cpu")
@@ -80,12 +86,16 @@ class Trainer:
         # slice, so every tensor-parallel size starts from identical weights.
         seed_everything(config.train.seed)
         self.model = build_model(config.model, self.device)
-        self.quantizer = None
+        # Quantized GEMMs (quant.recipe): the selected linears quantize inputs, weights and output gradients
+        # with their recipe; scales agree across the ranks of one model replica.
+        self.quantized_layers = []
         if config.quant.recipe != "none":
             from osp_megatron.quantization import apply_quantization
 
-            self.quantizer = apply_quantization(self.model, config.quant,
-                                                amax_group=state.amax_reduction_group())
+            self.quantized_layers = apply_quantization(self.model, config.quant,
+                                                       amax_reduction_group=state.amax_reduction_group())
+            if not self.quantized_layers:
+                raise ConfigError(f"quant.modules.include={config.quant.modules.include} selects no linear layer")
         self.optimizer = build_optimizer(self.model, config.train)
         self.ema = EMA(self.model, config.train.ema_decay) if config.train.ema_decay > 0 else None
         # Noise and timesteps: one stream per data-parallel replica, shared by its tensor/context ranks.
@@ -95,11 +105,7 @@ class Trainer:
         self.precision = config.train.precision
         if self.precision == "auto":
             self.precision = "bf16" if self.device.type == "cuda" else "fp32"
-        self.flops_per_sample = training_flops(
-            config.model, tuple(s // p for s, p in zip(
-                (config.data.latent_frames, config.data.latent_height, config.data.latent_width),
-                config.model.patch_size)),
-        )
+        self.flops_per_sample = training_flops(config.model, grid)
         self._initialise_weights_or_resume()
 
     # -- set-up ----------------------------------------------------------------------------------------
@@ -129,8 +135,10 @@ class Trainer:
             self.generator.set_state(rank_state["generator"])
             self.loader.load_state_dict(rank_state["data"])
             set_rng_state(rank_state["rng"])
-            if self.quantizer is not None and "quant" in rank_state:
-                self.quantizer.load_state_dict(rank_state["quant"])
+            if self.quantized_layers and "quant" in rank_state:
+                from osp_megatron.quantization import load_quantization_state_dict
+
+                load_quantization_state_dict(self.model, rank_state["quant"])
             self._say(f"resumed from {path} at step {self.step}")
         elif self.config.checkpoint.load:
             which = "ema" if self.config.checkpoint.load_ema else "model"
@@ -149,12 +157,8 @@ class Trainer:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def _quant_context(self):
-        if self.quantizer is None:
-            return contextlib.nullcontext()
-        return self.quantizer.autocast()
-
     def train_step(self) -> dict:
+        ledger().reset()
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         lr = lr_at(self.step, self.config.train)
@@ -165,11 +169,12 @@ class Trainer:
             batch = next(self.loader)
             latents = batch["latents"].to(self.device, non_blocking=True)
             text = batch["text_states"].to(self.device, non_blocking=True)
-            with self._autocast(), self._quant_context():
+            with self._autocast():
                 loss = flow_matching_loss(self.model, latents, text, self.generator, cfg.timestep_shift,
                                           cfg.logit_mean, cfg.logit_std)
             (loss / self.accumulation).backward()
             total_loss += loss.detach() / self.accumulation
+        # Mean over data x context ranks: each context rank's gradient is CP x its share (optim.average_gradients).
         average_gradients(self.model, state.gradient_reduction_group(),
                           dist.get_world_size(state.gradient_reduction_group()))
         grad_norm = clip_gradients(self.model, cfg.grad_clip)
@@ -180,14 +185,16 @@ class Trainer:
             dist.all_reduce(total_loss, group=state.data_parallel_group())
             total_loss /= self.dp_size
         self.step += 1
-        return {"loss": float(total_loss), "lr": lr, "grad_norm": float(grad_norm)}
+        return {"loss": float(total_loss), "lr": lr, "grad_norm": float(grad_norm), **ledger().scalars()}
 
     # -- the loop --------------------------------------------------------------------------------------
     def rank_state(self) -> dict:
         saved = {"step": self.step, "generator": self.generator.get_state(), "data": self.loader.state_dict(),
                  "rng": rng_state()}
-        if self.quantizer is not None:
-            saved["quant"] = self.quantizer.state_dict()
+        if self.quantized_layers:
+            from osp_megatron.quantization import quantization_state_dict
+
+            saved["quant"] = quantization_state_dict(self.model)  # amax histories and scales
         return saved
 
     def save(self) -> Path:
@@ -205,7 +212,8 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(self.config), sort_keys=False))
             self._say(f"model: {count_parameters(self.model) / 1e6:.2f}M parameters on this rank, blocks "
-                      f"{self.model.block_kinds}; world {dist.get_world_size()} (dp {self.dp_size}); "
+                      f"{self.model.block_kinds}; world {dist.get_world_size()} (dp {self.dp_size}, tp "
+                      f"{state.tensor_parallel_size()}, ssp {state.ssp_size()}, ulysses {state.ulysses_size()}); "
                       f"accumulation {self.accumulation}; device {self.device}; precision {self.precision}")
         logger = MetricsLogger(self.run_dir, cfg.steps, self.step, self.logging_rank, cfg.progress)
         samples_per_step = cfg.global_batch_size
