@@ -20,6 +20,14 @@ from osp_megatron.models.wan.layers import AttentionContext
 SPARSE_KINDS = ("token", "group")
 
 
+def key_runs_on(key_mask: torch.Tensor, device):
+    """real_key_runs of a bool [subsequences, L] key mask with indices on `device`; None when none is padded."""
+    if bool(key_mask.all()):
+        return None
+    return [(start, stop, None if index is None else index.to(device))
+            for start, stop, index in real_key_runs(key_mask)]
+
+
 class LocalTokenLayout:
     """All tokens of each sample on this rank (no sequence parallelism).
 
@@ -74,10 +82,7 @@ class LocalTokenLayout:
         if kind == "full":
             return AttentionContext(backend=self.backend)
         if ("runs", kind) not in self._cache:
-            mask = sparse_key_mask(self.grid, self.ratio, kind, "cpu")
-            self._cache[("runs", kind)] = None if bool(mask.all()) else [
-                (start, stop, None if index is None else index.to(self.device))
-                for start, stop, index in real_key_runs(mask)
-            ]
+            self._cache[("runs", kind)] = key_runs_on(sparse_key_mask(self.grid, self.ratio, kind, "cpu"),
+                                                      self.device)
         return AttentionContext(subsequences=self.ratio**2, key_runs=self._cache[("runs", kind)],
                                 backend=self.backend)

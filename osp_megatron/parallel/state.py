@@ -1,6 +1,6 @@
 """Process groups: torch.distributed start-up from torchrun or Slurm, megatron-core parallel_state layout.
 
-Tensor, data and context (SSP x Ulysses) parallel groups all live in megatron.core.parallel_state.
+Tensor, data and context (SSP x Ulysses) groups live in megatron.core.parallel_state; SSP and Ulysses split CP.
 """
 
 import datetime
@@ -64,10 +64,13 @@ def _launcher_environment() -> tuple[int, int, int]:
 
 
 def init_distributed(config: ParallelConfig) -> torch.device:
-    """Start torch.distributed (if needed) and megatron-core's groups; return this rank's device.
+    """Start torch.distributed (if needed), megatron-core's groups and the SSP / Ulysses groups.
 
-    Megatron's rank order is tp-cp-ep-dp-pp: tensor-parallel ranks are adjacent (inside one node), then the
-    context-parallel ranks (SSP x Ulysses, all-to-all heavy, next to stay in NVLink), then data parallel.
+    Rank order (innermost first): tensor, Ulysses, SSP, data. Megatron's order tp-cp-ep-dp-pp makes tensor
+    ranks adjacent, then the context-parallel group of S x U ranks; inside it context rank c = s * U + u,
+    so the U Ulysses ranks (all-to-alls in every layer) are adjacent and the S SSP ranks (one all-to-all per
+    pattern switch, a quarter of a Ulysses layer's bytes) stride U. With tensor x ssp x ulysses <= 8 a whole
+    model replica, and so every all-to-all, stays inside one NVLink node; data parallel spans nodes.
     """
     rank, world, local_rank = _launcher_environment()
     use_cuda = torch.cuda.is_available()
@@ -86,11 +89,6 @@ def init_distributed(config: ParallelConfig) -> torch.device:
         )
     world = dist.get_world_size()
     check_layout(config, world)
-    if config.ssp > 1 or config.ulysses > 1:
-        raise ConfigError(
-            f"parallel.ssp={config.ssp}, parallel.ulysses={config.ulysses}: sequence parallelism is not built "
-            "yet; use parallel.ssp=1 parallel.ulysses=1"
-        )
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=config.tensor,
@@ -98,7 +96,111 @@ def init_distributed(config: ParallelConfig) -> torch.device:
             distributed_timeout_minutes=config.timeout_minutes,
             order="tp-cp-ep-dp-pp",
         )
+        _build_sequence_parallel_groups(config.ssp, config.ulysses, config.timeout_minutes)
     return device
+
+
+@dataclass(frozen=True)
+class SequenceParallelGroups:
+    """This rank's sequence-parallel groups; a group of one rank is None (nothing to communicate).
+
+    context: all S x U ranks (megatron's CP group; full layers run Ulysses over it, the output is gathered
+    over it); ssp: the S ranks with this rank's Ulysses index (pattern switches); ulysses: the U ranks with
+    this rank's SSP index (Ulysses inside each subsequence).
+    """
+
+    ssp_size: int = 1
+    ulysses_size: int = 1
+    ssp_rank: int = 0
+    ulysses_rank: int = 0
+    context: object = None
+    ssp: object = None
+    ulysses: object = None
+
+    @property
+    def context_size(self) -> int:
+        return self.ssp_size * self.ulysses_size
+
+    @property
+    def context_rank(self) -> int:
+        return self.ssp_rank * self.ulysses_size + self.ulysses_rank
+
+
+_SEQUENCE_GROUPS = SequenceParallelGroups()
+
+
+def context_parallel_groups_of_world(tensor: int, context: int, world: int) -> list[list[int]]:
+    """Global ranks of every context-parallel group, each in context-rank order, for order tp-cp-ep-dp-pp."""
+    return [[t + tensor * c + tensor * context * rest for c in range(context)]
+            for rest in range(world // (tensor * context)) for t in range(tensor)]
+
+
+def _build_sequence_parallel_groups(ssp: int, ulysses: int, timeout_minutes: int) -> None:
+    """Split every context-parallel group into SSP and Ulysses groups (collective: all ranks create all)."""
+    global _SEQUENCE_GROUPS
+    context = ssp * ulysses
+    if context == 1:
+        _SEQUENCE_GROUPS = SequenceParallelGroups()
+        return
+    mine = list(parallel_state.get_context_parallel_global_ranks())
+    all_groups = context_parallel_groups_of_world(parallel_state.get_tensor_model_parallel_world_size(), context,
+                                                  dist.get_world_size())
+    if mine not in all_groups:
+        raise RuntimeError(f"megatron-core's context-parallel group {mine} does not follow order tp-cp-ep-dp-pp")
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    context_group = parallel_state.get_context_parallel_group()
+    ssp_group = ulysses_group = None
+    for ranks in all_groups:
+        # Groups spanning the whole context group reuse megatron's communicator instead of opening another.
+        for u in range(ulysses):
+            members = [ranks[s * ulysses + u] for s in range(ssp)]
+            if 1 < ssp < context:
+                group = dist.new_group(members, timeout=timeout)
+            else:
+                group = context_group if ssp == context else None
+            if ranks == mine and dist.get_rank() in members:
+                ssp_group = group
+        for s in range(ssp):
+            members = [ranks[s * ulysses + u] for u in range(ulysses)]
+            if 1 < ulysses < context:
+                group = dist.new_group(members, timeout=timeout)
+            else:
+                group = context_group if ulysses == context else None
+            if ranks == mine and dist.get_rank() in members:
+                ulysses_group = group
+    context_rank = mine.index(dist.get_rank())
+    _SEQUENCE_GROUPS = SequenceParallelGroups(
+        ssp_size=ssp, ulysses_size=ulysses, ssp_rank=context_rank // ulysses, ulysses_rank=context_rank % ulysses,
+        context=context_group, ssp=ssp_group, ulysses=ulysses_group,
+    )
+
+
+def sequence_parallel_groups() -> SequenceParallelGroups:
+    return _SEQUENCE_GROUPS
+
+
+def ssp_group():
+    return _SEQUENCE_GROUPS.ssp
+
+
+def ssp_size() -> int:
+    return _SEQUENCE_GROUPS.ssp_size
+
+
+def ssp_rank() -> int:
+    return _SEQUENCE_GROUPS.ssp_rank
+
+
+def ulysses_group():
+    return _SEQUENCE_GROUPS.ulysses
+
+
+def ulysses_size() -> int:
+    return _SEQUENCE_GROUPS.ulysses_size
+
+
+def ulysses_rank() -> int:
+    return _SEQUENCE_GROUPS.ulysses_rank
 
 
 def check_layout(config: ParallelConfig, world: int) -> None:
@@ -117,9 +219,16 @@ def check_layout(config: ParallelConfig, world: int) -> None:
         )
 
 
-def destroy_distributed() -> None:
+def destroy_model_parallel() -> None:
+    """Forget megatron's and the sequence-parallel groups but keep torch.distributed (to change layout)."""
+    global _SEQUENCE_GROUPS
+    _SEQUENCE_GROUPS = SequenceParallelGroups()
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
+
+
+def destroy_distributed() -> None:
+    destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -33,7 +33,8 @@ class MetricsLogger:
         self.jsonl.write(json.dumps(record) + "\n")
         for key, value in scalars.items():
             if isinstance(value, (int, float)):
-                self.writer.add_scalar(f"train/{key}", value, step)
+                # Keys that carry their own section (e.g. the ledger's comm/<group>/<op>_bytes) keep it.
+                self.writer.add_scalar(key if "/" in key else f"train/{key}", value, step)
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{scalars.get('loss', float('nan')):.4f}",
                                  samples_s=f"{scalars.get('samples_per_s', 0):.1f}", refresh=False)

@@ -10,6 +10,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from osp_megatron.checkpointing.sharded import partition_dim
+from osp_megatron.parallel.ledger import record_all_reduce, tensor_bytes
 
 
 def build_optimizer(model: torch.nn.Module, train_config) -> torch.optim.Optimizer:
@@ -39,8 +40,16 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
-def average_gradients(model: torch.nn.Module, group, world: int) -> None:
-    """Average gradients over data-parallel replicas with one flattened all-reduce per dtype."""
+def average_gradients(model: torch.nn.Module, group, world: int, group_name: str = "data_context") -> None:
+    """Average gradients over `group` (data x context parallel ranks) with one flattened all-reduce per dtype.
+
+    Why the mean over context ranks too: every context (SSP x Ulysses) rank computes the same loss from the
+    output gathered at the layout's exit, whose backward hands each rank CP x its own tokens' output gradient
+    (the reduce-scatter of CP identical gradients). A rank's gradient is thus CP x its tokens' share for
+    weights used before the exit plus the whole gradient for the replicated output head; summing over the
+    CP ranks gives CP x the single-rank gradient, and the mean over data x context ranks is exactly the
+    gradient of the global batch.
+    """
     if world == 1:
         return
     grads = [p.grad for p in model.parameters() if p.grad is not None]
@@ -51,6 +60,7 @@ def average_gradients(model: torch.nn.Module, group, world: int) -> None:
         flat = torch._utils._flatten_dense_tensors(bucket)
         flat.div_(world)
         dist.all_reduce(flat, group=group)
+        record_all_reduce(group_name, tensor_bytes(flat), world, "gradients", "step")
         for grad, synced in zip(bucket, torch._utils._unflatten_dense_tensors(flat, bucket)):
             grad.copy_(synced)
 
@@ -65,8 +75,10 @@ def global_grad_norm(model: torch.nn.Module) -> torch.Tensor:
             continue
         if partition_dim(param) is not None or tp_rank == 0:
             total += param.grad.float().pow(2).sum()
-    if parallel_state.get_tensor_model_parallel_world_size() > 1:
+    tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    if tp_size > 1:
         dist.all_reduce(total, group=parallel_state.get_tensor_model_parallel_group())
+        record_all_reduce("tensor", tensor_bytes(total), tp_size, "grad_norm", "step")
     return total.sqrt()
 
 

@@ -1,8 +1,10 @@
-"""Run a function on several CPU ranks (gloo) inside one test, and collect what each rank returns.
+"""Run a function on several fresh CPU ranks (gloo) inside one test, and collect what each rank returns.
 
 Used by the distributed tests: every parallel layout is checked against a single-rank run this way.
 """
 
+import importlib.util
+import inspect
 import os
 import pickle
 import socket
@@ -18,13 +20,22 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _worker(rank, world_size, port, fn, args, queue):
+def _load_function(path: str, name: str):
+    """Import a module-level function from its source file (works for pytest's importlib-mode test modules)."""
+    spec = importlib.util.spec_from_file_location(f"_osp_rank_module_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return getattr(module, name)
+
+
+def _worker(rank, world_size, port, path, name, args, queue):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     try:
         # Plain pickle copies tensors into the message; the queue's own pickler would share their memory,
         # which breaks once this process exits before the parent has read them.
+        fn = _load_function(path, name)
         result = pickle.dumps(fn(rank, world_size, *args))
         queue.put((rank, "ok", result))
     except BaseException:  # report the failure to the parent instead of hanging the test
@@ -36,11 +47,19 @@ def _worker(rank, world_size, port, fn, args, queue):
 
 
 def run_on_ranks(fn, world_size: int, *args, timeout: float = 300.0) -> list:
-    """fn(rank, world_size, *args) on `world_size` forked processes; returns results in rank order."""
-    context = mp.get_context("fork")
+    """fn(rank, world_size, *args) on `world_size` fresh processes; returns results in rank order.
+
+    `fn` must be a module-level function. Processes are spawned, not forked: a forked child would inherit the
+    parent's torch.distributed state (tests that build models in-process initialise a group), and tearing that
+    down in the child crashes.
+    """
+    if "<locals>" in fn.__qualname__:
+        raise ValueError(f"run_on_ranks needs a module-level function, got {fn.__qualname__}")
+    context = mp.get_context("spawn")
     queue = context.Queue()
     port = free_port()
-    processes = [context.Process(target=_worker, args=(r, world_size, port, fn, args, queue))
+    path = inspect.getfile(fn)
+    processes = [context.Process(target=_worker, args=(r, world_size, port, path, fn.__name__, args, queue))
                  for r in range(world_size)]
     for process in processes:
         process.start()
