@@ -6,16 +6,15 @@ Prints a table and writes JSON. Example (one H200): python benchmarks/bench_fp8.
 
 import argparse
 import json
-import math
 import os
 import sys
-from datetime import date
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_skiparse import RESOLUTIONS, TINY_RESOLUTIONS, build_dit, timed  # noqa: E402
+from bench_skiparse import RESOLUTIONS, TINY_RESOLUTIONS, build_dit  # noqa: E402
+from common import timed, write_report  # noqa: E402
 
 from osp_megatron.config.loader import from_dict  # noqa: E402
 from osp_megatron.models.flops import forward_flops  # noqa: E402
@@ -126,11 +125,7 @@ def main(argv=None):
         rows += step_rows(args, device, dtype)
     for row in rows:
         print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}))
-    info = {"date": date.today().isoformat(), "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-            "torch": torch.__version__, "command": " ".join(sys.argv), "rows": rows}
-    with open(args.out, "w") as handle:
-        json.dump(info, handle, indent=2, default=str)
-    return info
+    return write_report(args.out, rows, device)
 
 
 if __name__ == "__main__":

@@ -7,15 +7,17 @@ import argparse
 import json
 import math
 import os
-import statistics
 import sys
-import time
 from datetime import date
 
 # NVLink SHARP multicast (NVLS) stays off unless the caller chose otherwise; it must be set before NCCL starts.
 os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
 
 import torch  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import random_model, timed  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from osp_megatron.utils.logging import quiet_third_party_warnings  # noqa: E402
@@ -24,7 +26,6 @@ quiet_third_party_warnings()
 
 from osp_megatron.attention.dispatch import dot_product_attention  # noqa: E402
 from osp_megatron.config.loader import from_dict  # noqa: E402
-from osp_megatron.models.builder import build_model  # noqa: E402
 from osp_megatron.models.config import ModelConfig  # noqa: E402
 from osp_megatron.models.flops import training_flops  # noqa: E402
 from osp_megatron.models.wan.spec import wan_layer_spec  # noqa: E402
@@ -68,32 +69,6 @@ def parse_args(argv=None):
 
 
 # -- timing -----------------------------------------------------------------------------------------------------
-def timed(fn, warmup: int, repeat: int, device) -> float:
-    """Median milliseconds of fn() over `repeat` calls after `warmup` (CUDA events on GPU)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        if dist.is_initialized():
-            dist.barrier()
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            tick = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - tick) * 1e3)
-    # Every rank reports the slowest rank's median: a step is only as fast as its last rank.
-    median = torch.tensor([statistics.median(times)], dtype=torch.float64, device=device)
-    dist.all_reduce(median, op=dist.ReduceOp.MAX)
-    return float(median)
-
-
-# -- layouts ------------------------------------------------------------------------------------------------------
 def layout_degrees(layout: str, world: int) -> tuple[int, int]:
     """(ssp, ulysses) of a layout on `world` ranks; SSP takes as many ranks as P^2 = 4 allows."""
     if layout == "c_hybrid_ssp":
@@ -114,19 +89,6 @@ def model_config(args, layout: str, num_layers: int = None, sparse: bool = None)
                   full_blocks=max(1, blocks // 10), attention_backend=args.backend,
                   activation_checkpointing=not args.no_activation_checkpointing)
     return from_dict(ModelConfig, fields, "model")
-
-
-def fresh_model(config: ModelConfig, device, dtype, layer_spec=None):
-    """The DiT with random weights made on the device (shapes on meta first: no CPU initialisation of 14B)."""
-    model = build_model(config, meta=True, layer_spec=layer_spec).to_empty(device=device)
-    generator = torch.Generator(device=device).manual_seed(0)  # same weights on every rank
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name and name.endswith("weight"):
-                param.fill_(1.0)
-            else:
-                param.normal_(0.0, 0.02, generator=generator)
-    return model.to(dtype)
 
 
 def inputs(config: ModelConfig, latent, device, dtype):
@@ -152,7 +114,7 @@ def time_layout(args, layout, latent, world, device, dtype):
     ssp, ulysses = layout_degrees(layout, world)
     config = model_config(args, layout)
     grid = (latent[0], latent[1] // 2, latent[2] // 2)
-    model = fresh_model(config, device, dtype)
+    model = random_model(config, device, dtype)
     batch = inputs(config, latent, device, dtype)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -224,7 +186,7 @@ def compare_deepspeed(args, latent, world, device, dtype, backend):
     times, outputs = {}, []
     for name, spec in (("ours_ms", None), ("deepspeed_ms", wan_layer_spec(
             self_attention_core=deepspeed_core(attention_class), cross_attn_norm=config.cross_attn_norm))):
-        model = fresh_model(config, device, dtype, layer_spec=spec)  # same seed: the same weights
+        model = random_model(config, device, dtype, layer_spec=spec)  # same seed: the same weights
         times[name] = timed(lambda: training_step(model, batch), args.warmup, args.steps, device)
         with torch.no_grad():
             outputs.append(model(*batch[:3]).float())

@@ -5,16 +5,15 @@ Prints a table and writes JSON. Example (one H200): python benchmarks/bench_skip
 """
 
 import argparse
-import json
 import math
 import os
-import statistics
 import sys
-import time
-from datetime import date
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import random_model, timed, write_report  # noqa: E402
 from osp_megatron.utils.logging import quiet_third_party_warnings
 
 quiet_third_party_warnings()
@@ -28,33 +27,12 @@ from osp_megatron.attention.skiparse import (  # noqa: E402
     to_sparse_layout,
 )
 from osp_megatron.config.loader import from_dict  # noqa: E402
-from osp_megatron.models.builder import build_model  # noqa: E402
 from osp_megatron.models.config import ModelConfig  # noqa: E402
 from osp_megatron.models.flops import forward_flops  # noqa: E402
 from osp_megatron.parallel.state import ensure_single_rank_group  # noqa: E402
 
 RESOLUTIONS = {"720P": (21, 45, 80), "768P": (21, 48, 80)}
 TINY_RESOLUTIONS = {"odd": (2, 5, 6), "even": (2, 8, 8)}
-
-
-def timed(fn, warmup: int, repeat: int, device) -> float:
-    """Median milliseconds of fn() (CUDA events on GPU, wall clock on CPU)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            tick = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - tick) * 1e3)
-    return statistics.median(times)
 
 
 def attention_op_rows(args, device, dtype, resolutions):
@@ -66,13 +44,11 @@ def attention_op_rows(args, device, dtype, resolutions):
         q, k, v = (torch.randn(1, tokens, heads, head_dim, device=device, dtype=dtype, requires_grad=True)
                    for _ in range(3))
         grad = torch.randn_like(q)
-        runs = {}
-        for pattern in ("token",):
-            mask = sparse_key_mask(grid, ratio, pattern, "cpu")
-            runs = None if bool(mask.all()) else [(a, b, None if i is None else i.to(device))
-                                                  for a, b, i in real_key_runs(mask)]
-            qs, ks, vs = (to_sparse_layout(t.detach(), grid, ratio, pattern).requires_grad_(True) for t in (q, k, v))
-            grad_s = torch.randn_like(qs)
+        mask = sparse_key_mask(grid, ratio, "token", "cpu")
+        runs = None if bool(mask.all()) else [(a, b, None if i is None else i.to(device))
+                                              for a, b, i in real_key_runs(mask)]
+        qs, ks, vs = (to_sparse_layout(t.detach(), grid, ratio, "token").requires_grad_(True) for t in (q, k, v))
+        grad_s = torch.randn_like(qs)
 
         def full_fwd():
             with torch.no_grad():
@@ -109,7 +85,6 @@ def attention_op_rows(args, device, dtype, resolutions):
                      "fwd_speedup": measured["full_fwd_ms"] / measured["skiparse_fwd_ms"],
                      "fwdbwd_speedup": measured["full_fwdbwd_ms"] / measured["skiparse_fwdbwd_ms"],
                      "fwdbwd_speedup_with_layout": measured["full_fwdbwd_ms"] / measured["skiparse_fwdbwd_with_layout_ms"]})
-        del q, k, v, qs, ks, vs
     return rows
 
 
@@ -120,16 +95,7 @@ def build_dit(args, device, dtype, sparse: bool, num_layers: int, full_blocks: i
     if not args.tiny:
         fields.update(dim=args.heads * args.head_dim, num_heads=args.heads)
     config = from_dict(ModelConfig, fields, "model")
-    model = build_model(config, meta=True)
-    model = model.to_empty(device=device)
-    generator = torch.Generator(device=device).manual_seed(0)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name and param.dim() == 1:
-                param.fill_(1.0)
-            else:
-                param.normal_(0.0, 0.02, generator=generator)
-    return model.to(dtype), config
+    return random_model(config, device, dtype), config
 
 
 def model_rows(args, device, dtype, resolutions):
@@ -227,11 +193,7 @@ def main(argv=None):
     if "model" not in args.skip:
         rows += model_rows(args, device, dtype, resolutions)
     print_table(rows)
-    info = {"date": date.today().isoformat(), "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-            "torch": torch.__version__, "dtype": str(dtype), "command": " ".join(sys.argv), "rows": rows}
-    with open(args.out, "w") as handle:
-        json.dump(info, handle, indent=2, default=str)
-    return info
+    return write_report(args.out, rows, device, dtype=str(dtype))
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 Self-attention (q/k RMSNorm across heads, 3D RoPE, swappable core), cross-attention, AdaLN-modulated layer.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch

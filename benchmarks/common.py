@@ -1,0 +1,66 @@
+"""Shared benchmark helpers: event-timed medians (slowest rank wins), random-weight DiTs made on the device.
+
+Every benchmark script in this folder times and builds models through these, so their numbers compare.
+"""
+
+import json
+import statistics
+import sys
+import time
+from datetime import date
+
+import torch
+import torch.distributed as dist
+
+from osp_megatron.models.builder import build_model
+
+
+def timed(fn, warmup: int, repeat: int, device) -> float:
+    """Median milliseconds of fn() (CUDA events on GPU, wall clock on CPU); with several ranks, the slowest."""
+    distributed = dist.is_initialized() and dist.get_world_size() > 1
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        if distributed:
+            dist.barrier()
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            tick = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - tick) * 1e3)
+    median = statistics.median(times)
+    if distributed:  # a step is only as fast as its last rank
+        value = torch.tensor([median], dtype=torch.float64, device=device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        median = float(value)
+    return median
+
+
+def random_model(config, device, dtype, layer_spec=None):
+    """The DiT with random weights made on the device (shapes on meta first: no CPU initialisation of 14B)."""
+    model = build_model(config, meta=True, layer_spec=layer_spec).to_empty(device=device)
+    generator = torch.Generator(device=device).manual_seed(0)  # same weights on every rank
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                param.fill_(1.0)
+            else:
+                param.normal_(0.0, 0.02, generator=generator)
+    return model.to(dtype)
+
+
+def write_report(path: str, rows, device, **extra) -> dict:
+    """JSON with date, device, torch version, the command line and the rows; returns it."""
+    info = {"date": date.today().isoformat(),
+            "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+            "torch": torch.__version__, "command": " ".join(sys.argv), **extra, "rows": rows}
+    with open(path, "w") as handle:
+        json.dump(info, handle, indent=2, default=str)
+    return info
