@@ -130,15 +130,8 @@ class JobConfig:
         for axis, size, step in zip(("latent_frames", "latent_height", "latent_width"), latent, patch):
             if size % step:
                 raise ConfigError(f"data.{axis}={size} is not divisible by model.patch_size {patch}")
-        if self.model.sparse_ratio > 1:
-            ratio = self.model.sparse_ratio
-            if self.model.num_heads % (self.parallel.tensor * self.parallel.ulysses):
-                raise ConfigError(
-                    f"model.num_heads={self.model.num_heads} is not divisible by parallel.tensor x parallel.ulysses"
-                    f" = {self.parallel.tensor * self.parallel.ulysses}"
-                )
-            if (ratio * ratio) % self.parallel.ssp:
-                raise ConfigError(f"parallel.ssp={self.parallel.ssp} must divide model.sparse_ratio^2 = {ratio * ratio}")
+        # Parallel-layout checks that need the world size (heads per rank, SSP | P^2) run at start-up in
+        # osp_megatron.parallel.ssp.check_heads and state.check_layout.
 
 
 def load_job_config(path=None, overrides=None) -> JobConfig:

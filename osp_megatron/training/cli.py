@@ -57,7 +57,7 @@ def main(argv=None) -> int:
         from osp_megatron.parallel.state import destroy_distributed
 
         destroy_distributed()
-    if result.get("loss") is not None and "loss" in result:
+    if trainer.logging_rank and "loss" in result:
         print(f"[osp-train] finished at step {result['step']} (loss {result['loss']:.4f})", flush=True)
     return 0
 
