@@ -15,12 +15,9 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from osp_megatron.checkpointing.metadata import FORMAT, METADATA, is_complete, read_metadata  # noqa: F401
 from osp_megatron.checkpointing.sharded import load_shard_into, partition_dim, save_shard
 from osp_megatron.config.errors import ConfigError
-
-FORMAT = "osp-megatron-checkpoint/1"
-METADATA = "metadata.json"
-
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
@@ -67,10 +64,6 @@ def save_model_shard(directory: Path, tensors: dict[str, torch.Tensor], params: 
     tp_rank, tp_size, _ = _ranks()
     partition = {name: partition_dim(params[name.split("/", 1)[-1]]) for name in tensors}
     save_shard(directory, tensors, partition, tp_rank, tp_size)
-
-
-def is_complete(path: Path) -> bool:
-    return (path / METADATA).is_file()
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
@@ -159,14 +152,6 @@ def optimizer_moments(optimizer, params: dict[str, torch.nn.Parameter]):
             else:
                 scalars[f"{key}/{name}"] = float(value)
     return moments, scalars
-
-
-def read_metadata(path: str | Path) -> dict:
-    path = Path(path)
-    if not is_complete(path):
-        raise ConfigError(f"{str(path)!r} is not a complete checkpoint (no {METADATA}); an interrupted save "
-                          "leaves a '.tmp' folder that is never loaded")
-    return json.loads((path / METADATA).read_text())
 
 
 def load_model_weights(path: str | Path, model: torch.nn.Module, which: str = "model", strict: bool = True):

@@ -81,7 +81,9 @@ class CheckpointConfig:
     # "auto": continue from the newest complete checkpoint in run.dir if any; "none": start fresh;
     # or a path to a checkpoint folder to continue from.
     resume: str = "auto"
-    load: Optional[str] = None  # initialise weights only (a framework checkpoint, e.g. from `osp-ckpt import`)
+    # Initialise weights only: a framework checkpoint (e.g. from `osp-ckpt import`), a diffusers transformer
+    # folder, or an original Wan2.1 / OSP-Next weight file.
+    load: Optional[str] = None
     load_ema: bool = False  # with `load`: take the EMA weights instead of the raw ones
     keep_last: int = 0  # keep only the newest N checkpoints (0 keeps all)
     save_at_end: bool = True

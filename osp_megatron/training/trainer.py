@@ -18,7 +18,6 @@ import yaml
 from osp_megatron.checkpointing.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
-    load_model_weights,
     save_checkpoint,
 )
 from osp_megatron.config.errors import ConfigError
@@ -141,8 +140,11 @@ class Trainer:
                 load_quantization_state_dict(self.model, rank_state["quant"])
             self._say(f"resumed from {path} at step {self.step}")
         elif self.config.checkpoint.load:
+            from osp_megatron.models.pretrained import load_pretrained_weights
+
+            # A framework checkpoint, a diffusers folder or an original Wan2.1 / OSP-Next weight file.
             which = "ema" if self.config.checkpoint.load_ema else "model"
-            load_model_weights(self.config.checkpoint.load, self.model, which=which)
+            load_pretrained_weights(self.model, self.config.checkpoint.load, which=which)
             if self.ema is not None:
                 self.ema = EMA(self.model, self.config.train.ema_decay)
             self._say(f"initialised {which} weights from {self.config.checkpoint.load}")

@@ -13,14 +13,11 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from torch.utils.checkpoint import checkpoint
 
 from osp_megatron.config.errors import ConfigError
-from osp_megatron.models.config import ModelConfig
+from osp_megatron.models.config import DTYPES, ModelConfig
 from osp_megatron.models.wan import fused
 from osp_megatron.models.wan.layers import FP32LayerNorm
 from osp_megatron.models.wan.spec import wan_layer_spec
 from osp_megatron.parallel.layout import LocalTokenLayout
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
 
 def build_transformer_config(model: ModelConfig, tensor_parallel: int = 1, cpu_initialization: bool = True,
                              perform_initialization: bool = True) -> TransformerConfig:

@@ -1,0 +1,124 @@
+"""Command line of osp-ckpt: `import`, `export` and `inspect` for Wan2.1-style DiT checkpoints.
+
+Each subcommand works in a plain process (no torchrun) and reads one tensor at a time.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+DESCRIPTION = """\
+Convert Wan2.1 / OSP-Next DiT weights to and from this framework's tensor-parallel checkpoints.
+
+  osp-ckpt import Wan2.1-T2V-1.3B-Diffusers ckpt/wan13b --tensor-parallel 2
+  osp-ckpt import Wan2.1-T2V-1.3B/diffusion_pytorch_model.safetensors ckpt/wan13b
+  osp-ckpt export runs/ft/checkpoints/step_00001000 exported/transformer --which ema
+  osp-ckpt inspect ckpt/wan13b
+"""
+
+
+def _parse_sets(items: list[str]) -> dict:
+    from osp_megatron.config.loader import parse_override
+
+    overrides = {}
+    for item in items:
+        path, value = parse_override(item)
+        if path[0] == "model" and len(path) > 1:
+            path = path[1:]
+        overrides[".".join(path)] = value
+    return overrides
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="osp-ckpt", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{import,export,inspect}")
+
+    imp = commands.add_parser(
+        "import", help="published weights -> osp_megatron checkpoint",
+        description="Write an osp_megatron checkpoint (step 0, weights only) from a diffusers "
+                    "WanTransformer3DModel folder (or its pipeline folder), or from an original Wan2.1 / OSP-Next "
+                    "checkpoint: a .pth/.pt file, a .safetensors file, a *.safetensors.index.json with its shards, "
+                    "or the folder holding one of those. The layout is detected from the parameter names; the "
+                    "model size from config.json (diffusers or Wan's own) or else from the weight shapes.")
+    imp.add_argument("source", help="diffusers folder, original checkpoint file, index file or folder")
+    imp.add_argument("output", help="checkpoint folder to create (DIR/metadata.json, DIR/model/tpRR-of-NN.safetensors)")
+    imp.add_argument("--tensor-parallel", "-t", type=int, default=1, metavar="N",
+                     help="write N tensor-parallel shards (the training job's parallel.tensor); any TP size can "
+                          "load any other, this only saves resharding at load time (default: 1)")
+    imp.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                     help="dtype of the stored weights; training keeps float32 master weights (default: float32)")
+    imp.add_argument("--allow-missing", action="store_true",
+                     help="accept model parameters the source lacks (they keep their fresh initialisation)")
+    imp.add_argument("--allow-unexpected", action="store_true",
+                     help="accept and drop source tensors the model has no parameter for")
+    imp.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                     help="ModelConfig field for the imported model, repeatable, e.g. --set sparse_ratio=2 for "
+                          "OSP-Next, or --set num_heads=12 when there is no config.json")
+    imp.add_argument("--state-key", default=None, metavar="KEY",
+                     help="for .pth files that wrap the weights: the (dotted) key holding the state dict, e.g. "
+                          "'ema' or 'model'; by default the only wrapper that holds tensors")
+    imp.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+
+    exp = commands.add_parser(
+        "export", help="osp_megatron checkpoint -> diffusers WanTransformer3DModel folder",
+        description="Write config.json and diffusion_pytorch_model*.safetensors loadable by "
+                    "diffusers.WanTransformer3DModel.from_pretrained (use it as the transformer/ folder of a Wan "
+                    "pipeline). Tensor-parallel shards are reassembled one tensor at a time.")
+    exp.add_argument("checkpoint", help="checkpoint folder (an imported one or runs/NAME/checkpoints/step_XXXXXXXX)")
+    exp.add_argument("output", help="folder to create")
+    exp.add_argument("--which", choices=["model", "ema"], default="model",
+                     help="export the raw training weights or their EMA (default: model)")
+    exp.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                     help="cast the weights on export (default: keep the stored dtype)")
+    exp.add_argument("--max-shard-gb", type=float, default=10.0,
+                     help="split the safetensors into files of at most this many GiB, with an index (default: 10)")
+    exp.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+
+    ins = commands.add_parser(
+        "inspect", help="print a checkpoint's parameters, dtype, tensor-parallel size and step",
+        description="Describe an osp_megatron checkpoint (metadata, model config, weight folders) or a "
+                    "published Wan2.1 checkpoint (detected layout, model config, missing/unexpected keys).")
+    ins.add_argument("path", help="checkpoint folder, diffusers folder or original weight file")
+    ins.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                     help="ModelConfig field override, as for import")
+    return parser
+
+
+def run_import(args) -> None:
+    from osp_megatron.checkpointing.wan_convert import import_checkpoint
+
+    import_checkpoint(args.source, args.output, tensor_parallel=args.tensor_parallel, dtype=args.dtype,
+                      allow_missing=args.allow_missing, allow_unexpected=args.allow_unexpected,
+                      overrides=_parse_sets(args.sets), state_key=args.state_key, overwrite=args.overwrite,
+                      log=print)
+
+
+def run_export(args) -> None:
+    from osp_megatron.checkpointing.wan_export import export_diffusers
+
+    export_diffusers(args.checkpoint, args.output, which=args.which, dtype=args.dtype,
+                     max_shard_bytes=int(args.max_shard_gb * 2**30), overwrite=args.overwrite, log=print)
+
+
+def run_inspect(args) -> None:
+    from osp_megatron.checkpointing.wan_export import describe
+
+    for line in describe(Path(args.path), _parse_sets(args.sets)):
+        print(line)
+
+
+def main(argv=None) -> int:
+    args = _build_parser().parse_args(argv)
+    from osp_megatron.config.errors import ConfigError
+
+    try:
+        {"import": run_import, "export": run_export, "inspect": run_inspect}[args.command](args)
+    except ConfigError as err:
+        print(f"osp-ckpt {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

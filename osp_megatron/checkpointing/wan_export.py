@@ -1,0 +1,178 @@
+"""Export of this framework's checkpoints to diffusers' WanTransformer3DModel layout, and their description.
+
+Tensor-parallel shards are reassembled one tensor at a time, so exporting never holds more than one file's worth.
+"""
+
+import json
+import os
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from osp_megatron.checkpointing.metadata import METADATA, is_complete, read_metadata
+from osp_megatron.checkpointing.sharded import iter_full_tensors, source_layout
+from osp_megatron.checkpointing.wan_config import diffusers_config, fields_from_shapes, make_model_config
+from osp_megatron.checkpointing.wan_convert import (
+    DTYPES,
+    EXPECTED_LAYOUTS,
+    describe_config,
+    open_source,
+    prepare_output,
+    publish_output,
+    shorten_list,
+    silent,
+)
+from osp_megatron.checkpointing.wan_keys import DIFFUSERS, OURS, parameter_layout, rename
+from osp_megatron.config.errors import ConfigError
+from osp_megatron.config.loader import from_dict
+from osp_megatron.models.config import ModelConfig
+
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model"
+
+
+def checkpoint_model_config(path: str | Path, overrides: Optional[dict] = None,
+                            metadata: Optional[dict] = None) -> ModelConfig:
+    """The ModelConfig of a framework checkpoint: its metadata's model_config (or the training config's model
+    section), else read off the stored shapes; `overrides` (ModelConfig fields) win."""
+    path = Path(path)
+    metadata = read_metadata(path) if metadata is None else metadata
+    stored = metadata.get("model_config") or (metadata.get("config") or {}).get("model")
+    if stored is not None:
+        data = dict(stored)
+        data.update(overrides or {})
+        return from_dict(ModelConfig, data, "model")
+    shapes = {name: shape for name, (shape, _, _) in stored_tensors(path / "model").items()}
+    return make_model_config(fields_from_shapes(shapes), overrides, source=str(path / METADATA))
+
+
+def stored_tensors(folder: Path) -> dict[str, tuple[tuple[int, ...], str, Optional[int]]]:
+    """name -> (full shape, safetensors dtype, split dim) of a sharded folder, from the file headers only."""
+    tp_size, paths, partition = source_layout(folder)
+    found = {}
+    with safe_open(str(paths[0]), framework="pt") as handle:
+        for name in handle.keys():
+            piece = handle.get_slice(name)
+            shape, dim = list(piece.get_shape()), partition.get(name)
+            if dim is not None:
+                shape[dim] *= tp_size
+            found[name] = (tuple(shape), piece.get_dtype(), dim)
+    return found
+
+
+def export_diffusers(checkpoint: str | Path, output: str | Path, which: str = "model", dtype: Optional[str] = None,
+                     max_shard_bytes: int = 10 * 2**30, overwrite: bool = False,
+                     log: Callable[[str], None] = silent) -> Path:
+    """Write a diffusers WanTransformer3DModel folder (config.json + safetensors) from a framework checkpoint.
+
+    Tensors are reassembled from the tensor-parallel shards one at a time and written in files of at most
+    `max_shard_bytes` (several files get a diffusers index).
+    """
+    checkpoint = Path(checkpoint)
+    metadata = read_metadata(checkpoint)
+    config = checkpoint_model_config(checkpoint, metadata=metadata)
+    folder = checkpoint / which
+    if not folder.is_dir():
+        raise ConfigError(f"checkpoint {str(checkpoint)!r} has no {which!r} weights folder")
+    if dtype is not None and dtype not in DTYPES:
+        raise ConfigError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    expected = parameter_layout(config)
+    stored = stored_tensors(folder)
+    missing = sorted(set(expected) - set(stored))
+    unexpected = sorted(set(stored) - set(expected))
+    if missing or unexpected:
+        raise ConfigError(f"{which} weights in {str(checkpoint)!r} do not match their model_config "
+                          f"({describe_config(config)}): missing {shorten_list(missing)}, "
+                          f"unexpected {shorten_list(unexpected)}")
+    if config.sparse_ratio > 1:
+        log(f"note: this model was trained with Skiparse attention (sparse_ratio={config.sparse_ratio}); diffusers "
+            "runs full attention in every block, so its outputs differ from this framework's")
+
+    output = Path(output)
+    tmp = prepare_output(output, overwrite)
+    files, current, size = [], {}, 0
+    for name, tensor in iter_full_tensors(folder):
+        if tuple(tensor.shape) != expected[name].shape:
+            raise ConfigError(f"tensor {name!r} in {str(folder)!r} has shape {tuple(tensor.shape)} but "
+                              f"model_config needs {expected[name].shape}")
+        if dtype is not None:
+            tensor = tensor.to(DTYPES[dtype])
+        nbytes = tensor.numel() * tensor.element_size()
+        if current and size + nbytes > max_shard_bytes:
+            files.append(_write_part(tmp, len(files), current))
+            current, size = {}, 0
+        current[rename(name, OURS, DIFFUSERS)] = tensor.contiguous()
+        size += nbytes
+    files.append(_write_part(tmp, len(files), current))
+    _name_parts(tmp, files)
+    try:
+        import diffusers
+
+        version = diffusers.__version__
+    except ImportError:
+        version = "0.33.0"
+    (tmp / "config.json").write_text(json.dumps(diffusers_config(config, version), indent=2))
+    publish_output(tmp, output)
+    log(f"exported {which} weights of {checkpoint} ({describe_config(config)}) to {output} "
+        f"in {len(files)} file(s)")
+    return output
+
+
+def _write_part(folder: Path, index: int, tensors: dict[str, torch.Tensor]) -> tuple[Path, dict[str, int]]:
+    path = folder / f"part-{index:05d}.safetensors"
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    return path, {name: t.numel() * t.element_size() for name, t in tensors.items()}
+
+
+def _name_parts(folder: Path, parts: list[tuple[Path, dict[str, int]]]) -> None:
+    """Give the written files diffusers' names: one file, or numbered shards plus an index."""
+    if len(parts) == 1:
+        os.replace(parts[0][0], folder / f"{DIFFUSERS_WEIGHTS}.safetensors")
+        return
+    weight_map, total = {}, 0
+    for number, (path, sizes) in enumerate(parts, start=1):
+        name = f"{DIFFUSERS_WEIGHTS}-{number:05d}-of-{len(parts):05d}.safetensors"
+        os.replace(path, folder / name)
+        weight_map.update({tensor: name for tensor in sizes})
+        total += sum(sizes.values())
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (folder / f"{DIFFUSERS_WEIGHTS}.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def describe(path: Path, overrides: Optional[dict] = None) -> list[str]:
+    """Human-readable summary of a framework checkpoint or a published Wan2.1 checkpoint."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{str(path)!r} does not exist; {EXPECTED_LAYOUTS}")
+    if not is_complete(path):
+        weights = open_source(path, overrides)
+        count = sum(torch.Size(weights.expected[name].shape).numel() for name in weights.pieces)
+        return [
+            f"{path}: {weights.layout} layout ({weights.files.description})",
+            f"config: {describe_config(weights.model_config)}",
+            f"parameters: {count:,} in {len(weights.pieces)} tensors",
+            f"missing ({len(weights.missing)}): {shorten_list(weights.missing)}",
+            f"unexpected ({len(weights.unexpected)}): {shorten_list(weights.unexpected)}",
+        ]
+    metadata = read_metadata(path)
+    lines = [f"{path}: {metadata.get('format', 'unknown format')}",
+             f"step: {metadata.get('step')}", f"tensor parallel: {metadata.get('tensor_parallel')}"]
+    if "imported_from" in metadata:
+        origin = metadata["imported_from"]
+        lines.append(f"imported from: {origin.get('path')} ({origin.get('layout')} layout)")
+    try:
+        config = checkpoint_model_config(path, overrides, metadata=metadata)
+        lines.append(f"config: {describe_config(config)}, sparse_ratio={config.sparse_ratio}")
+    except ConfigError as err:
+        lines.append(f"config: unknown ({err})")
+    for which in ("model", "ema", "optimizer"):
+        folder = path / which
+        if not folder.is_dir():
+            continue
+        tensors = stored_tensors(folder)
+        count = sum(torch.Size(shape).numel() for shape, _, _ in tensors.values())
+        dtypes = sorted({dtype for _, dtype, _ in tensors.values()})
+        lines.append(f"{which}: {count:,} values in {len(tensors)} tensors, dtype {'/'.join(dtypes)}")
+    return lines
