@@ -1,11 +1,10 @@
 """Formats, recipes, per-tensor scale bookkeeping, checkpoints of scales and QuantConfig validation."""
 
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
 
 from osp_megatron.config.errors import ConfigError
 from osp_megatron.quantization import (
@@ -20,6 +19,7 @@ from osp_megatron.quantization import (
     TensorScaler,
     hif8_round,
 )
+from osp_megatron.utils.testing import run_on_ranks
 
 
 def test_fp8_formats_round_like_torch_float8_and_saturate():
@@ -119,29 +119,18 @@ def test_scaler_state_dict_round_trips():
     assert shorter.amax_history.tolist() == original.amax_history[:2].tolist()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _amax_reduction_worker(rank, port, results):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
-        scaler = HiF8Recipe().make_scaler("input")
-        local = torch.tensor([1.0, 3.0]) if rank == 0 else torch.tensor([-5.0, 2.0])
-        results[rank] = scaler.compute_scale(local, group=dist.group.WORLD).item()
-    finally:
-        dist.destroy_process_group()
+def _amax_reduction_worker(rank, world_size):
+    # run_on_ranks provides the rendezvous variables; env:// reads them.
+    dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=world_size)
+    scaler = HiF8Recipe().make_scaler("input")
+    local = torch.tensor([1.0, 3.0]) if rank == 0 else torch.tensor([-5.0, 2.0])
+    return scaler.compute_scale(local, group=dist.group.WORLD).item()
 
 
 def test_amax_is_all_reduced_so_ranks_agree_on_the_scale():
     """Two gloo ranks with different local amaxes both scale by the global amax (MAX all-reduce)."""
-    with mp.Manager() as manager:
-        results = manager.dict()
-        # fork: the children need no fresh interpreter, which keeps the test fast
-        mp.start_processes(_amax_reduction_worker, args=(_free_port(), results), nprocs=2, start_method="fork")
-        assert results[0] == results[1] == pytest.approx(15.0 / 5.0)
+    scales = run_on_ranks(_amax_reduction_worker, 2)
+    assert scales[0] == scales[1] == pytest.approx(15.0 / 5.0)
 
 
 def test_quant_config_defaults_and_recipes():
