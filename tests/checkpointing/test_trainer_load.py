@@ -8,7 +8,7 @@ from osp_megatron.utils.testing import run_on_ranks
 
 MODEL = ["model.dim=24", "model.num_heads=2", "model.ffn_dim=40", "model.text_dim=16", "model.freq_dim=32",
          "model.num_layers=2", "model.in_channels=4", "model.out_channels=4", "model.sparse_ratio=2",
-         "model.full_blocks=1", "data.latent_channels=4", "data.text_dim=16"]
+         "model.full_blocks=1"]
 
 
 def _initial_weights(rank, world_size, overrides):

@@ -26,7 +26,7 @@ def test_example_config_loads_with_overrides():
     ("model.num_heads=5", "model.num_heads"),
     ("bogus.key=1", "bogus"),
     ("train.global_batch_size=7", "train.global_batch_size"),
-    ("model.text_dim=48", "model.text_dim"),
+    ("data.text_dim=48", "data.text_dim"),
     ("model.block_layout=[full,sparse,full,full]", "model.block_layout"),
     ("checkpoint.interval=-1", "checkpoint.interval"),
     ("train.precision=fp16", "train.precision"),
