@@ -190,5 +190,8 @@ def _load_optimizer(folder: Path, optimizer, params, tp_rank, tp_size):
         for key in ("exp_avg", "exp_avg_sq"):
             state[key] = torch.zeros_like(param, memory_format=torch.preserve_format)
             targets[f"{key}/{name}"] = state[key]
-        state["step"] = torch.tensor(scalars[f"step/{name}"], dtype=torch.float32)
+        # Fused and capturable Adam keep the step count on the parameter's device, the others on the CPU.
+        on_device = optimizer.defaults.get("fused") or optimizer.defaults.get("capturable")
+        state["step"] = torch.tensor(scalars[f"step/{name}"], dtype=torch.float32,
+                                     device=param.device if on_device else "cpu")
     load_shard_into(folder, targets, tp_rank, tp_size, what="optimizer")
