@@ -4,6 +4,7 @@ The model calls `enter`, `switch` and `exit` at pattern changes only, so consecu
 sparse layout; RoPE tables and key masks follow the same permutation as the hidden states.
 """
 
+import functools
 
 import torch
 
@@ -28,6 +29,18 @@ def key_runs_on(key_mask: torch.Tensor, device):
             for start, stop, index in real_key_runs(key_mask)]
 
 
+@functools.lru_cache(maxsize=16)
+def _sparse_tables(grid, ratio: int, head_dim: int, theta: float, device, kind: str):
+    """(RoPE cos/sin in layout `kind` [1, N_local, 1, head_dim], key runs) for one grid, built once.
+
+    A layout object lives for one forward pass; caching here keeps the permuted tables and the host-side
+    key-run scan out of every training step.
+    """
+    cos, sin = (to_sparse_layout(t, grid, ratio, kind) for t in rope_tables(grid, head_dim, theta, device))
+    rope = (cos.reshape(1, -1, *cos.shape[2:]), sin.reshape(1, -1, *sin.shape[2:]))
+    return rope, key_runs_on(sparse_key_mask(grid, ratio, kind, "cpu"), device)
+
+
 class LocalTokenLayout:
     """All tokens of each sample on this rank (no sequence parallelism).
 
@@ -37,8 +50,8 @@ class LocalTokenLayout:
 
     def __init__(self, grid, sparse_ratio: int, head_dim: int, rope_theta: float, device, backend="auto"):
         self.grid, self.ratio, self.device, self.backend = tuple(grid), sparse_ratio, device, backend
+        self.head_dim, self.theta = head_dim, rope_theta
         self._full_rope = rope_tables(self.grid, head_dim, rope_theta, device)
-        self._cache = {}
 
     # -- token order -----------------------------------------------------------------------------------
     def _to_kind(self, x: torch.Tensor, kind: str) -> torch.Tensor:
@@ -73,16 +86,13 @@ class LocalTokenLayout:
         return self._from_kind(x, kind)
 
     # -- per-layout side tables ------------------------------------------------------------------------
+    def _tables(self, kind: str):
+        return _sparse_tables(self.grid, self.ratio, self.head_dim, self.theta, self.device, kind)
+
     def rope(self, kind: str):
-        if ("rope", kind) not in self._cache:
-            self._cache[("rope", kind)] = tuple(self._to_kind(t, kind) for t in self._full_rope)
-        return self._cache[("rope", kind)]
+        return self._full_rope if kind == "full" else self._tables(kind)[0]
 
     def attention_context(self, kind: str) -> AttentionContext:
         if kind == "full":
             return AttentionContext(backend=self.backend)
-        if ("runs", kind) not in self._cache:
-            self._cache[("runs", kind)] = key_runs_on(sparse_key_mask(self.grid, self.ratio, kind, "cpu"),
-                                                      self.device)
-        return AttentionContext(subsequences=self.ratio**2, key_runs=self._cache[("runs", kind)],
-                                backend=self.backend)
+        return AttentionContext(subsequences=self.ratio**2, key_runs=self._tables(kind)[1], backend=self.backend)
