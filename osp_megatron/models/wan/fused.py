@@ -67,9 +67,41 @@ def _gated_residual(x, update, gate):
     return (x.float() + update.float() * _as_broadcast(gate)).to(x.dtype)
 
 
-def gated_residual(x, update, gate):
-    """x + update * gate computed in float32, returned in x's dtype; gate is [B, 1, D]."""
-    return _gated_residual(x, update, per_sample(gate))
+@accelerator_compiled
+def _gated_residual_bias(x, update, gate, bias):
+    return (x.float() + (update.float() + bias.float()) * _as_broadcast(gate)).to(x.dtype)
+
+
+def gated_residual(x, update, gate, bias=None):
+    """x + (update + bias) * gate computed in float32, returned in x's dtype; gate is [B, 1, D], bias [D].
+
+    The bias of the linear producing `update` is added here instead of in a pass of its own.
+    """
+    if bias is None:
+        return _gated_residual(x, update, per_sample(gate))
+    return _gated_residual_bias(x, update, per_sample(gate), bias)
+
+
+@accelerator_compiled
+def _residual_bias(x, update, bias):
+    return (x.float() + update.float() + bias.float()).to(x.dtype)
+
+
+def residual(x, update, bias=None):
+    """x + update (+ bias [D]) in one pass, float32 arithmetic, x's dtype."""
+    if bias is None:
+        return x + update
+    return _residual_bias(x, update, bias)
+
+
+@accelerator_compiled
+def _affine_layer_norm(x, weight, bias, eps: float):
+    return F.layer_norm(x.float(), x.shape[-1:], weight.float(), bias.float(), eps).to(x.dtype)
+
+
+def affine_layer_norm(x, weight, bias, eps: float):
+    """LayerNorm with weight and bias [D], float32 statistics, returned in x's dtype."""
+    return _affine_layer_norm(x, weight, bias, eps)
 
 
 @accelerator_compiled

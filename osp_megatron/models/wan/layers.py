@@ -8,7 +8,8 @@ from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
-from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, set_tensor_model_parallel_attributes
+from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -32,10 +33,40 @@ class AttentionContext:
     subsequences: int = 1
     key_runs: Optional[list] = None  # real_key_runs() of the padded layout; None when nothing is padded
     backend: str = "auto"
+    # Packed layout (no padding tokens): the token counts of the consecutive subsequences of a sample, which
+    # then may differ; None when all subsequences have N / subsequences tokens.
+    lengths: Optional[tuple] = None
+
+
+def equal_length_groups(lengths) -> list:
+    """[(length, count)] of consecutive runs of equal subsequence lengths, in order."""
+    groups = []
+    for length in lengths:
+        if groups and groups[-1][0] == length:
+            groups[-1][1] += 1
+        else:
+            groups.append([length, 1])
+    return [tuple(group) for group in groups]
+
+
+def attend_packed(q, k, v, lengths, backend="auto"):
+    """Attention inside consecutive subsequences of the given lengths; one kernel call per run of equal lengths."""
+    groups = equal_length_groups(lengths)
+    sizes = [length * count for length, count in groups]
+    if sum(sizes) != q.shape[1]:
+        raise ValueError(f"subsequence lengths sum to {sum(sizes)} but q holds {q.shape[1]} tokens")
+    outputs = []
+    for (length, count), q_g, k_g, v_g in zip(groups, q.split(sizes, 1), k.split(sizes, 1), v.split(sizes, 1)):
+        batched = [t.reshape(t.shape[0] * count, length, *t.shape[2:]) for t in (q_g, k_g, v_g)]
+        out = dot_product_attention(*batched, backend=backend)
+        outputs.append(out.reshape(q.shape[0], length * count, *out.shape[2:]))
+    return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
 
 
 def attend_in_layout(q, k, v, context: AttentionContext):
     """Dense attention inside each subsequence of q, k, v [B, N, heads, head_dim] -> [B, N, heads, head_dim]."""
+    if context.lengths is not None:
+        return attend_packed(q, k, v, context.lengths, context.backend)
     count = context.subsequences
     if count == 1:
         return dot_product_attention(q, k, v, backend=context.backend)
@@ -53,6 +84,32 @@ class FullAttention(torch.nn.Module):
 
     def forward(self, q, k, v, context: AttentionContext):
         return attend_in_layout(q, k, v, context)
+
+
+class FusedBiasColumnParallelLinear(ColumnParallelLinear):
+    """megatron-core's ColumnParallelLinear with the bias added inside the GEMM (cuBLASLt epilogue).
+
+    megatron's own linear multiplies, then adds the bias in a separate pass over the output (about a
+    millisecond per linear at 80k tokens x 5120). Here the local GEMM is torch's addmm, whose epilogue
+    adds the bias; the input-gradient all-reduce over the tensor-parallel group goes through megatron's
+    mapping. Sequence-parallel, gradient-accumulation-fusion and deferred-wgrad configurations, which need
+    megatron's fused autograd function, take megatron's path unchanged.
+    """
+
+    def _forward_impl(self, input, weight, bias=None, gradient_accumulation_fusion=False, allreduce_dgrad=False,
+                      sequence_parallel=False, grad_output_buffer=None, wgrad_deferral_limit=None, tp_group=None,
+                      **kwargs):
+        needs_megatron = (sequence_parallel or grad_output_buffer is not None or not weight.requires_grad
+                          or (gradient_accumulation_fusion and hasattr(weight, "main_grad")))
+        if needs_megatron:
+            return super()._forward_impl(
+                input=input, weight=weight, bias=bias, gradient_accumulation_fusion=gradient_accumulation_fusion,
+                allreduce_dgrad=allreduce_dgrad, sequence_parallel=sequence_parallel,
+                grad_output_buffer=grad_output_buffer, wgrad_deferral_limit=wgrad_deferral_limit,
+                tp_group=tp_group, **kwargs)
+        if allreduce_dgrad:
+            input = copy_to_tensor_model_parallel_region(input, group=tp_group)
+        return F.linear(input, weight, bias)
 
 
 class HeadShardedRMSNorm(torch.nn.Module):
@@ -80,6 +137,16 @@ class FP32LayerNorm(torch.nn.LayerNorm):
         weight = self.weight.float() if self.weight is not None else None
         bias = self.bias.float() if self.bias is not None else None
         return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps)
+
+
+class CrossAttentionNorm(torch.nn.LayerNorm):
+    """The block's affine LayerNorm before cross-attention: float32 statistics, output in the input's dtype.
+
+    One fused pass on accelerators (fused.affine_layer_norm) instead of cast, norm and cast back.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fused.affine_layer_norm(x, self.weight, self.bias, self.eps)
 
 
 @dataclass
@@ -116,13 +183,14 @@ class WanAttention(MegatronModule):
         self.core_attention = build_module(submodules.core_attention, config=config)
         self.linear_proj = build_module(
             submodules.linear_proj, dim, dim, config=config, init_method=config.output_layer_init_method,
-            bias=True, input_is_parallel=True, skip_bias_add=False,
+            bias=True, input_is_parallel=True, skip_bias_add=True,
         )
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.unflatten(-1, (self.heads_per_rank, self.head_dim))
 
     def forward(self, hidden, context: AttentionContext, rope=None, text_states=None):
+        """(output without its bias, output bias): the caller folds the bias into its residual update."""
         source = text_states if self.is_cross else hidden
         q = self._heads(self.q_norm(self.linear_q(hidden)[0]))
         k = self._heads(self.k_norm(self.linear_k(source)[0]))
@@ -130,7 +198,34 @@ class WanAttention(MegatronModule):
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         out = self.core_attention(q, k, v, context)
-        return self.linear_proj(out.flatten(-2))[0]
+        return self.linear_proj(out.flatten(-2))
+
+
+@dataclass
+class WanMLPSubmodules:
+    linear_fc1: Union[ModuleSpec, type] = None
+    linear_fc2: Union[ModuleSpec, type] = None
+
+
+class WanMLP(MegatronModule):
+    """Wan's feed-forward: column-parallel fc1 (bias in the GEMM), GELU-tanh, row-parallel fc2.
+
+    Returns (output, fc2 bias) like megatron-core's MLP so the block folds the bias into its gated
+    residual; parameter names match megatron's MLP (linear_fc1, linear_fc2).
+    """
+
+    def __init__(self, config: TransformerConfig, submodules: WanMLPSubmodules, ffn_hidden_size: int = None):
+        super().__init__(config=config)
+        ffn = ffn_hidden_size or config.ffn_hidden_size
+        self.linear_fc1 = build_module(submodules.linear_fc1, config.hidden_size, ffn, config=config,
+                                       init_method=config.init_method, bias=True, gather_output=False,
+                                       skip_bias_add=False)
+        self.linear_fc2 = build_module(submodules.linear_fc2, ffn, config.hidden_size, config=config,
+                                       init_method=config.output_layer_init_method, bias=True,
+                                       input_is_parallel=True, skip_bias_add=True)
+
+    def forward(self, hidden):
+        return self.linear_fc2(fused.gelu_tanh(self.linear_fc1(hidden)[0]))
 
 
 @dataclass
@@ -154,20 +249,19 @@ class WanDiTLayer(MegatronModule):
         self.layer_number = layer_number
         self.eps = eps  # the two AdaLN LayerNorms have no weights: fused.modulated_layer_norm computes them
         self.self_attention = build_module(submodules.self_attention, config=config)
-        self.norm2 = FP32LayerNorm(dim, eps, elementwise_affine=True) if cross_attn_norm else torch.nn.Identity()
+        self.norm2 = CrossAttentionNorm(dim, eps, elementwise_affine=True) if cross_attn_norm else torch.nn.Identity()
         self.cross_attention = build_module(submodules.cross_attention, config=config)
         self.mlp = build_module(submodules.mlp, config=config, ffn_hidden_size=config.ffn_hidden_size)
         self.modulation = torch.nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
 
     def forward(self, hidden, text_states, modulation, rope, context: AttentionContext):
         shift, scale, gate, ffn_shift, ffn_scale, ffn_gate = (self.modulation + modulation.float()).chunk(6, dim=1)
-        attended = self.self_attention(fused.modulated_layer_norm(hidden, shift, scale, self.eps), context,
-                                       rope=rope)
-        hidden = fused.gated_residual(hidden, attended, gate)
-        normed = self.norm2(hidden).type_as(hidden)
-        hidden = hidden + self.cross_attention(normed, AttentionContext(backend=context.backend),
-                                               text_states=text_states)
+        attended, bias = self.self_attention(fused.modulated_layer_norm(hidden, shift, scale, self.eps), context,
+                                             rope=rope)
+        hidden = fused.gated_residual(hidden, attended, gate, bias)
+        normed = self.norm2(hidden)
+        crossed, bias = self.cross_attention(normed, AttentionContext(backend=context.backend),
+                                             text_states=text_states)
+        hidden = fused.residual(hidden, crossed, bias)
         ffn_out, ffn_bias = self.mlp(fused.modulated_layer_norm(hidden, ffn_shift, ffn_scale, self.eps))
-        if ffn_bias is not None:
-            ffn_out = ffn_out + ffn_bias
-        return fused.gated_residual(hidden, ffn_out, ffn_gate)
+        return fused.gated_residual(hidden, ffn_out, ffn_gate, ffn_bias)

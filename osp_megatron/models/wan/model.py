@@ -7,6 +7,7 @@ import math
 from typing import Callable, Optional
 
 import torch
+import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -107,6 +108,20 @@ class WanDiT(MegatronModule):
             )
         return frames // pt, height // ph, width // pw
 
+    def embed_patches(self, latents: torch.Tensor, grid) -> torch.Tensor:
+        """Patch embedding [B, C, T, H, W] -> tokens [B, N, dim] in row-major (t, h, w) order.
+
+        The Conv3d's stride equals its kernel, so it is one GEMM over flattened patches; computing it that
+        way writes the tokens directly in [B, N, dim] order instead of transposing the conv's [B, dim, N]
+        output (a full pass over the hidden states, forward and backward).
+        """
+        batch, channels = latents.shape[:2]
+        (pt, ph, pw), (frames, height, width) = self.patch_size, grid
+        patches = latents.reshape(batch, channels, frames, pt, height, ph, width, pw)
+        patches = patches.permute(0, 2, 4, 6, 1, 3, 5, 7).reshape(batch, frames * height * width, -1)
+        conv = self.patch_embedding
+        return F.linear(patches, conv.weight.flatten(1), conv.bias)
+
     def embed_conditions(self, timestep: torch.Tensor, text_states: torch.Tensor):
         """(time embedding [B, dim], 6-way modulation [B, 6, dim], text tokens [B, L, dim])."""
         frequencies = sinusoidal_timestep_embedding(timestep, self.model_config.freq_dim)
@@ -127,7 +142,7 @@ class WanDiT(MegatronModule):
         layout = self.layout_factory(grid, self.model_config.sparse_ratio, self.model_config.head_dim,
                                      self.model_config.rope_theta, latents.device,
                                      backend=self.model_config.attention_backend)
-        hidden = self.patch_embedding(latents).flatten(2).transpose(1, 2)
+        hidden = self.embed_patches(latents, grid)
         time, modulation, text = self.embed_conditions(timestep, text_states)
 
         kind = self.block_kinds[0]
@@ -143,7 +158,7 @@ class WanDiT(MegatronModule):
         hidden = layout.exit(hidden, kind)
 
         shift, scale = (self.head_modulation + time.unsqueeze(1).float()).chunk(2, dim=1)
-        hidden = (self.norm_out(hidden) * (1 + scale) + shift).type_as(hidden)
+        hidden = fused.modulated_layer_norm(hidden, shift, scale, self.norm_out.eps)
         out = self.proj_out(hidden)
         return self.unpatchify(out, batch, grid)
 

@@ -3,17 +3,19 @@
 Swap `core_attention` to change how attention runs (e.g. Ulysses all-to-all) without touching the layer.
 """
 
-from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
-from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.tensor_parallel.layers import RowParallelLinear
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from osp_megatron.models.wan.layers import (
     AttentionSubmodules,
     FullAttention,
+    FusedBiasColumnParallelLinear,
     HeadShardedRMSNorm,
     WanAttention,
     WanDiTLayer,
     WanLayerSubmodules,
+    WanMLP,
+    WanMLPSubmodules,
 )
 
 
@@ -22,9 +24,9 @@ def attention_spec(core_attention=FullAttention, is_cross: bool = False) -> Modu
         module=WanAttention,
         params={"is_cross": is_cross},
         submodules=AttentionSubmodules(
-            linear_q=ColumnParallelLinear,
-            linear_k=ColumnParallelLinear,
-            linear_v=ColumnParallelLinear,
+            linear_q=FusedBiasColumnParallelLinear,
+            linear_k=FusedBiasColumnParallelLinear,
+            linear_v=FusedBiasColumnParallelLinear,
             q_norm=HeadShardedRMSNorm,
             k_norm=HeadShardedRMSNorm,
             core_attention=core_attention,
@@ -42,8 +44,9 @@ def wan_layer_spec(self_attention_core=FullAttention, cross_attn_norm: bool = Tr
             self_attention=attention_spec(self_attention_core),
             cross_attention=attention_spec(FullAttention, is_cross=True),
             mlp=ModuleSpec(
-                module=MLP,
-                submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
+                module=WanMLP,
+                submodules=WanMLPSubmodules(linear_fc1=FusedBiasColumnParallelLinear,
+                                            linear_fc2=RowParallelLinear),
             ),
         ),
     )
