@@ -14,7 +14,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_skiparse import RESOLUTIONS, TINY_RESOLUTIONS, build_dit  # noqa: E402
-from common import timed, write_report  # noqa: E402
+from common import hybrid_layout, timed, write_report  # noqa: E402
 
 from osp_megatron.config.loader import from_dict  # noqa: E402
 from osp_megatron.models.flops import forward_flops  # noqa: E402
@@ -67,12 +67,13 @@ def step_rows(args, device, dtype):
         text_len = 8 if args.tiny else 512
         text = torch.randn(1, text_len, 32 if args.tiny else 4096, device=device, dtype=dtype)
         measured = {}
-        cases = [("full_bf16_block", False, 1, 1, None), ("sparse_bf16_block", True, 1, 0, None)]
-        cases += [(f"sparse_{r}_block", True, 1, 0, r) for r in args.recipes]
-        cases += [("full_bf16_model", False, args.blocks, args.blocks, None)]
-        cases += [(f"hybrid_{r}_model", True, args.blocks, args.blocks // 5, r) for r in args.recipes]
-        for label, sparse, layers, full_blocks, recipe in cases:
-            model, config = build_dit(args, device, dtype, sparse, layers, full_blocks)
+        hybrid = hybrid_layout(args.blocks)
+        cases = [("full_bf16_block", False, 1, None, None), ("sparse_bf16_block", True, 1, ["token"], None)]
+        cases += [(f"sparse_{r}_block", True, 1, ["token"], r) for r in args.recipes]
+        cases += [("full_bf16_model", False, args.blocks, None, None)]
+        cases += [(f"hybrid_{r}_model", True, args.blocks, hybrid, r) for r in args.recipes]
+        for label, sparse, layers, layout, recipe in cases:
+            model, config = build_dit(args, device, dtype, sparse, layers, layout=layout)
             if recipe is not None:
                 assert apply_quantization(model, quant_config(recipe, args.backend))
 
@@ -104,7 +105,8 @@ def main(argv=None):
     parser.add_argument("--tokens", type=int, default=80640, help="GEMM rows (768P: 80640 tokens)")
     parser.add_argument("--resolutions", nargs="+", default=["768P", "720P"], choices=list(RESOLUTIONS))
     parser.add_argument("--blocks", type=int, default=5, help="blocks of the model step (1:4 full:sparse)")
-    parser.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=False,
+                        help="activation checkpointing on every block (default off: 5 blocks fit at 768P)")
     parser.add_argument("--heads", type=int, default=40)
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--warmup", type=int, default=2)

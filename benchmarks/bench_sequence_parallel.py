@@ -17,7 +17,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import random_model, timed  # noqa: E402
+from common import hybrid_layout, random_model, timed  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from osp_megatron.utils.logging import quiet_third_party_warnings  # noqa: E402
@@ -51,11 +51,12 @@ def parse_args(argv=None):
         "layouts on every rank of torchrun (NCCL on GPUs, gloo on CPU), with the communication ledger; also "
         "our Ulysses full layer against DeepSpeed's DistributedAttention when deepspeed imports.")
     parser.add_argument("--blocks", type=int, default=10,
-                        help="DiT blocks; a fifth of them full attention (half at each end, OSP-Next's 8:32), "
-                        "the rest Skiparse P=2 (default 10: 2 full + 8 sparse)")
+                        help="DiT blocks, a multiple of 5; a fifth of them full attention (half at each end for "
+                        "multiples of 10, OSP-Next's 8:32), the rest Skiparse P=2 (default 10: 2 full + 8 sparse)")
     parser.add_argument("--resolutions", nargs="+", default=None,
                         help=f"which of {list(RESOLUTIONS)} to run (default all; --tiny: {list(TINY_RESOLUTIONS)})")
-    parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=LAYOUTS, help="layouts to time")
+    parser.add_argument("--layouts", nargs="*", default=list(LAYOUTS), choices=LAYOUTS,
+                        help="layouts to time (none: only the DeepSpeed comparison)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps; the median is reported (default 5)")
     parser.add_argument("--dtype", choices=("bf16", "fp32"), default=None, help="default bf16 on GPU, fp32 on CPU")
@@ -86,8 +87,9 @@ def model_config(args, layout: str, num_layers: int = None, sparse: bool = None)
     blocks = num_layers or args.blocks
     hybrid = layout != "a_full_ulysses" if sparse is None else sparse
     fields = dict(TINY if args.tiny else WAN_14B, num_layers=blocks, sparse_ratio=2 if hybrid else 1,
-                  full_blocks=max(1, blocks // 10), attention_backend=args.backend,
-                  activation_checkpointing=not args.no_activation_checkpointing)
+                  attention_backend=args.backend, activation_checkpointing=not args.no_activation_checkpointing)
+    if hybrid:
+        fields["block_layout"] = hybrid_layout(blocks) if blocks > 1 else ["token"]
     return from_dict(ModelConfig, fields, "model")
 
 
@@ -206,7 +208,7 @@ def table(results, deepspeed) -> str:
             lines.append(f"{row['resolution']:<10} {layout:<18} {result['ssp']:>3} {result['ulysses']:>3} "
                          f"{result['step_ms']:>10.1f} {result['tflops_per_gpu']:>11.1f} {comm:>13.1f} "
                          f"{result['peak_memory_gb']:>8.1f}")
-        ratios = ", ".join(f"{key} {value:.3f}" for key, value in row.items() if key.startswith("ratio"))
+        ratios = ", ".join(f"{key} {value:.3f}" for key, value in row.items() if key.startswith("speedup"))
         if ratios:
             lines.append(f"{'':<10} {ratios}")
         ds = deepspeed.get(row["resolution"], {})
@@ -246,6 +248,8 @@ def main(argv=None) -> dict:
             for other, key in (("a_full_ulysses", "ratio_c_over_a"), ("b_hybrid_ulysses", "ratio_c_over_b")):
                 if other in timed_layouts:
                     row[key] = timed_layouts["c_hybrid_ssp"]["step_ms"] / timed_layouts[other]["step_ms"]
+                    # speed-up of (c) over the other layout: its step time over (c)'s
+                    row[key.replace("ratio_c_over", "speedup_c_vs")] = 1.0 / row[key]
                     row[key.replace("ratio", "comm_ratio")] = (
                         timed_layouts["c_hybrid_ssp"]["comm_bytes_per_step"].get("comm/total_bytes", 0)
                         / max(1, timed_layouts[other]["comm_bytes_per_step"].get("comm/total_bytes", 0)))

@@ -13,7 +13,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import random_model, timed, write_report  # noqa: E402
+from common import hybrid_layout, random_model, timed, write_report  # noqa: E402
 from osp_megatron.utils.logging import quiet_third_party_warnings
 
 quiet_third_party_warnings()
@@ -88,10 +88,13 @@ def attention_op_rows(args, device, dtype, resolutions):
     return rows
 
 
-def build_dit(args, device, dtype, sparse: bool, num_layers: int, full_blocks: int):
+def build_dit(args, device, dtype, sparse: bool, num_layers: int, full_blocks: int = 0, layout=None):
+    """Random-weight DiT of wan-14b width; `layout` (per-block kinds) overrides full_blocks."""
     fields = {"preset": "tiny" if args.tiny else "wan-14b", "num_layers": num_layers, "full_blocks": full_blocks,
               "sparse_ratio": 2 if sparse else 1, "activation_checkpointing": args.checkpointing,
               "attention_backend": args.attention_backend}
+    if layout is not None:
+        fields["block_layout"] = list(layout)
     if not args.tiny:
         fields.update(dim=args.heads * args.head_dim, num_heads=args.heads)
     config = from_dict(ModelConfig, fields, "model")
@@ -109,14 +112,11 @@ def model_rows(args, device, dtype, resolutions):
         text_len = 8 if args.tiny else 512
         text = torch.randn(1, text_len, 32 if args.tiny else 4096, device=device, dtype=dtype)
         measured = {}
-        for label, sparse, layers, full_blocks in (
-            ("full_block", False, 1, 1), ("sparse_block", True, 1, 0),
-            ("full_model", False, args.blocks, args.blocks), ("hybrid_model", True, args.blocks, args.blocks // 5),
+        for label, sparse, layers, layout in (
+            ("full_block", False, 1, None), ("sparse_block", True, 1, ["token"]),
+            ("full_model", False, args.blocks, None), ("hybrid_model", True, args.blocks, hybrid_layout(args.blocks)),
         ):
-            model, config = build_dit(args, device, dtype, sparse, layers, full_blocks)
-            if label == "sparse_block":
-                config.block_layout = ["token"]
-                model.block_kinds = ["token"]
+            model, config = build_dit(args, device, dtype, sparse, layers, layout=layout)
 
             def step():
                 out = model(x, timestep, text)
@@ -170,14 +170,16 @@ def main(argv=None):
     parser.add_argument("--tiny", action="store_true", help="toy sizes on the CPU (for tests)")
     parser.add_argument("--heads", type=int, default=40, help="attention heads (wan-14b: 40)")
     parser.add_argument("--head-dim", type=int, default=128, help="head dimension (wan-14b: 128)")
-    parser.add_argument("--blocks", type=int, default=10,
-                        help="blocks of the multi-block step; keeps OSP-Next's 1:4 full:sparse ratio (default 10)")
-    parser.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=True,
-                        help="activation checkpointing in the multi-block step (default on)")
+    parser.add_argument("--blocks", type=int, default=5,
+                        help="blocks of the multi-block step, a multiple of 5 with OSP-Next's 1:4 full:sparse "
+                             "ratio (default 5: 1 full + 4 sparse, which fits one H200 at 768P without recompute)")
+    parser.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=False,
+                        help="activation checkpointing on every block (default off)")
     parser.add_argument("--attention-backend", default="auto", help="attention backend passed to the dispatcher")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeat", type=int, default=10)
     parser.add_argument("--skip", choices=["op", "model"], action="append", default=[], help="skip a part")
+    parser.add_argument("--resolutions", nargs="+", default=list(RESOLUTIONS), choices=list(RESOLUTIONS))
     parser.add_argument("--out", default="skiparse_bench.json", help="JSON output path")
     args = parser.parse_args(argv)
 
@@ -185,7 +187,7 @@ def main(argv=None):
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     if args.tiny:
         args.heads, args.head_dim, args.blocks, args.warmup, args.repeat = 2, 16, 5, 1, 2
-    resolutions = TINY_RESOLUTIONS if args.tiny else RESOLUTIONS
+    resolutions = TINY_RESOLUTIONS if args.tiny else {name: RESOLUTIONS[name] for name in args.resolutions}
     ensure_single_rank_group()
     rows = []
     if "op" not in args.skip:

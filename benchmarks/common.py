@@ -43,6 +43,24 @@ def timed(fn, warmup: int, repeat: int, device) -> float:
     return median
 
 
+def hybrid_layout(blocks: int) -> list:
+    """Per-block kinds with OSP-Next's 1:4 full:sparse ratio (8 full of 40) for a shortened model.
+
+    Multiples of 10 keep the "dual end" shape (blocks/10 full at each end); other multiples of 5 put their
+    blocks/5 full blocks first. Sparse blocks alternate the token and group patterns.
+    """
+    if blocks < 5 or blocks % 5:
+        raise SystemExit(f"--blocks {blocks}: use a multiple of 5 so that a fifth of the blocks are full attention")
+    ends = (blocks // 10, blocks // 10) if blocks % 10 == 0 else (blocks // 5, 0)
+    kinds = []
+    for index in range(blocks):
+        if index < ends[0] or index >= blocks - ends[1]:
+            kinds.append("full")
+        else:
+            kinds.append("token" if (index - ends[0]) % 2 == 0 else "group")
+    return kinds
+
+
 def random_model(config, device, dtype, layer_spec=None):
     """The DiT with random weights made on the device (shapes on meta first: no CPU initialisation of 14B)."""
     model = build_model(config, meta=True, layer_spec=layer_spec).to_empty(device=device)
