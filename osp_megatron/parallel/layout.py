@@ -13,7 +13,6 @@ from osp_megatron.attention.skiparse import (
     from_sparse_layout,
     padded_grid,
     real_key_runs,
-    sparse_key_mask,
     switch_sparse_pattern,
     to_sparse_layout,
 )
@@ -39,15 +38,13 @@ def key_runs_on(key_mask: torch.Tensor, device):
 
 
 @functools.lru_cache(maxsize=16)
-def _sparse_tables(grid, ratio: int, head_dim: int, theta: float, device, kind: str):
-    """(RoPE cos/sin in layout `kind` [1, N_local, 1, head_dim], key runs) for one grid, built once.
+def _sparse_rope(grid, ratio: int, head_dim: int, theta: float, device, kind: str):
+    """RoPE cos/sin in layout `kind` [1, N, 1, head_dim] of a grid that needs no padding, built once.
 
-    A layout object lives for one forward pass; caching here keeps the permuted tables and the host-side
-    key-run scan out of every training step.
+    A layout object lives for one forward pass; caching here keeps the permuted tables out of every step.
     """
     cos, sin = (to_sparse_layout(t, grid, ratio, kind) for t in rope_tables(grid, head_dim, theta, device))
-    rope = (cos.reshape(1, -1, *cos.shape[2:]), sin.reshape(1, -1, *sin.shape[2:]))
-    return rope, key_runs_on(sparse_key_mask(grid, ratio, kind, "cpu"), device)
+    return cos.reshape(1, -1, *cos.shape[2:]), sin.reshape(1, -1, *sin.shape[2:])
 
 
 def _gather_tokens(x, index):
@@ -113,7 +110,7 @@ class LocalTokenLayout:
     subsequences one after another, which only the self-attention core needs to know. When H or W is not
     a multiple of P^2 the layout is packed: the real tokens are permuted (no padding tokens, so the GEMMs
     and element-wise work of sparse blocks stay at N tokens) and subsequences differ in length by a row
-    or column; otherwise it is the padded-free reshape/permute view of skiparse.to_sparse_layout.
+    or column; otherwise it is skiparse.to_sparse_layout's reshape and permute (nothing to drop).
     """
 
     def __init__(self, grid, sparse_ratio: int, head_dim: int, rope_theta: float, device, backend="auto"):
@@ -167,17 +164,16 @@ class LocalTokenLayout:
         return self._from_kind(x, kind)
 
     # -- per-layout side tables ------------------------------------------------------------------------
-    def _tables(self, kind: str):
-        return _sparse_tables(self.grid, self.ratio, self.head_dim, self.theta, self.device, kind)
-
     def rope(self, kind: str):
         if kind == "full":
             return self._full_rope
-        return self._packed(kind)[3] if self.packed else self._tables(kind)[0]
+        if self.packed:
+            return self._packed(kind)[3]
+        return _sparse_rope(self.grid, self.ratio, self.head_dim, self.theta, self.device, kind)
 
     def attention_context(self, kind: str) -> AttentionContext:
         if kind == "full":
             return AttentionContext(backend=self.backend)
         if self.packed:
             return AttentionContext(lengths=self._packed(kind)[2], backend=self.backend)
-        return AttentionContext(subsequences=self.ratio**2, key_runs=self._tables(kind)[1], backend=self.backend)
+        return AttentionContext(subsequences=self.ratio**2, backend=self.backend)

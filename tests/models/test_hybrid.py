@@ -60,13 +60,8 @@ def hybrid_config(**fields):
     return from_dict(ModelConfig, {"preset": "tiny", "sparse_ratio": 2, "full_blocks": 1, **fields}, "model")
 
 
-@pytest.mark.parametrize("latent_shape", [(3, 16, 16), (2, 10, 12), (1, 6, 18)])
-@pytest.mark.parametrize("layout", [None, ["token", "group", "group", "full", "token"]])
-def test_hybrid_model_equals_explicit_mask_reference(latent_shape, layout):
-    """Forward and input gradients of the sparse-layout model equal the row-major model with dense masks,
-    on grids with and without padding and with consecutive sparse blocks of equal and different patterns."""
-    fields = {} if layout is None else {"num_layers": len(layout), "block_layout": layout}
-    config = hybrid_config(**fields)
+def model_and_masked_reference(config):
+    """The model with random weights, and the same weights run row-major with dense masks."""
     torch.manual_seed(0)
     model = build_model(config)
     reference = build_model(config, layer_spec=wan_layer_spec(self_attention_core=DenseMaskCore),
@@ -74,6 +69,17 @@ def test_hybrid_model_equals_explicit_mask_reference(latent_shape, layout):
     for param in model.parameters():
         torch.nn.init.normal_(param, std=0.1)
     reference.load_state_dict(model.state_dict())
+    return model, reference
+
+
+@pytest.mark.parametrize("latent_shape", [(3, 16, 16), (2, 10, 12), (1, 6, 18)])
+@pytest.mark.parametrize("layout", [None, ["token", "group", "group", "full", "token"]])
+def test_hybrid_model_equals_explicit_mask_reference(latent_shape, layout):
+    """Forward and input gradients of the sparse-layout model equal the row-major model with dense masks,
+    on grids with and without padding and with consecutive sparse blocks of equal and different patterns."""
+    fields = {} if layout is None else {"num_layers": len(layout), "block_layout": layout}
+    config = hybrid_config(**fields)
+    model, reference = model_and_masked_reference(config)
     latents = torch.randn(2, 16, *latent_shape, requires_grad=True)
     latents_ref = latents.detach().clone().requires_grad_(True)
     timestep, text = torch.tensor([50.0, 700.0]), torch.randn(2, 32, 32)
@@ -119,13 +125,7 @@ def test_compiled_cuda_model_equals_eager_and_cpu_reference(latent_shape, monkey
 
     layout = ["full", "token", "group", "token", "full"]
     config = hybrid_config(num_layers=len(layout), block_layout=layout)
-    torch.manual_seed(0)
-    model = build_model(config)
-    reference = build_model(config, layer_spec=wan_layer_spec(self_attention_core=DenseMaskCore),
-                            layout_factory=DenseMaskLayout)
-    for param in model.parameters():
-        torch.nn.init.normal_(param, std=0.1)
-    reference.load_state_dict(model.state_dict())
+    model, reference = model_and_masked_reference(config)
     model = model.cuda()
     latents = torch.randn(2, 16, *latent_shape)
     timestep, text = torch.tensor([50.0, 700.0]), torch.randn(2, 32, 32)
