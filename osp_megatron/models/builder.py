@@ -33,10 +33,34 @@ def sequence_parallel_parts(model_config: ModelConfig):
     return factory, spec
 
 
+def mark_tensor_parallel_weights(model: torch.nn.Module) -> None:
+    """Give megatron linears' weights the tensor-parallel attributes megatron sets only while initialising.
+
+    Column-parallel weights are split along dim 0, row-parallel ones along dim 1 (their biases are marked by
+    megatron either way); checkpoints and the gradient norm read these attributes.
+    """
+    from megatron.core.tensor_parallel.layers import (
+        ColumnParallelLinear,
+        RowParallelLinear,
+        set_tensor_model_parallel_attributes,
+    )
+
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if weight is None or getattr(weight, "tensor_model_parallel", False):
+            continue
+        if isinstance(module, ColumnParallelLinear):
+            set_tensor_model_parallel_attributes(weight, True, 0, 1)
+        elif isinstance(module, RowParallelLinear):
+            set_tensor_model_parallel_attributes(weight, True, 1, 1)
+
+
 def build_model(model_config: ModelConfig, device: torch.device | str = "cpu", meta: bool = False,
-                layout_factory=None, layer_spec=None) -> WanDiT:
+                layout_factory=None, layer_spec=None, initialize: bool = True) -> WanDiT:
     """The DiT on `device` with fp32 (or model.params_dtype) weights; `meta=True` allocates nothing.
 
+    `initialize=False` allocates the weights on `device` without initialising them (for a caller that
+    overwrites every one, e.g. loading a checkpoint): no CPU initialisation of billions of weights first.
     Under sequence parallelism (parallel.ssp x parallel.ulysses > 1) the token layout and the attention core
     default to SequenceParallelTokenLayout and UlyssesAttention.
     """
@@ -46,9 +70,15 @@ def build_model(model_config: ModelConfig, device: torch.device | str = "cpu", m
         sequence_factory, sequence_spec = sequence_parallel_parts(model_config)
         layout_factory = layout_factory or sequence_factory
         layer_spec = layer_spec or sequence_spec
-    config = build_transformer_config(model_config, tp, cpu_initialization=True, perform_initialization=not meta)
-    with torch.device("meta") if meta else contextlib.nullcontext():
+    perform_initialization = initialize and not meta
+    config = build_transformer_config(model_config, tp, cpu_initialization=True,
+                                      perform_initialization=perform_initialization)
+    # Without initialisation nothing needs the CPU: allocate where the model will live.
+    target = torch.device("meta") if meta else torch.device(device) if not initialize else None
+    with target if target is not None else contextlib.nullcontext():
         model = WanDiT(model_config, config, layer_spec=layer_spec, layout_factory=layout_factory)
+    if not perform_initialization:
+        mark_tensor_parallel_weights(model)
     if not meta:
         model = model.to(device)
         watch_tensor_parallel_linears(model)

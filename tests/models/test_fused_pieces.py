@@ -133,3 +133,16 @@ def test_packed_layout_holds_only_real_tokens_in_subsequence_order(grid, kind):
 def test_unpadded_grid_keeps_the_reshape_layout():
     layout = LocalTokenLayout((2, 8, 8), 2, 16, 10000.0, "cpu")
     assert not layout.packed and layout.attention_context("token").lengths is None
+
+
+def test_uninitialised_build_marks_the_same_tensor_parallel_weights():
+    """build_model(initialize=False) allocates without initialising and still marks every split parameter
+    as megatron's initialisation does (checkpoints and the gradient norm read these marks)."""
+    from osp_megatron.checkpointing.sharded import partition_dim
+
+    config = tiny_config(sparse_ratio=2, full_blocks=1)
+    initialised, bare = build_model(config), build_model(config, initialize=False)
+    marks = {name: partition_dim(param) for name, param in initialised.named_parameters()}
+    assert {name: partition_dim(param) for name, param in bare.named_parameters()} == marks
+    assert marks["blocks.0.self_attention.linear_q.weight"] == 0
+    assert marks["blocks.0.mlp.linear_fc2.weight"] == 1
