@@ -150,10 +150,10 @@ class LocalTokenLayout:
     def switch(self, x: torch.Tensor, from_kind: str, to_kind: str) -> torch.Tensor:
         if from_kind == to_kind:
             return x
-        if from_kind in SPARSE_KINDS and to_kind in SPARSE_KINDS and self.packed:
-            return PermuteTokens.apply(x, *_packed_switch(self.grid, self.ratio, self.head_dim, self.theta,
-                                                          self.device, from_kind, to_kind))
         if from_kind in SPARSE_KINDS and to_kind in SPARSE_KINDS:
+            if self.packed:
+                return PermuteTokens.apply(x, *_packed_switch(self.grid, self.ratio, self.head_dim, self.theta,
+                                                              self.device, from_kind, to_kind))
             count = self.ratio**2
             sparse = x.reshape(x.shape[0] * count, -1, *x.shape[2:])
             return _switch_sparse(sparse, self.grid, self.ratio).reshape(x.shape)
