@@ -30,7 +30,7 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=7", "pytest-timeout"],
-        "gpu": ["flash-attn", "transformer-engine[pytorch]"],
+        "gpu": ["flash-attn", "transformer-engine[pytorch]", "nvidia-cudnn-frontend>=1.14"],
         "ulysses-baseline": ["deepspeed"],
         "npu": ["torch_npu"],
         "eval": ["vbench"],

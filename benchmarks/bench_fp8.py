@@ -17,6 +17,8 @@ from bench_skiparse import RESOLUTIONS, TINY_RESOLUTIONS, build_dit  # noqa: E40
 from common import hybrid_layout, timed, write_report  # noqa: E402
 
 from osp_megatron.config.loader import from_dict  # noqa: E402
+from osp_megatron.models.builder import build_model  # noqa: E402
+from osp_megatron.models.config import ModelConfig  # noqa: E402
 from osp_megatron.models.flops import forward_flops  # noqa: E402
 from osp_megatron.parallel.state import ensure_single_rank_group  # noqa: E402
 from osp_megatron.quantization import QuantConfig, apply_quantization  # noqa: E402
@@ -26,8 +28,14 @@ WAN14B_GEMMS = [("qkvo", 5120, 5120), ("ffn_up", 5120, 13824), ("ffn_down", 1382
 
 
 def quant_config(recipe: str, backend: str = "auto", include=None) -> QuantConfig:
-    """The quant section for `recipe`; the model default quantizes the DiT blocks' linears."""
-    fields = {"recipe": recipe, "backend": backend}
+    """The quant section for `recipe`; the model default quantizes the DiT blocks' linears.
+
+    A "+attn" suffix (e.g. fp8_hybrid+attn) also runs the self-attention in FP8 (quant.attention).
+    """
+    recipe, _, suffix = recipe.partition("+")
+    if suffix not in ("", "attn"):
+        raise SystemExit(f"recipe suffix '+{suffix}': only '+attn' (FP8 attention) is known")
+    fields = {"recipe": recipe, "backend": backend, "attention": suffix == "attn"}
     if include is not None:
         fields["modules"] = {"include": include, "exclude": []}
     return from_dict(QuantConfig, fields, "quant")
@@ -70,6 +78,7 @@ def step_rows(args, device, dtype):
         hybrid = hybrid_layout(args.blocks)
         cases = [("full_bf16_block", False, 1, None, None), ("sparse_bf16_block", True, 1, ["token"], None)]
         cases += [(f"sparse_{r}_block", True, 1, ["token"], r) for r in args.recipes]
+        cases += [(f"full_{r}_block", False, 1, None, r) for r in args.recipes]
         cases += [("full_bf16_model", False, args.blocks, None, None)]
         cases += [(f"hybrid_{r}_model", True, args.blocks, hybrid, r) for r in args.recipes]
         for label, sparse, layers, layout, recipe in cases:
@@ -89,18 +98,53 @@ def step_rows(args, device, dtype):
         full = measured["full_bf16_block_ms"]
         row = {"bench": "training_step", "resolution": name, "blocks": args.blocks, **measured}
         for recipe in args.recipes:
-            sparse = measured[f"sparse_{recipe}_block_ms"]
+            sparse, full_quantized = measured[f"sparse_{recipe}_block_ms"], measured[f"full_{recipe}_block_ms"]
             row[f"{recipe}_hybrid_vs_full_bf16_model"] = measured["full_bf16_model_ms"] / measured[f"hybrid_{recipe}_model_ms"]
-            row[f"{recipe}_projected_40_block_vs_full_bf16"] = 40 * full / (8 * full + 32 * sparse)
+            # 40 blocks of OSP-Next's layout (8 full + 32 sparse), all quantized, against 40 full bf16 blocks.
+            row[f"{recipe}_projected_40_block_vs_full_bf16"] = 40 * full / (8 * full_quantized + 32 * sparse)
         rows.append(row)
     return rows
+
+
+def loss_rows(args, device, dtype):
+    """Loss curves of a small hybrid DiT (head_dim 128, so FP8 attention runs) trained in bf16 and each recipe."""
+    fields = {"preset": "tiny", "num_layers": 3, "full_blocks": 1, "sparse_ratio": 2}
+    if not args.tiny:
+        fields.update(dim=256, num_heads=2, ffn_dim=512)
+    config = from_dict(ModelConfig, fields, "model")
+    generator = torch.Generator(device=device).manual_seed(0)
+    frames, size = (2, 8) if args.tiny else (4, 32)
+    x, target = (torch.randn(2, 16, frames, size, size, device=device, dtype=dtype, generator=generator)
+                 for _ in range(2))
+    text = torch.randn(2, config.text_len, config.text_dim, device=device, dtype=dtype, generator=generator)
+    timestep = torch.tensor([300.0, 700.0], device=device)
+    curves = {}
+    for label in ("bf16", *args.recipes):
+        torch.manual_seed(0)
+        model = build_model(config).to(device=device, dtype=dtype)
+        if label != "bf16":
+            apply_quantization(model, quant_config(label, args.backend))
+        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)
+        losses = []
+        for _ in range(args.loss_steps):
+            loss = (model(x, timestep, text).float() - target.float()).square().mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        curves[label] = losses
+    tail = max(1, args.loss_steps // 10)
+    final = {label: sum(losses[-tail:]) / tail for label, losses in curves.items()}
+    return [{"bench": "loss_curve", "steps": args.loss_steps, "final_loss": final,
+             "relative_to_bf16": {label: value / final["bf16"] - 1 for label, value in final.items()},
+             "curves": curves}]
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="toy sizes on the CPU (for tests)")
     parser.add_argument("--recipes", nargs="+", default=["fp8_hybrid", "hif8"],
-                        help="quant.recipe values to compare with bf16")
+                        help="quant.recipe values to compare with bf16; append +attn for FP8 attention too")
     parser.add_argument("--backend", default="auto", help="quant.backend (auto: real FP8 GEMMs on SM90)")
     parser.add_argument("--tokens", type=int, default=80640, help="GEMM rows (768P: 80640 tokens)")
     parser.add_argument("--resolutions", nargs="+", default=["768P", "720P"], choices=list(RESOLUTIONS))
@@ -111,7 +155,8 @@ def main(argv=None):
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--skip", choices=["linear", "step"], action="append", default=[])
+    parser.add_argument("--skip", choices=["linear", "step", "loss"], action="append", default=[])
+    parser.add_argument("--loss-steps", type=int, default=100, help="training steps of the loss-curve comparison")
     parser.add_argument("--out", default="fp8_bench.json")
     args = parser.parse_args(argv)
     args.attention_backend = "auto"
@@ -125,8 +170,11 @@ def main(argv=None):
         rows += linear_rows(args, device, dtype)
     if "step" not in args.skip:
         rows += step_rows(args, device, dtype)
+    if "loss" not in args.skip:
+        rows += loss_rows(args, device, dtype)
     for row in rows:
-        print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}))
+        shown = {k: v for k, v in row.items() if k != "curves"}
+        print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in shown.items()}))
     return write_report(args.out, rows, device)
 
 

@@ -8,12 +8,13 @@ import torch
 from osp_megatron.attention.skiparse import skiparse_attention_sparse_layout
 from osp_megatron.models.wan.layers import AttentionContext, attend_in_layout
 from osp_megatron.parallel.collectives import heads_to_sequence, sequence_to_heads
+from osp_megatron.quantization.attention import attention_kernel
 
 
-def attend_local(q, k, v, context: AttentionContext):
+def attend_local(q, k, v, context: AttentionContext, kernel=None):
     """attend_in_layout, also leaving out padded keys when one full sequence holds padding (key_runs)."""
     if context.key_runs is None or context.subsequences > 1:
-        return attend_in_layout(q, k, v, context)
+        return attend_in_layout(q, k, v, context, kernel)
     return skiparse_attention_sparse_layout(q, k, v, backend=context.backend, key_runs=context.key_runs)
 
 
@@ -31,8 +32,8 @@ class UlyssesAttention(torch.nn.Module):
     def forward(self, q, k, v, context: AttentionContext):
         group = getattr(context, "sequence_group", None)
         if group is None:
-            return attend_local(q, k, v, context)
+            return attend_local(q, k, v, context, attention_kernel(self))
         name, runs = context.group_name, context.subsequences
         q, k, v = (sequence_to_heads(t, group, name, runs) for t in (q, k, v))
-        out = attend_local(q, k, v, context)
+        out = attend_local(q, k, v, context, attention_kernel(self))
         return heads_to_sequence(out, group, name, runs)

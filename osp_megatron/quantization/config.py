@@ -51,6 +51,8 @@ class QuantConfig:
     margin, amax_history_len, amax_compute_algo: scaling parameters (history ones: delayed recipes).
     stochastic_grad_rounding: hybrid stochastic rounding of output gradients (HiF8 recipes only).
     backend: "auto" | "emulate" | "scaled_mm" | "transformer_engine".
+    attention: also run the self-attention cores in FP8 (cuDNN FP8 attention on SM90+ GPUs with
+        nvidia-cudnn-frontend; elsewhere the 16-bit kernel runs). FP8 recipes only.
     """
 
     recipe: str = "none"
@@ -60,6 +62,7 @@ class QuantConfig:
     stochastic_grad_rounding: bool = False
     modules: ModulesConfig = field(default_factory=ModulesConfig)
     backend: str = "auto"
+    attention: bool = False
 
     @property
     def enabled(self) -> bool:
@@ -73,6 +76,12 @@ class QuantConfig:
         require_choice(self.amax_compute_algo, AMAX_COMPUTE_ALGOS, f"{prefix}.amax_compute_algo")
         require_bool(self.stochastic_grad_rounding, f"{prefix}.stochastic_grad_rounding")
         require_choice(self.backend, BACKENDS, f"{prefix}.backend")
+        require_bool(self.attention, f"{prefix}.attention")
+        if self.attention and RECIPES[self.recipe][0] not in ("e4m3", "hybrid"):
+            raise ConfigError(
+                f"{prefix}.attention: FP8 attention needs an FP8 recipe (fp8_e4m3, fp8_hybrid, fp8_delayed), "
+                f"got recipe {self.recipe!r}"
+            )
         if not isinstance(self.modules, ModulesConfig):
             raise ConfigError(f"{prefix}.modules: got {self.modules!r}; allowed: a mapping with include/exclude")
         for name in ("include", "exclude"):

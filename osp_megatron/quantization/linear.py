@@ -17,6 +17,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from osp_megatron.config.errors import ConfigError
+from osp_megatron.quantization.attention import (
+    ATTENTION_STATE_ATTRIBUTE,
+    AttentionQuantizationState,
+    is_self_attention_core,
+    quantized_attention_modules,
+)
 from osp_megatron.quantization.backends import (
     ScaledMMLinearFunction,
     TransformerEngineGemm,
@@ -257,8 +263,9 @@ def apply_quantization(
     """Quantize the GEMMs of the selected linear layers of ``model`` in place.
 
     ``amax_reduction_group`` is the group whose ranks must agree on each scale (the tensor- and
-    sequence-parallel group).  Returns the qualified names of the layers now quantized; recipe
-    "none" changes nothing.  Applying again replaces the previous quantization.
+    sequence-parallel group).  Returns the qualified names of the layers now quantized (with
+    ``quant.attention``, the self-attention cores too); recipe "none" changes nothing.  Applying again
+    replaces the previous quantization.
     """
     recipe = quant_config.build_recipe()
     if recipe is None:
@@ -277,6 +284,12 @@ def apply_quantization(
         setattr(module, _STATE_ATTRIBUTE, state)
         setattr(module, attribute, types.MethodType(function, module))
         quantized.append(name)
+    if quant_config.attention:
+        for name, module in model.named_modules():
+            if is_self_attention_core(name) and module_is_selected(
+                    name, quant_config.modules.include, quant_config.modules.exclude):
+                module.__dict__[ATTENTION_STATE_ATTRIBUTE] = AttentionQuantizationState(recipe)
+                quantized.append(name)
     return quantized
 
 
@@ -299,19 +312,25 @@ def remove_quantization(model: torch.nn.Module) -> List[str]:
             module.__dict__[state.patched] = state.previous
         del module.__dict__[_STATE_ATTRIBUTE]
         removed.append(name)
+    for name in quantized_attention_modules(model):
+        del model.get_submodule(name).__dict__[ATTENTION_STATE_ATTRIBUTE]
+        removed.append(name)
     return removed
 
 
 def quantization_state_dict(model: torch.nn.Module) -> Dict[str, Dict[str, Dict[str, Any]]]:
-    """Amax histories and scales of every quantized layer, keyed by layer name and role."""
-    return {name: state.state_dict() for name, state in quantized_modules(model).items()}
+    """Amax histories and scales of every quantized layer, keyed by layer name and role (FP8 attention
+    cores: their gradient amax history under "fp8_attention")."""
+    states = {name: state.state_dict() for name, state in quantized_modules(model).items()}
+    states.update({name: state.state_dict() for name, state in quantized_attention_modules(model).items()})
+    return states
 
 
 def load_quantization_state_dict(
     model: torch.nn.Module, state_dict: Dict[str, Dict[str, Dict[str, Any]]], strict: bool = True
 ) -> None:
     """Restore ``quantization_state_dict`` output; ``strict`` requires the same set of layers."""
-    states = quantized_modules(model)
+    states = {**quantized_modules(model), **quantized_attention_modules(model)}
     if strict and set(states) != set(state_dict):
         missing, unexpected = sorted(set(states) - set(state_dict)), sorted(set(state_dict) - set(states))
         raise ConfigError(

@@ -25,6 +25,15 @@ def test_skiparse_benchmark_tiny(tmp_path):
 
 def test_fp8_benchmark_tiny(tmp_path):
     """bench_fp8.py --tiny times bf16 and quantized linears (the quantized path is really applied)."""
-    report = _run("bench_fp8.py", "--skip", "step", out=tmp_path / "fp8.json")
+    report = _run("bench_fp8.py", "--skip", "step", "--skip", "loss", out=tmp_path / "fp8.json")
     (row,) = report["rows"]
     assert row["bf16_ms"] > 0 and row["fp8_hybrid_ms"] > 0 and row["hif8_ms"] > 0
+
+
+def test_fp8_benchmark_loss_curves_tiny(tmp_path):
+    """bench_fp8.py --tiny records a loss curve per recipe, FP8 attention included, next to bf16's."""
+    report = _run("bench_fp8.py", "--skip", "linear", "--skip", "step", "--recipes", "fp8_hybrid+attn",
+                  "--loss-steps", "3", out=tmp_path / "fp8.json")
+    (row,) = report["rows"]
+    assert set(row["curves"]) == {"bf16", "fp8_hybrid+attn"} and all(len(c) == 3 for c in row["curves"].values())
+    assert row["relative_to_bf16"]["bf16"] == 0.0

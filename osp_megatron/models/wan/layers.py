@@ -3,11 +3,13 @@
 Self-attention (q/k RMSNorm across heads, 3D RoPE, swappable core), cross-attention, AdaLN-modulated layer.
 """
 
+import functools
 from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
+from torch.nn.modules import module as module_hooks
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, set_tensor_model_parallel_attributes
 from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
 from megatron.core.transformer.module import MegatronModule
@@ -20,6 +22,7 @@ from osp_megatron.models.rope import apply_rope
 from osp_megatron.models.wan import fused
 from osp_megatron.parallel import state
 from osp_megatron.parallel.mappings import all_reduce_sum_with_grad
+from osp_megatron.quantization.attention import attention_kernel
 
 
 @dataclass
@@ -49,8 +52,12 @@ def equal_length_groups(lengths) -> list:
     return [tuple(group) for group in groups]
 
 
-def attend_packed(q, k, v, lengths, backend="auto"):
-    """Attention inside consecutive subsequences of the given lengths; one kernel call per run of equal lengths."""
+def attend_packed(q, k, v, lengths, backend="auto", kernel=None):
+    """Attention inside consecutive subsequences of the given lengths; one kernel call per run of equal lengths.
+
+    kernel: the attention function (q, k, v) -> out to call (e.g. FP8 attention); default the 16-bit one.
+    """
+    attend = kernel or functools.partial(dot_product_attention, backend=backend)
     groups = equal_length_groups(lengths)
     sizes = [length * count for length, count in groups]
     if sum(sizes) != q.shape[1]:
@@ -58,19 +65,26 @@ def attend_packed(q, k, v, lengths, backend="auto"):
     outputs = []
     for (length, count), q_g, k_g, v_g in zip(groups, q.split(sizes, 1), k.split(sizes, 1), v.split(sizes, 1)):
         batched = [t.reshape(t.shape[0] * count, length, *t.shape[2:]) for t in (q_g, k_g, v_g)]
-        out = dot_product_attention(*batched, backend=backend)
+        out = attend(*batched)
         outputs.append(out.reshape(q.shape[0], length * count, *out.shape[2:]))
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
 
 
-def attend_in_layout(q, k, v, context: AttentionContext):
-    """Dense attention inside each subsequence of q, k, v [B, N, heads, head_dim] -> [B, N, heads, head_dim]."""
+def attend_in_layout(q, k, v, context: AttentionContext, kernel=None):
+    """Dense attention inside each subsequence of q, k, v [B, N, heads, head_dim] -> [B, N, heads, head_dim].
+
+    kernel: the attention function (q, k, v) -> out for unpadded runs (e.g. FP8 attention); padded
+    layouts (key_runs) keep the 16-bit kernel, which leaves the padded keys out.
+    """
     if context.lengths is not None:
-        return attend_packed(q, k, v, context.lengths, context.backend)
+        return attend_packed(q, k, v, context.lengths, context.backend, kernel)
     count = context.subsequences
+    attend = kernel or functools.partial(dot_product_attention, backend=context.backend)
     if count == 1:
-        return dot_product_attention(q, k, v, backend=context.backend)
+        return attend(q, k, v)
     split = [q.shape[0] * count, q.shape[1] // count, *q.shape[2:]]
+    if context.key_runs is None:
+        return attend(q.reshape(split), k.reshape(split), v.reshape(split)).reshape(q.shape)
     out = skiparse_attention_sparse_layout(q.reshape(split), k.reshape(split), v.reshape(split),
                                            backend=context.backend, key_runs=context.key_runs)
     return out.reshape(q.shape)
@@ -83,7 +97,7 @@ class FullAttention(torch.nn.Module):
         super().__init__()
 
     def forward(self, q, k, v, context: AttentionContext):
-        return attend_in_layout(q, k, v, context)
+        return attend_in_layout(q, k, v, context, attention_kernel(self))
 
 
 class FusedBiasColumnParallelLinear(ColumnParallelLinear):
@@ -112,11 +126,74 @@ class FusedBiasColumnParallelLinear(ColumnParallelLinear):
         return F.linear(input, weight, bias)
 
 
+def _without_global_hooks() -> bool:
+    return not (module_hooks._global_forward_hooks or module_hooks._global_forward_pre_hooks
+                or module_hooks._global_backward_hooks or module_hooks._global_backward_pre_hooks)
+
+
+def _without_hooks(module: torch.nn.Module) -> bool:
+    """True when calling `module` runs nothing but its forward (no hooks on it or on every module)."""
+    return _without_global_hooks() and not (module._forward_hooks or module._forward_pre_hooks
+                                            or module._backward_hooks or module._backward_pre_hooks)
+
+
+def _computes_local_linear(linear: torch.nn.Module) -> bool:
+    """True when `linear(x)` is (F.linear(copy_to_tensor_model_parallel_region(x), weight, bias), None) on its
+    shard of the outputs: FusedBiasColumnParallelLinear's own path, without a quantized GEMM patched in and
+    without the configurations it leaves to megatron's fused autograd function."""
+    if type(linear) is not FusedBiasColumnParallelLinear or hasattr(linear, "_quantization_state"):
+        return False
+    weight, bias, config = linear.weight, linear.bias, linear.config
+    return ("forward" not in vars(linear) and "_forward_impl" not in vars(linear)
+            and not (linear._forward_hooks or linear._forward_pre_hooks_with_kwargs
+                     or linear._backward_hooks or linear._backward_pre_hooks)
+            and weight is not None and weight.requires_grad and bias is not None
+            and not (linear.skip_bias_add or linear.gather_output or linear.sequence_parallel
+                     or linear.explicit_expert_comm or linear.disable_grad_reduce)
+            and not (linear.gradient_accumulation_fusion and hasattr(weight, "main_grad"))
+            and not config.defer_embedding_wgrad_compute
+            and getattr(config, "_cpu_offloading_context", None) is None)
+
+
+def column_linears_together(input: torch.Tensor, linears) -> Optional[tuple]:
+    """The outputs of column-parallel `linears` on one input, computed by a single GEMM, or None.
+
+    The local weights and biases are concatenated, so the input is read once, and its gradient is one GEMM
+    (and, with tensor parallelism, one all-reduce) instead of one per linear plus the sums autograd adds.
+    Forward pre-hooks registered alike on every linear (the communication ledger's) run once on the shared
+    input, as its one all-reduce. None when a linear would compute anything else (quantized, other hooks,
+    sequence parallel, ...): the caller then calls the linears one by one.
+    """
+    first = linears[0]
+    pre_hooks = list(first._forward_pre_hooks.values())
+    if not _without_global_hooks() or not all(
+            _computes_local_linear(linear) and list(linear._forward_pre_hooks.values()) == pre_hooks
+            and linear.tp_group is first.tp_group and linear.weight.dtype == first.weight.dtype
+            and linear.bias.dtype == first.bias.dtype for linear in linears):
+        return None
+    for hook in pre_hooks:
+        result = hook(first, (input,))
+        if result is not None:
+            input = result[0] if isinstance(result, tuple) else result
+    # One copy as megatron makes for each linear: in ColumnParallelLinear.forward without tensor parallelism
+    # (an identity), in _forward_impl (allreduce_dgrad) with it.
+    input = copy_to_tensor_model_parallel_region(input, group=first.tp_group)
+    weights, biases = [linear.weight for linear in linears], [linear.bias for linear in linears]
+    device = input.device.type
+    if torch.is_autocast_enabled(device):
+        # Concatenate the copies autocast would make for the GEMM anyway: half the bytes of float32 weights.
+        dtype = torch.get_autocast_dtype(device)
+        weights, biases = [weight.to(dtype) for weight in weights], [bias.to(dtype) for bias in biases]
+    out = F.linear(input, torch.cat(weights), torch.cat(biases))
+    return out.split([weight.shape[0] for weight in weights], dim=-1)
+
+
 class HeadShardedRMSNorm(torch.nn.Module):
     """RMSNorm over all heads' channels (Wan's q/k norm) while tensor parallelism splits the heads.
 
     The mean square is taken over the full width, so the partial sums of squares are all-reduced over the
-    tensor-parallel group; the weight is split like the heads.
+    tensor-parallel group; the weight is split like the heads. Without tensor parallelism the sum and the
+    scaling are one fused pass.
     """
 
     def __init__(self, full_size: int, eps: float, tp_size: int):
@@ -125,9 +202,16 @@ class HeadShardedRMSNorm(torch.nn.Module):
         self.weight = torch.nn.Parameter(torch.ones(full_size // tp_size))
         set_tensor_model_parallel_attributes(self.weight, is_parallel=True, dim=0, stride=1)
 
+    def _holds_all_channels(self, x: torch.Tensor) -> bool:
+        return x.shape[-1] == self.full_size and state.tensor_parallel_size() == 1
+
+    def _square_total(self, x: torch.Tensor) -> torch.Tensor:
+        return all_reduce_sum_with_grad(fused.square_sum(x), state.tensor_parallel_group())
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        total = all_reduce_sum_with_grad(fused.square_sum(x), state.tensor_parallel_group())
-        return fused.rms_scale(x, total, self.weight, self.full_size, self.eps)
+        if self._holds_all_channels(x):
+            return fused.rms_norm(x, self.weight, self.eps)
+        return fused.rms_scale(x, self._square_total(x), self.weight, self.full_size, self.eps)
 
 
 class FP32LayerNorm(torch.nn.LayerNorm):
@@ -189,15 +273,27 @@ class WanAttention(MegatronModule):
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.unflatten(-1, (self.heads_per_rank, self.head_dim))
 
+    def _project(self, source: torch.Tensor, *linears) -> tuple:
+        together = column_linears_together(source, linears)
+        return together if together is not None else tuple(linear(source)[0] for linear in linears)
+
+    def _normed_heads(self, norm: torch.nn.Module, x: torch.Tensor, rope) -> torch.Tensor:
+        """norm(x) split into heads, rotated by RoPE when `rope` is given.
+
+        Norm and rotation stay two compiled passes: one pass for both ran a 768P sparse block 6 ms slower on
+        an H200 (its backward kernel is slower than the two it replaces).
+        """
+        x = self._heads(norm(x))
+        return x if rope is None else apply_rope(x, *rope)
+
     def forward(self, hidden, context: AttentionContext, rope=None, text_states=None):
         """(output without its bias, output bias): the caller folds the bias into its residual update."""
-        source = text_states if self.is_cross else hidden
-        q = self._heads(self.q_norm(self.linear_q(hidden)[0]))
-        k = self._heads(self.k_norm(self.linear_k(source)[0]))
-        v = self._heads(self.linear_v(source)[0])
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        out = self.core_attention(q, k, v, context)
+        if self.is_cross:  # a few hundred text tokens: concatenating the weights would cost more than it saves
+            q, k, v = self.linear_q(hidden)[0], self.linear_k(text_states)[0], self.linear_v(text_states)[0]
+        else:
+            q, k, v = self._project(hidden, self.linear_q, self.linear_k, self.linear_v)
+        q, k = self._normed_heads(self.q_norm, q, rope), self._normed_heads(self.k_norm, k, rope)
+        out = self.core_attention(q, k, self._heads(v), context)
         return self.linear_proj(out.flatten(-2))
 
 
@@ -254,14 +350,22 @@ class WanDiTLayer(MegatronModule):
         self.mlp = build_module(submodules.mlp, config=config, ffn_hidden_size=config.ffn_hidden_size)
         self.modulation = torch.nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
 
+    def _gated_residual_and_norm2(self, hidden, update, gate, bias):
+        """(hidden + (update + bias) * gate, norm2 of that) in one pass when norm2 is the affine LayerNorm."""
+        norm = self.norm2
+        if type(norm) is CrossAttentionNorm and _without_hooks(norm):
+            return fused.gated_residual_affine_norm(hidden, update, gate, bias, norm.weight, norm.bias, norm.eps)
+        hidden = fused.gated_residual(hidden, update, gate, bias)
+        return hidden, norm(hidden)
+
     def forward(self, hidden, text_states, modulation, rope, context: AttentionContext):
         shift, scale, gate, ffn_shift, ffn_scale, ffn_gate = (self.modulation + modulation.float()).chunk(6, dim=1)
         attended, bias = self.self_attention(fused.modulated_layer_norm(hidden, shift, scale, self.eps), context,
                                              rope=rope)
-        hidden = fused.gated_residual(hidden, attended, gate, bias)
-        normed = self.norm2(hidden)
+        hidden, normed = self._gated_residual_and_norm2(hidden, attended, gate, bias)
         crossed, bias = self.cross_attention(normed, AttentionContext(backend=context.backend),
                                              text_states=text_states)
-        hidden = fused.residual(hidden, crossed, bias)
-        ffn_out, ffn_bias = self.mlp(fused.modulated_layer_norm(hidden, ffn_shift, ffn_scale, self.eps))
+        # The residual stream and the FFN's input come out of one pass, whose backward also adds their gradients.
+        hidden, normed = fused.residual_modulated_norm(hidden, crossed, bias, ffn_shift, ffn_scale, self.eps)
+        ffn_out, ffn_bias = self.mlp(normed)
         return fused.gated_residual(hidden, ffn_out, ffn_gate, ffn_bias)

@@ -1,0 +1,67 @@
+"""FP8 self-attention under the quantization recipes (``quant.attention: true``).
+
+``apply_quantization`` gives every selected self-attention core (modules named ``*self_attention.core_attention``)
+an AttentionQuantizationState; the core asks ``attention_kernel(self)`` for the kernel to run. Inside a
+``quantized_autocast(enabled=False)`` block, or with a HiF8 recipe in effect, the 16-bit kernel runs.
+"""
+
+import functools
+from typing import Any, Callable, Dict, Optional
+
+import torch
+
+from osp_megatron.quantization.recipes import Recipe
+
+ATTENTION_STATE_ATTRIBUTE = "_attention_quantization"
+SELF_ATTENTION_CORE_SUFFIX = "self_attention.core_attention"
+# Recipe formats whose attention can run in FP8 (the gradients are E5M2 in both: E4M3 dP was measured unusable).
+FP8_ATTENTION_FORMATS = ("hybrid", "e4m3")
+
+
+class AttentionQuantizationState:
+    """Recipe and FP8 gradient-scale history of one self-attention core."""
+
+    def __init__(self, recipe: Recipe):
+        # osp_megatron.attention.fp8 uses this package's formats: imported on use, not at import time.
+        from osp_megatron.attention.fp8 import FP8AttentionState
+
+        self.recipe = recipe
+        self.fp8 = FP8AttentionState()
+
+    def active(self) -> bool:
+        """Whether this call runs in FP8: the innermost autocast block (if any) enables an FP8 recipe."""
+        from osp_megatron.quantization.linear import _frames
+
+        frames = _frames()
+        recipe = self.recipe
+        if frames:
+            if not frames[-1].enabled:
+                return False
+            recipe = frames[-1].recipe or recipe
+        return recipe.format in FP8_ATTENTION_FORMATS
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"fp8_attention": self.fp8.state_dict()}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.fp8.load_state_dict(state["fp8_attention"])
+
+
+def attention_kernel(module: torch.nn.Module) -> Optional[Callable]:
+    """The attention function ``(q, k, v) -> out`` a core should run now, or None for its 16-bit default."""
+    state = module.__dict__.get(ATTENTION_STATE_ATTRIBUTE)
+    if state is None or not state.active():
+        return None
+    from osp_megatron.attention.fp8 import fp8_dot_product_attention
+
+    return functools.partial(fp8_dot_product_attention, state=state.fp8)
+
+
+def quantized_attention_modules(model: torch.nn.Module) -> Dict[str, AttentionQuantizationState]:
+    """Qualified name -> FP8 attention state of every self-attention core running FP8 attention."""
+    return {name: module.__dict__[ATTENTION_STATE_ATTRIBUTE] for name, module in model.named_modules()
+            if ATTENTION_STATE_ATTRIBUTE in module.__dict__}
+
+
+def is_self_attention_core(name: str) -> bool:
+    return name.endswith(SELF_ATTENTION_CORE_SUFFIX)
