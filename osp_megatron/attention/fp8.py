@@ -292,9 +292,6 @@ def _report_fallback(runner: CudnnFP8Attention, what: str) -> None:
                       f"({runner.failures[key]})")
 
 
-GRADIENT_ROLES = ("dQ", "dK", "dV")
-
-
 class FP8AttentionState:
     """Scales of the FP8 gradients dQ, dK, dV of one attention layer (delayed scaling).
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 from osp_megatron.config.errors import ConfigError
+from osp_megatron.quantization.attention import FP8_ATTENTION_FORMATS
 from osp_megatron.quantization.recipes import (
     AMAX_COMPUTE_ALGOS,
     BACKENDS,
@@ -77,7 +78,7 @@ class QuantConfig:
         require_bool(self.stochastic_grad_rounding, f"{prefix}.stochastic_grad_rounding")
         require_choice(self.backend, BACKENDS, f"{prefix}.backend")
         require_bool(self.attention, f"{prefix}.attention")
-        if self.attention and RECIPES[self.recipe][0] not in ("e4m3", "hybrid"):
+        if self.attention and RECIPES[self.recipe][0] not in FP8_ATTENTION_FORMATS:
             raise ConfigError(
                 f"{prefix}.attention: FP8 attention needs an FP8 recipe (fp8_e4m3, fp8_hybrid, fp8_delayed), "
                 f"got recipe {self.recipe!r}"
