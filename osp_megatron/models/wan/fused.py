@@ -82,14 +82,6 @@ def _rms_scaled(x, square_total, weight, width: int, eps: float):
     return (x.float() * torch.rsqrt(square_total.unsqueeze(-1) / width + eps) * weight.float()).to(x.dtype)
 
 
-def _rotated(x, cos, sin):
-    pairs = x.float().unflatten(-1, (-1, 2))
-    real, imag = pairs[..., 0], pairs[..., 1]
-    cos_half, sin_half = cos[..., 0::2], sin[..., 0::2]
-    rotated = torch.stack((real * cos_half - imag * sin_half, real * sin_half + imag * cos_half), dim=-1)
-    return rotated.flatten(-2).to(x.dtype)
-
-
 @accelerator_compiled
 def _modulated_layer_norm(x, shift, scale, eps: float):
     return _modulated_norm(x, shift, scale, eps)
@@ -185,7 +177,11 @@ def rms_norm(x, weight, eps: float):
 @accelerator_compiled
 def rotary(x, cos, sin):
     """Rotate channel pairs (2i, 2i+1) of x [B, N, heads, head_dim] by angles tabled as cos/sin [.., N, 1, head_dim]."""
-    return _rotated(x, cos, sin)
+    pairs = x.float().unflatten(-1, (-1, 2))
+    real, imag = pairs[..., 0], pairs[..., 1]
+    cos_half, sin_half = cos[..., 0::2], sin[..., 0::2]
+    rotated = torch.stack((real * cos_half - imag * sin_half, real * sin_half + imag * cos_half), dim=-1)
+    return rotated.flatten(-2).to(x.dtype)
 
 
 @accelerator_compiled

@@ -139,9 +139,10 @@ def _without_hooks(module: torch.nn.Module) -> bool:
 
 def _computes_local_linear(linear: torch.nn.Module) -> bool:
     """True when `linear(x)` is (F.linear(copy_to_tensor_model_parallel_region(x), weight, bias), None) on its
-    shard of the outputs: FusedBiasColumnParallelLinear's own path, without a quantized GEMM patched in and
-    without the configurations it leaves to megatron's fused autograd function."""
-    if type(linear) is not FusedBiasColumnParallelLinear or hasattr(linear, "_quantization_state"):
+    shard of the outputs: FusedBiasColumnParallelLinear's own path, without a method patched onto the instance
+    (quantization replaces `_forward_impl` there) and without the configurations it leaves to megatron's fused
+    autograd function."""
+    if type(linear) is not FusedBiasColumnParallelLinear:
         return False
     weight, bias, config = linear.weight, linear.bias, linear.config
     return ("forward" not in vars(linear) and "_forward_impl" not in vars(linear)
