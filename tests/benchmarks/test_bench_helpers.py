@@ -1,4 +1,5 @@
-"""Benchmark helpers that decide what is measured: the shortened hybrid layout and the GPU idle-gap report."""
+"""Benchmark helpers that decide what is measured: the shortened hybrid layout, the GPU idle-gap report and
+the cuDNN engine/knob sweep."""
 
 import json
 import sys
@@ -8,6 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
+from bench_attention_kernels import heuristic_engines, knob_settings  # noqa: E402
 from common import hybrid_layout  # noqa: E402
 from trace_gaps import analyse  # noqa: E402
 
@@ -62,3 +64,38 @@ def test_trace_gaps_without_gpu_events(tmp_path):
     path = tmp_path / "cpu.json"
     path.write_text(json.dumps({"traceEvents": [_event("cpu_op", "aten::mm", 0, 10)]}))
     assert "no GPU activity" in analyse(str(path))
+
+
+class _Knob:
+    def __init__(self, type, min_value, max_value, stride):
+        self.type, self.min_value, self.max_value, self.stride = type, min_value, max_value, stride
+
+
+def test_knob_settings_cover_every_combination_by_stride():
+    settings = knob_settings([_Knob("STAGES", 0, 2, 1), _Knob("KERNEL_CFG", 0, 36, 12)])
+    assert len(settings) == 3 * 4
+    assert {"STAGES": 2, "KERNEL_CFG": 36} in settings and {"STAGES": 0, "KERNEL_CFG": 12} in settings
+    assert knob_settings([_Knob("KERNEL_CFG", 0, 36, 1)], limit=5) == [{"KERNEL_CFG": v} for v in range(5)]
+    assert knob_settings([]) == [{}]  # an engine without knobs is one setting
+
+
+def test_heuristic_engines_read_plan_names_in_order_without_repeats():
+    class Graph:
+        names = ["eng6_k24=26", "eng7_k24=26", "eng6_k24=26", "eng2"]
+
+        def create_execution_plans(self, modes):
+            self.modes = modes
+
+        def get_execution_plan_count(self):
+            return len(self.names)
+
+        def get_plan_name_at_index(self, index):
+            return self.names[index]
+
+    class Cudnn:
+        class heur_mode:
+            A, FALLBACK = "A", "FALLBACK"
+
+    graph = Graph()
+    assert heuristic_engines(Cudnn, graph) == [6, 7, 2]
+    assert graph.modes == ["A", "FALLBACK"]
