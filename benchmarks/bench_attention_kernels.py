@@ -148,20 +148,6 @@ def gemm_burst(device, count: int):
     return burst
 
 
-def timed_after(fn, before, repeat: int, device) -> float:
-    """Median ms of fn() alone (CUDA events) when each call directly follows before()."""
-    times = []
-    for _ in range(repeat + 1):
-        before()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times[1:])[repeat // 2]
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--heads", type=int, default=40)
@@ -199,8 +185,8 @@ def main(argv=None):
                "torch_fwd_ms": timed(forward, 2, args.repeat, device),
                "torch_fwdbwd_ms": timed(step, 2, args.repeat, device)}
         if "burst" not in args.skip:
-            row["fwd_after_gemms_ms"] = timed_after(forward, burst, args.repeat, device)
-            row["fwdbwd_after_gemms_ms"] = timed_after(step, burst, args.repeat, device)
+            row["fwd_after_gemms_ms"] = timed(forward, 1, args.repeat, device, before=burst)
+            row["fwdbwd_after_gemms_ms"] = timed(step, 1, args.repeat, device, before=burst)
         if "engines" not in args.skip:
             graphs = SdpaGraphs(cudnn, args.handle, q)
             out = torch.empty_like(q)

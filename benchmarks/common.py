@@ -15,8 +15,11 @@ import torch.distributed as dist
 from osp_megatron.models.builder import build_model
 
 
-def timed(fn, warmup: int, repeat: int, device) -> float:
-    """Median milliseconds of fn() (CUDA events on GPU, wall clock on CPU); with several ranks, the slowest."""
+def timed(fn, warmup: int, repeat: int, device, before=None) -> float:
+    """Median milliseconds of fn() (CUDA events on GPU, wall clock on CPU); with several ranks, the slowest.
+
+    before: run (untimed) right before every timed call, e.g. to put the GPU in a given state first.
+    """
     distributed = dist.is_initialized() and dist.get_world_size() > 1
     for _ in range(warmup):
         fn()
@@ -24,6 +27,8 @@ def timed(fn, warmup: int, repeat: int, device) -> float:
     for _ in range(repeat):
         if distributed:
             dist.barrier()
+        if before is not None:
+            before()
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()

@@ -10,7 +10,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
 from bench_attention_kernels import heuristic_engines, knob_settings  # noqa: E402
-from common import hybrid_layout  # noqa: E402
+from common import hybrid_layout, timed  # noqa: E402
 from trace_gaps import analyse  # noqa: E402
 
 
@@ -99,3 +99,11 @@ def test_heuristic_engines_read_plan_names_in_order_without_repeats():
     graph = Graph()
     assert heuristic_engines(Cudnn, graph) == [6, 7, 2]
     assert graph.modes == ["A", "FALLBACK"]
+
+
+def test_timed_runs_before_ahead_of_every_timed_call_only():
+    import torch
+
+    calls = []
+    timed(lambda: calls.append("fn"), 2, 3, torch.device("cpu"), before=lambda: calls.append("before"))
+    assert calls == ["fn", "fn"] + ["before", "fn"] * 3
