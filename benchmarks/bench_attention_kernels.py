@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import timed, write_report  # noqa: E402
 
 from osp_megatron.attention.dispatch import dot_product_attention  # noqa: E402
-from osp_megatron.attention.fp8 import load_cudnn_frontend  # noqa: E402
+from osp_megatron.attention.fp8 import cudnn_bhsd, load_cudnn_frontend  # noqa: E402
 
 SHAPES = {"full 768P": (1, 80640), "Skiparse 768P": (4, 20160)}
 
@@ -44,8 +44,8 @@ class SdpaGraphs:
 
     def __init__(self, cudnn, handle, q: torch.Tensor):
         self.cudnn, self.handle = cudnn, handle
-        b, s, h, d = q.shape
-        self.dims, self.strides = [b, h, s, d], [q.stride(0), q.stride(2), q.stride(1), q.stride(3)]
+        self.dims, self.strides = cudnn_bhsd(q)
+        b, h, s, _ = self.dims
         self.stats_dims, self.stats_strides = [b, h, s, 1], [h * s, s, 1, 1]
 
     def _graph(self):
@@ -105,9 +105,9 @@ def sweep(make, buffers, args, device, label) -> list:
     rows, best, start = [], float("inf"), time.time()
     graph, _ = make()
     count = graph.get_engine_count()
-    first = heuristic_engines(args.cudnn, make()[0])
-    print(f"{label}: {count} engines, heuristic order {first}", flush=True)
-    for engine in first + [engine for engine in range(count) if engine not in first]:
+    heuristic = heuristic_engines(args.cudnn, make()[0])
+    print(f"{label}: {count} engines, heuristic order {heuristic}", flush=True)
+    for engine in heuristic + [engine for engine in range(count) if engine not in heuristic]:
         try:
             knobs = graph.get_knobs_for_engine(engine)
         except Exception:  # an engine that does not apply to this graph at all
@@ -130,8 +130,8 @@ def sweep(make, buffers, args, device, label) -> list:
             def run(candidate=candidate, pack=pack, workspace=workspace):
                 candidate.execute(pack, workspace, handle=args.handle)
 
-            first = timed(run, 1, 1, device)
-            ms = first if first > 2 * best else timed(run, 0, args.repeat, device)
+            once = timed(run, 1, 1, device)  # settings over twice the best so far keep their single time
+            ms = once if once > 2 * best else timed(run, 0, args.repeat, device)
             best = min(best, ms)
             rows.append({"config": name, "ms": ms})
             print(f"{label}: {name}: {ms:.2f} ms", flush=True)

@@ -103,6 +103,12 @@ def _scalar(value: torch.Tensor) -> torch.Tensor:
     return value.float().reshape(1, 1, 1, 1).contiguous()
 
 
+def cudnn_bhsd(t: torch.Tensor) -> Tuple[list, list]:
+    """cuDNN dims [B, H, S, D] and strides of a [B, S, H, D] tensor (no copy: cuDNN reads the strides)."""
+    b, s, h, d = t.shape
+    return [b, h, s, d], [t.stride(0), t.stride(2), t.stride(1), t.stride(3)]
+
+
 @dataclass
 class _Plan:
     graph: object
@@ -171,19 +177,13 @@ class CudnnFP8Attention:
         plan.graph.execute({plan.tensors[name]: buffer for name, buffer in buffers.items()}, workspace,
                            handle=self.handle)
 
-    @staticmethod
-    def _bhsd(t: torch.Tensor) -> Tuple[list, list]:
-        """cuDNN dims [B, H, S, D] and strides of a [B, S, H, D] tensor."""
-        b, s, h, d = t.shape
-        return [b, h, s, d], [t.stride(0), t.stride(2), t.stride(1), t.stride(3)]
-
     def _scalars(self, graph, names) -> Dict[str, object]:
         types = self.cudnn.data_type
         return {name: graph.tensor(name=name, dim=[1, 1, 1, 1], stride=[1, 1, 1, 1], data_type=types.FLOAT)
                 for name in names}
 
     def forward_plan(self, q8: torch.Tensor, out_dtype: torch.dtype) -> Optional[_Plan]:
-        dims, strides = self._bhsd(q8)
+        dims, strides = cudnn_bhsd(q8)
         key = ("fwd", tuple(dims), tuple(strides), out_dtype)
 
         def build():
@@ -210,7 +210,7 @@ class CudnnFP8Attention:
 
     def backward_plan(self, q8: torch.Tensor, o: torch.Tensor, grad8: torch.Tensor,
                       grad_dtype: torch.dtype) -> Optional[_Plan]:
-        dims, strides = self._bhsd(q8)
+        dims, strides = cudnn_bhsd(q8)
         key = ("bwd", tuple(dims), tuple(strides), o.dtype, grad8.dtype, grad_dtype)
 
         def build():
