@@ -41,6 +41,7 @@ setup(
             "osp-sample=osp_megatron.inference.cli:main",
             "osp-make-synthetic=osp_megatron.data.synthetic:main",
             "osp-ckpt=checkpoints_tools.cli:main",
+            "osp-data=data.cli:main",
         ]
     },
 )
