@@ -61,10 +61,6 @@ class Trainer:
         self.config = config
         if config.train.device == "cpu" and config.parallel.backend is None:
             config.parallel.backend = "gloo"
-        grid = tuple(size // patch for size, patch in zip(
-            (config.data.latent_frames, config.data.latent_height, config.data.latent_width), config.model.patch_size))
-        check_sequence_parallel_layout(config.model, grid, config.parallel.tensor, config.parallel.ssp,
-                                       config.parallel.ulysses, source="token grid of data.latent_*")
         self.device = state.init_distributed(config.parallel)
         if config.train.device == "cpu":
             self.device = torch.device("cpu")
@@ -104,7 +100,13 @@ class Trainer:
         self.precision = config.train.precision
         if self.precision == "auto":
             self.precision = "bf16" if self.device.type == "cuda" else "fp32"
-        self.flops_per_sample = training_flops(config.model, grid)
+        # Real shards hold one latent shape per bucket: each shape's token grid must suit the parallel layout.
+        self.flops_per_sample = {}
+        for shape in self.loader.latent_shapes:
+            grid = tuple(size // patch for size, patch in zip(shape[1:], config.model.patch_size))
+            check_sequence_parallel_layout(config.model, grid, config.parallel.tensor, config.parallel.ssp,
+                                           config.parallel.ulysses, source=f"token grid of data bucket {shape}")
+            self.flops_per_sample[tuple(shape)] = training_flops(config.model, grid)
         self._initialise_weights_or_resume()
 
     # -- set-up ----------------------------------------------------------------------------------------
@@ -117,7 +119,9 @@ class Trainer:
                 ensure_synthetic_data(self.config.data)
             dist.barrier()
         return build_data_loader(self.config.data, micro_batch_size=self.config.train.micro_batch_size,
-                                  dp_rank=self.dp_rank, dp_size=self.dp_size, seed=self.config.train.seed)
+                                  dp_rank=self.dp_rank, dp_size=self.dp_size, seed=self.config.train.seed,
+                                  global_batch_size=self.config.train.global_batch_size,
+                                  patch_size=self.config.model.patch_size)
 
     def _initialise_weights_or_resume(self) -> None:
         resume = self.config.checkpoint.resume
@@ -167,8 +171,10 @@ class Trainer:
         set_lr(self.optimizer, lr)
         total_loss = torch.zeros((), device=self.device)
         cfg = self.config.train
+        bad_samples = 0
         for _ in range(self.accumulation):
             batch = next(self.loader)
+            bad_samples += batch["bad_samples"]
             latents = batch["latents"].to(self.device, non_blocking=True)
             text = batch["text_states"].to(self.device, non_blocking=True)
             with self._autocast():
@@ -183,11 +189,15 @@ class Trainer:
         self.optimizer.step()
         if self.ema is not None:
             self.ema.update(self.model)
+        totals = torch.stack([total_loss.float(), torch.tensor(float(bad_samples), device=self.device)])
         if self.dp_size > 1:
-            dist.all_reduce(total_loss, group=state.data_parallel_group())
-            total_loss /= self.dp_size
+            dist.all_reduce(totals, group=state.data_parallel_group())
         self.step += 1
-        return {"loss": float(total_loss), "lr": lr, "grad_norm": float(grad_norm), **ledger().scalars()}
+        # A global batch is one bucket: every micro-batch of the step has this shape and size.
+        samples = len(batch["keys"]) * self.accumulation * self.dp_size
+        return {"loss": float(totals[0]) / self.dp_size, "lr": lr, "grad_norm": float(grad_norm),
+                "data_bad_samples": int(totals[1]), "samples": samples,
+                "flops": self.flops_per_sample[tuple(batch["latents"].shape[1:])] * samples, **ledger().scalars()}
 
     # -- the loop --------------------------------------------------------------------------------------
     def rank_state(self) -> dict:
@@ -218,7 +228,6 @@ class Trainer:
                       f"{state.tensor_parallel_size()}, ssp {state.ssp_size()}, ulysses {state.ulysses_size()}); "
                       f"accumulation {self.accumulation}; device {self.device}; precision {self.precision}")
         logger = MetricsLogger(self.run_dir, cfg.steps, self.step, self.logging_rank, cfg.progress)
-        samples_per_step = cfg.global_batch_size
         started, first_step = time.time(), self.step
         exited_early = False
         last = {}
@@ -228,10 +237,10 @@ class Trainer:
                 last = self.train_step()
                 elapsed = time.time() - tick
                 done = self.step - first_step
-                rate = samples_per_step / max(elapsed, 1e-9)
+                rate = last.pop("samples") / max(elapsed, 1e-9)
                 last.update(
                     samples_per_s=rate,
-                    tflops=self.flops_per_sample * rate / dist.get_world_size() / 1e12,
+                    tflops=last.pop("flops") / max(elapsed, 1e-9) / dist.get_world_size() / 1e12,
                     step_time_s=elapsed,
                     eta_s=(time.time() - started) / done * (cfg.steps - self.step),
                 )
