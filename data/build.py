@@ -72,6 +72,11 @@ class _ShardWriter:
     def size(self):
         return self.handle.tell()
 
+    def abandon(self):
+        self.writer.close()
+        self.handle.close()
+        os.remove(self.tmp)
+
     def finish(self):
         self.writer.close()
         self.handle.flush()
@@ -136,6 +141,8 @@ def build_dataset(videos, captions, output, fps=16.0, frames=81, buckets="480P",
     if fps <= 0:
         raise ConfigError(f"--fps must be positive, got {fps}")
     parse_buckets(buckets)
+    if not os.path.isfile(captions):
+        raise ConfigError(f"--captions {captions!r} does not exist")
     options = {"format": CLIPS_FORMAT, "fps": float(fps), "frames": frames, "buckets": buckets,
                "max_clips_per_video": max_clips_per_video, "videos": os.path.abspath(videos),
                "captions_sha256": _sha256(captions)}
@@ -213,8 +220,8 @@ def build_dataset(videos, captions, output, fps=16.0, frames=81, buckets="480P",
         bar.close()
         if pool is not None:
             pool.terminate()
-        for shard in open_shards.values():
-            shard.handle.close()
+        for shard in open_shards.values():  # unfinished: never renamed into place, redone on resume
+            shard.abandon()
 
     infos = [ShardInfo(os.path.join(output, r["shard"]), r["num_samples"], r["bucket"]) for r in shards]
     bucket_counts = {}

@@ -18,6 +18,13 @@ REPORT_FILES = ("build_report.json", "encode_report.json")
 
 
 def _describe_entry(name, payload):
+    try:
+        return _describe_payload(name, payload)
+    except (ValueError, OSError, EOFError, VideoError) as exc:
+        return f"{name} (unreadable: {exc})"
+
+
+def _describe_payload(name, payload):
     if name.endswith(".npy"):
         header = np.load(io.BytesIO(payload), allow_pickle=False)
         return f"{name} {list(header.shape)} {header.dtype}"

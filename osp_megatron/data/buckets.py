@@ -53,15 +53,18 @@ def parse_buckets(spec, where="--buckets"):
 
 
 def choose_bucket(buckets, height, width):
-    """The bucket whose aspect ratio is nearest the video's; among those, the largest needing no upscaling.
+    """The bucket a height x width video goes to: among those it covers without upscaling, the nearest aspect
+    ratio (ties: the largest); when it covers none, the one needing the least upscaling (ties: nearest aspect)."""
+    def aspect_distance(bucket):
+        return abs(math.log(bucket.aspect) - math.log(width / height))
 
-    When every bucket of that aspect is larger than the video, the smallest one (least upscaling) is taken.
-    """
-    distance = {b: abs(math.log(b.aspect) - math.log(width / height)) for b in buckets}
-    nearest = min(distance.values())
-    candidates = sorted((b for b in buckets if distance[b] - nearest < 1e-9), key=lambda b: b.height * b.width)
-    fitting = [b for b in candidates if b.height <= height and b.width <= width]
-    return fitting[-1] if fitting else candidates[0]
+    def upscale(bucket):
+        return max(bucket.height / height, bucket.width / width)
+
+    fitting = [b for b in buckets if upscale(b) <= 1.0]
+    if fitting:
+        return min(fitting, key=lambda b: (round(aspect_distance(b), 9), -b.height * b.width))
+    return min(buckets, key=lambda b: (round(upscale(b), 9), round(aspect_distance(b), 9)))
 
 
 def cover_size(height, width, bucket):
