@@ -3,13 +3,11 @@
 Each rank encodes its share of shards (torchrun), batched per bucket; finished shards are skipped on a rerun.
 """
 
-import io
 import json
 import os
 import time
 import warnings
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import webdataset
@@ -18,8 +16,8 @@ from tqdm import tqdm
 from data.build import CLIPS_FORMAT
 from data.problems import ProblemLog
 from osp_megatron.config.errors import ConfigError
-from osp_megatron.data.shards import (INDEX_NAME, ShardInfo, atomic_write_bytes, iter_raw_samples, read_index,
-                                      sample_offsets, write_index)
+from osp_megatron.data.shards import (INDEX_NAME, ShardInfo, atomic_write_bytes, iter_raw_samples, npy_bytes,
+                                      read_index, sample_offsets, write_index)
 from osp_megatron.data.video import VideoError, decode_clip, to_model_input
 
 LATENTS_FORMAT = "osp-latents-v1"
@@ -27,16 +25,15 @@ STATE_DIR = ".encode"  # per-shard records (sample offsets, problems) of finishe
 REPORT_NAME = "encode_report.json"
 
 
-def _npy_bytes(array, dtype):
-    buffer = io.BytesIO()
-    np.save(buffer, np.ascontiguousarray(array, dtype=dtype), allow_pickle=False)
-    return buffer.getvalue()
-
-
 class Encoders:
-    """The frozen VAE and text encoder of one rank, on its device and dtype."""
+    """The frozen VAE and text encoder of one rank: clips and captions in, latents and text states out."""
 
-    def __init__(self, vae_path, text_encoder_path, text_dim, text_len, device, dtype):
+    def __init__(self, vae, text, names):
+        self.vae, self.text, self.names = vae, text, names
+
+    @classmethod
+    def load(cls, vae_path, text_encoder_path, text_dim, text_len, device, dtype):
+        """From local model folders; tiny random-weight models (with a warning) for those not given."""
         from osp_megatron.models.text_encoder import build_text_encoder
         from osp_megatron.models.vae import build_vae
 
@@ -45,12 +42,12 @@ class Encoders:
                        if path is None]
             warnings.warn(f"osp-data encode: no {' / '.join(missing)} given: using tiny random-weight models (for "
                           "tests only; the latents and text states mean nothing to a real DiT)")
-        self.vae = build_vae(vae_path, device=device, dtype=dtype)
-        self.vae.autoencoder.to(dtype)
-        self.text = build_text_encoder(text_encoder_path, text_dim, text_len, device=device, dtype=dtype)
-        self.text.model.to(dtype)
-        self.names = {"vae": vae_path or "tiny-random", "text_encoder": text_encoder_path or "tiny-random",
-                      "text_dim": text_dim, "text_len": text_len}
+        vae = build_vae(vae_path, device=device, dtype=dtype)
+        text = build_text_encoder(text_encoder_path, text_dim, text_len, device=device, dtype=dtype)
+        if dtype != torch.float32:  # the tiny models are built in float32
+            vae.autoencoder.to(dtype)
+            text.model.to(dtype)
+        return cls(vae, text, {"vae": vae_path or "tiny-random", "text_encoder": text_encoder_path or "tiny-random"})
 
     def __call__(self, clips, captions):
         """uint8 clips [B, F, H, W, 3] and B captions -> (latents [B, C, T, h, w], [(states [l, D]), ...])."""
@@ -76,8 +73,8 @@ def encode_shard(in_path, out_path, expected, encoders, batch_size, latent_dtype
             for (key, _, caption, metadata), latent, text in zip(batch, latents, texts):
                 latent_shape = list(latent.shape)
                 metadata = dict(metadata, latent_shape=latent_shape, text_length=int(text.shape[0]))
-                writer.write({"__key__": key, "latent.npy": _npy_bytes(latent, latent_dtype),
-                              "text.npy": _npy_bytes(text, latent_dtype), "txt": caption.encode("utf-8"),
+                writer.write({"__key__": key, "latent.npy": npy_bytes(latent, latent_dtype),
+                              "text.npy": npy_bytes(text, latent_dtype), "txt": caption.encode("utf-8"),
                               "json": json.dumps(metadata).encode("utf-8")})
             count += len(batch)
             batch.clear()
@@ -132,8 +129,12 @@ def _pick_device(name):
 
 
 def encode_dataset(input_dir, output, vae_path=None, text_encoder_path=None, text_dim=4096, text_len=512,
-                   batch_size=2, latent_dtype="float16", device="auto", precision="auto", progress=True):
-    """Encode (or resume encoding) every clip shard of `input_dir`; rank 0 writes the index and the report."""
+                   batch_size=2, latent_dtype="float16", device="auto", precision="auto", progress=True,
+                   encoders=None):
+    """Encode (or resume encoding) every clip shard of `input_dir`; rank 0 writes the index and the report.
+
+    encoders: ready Encoders (benchmarks pass random-weight full-size models); default: loaded from the paths.
+    """
     index = read_index(input_dir)
     if index is None or index.get("format") != CLIPS_FORMAT:
         raise ConfigError(f"--input {input_dir}: holds no `osp-data build` output ({INDEX_NAME} of format "
@@ -147,13 +148,14 @@ def encode_dataset(input_dir, output, vae_path=None, text_encoder_path=None, tex
         torch.cuda.set_device(device)
     options = {"format": LATENTS_FORMAT, "input": os.path.abspath(input_dir), "vae": vae_path,
                "text_encoder": text_encoder_path, "text_dim": text_dim, "text_len": text_len,
-               "latent_dtype": latent_dtype}
+               "latent_dtype": latent_dtype, "precision": precision}
     state_dir = os.path.join(output, STATE_DIR)
     if rank == 0:
         _prepare_output(output, state_dir, options)
     if world > 1:
         dist.barrier()
-    encoders = Encoders(vae_path, text_encoder_path, text_dim, text_len, device, dtype)
+    if encoders is None:
+        encoders = Encoders.load(vae_path, text_encoder_path, text_dim, text_len, device, dtype)
     problems = ProblemLog("encode")
     entries = index["shards"]
     mine = entries[rank::world]

@@ -45,6 +45,13 @@ def atomic_write_bytes(path, data):
     os.replace(tmp, path)
 
 
+def npy_bytes(array, dtype=np.float32):
+    """A plain .npy (no pickle) of `array` stored as `dtype`."""
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(array, dtype=dtype), allow_pickle=False)
+    return buffer.getvalue()
+
+
 def shard_entry(shard):
     """The index.json record of a ShardInfo."""
     entry = {"name": os.path.basename(shard.path), "num_samples": shard.num_samples}

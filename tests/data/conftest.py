@@ -135,8 +135,7 @@ def write_latent_shards(folder, counts, samples_per_shard=4, text_len=TEXT_LEN, 
 
     Each latent is filled with its sample number, so tests can check which sample a batch holds.
     """
-    from data.encode import _npy_bytes
-    from osp_megatron.data.shards import ShardInfo, sample_offsets, write_index
+    from osp_megatron.data.shards import ShardInfo, npy_bytes, sample_offsets, write_index
 
     os.makedirs(folder, exist_ok=True)
     shards, number = [], 0
@@ -147,8 +146,8 @@ def write_latent_shards(folder, counts, samples_per_shard=4, text_len=TEXT_LEN, 
             with webdataset.TarWriter(path) as writer:
                 for _ in range(first, min(count, first + samples_per_shard)):
                     text = np.ones((3, text_dim), np.float32)
-                    writer.write({"__key__": f"{prefix}{number:05d}", "latent.npy": _npy_bytes(
-                        np.full(shape, number, np.float32), "float16"), "text.npy": _npy_bytes(text, "float16"),
+                    writer.write({"__key__": f"{prefix}{number:05d}", "latent.npy": npy_bytes(
+                        np.full(shape, number, np.float32), "float16"), "text.npy": npy_bytes(text, "float16"),
                         "txt": f"{prefix} sample {number}".encode()})
                     number += 1
             offsets = sample_offsets(path)
