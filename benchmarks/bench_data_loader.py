@@ -2,7 +2,8 @@
 
 Writes random float16 latents [16, 21, 60, 104] and umT5-sized text states [120, 4096] (5.2 MB a sample) in
 shards with an index, then reads them with WebDatasetLoader as osp-train does. Prints a table, writes JSON with
-the peak resident memory of the process and its workers beside each rate. --tiny runs in seconds.
+the peak resident memory of the process and its workers beside each rate, and the loading process's CPU time
+per sample (the whole cost with 0 workers; independent of other load on the machine). --tiny runs in seconds.
 
     python benchmarks/bench_data_loader.py --out data_loader.json
 """
@@ -83,11 +84,12 @@ def main():
         if scratch:
             shutil.rmtree(args.workdir, ignore_errors=True)
     print(f"training loader, latents {list(latent_shape)} + text {list(text_shape)} float16, {os.cpu_count()} CPUs")
-    print(f"{'workers':>7} {'micro':>5} {'samples/s':>9} {'MB/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'RSS GiB':>8}")
+    print(f"{'workers':>7} {'micro':>5} {'samples/s':>9} {'MB/s':>8} {'p50 ms':>8} {'p95 ms':>8} "
+          f"{'CPU ms/sample':>13} {'RSS GiB':>8}")
     for row in rows:
         print(f"{row['num_workers']:>7} {row['micro_batch_size']:>5} {row['samples_per_s']:>9.1f} "
               f"{row['mb_per_s']:>8.1f} {row['batch_ms_p50']:>8.1f} {row['batch_ms_p95']:>8.1f} "
-              f"{row['peak_rss_gib']:>8.2f}")
+              f"{row['cpu_ms_per_sample']:>13.1f} {row['peak_rss_gib']:>8.2f}")
     write_report(args.out, rows, torch.device("cpu"), cpus=os.cpu_count())
 
 

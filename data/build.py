@@ -13,10 +13,11 @@ import webdataset
 from tqdm import tqdm
 
 from data.captions import list_videos, read_captions
+from data.outputs import claim_output
 from data.problems import ProblemLog
 from osp_megatron.config.errors import ConfigError
 from osp_megatron.data.buckets import parse_buckets
-from osp_megatron.data.shards import INDEX_NAME, ShardInfo, atomic_write_bytes, read_index, write_index
+from osp_megatron.data.shards import ShardInfo, atomic_write_bytes, write_index
 from osp_megatron.data.video import VideoError, encode_clip, sample_clips
 
 CLIPS_FORMAT = "osp-clips-v1"
@@ -105,27 +106,6 @@ def _append_journal(path, record):
         os.fsync(handle.fileno())
 
 
-def _prepare_output(output, options):
-    """Create or reopen the output folder; refuse a folder holding other data or a build with other options."""
-    os.makedirs(output, exist_ok=True)
-    index = read_index(output)
-    if index is not None and index.get("format") != CLIPS_FORMAT:
-        raise ConfigError(f"--output {output}: holds another data set ({INDEX_NAME} format "
-                          f"{index.get('format')!r}); choose an empty folder")
-    options_path = os.path.join(output, OPTIONS_NAME)
-    if os.path.isfile(options_path):
-        with open(options_path, encoding="utf-8") as handle:
-            saved = json.load(handle)
-        changed = sorted(k for k in set(saved) | set(options) if saved.get(k) != options.get(k))
-        if changed:
-            raise ConfigError(f"--output {output}: holds a build made with other settings ({', '.join(changed)}); "
-                              "rerun with the same settings to resume, or choose another --output")
-    elif os.listdir(output):
-        raise ConfigError(f"--output {output}: is not empty and holds no {OPTIONS_NAME}; choose an empty folder")
-    else:
-        atomic_write_bytes(options_path, json.dumps(options, indent=1).encode())
-
-
 def _sha256(path):
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -146,7 +126,7 @@ def build_dataset(videos, captions, output, fps=16.0, frames=81, buckets="480P",
     options = {"format": CLIPS_FORMAT, "fps": float(fps), "frames": frames, "buckets": buckets,
                "max_clips_per_video": max_clips_per_video, "videos": os.path.abspath(videos),
                "captions_sha256": _sha256(captions)}
-    _prepare_output(output, options)
+    claim_output(output, os.path.join(output, OPTIONS_NAME), CLIPS_FORMAT, options)
     problems = ProblemLog("build")
     entries = read_captions(captions, problems)
     present = set(list_videos(videos))

@@ -14,6 +14,7 @@ import webdataset
 from tqdm import tqdm
 
 from data.build import CLIPS_FORMAT
+from data.outputs import claim_output
 from data.problems import ProblemLog
 from osp_megatron.config.errors import ConfigError
 from osp_megatron.data.shards import (INDEX_NAME, ShardInfo, atomic_write_bytes, iter_raw_samples, npy_bytes,
@@ -199,21 +200,7 @@ def _finished(record_path, out_path):
 
 
 def _prepare_output(output, state_dir, options):
-    os.makedirs(state_dir, exist_ok=True)
-    found = read_index(output)
-    if found is not None and found.get("format") != LATENTS_FORMAT:
-        raise ConfigError(f"--output {output}: holds another data set ({INDEX_NAME} format {found.get('format')!r}); "
-                          "choose an empty folder")
-    options_path = os.path.join(state_dir, "options.json")
-    if os.path.isfile(options_path):
-        with open(options_path, encoding="utf-8") as handle:
-            saved = json.load(handle)
-        changed = sorted(k for k in set(saved) | set(options) if saved.get(k) != options.get(k))
-        if changed:
-            raise ConfigError(f"--output {output}: was encoded with other settings ({', '.join(changed)}); rerun "
-                              "with the same settings to resume, or choose another --output")
-    else:
-        atomic_write_bytes(options_path, json.dumps(options, indent=1).encode())
+    claim_output(output, os.path.join(state_dir, "options.json"), LATENTS_FORMAT, options)
     for name in os.listdir(output):  # files of a killed run: never readable, now removed
         if name.endswith(".tmp"):
             os.remove(os.path.join(output, name))

@@ -37,6 +37,11 @@ def _scanned_offsets(path):
     return sample_offsets(path)
 
 
+def _stack(tensors):
+    """torch.stack, without the copy when there is one tensor (480P micro-batches are often one sample)."""
+    return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
+
+
 class MicroBatchReader:
     """Reads a MicroBatchTask: random access to each sample's bytes, decoding, replacing bad samples by spares."""
 
@@ -97,8 +102,8 @@ class MicroBatchReader:
                 handle.close()
         latents, states, lengths, captions = zip(*(d for d, _ in samples))
         return {
-            "latents": torch.stack(latents),
-            "text_states": torch.stack(states),
+            "latents": _stack(latents),
+            "text_states": _stack(states),
             "text_lengths": torch.tensor(lengths, dtype=torch.long),
             "captions": list(captions),
             "keys": [key for _, key in samples],

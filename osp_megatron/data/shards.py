@@ -6,6 +6,7 @@ A sample is `latent.npy` [C, T, H, W], `text.npy` [l, text_dim] (unpadded states
 import glob
 import io
 import json
+import math
 import os
 import tarfile
 from dataclasses import dataclass
@@ -229,10 +230,12 @@ def decode_sample(raw, shard_path, latent_shape, text_len, text_dim):
     if text.ndim != 2 or text.shape[1] != text_dim or not 1 <= text.shape[0] <= text_len:
         raise SampleError(f"shard {shard_path}, sample {key!r}: text.npy has shape {tuple(text.shape)}, expected "
                           f"[length <= data.text_len={text_len}, data.text_dim={text_dim}]")
-    latent = torch.from_numpy(latent.astype(np.float32, copy=False))
-    if not torch.isfinite(latent).all():
+    latent = torch.from_numpy(latent).float()
+    # One reduction instead of an element-wise mask: any NaN or infinity makes the sum non-finite.
+    if not math.isfinite(float(latent.sum())):
         raise SampleError(f"shard {shard_path}, sample {key!r}: latent.npy holds NaN or infinite values")
-    states = torch.zeros(text_len, text_dim)
-    states[: text.shape[0]] = torch.from_numpy(text.astype(np.float32, copy=False))
+    states = torch.empty(text_len, text_dim)
+    states[: text.shape[0]] = torch.from_numpy(text)  # converts to float32 while copying
+    states[text.shape[0]:] = 0
     caption = raw["txt"].decode("utf-8", errors="replace") if "txt" in raw else ""
     return latent, states, text.shape[0], caption

@@ -62,58 +62,57 @@ class _FrameResizer:
         return self._last[1]
 
 
+def _grid_frames(decoded, fps, start, end, native_fps, frame_duration, grid):
+    """Yield, for grid times start + k / fps (k = 0, 1, ...), the decoded frame nearest to each.
+
+    decoded: frames in display order. grid["start"] is set to the grid's start (the first frame's time when
+    start is None) and grid["seen"] follows the seconds of video decoded from there.
+    """
+    previous = None  # (time, frame) of the last decoded frame
+    k = 0
+    for index, frame in enumerate(decoded):
+        time = index / native_fps if native_fps else (frame.time if frame.time is not None
+                                                       else index * frame_duration)
+        if start is None:
+            start = time
+        grid["start"], grid["seen"] = start, time + frame_duration - start
+        while (end is None or start + k / fps < end) and start + k / fps <= time:
+            target = start + k / fps
+            yield previous[1] if previous and target - previous[0] <= time - target else frame
+            k += 1
+        if end is not None and start + k / fps >= end:
+            return
+        previous = (time, frame)
+    # The last frame is shown until one frame duration after its timestamp.
+    while previous is not None and start + k / fps < previous[0] + frame_duration and (
+            end is None or start + k / fps < end):
+        yield previous[1]
+        k += 1
+
+
 def sample_clips(path, fps, num_frames, buckets, start=None, end=None, native_fps=None, max_clips=0):
     """Yield (bucket, clip start in seconds, uint8 frames [num_frames, H, W, 3]) for consecutive clips.
 
-    Frames sit on the grid start + k / fps (k = 0, 1, ...); each grid time takes the decoded frame nearest to
-    it, and clip c holds grid points [c num_frames, (c + 1) num_frames). A clip that the video (or `end`) cuts
-    short is dropped. native_fps overrides the container's timestamps (frame i is at i / native_fps).
-    Raises VideoError for unusable videos; a decode failure after some clips raises one whose `clips_done`
-    tells how many were yielded.
+    Frames sit on the grid start + k / fps (k = 0, 1, ...; start defaults to the first frame's time); each
+    grid time takes the decoded frame nearest to it, and clip c holds grid points [c num_frames, (c + 1)
+    num_frames). A clip that the video (or `end`) cuts short is dropped. native_fps overrides the container's
+    timestamps (frame i is at i / native_fps). Raises VideoError for unusable videos; a decode failure after
+    some clips raises one whose `clips_done` tells how many were yielded.
     """
     height, width = probe(path)
     bucket = choose_bucket(buckets, height, width)
     resize = _FrameResizer(height, width, bucket)
-    step = 1.0 / fps
-    done = 0
-    clip = []
-    previous = None  # (time, frame) of the last decoded frame
-    grid_start = start
+    done, clip, grid = 0, [], {"start": start or 0.0, "seen": 0.0}
     try:
         with av.open(str(path)) as container:
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
             frame_duration = 1.0 / float(native_fps or stream.average_rate or stream.guessed_rate or fps)
-            for index, frame in enumerate(container.decode(stream)):
-                time = index / native_fps if native_fps else (frame.time if frame.time is not None
-                                                               else index * frame_duration)
-                if grid_start is None:
-                    grid_start = time
-                if time < grid_start - frame_duration:
-                    previous = (time, frame)
-                    continue
-                while True:
-                    target = grid_start + (done * num_frames + len(clip)) * step
-                    if target > time or (end is not None and target >= end):
-                        break
-                    near = previous if previous and target - previous[0] <= time - target else (time, frame)
-                    clip.append(resize(near[1]))
-                    if len(clip) == num_frames:
-                        yield bucket, grid_start + done * num_frames * step, np.stack(clip)
-                        done, clip = done + 1, []
-                        if max_clips and done >= max_clips:
-                            return
-                if end is not None and grid_start + (done * num_frames + len(clip)) * step >= end:
-                    break
-                previous = (time, frame)
-            # The last frame is shown until one frame duration after its timestamp.
-            while previous is not None:
-                target = grid_start + (done * num_frames + len(clip)) * step
-                if target >= previous[0] + frame_duration or (end is not None and target >= end):
-                    break
-                clip.append(resize(previous[1]))
+            decoded = container.decode(stream)
+            for frame in _grid_frames(decoded, fps, start, end, native_fps, frame_duration, grid):
+                clip.append(resize(frame))
                 if len(clip) == num_frames:
-                    yield bucket, grid_start + done * num_frames * step, np.stack(clip)
+                    yield bucket, grid["start"] + done * num_frames / fps, np.stack(clip)
                     done, clip = done + 1, []
                     if max_clips and done >= max_clips:
                         return
@@ -121,8 +120,7 @@ def sample_clips(path, fps, num_frames, buckets, start=None, end=None, native_fp
         raise VideoError(f"decoding failed after {done} clip(s) ({_reason(exc)}); the file is truncated or corrupt",
                          "truncated video" if done else "unreadable video", done) from exc
     if done == 0:
-        seen = 0.0 if previous is None or grid_start is None else previous[0] + frame_duration - grid_start
-        raise VideoError(f"{seen:.2f} s of video from the clip start, a clip needs "
+        raise VideoError(f"{grid['seen']:.2f} s of video from the clip start, a clip needs "
                          f"{num_frames} frames at {fps:g} fps = {num_frames / fps:.2f} s", "too short")
 
 
