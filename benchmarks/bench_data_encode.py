@@ -112,12 +112,12 @@ def batch_row(encoders, folder, batch_size, clip_bytes, args, device):
     captions = ["a slow drift of colour bands across the frame, filmed in soft daylight"] * batch_size
     row = {"batch_size": batch_size, "frames": args.frames, "height": args.height, "width": args.width}
     reset_peak(device)
-    row["decode_ms_per_clip"] = timed(lambda: decode_clip(clip_bytes), 1, args.repeat, torch.device("cpu"))
+    row["decode_ms_per_clip"] = timed(lambda: decode_clip(clip_bytes), args.warmup, args.repeat, torch.device("cpu"))
     reset_peak(device)
-    row["vae_ms"] = timed(lambda: encoders.vae.encode(video), 1, args.repeat, device)
+    row["vae_ms"] = timed(lambda: encoders.vae.encode(video), args.warmup, args.repeat, device)
     row["vae_peak_gib"] = peak_gib(device)
     reset_peak(device)
-    row["text_ms"] = timed(lambda: encoders.text.encode(captions), 1, args.repeat, device)
+    row["text_ms"] = timed(lambda: encoders.text.encode(captions), args.warmup, args.repeat, device)
     row["text_peak_gib"] = peak_gib(device)
     out = os.path.join(args.workdir, f"latents_b{batch_size}")
     shutil.rmtree(out, ignore_errors=True)
@@ -142,6 +142,7 @@ def main():
     parser.add_argument("--height", type=int, default=480)
     parser.add_argument("--width", type=int, default=832)
     parser.add_argument("--text-layers", type=int, default=24, help="umT5 encoder layers (default 24, XXL)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed calls per phase (default 1)")
     parser.add_argument("--repeat", type=int, default=3, help="timed repetitions per phase (default 3)")
     parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
     parser.add_argument("--workdir", default=None, help="scratch folder (default: a temporary one)")
@@ -149,8 +150,8 @@ def main():
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     if args.tiny:
-        args.frames, args.height, args.width, args.clips, args.repeat, args.precision = 9, 64, 96, 2, 1, "fp32"
-        args.batch_sizes = "1,2"
+        args.frames, args.height, args.width, args.clips, args.precision = 9, 64, 96, 2, "fp32"
+        args.warmup, args.repeat, args.batch_sizes = 0, 1, "1,2"
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.precision]
     scratch = args.workdir is None
     args.workdir = args.workdir or tempfile.mkdtemp(prefix="bench_data_encode_")

@@ -62,7 +62,8 @@ def test_build_writes_bucketed_clips_and_counts_every_bad_input(clip_dir):
 
 
 def test_killed_build_resumes_to_the_same_shards(raw_videos, clip_dir, clip_builder, tmp_path, monkeypatch):
-    """A build that dies after some videos continues on rerun and ends with the shards of an uninterrupted one."""
+    """A build that dies after some videos continues on rerun (here with 2 decoding processes) and ends with the
+    shards of an uninterrupted one."""
 
     real = build_module.process_video
     calls = []
@@ -81,7 +82,7 @@ def test_killed_build_resumes_to_the_same_shards(raw_videos, clip_dir, clip_buil
     journaled = [json.loads(line) for line in (output / "build_journal.jsonl").read_text().splitlines()]
     assert journaled, "some shards were finished before the kill"
     monkeypatch.setattr(build_module, "process_video", real)
-    report = clip_builder(raw_videos, output)
+    report = clip_builder(raw_videos, output, workers=2)  # decoding processes write the same shards
     assert report["clips_per_bucket"] == CLIPS_PER_BUCKET and report["problems"]["counts"] == BAD_INPUT
     assert 0 < report["clips_this_run"] < 10
     assert _shard_keys(output) == _shard_keys(clip_dir)
