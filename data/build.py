@@ -193,7 +193,8 @@ def build_dataset(videos, captions, output, fps=16.0, frames=81, buckets="480P",
                     close_shard(bucket)
             bar.update(1)
             elapsed = max(time.time() - started, 1e-9)
-            bar.set_postfix(clips=clips_written, clips_per_s=f"{clips_written / elapsed:.2f}", bad=len(problems.records))
+            bar.set_postfix(clips=clips_written, clips_per_s=f"{clips_written / elapsed:.2f}",
+                            bad=len(problems.records))
         for bucket in sorted(open_shards):
             close_shard(bucket)
     finally:

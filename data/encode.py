@@ -221,7 +221,8 @@ def _write_index_and_report(input_dir, output, index, options, names, clips, sec
         per_bucket[info.bucket] = per_bucket.get(info.bucket, 0) + info.num_samples
     write_index(output, infos, format=LATENTS_FORMAT, fps=index["fps"], frames=index["frames"],
                 text_dim=options["text_dim"], text_len=options["text_len"], latent_dtype=options["latent_dtype"],
-                vae=names["vae"], text_encoder=names["text_encoder"], samples_per_bucket=dict(sorted(per_bucket.items())))
+                vae=names["vae"], text_encoder=names["text_encoder"],
+                samples_per_bucket=dict(sorted(per_bucket.items())))
     report = {"format": LATENTS_FORMAT, "samples": sum(per_bucket.values()), "shards": len(infos),
               "samples_per_bucket": dict(sorted(per_bucket.items())), "clips_this_run": clips,
               "seconds_this_run": round(seconds, 2), "clips_per_s": round(clips / max(seconds, 1e-9), 3),

@@ -4,6 +4,7 @@ Built from the `data:` section of a YAML file; `validate()` names the dotted key
 """
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 from osp_megatron.config.errors import ConfigError
 
@@ -28,6 +29,8 @@ class DataSource:
 
     def validate(self, prefix="data.sources[]"):
         _check_path(self.path, f"{prefix}.path")
+        if self.eval_path is not None:
+            _check_path(self.eval_path, f"{prefix}.eval_path")
         if isinstance(self.weight, bool) or not isinstance(self.weight, (int, float)) or not self.weight > 0:
             raise ConfigError(f"{prefix}.weight must be a positive number, got {self.weight!r}")
         return self
@@ -61,6 +64,8 @@ class DataConfig:
     # (at least 1) when tokens_per_micro_batch > 0, else train.micro_batch_size.
     bucket_batch_sizes: list[BucketBatchSize] = field(default_factory=list)
     tokens_per_micro_batch: int = 0
+    # Held-out shards for train.eval_interval (a folder or globs that training does not read).
+    eval_path: Optional[str | list[str]] = None
     # Generate a learnable synthetic data set into `path` when it holds no complete one yet.
     synthetic: bool = False
     synthetic_num_samples: int = 1024

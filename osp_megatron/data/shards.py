@@ -122,7 +122,8 @@ def sample_offsets(shard_path):
                 if key != last_key:
                     offsets.append(member.offset)
                     last_key = key
-                end = member.offset_data + (member.size + tarfile.BLOCKSIZE - 1) // tarfile.BLOCKSIZE * tarfile.BLOCKSIZE
+                blocks = (member.size + tarfile.BLOCKSIZE - 1) // tarfile.BLOCKSIZE
+                end = member.offset_data + blocks * tarfile.BLOCKSIZE
     except (tarfile.TarError, OSError) as exc:
         raise ConfigError(f"shard {shard_path}: cannot read the tar file ({exc}); the shard is corrupt or "
                           "truncated") from exc
@@ -197,7 +198,8 @@ def resolve_shards(path):
         name = os.path.basename(shard_path)
         entry = next((e for e in index["shards"] if e["name"] == name), None) if index is not None else None
         if entry is None:
-            shards.append(ShardInfo(shard_path, count_samples(shard_path), latent_shape=_first_latent_shape(shard_path)))
+            shards.append(ShardInfo(shard_path, count_samples(shard_path),
+                                    latent_shape=_first_latent_shape(shard_path)))
             continue
         shape = entry.get("latent_shape", index.get("latent_shape"))
         offsets = entry.get("offsets")
@@ -213,7 +215,8 @@ def _load_npy(raw, name, shard_path):
     try:
         return np.load(io.BytesIO(raw[name]), allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:
-        raise SampleError(f"shard {shard_path}, sample {raw['__key__']!r}: '{name}' is not a valid .npy ({exc})") from exc
+        raise SampleError(
+            f"shard {shard_path}, sample {raw['__key__']!r}: '{name}' is not a valid .npy ({exc})") from exc
 
 
 def decode_sample(raw, shard_path, latent_shape, text_len, text_dim):
