@@ -29,8 +29,6 @@ class DataSource:
 
     def validate(self, prefix="data.sources[]"):
         _check_path(self.path, f"{prefix}.path")
-        if self.eval_path is not None:
-            _check_path(self.eval_path, f"{prefix}.eval_path")
         if isinstance(self.weight, bool) or not isinstance(self.weight, (int, float)) or not self.weight > 0:
             raise ConfigError(f"{prefix}.weight must be a positive number, got {self.weight!r}")
         return self
@@ -98,6 +96,8 @@ class DataConfig:
     def validate(self, prefix="data"):
         """Raise ConfigError naming `prefix.key` for the first invalid field; return self."""
         _check_path(self.path, f"{prefix}.path")
+        if self.eval_path is not None:
+            _check_path(self.eval_path, f"{prefix}.eval_path")
         if self.synthetic and not isinstance(self.path, str):
             raise ConfigError(f"{prefix}.path must be a single folder when {prefix}.synthetic is true, got a list")
         if self.synthetic and self.sources:
