@@ -261,6 +261,8 @@ def test_config_validation_names_the_dotted_key(make_config):
         make_config("x", bucket_batch_sizes=[BucketBatchSize("64x64", 0)]).validate()
     with pytest.raises(ConfigError, match=r"data\.tokens_per_micro_batch"):
         make_config("x", tokens_per_micro_batch=-1).validate()
+    with pytest.raises(ConfigError, match=r"data\.eval_path"):
+        make_config("x", eval_path="").validate()
 
 
 def test_sources_load_from_yaml_with_dotted_errors(tmp_path):
