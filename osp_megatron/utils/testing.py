@@ -80,3 +80,25 @@ def run_on_ranks(fn, world_size: int, *args, timeout: float = 300.0) -> list:
     if errors:
         raise RuntimeError("\n".join(errors))
     return [results[r] for r in range(world_size)]
+
+
+# A tiny Wan2.1 transformer: 2 heads of 12 channels (3D RoPE splits 12 as 4/4/4), 2 blocks, 4 latent channels.
+TINY_DIFFUSERS_WAN = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4,
+                          out_channels=4, text_dim=16, freq_dim=32, ffn_dim=40, num_layers=2)
+
+
+def random_diffusers_wan(seed: int = 0, **overrides):
+    """diffusers' WanTransformer3DModel (TINY_DIFFUSERS_WAN + overrides) with every parameter random.
+
+    Norm weights stay near 1 so activations keep a sensible scale; everything else, zero-initialised
+    parameters included, is O(0.3), so comparisons against it exercise every weight.
+    """
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    model = WanTransformer3DModel(**{**TINY_DIFFUSERS_WAN, **overrides})
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            base = 1.0 if "norm" in name and name.endswith("weight") else 0.0
+            param.copy_(base + 0.3 * torch.randn_like(param))
+    return model.eval()
