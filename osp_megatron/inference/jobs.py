@@ -137,5 +137,3 @@ def remove_stale_temporaries(jobs: list[VideoJob]) -> int:
                 os.remove(os.path.join(folder, name))
                 removed += 1
     return removed
-
-

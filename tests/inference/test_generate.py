@@ -1,6 +1,6 @@
 """osp-sample over prompt lists: prompt files, file names and seeds, records, resume after a kill, several ranks.
 
-A tiny random-weight hybrid DiT checkpoint (every weight nonzero) keeps each video well under a second of compute.
+A tiny random-weight hybrid DiT checkpoint (utils.testing) keeps each video well under a second of compute.
 """
 
 import json
@@ -19,45 +19,9 @@ from osp_megatron.inference.cli import build_parser, main
 from osp_megatron.inference.config import SampleConfig
 from osp_megatron.inference.jobs import plan_jobs
 from osp_megatron.inference.prompts import PromptSpec, read_prompt_file
+from osp_megatron.utils.testing import random_sampling_model, tiny_sampling_config
 
 ROOT = Path(__file__).resolve().parents[2]
-MODEL = {"preset": "tiny", "sparse_ratio": 2, "num_layers": 4, "full_blocks": 1}
-SAMPLE = {"num_frames": 5, "height": 64, "width": 64, "num_steps": 3, "fps": 4, "guidance_scale": 4.0}
-
-
-def random_tiny_model(config):
-    """The tiny DiT for the current process groups with every weight drawn from a fixed seed."""
-    from osp_megatron.models.builder import build_model
-
-    model = build_model(config.model)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
-    return model.eval()
-
-
-def tiny_job_config(**parallel):
-    from osp_megatron.config.job import JobConfig
-    from osp_megatron.config.loader import from_dict
-
-    return from_dict(JobConfig, {"model": MODEL, "sample": SAMPLE, "parallel": parallel})
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """A complete framework checkpoint of the tiny model, with the job config osp-sample reads back."""
-    from osp_megatron.checkpointing.checkpoint import save_checkpoint
-    from osp_megatron.config.loader import to_dict
-    from osp_megatron.parallel.state import destroy_distributed, ensure_single_rank_group
-
-    ensure_single_rank_group()
-    config = tiny_job_config()
-    run = tmp_path_factory.mktemp("run")
-    save_checkpoint(run, 1, random_tiny_model(config),
-                    metadata={"model_config": to_dict(config.model), "config": to_dict(config)})
-    destroy_distributed()
-    return run
 
 
 def test_prompt_files_give_specs_and_name_bad_lines(tmp_path):
@@ -104,7 +68,7 @@ def _records(folder):
     return sorted(p for p in Path(folder).glob("*.json"))
 
 
-def test_prompt_file_writes_records_and_a_rerun_renders_only_what_is_missing(checkpoint, tmp_path):
+def test_prompt_file_writes_records_and_a_rerun_renders_only_what_is_missing(tiny_checkpoint, tmp_path):
     """Each video gets an .mp4, a .png strip and a .json record (prompt, seed, settings); a rerun after a
     crash (one record gone, a stale partial file left) renders just that video and cleans the partial file; a
     rerun with other settings stops with an error instead of mixing videos."""
@@ -113,7 +77,7 @@ def test_prompt_file_writes_records_and_a_rerun_renders_only_what_is_missing(che
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\na blue square\na green bar\n")
     out = tmp_path / "out"
-    args = ["--checkpoint", str(checkpoint), "--prompt-file", str(prompts), "--output-dir", str(out),
+    args = ["--checkpoint", str(tiny_checkpoint), "--prompt-file", str(prompts), "--output-dir", str(out),
             "--batch-size", "2", "--no-progress", "--seed", "5"]
     assert main(args) == 0
     records = _records(out)
@@ -144,10 +108,10 @@ def _rank_latents(rank, world):
 
     results = {}
     for phase in ("ssp", "cfg", "plain"):
-        config = tiny_job_config(ssp=2 if phase == "ssp" else 1)
+        config = tiny_sampling_config(ssp=2 if phase == "ssp" else 1)
         device = init_distributed(config.parallel)
         layout = build_sampling_layout(cfg_parallel=phase == "cfg")
-        pipeline = build_pipeline(random_tiny_model(config), config, device)
+        pipeline = build_pipeline(random_sampling_model(config), config, device)
         sample = config.sample
         latents = pipeline.sample_latents(["a red circle", "a blue square"], ["blurry", ""], [3, 4],
                                           sample.num_frames, sample.height, sample.width, sample.num_steps,
@@ -186,13 +150,13 @@ def _free_port():
 
 
 @pytest.mark.slow
-def test_prompt_file_over_two_ranks_resumes_after_a_kill(checkpoint, tmp_path):
+def test_prompt_file_over_two_ranks_resumes_after_a_kill(tiny_checkpoint, tmp_path):
     """torchrun, 2 data-parallel ranks, 8 prompts: SIGKILL every process once some videos are done; the rerun
     renders only the videos without a record, and every prompt ends with exactly one complete video."""
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("".join(f"shape number {i} moving\n" for i in range(8)))
     out = tmp_path / "out"
-    args = ["--checkpoint", str(checkpoint), "--prompt-file", str(prompts), "--output-dir", str(out),
+    args = ["--checkpoint", str(tiny_checkpoint), "--prompt-file", str(prompts), "--output-dir", str(out),
             "--no-progress", "sample.num_steps=6"]
     job = _torchrun(args)
     deadline = time.time() + 240
