@@ -84,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prompt-file", default=None, help=".txt (one prompt a line) or .jsonl (prompt, "
                         "negative_prompt, seed, num_frames, height, width, name per line)")
     parser.add_argument("--negative-prompt", default=None, help="negative prompt for classifier-free guidance")
-    parser.add_argument("--output", default=None, help="the .mp4 path of a single video (default: sample.output)")
+    parser.add_argument("--output", default=None, help="the .mp4 path of a single video; a PNG strip of its frames "
+                        "is written beside it (default: outputs/sample.mp4)")
     parser.add_argument("--output-dir", default=None, help="folder for many videos, named <index>-<prompt>.mp4")
     parser.add_argument("--videos-per-prompt", type=int, default=None, help="videos of each prompt (seeds differ)")
     parser.add_argument("--frames", action="store_true", help="also write every frame as a PNG")
@@ -114,6 +115,7 @@ def main(argv=None) -> int:
 
     quiet_third_party_warnings()
     try:
+        from osp_megatron.inference.jobs import DEFAULT_OUTPUT
         from osp_megatron.inference.session import SamplingSession
 
         session = SamplingSession.open(args.checkpoint, args.config, args.overrides, args.weights, flag_settings(args))
@@ -124,7 +126,7 @@ def main(argv=None) -> int:
         print(f"osp-sample: error: {err}", file=sys.stderr)
         return 2
     if logging_rank:
-        where = session.config.sample.output_dir or session.config.sample.output
+        where = session.config.sample.output_dir or session.config.sample.output or DEFAULT_OUTPUT
         print(f"[osp-sample] rendered {rendered} video(s) on replica 0, {skipped} already done -> {where} "
               f"({session.which} weights of {session.weights})")
     return 0

@@ -28,8 +28,10 @@ class SampleConfig:
     sampler: Literal["euler", "unipc"] = "unipc"
     # auto: a bf16 copy of the weights on accelerators, fp32 on the CPU
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    # With several prompts and no output_dir, files are written as <stem>-000.mp4, <stem>-001.mp4, ...
-    output: str = "outputs/sample.mp4"
+    # Where the video goes (a PNG strip of its frames is written beside it). With several prompts, files are
+    # written as <stem>-000.mp4, <stem>-001.mp4, ... Unset: training writes run.dir/samples/step_N.mp4,
+    # osp-sample writes outputs/sample.mp4.
+    output: Optional[str] = None
     # osp-sample over many prompts: a folder of <index>-<prompt>.mp4 with a .json record and a .png strip each
     output_dir: Optional[str] = None
     prompt_file: Optional[str] = None  # .txt (one prompt a line) or .jsonl (see docs/inference.md)
@@ -71,13 +73,14 @@ class SampleConfig:
             raise ConfigError(f"{prefix}.seed must be a non-negative integer, got {self.seed!r}")
         if self.sampler not in SAMPLERS:
             raise ConfigError(f"{prefix}.sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
-        if not isinstance(self.output, str) or not self.output.endswith(".mp4"):
+        if self.output is not None and (not isinstance(self.output, str) or not self.output.endswith(".mp4")):
             raise ConfigError(f"{prefix}.output must be a path ending in .mp4, got {self.output!r}")
         return self
 
-    def output_paths(self):
-        """One .mp4 path per prompt."""
+    def output_paths(self, default="outputs/sample.mp4"):
+        """One .mp4 path per prompt, from `output` (or `default` when unset)."""
+        output = self.output or default
         if len(self.prompts) == 1:
-            return [self.output]
-        stem = self.output[: -len(".mp4")]
+            return [output]
+        stem = output[: -len(".mp4")]
         return [f"{stem}-{i:03d}.mp4" for i in range(len(self.prompts))]

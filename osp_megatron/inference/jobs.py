@@ -14,6 +14,7 @@ from typing import Optional
 from osp_megatron.config.errors import ConfigError
 from osp_megatron.inference.prompts import PromptSpec
 
+DEFAULT_OUTPUT = "outputs/sample.mp4"  # osp-sample's single video when sample.output is unset
 # The settings a record must repeat for its video to count as done for this run.
 SETTINGS = ("prompt", "negative_prompt", "seed", "num_frames", "height", "width", "fps", "sampler", "num_steps",
             "shift", "guidance_scale", "weights")
@@ -69,10 +70,9 @@ def plan_jobs(specs: list[PromptSpec], sample, output_dir: Optional[str] = None,
             if output_dir is not None:
                 stem = spec.name if spec.name is not None else f"{number:05d}-{slug(spec.prompt)}"
                 video = Path(output_dir) / (f"{stem}-{k}.mp4" if count > 1 else f"{stem}.mp4")
-            elif total == 1:
-                video = Path(sample.output)
             else:
-                video = Path(f"{sample.output[:-len('.mp4')]}-{index:03d}.mp4")
+                output = sample.output or DEFAULT_OUTPUT
+                video = Path(output if total == 1 else f"{output[:-len('.mp4')]}-{index:03d}.mp4")
             side = Path(record_dir) / video.stem if record_dir is not None else video.with_suffix("")
             seed = spec.seed + k if spec.seed is not None else sample.seed + index
             jobs.append(VideoJob(

@@ -61,6 +61,8 @@ def sampling_config(weights: Path, config_path=None, overrides=(), settings=None
         data = metadata.get("config") or {"model": metadata["model_config"]}
         for key in _TRAINING_SECTIONS:
             data.pop(key, None)
+        # The training run's own sample path is not where an osp-sample video goes.
+        (data.get("sample") or {}).pop("output", None)
         published = False
     else:
         from osp_megatron.models.pretrained import pretrained_model_config
