@@ -58,6 +58,18 @@ def test_plan_names_seeds_and_sizes():
         plan_jobs([PromptSpec("a", name="same"), PromptSpec("b", name="same")], SampleConfig(), "out")
 
 
+def test_example_configs_and_prompt_files_load():
+    """examples/sample_*.yaml are valid job configs and examples/prompts/* valid prompt files."""
+    from osp_megatron.config.job import JobConfig
+    from osp_megatron.config.loader import from_dict, load_yaml
+
+    for path in sorted((ROOT / "examples").glob("sample_*.yaml")):
+        from_dict(JobConfig, load_yaml(path)).sample.validate()
+    assert len(read_prompt_file(ROOT / "examples" / "prompts" / "tiny.txt")) == 4
+    specs = read_prompt_file(ROOT / "examples" / "prompts" / "wan_demo.jsonl")
+    assert len(specs) == 4 and specs[1].name == "mountain-sunrise"
+
+
 def test_help_shows_examples():
     """--help documents every flag and ends with runnable examples, multi-GPU included."""
     text = build_parser().format_help()
