@@ -105,6 +105,14 @@ def test_results_only_command_prints_and_writes_scores(tmp_path, capsys):
     assert main(["vbench", "--output-dir", str(tmp_path / "none")]) == 2
 
 
+def test_help_shows_examples(capsys):
+    """osp-eval vbench --help explains the flags and ends with examples, multi-GPU and results-only included."""
+    with pytest.raises(SystemExit):
+        main(["vbench", "--help"])
+    text = capsys.readouterr().out
+    assert "examples:" in text and "torchrun" in text and "--results" in text and "--vbench-cache" in text
+
+
 def test_flicker_score_follows_vbenchs_definition():
     """A still video scores 1; frames alternating black/white 0; a brightness ramp of 10 levels a frame 245/255."""
     still = np.full((4, 8, 8, 3), 77, dtype=np.uint8)
