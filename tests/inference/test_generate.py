@@ -81,7 +81,8 @@ def _records(folder):
 
 
 def test_prompt_file_writes_records_and_a_rerun_renders_only_what_is_missing(tiny_checkpoint, tmp_path):
-    """Each video gets an .mp4, a .png strip and a .json record (prompt, seed, settings); a rerun after a
+    """Each video gets an .mp4, a .png strip, a .json record (prompt, seed, settings) and, with --frames, its
+    frames as PNGs; a rerun after a
     crash (one record gone, a stale partial file left) renders just that video and cleans the partial file; a
     rerun with other settings stops with an error instead of mixing videos."""
     from osp_megatron.inference.video_io import read_video
@@ -91,9 +92,10 @@ def test_prompt_file_writes_records_and_a_rerun_renders_only_what_is_missing(tin
     out = tmp_path / "out"
     args = ["--checkpoint", str(tiny_checkpoint), "--prompt-file", str(prompts), "--output-dir", str(out),
             "--batch-size", "2", "--no-progress", "--seed", "5"]
-    assert main(args) == 0
+    assert main(args + ["--frames"]) == 0
     records = _records(out)
     assert len(records) == 3 and len(list(out.glob("*.png"))) == 3
+    assert len(list((out / "00002-a_green_bar_frames").glob("*.png"))) == 5
     first = json.loads(records[0].read_text())
     assert first["settings"]["prompt"] == "a red circle" and first["settings"]["seed"] == 5
     assert first["settings"]["sampler"] == "unipc" and first["settings"]["num_steps"] == 3
