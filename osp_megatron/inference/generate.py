@@ -10,19 +10,26 @@ import time
 import torch
 import torch.distributed as dist
 
+from osp_megatron.config.errors import ConfigError
 from osp_megatron.inference.jobs import is_done, remove_stale_temporaries, write_record
 from osp_megatron.inference.replicas import SamplingLayout
 from osp_megatron.inference.video_io import write_frame_strip, write_frames, write_video
 
 
 def pending_jobs(jobs, sample, weights: str) -> list:
-    """The jobs without a matching record, decided on rank 0 and shared with every rank."""
+    """The jobs without a matching record, decided on rank 0 and shared with every rank (as is a refusal, so
+    that no rank waits for a list that never comes)."""
     decision = [None]
     if not dist.is_initialized() or dist.get_rank() == 0:
-        remove_stale_temporaries(jobs)
-        decision = [[job.index for job in jobs if not is_done(job, job.settings(sample, weights))]]
+        try:
+            remove_stale_temporaries(jobs)
+            decision = [[job.index for job in jobs if not is_done(job, job.settings(sample, weights))]]
+        except ConfigError as err:
+            decision = [str(err)]
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.broadcast_object_list(decision, src=0)
+    if isinstance(decision[0], str):
+        raise ConfigError(decision[0])
     wanted = set(decision[0])
     return [job for job in jobs if job.index in wanted]
 
