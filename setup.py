@@ -39,6 +39,7 @@ setup(
         "console_scripts": [
             "osp-train=osp_megatron.training.cli:main",
             "osp-sample=osp_megatron.inference.cli:main",
+            "osp-eval=osp_megatron.eval.cli:main",
             "osp-make-synthetic=osp_megatron.data.synthetic:main",
             "osp-ckpt=checkpoints_tools.cli:main",
             "osp-data=data.cli:main",
