@@ -14,6 +14,8 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from osp_megatron.config.errors import ConfigError
+from osp_megatron.parallel.diagnostics import apply_communication_defaults, install_collective_failure_report
+from osp_megatron.parallel.rendezvous import launcher_environment
 
 
 @dataclass
@@ -25,12 +27,15 @@ class ParallelConfig:
     ssp: int = 1
     ulysses: int = 1
     backend: Optional[str] = None  # null: nccl on CUDA, gloo on CPU
-    timeout_minutes: int = 30
+    # A collective that waits longer ends the job (with a flight-recorder report) instead of hanging it.
+    timeout_minutes: float = 30.0
 
     def validate(self, prefix: str = "parallel") -> None:
-        for name in ("tensor", "ssp", "ulysses", "timeout_minutes"):
+        for name in ("tensor", "ssp", "ulysses"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{prefix}.{name}: must be >= 1, got {getattr(self, name)}")
+        if self.timeout_minutes <= 0:
+            raise ConfigError(f"{prefix}.timeout_minutes: must be > 0, got {self.timeout_minutes}")
         if self.data is not None and self.data < 1:
             raise ConfigError(f"{prefix}.data: must be >= 1 or null (derived from the world size), got {self.data}")
         if self.backend not in (None, "gloo", "nccl", "hccl"):
@@ -47,22 +52,6 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _launcher_environment() -> tuple[int, int, int]:
-    """(rank, world_size, local_rank) from torchrun's or Slurm's variables; (0, 1, 0) when neither is set."""
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
-    if "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ:
-        rank, world = int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_NTASKS"])
-        if world > 1 and "MASTER_ADDR" not in os.environ:
-            raise ConfigError(
-                "running under Slurm with several tasks but MASTER_ADDR is not set; launch through "
-                "launch/slurm.sh, which exports MASTER_ADDR and MASTER_PORT from the first node"
-            )
-        os.environ.setdefault("MASTER_PORT", "29500")
-        return rank, world, int(os.environ.get("SLURM_LOCALID", 0))
-    return 0, 1, 0
-
-
 def init_distributed(config: ParallelConfig) -> torch.device:
     """Start torch.distributed (if needed), megatron-core's groups and the SSP / Ulysses groups.
 
@@ -72,13 +61,16 @@ def init_distributed(config: ParallelConfig) -> torch.device:
     pattern switch, a quarter of a Ulysses layer's bytes) stride U. With tensor x ssp x ulysses <= 8 a whole
     model replica, and so every all-to-all, stays inside one NVLink node; data parallel spans nodes.
     """
-    rank, world, local_rank = _launcher_environment()
+    rank, world, local_rank = launcher_environment()
     use_cuda = torch.cuda.is_available()
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
     backend = config.backend or ("nccl" if use_cuda else "gloo")
     if not dist.is_initialized():
+        # Read by the process group when it is built: NCCL settings, async error handling, flight recorder.
+        apply_communication_defaults()
+        install_collective_failure_report()
         if world == 1 and "MASTER_ADDR" not in os.environ:
             init_method = f"tcp://127.0.0.1:{_free_port()}"
         else:
@@ -86,6 +78,8 @@ def init_distributed(config: ParallelConfig) -> torch.device:
         dist.init_process_group(
             backend, init_method=init_method, rank=rank, world_size=world,
             timeout=datetime.timedelta(minutes=config.timeout_minutes),
+            # Binds the group to this rank's GPU (NCCL communicators start eagerly; no device-guessing warning).
+            device_id=device if backend == "nccl" else None,
         )
     world = dist.get_world_size()
     check_layout(config, world)
