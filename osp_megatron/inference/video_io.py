@@ -1,4 +1,4 @@
-"""Write generated videos to .mp4 and read them back, with PyAV.
+"""Write generated videos to .mp4 (and a PNG strip of their frames) and read them back, with PyAV.
 
 H.264 (libx264) when this PyAV build has it, MPEG-4 Part 2 otherwise; writes are atomic.
 """
@@ -75,6 +75,36 @@ def write_video(path, frames, fps=16, codec=None):
             for frame in frames:
                 container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
             container.mux(stream.encode(None))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def frame_strip(frames, max_frames=9, gap=2):
+    """uint8 [H, n W + (n - 1) gap, 3]: up to `max_frames` evenly spaced frames side by side on white."""
+    frames = to_uint8_frames(frames)
+    if frames.shape[0] == 0:
+        raise ConfigError("cannot make a frame strip of a video with no frames")
+    count = min(max_frames, frames.shape[0])
+    picks = np.linspace(0, frames.shape[0] - 1, count).round().astype(int)
+    height, width = frames.shape[1:3]
+    strip = np.full((height, count * width + (count - 1) * gap, 3), 255, dtype=np.uint8)
+    for slot, index in enumerate(picks):
+        strip[:, slot * (width + gap): slot * (width + gap) + width] = frames[index]
+    return strip
+
+
+def write_frame_strip(path, frames, max_frames=9):
+    """Write frame_strip(frames) as a PNG (atomically); returns the path."""
+    from PIL import Image
+
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    try:
+        Image.fromarray(frame_strip(frames, max_frames)).save(tmp, format="PNG")
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

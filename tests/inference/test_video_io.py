@@ -62,3 +62,21 @@ def test_bad_frame_layouts_are_rejected():
         to_uint8_frames(torch.zeros(4, 5, 8, 8))
     with pytest.raises(ConfigError, match="uint8"):
         to_uint8_frames(np.zeros((5, 8, 8, 3), dtype=np.float32))
+
+
+def test_frame_strip_places_evenly_spaced_frames(tmp_path):
+    """A strip of a 9-frame video holds frames 0, 4 and 8 side by side with white gaps; the PNG reads back."""
+    import numpy as np
+    from PIL import Image
+
+    from osp_megatron.inference.video_io import frame_strip, write_frame_strip
+
+    frames = np.zeros((9, 4, 5, 3), dtype=np.uint8)
+    for i in range(9):
+        frames[i] = i * 10
+    strip = frame_strip(frames, max_frames=3, gap=2)
+    assert strip.shape == (4, 3 * 5 + 2 * 2, 3)
+    assert [int(strip[0, x, 0]) for x in (0, 7, 14)] == [0, 40, 80]
+    assert int(strip[0, 5, 0]) == 255
+    path = write_frame_strip(str(tmp_path / "s.png"), frames, max_frames=3)
+    assert np.array_equal(np.asarray(Image.open(path)), frame_strip(frames, max_frames=3))
