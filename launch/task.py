@@ -23,6 +23,8 @@ def task_environment(environ: dict) -> dict:
     )
     env.setdefault("MASTER_ADDR", expand_nodelist(env["SLURM_JOB_NODELIST"])[0])
     env.setdefault("MASTER_PORT", str(rendezvous_port(env["SLURM_JOB_ID"])))
+    # As torchrun does: a rank's math threads stay within its share of the node instead of every core.
+    env.setdefault("OMP_NUM_THREADS", env.get("SLURM_CPUS_PER_TASK", "1"))
     return env
 
 
