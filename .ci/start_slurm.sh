@@ -31,7 +31,7 @@ chown munge:munge /etc/munge/munge.key && chmod 400 /etc/munge/munge.key
 mkdir -p /run/munge /var/log/munge /var/lib/munge && chown munge:munge /run/munge /var/log/munge /var/lib/munge
 if ! munge -n >/dev/null 2>&1; then
   log "starting munged"
-  runuser -u munge -- munged
+  runuser -u munge -- munged --force  # --force: a stale socket from an earlier boot is no obstacle
 fi
 
 host="$(hostname -s)"

@@ -76,7 +76,7 @@ def collective_failure_report(error: BaseException) -> Optional[str]:
     where the flight-recorder dump went; `torchfrtrace <folder>` over all ranks' dumps names the missing ranks.
     """
     distributed_error = isinstance(error, getattr(dist, "DistError", ())) or "timed out" in str(error).lower() \
-        or "monitoredbarrier" in str(error).lower()
+        or any(phrase in str(error).lower() for phrase in ("monitoredbarrier", "closed by peer"))
     if not distributed_error or not dist.is_initialized():
         return None
     rank, world = dist.get_rank(), dist.get_world_size()
