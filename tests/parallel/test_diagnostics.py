@@ -6,6 +6,7 @@ import datetime
 import io
 import os
 import pickle
+import subprocess
 import sys
 import time
 
@@ -73,3 +74,42 @@ def test_hung_collective_times_out_with_a_report_naming_rank_and_collective(tmp_
     trace = pickle.loads(open(prefix + "0", "rb").read())
     assert [entry["collective_seq_id"] for entry in trace["entries"]] == [1, 2]
     assert report in hook_output and "Traceback" in hook_output
+
+
+NCCL_HANG_JOB = """
+import time, torch, torch.distributed as dist
+from osp_megatron.parallel.config import ParallelConfig
+from osp_megatron.parallel.state import init_distributed
+device = init_distributed(ParallelConfig(timeout_minutes=1))
+dist.barrier()
+dist.all_reduce(torch.ones(4, device=device))
+torch.cuda.synchronize()
+if dist.get_rank() == 1:
+    time.sleep(600)  # never joins the next collective
+dist.all_reduce(torch.ones(3, 5, device=device))
+torch.cuda.synchronize()
+"""
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_nccl_group_knows_its_device_and_a_hang_leaves_a_flight_recorder_dump(tmp_path):
+    """Two NCCL ranks through init_distributed: no "device ... currently unknown" warning (the group is bound to
+    its GPU); rank 1 skips an all-reduce, so after parallel.timeout_minutes rank 0's watchdog names the
+    collective, the job ends instead of hanging, and rank 0's flight recorder is dumped where it was asked to be."""
+    script = tmp_path / "job.py"
+    script.write_text(NCCL_HANG_JOB)
+    prefix = tmp_path / "recorder" / "rank_"
+    prefix.parent.mkdir()
+    env = dict(os.environ, **{FLIGHT_RECORDER_FILE: str(prefix)})
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             str(script)], env=env, capture_output=True, text=True, timeout=400)
+    log = result.stdout + result.stderr
+    assert result.returncode != 0, log[-3000:]
+    assert "currently unknown" not in log, log[-3000:]
+    assert "Watchdog caught collective operation timeout" in log and "ALLREDUCE" in log, log[-3000:]
+    dumps = sorted((tmp_path / "recorder").glob("rank_0*"))  # newer torch may add a suffix to the name
+    assert dumps, log[-3000:]
+    trace = pickle.loads(dumps[0].read_bytes())
+    assert any("all_reduce" in entry["profiling_name"] and entry["input_sizes"] == [[3, 5]]
+               for entry in trace["entries"]), trace["entries"]
