@@ -13,7 +13,7 @@ examples:
   osp-launch --dry-run --nodes 2 osp-train --config examples/tiny_t2v.yaml parallel.tensor=2
   osp-launch --cluster examples/cluster.yaml --nodes 4 osp-train --config my.yaml train.steps=20000
   osp-launch --nodes 8 --time 2-00:00:00 --env NCCL_IB_HCA=mlx5 --sbatch=--constraint=h200 osp-grpo --config grpo.yaml
-  osp-launch --nodes 1 --gpus-per-node 8 osp-sample --checkpoint runs/wan --prompts prompts.txt
+  osp-launch --nodes 1 osp-sample --checkpoint runs/wan --prompt "a red fox in snow" --output fox.mp4
   osp-launch --nodes 2 osp-data encode --config encode.yaml
   osp-launch --local 2 osp-train --config examples/tiny_t2v.yaml parallel.tensor=2   # torchrun here
 

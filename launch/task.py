@@ -3,6 +3,7 @@ process, and, on rank 0 after a stop signal, `scontrol requeue` so the job comes
 """
 
 import os
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -54,7 +55,7 @@ class JobTask:
     job: str
     module: str
     arguments: list[str] = field(default_factory=list)
-    stop_signal: int = 10  # SIGUSR1
+    stop_signal: int = int(signal.SIGUSR1)
     requeue: bool = True
     max_requeues: int = 50
 
