@@ -2,12 +2,14 @@
 errors a bad setting gets."""
 
 import re
+from pathlib import Path
 
 import pytest
 
 from launch import jobs
 from launch.cli import main
 
+ROOT = Path(__file__).resolve().parents[2]
 TINY = ["--config", "examples/tiny_t2v.yaml", "parallel.tensor=2"]
 
 
@@ -108,3 +110,11 @@ def test_submitting_without_slurm_says_so(capsys, monkeypatch):
     monkeypatch.setenv("PATH", "/nonexistent")
     assert main(["--nodes", "1", "osp-train", *TINY]) == 2
     assert "sbatch is not on PATH" in capsys.readouterr().err
+
+
+def test_example_cluster_file_is_valid(capsys):
+    """examples/cluster.yaml loads and renders: its setup, environment and sbatch lines reach the script."""
+    out = dry_run(capsys, "--cluster", str(ROOT / "examples" / "cluster.yaml"), "osp-train", *TINY)
+    options = sbatch_options(out)
+    assert options["partition"] == "h200" and options["constraint"] == "h200" and "exclusive" in options
+    assert "source /shared/osp/venv/bin/activate" in out and "export NCCL_IB_HCA=mlx5" in out
