@@ -20,8 +20,10 @@ LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_N
 
 @pytest.fixture
 def clean_env(monkeypatch):
+    """No launcher variables; whatever a test (or launcher_environment) sets is removed again afterwards."""
     for name in LAUNCH_VARIABLES:
-        monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv(name, "")  # records the original value (or its absence) for the undo
+        monkeypatch.delenv(name)
     return monkeypatch
 
 
