@@ -24,6 +24,7 @@ setup(
         "tensorboard",
         "tqdm",
         "psutil",
+        "submitit>=1.5,<1.6",  # Slurm submission (osp-launch); pinned: osp-launch renders its sbatch script
         "diffusers>=0.33",
         "transformers>=4.45",
         "sentencepiece",
@@ -43,6 +44,7 @@ setup(
             "osp-make-synthetic=osp_megatron.data.synthetic:main",
             "osp-ckpt=checkpoints_tools.cli:main",
             "osp-data=data.cli:main",
+            "osp-launch=launch.cli:main",
         ]
     },
 )
