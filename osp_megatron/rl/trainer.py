@@ -1,0 +1,305 @@
+"""The osp-grpo loop: prompts -> grouped rollouts -> decoded videos -> rewards -> advantages -> learner steps.
+
+Data-parallel over samples (a group may span ranks; its statistics are gathered), sequence/tensor parallel
+inside each sample through the model's own layouts; checkpoints, resume and telemetry as in osp-train.
+"""
+
+import contextlib
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import yaml
+
+from osp_megatron.checkpointing.checkpoint import latest_checkpoint
+from osp_megatron.config.errors import ConfigError
+from osp_megatron.config.loader import to_dict
+from osp_megatron.inference.runner import build_pipeline
+from osp_megatron.parallel import state
+from osp_megatron.rl.learner import group_advantages, transition_loss
+from osp_megatron.rl.policy import Policy, resolve_weights_path, run_pretraining
+from osp_megatron.rl.prompts import build_prompt_set
+from osp_megatron.rl.rewards import build_rewards, score_videos, to_uint8_frames
+from osp_megatron.rl.rollout import RolloutBatch, rollout, seeded_generator
+from osp_megatron.rl.schedule import rollout_plan, window_start
+from osp_megatron.training.metrics import MetricsLogger
+from osp_megatron.training.optim import average_gradients, clip_gradients, lr_at, set_lr
+from osp_megatron.training.signals import GracefulStop
+from osp_megatron.training.trainer import rng_state, seed_everything, set_rng_state
+
+
+class GRPOTrainer:
+    """Build everything from a GRPOJobConfig, resume if asked, then `train()` for train.steps iterations."""
+
+    def __init__(self, config):
+        self.config = config
+        if config.train.device == "cpu" and config.parallel.backend is None:
+            config.parallel.backend = "gloo"
+        self.device = state.init_distributed(config.parallel)
+        if config.train.device == "cpu":
+            self.device = torch.device("cpu")
+        elif config.train.device == "cuda" and self.device.type != "cuda":
+            raise ConfigError("train.device=cuda but no CUDA device is available")
+        self.run_dir = Path(config.run.dir)
+        self.logging_rank = state.is_logging_rank()
+        self.dp_rank, self.dp_size = state.data_parallel_rank(), state.data_parallel_size()
+        grpo = config.grpo
+        self.samples_per_iteration = grpo.prompts_per_iteration * grpo.group_size
+        if self.samples_per_iteration % (self.dp_size * grpo.updates_per_iteration):
+            raise ConfigError(
+                f"grpo.prompts_per_iteration x grpo.group_size = {self.samples_per_iteration} samples must divide "
+                f"evenly over {self.dp_size} data-parallel ranks x grpo.updates_per_iteration="
+                f"{grpo.updates_per_iteration} minibatches")
+        self.local_samples = self.samples_per_iteration // self.dp_size
+        self.precision = config.train.precision
+        if self.precision == "auto":
+            self.precision = "bf16" if self.device.type == "cuda" else "fp32"
+
+        resume = self._resume_path()
+        # A resumed checkpoint holds every weight; only full fine-tuning's reference still needs the initial ones.
+        needs_initial = resume is None or (config.grpo.kl_coef > 0 and config.grpo.lora is None)
+        initial = self._initial_weights() if needs_initial else None
+        seed_everything(config.train.seed)
+        self.policy = Policy(config, self.device, initial)
+        self.pipeline = build_pipeline(self.policy.module, config, self.device)
+        sample = config.sample
+        self.latent_shape = self.pipeline.latent_shape(sample.num_frames, sample.height, sample.width)
+        self.prompts = build_prompt_set(config.prompts, config.model, lambda: self.pipeline.text_encoder)
+        self.rewards = build_rewards(grpo.rewards, self.device)
+        self.iteration = 0
+        if resume is not None:
+            rank_state = self.policy.load(resume)
+            self.iteration = int(rank_state["step"])
+            set_rng_state(rank_state["rng"])
+            self._say(f"resumed from {resume} at iteration {self.iteration}")
+        elif initial is not None:
+            self._say(f"initialised the policy from {initial}")
+
+    # -- set-up ----------------------------------------------------------------------------------------
+    def _say(self, text: str) -> None:
+        if self.logging_rank:
+            print(f"[osp-grpo] {text}", flush=True)
+
+    def _resume_path(self) -> Optional[Path]:
+        resume = self.config.checkpoint.resume
+        if resume == "auto":
+            return latest_checkpoint(self.run_dir)
+        if resume == "none":
+            return None
+        if not Path(resume).is_dir():
+            raise ConfigError(f"checkpoint.resume={resume!r}: no such checkpoint folder")
+        return Path(resume)
+
+    def _initial_weights(self) -> Optional[Path]:
+        """checkpoint.load resolved to a checkpoint, pretraining it first when grpo.pretrain_if_missing says so."""
+        load = self.config.checkpoint.load
+        if load is None:
+            return None
+        if not Path(load).exists():
+            recipe = self.config.grpo.pretrain_if_missing
+            if recipe is None:
+                raise ConfigError(f"checkpoint.load={load!r} does not exist; point it at a pretraining run or "
+                                  "checkpoint, or set grpo.pretrain_if_missing=tiny to create it")
+            if dist.get_rank() == 0:
+                run_pretraining(recipe, load)
+            dist.barrier()
+        return resolve_weights_path(load)
+
+    def _autocast(self):
+        if self.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    # -- one iteration ---------------------------------------------------------------------------------
+    def plan(self, iteration: int):
+        grpo = self.config.grpo
+        start = window_start(iteration, grpo.num_steps, grpo.window_size, grpo.window_mode,
+                             grpo.window_shift_interval, grpo.window_stride)
+        return rollout_plan(grpo.num_steps, self.config.sample.shift, start, grpo.window_size, grpo.flash,
+                            grpo.flash_stride)
+
+    def local_sample_ids(self) -> range:
+        return range(self.dp_rank * self.local_samples, (self.dp_rank + 1) * self.local_samples)
+
+    def collect(self, iteration: int, plan) -> tuple[RolloutBatch, list[str]]:
+        """Roll out this rank's samples in micro-batches; sample k belongs to prompt slot k // group_size."""
+        cfg, grpo = self.config, self.config.grpo
+        prompt_ids = self.prompts.indices_for_iteration(iteration, grpo.prompts_per_iteration, cfg.train.seed)
+        ids = list(self.local_sample_ids())
+        slots = [k // grpo.group_size for k in ids]
+        texts = [self.prompts.prompts[prompt_ids[s]] for s in slots]
+        null = None
+        if cfg.sample.guidance_scale != 1.0:
+            null = self.prompts.null_states(cfg.sample.negative_prompt).to(self.device)
+        batches = []
+        micro = cfg.train.micro_batch_size
+        for first in range(0, len(ids), micro):
+            chunk = ids[first:first + micro]
+            # One initial noise per group, drawn from (seed, iteration, slot): shared by the group's samples
+            # wherever they run.
+            noise = torch.stack([torch.randn(self.latent_shape, generator=seeded_generator(
+                cfg.train.seed, iteration, k // grpo.group_size)) for k in chunk]).to(self.device)
+            text = self.prompts.states([prompt_ids[k // grpo.group_size] for k in chunk]).to(self.device)
+            generators = [seeded_generator(cfg.train.seed, iteration, k, 1) for k in chunk]
+            batches.append(rollout(self.policy.velocity, noise, text, null, plan, grpo.eta,
+                                   cfg.sample.guidance_scale, generators, self._autocast))
+        return RolloutBatch.concatenate(batches), texts
+
+    @torch.no_grad()
+    def score(self, batch: RolloutBatch, texts: list[str]) -> torch.Tensor:
+        """Rewards [local samples, rewards]: decode one video at a time (VAE memory), score them together."""
+        videos = torch.cat([to_uint8_frames(self.pipeline.vae.decode(latents[None]))
+                            for latents in batch.final_latents])
+        return score_videos(self.rewards, videos, texts)
+
+    def gather_scores(self, local: torch.Tensor) -> torch.Tensor:
+        """Every data-parallel rank's scores in sample order: [samples_per_iteration, rewards]."""
+        if self.dp_size == 1:
+            return local
+        parts = [torch.empty_like(local) for _ in range(self.dp_size)]
+        device_local = local.to(self.device)
+        device_parts = [p.to(self.device) for p in parts]
+        dist.all_gather(device_parts, device_local, group=state.data_parallel_group())
+        return torch.cat([p.cpu() for p in device_parts])
+
+    def learn(self, batch: RolloutBatch, advantages: torch.Tensor) -> dict:
+        """updates_per_iteration optimizer steps, each over a minibatch of samples and every window step."""
+        cfg, grpo = self.config, self.config.grpo
+        null = None
+        if cfg.sample.guidance_scale != 1.0:
+            null = self.prompts.null_states(cfg.sample.negative_prompt).to(self.device)
+        reference = self.policy.reference_velocity if grpo.kl_coef > 0 else None
+        module, optimizer = self.policy.module, self.policy.optimizer
+        lr = lr_at(self.iteration, cfg.train)
+        set_lr(optimizer, lr)
+        module.train()
+        minibatch = self.local_samples // grpo.updates_per_iteration
+        micro = cfg.train.micro_batch_size
+        ratios, clipped, kls, losses, norms = [], [], [], [], []
+        for start in range(0, self.local_samples, minibatch):
+            optimizer.zero_grad(set_to_none=True)
+            pieces = [(first, min(first + micro, start + minibatch)) for first in range(start, start + minibatch, micro)]
+            scale = len(batch.transitions) * minibatch
+            for first, last in pieces:
+                rows = slice(first, last)
+                for transition in batch.transitions:
+                    step = transition_loss(self.policy.velocity, transition.select(rows), batch.text_states[rows],
+                                           null, advantages[rows], grpo.eta, cfg.sample.guidance_scale,
+                                           grpo.clip_range, grpo.kl_coef, reference, self._autocast)
+                    # Mean over this minibatch's samples and window steps, whatever the micro-batch size.
+                    (step.loss * (last - first) / scale).backward()
+                    losses.append(float(step.loss) * (last - first) / scale)
+                    ratios.append(step.ratio)
+                    clipped.append(step.clipped)
+                    kls.append(step.kl)
+            average_gradients(module, state.gradient_reduction_group(),
+                              dist.get_world_size(state.gradient_reduction_group()))
+            norms.append(float(clip_gradients(module, cfg.train.grad_clip)))
+            optimizer.step()
+            if self.policy.ema is not None:
+                self.policy.ema.update(module)
+        ratio, clip_hits, kl = torch.cat(ratios), torch.cat(clipped).float(), torch.cat(kls)
+        stats = torch.stack([ratio.mean(), (ratio - 1).abs().max(), clip_hits.mean(), kl.mean(),
+                             torch.tensor(sum(losses) / grpo.updates_per_iteration)]).to(self.device)
+        if self.dp_size > 1:
+            dist.all_reduce(stats, group=state.data_parallel_group())
+            stats /= self.dp_size
+        ratio_mean, ratio_deviation, clip_fraction, kl_mean, loss = stats.tolist()
+        return {"loss": loss, "lr": lr, "grad_norm": sum(norms) / len(norms), "policy_ratio": ratio_mean,
+                "policy_ratio_max_deviation": ratio_deviation, "clip_fraction": clip_fraction, "kl": kl_mean}
+
+    def train_iteration(self) -> dict:
+        grpo = self.config.grpo
+        plan = self.plan(self.iteration)
+        tick = time.time()
+        self.policy.module.eval()
+        batch, texts = self.collect(self.iteration, plan)
+        local_scores = self.score(batch, texts)
+        rollout_seconds = time.time() - tick
+        scores = self.gather_scores(local_scores)
+        weights = [reward.weight for reward in self.rewards]
+        advantages = group_advantages(scores, grpo.group_size, weights, grpo.advantage_clip)
+        local_advantages = advantages[self.local_sample_ids().start:self.local_sample_ids().stop].to(self.device)
+        tick = time.time()
+        metrics = self.learn(batch, local_advantages)
+        learner_seconds = time.time() - tick
+        self.iteration += 1
+        guidance_factor = 1 if self.config.sample.guidance_scale == 1.0 else 2
+        metrics.update(
+            reward=float((scores * torch.tensor(weights)).sum(dim=1).mean()),
+            advantage_mean=float(advantages.mean()), advantage_std=float(advantages.std(unbiased=False)),
+            advantage_abs_max=float(advantages.abs().max()),
+            nfe_per_sample=plan.model_evaluations * guidance_factor, window_start=plan.sde_steps[0],
+            rollout_s=rollout_seconds, learner_s=learner_seconds,
+        )
+        for column, reward in enumerate(self.rewards):
+            metrics[f"reward/{reward.name}_mean"] = float(scores[:, column].mean())
+            metrics[f"reward/{reward.name}_std"] = float(scores[:, column].std(unbiased=False))
+        return metrics
+
+    # -- the loop --------------------------------------------------------------------------------------
+    def save(self) -> Path:
+        rank_state = {"step": self.iteration, "rng": rng_state()}
+        path = self.policy.save(self.run_dir, self.iteration, rank_state, self.config.checkpoint.keep_last or None)
+        self._say(f"saved checkpoint {path}")
+        return path
+
+    def train(self) -> dict:
+        cfg, ckpt = self.config.train, self.config.checkpoint
+        if self.iteration >= cfg.steps:
+            self._say(f"already at train.steps={cfg.steps} (iteration {self.iteration}); nothing to do")
+            return {"step": self.iteration, "exited_early": False}
+        if self.logging_rank:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(self.config), sort_keys=False))
+            self._say(f"policy: {self.policy.trainable_parameters() / 1e6:.3f}M trainable parameters "
+                      f"({'LoRA' if self.policy.uses_lora else 'full fine-tuning'}); {len(self.prompts)} prompts; "
+                      f"{self.samples_per_iteration} samples per iteration over {self.dp_size} data-parallel "
+                      f"ranks; device {self.device}; precision {self.precision}")
+        logger = MetricsLogger(self.run_dir, cfg.steps, self.iteration, self.logging_rank, cfg.progress)
+        started, first = time.time(), self.iteration
+        exited_early, saved_now, last = False, False, {}
+        try:
+            with GracefulStop(job="osp-grpo") as stop:
+                while self.iteration < cfg.steps:
+                    tick = time.time()
+                    last = self.train_iteration()
+                    elapsed = time.time() - tick
+                    last.update(iteration_s=elapsed, samples_per_s=self.samples_per_iteration / elapsed,
+                                eta_s=(time.time() - started) / (self.iteration - first) * (cfg.steps - self.iteration))
+                    logger.log(self.iteration, last)
+                    saved_now = bool(ckpt.interval and self.iteration % ckpt.interval == 0)
+                    if saved_now:
+                        self.save()
+                    stopping = stop.agreed(self.device)
+                    if stopping or (cfg.exit_interval and self.iteration % cfg.exit_interval == 0
+                                    and self.iteration < cfg.steps):
+                        if not saved_now:
+                            self.save()
+                            saved_now = True
+                        reason = f"{stop.signal_name} received" if stopping else "exit interval reached"
+                        logger.message(f"[osp-grpo] {reason}: stopped at iteration {self.iteration}, "
+                                       f"checkpoint in {self.run_dir / 'checkpoints'}")
+                        exited_early = True
+                        break
+        finally:
+            logger.close()
+        if not exited_early:
+            if ckpt.save_at_end and not saved_now:
+                self.save()
+            if self.policy.uses_lora:
+                path = self.policy.export_merged(self.run_dir, self.iteration)
+                self._say(f"LoRA merged into the weights: {path} (osp-sample --checkpoint {self.run_dir / 'merged'})")
+            if cfg.sample_at_end:
+                self.sample_video()
+        return {"step": self.iteration, "exited_early": exited_early, **last}
+
+    def sample_video(self) -> Optional[Path]:
+        from osp_megatron.inference.runner import render_sample
+
+        out = render_sample(self.policy.module, self.config, self.device,
+                            self.run_dir / "samples" / f"iteration_{self.iteration:06d}.mp4", write=self.logging_rank)
+        self._say(f"sample video written to {out}")
+        return out
