@@ -4,7 +4,6 @@ the frozen reference, the optimizer, and checkpoint save / load / export.
 Sharded training (parallel.fsdp) changes only this module: wrapping, optimizer and checkpoint calls.
 """
 
-import copy
 import os
 import subprocess
 import sys
@@ -67,7 +66,10 @@ class Policy:
         self.reference_module = None
         if config.grpo.kl_coef > 0 and not self.uses_lora:
             # Full fine-tuning needs the initial weights kept apart; with LoRA they are the base weights.
-            self.reference_module = copy.deepcopy(self.module).requires_grad_(False)
+            # (A second build plus a state copy: megatron's linears hold process groups, which deepcopy refuses.)
+            self.reference_module = build_model(config.model, device)
+            self.reference_module.load_state_dict(self.module.state_dict())
+            self.reference_module.requires_grad_(False)
         self.optimizer = build_optimizer(self.module, config.train)
         self.ema = EMA(self.module, config.train.ema_decay) if config.train.ema_decay > 0 else None
 

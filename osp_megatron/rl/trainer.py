@@ -190,7 +190,7 @@ class GRPOTrainer:
                                            grpo.clip_range, grpo.kl_coef, reference, self._autocast)
                     # Mean over this minibatch's samples and window steps, whatever the micro-batch size.
                     (step.loss * (last - first) / scale).backward()
-                    losses.append(float(step.loss) * (last - first) / scale)
+                    losses.append(float(step.loss.detach()) * (last - first) / scale)
                     ratios.append(step.ratio)
                     clipped.append(step.clipped)
                     kls.append(step.kl)

@@ -18,14 +18,29 @@ def tiny_grpo_overrides(run_dir, steps: int = 2, extra=()) -> list[str]:
             "sample.guidance_scale=2.0", *extra]
 
 
-@pytest.fixture(scope="module")
-def tiny_model():
-    """A 2-block tiny DiT with a non-zero output head (the zero-initialised head predicts v = 0 everywhere)."""
+def build_tiny_model(num_layers: int = 2):
+    """A tiny DiT, the same for the same arguments, with a non-zero output head (the zero-initialised head
+    predicts v = 0 everywhere)."""
     from osp_megatron.models.builder import build_model
     from osp_megatron.parallel.state import ensure_single_rank_group
 
     ensure_single_rank_group()
     torch.manual_seed(0)
-    model = build_model(from_dict(ModelConfig, {"preset": "tiny", "num_layers": 2}, "model"))
+    model = build_model(from_dict(ModelConfig, {"preset": "tiny", "num_layers": num_layers}, "model"))
     torch.nn.init.normal_(model.proj_out.weight, std=0.05)
     return model
+
+
+@pytest.fixture
+def grpo_overrides():
+    return tiny_grpo_overrides
+
+
+@pytest.fixture
+def make_tiny_model():
+    return build_tiny_model
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    return build_tiny_model()
