@@ -11,7 +11,7 @@ from osp_megatron.config.loader import load_config
 from osp_megatron.data.config import DataConfig
 from osp_megatron.inference.config import SampleConfig
 from osp_megatron.models.config import ModelConfig
-from osp_megatron.parallel.state import ParallelConfig
+from osp_megatron.parallel.config import ParallelConfig
 from osp_megatron.quantization.config import QuantConfig
 
 
