@@ -36,6 +36,11 @@ def clip_pixels(frames: torch.Tensor, size: int, mean, std) -> torch.Tensor:
     return (cropped - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
 
 
+def _projected(features):
+    """The projected embeddings: transformers 4 returns them, transformers 5 as the output's pooler_output."""
+    return features if torch.is_tensor(features) else features.pooler_output
+
+
 class _TransformersCLIP:
     def __init__(self, path: str, device):
         from transformers import AutoTokenizer, CLIPModel
@@ -57,8 +62,8 @@ class _TransformersCLIP:
 
     def embed(self, pixels: torch.Tensor, prompts: list[str]):
         tokens = self.tokenizer(prompts, padding=True, truncation=True, return_tensors="pt").to(self.device)
-        image = self.model.get_image_features(pixel_values=pixels.to(self.device))
-        text = self.model.get_text_features(**tokens)
+        image = _projected(self.model.get_image_features(pixel_values=pixels.to(self.device)))
+        text = _projected(self.model.get_text_features(**tokens))
         return image, text, self.model.logit_scale.exp()
 
 
