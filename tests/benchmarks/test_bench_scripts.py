@@ -37,3 +37,13 @@ def test_fp8_benchmark_loss_curves_tiny(tmp_path):
     (row,) = report["rows"]
     assert set(row["curves"]) == {"bf16", "fp8_hybrid+attn"} and all(len(c) == 3 for c in row["curves"].values())
     assert row["relative_to_bf16"]["bf16"] == 0.0
+
+
+def test_grpo_benchmark_tiny(tmp_path):
+    """bench_grpo.py --tiny times the sliding-window, flash and all-SDE iterations with peak memory."""
+    report = _run("bench_grpo.py", out=tmp_path / "grpo.json")
+    modes = {row["mode"]: row for row in report["rows"]}
+    assert set(modes) == {"mixed (sliding window)", "mixed + flash", "all steps SDE"}
+    assert modes["mixed + flash"]["nfe_per_sample"] < modes["mixed (sliding window)"]["nfe_per_sample"]
+    assert modes["all steps SDE"]["sde_steps"] == 6
+    assert all(row["iteration_s"] > 0 and row["peak_mem_gb"] > 0 for row in modes.values())
