@@ -60,34 +60,29 @@ def default_config_path():
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from osp_megatron.utils.logging import quiet_third_party_warnings
-
-    quiet_third_party_warnings()
-    trainer = None
     try:
-        import yaml
-
-        from osp_megatron.config.loader import to_dict
         from osp_megatron.rl.config import load_grpo_config
 
         config = load_grpo_config(args.config or default_config_path(), args.overrides)
-        if args.print_config:
-            print(yaml.safe_dump(to_dict(config), sort_keys=False))
-            return 0
-        from osp_megatron.rl.trainer import GRPOTrainer
-
-        trainer = GRPOTrainer(config)
-        result = trainer.train()
     except ConfigError as err:
         print(f"osp-grpo: error: {err}", file=sys.stderr)
         return 2
-    finally:
-        from osp_megatron.parallel.state import destroy_distributed
+    if args.print_config:
+        import yaml
 
-        destroy_distributed()
-    if trainer.logging_rank and "reward" in result:
-        print(f"[osp-grpo] finished at iteration {result['step']} (mean reward {result['reward']:.4f})", flush=True)
-    return 0
+        from osp_megatron.config.loader import to_dict
+
+        print(yaml.safe_dump(to_dict(config), sort_keys=False))
+        return 0
+    from osp_megatron.training.cli import run
+
+    def build_trainer(job_config):
+        from osp_megatron.rl.trainer import GRPOTrainer
+
+        return GRPOTrainer(job_config)
+
+    return run(config, job="osp-grpo", build_trainer=build_trainer,
+               summary=lambda result: f"mean reward {result['reward']:.4f}")
 
 
 if __name__ == "__main__":

@@ -9,11 +9,12 @@ import time
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
 
-from osp_megatron.checkpointing.checkpoint import latest_checkpoint
+from osp_megatron.checkpointing.checkpoint import resume_target
 from osp_megatron.config.errors import ConfigError
 from osp_megatron.config.loader import to_dict
 from osp_megatron.inference.runner import build_pipeline
@@ -83,14 +84,7 @@ class GRPOTrainer:
             print(f"[osp-grpo] {text}", flush=True)
 
     def _resume_path(self) -> Optional[Path]:
-        resume = self.config.checkpoint.resume
-        if resume == "auto":
-            return latest_checkpoint(self.run_dir)
-        if resume == "none":
-            return None
-        if not Path(resume).is_dir():
-            raise ConfigError(f"checkpoint.resume={resume!r}: no such checkpoint folder")
-        return Path(resume)
+        return resume_target(self.config.checkpoint.resume, self.run_dir, say=self._say)
 
     def _initial_weights(self) -> Optional[Path]:
         """checkpoint.load resolved to a checkpoint, pretraining it first when grpo.pretrain_if_missing says so."""
@@ -240,17 +234,19 @@ class GRPOTrainer:
         return metrics
 
     # -- the loop --------------------------------------------------------------------------------------
-    def save(self) -> Path:
-        rank_state = {"step": self.iteration, "rng": rng_state()}
-        path = self.policy.save(self.run_dir, self.iteration, rank_state, self.config.checkpoint.keep_last or None)
-        self._say(f"saved checkpoint {path}")
-        return path
+    def train(self, stop: Optional[GracefulStop] = None) -> dict:
+        """Run to train.steps iterations; returns {'step', 'status': finished | already_finished |
+        exit_interval | stopped, last metrics}. Stop signals are handled by `stop` when given, else here."""
+        with contextlib.ExitStack() as stack:
+            if stop is None:
+                stop = stack.enter_context(GracefulStop(job="osp-grpo"))
+            return self._train(stop)
 
-    def train(self) -> dict:
+    def _train(self, stop: GracefulStop) -> dict:
         cfg, ckpt = self.config.train, self.config.checkpoint
         if self.iteration >= cfg.steps:
-            self._say(f"already at train.steps={cfg.steps} (iteration {self.iteration}); nothing to do")
-            return {"step": self.iteration, "exited_early": False}
+            self._say(f"already at train.steps={cfg.steps} (iteration {self.iteration}); nothing to train")
+            return {"step": self.iteration, "status": "already_finished"}
         if self.logging_rank:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(self.config), sort_keys=False))
@@ -258,48 +254,66 @@ class GRPOTrainer:
                       f"({'LoRA' if self.policy.uses_lora else 'full fine-tuning'}); {len(self.prompts)} prompts; "
                       f"{self.samples_per_iteration} samples per iteration over {self.dp_size} data-parallel "
                       f"ranks; device {self.device}; precision {self.precision}")
-        logger = MetricsLogger(self.run_dir, cfg.steps, self.iteration, self.logging_rank, cfg.progress)
+        if stop.agreed():
+            self._say(f"stopped by {stop.signal_name} before the first iteration; nothing to save")
+            return {"step": self.iteration, "status": "stopped"}
+        self.logger = logger = MetricsLogger(self.run_dir, cfg.steps, self.iteration, self.logging_rank,
+                                             cfg.progress, desc="grpo")
         started, first = time.time(), self.iteration
-        exited_early, saved_now, last = False, False, {}
+        status, saved_step, last = "finished", None, {}
         try:
-            with GracefulStop(job="osp-grpo") as stop:
-                while self.iteration < cfg.steps:
-                    tick = time.time()
-                    last = self.train_iteration()
-                    elapsed = time.time() - tick
-                    last.update(iteration_s=elapsed, samples_per_s=self.samples_per_iteration / elapsed,
-                                eta_s=(time.time() - started) / (self.iteration - first) * (cfg.steps - self.iteration))
-                    logger.log(self.iteration, last)
-                    saved_now = bool(ckpt.interval and self.iteration % ckpt.interval == 0)
-                    if saved_now:
-                        self.save()
-                    stopping = stop.agreed(self.device)
-                    if stopping or (cfg.exit_interval and self.iteration % cfg.exit_interval == 0
-                                    and self.iteration < cfg.steps):
-                        if not saved_now:
-                            self.save()
-                            saved_now = True
-                        reason = f"{stop.signal_name} received" if stopping else "exit interval reached"
-                        logger.message(f"[osp-grpo] {reason}: stopped at iteration {self.iteration}, "
-                                       f"checkpoint in {self.run_dir / 'checkpoints'}")
-                        exited_early = True
-                        break
+            while self.iteration < cfg.steps:
+                tick = time.time()
+                last = self.train_iteration()
+                elapsed = time.time() - tick
+                last.update(iteration_s=elapsed, samples_per_s=self.samples_per_iteration / elapsed,
+                            eta_s=(time.time() - started) / (self.iteration - first) * (cfg.steps - self.iteration))
+                logger.log(self.iteration, last)
+                if ckpt.interval and self.iteration % ckpt.interval == 0:
+                    saved_step = self.save()
+                stopping = stop.agreed()
+                if stopping or (cfg.exit_interval and self.iteration % cfg.exit_interval == 0
+                                and self.iteration < cfg.steps):
+                    if saved_step != self.iteration:
+                        saved_step = self.save()
+                    status = "stopped" if stopping else "exit_interval"
+                    reason = f"stopped by {stop.signal_name}" if stopping else "exit interval reached"
+                    logger.message(f"[osp-grpo] {reason} at iteration {self.iteration}; checkpoint in "
+                                   f"{self.run_dir / 'checkpoints'}; run the same command again to resume")
+                    break
+            if status == "finished":
+                if ckpt.save_at_end and saved_step != self.iteration:
+                    self.save()
+                if self.policy.uses_lora:
+                    path = self.policy.export_merged(self.run_dir, self.iteration)
+                    self._say(f"LoRA merged into the weights: {path} (osp-sample --checkpoint "
+                              f"{self.run_dir / 'merged'})")
+                if cfg.sample_at_end:
+                    self.sample_video()
         finally:
             logger.close()
-        if not exited_early:
-            if ckpt.save_at_end and not saved_now:
-                self.save()
-            if self.policy.uses_lora:
-                path = self.policy.export_merged(self.run_dir, self.iteration)
-                self._say(f"LoRA merged into the weights: {path} (osp-sample --checkpoint {self.run_dir / 'merged'})")
-            if cfg.sample_at_end:
-                self.sample_video()
-        return {"step": self.iteration, "exited_early": exited_early, **last}
+        return {"step": self.iteration, "status": status, **last}
 
-    def sample_video(self) -> Optional[Path]:
+    def save(self) -> int:
+        """Checkpoint this iteration; returns the iteration saved."""
+        rank_state = {"step": self.iteration, "rng": rng_state()}
+        path = self.policy.save(self.run_dir, self.iteration, rank_state, self.config.checkpoint.keep_last or None)
+        self.logger.message(f"[osp-grpo] saved checkpoint {path}")
+        return self.iteration
+
+    def sample_video(self) -> Path:
+        """Render the sample prompt(s) to sample.output (default run.dir/samples/iteration_N.mp4) with a PNG
+        frame strip beside each, shown in TensorBoard too."""
         from osp_megatron.inference.runner import render_sample
 
-        out = render_sample(self.policy.module, self.config, self.device,
-                            self.run_dir / "samples" / f"iteration_{self.iteration:06d}.mp4", write=self.logging_rank)
-        self._say(f"sample video written to {out}")
-        return out
+        output = self.config.sample.output or self.run_dir / "samples" / f"iteration_{self.iteration:06d}.mp4"
+        paths = render_sample(self.policy.module, self.config, self.device, output, write=self.logging_rank)
+        paths = paths if isinstance(paths, list) else [paths]
+        if self.logging_rank:
+            from PIL import Image
+
+            for index, path in enumerate(paths):
+                strip = np.asarray(Image.open(path.with_suffix(".png")).convert("RGB"))
+                self.logger.log_image(f"samples/{index}", strip, self.iteration)
+            self._say(f"sample video written to {', '.join(str(p) for p in paths)} (frame strip beside it)")
+        return paths[0]

@@ -83,28 +83,33 @@ def main(argv=None) -> int:
     return run(config)
 
 
-def run(config) -> int:
-    """Train under graceful-stop signal handling; exit status 0 also when stopped by a signal."""
+def run(config, job: str = "osp-train", build_trainer=None, summary=None) -> int:
+    """Build and train under graceful-stop signal handling; exit status 0 also when stopped by a signal.
+
+    build_trainer(config) -> an object with train(stop) and logging_rank (default: the pretraining Trainer);
+    summary(result) -> the text after "finished at step N" (default: the loss).
+    """
     from osp_megatron.training.signals import GracefulStop
     from osp_megatron.utils.logging import quiet_third_party_warnings
 
     quiet_third_party_warnings()
-    with GracefulStop(job="osp-train") as stop:
+    with GracefulStop(job=job) as stop:
         trainer = None
         try:
-            from osp_megatron.training.trainer import Trainer
-
-            trainer = Trainer(config)
+            if build_trainer is None:
+                from osp_megatron.training.trainer import Trainer as build_trainer
+            trainer = build_trainer(config)
             result = trainer.train(stop)
         except ConfigError as err:
-            print(f"osp-train: error: {err}", file=sys.stderr)
+            print(f"{job}: error: {err}", file=sys.stderr)
             return 2
         finally:
             from osp_megatron.parallel.state import destroy_distributed
 
             destroy_distributed()
     if trainer.logging_rank and result["status"] == "finished":
-        print(f"[osp-train] finished at step {result['step']} (loss {result['loss']:.4f})", flush=True)
+        text = summary(result) if summary is not None else f"loss {result['loss']:.4f}"
+        print(f"[{job}] finished at step {result['step']} ({text})", flush=True)
     return 0
 
 

@@ -31,7 +31,7 @@ def test_resume_continues_exactly(tmp_path, grpo_overrides):
     extra = ["grpo.kl_coef=0.01", "grpo.window_shift_interval=1"]
     straight = _train(0, 1, grpo_overrides(tmp_path / "straight", steps=2, extra=extra))
     first = _train(0, 1, grpo_overrides(tmp_path / "stopped", steps=2, extra=[*extra, "train.exit_interval=1"]))[0]
-    assert first["exited_early"] and first["step"] == 1
+    assert first["status"] == "exit_interval" and first["step"] == 1
     resumed = _train(0, 1, grpo_overrides(tmp_path / "stopped", steps=2, extra=extra))
     for a, b in zip(_metrics(tmp_path / "straight"), _metrics(tmp_path / "stopped")):
         assert a["step"] == b["step"]
@@ -40,7 +40,7 @@ def test_resume_continues_exactly(tmp_path, grpo_overrides):
     for name, weight in straight[1].items():
         torch.testing.assert_close(resumed[1][name], weight, rtol=0, atol=0)
     finished = _train(0, 1, grpo_overrides(tmp_path / "stopped", steps=2, extra=extra))[0]
-    assert finished["step"] == 2 and "reward" not in finished  # already at train.steps: nothing redone
+    assert finished["status"] == "already_finished" and finished["step"] == 2  # nothing redone
 
 
 @pytest.mark.slow
