@@ -3,13 +3,13 @@
 Example: osp-grpo --config examples/grpo_tiny.yaml train.steps=20 run.dir=runs/try
 """
 
-import argparse
 import sys
 
-from osp_megatron.config.errors import ConfigError
 
+DESCRIPTION = ("Post-train a text-to-video DiT with Mix-GRPO: grouped rollouts whose sliding window of SDE steps "
+               "is trained against rewards. Launch under torchrun or srun for several ranks.")
 EXAMPLES = """\
-sections (any key can be overridden as section.key=value; unknown keys are errors):
+main sections:
   grpo       group_size, prompts_per_iteration, num_steps, eta, window_size, window_mode (sliding|fixed),
              window_shift_interval, window_stride, flash, flash_stride, clip_range, kl_coef,
              advantage_clip, updates_per_iteration, rewards [{name, weight, ...}], lora {rank, alpha,
@@ -37,52 +37,19 @@ samples/.
 """
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="osp-grpo",
-        description="Post-train a text-to-video DiT with Mix-GRPO: grouped rollouts whose sliding window of "
-        "SDE steps is trained against rewards. Launch under torchrun or srun for several ranks.",
-        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--config", "-c", default=None,
-                        help="YAML config file (default: the packaged tiny CPU example, examples/grpo_tiny.yaml)")
-    parser.add_argument("--print-config", action="store_true",
-                        help="print the fully resolved config (after overrides) as YAML and exit")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
-    return parser
+def build_trainer(config):
+    from osp_megatron.rl.trainer import GRPOTrainer
 
-
-def default_config_path():
-    from importlib import resources
-
-    return resources.files("osp_megatron") / "configs" / "grpo_tiny.yaml"
+    return GRPOTrainer(config)
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        from osp_megatron.rl.config import load_grpo_config
+    from osp_megatron.rl.config import GRPOJobConfig, load_grpo_config
+    from osp_megatron.training.cli import build_parser, job_main, packaged_config
 
-        config = load_grpo_config(args.config or default_config_path(), args.overrides)
-    except ConfigError as err:
-        print(f"osp-grpo: error: {err}", file=sys.stderr)
-        return 2
-    if args.print_config:
-        import yaml
-
-        from osp_megatron.config.loader import to_dict
-
-        print(yaml.safe_dump(to_dict(config), sort_keys=False))
-        return 0
-    from osp_megatron.training.cli import run
-
-    def build_trainer(job_config):
-        from osp_megatron.rl.trainer import GRPOTrainer
-
-        return GRPOTrainer(job_config)
-
-    return run(config, job="osp-grpo", build_trainer=build_trainer,
-               summary=lambda result: f"mean reward {result['reward']:.4f}")
+    parser = build_parser("osp-grpo", DESCRIPTION, EXAMPLES, GRPOJobConfig, "examples/grpo_tiny.yaml")
+    return job_main(argv, parser, load_grpo_config, packaged_config("grpo_tiny.yaml"), "osp-grpo", build_trainer,
+                    summary=lambda result: f"mean reward {result['reward']:.4f}")
 
 
 if __name__ == "__main__":

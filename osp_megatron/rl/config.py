@@ -124,6 +124,9 @@ class GRPOJobConfig(JobConfig):
         if self.train.global_batch_size != samples:
             raise ConfigError(f"train.global_batch_size={self.train.global_batch_size} must equal "
                               f"grpo.prompts_per_iteration x grpo.group_size = {samples} (or be left out)")
+        if self.train.eval_interval:
+            raise ConfigError("train.eval_interval: osp-grpo has no held-out loss (its rewards are logged every "
+                              "iteration); leave it at 0")
         if self.quant.recipe != "none":
             raise ConfigError("quant.recipe: osp-grpo trains in bf16/fp32; set quant.recipe=none")
         if self.sample.guidance_scale < 0:

@@ -37,9 +37,9 @@ def resolve_weights_path(path: str) -> Path:
 
 def run_pretraining(config_name: str, run_dir: str) -> None:
     """Run `osp-train` with `config_name` ("tiny": the packaged tiny config) into `run_dir`, as a subprocess."""
-    from osp_megatron.training.cli import default_config_path
+    from osp_megatron.training.cli import packaged_config
 
-    config_path = str(default_config_path()) if config_name == "tiny" else config_name
+    config_path = str(packaged_config("tiny_t2v.yaml")) if config_name == "tiny" else config_name
     command = [sys.executable, "-m", "osp_megatron.training.cli", "--config", config_path, f"run.dir={run_dir}"]
     print(f"[osp-grpo] checkpoint.load={run_dir!r} does not exist yet: pretraining it first with "
           f"{' '.join(command[1:])} (grpo.pretrain_if_missing={config_name!r})", flush=True)

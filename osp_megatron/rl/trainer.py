@@ -269,6 +269,8 @@ class GRPOTrainer:
                 last.update(iteration_s=elapsed, samples_per_s=self.samples_per_iteration / elapsed,
                             eta_s=(time.time() - started) / (self.iteration - first) * (cfg.steps - self.iteration))
                 logger.log(self.iteration, last)
+                if cfg.sample_interval and self.iteration % cfg.sample_interval == 0 and self.iteration < cfg.steps:
+                    self.sample_video()
                 if ckpt.interval and self.iteration % ckpt.interval == 0:
                     saved_step = self.save()
                 stopping = stop.agreed()
@@ -302,11 +304,13 @@ class GRPOTrainer:
         return self.iteration
 
     def sample_video(self) -> Path:
-        """Render the sample prompt(s) to sample.output (default run.dir/samples/iteration_N.mp4) with a PNG
-        frame strip beside each, shown in TensorBoard too."""
+        """Render the sample prompt(s) to run.dir/samples/iteration_N.mp4 (the final one to sample.output when
+        set) with a PNG frame strip beside each, shown in TensorBoard too."""
         from osp_megatron.inference.runner import render_sample
 
-        output = self.config.sample.output or self.run_dir / "samples" / f"iteration_{self.iteration:06d}.mp4"
+        output = self.run_dir / "samples" / f"iteration_{self.iteration:06d}.mp4"
+        if self.config.sample.output and self.iteration >= self.config.train.steps:
+            output = self.config.sample.output
         paths = render_sample(self.policy.module, self.config, self.device, output, write=self.logging_rank)
         paths = paths if isinstance(paths, list) else [paths]
         if self.logging_rank:
