@@ -62,6 +62,8 @@ class Policy:
         lora = config.grpo.lora
         self.uses_lora = lora is not None
         if self.uses_lora:
+            # Reseeded: adapters are drawn at full size, so every tensor-parallel size gets the same ones.
+            torch.manual_seed(config.train.seed + 1)
             apply_lora(self.module, lora.rank, lora.alpha, lora.target_modules)
         self.reference_module = None
         if config.grpo.kl_coef > 0 and not self.uses_lora:

@@ -1,9 +1,11 @@
 """LoRA on the DiT's megatron linears: starts as the base model, is the low-rank projection of full
 fine-tuning, merges exactly, and its reference policy is the same module with adapters off (no copy)."""
 
+import pytest
 import torch
 
 from osp_megatron.rl.lora import adapters_disabled, apply_lora, lora_layers, merge_lora
+from osp_megatron.utils.testing import run_on_ranks
 
 TARGETS = ["linear_q", "linear_k", "linear_v", "linear_proj"]
 
@@ -56,3 +58,51 @@ def test_lora_gradient_is_full_fine_tuning_projected(make_tiny_model):
         a = layer.lora_A["default"].weight
         expected = layer.scaling["default"] * full_grad @ a.T
         torch.testing.assert_close(layer.lora_B["default"].weight.grad, expected, rtol=1e-4, atol=1e-7)
+
+
+def _lora_output_and_grads(rank, world_size):
+    from osp_megatron.checkpointing.sharded import partition_dim
+    from osp_megatron.config.loader import from_dict
+    from osp_megatron.models.builder import build_model
+    from osp_megatron.models.config import ModelConfig
+    from osp_megatron.parallel.state import ParallelConfig, init_distributed, tensor_parallel_rank
+
+    init_distributed(ParallelConfig(tensor=world_size))
+    torch.manual_seed(0)
+    model = build_model(from_dict(ModelConfig, {"preset": "tiny", "num_layers": 1}, "model"))
+    apply_lora(model, rank=3, alpha=6.0, target_modules=TARGETS)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # every weight (B too) drawn at full size and sliced like its layer splits it
+        for name, param in model.named_parameters():
+            dim = partition_dim(param)
+            shape = list(param.shape)
+            if dim is not None:
+                shape[dim] *= world_size
+            full = torch.randn(shape, generator=generator) * 0.05
+            param.copy_(full if dim is None else full.chunk(world_size, dim)[tensor_parallel_rank()])
+    output = model(*_inputs())
+    output.square().mean().backward()
+    grads = {}
+    for name, param in model.named_parameters():
+        if "lora_" not in name:
+            continue
+        grad, dim = param.grad, partition_dim(param)
+        if dim is not None and world_size > 1:
+            pieces = [torch.empty_like(grad) for _ in range(world_size)]
+            torch.distributed.all_gather(pieces, grad.contiguous())
+            grad = torch.cat(pieces, dim=dim)
+        grads[name] = grad
+    return output.detach(), grads
+
+
+@pytest.mark.slow
+def test_lora_under_tensor_parallelism_equals_one_rank():
+    """TP=2 LoRA (A or B split like its megatron layer, adapters initialised at full size and sliced) gives
+    the TP=1 output and the same gathered adapter gradients."""
+    (out_1, grads_1), = run_on_ranks(_lora_output_and_grads, 1)
+    out_2, grads_2 = run_on_ranks(_lora_output_and_grads, 2)[0]
+    torch.testing.assert_close(out_2, out_1, rtol=1e-4, atol=1e-6)
+    assert grads_1.keys() == grads_2.keys() and grads_1
+    for name in grads_1:
+        scale = float(grads_1[name].abs().max().clamp(min=1e-8))
+        torch.testing.assert_close(grads_2[name], grads_1[name], rtol=1e-4, atol=1e-5 * scale)
