@@ -51,6 +51,8 @@ class GRPOConfig:
     # Optimizer steps per iteration: the rollout batch is split into this many minibatches, the later ones
     # are slightly off-policy and the clipped ratio keeps them close.
     updates_per_iteration: int = 1
+    # Videos per VAE decode call: batched decoding is cheaper per video, one at a time needs least memory.
+    decode_batch_size: int = 1
     rewards: list[dict] = field(default_factory=lambda: [{"name": "temporal_flicker", "weight": 1.0}])
     lora: Optional[LoraConfig] = None  # null: full fine-tuning
     # When checkpoint.load does not exist yet: run `osp-train` with this config first ("tiny": the packaged
@@ -59,7 +61,7 @@ class GRPOConfig:
 
     def validate(self, prefix: str = "grpo") -> None:
         for key in ("group_size", "prompts_per_iteration", "num_steps", "window_size", "window_shift_interval",
-                    "window_stride", "flash_stride", "updates_per_iteration"):
+                    "window_stride", "flash_stride", "updates_per_iteration", "decode_batch_size"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{prefix}.{key} must be >= 1, got {getattr(self, key)}")
         if self.group_size < 2:

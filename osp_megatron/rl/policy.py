@@ -41,8 +41,9 @@ def run_pretraining(config_name: str, run_dir: str) -> None:
 
     config_path = str(packaged_config("tiny_t2v.yaml")) if config_name == "tiny" else config_name
     command = [sys.executable, "-m", "osp_megatron.training.cli", "--config", config_path, f"run.dir={run_dir}"]
-    print(f"[osp-grpo] checkpoint.load={run_dir!r} does not exist yet: pretraining it first with "
-          f"{' '.join(command[1:])} (grpo.pretrain_if_missing={config_name!r})", flush=True)
+    print(f"[osp-grpo] checkpoint.load={run_dir!r} does not exist yet (grpo.pretrain_if_missing={config_name!r}): "
+          f"pretraining it first with `osp-train --config {config_path} run.dir={run_dir}`; GRPO starts when it "
+          "ends", flush=True)
     environment = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARIABLES}
     result = subprocess.run(command, env=environment)
     if result.returncode != 0:

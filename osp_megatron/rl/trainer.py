@@ -143,9 +143,10 @@ class GRPOTrainer:
 
     @torch.no_grad()
     def score(self, batch: RolloutBatch, texts: list[str]) -> torch.Tensor:
-        """Rewards [local samples, rewards]: decode one video at a time (VAE memory), score them together."""
-        videos = torch.cat([to_uint8_frames(self.pipeline.vae.decode(latents[None]))
-                            for latents in batch.final_latents])
+        """Rewards [local samples, rewards]: decode grpo.decode_batch_size videos at a time, score them together."""
+        size = self.config.grpo.decode_batch_size
+        videos = torch.cat([to_uint8_frames(self.pipeline.vae.decode(batch.final_latents[first:first + size]))
+                            for first in range(0, len(batch.final_latents), size)])
         return score_videos(self.rewards, videos, texts)
 
     def gather_scores(self, local: torch.Tensor) -> torch.Tensor:
