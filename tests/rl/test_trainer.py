@@ -12,11 +12,24 @@ from osp_megatron.utils.testing import run_on_ranks
 EXAMPLE = "examples/grpo_tiny.yaml"
 
 
-def _train(rank, world_size, overrides):
+class StopAfterFirstIteration:
+    """Stands in for GracefulStop: a stop signal arrives during the first iteration."""
+
+    signal_name = "SIGTERM"
+
+    def __init__(self):
+        self.calls = 0
+
+    def agreed(self, device=None):
+        self.calls += 1  # call 1: before the loop; call 2: after iteration 1
+        return self.calls == 2
+
+
+def _train(rank, world_size, overrides, stop=None):
     from osp_megatron.rl.trainer import GRPOTrainer
 
     trainer = GRPOTrainer(load_grpo_config(EXAMPLE, overrides))
-    result = trainer.train()
+    result = trainer.train(stop)
     weights = {name: p.detach().clone() for name, p in trainer.policy.module.named_parameters()}
     return result, weights
 
@@ -26,12 +39,13 @@ def _metrics(run_dir):
 
 
 def test_resume_continues_exactly(tmp_path, grpo_overrides):
-    """Stopping after iteration 1 (train.exit_interval) and resuming gives the uninterrupted run's rewards,
-    losses and final weights (full fine-tuning with KL to the kept reference)."""
+    """A stop signal during iteration 1 finishes it and checkpoints; resuming gives the uninterrupted run's
+    rewards, losses and final weights (full fine-tuning with KL to the kept reference)."""
     extra = ["grpo.kl_coef=0.01", "grpo.window_shift_interval=1"]
     straight = _train(0, 1, grpo_overrides(tmp_path / "straight", steps=2, extra=extra))
-    first = _train(0, 1, grpo_overrides(tmp_path / "stopped", steps=2, extra=[*extra, "train.exit_interval=1"]))[0]
-    assert first["status"] == "exit_interval" and first["step"] == 1
+    first = _train(0, 1, grpo_overrides(tmp_path / "stopped", steps=2, extra=extra), StopAfterFirstIteration())[0]
+    assert first["status"] == "stopped" and first["step"] == 1
+    assert (tmp_path / "stopped" / "checkpoints" / "step_00000001").is_dir()
     resumed = _train(0, 1, grpo_overrides(tmp_path / "stopped", steps=2, extra=extra))
     for a, b in zip(_metrics(tmp_path / "straight"), _metrics(tmp_path / "stopped")):
         assert a["step"] == b["step"]
