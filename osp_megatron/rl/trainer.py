@@ -19,6 +19,7 @@ from osp_megatron.config.errors import ConfigError
 from osp_megatron.config.loader import to_dict
 from osp_megatron.inference.runner import build_pipeline
 from osp_megatron.parallel import state
+from osp_megatron.parallel.ssp import check_sequence_parallel_layout
 from osp_megatron.rl.learner import group_advantages, transition_loss
 from osp_megatron.rl.policy import Policy, resolve_weights_path, run_pretraining
 from osp_megatron.rl.prompts import build_prompt_set
@@ -67,6 +68,9 @@ class GRPOTrainer:
         self.pipeline = build_pipeline(self.policy.module, config, self.device)
         sample = config.sample
         self.latent_shape = self.pipeline.latent_shape(sample.num_frames, sample.height, sample.width)
+        grid = tuple(size // patch for size, patch in zip(self.latent_shape[1:], config.model.patch_size))
+        check_sequence_parallel_layout(config.model, grid, config.parallel.tensor, config.parallel.ssp,
+                                       config.parallel.ulysses, source="token grid of sample.num_frames/height/width")
         self.prompts = build_prompt_set(config.prompts, config.model, lambda: self.pipeline.text_encoder)
         self.rewards = build_rewards(grpo.rewards, self.device)
         self.iteration = 0
