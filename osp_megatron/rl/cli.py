@@ -13,7 +13,8 @@ main sections:
   grpo       group_size, prompts_per_iteration, num_steps, eta, window_size, window_mode (sliding|fixed),
              window_shift_interval, window_stride, flash, flash_stride, clip_range, kl_coef,
              advantage_clip, updates_per_iteration, rewards [{name, weight, ...}], lora {rank, alpha,
-             target_modules} (null: full fine-tuning), pretrain_if_missing
+             target_modules} (null: full fine-tuning), eval_interval, eval_prompts, decode_batch_size,
+             pretrain_if_missing
   prompts    path (text file, .jsonl, or webdataset shards with text.npy + txt), format, jsonl_key,
              prompts (inline list), synthetic (the synthetic data set's captions)
   sample     rollout video size (num_frames, height, width), shift, guidance_scale, negative_prompt
@@ -31,7 +32,7 @@ examples:
   torchrun --nproc_per_node 8 -m osp_megatron.rl.cli --config examples/grpo_wan1.3b.yaml
 
 Outputs go to run.dir: metrics.jsonl (one line per iteration: reward per reward, advantages, policy
-ratio, clip fraction, KL, NFE per sample, rollout and learner seconds), tensorboard/, checkpoints/ (resumed
+ratio, clip fraction, KL, NFE per sample, rollout and learner seconds, eval_reward on fixed prompts), tensorboard/, checkpoints/ (resumed
 automatically; Ctrl-C, SIGTERM or SIGUSR1 checkpoint and exit 0), merged/ (LoRA folded into the weights),
 samples/.
 """

@@ -51,6 +51,10 @@ class GRPOConfig:
     # Optimizer steps per iteration: the rollout batch is split into this many minibatches, the later ones
     # are slightly off-policy and the clipped ratio keeps them close.
     updates_per_iteration: int = 1
+    # Every eval_interval iterations (and before the first, and at the end) the mean reward of deterministic
+    # samples of eval_prompts fixed prompts with fixed noise is logged as eval_reward; 0 disables it.
+    eval_interval: int = 0
+    eval_prompts: int = 16
     # Videos per VAE decode call: batched decoding is cheaper per video, one at a time needs least memory.
     decode_batch_size: int = 1
     rewards: list[dict] = field(default_factory=lambda: [{"name": "temporal_flicker", "weight": 1.0}])
@@ -68,6 +72,8 @@ class GRPOConfig:
             raise ConfigError(f"{prefix}.group_size must be >= 2: advantages compare the samples of a group")
         if self.window_size > self.num_steps:
             raise ConfigError(f"{prefix}.window_size={self.window_size} exceeds {prefix}.num_steps={self.num_steps}")
+        if self.eval_interval < 0 or self.eval_prompts < 1:
+            raise ConfigError(f"{prefix}.eval_interval must be >= 0 and {prefix}.eval_prompts >= 1")
         if self.eta <= 0:
             raise ConfigError(f"{prefix}.eta must be > 0, got {self.eta}")
         for key in ("clip_range", "advantage_clip"):

@@ -69,3 +69,8 @@ def rollout_plan(num_steps: int, shift: float, start: int, window_size: int, fla
         points += [grid[i] for i in tail[1:]]
         kinds += ["ode"] * (len(tail) - 1)
     return RolloutPlan(torch.stack(points), tuple(kinds))
+
+
+def ode_plan(num_steps: int, shift: float) -> RolloutPlan:
+    """Every step an Euler ODE step: the deterministic sampler, for evaluation."""
+    return RolloutPlan(flow_timesteps(num_steps, shift), ("ode",) * num_steps)

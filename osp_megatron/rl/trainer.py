@@ -25,11 +25,15 @@ from osp_megatron.rl.policy import Policy, resolve_weights_path, run_pretraining
 from osp_megatron.rl.prompts import build_prompt_set
 from osp_megatron.rl.rewards import build_rewards, score_videos, to_uint8_frames
 from osp_megatron.rl.rollout import RolloutBatch, rollout, seeded_generator
-from osp_megatron.rl.schedule import rollout_plan, window_start
+from osp_megatron.rl.schedule import ode_plan, rollout_plan, window_start
 from osp_megatron.training.metrics import MetricsLogger
 from osp_megatron.training.optim import average_gradients, clip_gradients, lr_at, set_lr
 from osp_megatron.training.signals import GracefulStop
 from osp_megatron.training.trainer import rng_state, seed_everything, set_rng_state
+
+
+# The key of the evaluation's noise streams: never an iteration number.
+EVAL_STREAM = 2**31 - 1
 
 
 class GRPOTrainer:
@@ -121,29 +125,60 @@ class GRPOTrainer:
     def local_sample_ids(self) -> range:
         return range(self.dp_rank * self.local_samples, (self.dp_rank + 1) * self.local_samples)
 
-    def collect(self, iteration: int, plan) -> tuple[RolloutBatch, list[str]]:
-        """Roll out this rank's samples in micro-batches; sample k belongs to prompt slot k // group_size."""
-        cfg, grpo = self.config, self.config.grpo
-        prompt_ids = self.prompts.indices_for_iteration(iteration, grpo.prompts_per_iteration, cfg.train.seed)
-        ids = list(self.local_sample_ids())
-        slots = [k // grpo.group_size for k in ids]
-        texts = [self.prompts.prompts[prompt_ids[s]] for s in slots]
+    def roll_out(self, prompt_ids: list[int], noise_keys: list[tuple], sde_keys: list[tuple], plan) -> RolloutBatch:
+        """Roll out one sample per entry in micro-batches: prompt_ids[j] with initial noise drawn from
+        noise_keys[j] and SDE noise from sde_keys[j], so a sample's trajectory does not depend on where it runs."""
+        cfg = self.config
         null = None
         if cfg.sample.guidance_scale != 1.0:
             null = self.prompts.null_states(cfg.sample.negative_prompt).to(self.device)
         batches = []
         micro = cfg.train.micro_batch_size
-        for first in range(0, len(ids), micro):
-            chunk = ids[first:first + micro]
-            # One initial noise per group, drawn from (seed, iteration, slot): shared by the group's samples
-            # wherever they run.
-            noise = torch.stack([torch.randn(self.latent_shape, generator=seeded_generator(
-                cfg.train.seed, iteration, k // grpo.group_size)) for k in chunk]).to(self.device)
-            text = self.prompts.states([prompt_ids[k // grpo.group_size] for k in chunk]).to(self.device)
-            generators = [seeded_generator(cfg.train.seed, iteration, k, 1) for k in chunk]
-            batches.append(rollout(self.policy.velocity, noise, text, null, plan, grpo.eta,
+        for first in range(0, len(prompt_ids), micro):
+            rows = range(first, min(first + micro, len(prompt_ids)))
+            noise = torch.stack([torch.randn(self.latent_shape, generator=seeded_generator(*noise_keys[j]))
+                                 for j in rows]).to(self.device)
+            text = self.prompts.states([prompt_ids[j] for j in rows]).to(self.device)
+            generators = [seeded_generator(*sde_keys[j]) for j in rows]
+            batches.append(rollout(self.policy.velocity, noise, text, null, plan, cfg.grpo.eta,
                                    cfg.sample.guidance_scale, generators, self._autocast))
-        return RolloutBatch.concatenate(batches), texts
+        return RolloutBatch.concatenate(batches)
+
+    def collect(self, iteration: int, plan) -> tuple[RolloutBatch, list[str]]:
+        """This rank's samples of an iteration; sample k belongs to prompt slot k // group_size, whose samples
+        share one initial noise drawn from (seed, iteration, slot)."""
+        seed, group = self.config.train.seed, self.config.grpo.group_size
+        slot_prompts = self.prompts.indices_for_iteration(iteration, self.config.grpo.prompts_per_iteration, seed)
+        ids = list(self.local_sample_ids())
+        prompt_ids = [slot_prompts[k // group] for k in ids]
+        batch = self.roll_out(prompt_ids, [(seed, iteration, k // group) for k in ids],
+                              [(seed, iteration, k, 1) for k in ids], plan)
+        return batch, [self.prompts.prompts[i] for i in prompt_ids]
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Mean rewards of deterministic (all-ODE) samples of grpo.eval_prompts fixed prompts with fixed noise:
+        comparable across iterations, unlike the rollouts' rewards (other prompts, SDE noise)."""
+        cfg, count = self.config, self.config.grpo.eval_prompts
+        seed = cfg.train.seed
+        chosen = np.random.default_rng([seed, EVAL_STREAM]).permutation(len(self.prompts))[:count].tolist()
+        mine = list(range(self.dp_rank, len(chosen), self.dp_size))
+        sums = torch.zeros(len(self.rewards) + 1, dtype=torch.float64)
+        if mine:
+            plan = ode_plan(cfg.grpo.num_steps, cfg.sample.shift)
+            batch = self.roll_out([chosen[j] for j in mine], [(seed, EVAL_STREAM, j) for j in mine],
+                                  [(seed, EVAL_STREAM, j, 1) for j in mine], plan)
+            scores = self.score(batch, [self.prompts.prompts[chosen[j]] for j in mine]).double()
+            sums[:-1], sums[-1] = scores.sum(dim=0), len(mine)
+        if self.dp_size > 1:
+            sums = sums.to(self.device)
+            dist.all_reduce(sums, group=state.data_parallel_group())
+        means = (sums[:-1] / sums[-1]).cpu()
+        weights = torch.tensor([reward.weight for reward in self.rewards], dtype=torch.float64)
+        result = {"eval_reward": float((means * weights).sum())}
+        for reward, mean in zip(self.rewards, means):
+            result[f"eval_reward/{reward.name}"] = float(mean)
+        return result
 
     @torch.no_grad()
     def score(self, batch: RolloutBatch, texts: list[str]) -> torch.Tensor:
@@ -266,13 +301,20 @@ class GRPOTrainer:
                                              cfg.progress, desc="grpo")
         started, first = time.time(), self.iteration
         status, saved_step, last = "finished", None, {}
+        evaluate_every = self.config.grpo.eval_interval
         try:
+            if evaluate_every and self.iteration == 0:
+                initial = self.evaluate()
+                logger.log(0, initial)
+                logger.message(f"[osp-grpo] evaluation reward before training: {initial['eval_reward']:.4f}")
             while self.iteration < cfg.steps:
                 tick = time.time()
                 last = self.train_iteration()
                 elapsed = time.time() - tick
                 last.update(iteration_s=elapsed, samples_per_s=self.samples_per_iteration / elapsed,
                             eta_s=(time.time() - started) / (self.iteration - first) * (cfg.steps - self.iteration))
+                if evaluate_every and (self.iteration % evaluate_every == 0 or self.iteration == cfg.steps):
+                    last.update(self.evaluate())
                 logger.log(self.iteration, last)
                 if cfg.sample_interval and self.iteration % cfg.sample_interval == 0 and self.iteration < cfg.steps:
                     self.sample_video()

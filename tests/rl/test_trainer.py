@@ -58,13 +58,17 @@ def test_resume_continues_exactly(tmp_path, grpo_overrides):
 
 
 @pytest.mark.slow
-def test_two_data_parallel_ranks_give_the_one_rank_update(tmp_path, grpo_overrides):
-    """One group of four samples split over 2 gloo ranks (two samples each): the group's statistics are
-    gathered and gradients averaged, and the weights after two iterations equal one rank's."""
-    extra = ["grpo.group_size=4", "grpo.prompts_per_iteration=1", "train.micro_batch_size=1"]
+@pytest.mark.parametrize("layout", ["parallel.data=2", "parallel.ulysses=2"])
+def test_two_ranks_give_the_one_rank_update(tmp_path, grpo_overrides, layout):
+    """Data parallel: one group of four samples split over 2 gloo ranks (two each), the group's statistics
+    gathered and gradients averaged. Ulysses: every sample's tokens split over the 2 ranks. Either way the
+    weights after two iterations equal one rank's."""
+    extra = ["grpo.group_size=4", "grpo.prompts_per_iteration=1", "train.micro_batch_size=1",
+             "grpo.eval_interval=2", "grpo.eval_prompts=3"]
     one = run_on_ranks(_train, 1, grpo_overrides(tmp_path / "one", steps=2, extra=extra))[0]
-    two = run_on_ranks(_train, 2, grpo_overrides(tmp_path / "two", steps=2, extra=extra))
+    two = run_on_ranks(_train, 2, grpo_overrides(tmp_path / "two", steps=2, extra=[*extra, layout]))
     assert one[0]["reward"] == pytest.approx(two[0][0]["reward"], rel=1e-6)
+    assert one[0]["eval_reward"] == pytest.approx(two[0][0]["eval_reward"], rel=1e-6)  # 3 prompts over 2 ranks
     for name, weight in one[1].items():
         for rank in range(2):
             # Adam turns rounding-level gradient differences into at most ~1e-6 of a 1e-3 step.
