@@ -91,7 +91,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.tiny:
         args.preset, args.frames, args.height, args.width = "tiny", 5, 32, 32
-        args.num_steps, args.window, args.group, args.text_len = 6, 2, 2, 16
+        args.num_steps, args.window, args.group, args.text_len = 4, 1, 2, 16
     ensure_single_rank_group()
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     config = from_dict(ModelConfig, {"preset": args.preset, "activation_checkpointing": args.checkpointing}, "model")
