@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from osp_megatron.rl.lora import adapters_disabled, apply_lora, lora_layers, merge_lora
-from osp_megatron.utils.testing import run_on_ranks
+from osp_megatron.utils.testing import gathered_gradients, run_on_ranks
 
 TARGETS = ["linear_q", "linear_k", "linear_v", "linear_proj"]
 
@@ -82,17 +82,7 @@ def _lora_output_and_grads(rank, world_size):
             param.copy_(full if dim is None else full.chunk(world_size, dim)[tensor_parallel_rank()])
     output = model(*_inputs())
     output.square().mean().backward()
-    grads = {}
-    for name, param in model.named_parameters():
-        if "lora_" not in name:
-            continue
-        grad, dim = param.grad, partition_dim(param)
-        if dim is not None and world_size > 1:
-            pieces = [torch.empty_like(grad) for _ in range(world_size)]
-            torch.distributed.all_gather(pieces, grad.contiguous())
-            grad = torch.cat(pieces, dim=dim)
-        grads[name] = grad
-    return output.detach(), grads
+    return output.detach(), gathered_gradients(model, world_size, include=lambda name: "lora_" in name)
 
 
 @pytest.mark.slow
