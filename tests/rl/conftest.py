@@ -13,6 +13,7 @@ def tiny_grpo_overrides(run_dir, steps: int = 2, extra=()) -> list[str]:
             "train.lr=1e-3", "train.micro_batch_size=2", "model.num_layers=2", "checkpoint.load=null",
             "checkpoint.interval=0", "grpo.num_steps=4", "grpo.window_size=2", "grpo.group_size=2",
             "grpo.prompts_per_iteration=2", "grpo.rewards=[{name: temporal_flicker}]", "grpo.pretrain_if_missing=null",
+            "grpo.eval_interval=0", "grpo.decode_batch_size=2",
             "prompts.synthetic=false", "prompts.prompts=[a red circle moving left, a blue square moving up, "
             "a green wide bar staying still]", "sample.num_frames=5", "sample.height=32", "sample.width=32",
             "sample.guidance_scale=2.0", *extra]
