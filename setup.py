@@ -42,8 +42,10 @@ setup(
             "osp-train=osp_megatron.training.cli:main",
             "osp-grpo=osp_megatron.rl.cli:main",
             "osp-sample=osp_megatron.inference.cli:main",
+            "osp-eval=osp_megatron.eval.cli:main",
             "osp-make-synthetic=osp_megatron.data.synthetic:main",
             "osp-ckpt=checkpoints_tools.cli:main",
+            "osp-data=data.cli:main",
         ]
     },
 )
