@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from osp_megatron.inference.sampler import guided_velocity
+from osp_megatron.inference.guidance import BatchedGuidance
 from osp_megatron.rl.rollout import Transition, timesteps
 from osp_megatron.rl.sde import gaussian_log_prob, sde_kl, sde_mean_and_std
 
@@ -52,7 +52,7 @@ def transition_loss(velocity_fn, transition: Transition, text_states, null_state
     latents = transition.latents
     t = timesteps(transition.sigma, latents.shape[0], latents.device)
     with context():
-        velocity = guided_velocity(velocity_fn, latents, t, text_states, null_states, guidance_scale).float()
+        velocity = BatchedGuidance(velocity_fn, text_states, null_states, guidance_scale)(latents, t).float()
     mean, std = sde_mean_and_std(latents, velocity, transition.sigma, transition.sigma_next, eta)
     log_prob = gaussian_log_prob(transition.next_latents, mean, std)
     ratio = torch.exp(log_prob - transition.log_prob)
@@ -63,8 +63,8 @@ def transition_loss(velocity_fn, transition: Transition, text_states, null_state
     kl = torch.zeros_like(ratio)
     if kl_coef > 0 and reference_velocity_fn is not None:
         with torch.no_grad(), context():
-            reference = guided_velocity(reference_velocity_fn, latents, t, text_states, null_states,
-                                        guidance_scale).float()
+            reference = BatchedGuidance(reference_velocity_fn, text_states, null_states, guidance_scale)(
+                latents, t).float()
         reference_mean, _ = sde_mean_and_std(latents, reference, transition.sigma, transition.sigma_next, eta)
         kl = sde_kl(mean, reference_mean, std)
         loss = loss + kl_coef * kl.mean()

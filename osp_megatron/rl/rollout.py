@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from osp_megatron.inference.sampler import TIMESTEP_SCALE, guided_velocity
+from osp_megatron.inference.guidance import BatchedGuidance
+from osp_megatron.inference.sampler import NUM_TRAIN_TIMESTEPS
 from osp_megatron.rl.schedule import RolloutPlan
 from osp_megatron.rl.sde import SecondOrderSolver, ode_step, sde_step
 
@@ -58,7 +59,7 @@ class RolloutBatch:
 
 
 def timesteps(sigma: float, batch: int, device) -> torch.Tensor:
-    return torch.full((batch,), sigma * TIMESTEP_SCALE, device=device)
+    return torch.full((batch,), sigma * NUM_TRAIN_TIMESTEPS, device=device)
 
 
 @torch.no_grad()
@@ -72,12 +73,12 @@ def rollout(velocity_fn, noise: torch.Tensor, text_states: torch.Tensor, null_st
     latents = noise.float()
     batch = RolloutBatch(final_latents=latents, text_states=text_states)
     solver = SecondOrderSolver()
+    guided = BatchedGuidance(velocity_fn, text_states, null_states, guidance_scale)
     sigmas = [float(s) for s in plan.sigmas]
     for i, kind in enumerate(plan.kinds):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         with (autocast or contextlib.nullcontext)():
-            velocity = guided_velocity(velocity_fn, latents, timesteps(sigma, latents.shape[0], latents.device),
-                                       text_states, null_states, guidance_scale).float()
+            velocity = guided(latents, timesteps(sigma, latents.shape[0], latents.device)).float()
         if kind == "sde":
             step_noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in sde_generators])
             next_latents, log_prob = sde_step(latents, velocity, sigma, sigma_next, eta, step_noise.to(latents.device))

@@ -4,7 +4,7 @@ advantages normalise each reward per group, and the clipped ratio loss behaves a
 import pytest
 import torch
 
-from osp_megatron.inference.sampler import guided_velocity
+from osp_megatron.inference.guidance import BatchedGuidance
 from osp_megatron.rl import sde_step
 from osp_megatron.rl.learner import group_advantages, transition_loss
 from osp_megatron.rl.rollout import rollout, seeded_generator
@@ -28,7 +28,7 @@ def test_full_window_is_plain_sde_sampling(tiny_model):
     sigmas = plan.sigmas.tolist()
     with torch.no_grad():
         for i in range(4):
-            v = guided_velocity(tiny_model, x, torch.full((2,), sigmas[i] * 1000), text, null, 2.0)
+            v = BatchedGuidance(tiny_model, text, null, 2.0)(x, torch.full((2,), sigmas[i] * 1000))
             step_noise = torch.stack([torch.randn(x.shape[1:], generator=g) for g in generators])
             x, log_prob = sde_step(x, v, sigmas[i], sigmas[i + 1], 0.7, step_noise)
             log_probs.append(log_prob)
