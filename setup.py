@@ -28,6 +28,7 @@ setup(
         "diffusers>=0.33",
         "transformers>=4.45",
         "sentencepiece",
+        "peft>=0.15",
     ],
     extras_require={
         "test": ["pytest>=7", "pytest-timeout"],
@@ -35,10 +36,12 @@ setup(
         "ulysses-baseline": ["deepspeed"],
         "npu": ["torch_npu"],
         "eval": ["vbench"],
+        "rewards": ["open-clip-torch"],
     },
     entry_points={
         "console_scripts": [
             "osp-train=osp_megatron.training.cli:main",
+            "osp-grpo=osp_megatron.rl.cli:main",
             "osp-sample=osp_megatron.inference.cli:main",
             "osp-eval=osp_megatron.eval.cli:main",
             "osp-make-synthetic=osp_megatron.data.synthetic:main",

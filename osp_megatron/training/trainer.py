@@ -17,16 +17,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from osp_megatron.checkpointing.checkpoint import (
-    current_layout,
-    describe_layout,
-    load_checkpoint,
-    read_metadata,
-    resumable_checkpoint,
-    save_checkpoint,
-    saved_layout,
-    verify_resume_path,
-)
+from osp_megatron.checkpointing.checkpoint import load_checkpoint, resume_target, save_checkpoint
 from osp_megatron.config.errors import ConfigError
 from osp_megatron.config.job import JobConfig
 from osp_megatron.config.loader import to_dict
@@ -157,23 +148,7 @@ class Trainer:
                            group=state.data_parallel_group(), dp_size=self.dp_size)
 
     def _resume_target(self) -> Optional[Path]:
-        """The checkpoint to continue from (checked for damage and for this run's layout), or None."""
-        resume = self.config.checkpoint.resume
-        if resume == "none":
-            return None
-        if resume == "auto":
-            path = resumable_checkpoint(self.run_dir, say=self._say)
-        else:
-            path = verify_resume_path(resume)
-        if path is None:
-            return None
-        saved, now = saved_layout(read_metadata(path)), current_layout()
-        if saved != now:
-            raise ConfigError(
-                f"checkpoint {path} was saved with parallel layout {describe_layout(saved)} but this run has "
-                f"{describe_layout(now)}; resume it with the layout it was saved with, or start a new run.dir "
-                f"that loads its weights only (checkpoint.load={path} checkpoint.resume=none)")
-        return path
+        return resume_target(self.config.checkpoint.resume, self.run_dir, say=self._say)
 
     def _initialise_weights_or_resume(self) -> None:
         path = self.resume_path

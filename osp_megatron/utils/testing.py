@@ -82,6 +82,24 @@ def run_on_ranks(fn, world_size: int, *args, timeout: float = 300.0) -> list:
     return [results[r] for r in range(world_size)]
 
 
+def gathered_gradients(model: torch.nn.Module, world_size: int, include=lambda name: True) -> dict:
+    """{name: gradient} with tensor-parallel shards all-gathered to the full tensor (collective), for comparing
+    a parallel run's gradients with one rank's."""
+    from osp_megatron.checkpointing.sharded import partition_dim
+
+    grads = {}
+    for name, param in model.named_parameters():
+        if not include(name):
+            continue
+        grad, dim = param.grad, partition_dim(param)
+        if dim is not None and world_size > 1:
+            pieces = [torch.empty_like(grad) for _ in range(world_size)]
+            torch.distributed.all_gather(pieces, grad.contiguous())
+            grad = torch.cat(pieces, dim=dim)
+        grads[name] = grad
+    return grads
+
+
 # A tiny Wan2.1 transformer: 2 heads of 12 channels (3D RoPE splits 12 as 4/4/4), 2 blocks, 4 latent channels.
 TINY_DIFFUSERS_WAN = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4,
                           out_channels=4, text_dim=16, freq_dim=32, ffn_dim=40, num_layers=2)

@@ -41,6 +41,16 @@ def test_fp8_benchmark_loss_curves_tiny(tmp_path):
     assert row["relative_to_bf16"]["bf16"] == 0.0
 
 
+def test_grpo_benchmark_tiny(tmp_path):
+    """bench_grpo.py --tiny times the sliding-window, flash and all-SDE iterations with peak memory."""
+    report = _run("bench_grpo.py", out=tmp_path / "grpo.json")
+    modes = {row["mode"]: row for row in report["rows"]}
+    assert set(modes) == {"mixed (sliding window)", "mixed + flash", "all steps SDE"}
+    assert modes["mixed + flash"]["nfe_per_sample"] < modes["mixed (sliding window)"]["nfe_per_sample"]
+    assert modes["all steps SDE"]["sde_steps"] == 4
+    assert all(row["iteration_s"] > 0 and row["peak_mem_gb"] > 0 for row in modes.values())
+
+
 @pytest.mark.slow
 def test_sampling_benchmark_tiny_on_one_and_two_ranks(tmp_path):
     """bench_sampling.py --tiny: seconds per video, full vs hybrid, on one process; then SSP = 2 and CFG-parallel
