@@ -84,12 +84,17 @@ def model_config(name, attention, blocks, tiny):
     return from_dict(ModelConfig, fields, "model")
 
 
-def time_denoising_step(config, latent, layout, device, dtype, args):
-    """Median seconds of one guided denoising step, and the peak memory, under `layout`."""
+def enter_layout(layout):
+    """Process groups of `layout` (SSP and/or a CFG pair); returns the sampling layout."""
     ssp, cfg_parallel, _ = LAYOUTS[layout]
     state.destroy_model_parallel()
     state.init_distributed(state.ParallelConfig(ssp=ssp))
-    sampling = build_sampling_layout(cfg_parallel)
+    return build_sampling_layout(cfg_parallel)
+
+
+def time_denoising_step(config, latent, layout, sampling, device, dtype, args):
+    """Median seconds of one guided denoising step, and the peak memory, under `layout` (entered already)."""
+    _, cfg_parallel, _ = LAYOUTS[layout]
     reset_peak(device)
     model = random_model(config, device, dtype).eval().requires_grad_(False)
     generator = torch.Generator().manual_seed(1)  # identical on every rank
@@ -175,13 +180,17 @@ def main(argv=None) -> dict:
         else:
             vae[name] = time_vae_decode(resolutions[name], device, dtype, args.tiny)
     rows = []
-    for model_name in models:
-        for name in names:
-            for attention in args.attention:
-                config = model_config(model_name, attention, args.blocks, args.tiny)
-                depth = model_config(model_name, attention, None, args.tiny).num_layers
-                for layout in layouts:
-                    step, memory = time_denoising_step(config, resolutions[name], layout, device, dtype, args)
+    # Layouts outermost: each one builds its process groups once. Rebuilding megatron's groups per model leaks
+    # their NCCL communicators (tens of GiB of device memory over a sweep).
+    for layout in layouts:
+        sampling = enter_layout(layout)
+        for model_name in models:
+            for name in names:
+                for attention in args.attention:
+                    config = model_config(model_name, attention, args.blocks, args.tiny)
+                    depth = model_config(model_name, attention, None, args.tiny).num_layers
+                    step, memory = time_denoising_step(config, resolutions[name], layout, sampling, device, dtype,
+                                                       args)
                     step *= depth / config.num_layers  # projection to the full depth when --blocks is given
                     rows.append(dict(model=model_name, resolution=name, attention=attention, layout=layout,
                                      gpus=world, blocks_timed=config.num_layers, blocks=depth, step_s=step,
