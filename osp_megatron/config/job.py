@@ -125,7 +125,7 @@ class JobConfig:
             resolved = ModelConfig.resolve_defaults(dict(model), "model")
             section = dict(data.get("data") or {})
             for data_key, model_key in (("text_dim", "text_dim"), ("text_len", "text_len"),
-                                        ("latent_channels", "in_channels")):
+                                        ("latent_channels", "in_channels"), ("synthetic_vae", "vae")):
                 if data_key not in section:
                     section[data_key] = resolved.get(model_key, getattr(ModelConfig, model_key))
             data["data"] = section
@@ -134,7 +134,8 @@ class JobConfig:
     def validate(self, prefix: str = "") -> None:
         pairs = [("data.text_dim", self.data.text_dim, "model.text_dim", self.model.text_dim),
                  ("data.text_len", self.data.text_len, "model.text_len", self.model.text_len),
-                 ("data.latent_channels", self.data.latent_channels, "model.in_channels", self.model.in_channels)]
+                 ("data.latent_channels", self.data.latent_channels, "model.in_channels", self.model.in_channels),
+                 ("data.synthetic_vae", self.data.synthetic_vae, "model.vae", self.model.vae)]
         for key_a, a, key_b, b in pairs:
             if a != b:
                 raise ConfigError(f"{key_a}={a} does not match {key_b}={b}")

@@ -4,7 +4,7 @@ Built from the `data:` section of a YAML file; `validate()` names the dotted key
 """
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Literal, Optional
 
 from osp_megatron.config.errors import ConfigError
 
@@ -70,6 +70,9 @@ class DataConfig:
     synthetic_samples_per_shard: int = 128
     # Seeds the captions, the noise and the tiny text encoder; sampling must use the same encoder seed.
     synthetic_seed: int = 0
+    # Which latents the synthetic set holds: "tiny-random" analytic blobs, or "tiny-fitted" the tiny fitted VAE's
+    # latents of rendered pixel videos. In a job config it follows model.vae.
+    synthetic_vae: Literal["tiny-random", "tiny-fitted"] = "tiny-random"
     # Shapes of synthetic data; real shards carry their own (one per bucket) and these are not used.
     latent_channels: int = 16
     latent_frames: int = 21

@@ -1,6 +1,6 @@
-"""A learnable synthetic text-to-latent-video data set, written as real webdataset shards.
+"""A learnable synthetic text-to-video data set, written as real webdataset shards, and the pictures it shows.
 
-Captions name a colour, a shape and a motion; the latent is a moving blob that those three words determine.
+Captions name a colour, a shape and a motion; the video (rendered pixels, or an analytic latent) follows from them.
 """
 
 import argparse
@@ -8,6 +8,7 @@ import io
 import itertools
 import json
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 
@@ -15,9 +16,14 @@ import numpy as np
 import webdataset
 
 from osp_megatron.config.errors import ConfigError
-from osp_megatron.data.shards import ShardInfo, atomic_write_bytes, read_index, write_index
+from osp_megatron.data.shards import INDEX_NAME, ShardInfo, atomic_write_bytes, read_index, write_index
 
-INDEX_FORMAT = "osp-synthetic-v1"
+INDEX_FORMAT = "osp-synthetic-v2"
+# Written first into every folder this generator fills; nothing without it is ever written to or deleted.
+MARKER_NAME = ".osp-synthetic"
+SYNTHETIC_VAES = ("tiny-random", "tiny-fitted")
+# Caption videos rendered and encoded at once by the tiny fitted VAE.
+_ENCODE_BATCH = 8
 COLOURS = ("red", "green", "blue", "yellow", "purple", "white")
 SHAPES = ("circle", "square", "wide bar", "tall bar")
 MOTIONS = ("moving left", "moving right", "moving up", "moving down", "staying still")
@@ -164,16 +170,100 @@ def _npy_bytes(array):
     return buffer.getvalue()
 
 
-def _expected_index(num_samples, samples_per_shard, latent_shape, text_len, text_dim, seed):
+def _expected_index(num_samples, samples_per_shard, latent_shape, text_len, text_dim, seed, vae):
     return {"format": INDEX_FORMAT, "num_samples": num_samples, "samples_per_shard": samples_per_shard,
-            "latent_shape": list(latent_shape), "text_len": text_len, "text_dim": text_dim, "seed": seed}
+            "latent_shape": list(latent_shape), "text_len": text_len, "text_dim": text_dim, "seed": seed,
+            "vae": vae}
+
+
+def _is_own_temporary(name):
+    """Files atomic_write_bytes leaves behind when a generator is killed mid-write."""
+    return name.startswith(".") and ".tmp-" in name and (name[1:].startswith("shard-") or name[1:].startswith(
+        INDEX_NAME) or name[1:].startswith(MARKER_NAME))
+
+
+def _read_marker(out_dir):
+    path = os.path.join(out_dir, MARKER_NAME)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path}: unreadable synthetic data marker ({exc}); delete the folder {out_dir} (it "
+                          "holds generated data only) or choose another data.path") from exc
+
+
+def _claim_folder(out_dir, expected):
+    """Decide whether out_dir may receive this synthetic set; returns its shards when it already holds it whole.
+
+    Writes only into an absent or empty folder (leaving the marker first) or one whose marker says it holds this
+    very set; anything else, however valid as data, is refused without touching a file.
+    """
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ConfigError(f"data.path {out_dir!r} is a file, not a folder; choose another data.path for the "
+                          "synthetic data set")
+    entries = sorted(os.listdir(out_dir)) if os.path.isdir(out_dir) else []
+    if MARKER_NAME not in entries:
+        if entries:
+            shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
+            raise ConfigError(
+                f"data.path {out_dir!r} is not empty ({shown}) and holds no synthetic data set made by "
+                f"osp_megatron (no {MARKER_NAME} marker), so synthetic data will not be written there. Choose "
+                "another (empty or absent) data.path for the synthetic set, or set data.synthetic=false to "
+                "train on the shards already in that folder"
+            )
+        os.makedirs(out_dir, exist_ok=True)
+        # The marker goes first: from here on the folder is known to hold this generator's files only.
+        atomic_write_bytes(os.path.join(out_dir, MARKER_NAME), json.dumps(expected, indent=1).encode())
+        return None
+    found = _read_marker(out_dir)
+    if found != expected:
+        raise ConfigError(
+            f"data.path {out_dir!r} holds a different synthetic data set {found}, expected {expected}; choose "
+            f"another data.path, or delete that folder (it holds generated data only) to regenerate it"
+        )
+    index = read_index(out_dir)
+    if index is not None:
+        shards = [ShardInfo(os.path.join(out_dir, e["name"]), e["num_samples"]) for e in index["shards"]]
+        if all(os.path.isfile(s.path) for s in shards):
+            return shards
+    # A set this generator began and did not finish (killed mid-write): its leftovers are rewritten.
+    for name in entries:
+        if _is_own_temporary(name):
+            os.remove(os.path.join(out_dir, name))
+    return None
+
+
+def _pixel_latents(words, latent_shape):
+    """Latents [C, T, H, W] of each caption's rendered video, encoded by the tiny fitted VAE (normalised)."""
+    import torch
+
+    from osp_megatron.models.vae import build_vae
+
+    vae = build_vae(None, tiny="tiny-fitted")
+    channels, frames, height, width = latent_shape
+    if channels != vae.latent_channels:
+        raise ConfigError(f"data.latent_channels={channels}: the tiny fitted VAE has {vae.latent_channels} latent "
+                          "channels")
+    size = (1 + vae.temporal_stride * (frames - 1), height * vae.spatial_stride, width * vae.spatial_stride)
+    latents = {}
+    for start in range(0, len(words), _ENCODE_BATCH):
+        chunk = words[start:start + _ENCODE_BATCH]
+        videos = np.stack([render_caption_video(*w, *size) for w in chunk])
+        pixels = torch.from_numpy(videos).permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0
+        for w, latent in zip(chunk, vae.encode(pixels).numpy()):
+            latents[w] = latent
+    return latents
 
 
 def make_synthetic_shards(out_dir, num_samples, samples_per_shard, latent_shape, text_len, text_dim, seed=0,
-                          text_encoder=None):
+                          text_encoder=None, vae="tiny-random"):
     """Write shard-000000.tar ... and index.json into out_dir; return the list of ShardInfo.
 
-    Reuses a complete data set written with the same parameters; a different one in out_dir is an error.
+    vae: "tiny-random" writes analytic latent blobs (no VAE involved: fast, for tests); "tiny-fitted" renders
+    each caption as a pixel video and stores its latents from the tiny fitted VAE, so samples decode to the
+    caption's picture.
+    Writes only into an absent or empty folder, or completes one it began itself (see _claim_folder); a
+    complete set with the same parameters is reused untouched.
     text_encoder: a TextEncoder with max_length >= text_len; None builds the tiny one seeded with `seed`.
     """
     latent_shape = tuple(int(s) for s in latent_shape)
@@ -182,19 +272,12 @@ def make_synthetic_shards(out_dir, num_samples, samples_per_shard, latent_shape,
     if num_samples < 1 or samples_per_shard < 1:
         raise ConfigError(f"synthetic num_samples and samples_per_shard must be positive, got "
                           f"{num_samples} and {samples_per_shard}")
-    expected = _expected_index(num_samples, samples_per_shard, latent_shape, text_len, text_dim, seed)
-    index = read_index(out_dir) if os.path.isdir(out_dir) else None
-    if index is not None:
-        found = {key: index.get(key) for key in expected}
-        if found != expected:
-            raise ConfigError(
-                f"{os.path.join(out_dir, 'index.json')}: holds a different data set {found}, expected {expected}; "
-                "choose another data.path or delete the folder"
-            )
-        shards = [ShardInfo(os.path.join(out_dir, e["name"]), e["num_samples"]) for e in index["shards"]]
-        if all(os.path.isfile(s.path) for s in shards):
-            return shards
-    os.makedirs(out_dir, exist_ok=True)
+    if vae not in SYNTHETIC_VAES:
+        raise ConfigError(f"data.synthetic_vae: unknown VAE {vae!r}; choose one of {', '.join(SYNTHETIC_VAES)}")
+    expected = _expected_index(num_samples, samples_per_shard, latent_shape, text_len, text_dim, seed, vae)
+    existing = _claim_folder(out_dir, expected)
+    if existing is not None:
+        return existing
 
     encoder_name = "given"
     if text_encoder is None:
@@ -216,16 +299,21 @@ def make_synthetic_shards(out_dir, num_samples, samples_per_shard, latent_shape,
 
     rng = np.random.default_rng(seed)
     words = list(itertools.product(COLOURS, SHAPES, MOTIONS))
+    drawn = [words[i] for i in rng.integers(len(words), size=num_samples)]
+    distinct = sorted(set(drawn), key=words.index)
+    if vae == "tiny-fitted":
+        clean = _pixel_latents(distinct, latent_shape)
+    else:
+        clean = {w: blob_latent(*w, latent_shape) for w in distinct}
     shards = []
     for shard_index, start in enumerate(range(0, num_samples, samples_per_shard)):
         count = min(samples_per_shard, num_samples - start)
         buffer = io.BytesIO()
         with webdataset.TarWriter(buffer) as writer:
             for i in range(start, start + count):
-                colour, shape, motion = words[rng.integers(len(words))]
+                colour, shape, motion = drawn[i]
                 caption = caption_of(colour, shape, motion)
-                latent = blob_latent(colour, shape, motion, latent_shape)
-                latent += NOISE_STD * rng.standard_normal(latent_shape).astype(np.float32)
+                latent = clean[drawn[i]] + NOISE_STD * rng.standard_normal(latent_shape).astype(np.float32)
                 text = text_by_caption[caption]
                 metadata = {"caption": caption, "colour": colour, "shape": shape, "motion": motion,
                             "latent_shape": list(latent_shape), "text_length": int(text.shape[0])}
@@ -245,17 +333,23 @@ def ensure_synthetic_data(config):
     if not config.synthetic:
         return None
     return make_synthetic_shards(config.path, config.synthetic_num_samples, config.synthetic_samples_per_shard,
-                                 config.latent_shape, config.text_len, config.text_dim, config.synthetic_seed)
+                                 config.latent_shape, config.text_len, config.text_dim, config.synthetic_seed,
+                                 vae=config.synthetic_vae)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(
         prog="osp-make-synthetic",
         description="Write a learnable synthetic data set of (latent video, text state) pairs as webdataset "
-        "shards. Captions such as 'a red circle moving left' determine a moving blob in latent space, so a "
-        "small DiT learns text conditioning in a few hundred CPU steps.",
+        "shards. Captions such as 'a red circle moving left' determine a moving shape, so a small DiT learns "
+        "text conditioning in a few hundred CPU steps. Writes only into an empty or absent folder, or one it "
+        "filled itself (marked by a .osp-synthetic file); it never overwrites other files.",
+        epilog="examples:\n  osp-make-synthetic --out data/synthetic\n"
+        "  osp-make-synthetic --out data/pixels --vae tiny-fitted --text-dim 32 --num-samples 512",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--out", required=True, help="folder to write shard-*.tar and index.json into")
+    parser.add_argument("--out", required=True,
+                        help="folder to write shard-*.tar and index.json into: absent, empty, or made by this command")
     parser.add_argument("--num-samples", type=int, default=1024, help="total number of samples (default 1024)")
     parser.add_argument("--samples-per-shard", type=int, default=128, help="samples per .tar shard (default 128)")
     parser.add_argument("--latent-channels", type=int, default=16, help="latent channels C (default 16, Wan VAE)")
@@ -268,6 +362,9 @@ def main(argv=None):
                         help="seeds captions, noise and the tiny text encoder; sample with the same seed (default 0)")
     parser.add_argument("--text-encoder", default=None,
                         help="local umT5 folder to encode captions with (default: the tiny random encoder)")
+    parser.add_argument("--vae", default="tiny-random", choices=SYNTHETIC_VAES,
+                        help="tiny-random: analytic latent blobs (default, fast); tiny-fitted: pixel videos encoded "
+                        "by the tiny VAE fitted on first use (cached), so samples decode to real pictures")
     args = parser.parse_args(argv)
     text_encoder = None
     if args.text_encoder is not None:
@@ -275,8 +372,12 @@ def main(argv=None):
 
         text_encoder = build_text_encoder(args.text_encoder, args.text_dim, args.text_len)
     latent_shape = (args.latent_channels, args.latent_frames, args.latent_height, args.latent_width)
-    shards = make_synthetic_shards(args.out, args.num_samples, args.samples_per_shard, latent_shape, args.text_len,
-                                   args.text_dim, args.seed, text_encoder)
+    try:
+        shards = make_synthetic_shards(args.out, args.num_samples, args.samples_per_shard, latent_shape,
+                                       args.text_len, args.text_dim, args.seed, text_encoder, vae=args.vae)
+    except ConfigError as exc:
+        print(f"osp-make-synthetic: error: {exc}", file=sys.stderr)
+        return 2
     print(f"{sum(s.num_samples for s in shards)} samples in {len(shards)} shards under {args.out}")
     return 0
 

@@ -15,13 +15,14 @@ from osp_megatron.models.vae import build_vae
 
 
 def build_pipeline(model, job_config, device) -> TextToVideoPipeline:
-    """Pipeline with the VAE and text encoder of `model.vae_path` / `model.text_encoder_path` (tiny if unset).
+    """Pipeline with the VAE and text encoder of `model.vae_path` / `model.text_encoder_path` (if unset, the tiny
+    VAE `model.vae` names and the tiny random text encoder).
 
     The tiny random encoders are seeded like the synthetic data set's, so prompts map to the states the
     model was trained on.
     """
     seed = job_config.data.synthetic_seed
-    vae = build_vae(job_config.model.vae_path, seed=seed, device=device)
+    vae = build_vae(job_config.model.vae_path, seed=seed, device=device, tiny=job_config.model.vae)
     text_encoder = build_text_encoder(job_config.model.text_encoder_path, job_config.model.text_dim,
                                       job_config.model.text_len, seed=seed, device=device)
     return TextToVideoPipeline(model, vae, text_encoder, latent_channels=job_config.model.in_channels,

@@ -65,6 +65,9 @@ class ModelConfig:
     # Local directories of the frozen encoders; null builds tiny random-weight ones (tests, CPU demo).
     vae_path: Optional[str] = None
     text_encoder_path: Optional[str] = None
+    # The built-in VAE when vae_path is null: "tiny-random" (random weights, for tests) or "tiny-fitted" (fitted to
+    # the synthetic caption videos on first use and cached; the synthetic set then holds pixel videos' latents).
+    vae: Literal["tiny-random", "tiny-fitted"] = "tiny-random"
 
     @classmethod
     def resolve_defaults(cls, data: dict, prefix: str) -> dict:
@@ -92,6 +95,9 @@ class ModelConfig:
         need(self.head_dim % 2 == 0 and self.head_dim >= 6, "dim",
              f"head_dim = dim / num_heads = {self.head_dim} must be even and >= 6 for 3D RoPE")
         need(self.freq_dim % 2 == 0, "freq_dim", f"must be even, got {self.freq_dim}")
+        need(self.vae_path is None or self.vae == "tiny-random", "vae",
+             f"{self.vae} is a built-in VAE and cannot be combined with {prefix}.vae_path={self.vae_path!r}; "
+             "set one of them")
         need(len(self.patch_size) == 3 and all(p >= 1 for p in self.patch_size), "patch_size",
              f"must be three positive integers (t, h, w), got {self.patch_size}")
         need(self.full_blocks >= 0, "full_blocks", f"must be >= 0, got {self.full_blocks}")

@@ -3,9 +3,11 @@
 Uses the session shard set of conftest.py plus a few tiny private ones.
 """
 
+import hashlib
 import io
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -14,6 +16,7 @@ import webdataset
 
 from osp_megatron.config.errors import ConfigError
 from osp_megatron.data import synthetic
+from osp_megatron.data.shards import iter_raw_samples
 from osp_megatron.data.synthetic import make_synthetic_shards
 from osp_megatron.models.text_encoder import build_text_encoder
 
@@ -28,7 +31,7 @@ def test_shards_are_webdataset_tars_with_expected_fields_and_shapes(shard_dir):
     """webdataset itself reads every shard; each sample has latent [C,T,H,W], text [l, D], txt and json."""
     samples = _read_all(shard_dir)
     assert len(samples) == 50
-    assert sorted(os.listdir(shard_dir)) == ["index.json"] + [f"shard-{i:06d}.tar" for i in range(7)]
+    assert sorted(os.listdir(shard_dir)) == [".osp-synthetic", "index.json"] + [f"shard-{i:06d}.tar" for i in range(7)]
     assert len({s["__key__"] for s in samples}) == 50
     for sample in samples:
         assert sample["latent.npy"].shape == (16, 2, 4, 6) and sample["latent.npy"].dtype == np.float32
@@ -76,21 +79,94 @@ def test_motion_moves_the_blob_in_the_named_direction():
     assert np.all(np.diff(centre) > 0)
 
 
+def _checksums(folder):
+    """sha256 of every file under folder, by relative path: what a refusal must leave exactly as it was."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _user_folder(tmp_path, shard_dir, kind):
+    """Folders that synthetic generation must refuse: the user's real shards with an index, shards without an
+    index, and a folder of unrelated files with a foreign index.json."""
+    folder = tmp_path / kind
+    folder.mkdir()
+    if kind in ("real shards", "no index"):
+        for shard in sorted(shard_dir.glob("shard-*.tar"))[:2]:
+            shutil.copy(shard, folder / shard.name)
+    if kind == "real shards":
+        (folder / "index.json").write_text(json.dumps({"shards": [{"name": "shard-000000.tar", "num_samples": 8},
+                                                                  {"name": "shard-000001.tar", "num_samples": 8}]}))
+    if kind == "foreign":
+        (folder / "index.json").write_text('{"shards": [], "owner": "another tool"}')
+        (folder / "notes.txt").write_text("my experiment")
+        (folder / "sub").mkdir()
+        (folder / "sub" / "clip.mp4").write_bytes(b"\x00" * 64)
+    return folder
+
+
+@pytest.mark.parametrize("kind", ["real shards", "no index", "foreign"])
+def test_folders_it_did_not_make_are_refused_untouched(tmp_path, shard_dir, make_config, kind):
+    """A folder without the generator's marker is refused with its name and the way out; no byte changes."""
+    folder = _user_folder(tmp_path, shard_dir, kind)
+    before = _checksums(folder)
+    config = make_config(folder, synthetic=True, synthetic_num_samples=16, synthetic_samples_per_shard=8)
+    with pytest.raises(ConfigError) as error:
+        synthetic.ensure_synthetic_data(config)
+    message = str(error.value)
+    assert str(folder) in message and "data.path" in message and "data.synthetic=false" in message
+    assert _checksums(folder) == before
+
+
+def test_a_file_as_data_path_is_refused(tmp_path):
+    """data.path naming a file is an error that leaves the file alone."""
+    target = tmp_path / "shards.tar"
+    target.write_bytes(b"user data")
+    with pytest.raises(ConfigError, match="is a file"):
+        make_synthetic_shards(str(target), 4, 4, (16, 1, 2, 2), 32, 8)
+    assert target.read_bytes() == b"user data"
+
+
 def test_existing_complete_data_is_reused(tmp_path):
     """A second call with the same parameters rewrites nothing."""
     make_synthetic_shards(str(tmp_path), 6, 4, (16, 1, 2, 2), 32, 8, seed=0)
     stamps = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
+    checksums = _checksums(tmp_path)
     shards = make_synthetic_shards(str(tmp_path), 6, 4, (16, 1, 2, 2), 32, 8, seed=0)
     assert [s.num_samples for s in shards] == [4, 2]
     assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == stamps
+    assert _checksums(tmp_path) == checksums
     assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
 
 
-def test_different_existing_data_set_is_an_error(tmp_path):
-    """Asking for other parameters in a folder that holds a data set names index.json instead of overwriting."""
+def test_own_partial_set_is_completed(tmp_path):
+    """A set the generator began and was killed in (marker, some shards, a temporary file, no index) is finished
+    with the same samples as an uninterrupted one; a file someone else put there is left alone."""
+    complete, partial = tmp_path / "complete", tmp_path / "partial"
+    make_synthetic_shards(str(complete), 12, 4, (16, 1, 2, 2), 32, 8, seed=2)
+    make_synthetic_shards(str(partial), 12, 4, (16, 1, 2, 2), 32, 8, seed=2)
+    (partial / "index.json").unlink()
+    (partial / "shard-000002.tar").unlink()
+    (partial / ".shard-000002.tar.tmp-99999").write_bytes(b"half a shard")
+    (partial / "README").write_text("kept")
+    make_synthetic_shards(str(partial), 12, 4, (16, 1, 2, 2), 32, 8, seed=2)
+    assert (partial / "README").read_text() == "kept"
+    assert sorted(p.name for p in partial.iterdir()) == sorted([p.name for p in complete.iterdir()] + ["README"])
+    assert (partial / "index.json").read_bytes() == (complete / "index.json").read_bytes()
+    for shard in sorted(complete.glob("shard-*.tar")):
+        # Tar headers carry write times, so the samples are compared, not the files' bytes.
+        expected, found = (
+            [{k: v for k, v in sample.items() if k != "__url__"} for sample in iter_raw_samples(str(path))]
+            for path in (shard, partial / shard.name))
+        assert found == expected
+
+
+def test_own_set_with_other_parameters_is_refused(tmp_path):
+    """Asking for other parameters in a folder holding a generated set names the folder instead of overwriting."""
     make_synthetic_shards(str(tmp_path), 4, 4, (16, 1, 2, 2), 32, 8, seed=0)
-    with pytest.raises(ConfigError, match="index.json"):
+    before = _checksums(tmp_path)
+    with pytest.raises(ConfigError, match="holds a different synthetic data set"):
         make_synthetic_shards(str(tmp_path), 4, 4, (16, 1, 2, 2), 32, 8, seed=1)
+    assert _checksums(tmp_path) == before
 
 
 def test_generation_is_deterministic(tmp_path):
@@ -113,7 +189,8 @@ def test_console_entry_writes_shards_and_documents_every_flag(tmp_path, capsys):
     assert exit_info.value.code == 0
     help_text = capsys.readouterr().out
     for flag in ("--out", "--num-samples", "--samples-per-shard", "--latent-channels", "--latent-frames",
-                 "--latent-height", "--latent-width", "--text-len", "--text-dim", "--seed", "--text-encoder"):
+                 "--latent-height", "--latent-width", "--text-len", "--text-dim", "--seed", "--text-encoder",
+                 "--vae"):
         assert flag in help_text
 
 
