@@ -7,7 +7,7 @@ import datetime
 import os
 import socket
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 import torch.distributed as dist
@@ -26,6 +26,11 @@ class ParallelConfig:
     ulysses: int = 1
     backend: Optional[str] = None  # null: nccl on CUDA, gloo on CPU
     timeout_minutes: int = 30
+    # FSDP2: shard weights, gradients, optimizer state and EMA over the data x SSP x Ulysses ranks of each
+    # tensor-parallel rank (docs/sharding.md); offload keeps those shards in CPU memory.
+    fsdp: bool = False
+    fsdp_offload: bool = False
+    fsdp_reduce_dtype: Literal["float32", "bfloat16"] = "float32"  # dtype of the gradient reduce-scatter
 
     def validate(self, prefix: str = "parallel") -> None:
         for name in ("tensor", "ssp", "ulysses", "timeout_minutes"):
@@ -35,6 +40,8 @@ class ParallelConfig:
             raise ConfigError(f"{prefix}.data: must be >= 1 or null (derived from the world size), got {self.data}")
         if self.backend not in (None, "gloo", "nccl", "hccl"):
             raise ConfigError(f"{prefix}.backend: {self.backend!r} is not one of null, gloo, nccl, hccl")
+        if self.fsdp_offload and not self.fsdp:
+            raise ConfigError(f"{prefix}.fsdp_offload offloads FSDP's shards; it needs {prefix}.fsdp=true")
 
     @property
     def context(self) -> int:
@@ -269,6 +276,16 @@ def context_parallel_group():
 
 def context_parallel_size() -> int:
     return parallel_state.get_context_parallel_world_size()
+
+
+def communication_device() -> torch.device:
+    """Where tensors handed to collectives must live: the current accelerator under NCCL / HCCL, else the CPU."""
+    backend = dist.get_backend() if dist.is_initialized() else "gloo"
+    if backend == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    if backend == "hccl":
+        return torch.device("npu", torch.npu.current_device())
+    return torch.device("cpu")
 
 
 def is_logging_rank() -> bool:
