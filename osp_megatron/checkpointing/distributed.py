@@ -7,17 +7,17 @@ exactly the pieces it holds.
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
-from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
+from osp_megatron.checkpointing.integrity import CheckpointCorruptError
+from osp_megatron.checkpointing.offline import stored_index
 from osp_megatron.checkpointing.sharded import partition_dim
 from osp_megatron.config.errors import ConfigError
 from osp_megatron.parallel import state
@@ -149,16 +149,6 @@ def save_tensors(folder: Path, tensors: dict, process_group=None, asynchronous: 
     return None
 
 
-def stored_index(folder: Path) -> dict[str, TensorStorageMetadata]:
-    """key -> storage metadata (full size, dtype, chunks) of every tensor in a DCP folder."""
-    try:
-        metadata = FileSystemReader(str(folder)).read_metadata()
-    except (OSError, EOFError, RuntimeError, ValueError) as exc:
-        raise ConfigError(f"{str(folder)!r} is not a readable torch.distributed.checkpoint folder ({exc})") from exc
-    return {key: value for key, value in metadata.state_dict_metadata.items()
-            if isinstance(value, TensorStorageMetadata)}
-
-
 def check_compatible(folder: Path, tensors: dict, tensor_parallel: int) -> None:
     """Refuse, naming the tensors, when the checkpoint lacks some of `tensors` or stores other shapes."""
     index = stored_index(folder)
@@ -176,44 +166,9 @@ def check_compatible(folder: Path, tensors: dict, tensor_parallel: int) -> None:
 def load_tensors(folder: Path, tensors: dict) -> None:
     """Collective: read every tensor's pieces this rank holds, in place, whatever layout wrote them."""
     check_compatible(folder, tensors, state.tensor_parallel_size())
-    dcp.load(global_state_dict(tensors), storage_reader=FileSystemReader(str(folder)))
-
-
-# -- offline access (one process, no process group) ---------------------------------------------------------
-def read_tensor(folder: Path, key: str, index: Optional[dict] = None) -> torch.Tensor:
-    """One whole tensor of a DCP folder, assembled from its stored pieces (reads only those bytes)."""
-    index = index if index is not None else stored_index(folder)
-    if key not in index:
-        raise ConfigError(f"{str(folder)!r} stores no tensor {key!r}")
-    meta = index[key]
-    target = torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
-    dcp.load({key: target}, storage_reader=FileSystemReader(str(folder)), no_dist=True)
-    return target
-
-
-def iter_tensors(folder: Path, prefix: str) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name without `prefix`/, whole tensor) of every stored key under `prefix`, one at a time, sorted."""
-    index = stored_index(folder)
-    for key in sorted(index):
-        if key.startswith(prefix + "/"):
-            yield key[len(prefix) + 1:], read_tensor(folder, key, index)
-
-
-class _ProducingSavePlanner(DefaultSavePlanner):
-    """Plans with shape-only (meta) tensors and computes each one when the writer asks for its bytes."""
-
-    def __init__(self, produce: Callable[[str], torch.Tensor]):
-        super().__init__()
-        self.produce = produce
-
-    def lookup_object(self, index):
-        return self.produce(index.fqn).contiguous()
-
-
-def write_tensors_streaming(folder: Path, specs: dict[str, tuple[tuple, torch.dtype]],
-                            produce: Callable[[str], torch.Tensor]) -> None:
-    """Write a one-process DCP folder of whole tensors `specs` (key -> (shape, dtype)), calling produce(key)
-    for one tensor at a time as it is written: memory holds one tensor, never the whole checkpoint."""
-    planned = {key: torch.empty(shape, dtype=dtype, device="meta") for key, (shape, dtype) in specs.items()}
-    dcp.save(planned, storage_writer=FileSystemWriter(str(folder)), planner=_ProducingSavePlanner(produce),
-             no_dist=True)
+    try:
+        dcp.load(global_state_dict(tensors), storage_reader=FileSystemReader(str(folder)))
+    except Exception as exc:  # DCP wraps each rank's read failure (truncated or unreadable pieces)
+        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise CheckpointCorruptError(f"{folder}: its tensors cannot be read ({reason}); the checkpoint is "
+                                     "damaged (osp-ckpt verify names the file)") from exc

@@ -31,3 +31,34 @@ def read_metadata(path: str | Path) -> dict:
 
 def is_distributed_format(metadata: dict) -> bool:
     return metadata.get("format") == DISTRIBUTED_FORMAT
+
+
+LAYOUT_KEYS = ("world_size", "tensor", "data", "ssp", "ulysses", "fsdp")
+
+
+def current_layout(fsdp: bool = False) -> dict:
+    """The parallel layout of this run, as recorded in checkpoints and compared on resume."""
+    import torch.distributed as dist
+
+    from osp_megatron.parallel import state
+
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    return {"world_size": world, "tensor": state.tensor_parallel_size(), "data": state.data_parallel_size(),
+            "ssp": state.ssp_size(), "ulysses": state.ulysses_size(), "fsdp": bool(fsdp)}
+
+
+def saved_layout(metadata: dict) -> dict:
+    """The layout a checkpoint was written under (checkpoints from before layouts were recorded: inferred)."""
+    if "layout" in metadata:
+        return {"fsdp": False, **metadata["layout"]}
+    world, tensor = int(metadata.get("world_size", 1)), int(metadata.get("tensor_parallel", 1))
+    return {"world_size": world, "tensor": tensor, "data": world // tensor, "ssp": 1, "ulysses": 1, "fsdp": False}
+
+
+def describe_layout(layout: dict) -> str:
+    return (f"tensor={layout['tensor']} data={layout['data']} ssp={layout['ssp']} ulysses={layout['ulysses']} "
+            f"fsdp={str(bool(layout.get('fsdp'))).lower()} (world size {layout['world_size']})")
+
+
+def same_layout(metadata: dict, fsdp: bool = False) -> bool:
+    return saved_layout(metadata) == current_layout(fsdp)

@@ -18,42 +18,17 @@ from osp_megatron.checkpointing.distributed import (
     OPTIMIZER,
     local_piece,
     load_tensors,
-    stored_index,
     stored_like,
     training_tensors,
 )
-from osp_megatron.checkpointing.metadata import STATE, is_distributed_format, read_metadata
+from osp_megatron.checkpointing.integrity import CheckpointCorruptError, verify_file
+from osp_megatron.checkpointing.offline import stored_kinds, stored_shapes
+from osp_megatron.checkpointing.metadata import STATE, is_distributed_format, read_metadata, same_layout
 from osp_megatron.checkpointing.sharded import read_local_tensor, source_layout
-from osp_megatron.checkpointing.writer import current_layout, rank_file
+from osp_megatron.checkpointing.writer import rank_file
 from osp_megatron.config.errors import ConfigError
 from osp_megatron.parallel import state
 from osp_megatron.parallel.fsdp import is_fsdp_model
-
-LAYOUT_KEYS = ("tensor", "data", "ssp", "ulysses", "fsdp", "world_size")
-
-
-def saved_layout(metadata: dict) -> dict:
-    """The layout a checkpoint was written under (format 1 records only its tensor-parallel and world sizes)."""
-    if "layout" in metadata:
-        return dict(metadata["layout"])
-    return {"tensor": metadata.get("tensor_parallel"), "world_size": metadata.get("world_size"), "fsdp": False}
-
-
-def describe_layout(layout: dict) -> str:
-    return ", ".join(f"{key} {layout[key]}" for key in LAYOUT_KEYS if layout.get(key) is not None)
-
-
-def same_layout(metadata: dict, fsdp: bool) -> bool:
-    saved, now = saved_layout(metadata), current_layout(fsdp)
-    return all(saved.get(key, now[key]) == now[key] for key in LAYOUT_KEYS)
-
-
-def stored_kinds(path: Path, metadata: dict) -> set:
-    """Which of model / ema / optimizer a checkpoint holds."""
-    if is_distributed_format(metadata):
-        return {key.split("/", 1)[0] for key in stored_index(Path(path) / STATE)}
-    return {kind for kind in (MODEL, EMA, OPTIMIZER) if (Path(path) / kind).is_dir()}
-
 
 def load_training_state(path: str | Path, model: torch.nn.Module, optimizer=None, ema=None,
                         which: Optional[tuple] = None) -> tuple[dict, dict]:
@@ -65,7 +40,7 @@ def load_training_state(path: str | Path, model: torch.nn.Module, optimizer=None
     """
     path = Path(path)
     metadata = read_metadata(path)
-    kinds = stored_kinds(path, metadata)
+    kinds = set(stored_kinds(path))
     wanted = set(which or (MODEL, EMA, OPTIMIZER))
     if MODEL not in kinds and MODEL in wanted:
         raise ConfigError(f"checkpoint {str(path)!r} holds no model weights")
@@ -94,13 +69,10 @@ def load_weights(path: str | Path, model: torch.nn.Module, which: str = MODEL,
     layout. Returns (missing, unexpected) parameter names; strict makes either an error."""
     path = Path(path)
     metadata = read_metadata(path)
-    if which not in stored_kinds(path, metadata):
+    stored = set(stored_shapes(path, which))
+    if not stored:
         raise ConfigError(f"checkpoint {str(path)!r} has no {which!r} weights")
     params = dict(model.named_parameters())
-    if is_distributed_format(metadata):
-        stored = {key.split("/", 1)[1] for key in stored_index(path / STATE) if key.startswith(which + "/")}
-    else:
-        stored = set(source_layout(path / which)[2])
     missing, unexpected = sorted(set(params) - stored), sorted(stored - set(params))
     if strict and (missing or unexpected):
         raise ConfigError(f"{which} weights of {str(path)!r} do not match the model: missing {missing[:8]}, "
@@ -118,7 +90,13 @@ def read_rank_state(path: Path, metadata: dict, fsdp: bool) -> dict:
     another layout rank 0's, whose layout-free parts (step, scales, global data position) apply to all."""
     rank = dist.get_rank() if same_layout(metadata, fsdp) else 0
     file = rank_file(path, rank)
-    return torch.load(file, weights_only=False) if file.is_file() else {}
+    if not file.is_file():
+        return {}
+    verify_file(file)
+    try:
+        return torch.load(file, weights_only=False)
+    except Exception as exc:  # pickle and zip errors of a damaged file
+        raise CheckpointCorruptError(f"{file}: cannot be read ({exc})") from exc
 
 
 def load_tensor_parallel_safetensors(path: Path, tensors: dict) -> None:
@@ -145,6 +123,7 @@ def load_tensor_parallel_safetensors(path: Path, tensors: dict) -> None:
                 stored.local.copy_(piece.to(stored.local.dtype))
         steps = {name: value for name, value in targets.items() if name.startswith("step/")}
         if steps:
+            verify_file(folder / "scalars.json")
             scalars = json.loads((folder / "scalars.json").read_text())
             for name, count in steps.items():
                 count.fill_(scalars[name])

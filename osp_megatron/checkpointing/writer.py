@@ -19,19 +19,12 @@ import torch.distributed as dist
 from osp_megatron.checkpointing.distributed import save_tensors
 from osp_megatron.checkpointing.integrity import file_digest, write_manifest
 from osp_megatron.checkpointing.metadata import DISTRIBUTED_FORMAT, METADATA, STATE
-from osp_megatron.parallel import state
 
 RANKS = "ranks"
 
 
 def rank_file(folder: Path, rank: int) -> Path:
     return Path(folder) / RANKS / f"rank{rank:05d}.pt"
-
-
-def current_layout(fsdp: bool) -> dict:
-    """The parallel layout a checkpoint was written under (recorded in its metadata)."""
-    return {"tensor": state.tensor_parallel_size(), "data": state.data_parallel_size(), "ssp": state.ssp_size(),
-            "ulysses": state.ulysses_size(), "fsdp": bool(fsdp), "world_size": dist.get_world_size()}
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -62,7 +55,7 @@ def files_written_by(folder: Path, rank: int) -> list[str]:
 
 
 def publish(tmp: Path, final: Path, digests: dict, metadata: dict, keep_last: Optional[int],
-            complete_checkpoints) -> None:
+            complete_checkpoints, update_latest: bool = True) -> None:
     """Rank 0: manifest, metadata.json (the completion mark), rename into place, point `latest` at it, rotate.
 
     A crash before the rename leaves only the .tmp folder, which nothing loads; a crash between the renames
@@ -81,7 +74,8 @@ def publish(tmp: Path, final: Path, digests: dict, metadata: dict, keep_last: Op
     else:
         os.replace(tmp, final)
     fsync_dir(root)
-    write_text_atomic(root / "latest", final.name)
+    if update_latest:
+        write_text_atomic(root / "latest", final.name)
     if keep_last:
         for old in complete_checkpoints()[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
@@ -95,8 +89,9 @@ class CheckpointWriter:
     """
 
     def __init__(self, root: Path, keep_last: Optional[int] = None, asynchronous: bool = False,
-                 complete_checkpoints=None):
+                 complete_checkpoints=None, update_latest: bool = True):
         self.root = Path(root)
+        self.update_latest = update_latest
         self.keep_last = keep_last
         self.asynchronous = asynchronous
         self.complete_checkpoints = complete_checkpoints or (lambda: [])
@@ -124,6 +119,7 @@ class CheckpointWriter:
             return final
         if self._group is None:
             self._group = dist.new_group(backend="gloo")
+        if self._worker is None:
             self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
         written = save_tensors(tmp / STATE, tensors, process_group=self._group, asynchronous=True)
         self._pending = self._worker.submit(self._finish, written, tmp, final, info, self._group)
@@ -138,7 +134,7 @@ class CheckpointWriter:
         dist.gather_object(digests, gathered, dst=0, group=group)
         if rank == 0:
             merged = {name: digest for part in gathered for name, digest in part.items()}
-            publish(tmp, final, merged, metadata, self.keep_last, self.complete_checkpoints)
+            publish(tmp, final, merged, metadata, self.keep_last, self.complete_checkpoints, self.update_latest)
         dist.barrier(group=group)
 
     def wait(self) -> None:

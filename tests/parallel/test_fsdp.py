@@ -29,7 +29,8 @@ def _train(rank, world_size, layout, fsdp, steps, save_at=(), resume=None, quant
 
     from osp_megatron.checkpointing.distributed import training_tensors
     from osp_megatron.checkpointing.training_state import load_training_state
-    from osp_megatron.checkpointing.writer import CheckpointWriter, current_layout
+    from osp_megatron.checkpointing.metadata import current_layout
+    from osp_megatron.checkpointing.writer import CheckpointWriter
     from osp_megatron.checkpointing.sharded import partition_dim
     from osp_megatron.config.job import TrainConfig
     from osp_megatron.config.loader import from_dict
