@@ -3,7 +3,9 @@
 Used by osp-ckpt (inspect, export, average, import) and tests; free of megatron-core, so tools start fast.
 """
 
+import contextlib
 import json
+import warnings
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
@@ -24,6 +26,15 @@ _SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torc
 
 
 # -- torch.distributed.checkpoint folders -------------------------------------------------------------------
+@contextlib.contextmanager
+def _one_process():
+    """DCP in this one process, without its warning that no process group is running (that is the intent)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        yield
+
+
+
 def stored_index(folder: Path) -> dict[str, TensorStorageMetadata]:
     """key -> storage metadata (full size, dtype, stored pieces) of every tensor of a DCP folder."""
     try:
@@ -42,7 +53,8 @@ def read_tensor(folder: Path, key: str, index: Optional[dict] = None) -> torch.T
     meta = index[key]
     target = torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
     try:
-        dcp.load({key: target}, storage_reader=FileSystemReader(str(folder)), no_dist=True)
+        with _one_process():
+            dcp.load({key: target}, storage_reader=FileSystemReader(str(folder)), no_dist=True)
     except Exception as exc:  # DCP's own error for an unreadable piece
         raise CheckpointCorruptError(f"{folder}: tensor {key!r} cannot be read ({exc})") from exc
     return target
@@ -64,8 +76,9 @@ def write_tensors_streaming(folder: Path, specs: dict[str, tuple[tuple, torch.dt
     """Write a one-process DCP folder of whole tensors `specs` (key -> (shape, dtype)), calling produce(key)
     for one tensor at a time as it is written: memory holds one tensor, never the whole checkpoint."""
     planned = {key: torch.empty(shape, dtype=dtype, device="meta") for key, (shape, dtype) in specs.items()}
-    dcp.save(planned, storage_writer=FileSystemWriter(str(folder)), planner=_ProducingSavePlanner(produce),
-             no_dist=True)
+    with _one_process():
+        dcp.save(planned, storage_writer=FileSystemWriter(str(folder)), planner=_ProducingSavePlanner(produce),
+                 no_dist=True)
 
 
 def check_state_files(path: Path) -> None:
