@@ -119,8 +119,9 @@ def tensor_by_data_context_mesh(device_type: str) -> DeviceMesh:
 
 
 def as_global(stored: StoredTensor, meshes: dict) -> DTensor:
-    """A DTensor with the tensor's full shape whose local piece aliases `stored.local` (no copy)."""
-    local = stored.local
+    """A DTensor with the tensor's full shape whose local piece aliases `stored.local` (no copy; detached, so
+    loads write into the parameter itself and the asynchronous stager may copy it)."""
+    local = stored.local.detach()
     mesh = meshes.get(local.device.type)
     if mesh is None:
         mesh = meshes[local.device.type] = tensor_by_data_context_mesh(local.device.type)
