@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -37,3 +39,17 @@ def test_fp8_benchmark_loss_curves_tiny(tmp_path):
     (row,) = report["rows"]
     assert set(row["curves"]) == {"bf16", "fp8_hybrid+attn"} and all(len(c) == 3 for c in row["curves"].values())
     assert row["relative_to_bf16"]["bf16"] == 0.0
+
+
+@pytest.mark.slow
+def test_fsdp_benchmark_tiny(tmp_path):
+    """bench_fsdp.py --tiny runs osp-train under torchrun on one and two CPU ranks (FSDP with SSP=2) and reports
+    step time, throughput, memory, finite losses and the two-rank speed-up."""
+    report = _run("bench_fsdp.py", "--cases", "wan13b_480p_1gpu", "wan13b_480p_fsdp_ssp2", "--warmup", "1",
+                  "--work", str(tmp_path / "work"), out=tmp_path / "fsdp.json")
+    one, two = report["rows"]
+    assert one["gpus"] == 1 and two["gpus"] == 2
+    for row in (one, two):
+        assert "error" not in row, row.get("error")
+        assert row["steps"] == 3 and row["step_s"] > 0 and row["loss_finite"] and row["peak_gib"] > 0
+    assert two["speedup"] > 0 and "parallel.fsdp=true" in two["command"]
