@@ -106,10 +106,12 @@ class Trainer:
             self.precision = "bf16" if self.device.type == "cuda" else "fp32"
 
         # Same seed on every rank: megatron's CPU initialisation builds the full weight then keeps this rank's
-        # slice, so every tensor-parallel size, with FSDP or without, starts from identical weights. Under FSDP
-        # the model stays in host memory until sharding moves each rank's shards to the device.
+        # slice, so every tensor-parallel size, with FSDP or without, starts from identical weights. Weights a
+        # checkpoint overwrites entirely (resume, checkpoint.load: both refuse missing tensors) are only
+        # allocated. Under FSDP the model stays in host memory until sharding moves each rank's shards.
         seed_everything(config.train.seed)
-        self.model = build_model(config.model, "cpu" if self.fsdp else self.device)
+        initialize = self.resume_path is None and not config.checkpoint.load
+        self.model = build_model(config.model, "cpu" if self.fsdp else self.device, initialize=initialize)
         # Quantized GEMMs (quant.recipe): the selected linears quantize inputs, weights and output gradients
         # with their recipe; scales agree across the ranks of one model replica.
         self.quantized_layers = []
@@ -334,9 +336,10 @@ class Trainer:
         if self.logging_rank:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(self.config), sort_keys=False))
-            self._say(f"model: {count_parameters(self.model) / 1e6:.2f}M parameters on this rank, blocks "
+            self._say(f"model: {count_parameters(self.model) / 1e6:.2f}M parameters per tensor-parallel rank, blocks "
                       f"{self.model.block_kinds}; world {dist.get_world_size()} (dp {self.dp_size}, tp "
-                      f"{state.tensor_parallel_size()}, ssp {state.ssp_size()}, ulysses {state.ulysses_size()}); "
+                      f"{state.tensor_parallel_size()}, ssp {state.ssp_size()}, ulysses {state.ulysses_size()}, "
+                      f"fsdp {'on' if self.fsdp else 'off'}); "
                       f"accumulation {self.accumulation}; device {self.device}; precision {self.precision}")
         if stop.agreed():
             self._say(f"stopped by {stop.signal_name} before the first step; nothing to save")
