@@ -80,3 +80,14 @@ def run_on_ranks(fn, world_size: int, *args, timeout: float = 300.0) -> list:
     if errors:
         raise RuntimeError("\n".join(errors))
     return [results[r] for r in range(world_size)]
+
+
+def assert_same_training_state(path, reference_path, rtol: float = 1e-5, atol: float = 1e-6) -> None:
+    """Two checkpoints (any format, any layout) hold the same model, EMA and AdamW tensors, one by one."""
+    from osp_megatron.checkpointing.offline import read_checkpoint_tensors
+
+    for which in ("model", "ema", "optimizer"):
+        tensors, expected = read_checkpoint_tensors(path, which), read_checkpoint_tensors(reference_path, which)
+        assert expected and tensors.keys() == expected.keys(), (which, sorted(set(tensors) ^ set(expected))[:5])
+        for name in expected:
+            torch.testing.assert_close(tensors[name], expected[name], rtol=rtol, atol=atol, msg=f"{which} {name}")

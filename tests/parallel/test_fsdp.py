@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from osp_megatron.checkpointing.offline import read_checkpoint_tensors
-from osp_megatron.utils.testing import run_on_ranks
+from osp_megatron.utils.testing import assert_same_training_state, run_on_ranks
 
 GLOBAL_BATCH, STEPS, SEED = 4, 4, 11
 MODEL = {"preset": "tiny", "num_layers": 3, "sparse_ratio": 2, "full_blocks": 1}
@@ -98,15 +97,6 @@ def _close(values, expected, what):
         assert abs(value - reference) <= 1e-5 * max(1.0, abs(reference)), (what, step, value, reference)
 
 
-def _assert_same_state(path, reference_path):
-    """Model, EMA and every AdamW moment and step count equal tensor by tensor (1e-5)."""
-    for which in ("model", "ema", "optimizer"):
-        tensors, expected = read_checkpoint_tensors(path, which), read_checkpoint_tensors(reference_path, which)
-        assert tensors.keys() == expected.keys() and expected, which
-        for name in expected:
-            torch.testing.assert_close(tensors[name], expected[name], rtol=1e-5, atol=1e-6, msg=f"{which} {name}")
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """One rank, no FSDP: losses and gradient norms of STEPS steps, checkpoints after step 2 and STEPS."""
@@ -128,7 +118,7 @@ def test_fsdp_equals_single_rank(name, reference, tmp_path):
     for rank_losses, rank_norms in results:
         _close(rank_losses, losses, f"{name} loss")
         _close(rank_norms, norms, f"{name} grad norm")
-    _assert_same_state(tmp_path / f"step_{STEPS:08d}", root / f"step_{STEPS:08d}")
+    assert_same_training_state(tmp_path / f"step_{STEPS:08d}", root / f"step_{STEPS:08d}")
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +137,7 @@ def test_fsdp_with_tensor_parallel_equals_single_rank(reference, tensor2_data2):
     for rank_losses, rank_norms in results:
         _close(rank_losses, losses, "tp2 x data2 loss")
         _close(rank_norms, norms, "tp2 x data2 grad norm")
-    _assert_same_state(saved / f"step_{STEPS:08d}", root / f"step_{STEPS:08d}")
+    assert_same_training_state(saved / f"step_{STEPS:08d}", root / f"step_{STEPS:08d}")
 
 
 @pytest.mark.slow
@@ -161,7 +151,7 @@ def test_checkpoint_of_tensor2_data2_resumes_under_other_layouts(layout, fsdp, r
     for rank_losses, rank_norms in results:
         _close(rank_losses, losses[2:], "resumed loss")
         _close(rank_norms, norms[2:], "resumed grad norm")
-    _assert_same_state(tmp_path / f"step_{STEPS:08d}", root / f"step_{STEPS:08d}")
+    assert_same_training_state(tmp_path / f"step_{STEPS:08d}", root / f"step_{STEPS:08d}")
 
 
 def test_fsdp_composes_with_fp8_current_scaling(tmp_path):

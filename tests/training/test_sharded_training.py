@@ -7,11 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-from osp_megatron.checkpointing.offline import read_checkpoint_tensors
 from osp_megatron.training.metrics import read_metrics
-from osp_megatron.utils.testing import run_on_ranks
+from osp_megatron.utils.testing import assert_same_training_state, run_on_ranks
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = str(ROOT / "examples" / "tiny_t2v.yaml")
@@ -46,14 +44,6 @@ def _assert_same_steps(run_dir, reference_dir, steps):
             assert abs(value - reference) <= 1e-5 * max(1.0, abs(reference)), (step, key, value, reference)
 
 
-def _assert_same_state(path, reference_path):
-    for which in ("model", "ema", "optimizer"):
-        tensors, expected = read_checkpoint_tensors(path, which), read_checkpoint_tensors(reference_path, which)
-        assert tensors.keys() == expected.keys() and expected, which
-        for name in expected:
-            torch.testing.assert_close(tensors[name], expected[name], rtol=1e-5, atol=1e-6, msg=f"{which} {name}")
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """One rank, no FSDP, two micro-batches per step."""
@@ -76,7 +66,7 @@ def test_fsdp_ssp2_run_matches_one_rank_and_resumes_on_one_rank(reference, tmp_p
                                              f"checkpoint.resume={sharded / 'checkpoints' / 'step_00000002'}"])
     _assert_same_steps(resumed, root / "reference", range(3, STEPS + 1))
     final = f"checkpoints/step_{STEPS:08d}"
-    _assert_same_state(resumed / final, root / "reference" / final)
+    assert_same_training_state(resumed / final, root / "reference" / final)
 
 
 KILL_DURING_SECOND_SAVE = """
@@ -114,4 +104,4 @@ def test_kill_during_async_save_resumes_from_previous_checkpoint(reference, tmp_
     assert result["status"] == "finished" and result["step"] == STEPS
     _assert_same_steps(run_dir, root / "reference", range(1, STEPS + 1))
     assert (checkpoints / "latest").read_text() == f"step_{STEPS:08d}"
-    _assert_same_state(checkpoints / f"step_{STEPS:08d}", root / "reference" / "checkpoints" / f"step_{STEPS:08d}")
+    assert_same_training_state(checkpoints / f"step_{STEPS:08d}", root / "reference" / "checkpoints" / f"step_{STEPS:08d}")
