@@ -93,18 +93,22 @@ def test_export_ema_in_both_layouts(two_checkpoints, tmp_path):
 
 
 @pytest.mark.slow
-def test_reshard_to_tensor2_fsdp_keeps_every_tensor(two_checkpoints, tmp_path):
-    """reshard --tensor 2 --fsdp runs two ranks that write one state file each; the checkpoint holds the same
-    model, EMA and optimizer tensors and records the new layout."""
-    source = two_checkpoints[1]
-    output = tmp_path / "tp2"
-    assert main(["reshard", str(source), str(output), "--tensor", "2", "--fsdp"]) == 0
+def test_reshard_converts_a_tensor_parallel_safetensors_checkpoint(tiny_diffusers, tmp_path):
+    """reshard of a format-1 checkpoint (tensor-parallel safetensors, here from `import --tensor-parallel 2`) for
+    data=2 with FSDP: the two ranks read it into their FSDP shards and write a distributed checkpoint holding
+    the same tensors, recording the new layout."""
+    from osp_megatron.checkpointing.sharded import iter_full_tensors
+
+    _, folder = tiny_diffusers
+    source, output = tmp_path / "imported", tmp_path / "dp2_fsdp"
+    assert main(["import", str(folder), str(source), "--tensor-parallel", "2"]) == 0
+    assert main(["reshard", str(source), str(output), "--data", "2", "--fsdp"]) == 0
     metadata = json.loads((output / "metadata.json").read_text())
-    assert metadata["layout"] == {"world_size": 2, "tensor": 2, "data": 1, "ssp": 1, "ulysses": 1, "fsdp": True}
-    assert metadata["step"] == 2 and metadata["resharded_from"] == str(source)
+    assert metadata["format"] == "osp-megatron-checkpoint/2" and metadata["resharded_from"] == str(source)
+    assert metadata["layout"] == {"world_size": 2, "tensor": 1, "data": 2, "ssp": 1, "ulysses": 1, "fsdp": True}
     assert sorted(p.name for p in (output / "state").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
-    for which in ("model", "ema", "optimizer"):
-        expected, got = read_checkpoint_tensors(source, which), read_checkpoint_tensors(output, which)
-        assert got.keys() == expected.keys() and expected
-        for name in expected:
-            assert torch.equal(got[name], expected[name]), (which, name)
+    expected, got = dict(iter_full_tensors(source / "model")), read_checkpoint_tensors(output, "model")
+    assert got.keys() == expected.keys()
+    for name in expected:
+        assert torch.equal(got[name], expected[name]), name
+    assert main(["verify", str(output)]) == 0
