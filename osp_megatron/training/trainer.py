@@ -422,7 +422,8 @@ class Trainer:
         it, and show the strip in TensorBoard."""
         from osp_megatron.inference.runner import render_sample
 
-        with self._ema_weights():
+        # Under the training precision: FSDP's blocks compute in bf16 under bf16 training.
+        with self._ema_weights(), self._autocast():
             paths = render_sample(self.model, self.config, self.device, output, write=self.logging_rank)
         paths = paths if isinstance(paths, list) else [paths]
         if self.logging_rank:
