@@ -21,9 +21,10 @@ def _sample(index: int):
     return torch.randn(16, 3, 16, 16, generator=generator), torch.randn(32, 32, generator=generator)
 
 
-def _train(rank, world_size, layout, fsdp, steps, save_at=(), resume=None, quant="none"):
+def _train(rank, world_size, layout, fsdp, steps, save_at=(), resume=None, options=None):
     """`steps` optimizer steps under layout (tensor, ssp, data), checkpoints after the steps in `save_at` (into
-    save_at's folder); returns the global-batch losses and gradient norms of the steps run."""
+    save_at's folder); returns the global-batch losses and gradient norms of the steps run. options: quant
+    (a quant.recipe), ema_device ("cpu"), recompute (activation checkpointing)."""
     import torch.distributed as dist
 
     from osp_megatron.checkpointing.distributed import training_tensors
@@ -42,24 +43,27 @@ def _train(rank, world_size, layout, fsdp, steps, save_at=(), resume=None, quant
     from osp_megatron.training.flow_matching import PerSampleNoise, flow_matching_loss
     from osp_megatron.training.optim import EMA, average_gradients, build_optimizer, clip_gradients
 
+    options = options or {}
     tensor, ssp, data = layout
     init_distributed(ParallelConfig(tensor=tensor, ssp=ssp))
     torch.manual_seed(7)
-    model = build_model(from_dict(ModelConfig, MODEL, "model"))
+    model = build_model(from_dict(ModelConfig, {**MODEL, "activation_checkpointing": options.get("recompute", False)},
+                                  "model"))
     torch.manual_seed(8)
     for param in model.parameters():  # every weight matters (the output head starts at zero)
         if partition_dim(param) is None:
             torch.nn.init.normal_(param, std=0.05)
-    if quant != "none":
+    if "quant" in options:
         from osp_megatron.quantization import apply_quantization
 
-        apply_quantization(model, from_dict(QuantConfig, {"recipe": quant}, "quant"), state.amax_reduction_group())
+        apply_quantization(model, from_dict(QuantConfig, {"recipe": options["quant"]}, "quant"),
+                           state.amax_reduction_group())
     if fsdp:
         apply_fsdp(model)
     # AdamW's eps sits far below the real gradients here but far above rounding noise, which Adam would
     # otherwise scale up to full-size steps on gradients that are zero in exact arithmetic (the key bias's).
     optimizer = build_optimizer(model, TrainConfig(lr=2e-3, adam_eps=1e-6))
-    ema = EMA(model, 0.8)
+    ema = EMA(model, 0.8, options.get("ema_device"))
     first = 0
     if resume is not None:
         metadata, rank_state = load_training_state(resume, model, optimizer, ema)
@@ -105,16 +109,20 @@ def reference(tmp_path_factory):
     return root, losses, norms
 
 
-LAYOUTS = {"data2": (1, 1, 2), "ssp2": (1, 2, 1)}
+# (tensor, ssp, data), options: data=2 recomputes every block in backward (activation checkpointing through
+# FSDP's gathered blocks); ssp=2 keeps the EMA in host memory, blended by the background thread.
+LAYOUTS = {"data2": ((1, 1, 2), {"recompute": True}), "ssp2": ((1, 2, 1), {"ema_device": "cpu"})}
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_fsdp_equals_single_rank(name, reference, tmp_path):
-    """FSDP over data=2 or ssp=2 gives the single-rank losses and gradient norms, and the same weights, EMA
-    and optimizer state after the last step (1e-5)."""
+    """FSDP over data=2 (with activation checkpointing) or ssp=2 (with the EMA on the CPU) gives the
+    single-rank losses and gradient norms, and the same weights, EMA and optimizer state after the last step
+    (1e-5)."""
     root, losses, norms = reference
-    layout = LAYOUTS[name]
-    results = run_on_ranks(_train, layout[0] * layout[1] * layout[2], layout, True, STEPS, (tmp_path, STEPS))
+    layout, options = LAYOUTS[name]
+    results = run_on_ranks(_train, layout[0] * layout[1] * layout[2], layout, True, STEPS, (tmp_path, STEPS),
+                           None, options)
     for rank_losses, rank_norms in results:
         _close(rank_losses, losses, f"{name} loss")
         _close(rank_norms, norms, f"{name} grad norm")
@@ -125,7 +133,8 @@ def test_fsdp_equals_single_rank(name, reference, tmp_path):
 def tensor2_data2(tmp_path_factory):
     """FSDP at tensor=2 x data=2 (4 ranks): its results, and checkpoints after step 2 and STEPS."""
     root = tmp_path_factory.mktemp("fsdp_tp2_dp2")
-    return root, run_on_ranks(_train, 4, (2, 1, 2), True, STEPS, (root, 2, STEPS))
+    # Four ranks share two cores: a generous timeout for busy machines.
+    return root, run_on_ranks(_train, 4, (2, 1, 2), True, STEPS, (root, 2, STEPS), timeout=1800)
 
 
 @pytest.mark.slow
@@ -147,7 +156,8 @@ def test_checkpoint_of_tensor2_data2_resumes_under_other_layouts(layout, fsdp, r
     with FSDP, continues with the uninterrupted run's losses and ends with its weights, EMA and AdamW state."""
     root, losses, norms = reference
     saved, _ = tensor2_data2
-    results = run_on_ranks(_train, layout[1], layout, fsdp, STEPS - 2, (tmp_path, STEPS), saved / "step_00000002")
+    results = run_on_ranks(_train, layout[1], layout, fsdp, STEPS - 2, (tmp_path, STEPS), saved / "step_00000002",
+                           timeout=900)
     for rank_losses, rank_norms in results:
         _close(rank_losses, losses[2:], "resumed loss")
         _close(rank_norms, norms[2:], "resumed grad norm")
@@ -158,6 +168,7 @@ def test_fsdp_composes_with_fp8_current_scaling(tmp_path):
     """quant.recipe=fp8_hybrid (current scaling, emulated on CPU) under FSDP quantizes the gathered weights as
     the replicated path quantizes its own: same losses at data=2 (1e-5). (One rank differs: activation scales
     come from each replica's own micro-batch.)"""
-    expected, _ = run_on_ranks(_train, 2, (1, 1, 2), False, 2, (), None, "fp8_hybrid")[0]
-    for losses, _ in run_on_ranks(_train, 2, (1, 1, 2), True, 2, (), None, "fp8_hybrid"):
+    options = {"quant": "fp8_hybrid"}
+    expected, _ = run_on_ranks(_train, 2, (1, 1, 2), False, 2, (), None, options)[0]
+    for losses, _ in run_on_ranks(_train, 2, (1, 1, 2), True, 2, (), None, options):
         _close(losses, expected, "fp8_hybrid loss")
