@@ -53,6 +53,7 @@ def main(argv=None) -> int:
     quiet_third_party_warnings()
     try:
         from osp_megatron.checkpointing.checkpoint import load_model_weights, read_metadata
+        from osp_megatron.checkpointing.offline import stored_kinds
         from osp_megatron.config.job import JobConfig
         from osp_megatron.config.loader import apply_overrides, from_dict
         from osp_megatron.inference.runner import render_sample
@@ -77,7 +78,7 @@ def main(argv=None) -> int:
         config = from_dict(JobConfig, data)
         device = ensure_single_rank_group()
         model = build_model(config.model, device)
-        which = args.weights if (checkpoint / args.weights).is_dir() else "model"
+        which = args.weights if args.weights in stored_kinds(checkpoint) else "model"
         load_model_weights(checkpoint, model, which=which)
         paths = render_sample(model, config, device, write=is_logging_rank(), progress=True)
     except ConfigError as err:
