@@ -69,7 +69,8 @@ def case_overrides(name: str, args, run_dir: Path, data_dir: Path) -> tuple[int,
     steps = args.steps or (3 if args.tiny else steps)
     latent = LATENTS["tiny" if args.tiny else resolution]
     data = gpus // (2 if "parallel.ssp=2" in extra else 1)
-    samples = steps * data + 4
+    # One synthetic set per resolution serves every case (at most two samples per step), so its size is fixed.
+    samples = max(32, 2 * steps + 4)
     overrides = [
         f"run.dir={run_dir}", "checkpoint.resume=none", "checkpoint.interval=0", "checkpoint.save_at_end=false",
         "train.sample_at_end=false", "train.progress=false", f"train.steps={steps}", "train.micro_batch_size=1",
