@@ -97,7 +97,9 @@ def run_case(name: str, args) -> dict:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}", "-m",
                "osp_megatron.training.cli", "--config", str(EXAMPLE), *overrides]
     env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-               NCCL_NVLS_ENABLE=os.environ.get("NCCL_NVLS_ENABLE", "0"), OMP_NUM_THREADS="4")
+               NCCL_NVLS_ENABLE=os.environ.get("NCCL_NVLS_ENABLE", "0"),
+               # torchrun would give each rank one thread; the EMA's host-memory update wants the rank's cores.
+               OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // gpus)))
     started = time.time()
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
     wall = time.time() - started
