@@ -152,3 +152,21 @@ def verify_resume_path(path: str | Path) -> Path:
     if problems:
         raise CheckpointCorruptError(f"checkpoint.resume={str(path)!r} is damaged: {'; '.join(problems)}")
     return path
+
+
+def resume_target(resume: str, run_dir: str | Path, fsdp: bool = False, say=print) -> Optional[Path]:
+    """Collective: the checkpoint a job continues from (checkpoint.resume: 'auto', 'none' or a path), checked
+    for damage before any work; None for a fresh start. A checkpoint of another parallel layout is resharded
+    as it loads: both layouts are named."""
+    if resume == "none":
+        return None
+    path = resumable_checkpoint(run_dir, say=say) if resume == "auto" else verify_resume_path(resume)
+    if path is None:
+        return None
+    saved, now = saved_layout(read_metadata(path)), current_layout(fsdp)
+    if saved != now:
+        # Every tensor is read back as the pieces this layout holds; the per-rank state (data position,
+        # quantization scales) comes from rank 0.
+        say(f"checkpoint {path} was saved with {describe_layout(saved)}; resharding it to this run's "
+            f"{describe_layout(now)}")
+    return path

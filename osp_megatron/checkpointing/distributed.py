@@ -62,7 +62,11 @@ def training_tensors(model: torch.nn.Module, optimizer=None, ema=None, which: tu
         shadow = ema.state_tensors()
         tensors.update({f"{EMA}/{name}": stored_like(param, shadow[name]) for name, param in params.items()})
     if OPTIMIZER in which and optimizer is not None:
+        # Only the parameters the optimizer trains have moments (frozen ones, e.g. a base model under LoRA, none).
+        trained = {id(p) for group in optimizer.param_groups for p in group["params"]}
         for name, param in params.items():
+            if id(param) not in trained:
+                continue
             if create_optimizer_state and not optimizer.state.get(param):
                 initialise_adam_state(optimizer, param)
             moments = optimizer.state.get(param) or {}
