@@ -1,5 +1,6 @@
-"""osp-train with FSDP and distributed checkpoints: the sharded run logs the single-rank losses, its checkpoint
-resumes under another layout, and a kill during an asynchronous save resumes from the previous checkpoint."""
+"""osp-train with FSDP and distributed checkpoints: a tensor=2 x data=2 FSDP run logs the single-rank losses, its
+checkpoint resumes on one rank and at ssp=2, and a kill during an asynchronous save resumes from the previous
+checkpoint."""
 
 import os
 import subprocess
@@ -52,21 +53,37 @@ def reference(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="module")
+def tensor2_data2(reference):
+    """osp-train with FSDP at tensor=2 x data=2 (4 ranks; each tensor-parallel rank shards its slices over its
+    two data-parallel ranks), checkpointing at steps 2 and 4."""
+    run_dir = reference / "fsdp_tp2_dp2"
+    run_on_ranks(_train, 4, _common(reference) + [f"run.dir={run_dir}", "parallel.tensor=2", "parallel.fsdp=true"],
+                 timeout=1800)
+    return run_dir
+
+
 @pytest.mark.slow
-def test_fsdp_ssp2_run_matches_one_rank_and_resumes_on_one_rank(reference, tmp_path):
-    """osp-train with parallel.fsdp=true at ssp=2 logs the single-rank losses and gradient norms; its step-2
-    checkpoint, resumed on one rank without FSDP, continues with the single-rank losses and ends with the same
-    weights, EMA and AdamW state."""
-    root = reference
-    sharded = tmp_path / "fsdp_ssp2"
-    run_on_ranks(_train, 2, _common(root) + [f"run.dir={sharded}", "parallel.ssp=2", "parallel.fsdp=true"])
-    _assert_same_steps(sharded, root / "reference", range(1, STEPS + 1))
-    resumed = tmp_path / "resumed"
-    run_on_ranks(_train, 1, _common(root) + [f"run.dir={resumed}",
-                                             f"checkpoint.resume={sharded / 'checkpoints' / 'step_00000002'}"])
-    _assert_same_steps(resumed, root / "reference", range(3, STEPS + 1))
+def test_fsdp_with_tensor_and_data_parallel_matches_one_rank(reference, tensor2_data2):
+    """FSDP x tensor=2 x data=2 logs the losses and gradient norms of one rank accumulating the same global
+    batches (noise seeded per sample), and saves the same weights, EMA and AdamW state."""
+    _assert_same_steps(tensor2_data2, reference / "reference", range(1, STEPS + 1))
     final = f"checkpoints/step_{STEPS:08d}"
-    assert_same_training_state(resumed / final, root / "reference" / final)
+    assert_same_training_state(tensor2_data2 / final, reference / "reference" / final)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", [[], ["parallel.ssp=2", "parallel.fsdp=true"]], ids=["one_rank", "ssp2_fsdp"])
+def test_tensor2_data2_fsdp_checkpoint_resumes_on_one_rank_and_at_ssp2(layout, reference, tensor2_data2, tmp_path):
+    """The step-2 checkpoint of FSDP x tensor=2 x data=2, resumed on one rank without FSDP and at ssp=2 with
+    FSDP, continues with the uninterrupted run's losses and ends with its weights, EMA and AdamW state."""
+    resumed = tmp_path / "resumed"
+    ranks = 2 if layout else 1
+    run_on_ranks(_train, ranks, _common(reference) + layout + [
+        f"run.dir={resumed}", f"checkpoint.resume={tensor2_data2 / 'checkpoints' / 'step_00000002'}"], timeout=900)
+    _assert_same_steps(resumed, reference / "reference", range(3, STEPS + 1))
+    final = f"checkpoints/step_{STEPS:08d}"
+    assert_same_training_state(resumed / final, reference / "reference" / final)
 
 
 KILL_DURING_SECOND_SAVE = """
