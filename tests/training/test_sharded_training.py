@@ -73,10 +73,12 @@ def test_fsdp_with_tensor_and_data_parallel_matches_one_rank(reference, tensor2_
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", [[], ["parallel.ssp=2", "parallel.fsdp=true"]], ids=["one_rank", "ssp2_fsdp"])
+@pytest.mark.parametrize("layout", [[], ["parallel.ssp=2", "parallel.fsdp=true", "train.ema_device=cpu"]],
+                         ids=["one_rank", "ssp2_fsdp"])
 def test_tensor2_data2_fsdp_checkpoint_resumes_on_one_rank_and_at_ssp2(layout, reference, tensor2_data2, tmp_path):
     """The step-2 checkpoint of FSDP x tensor=2 x data=2, resumed on one rank without FSDP and at ssp=2 with
-    FSDP, continues with the uninterrupted run's losses and ends with its weights, EMA and AdamW state."""
+    FSDP (EMA in host memory), continues with the uninterrupted run's losses and ends with its weights, EMA and
+    AdamW state."""
     resumed = tmp_path / "resumed"
     ranks = 2 if layout else 1
     run_on_ranks(_train, ranks, _common(reference) + layout + [
