@@ -29,6 +29,10 @@ CASES = {
                                                       "train.ema_device=cpu", "checkpointing"], 10),
     "wan14b_720p_fsdp_ssp2": (2, "wan-14b", "720P", ["parallel.ssp=2", "parallel.fsdp=true",
                                                       "train.ema_device=cpu", "checkpointing"], 4),
+    # If the 480P case runs out of GPU memory: shards in host memory, optimizer step on the CPU, no EMA.
+    "wan14b_480p_fsdp_ssp2_offload": (2, "wan-14b", "480P", ["parallel.ssp=2", "parallel.fsdp=true",
+                                                              "parallel.fsdp_offload=true", "train.ema_decay=0",
+                                                              "checkpointing"], 6),
     "wan13b_480p_1gpu": (1, "wan-1.3b", "480P", [], 12),
     "wan13b_480p_fsdp_ssp2": (2, "wan-1.3b", "480P", ["parallel.ssp=2", "parallel.fsdp=true"], 12),
     "wan13b_480p_fsdp_data2": (2, "wan-1.3b", "480P", ["parallel.fsdp=true"], 12),
