@@ -1,6 +1,7 @@
-"""Command line of osp-ckpt: `import`, `export`, `inspect` and `verify` for Wan2.1-style DiT checkpoints.
+"""Command line of osp-ckpt: `import`, `export`, `inspect`, `verify`, `reshard` and `average` for Wan2.1-style
+DiT checkpoints.
 
-Each subcommand works in a plain process (no torchrun) and reads one tensor at a time.
+Each subcommand works in a plain process (no torchrun); all but `reshard` read one tensor at a time.
 """
 
 import argparse
@@ -8,13 +9,17 @@ import sys
 from pathlib import Path
 
 DESCRIPTION = """\
-Convert Wan2.1 / OSP-Next DiT weights to and from this framework's tensor-parallel checkpoints.
+Convert Wan2.1 / OSP-Next DiT weights to and from this framework's checkpoints, and inspect, check, reshard
+and average those (any format, written under any parallel layout).
 
-  osp-ckpt import Wan2.1-T2V-1.3B-Diffusers ckpt/wan13b --tensor-parallel 2
+  osp-ckpt import Wan2.1-T2V-1.3B-Diffusers ckpt/wan13b
   osp-ckpt import Wan2.1-T2V-1.3B/diffusion_pytorch_model.safetensors ckpt/wan13b
-  osp-ckpt export runs/ft/checkpoints/step_00001000 exported/transformer --which ema
-  osp-ckpt inspect ckpt/wan13b
+  osp-ckpt export runs/ft/checkpoints/step_00001000 exported/transformer --which ema --dtype bfloat16
+  osp-ckpt export runs/ft/checkpoints/step_00001000 exported/wan --format original
+  osp-ckpt inspect runs/ft/checkpoints/step_00001000 --tensors
   osp-ckpt verify runs/tiny_t2v/checkpoints/step_00000300
+  osp-ckpt reshard runs/ft/checkpoints/step_00001000 resharded/step_00001000 --tensor 2 --data 2 --fsdp
+  osp-ckpt average runs/ft/checkpoints/step_0000{0800,0900,1000} averaged/last3
 """
 
 
@@ -33,7 +38,8 @@ def _parse_sets(items: list[str]) -> dict:
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="osp-ckpt", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{import,export,inspect,verify}")
+    commands = parser.add_subparsers(dest="command", required=True,
+                                     metavar="{import,export,inspect,verify,reshard,average}")
 
     imp = commands.add_parser(
         "import", help="published weights -> osp_megatron checkpoint",
@@ -62,25 +68,32 @@ def _build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
 
     exp = commands.add_parser(
-        "export", help="osp_megatron checkpoint -> diffusers WanTransformer3DModel folder",
-        description="Write config.json and diffusion_pytorch_model*.safetensors loadable by "
-                    "diffusers.WanTransformer3DModel.from_pretrained (use it as the transformer/ folder of a Wan "
-                    "pipeline). Tensor-parallel shards are reassembled one tensor at a time.")
+        "export", help="osp_megatron checkpoint -> consolidated safetensors (diffusers or Wan2.1 layout)",
+        description="Write config.json and consolidated diffusion_pytorch_model*.safetensors: with --format "
+                    "diffusers (default) loadable by diffusers.WanTransformer3DModel.from_pretrained (use it as the "
+                    "transformer/ folder of a Wan pipeline), with --format original in Wan2.1's own parameter "
+                    "names and config. Either loads back with checkpoint.load and osp-sample. Works on checkpoints "
+                    "written under any parallel layout; tensors are assembled one at a time.")
     exp.add_argument("checkpoint", help="checkpoint folder (an imported one or runs/NAME/checkpoints/step_XXXXXXXX)")
     exp.add_argument("output", help="folder to create")
     exp.add_argument("--which", choices=["model", "ema"], default="model",
                      help="export the raw training weights or their EMA (default: model)")
     exp.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                      help="cast the weights on export (default: keep the stored dtype)")
+    exp.add_argument("--format", choices=["diffusers", "original"], default="diffusers",
+                     help="parameter names and config.json: diffusers' WanTransformer3DModel or Wan2.1's WanModel "
+                          "(default: diffusers)")
     exp.add_argument("--max-shard-gb", type=float, default=10.0,
                      help="split the safetensors into files of at most this many GiB, with an index (default: 10)")
     exp.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
 
     ins = commands.add_parser(
-        "inspect", help="print a checkpoint's parameters, dtype, tensor-parallel size and step",
-        description="Describe an osp_megatron checkpoint (metadata, model config, weight folders) or a "
-                    "published Wan2.1 checkpoint (detected layout, model config, missing/unexpected keys).")
+        "inspect", help="print a checkpoint's format, step, parallel layout, model config and tensors",
+        description="Describe an osp_megatron checkpoint (format, step, the parallel layout that wrote it, model "
+                    "config, the model / EMA / optimizer tensors it holds) or a published Wan2.1 checkpoint "
+                    "(detected layout, model config, missing/unexpected keys).")
     ins.add_argument("path", help="checkpoint folder, diffusers folder or original weight file")
+    ins.add_argument("--tensors", action="store_true", help="also list every tensor with its full shape and dtype")
     ins.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                      help="ModelConfig field override, as for import")
 
@@ -91,6 +104,34 @@ def _build_parser() -> argparse.ArgumentParser:
                     "1 when a file is missing, truncated or changed (each named), 2 when PATH is no checkpoint.")
     ver.add_argument("path", help="checkpoint folder (run.dir/checkpoints/step_XXXXXXXX) or a run folder")
     ver.add_argument("--quick", action="store_true", help="compare file sizes only (skips reading the data)")
+
+    res = commands.add_parser(
+        "reshard", help="rewrite a checkpoint as a run with another parallel layout writes it",
+        description="Write OUTPUT as the checkpoint a run with the given layout would have saved: weights, EMA "
+                    "and optimizer state in the pieces its ranks hold (one file per rank), each rank's state, the "
+                    "same step. Resuming already reshards any checkpoint on load; this converts ahead of time, or "
+                    "turns a tensor-parallel safetensors checkpoint (format 1) into the distributed format. Runs "
+                    "one CPU process per target rank; together they need about the checkpoint's size in memory.")
+    res.add_argument("checkpoint", help="checkpoint folder (either format, any layout)")
+    res.add_argument("output", help="checkpoint folder to create")
+    for name in ("tensor", "data", "ssp", "ulysses"):
+        res.add_argument(f"--{name}", type=int, default=1, metavar="N",
+                         help=f"the target's parallel.{name} (default: 1)")
+    res.add_argument("--fsdp", action="store_true", help="the target shards with FSDP (parallel.fsdp=true)")
+    res.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+
+    avg = commands.add_parser(
+        "average", help="element-wise mean of several checkpoints' weights",
+        description="Write a weights-only checkpoint whose model (and EMA, where every input has one) weights "
+                    "are the means of the inputs' (checkpoint averaging, e.g. of the last few saves of a run). "
+                    "Loads with checkpoint.load, osp-sample and export; as checkpoint.resume it restarts AdamW.")
+    avg.add_argument("checkpoints", nargs="+", help="two or more checkpoint folders of one model")
+    avg.add_argument("--output", "-o", required=True, help="checkpoint folder to create")
+    avg.add_argument("--which", nargs="+", choices=["model", "ema"], default=["model", "ema"],
+                     help="what to average (default: model ema)")
+    avg.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                     help="dtype of the averages (default: the stored dtype)")
+    avg.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     return parser
 
 
@@ -139,14 +180,29 @@ def run_export(args) -> None:
     from osp_megatron.checkpointing.wan_export import export_diffusers
 
     export_diffusers(args.checkpoint, args.output, which=args.which, dtype=args.dtype,
-                     max_shard_bytes=int(args.max_shard_gb * 2**30), overwrite=args.overwrite, log=print)
+                     max_shard_bytes=int(args.max_shard_gb * 2**30), overwrite=args.overwrite, log=print,
+                     format=args.format)
 
 
 def run_inspect(args) -> None:
     from osp_megatron.checkpointing.wan_export import describe
 
-    for line in describe(Path(args.path), _parse_sets(args.sets)):
+    for line in describe(Path(args.path), _parse_sets(args.sets), tensors=args.tensors):
         print(line)
+
+
+def run_reshard(args) -> None:
+    from osp_megatron.checkpointing.transforms import reshard_checkpoint
+
+    reshard_checkpoint(args.checkpoint, args.output, tensor=args.tensor, data=args.data, ssp=args.ssp,
+                       ulysses=args.ulysses, fsdp=args.fsdp, overwrite=args.overwrite, log=print)
+
+
+def run_average(args) -> None:
+    from osp_megatron.checkpointing.transforms import average_checkpoints
+
+    average_checkpoints(args.checkpoints, args.output, kinds=tuple(args.which), dtype=args.dtype,
+                        overwrite=args.overwrite, log=print)
 
 
 def main(argv=None) -> int:
@@ -154,8 +210,8 @@ def main(argv=None) -> int:
     from osp_megatron.config.errors import ConfigError
 
     try:
-        status = {"import": run_import, "export": run_export, "inspect": run_inspect,
-                  "verify": run_verify}[args.command](args)
+        status = {"import": run_import, "export": run_export, "inspect": run_inspect, "verify": run_verify,
+                  "reshard": run_reshard, "average": run_average}[args.command](args)
     except ConfigError as err:
         print(f"osp-ckpt {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -162,3 +162,12 @@ def diffusers_config(config: ModelConfig, diffusers_version: str) -> dict:
         "rope_max_seq_len": 1024,
         "pos_embed_seq_len": None,
     }
+
+
+def original_config(config: ModelConfig) -> dict:
+    """config.json of Wan2.1's own WanModel (text-to-video) holding the same weights."""
+    return {"_class_name": ORIGINAL_CLASS, "model_type": "t2v", "patch_size": list(config.patch_size),
+            "text_len": config.text_len, "in_dim": config.in_channels, "dim": config.dim, "ffn_dim": config.ffn_dim,
+            "freq_dim": config.freq_dim, "text_dim": config.text_dim, "out_dim": config.out_channels,
+            "num_heads": config.num_heads, "num_layers": config.num_layers, "window_size": [-1, -1],
+            "qk_norm": True, "cross_attn_norm": config.cross_attn_norm, "eps": config.eps}

@@ -1,6 +1,7 @@
-"""Export of this framework's checkpoints to diffusers' WanTransformer3DModel layout, and their description.
+"""Export of this framework's checkpoints to diffusers' or Wan2.1's own safetensors layout, and their description.
 
-Tensor-parallel shards are reassembled one tensor at a time, so exporting never holds more than one file's worth.
+Tensors are assembled whole from whatever layout wrote them, one at a time, so exporting never holds more than
+one file's worth.
 """
 
 import json
@@ -11,9 +12,14 @@ from typing import Callable, Optional
 import torch
 from safetensors.torch import save_file
 
-from osp_megatron.checkpointing.metadata import METADATA, is_complete, read_metadata
-from osp_megatron.checkpointing.sharded import iter_full_tensors, open_shard, source_layout
-from osp_megatron.checkpointing.wan_config import diffusers_config, fields_from_shapes, make_model_config
+from osp_megatron.checkpointing.metadata import METADATA, describe_layout, is_complete, read_metadata, saved_layout
+from osp_megatron.checkpointing.offline import KINDS, iter_checkpoint_tensors, stored_shapes
+from osp_megatron.checkpointing.wan_config import (
+    diffusers_config,
+    fields_from_shapes,
+    make_model_config,
+    original_config,
+)
 from osp_megatron.checkpointing.wan_convert import (
     DTYPES,
     EXPECTED_LAYOUTS,
@@ -24,7 +30,7 @@ from osp_megatron.checkpointing.wan_convert import (
     shorten_list,
     silent,
 )
-from osp_megatron.checkpointing.wan_keys import DIFFUSERS, OURS, parameter_layout, rename
+from osp_megatron.checkpointing.wan_keys import DIFFUSERS, ORIGINAL, OURS, parameter_layout, rename
 from osp_megatron.config.errors import ConfigError
 from osp_megatron.config.loader import from_dict
 from osp_megatron.models.config import ModelConfig
@@ -43,42 +49,36 @@ def checkpoint_model_config(path: str | Path, overrides: Optional[dict] = None,
         data = dict(stored)
         data.update(overrides or {})
         return from_dict(ModelConfig, data, "model")
-    shapes = {name: shape for name, (shape, _, _) in stored_tensors(path / "model").items()}
+    shapes = {name: shape for name, (shape, _) in stored_shapes(path, "model").items()}
     return make_model_config(fields_from_shapes(shapes), overrides, source=str(path / METADATA))
 
 
-def stored_tensors(folder: Path) -> dict[str, tuple[tuple[int, ...], str, Optional[int]]]:
-    """name -> (full shape, safetensors dtype, split dim) of a sharded folder, from the file headers only."""
-    tp_size, paths, partition = source_layout(folder, check_content=False)
-    found = {}
-    with open_shard(paths[0], check_content=False) as handle:
-        for name in handle.keys():
-            piece = handle.get_slice(name)
-            shape, dim = list(piece.get_shape()), partition.get(name)
-            if dim is not None:
-                shape[dim] *= tp_size
-            found[name] = (tuple(shape), piece.get_dtype(), dim)
-    return found
+# Export formats: the parameter names each uses, and its config.json.
+EXPORT_FORMATS = {"diffusers": DIFFUSERS, "original": ORIGINAL}
 
 
 def export_diffusers(checkpoint: str | Path, output: str | Path, which: str = "model", dtype: Optional[str] = None,
                      max_shard_bytes: int = 10 * 2**30, overwrite: bool = False,
-                     log: Callable[[str], None] = silent) -> Path:
-    """Write a diffusers WanTransformer3DModel folder (config.json + safetensors) from a framework checkpoint.
+                     log: Callable[[str], None] = silent, format: str = "diffusers") -> Path:
+    """Write a framework checkpoint's model or EMA weights as one consolidated set of safetensors files.
 
-    Tensors are reassembled from the tensor-parallel shards one at a time and written in files of at most
-    `max_shard_bytes` (several files get a diffusers index).
+    format "diffusers": a WanTransformer3DModel folder (diffusers names and config); "original": Wan2.1's own
+    parameter names and config.json, as the Wan2.1 and OSP-Next repositories load them. Both load back with
+    checkpoint.load and osp-sample. Tensors are written in files of at most `max_shard_bytes` (several files
+    get an index).
     """
     checkpoint = Path(checkpoint)
     metadata = read_metadata(checkpoint)
     config = checkpoint_model_config(checkpoint, metadata=metadata)
-    folder = checkpoint / which
-    if not folder.is_dir():
-        raise ConfigError(f"checkpoint {str(checkpoint)!r} has no {which!r} weights folder")
+    if format not in EXPORT_FORMATS:
+        raise ConfigError(f"export format {format!r} is not one of {', '.join(EXPORT_FORMATS)}")
+    names = EXPORT_FORMATS[format]
+    stored = stored_shapes(checkpoint, which)
+    if not stored:
+        raise ConfigError(f"checkpoint {str(checkpoint)!r} has no {which!r} weights")
     if dtype is not None and dtype not in DTYPES:
         raise ConfigError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     expected = parameter_layout(config)
-    stored = stored_tensors(folder)
     missing = sorted(set(expected) - set(stored))
     unexpected = sorted(set(stored) - set(expected))
     if missing or unexpected:
@@ -86,15 +86,15 @@ def export_diffusers(checkpoint: str | Path, output: str | Path, which: str = "m
                           f"({describe_config(config)}): missing {shorten_list(missing)}, "
                           f"unexpected {shorten_list(unexpected)}")
     if config.sparse_ratio > 1:
-        log(f"note: this model was trained with Skiparse attention (sparse_ratio={config.sparse_ratio}); diffusers "
-            "runs full attention in every block, so its outputs differ from this framework's")
+        log(f"note: this model was trained with Skiparse attention (sparse_ratio={config.sparse_ratio}); {format} "
+            "code runs full attention in every block, so its outputs differ from this framework's")
 
     output = Path(output)
     tmp = prepare_output(output, overwrite)
     files, current, size = [], {}, 0
-    for name, tensor in iter_full_tensors(folder):
+    for name, tensor in iter_checkpoint_tensors(checkpoint, which):
         if tuple(tensor.shape) != expected[name].shape:
-            raise ConfigError(f"tensor {name!r} in {str(folder)!r} has shape {tuple(tensor.shape)} but "
+            raise ConfigError(f"{which} tensor {name!r} of {str(checkpoint)!r} has shape {tuple(tensor.shape)} but "
                               f"model_config needs {expected[name].shape}")
         if dtype is not None:
             tensor = tensor.to(DTYPES[dtype])
@@ -102,21 +102,27 @@ def export_diffusers(checkpoint: str | Path, output: str | Path, which: str = "m
         if current and size + nbytes > max_shard_bytes:
             files.append(_write_part(tmp, len(files), current))
             current, size = {}, 0
-        current[rename(name, OURS, DIFFUSERS)] = tensor.contiguous()
+        current[rename(name, OURS, names)] = tensor.contiguous()
         size += nbytes
     files.append(_write_part(tmp, len(files), current))
     _name_parts(tmp, files)
+    (tmp / "config.json").write_text(json.dumps(_exported_config(config, format), indent=2))
+    publish_output(tmp, output)
+    log(f"exported {which} weights of {checkpoint} ({describe_config(config)}) to {output} "
+        f"in {len(files)} file(s), {format} layout")
+    return output
+
+
+def _exported_config(config: ModelConfig, format: str) -> dict:
+    if format == "original":
+        return original_config(config)
     try:
         import diffusers
 
         version = diffusers.__version__
     except ImportError:
         version = "0.33.0"
-    (tmp / "config.json").write_text(json.dumps(diffusers_config(config, version), indent=2))
-    publish_output(tmp, output)
-    log(f"exported {which} weights of {checkpoint} ({describe_config(config)}) to {output} "
-        f"in {len(files)} file(s)")
-    return output
+    return diffusers_config(config, version)
 
 
 def _write_part(folder: Path, index: int, tensors: dict[str, torch.Tensor]) -> tuple[Path, dict[str, int]]:
@@ -140,8 +146,9 @@ def _name_parts(folder: Path, parts: list[tuple[Path, dict[str, int]]]) -> None:
     (folder / f"{DIFFUSERS_WEIGHTS}.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
-def describe(path: Path, overrides: Optional[dict] = None) -> list[str]:
-    """Human-readable summary of a framework checkpoint or a published Wan2.1 checkpoint."""
+def describe(path: Path, overrides: Optional[dict] = None, tensors: bool = False) -> list[str]:
+    """Human-readable summary of a framework checkpoint (format, step, layout that wrote it, model config,
+    what it holds; with `tensors` every tensor's shape and dtype) or of a published Wan2.1 checkpoint."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{str(path)!r} does not exist; {EXPECTED_LAYOUTS}")
@@ -156,22 +163,25 @@ def describe(path: Path, overrides: Optional[dict] = None) -> list[str]:
             f"unexpected ({len(weights.unexpected)}): {shorten_list(weights.unexpected)}",
         ]
     metadata = read_metadata(path)
-    lines = [f"{path}: {metadata.get('format', 'unknown format')}",
-             f"step: {metadata.get('step')}", f"tensor parallel: {metadata.get('tensor_parallel')}"]
-    if "imported_from" in metadata:
-        origin = metadata["imported_from"]
-        lines.append(f"imported from: {origin.get('path')} ({origin.get('layout')} layout)")
+    lines = [f"{path}: {metadata.get('format', 'unknown format')}", f"step: {metadata.get('step')}",
+             f"written under: {describe_layout(saved_layout(metadata))}"]
+    for key, what in (("imported_from", "imported from"), ("averaged_from", "average of"),
+                      ("resharded_from", "resharded from")):
+        if key in metadata:
+            lines.append(f"{what}: {metadata[key]}")
     try:
         config = checkpoint_model_config(path, overrides, metadata=metadata)
         lines.append(f"config: {describe_config(config)}, sparse_ratio={config.sparse_ratio}")
     except ConfigError as err:
         lines.append(f"config: unknown ({err})")
-    for which in ("model", "ema", "optimizer"):
-        folder = path / which
-        if not folder.is_dir():
+    for which in KINDS:
+        shapes = stored_shapes(path, which)
+        if not shapes:
             continue
-        tensors = stored_tensors(folder)
-        count = sum(torch.Size(shape).numel() for shape, _, _ in tensors.values())
-        dtypes = sorted({dtype for _, dtype, _ in tensors.values()})
-        lines.append(f"{which}: {count:,} values in {len(tensors)} tensors, dtype {'/'.join(dtypes)}")
+        count = sum(torch.Size(shape).numel() for shape, _ in shapes.values())
+        dtypes = sorted({str(dtype).replace("torch.", "") for _, dtype in shapes.values()})
+        lines.append(f"{which}: {count:,} values in {len(shapes)} tensors, dtype {'/'.join(dtypes)}")
+        if tensors:
+            lines.extend(f"  {name}  {list(shape)}  {str(dtype).replace('torch.', '')}"
+                         for name, (shape, dtype) in sorted(shapes.items()))
     return lines

@@ -41,6 +41,9 @@ class TrainConfig:
     adam_eps: float = 1e-8
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
     ema_decay: float = 0.0  # 0 disables the EMA copy of the weights
+    # Where the EMA lives: "auto" beside the parameters (sharded like them under parallel.fsdp), "cpu" in host
+    # memory, updated by a background thread while the next step runs.
+    ema_device: Literal["auto", "cpu"] = "auto"
     # Rectified flow: s = sigmoid(N(logit_mean, logit_std)), then s' = k s / (1 + (k - 1) s) with k = shift.
     timestep_shift: float = 1.0
     logit_mean: float = 0.0
@@ -98,6 +101,9 @@ class CheckpointConfig:
     load_ema: bool = False  # with `load`: take the EMA weights instead of the raw ones
     keep_last: int = 0  # keep only the newest N checkpoints (0 keeps all)
     save_at_end: bool = True
+    # Write checkpoints in the background: training continues once the tensors are copied to host memory;
+    # the checkpoint is published (renamed, `latest` updated) when every rank has written its files.
+    async_save: bool = False
 
     def validate(self, prefix: str = "checkpoint") -> None:
         if self.interval < 0 or self.keep_last < 0:

@@ -29,6 +29,7 @@ class SamplingSession:
     def open(cls, checkpoint: str, config_path=None, overrides=(), which: str = "ema", settings=None):
         """Resolve the weights, build the config, start the process groups, load the model and the encoders."""
         from osp_megatron.checkpointing.metadata import is_complete
+        from osp_megatron.checkpointing.offline import stored_kinds
         from osp_megatron.inference.replicas import build_sampling_layout
         from osp_megatron.inference.runner import build_pipeline
         from osp_megatron.parallel.state import init_distributed
@@ -36,7 +37,7 @@ class SamplingSession:
         weights = resolve_weights(checkpoint)
         config = sampling_config(weights, config_path, overrides, settings)
         config.sample.validate()
-        which = which if is_complete(weights) and (weights / which).is_dir() else "model"
+        which = which if is_complete(weights) and which in stored_kinds(weights) else "model"
         device = init_distributed(config.parallel)
         layout = build_sampling_layout(config.sample.cfg_parallel)
         model = load_sampling_model(config, weights, which, device)

@@ -4,7 +4,7 @@ The degrees multiply to the world size; osp_megatron.parallel.state builds the p
 """
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal, Optional
 
 from osp_megatron.config.errors import ConfigError
 
@@ -19,6 +19,11 @@ class ParallelConfig:
     ulysses: int = 1
     backend: Optional[str] = None  # null: nccl on CUDA, gloo on CPU
     timeout_minutes: int = 30
+    # FSDP2: shard weights, gradients, optimizer state and EMA over the data x SSP x Ulysses ranks of each
+    # tensor-parallel rank (docs/sharding.md); offload keeps those shards in CPU memory.
+    fsdp: bool = False
+    fsdp_offload: bool = False
+    fsdp_reduce_dtype: Literal["float32", "bfloat16"] = "float32"  # dtype of the gradient reduce-scatter
 
     def validate(self, prefix: str = "parallel") -> None:
         for name in ("tensor", "ssp", "ulysses", "timeout_minutes"):
@@ -28,6 +33,8 @@ class ParallelConfig:
             raise ConfigError(f"{prefix}.data: must be >= 1 or null (derived from the world size), got {self.data}")
         if self.backend not in (None, "gloo", "nccl", "hccl"):
             raise ConfigError(f"{prefix}.backend: {self.backend!r} is not one of null, gloo, nccl, hccl")
+        if self.fsdp_offload and not self.fsdp:
+            raise ConfigError(f"{prefix}.fsdp_offload offloads FSDP's shards; it needs {prefix}.fsdp=true")
 
     @property
     def context(self) -> int:

@@ -237,6 +237,16 @@ def context_parallel_size() -> int:
     return parallel_state.get_context_parallel_world_size()
 
 
+def communication_device() -> torch.device:
+    """Where tensors handed to collectives must live: the current accelerator under NCCL / HCCL, else the CPU."""
+    backend = dist.get_backend() if dist.is_initialized() else "gloo"
+    if backend == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    if backend == "hccl":
+        return torch.device("npu", torch.npu.current_device())
+    return torch.device("cpu")
+
+
 def is_logging_rank() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 

@@ -1,6 +1,7 @@
 """Held-out validation loss: the flow-matching loss on a fixed set of samples with fixed noise and timesteps.
 
-Every evaluation draws the same noise and timesteps for the same samples, so its curve moves only with the weights.
+Every evaluation draws the same noise and timesteps for the same samples (seeded by each sample's position in
+the held-out set), so its curve moves only with the weights, whatever the number of ranks.
 """
 
 from collections import defaultdict
@@ -10,14 +11,15 @@ import torch.distributed as dist
 
 from osp_megatron.config.errors import ConfigError
 from osp_megatron.data.shards import SampleError, decode_sample, iter_raw_samples, resolve_shards
-from osp_megatron.training.flow_matching import flow_matching_losses
+from osp_megatron.training.flow_matching import PerSampleNoise, flow_matching_losses
 
 # Offset of the evaluation noise stream from the training seed, so they never coincide.
 EVAL_SEED_OFFSET = 7_777_777
 
 
 def load_held_out(data_config, path, num_samples: int, dp_rank: int, dp_size: int) -> list[tuple]:
-    """This data-parallel rank's share of the first `num_samples` samples of `path` (in shard order), decoded.
+    """This data-parallel rank's share of the first `num_samples` samples of `path` (in shard order), decoded,
+    as (latent, text states, position in the held-out set).
 
     Every rank gets the same count (num_samples // dp_size), so the evaluation collectives stay in step.
     """
@@ -35,7 +37,7 @@ def load_held_out(data_config, path, num_samples: int, dp_rank: int, dp_size: in
                                                        data_config.text_len, data_config.text_dim)
                 except SampleError as exc:
                     raise ConfigError(f"data.eval_path: {exc}") from exc
-                samples.append((latent, text))
+                samples.append((latent, text, position))
             position += 1
             if position >= wanted.stop:
                 return samples
@@ -50,13 +52,14 @@ class HeldOutLoss:
                  group=None, dp_size: int = 1):
         # Micro-batches of one latent shape each (a data set may hold several resolutions).
         by_shape = defaultdict(list)
-        for latent, text in samples:
-            by_shape[tuple(latent.shape)].append((latent, text))
+        for sample in samples:
+            by_shape[tuple(sample[0].shape)].append(sample)
         self.batches = []
         for same in by_shape.values():
             for start in range(0, len(same), micro_batch_size):
                 chunk = same[start:start + micro_batch_size]
-                self.batches.append((torch.stack([c[0] for c in chunk]), torch.stack([c[1] for c in chunk])))
+                self.batches.append((torch.stack([c[0] for c in chunk]), torch.stack([c[1] for c in chunk]),
+                                     torch.tensor([c[2] for c in chunk], dtype=torch.int64)))
         self.count = len(samples)
         self.seed = seed + EVAL_SEED_OFFSET
         self.train_config = train_config
@@ -67,14 +70,14 @@ class HeldOutLoss:
     def __call__(self, model, autocast) -> float:
         was_training = model.training
         model.eval()
-        generator = torch.Generator().manual_seed(self.seed)
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         cfg = self.train_config
         try:
-            for latents, text in self.batches:
+            for latents, text, positions in self.batches:
                 with autocast():
-                    losses, _ = flow_matching_losses(model, latents.to(self.device), text.to(self.device), generator,
-                                                     cfg.timestep_shift, cfg.logit_mean, cfg.logit_std)
+                    losses, _ = flow_matching_losses(model, latents.to(self.device), text.to(self.device),
+                                                     PerSampleNoise(self.seed, positions), cfg.timestep_shift,
+                                                     cfg.logit_mean, cfg.logit_std)
                 total += losses.double().sum()
         finally:
             model.train(was_training)

@@ -1,15 +1,19 @@
 """Optimizer pieces the trainer owns: AdamW, warm-up + cosine schedule, gradient averaging and clipping, EMA.
 
-Gradient norms count tensor-parallel shards once each and replicated parameters once, like Megatron.
+Gradient norms count FSDP and tensor-parallel shards once each and replicated parameters once, like Megatron.
 """
 
 import math
+from concurrent.futures import ThreadPoolExecutor
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
 from osp_megatron.checkpointing.sharded import partition_dim
+from osp_megatron.parallel import state
+from osp_megatron.parallel.fsdp import is_fully_sharded, local_tensor
 from osp_megatron.parallel.ledger import record_all_reduce, tensor_bytes
 
 
@@ -90,15 +94,30 @@ def average_gradients(model: torch.nn.Module, group, world: int, group_name: str
 
 
 def global_grad_norm(model: torch.nn.Module) -> torch.Tensor:
-    """L2 norm of the whole model's gradient across tensor-parallel shards (float32)."""
+    """L2 norm of the whole model's gradient across FSDP and tensor-parallel shards (float32).
+
+    Each rank sums the squares of what it holds: FSDP shards are disjoint pieces of a tensor-parallel slice
+    (summed over the data x context ranks), tensor-parallel slices are disjoint (summed over the tensor
+    group), and a replicated parameter counts on tensor-parallel rank 0 only.
+    """
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    device = next(model.parameters()).device
+    device = local_tensor(next(model.parameters())).device
     total = torch.zeros((), dtype=torch.float32, device=device)
+    sharded = False
     for param in model.parameters():
         if param.grad is None:
             continue
+        sharded = sharded or is_fully_sharded(param.grad)
         if partition_dim(param) is not None or tp_rank == 0:
-            total += param.grad.float().pow(2).sum()
+            total += local_tensor(param.grad).float().pow(2).sum().to(device)
+    # With offloaded shards the sum lives in host memory; the collectives run on the job's device.
+    total = total.to(state.communication_device())
+    if sharded:
+        group = state.gradient_reduction_group()
+        size = dist.get_world_size(group)
+        if size > 1:
+            dist.all_reduce(total, group=group)
+            record_all_reduce("data_context", tensor_bytes(total), size, "grad_norm", "step")
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
     if tp_size > 1:
         dist.all_reduce(total, group=parallel_state.get_tensor_model_parallel_group())
@@ -112,26 +131,76 @@ def clip_gradients(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
         coefficient = (max_norm / (norm + 1e-6)).clamp(max=1.0)
         for param in model.parameters():
             if param.grad is not None:
-                param.grad.mul_(coefficient.to(param.grad.dtype))
+                grad = local_tensor(param.grad)
+                grad.mul_(coefficient.to(grad.device, grad.dtype))
     return norm
 
 
 class EMA:
-    """Exponential moving average of the (local shard of the) weights, kept in float32."""
+    """Exponential moving average of this rank's (shard of the) weights, kept in float32.
 
-    def __init__(self, model: torch.nn.Module, decay: float):
+    device=None keeps each average beside its parameter (so FSDP shards it like the parameters); "cpu" keeps
+    it in host memory, where the update runs in a background thread: the parameters are copied into pinned
+    staging buffers right after the optimizer step (ordered before the next step's kernels), and the thread
+    blends them in while the next step computes. `synchronize()` waits for it; reading the average does too.
+    """
+
+    def __init__(self, model: torch.nn.Module, decay: float, device: Optional[str | torch.device] = None):
         self.decay = decay
-        self.shadow = {n: p.detach().float().clone() for n, p in model.named_parameters()}
+        self.device = None if device is None else torch.device(device)
+        self.shadow = {}
+        for name, param in model.named_parameters():
+            local = local_tensor(param).detach()
+            self.shadow[name] = local.to(self.device or local.device, torch.float32, copy=True)
+        self._staging, self._pending, self._worker = None, None, None
+        if self.device is not None:
+            pin = torch.cuda.is_available()
+            self._staging = {name: torch.empty_like(avg, pin_memory=pin) for name, avg in self.shadow.items()}
+            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ema")
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
+        if self._staging is None:
+            for name, param in model.named_parameters():
+                self.shadow[name].lerp_(local_tensor(param).detach().float(), 1 - self.decay)
+            return
+        self.synchronize()  # the staging buffers are free again
+        copied = None
         for name, param in model.named_parameters():
-            self.shadow[name].lerp_(param.detach().float(), 1 - self.decay)
+            self._staging[name].copy_(local_tensor(param).detach(), non_blocking=True)
+            if param.is_cuda:
+                copied = copied or torch.cuda.Event()
+        if copied is not None:
+            copied.record()
+        self._pending = self._worker.submit(self._blend_staged, copied)
+
+    @torch.no_grad()
+    def _blend_staged(self, copied) -> None:
+        if copied is not None:
+            copied.synchronize()
+        for name, average in self.shadow.items():
+            average.lerp_(self._staging[name], 1 - self.decay)
+
+    def synchronize(self) -> None:
+        """Wait for a background update (a no-op for an average kept beside the parameters)."""
+        if self._pending is not None:
+            self._pending.result()
+            self._pending = None
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
+        self.synchronize()
         return self.shadow
 
     @torch.no_grad()
-    def copy_to(self, model: torch.nn.Module) -> None:
+    def restart_from(self, model: torch.nn.Module) -> None:
+        """Make the average equal the current weights (after loading weights the average never saw)."""
+        self.synchronize()
         for name, param in model.named_parameters():
-            param.copy_(self.shadow[name].to(param.dtype))
+            self.shadow[name].copy_(local_tensor(param).detach())
+
+    @torch.no_grad()
+    def copy_to(self, model: torch.nn.Module) -> None:
+        self.synchronize()
+        for name, param in model.named_parameters():
+            local = local_tensor(param)
+            local.copy_(self.shadow[name].to(local.device, local.dtype))

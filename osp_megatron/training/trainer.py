@@ -1,8 +1,8 @@
 """The pretraining loop: rectified flow on pre-encoded latents with gradient accumulation to the global batch.
 
-Owns the optimizer step, schedule, clipping, EMA, mixed precision, checkpoint/resume, graceful stops,
-held-out evaluation, samples during training and telemetry; the model and the process groups come from
-megatron-core building blocks.
+Owns the optimizer step, schedule, clipping, EMA, mixed precision, checkpoint/resume (under any layout),
+graceful stops, held-out evaluation, samples during training and telemetry; the model and the process groups
+come from megatron-core building blocks, sharding from FSDP2 (parallel.fsdp).
 """
 
 import contextlib
@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from osp_megatron.checkpointing.checkpoint import load_checkpoint, resume_target, save_checkpoint
+from osp_megatron.checkpointing.checkpoint import checkpoint_writer, load_checkpoint, resume_target, save_checkpoint
 from osp_megatron.config.errors import ConfigError
 from osp_megatron.config.job import JobConfig
 from osp_megatron.config.loader import to_dict
@@ -26,7 +26,8 @@ from osp_megatron.models.flops import training_flops
 from osp_megatron.parallel import state
 from osp_megatron.parallel.ledger import ledger
 from osp_megatron.parallel.ssp import check_sequence_parallel_layout
-from osp_megatron.training.flow_matching import flow_matching_losses
+from osp_megatron.parallel.fsdp import apply_fsdp, local_tensor
+from osp_megatron.training.flow_matching import PerSampleNoise, flow_matching_losses
 from osp_megatron.training.metrics import MetricsLogger
 from osp_megatron.training.optim import EMA, average_gradients, build_optimizer, clip_gradients, lr_at, set_lr
 from osp_megatron.training.signals import GracefulStop
@@ -83,13 +84,20 @@ class Trainer:
                 f"size = {micro} x {self.dp_size}"
             )
         self.accumulation = global_batch // (micro * self.dp_size)
+        self.fsdp = config.parallel.fsdp
         # Which checkpoint to continue from is settled before any work, so a refusal costs nothing.
         self.resume_path = self._resume_target()
+        self.precision = config.train.precision
+        if self.precision == "auto":
+            self.precision = "bf16" if self.device.type == "cuda" else "fp32"
 
         # Same seed on every rank: megatron's CPU initialisation builds the full weight then keeps this rank's
-        # slice, so every tensor-parallel size starts from identical weights.
+        # slice, so every tensor-parallel size, with FSDP or without, starts from identical weights. Weights a
+        # checkpoint overwrites entirely (resume, checkpoint.load: both refuse missing tensors) are only
+        # allocated. Under FSDP the model stays in host memory until sharding moves each rank's shards.
         seed_everything(config.train.seed)
-        self.model = build_model(config.model, self.device)
+        initialize = self.resume_path is None and not config.checkpoint.load
+        self.model = build_model(config.model, "cpu" if self.fsdp else self.device, initialize=initialize)
         # Quantized GEMMs (quant.recipe): the selected linears quantize inputs, weights and output gradients
         # with their recipe; scales agree across the ranks of one model replica.
         self.quantized_layers = []
@@ -100,16 +108,21 @@ class Trainer:
                                                        amax_reduction_group=state.amax_reduction_group())
             if not self.quantized_layers:
                 raise ConfigError(f"quant.modules.include={config.quant.modules.include} selects no linear layer")
+        if self.resume_path is None and config.checkpoint.load:
+            self._load_initial_weights()
+        if self.fsdp:
+            apply_fsdp(self.model, config.parallel.fsdp_reduce_dtype,
+                       torch.bfloat16 if self.precision == "bf16" else None, config.parallel.fsdp_offload,
+                       self.device)
         self.optimizer = build_optimizer(self.model, config.train)
-        self.ema = EMA(self.model, config.train.ema_decay) if config.train.ema_decay > 0 else None
-        # Noise and timesteps: one stream per data-parallel replica, shared by its tensor/context ranks.
-        self.generator = torch.Generator().manual_seed(config.train.seed * 1000 + self.dp_rank + 1)
+        self.ema = None
+        if config.train.ema_decay > 0:
+            self.ema = EMA(self.model, config.train.ema_decay, "cpu" if config.train.ema_device == "cpu" else None)
+        self.writer = checkpoint_writer(self.run_dir, config.checkpoint.keep_last or None,
+                                        config.checkpoint.async_save)
         self.loader = self._build_loader()
         self.held_out = self._build_held_out()
         self.step = 0
-        self.precision = config.train.precision
-        if self.precision == "auto":
-            self.precision = "bf16" if self.device.type == "cuda" else "fp32"
         # Real shards hold one latent shape per bucket: each shape's token grid must suit the parallel layout.
         self.flops_per_sample, self.tokens_per_sample = {}, {}
         for shape in self.loader.latent_shapes:
@@ -148,30 +161,30 @@ class Trainer:
                            group=state.data_parallel_group(), dp_size=self.dp_size)
 
     def _resume_target(self) -> Optional[Path]:
-        return resume_target(self.config.checkpoint.resume, self.run_dir, say=self._say)
+        return resume_target(self.config.checkpoint.resume, self.run_dir, fsdp=self.fsdp, say=self._say)
+
+    def _load_initial_weights(self) -> None:
+        """checkpoint.load: a framework checkpoint (any format or layout), a diffusers folder or an original
+        Wan2.1 / OSP-Next weight file; read into the unsharded model, before FSDP and the EMA exist."""
+        from osp_megatron.models.pretrained import load_pretrained_weights
+
+        which = "ema" if self.config.checkpoint.load_ema else "model"
+        load_pretrained_weights(self.model, self.config.checkpoint.load, which=which)
+        self._say(f"initialised {which} weights from {self.config.checkpoint.load}")
 
     def _initialise_weights_or_resume(self) -> None:
         path = self.resume_path
-        if path is not None:
-            _, rank_state = load_checkpoint(path, self.model, self.optimizer, self.ema)
-            self.step = int(rank_state["step"])
-            self.generator.set_state(rank_state["generator"])
-            self.loader.load_state_dict(rank_state["data"])
-            set_rng_state(rank_state["rng"])
-            if self.quantized_layers and "quant" in rank_state:
-                from osp_megatron.quantization import load_quantization_state_dict
+        if path is None:
+            return
+        _, rank_state = load_checkpoint(path, self.model, self.optimizer, self.ema)
+        self.step = int(rank_state["step"])
+        self.loader.load_state_dict(rank_state["data"])
+        set_rng_state(rank_state["rng"])
+        if self.quantized_layers and "quant" in rank_state:
+            from osp_megatron.quantization import load_quantization_state_dict
 
-                load_quantization_state_dict(self.model, rank_state["quant"])
-            self._say(f"resumed from {path} at step {self.step}")
-        elif self.config.checkpoint.load:
-            from osp_megatron.models.pretrained import load_pretrained_weights
-
-            # A framework checkpoint, a diffusers folder or an original Wan2.1 / OSP-Next weight file.
-            which = "ema" if self.config.checkpoint.load_ema else "model"
-            load_pretrained_weights(self.model, self.config.checkpoint.load, which=which)
-            if self.ema is not None:
-                self.ema = EMA(self.model, self.config.train.ema_decay)
-            self._say(f"initialised {which} weights from {self.config.checkpoint.load}")
+            load_quantization_state_dict(self.model, rank_state["quant"])
+        self._say(f"resumed from {path} at step {self.step}")
 
     def _say(self, text: str) -> None:
         if self.logging_rank:
@@ -194,15 +207,16 @@ class Trainer:
         # and data ranks.
         sums = torch.zeros(2 + 2 * len(bucket_names()), dtype=torch.float64, device=self.device)
         data_wait = 0.0
-        for _ in range(self.accumulation):
+        for micro_batch in range(self.accumulation):
             tick = time.perf_counter()
             batch = next(self.loader)
             data_wait += time.perf_counter() - tick
             sums[-1] += batch["bad_samples"]
             latents = batch["latents"].to(self.device, non_blocking=True)
             text = batch["text_states"].to(self.device, non_blocking=True)
+            noise = PerSampleNoise(cfg.seed, self._sample_indices(batch, micro_batch))
             with self._autocast():
-                losses, sigmas = flow_matching_losses(self.model, latents, text, self.generator, cfg.timestep_shift,
+                losses, sigmas = flow_matching_losses(self.model, latents, text, noise, cfg.timestep_shift,
                                                       cfg.logit_mean, cfg.logit_std)
                 loss = losses.mean()
             (loss / self.accumulation).backward()
@@ -214,9 +228,11 @@ class Trainer:
                 chosen = bucket == index
                 sums[1 + 2 * index] += per_sample[chosen].sum()
                 sums[2 + 2 * index] += chosen.sum()
-        # Mean over data x context ranks: each context rank's gradient is CP x its share (optim.average_gradients).
-        average_gradients(self.model, state.gradient_reduction_group(),
-                          dist.get_world_size(state.gradient_reduction_group()))
+        if not self.fsdp:
+            # Mean over data x context ranks: each context rank's gradient is CP x its share
+            # (optim.average_gradients); FSDP's reduce-scatter over the same ranks already took that mean.
+            average_gradients(self.model, state.gradient_reduction_group(),
+                              dist.get_world_size(state.gradient_reduction_group()))
         grad_norm = clip_gradients(self.model, cfg.grad_clip)
         self.optimizer.step()
         if self.ema is not None:
@@ -237,6 +253,16 @@ class Trainer:
         scalars.update(ledger().scalars())
         return scalars
 
+    def _sample_indices(self, batch: dict, micro_batch: int) -> torch.Tensor:
+        """Global sample positions of a micro-batch, which seed its noise and timesteps: the loader's
+        `sample_indices`, else the micro-batch's place in this step's global batch."""
+        if "sample_indices" in batch:
+            return batch["sample_indices"]
+        micro = self.config.train.micro_batch_size
+        first = (self.step * self.config.train.global_batch_size
+                 + (micro_batch * self.dp_size + self.dp_rank) * micro)
+        return torch.arange(first, first + micro)
+
     def memory_scalars(self) -> dict:
         """Device memory in GiB, maximum over ranks (collective); the peak is reset for the next step."""
         if self.device.type == "cuda":
@@ -255,8 +281,7 @@ class Trainer:
 
     # -- the loop --------------------------------------------------------------------------------------
     def rank_state(self) -> dict:
-        saved = {"step": self.step, "generator": self.generator.get_state(), "data": self.loader.state_dict(),
-                 "rng": rng_state()}
+        saved = {"step": self.step, "data": self.loader.state_dict(), "rng": rng_state()}
         if self.quantized_layers:
             from osp_megatron.quantization import quantization_state_dict
 
@@ -264,12 +289,13 @@ class Trainer:
         return saved
 
     def save(self) -> Path:
-        path = save_checkpoint(
+        """Write a checkpoint of this step (in the background with checkpoint.async_save: published when
+        the write ends, which the next save, a stop and the end of training wait for)."""
+        return save_checkpoint(
             self.run_dir, self.step, self.model, self.optimizer, self.ema, rank_state=self.rank_state(),
             metadata={"model_config": to_dict(self.config.model), "config": to_dict(self.config)},
-            keep_last=self.config.checkpoint.keep_last or None,
+            writer=self.writer,
         )
-        return path
 
     def train(self, stop: Optional[GracefulStop] = None) -> dict:
         """Train to train.steps; returns {'step', 'status': finished | already_finished | exit_interval | stopped}.
@@ -279,6 +305,8 @@ class Trainer:
         with contextlib.ExitStack() as stack:
             if stop is None:
                 stop = stack.enter_context(GracefulStop(job="osp-train"))
+            # However training ends, a checkpoint still being written is published before returning.
+            stack.callback(self.writer.close)
             return self._train(stop)
 
     def _train(self, stop: GracefulStop) -> dict:
@@ -292,9 +320,10 @@ class Trainer:
         if self.logging_rank:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(self.config), sort_keys=False))
-            self._say(f"model: {count_parameters(self.model) / 1e6:.2f}M parameters on this rank, blocks "
+            self._say(f"model: {count_parameters(self.model) / 1e6:.2f}M parameters per tensor-parallel rank, blocks "
                       f"{self.model.block_kinds}; world {dist.get_world_size()} (dp {self.dp_size}, tp "
-                      f"{state.tensor_parallel_size()}, ssp {state.ssp_size()}, ulysses {state.ulysses_size()}); "
+                      f"{state.tensor_parallel_size()}, ssp {state.ssp_size()}, ulysses {state.ulysses_size()}, "
+                      f"fsdp {'on' if self.fsdp else 'off'}); "
                       f"accumulation {self.accumulation}; device {self.device}; precision {self.precision}")
         if stop.agreed():
             self._say(f"stopped by {stop.signal_name} before the first step; nothing to save")
@@ -346,7 +375,8 @@ class Trainer:
         if self.saved_step != self.step:
             self.saved_path = self.save()
             self.saved_step = self.step
-            self.logger.message(f"[osp-train] saved checkpoint {self.saved_path}")
+            how = "writing checkpoint (in the background)" if self.writer.asynchronous else "saved checkpoint"
+            self.logger.message(f"[osp-train] {how} {self.saved_path}")
         return self.saved_path
 
     def final_sample_path(self) -> Path:
@@ -361,21 +391,23 @@ class Trainer:
         if self.ema is None:
             yield
             return
-        backup = {name: param.detach().to("cpu", copy=True) for name, param in self.model.named_parameters()}
+        backup = {name: local_tensor(param).detach().to("cpu", copy=True)
+                  for name, param in self.model.named_parameters()}
         self.ema.copy_to(self.model)
         try:
             yield
         finally:
             with torch.no_grad():
                 for name, param in self.model.named_parameters():
-                    param.copy_(backup[name].to(param.device))
+                    local_tensor(param).copy_(backup[name])
 
     def sample_video(self, output: Path) -> Path:
         """Render the sample prompt(s) with the EMA weights (if kept) to `output` plus a PNG frame strip beside
         it, and show the strip in TensorBoard."""
         from osp_megatron.inference.runner import render_sample
 
-        with self._ema_weights():
+        # Under the training precision: FSDP's blocks compute in bf16 under bf16 training.
+        with self._ema_weights(), self._autocast():
             paths = render_sample(self.model, self.config, self.device, output, write=self.logging_rank)
         paths = paths if isinstance(paths, list) else [paths]
         if self.logging_rank:

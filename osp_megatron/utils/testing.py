@@ -82,6 +82,17 @@ def run_on_ranks(fn, world_size: int, *args, timeout: float = 300.0) -> list:
     return [results[r] for r in range(world_size)]
 
 
+def assert_same_training_state(path, reference_path, rtol: float = 1e-5, atol: float = 1e-6) -> None:
+    """Two checkpoints (any format, any layout) hold the same model, EMA and AdamW tensors, one by one."""
+    from osp_megatron.checkpointing.offline import read_checkpoint_tensors
+
+    for which in ("model", "ema", "optimizer"):
+        tensors, expected = read_checkpoint_tensors(path, which), read_checkpoint_tensors(reference_path, which)
+        assert expected and tensors.keys() == expected.keys(), (which, sorted(set(tensors) ^ set(expected))[:5])
+        for name in expected:
+            torch.testing.assert_close(tensors[name], expected[name], rtol=rtol, atol=atol, msg=f"{which} {name}")
+
+
 def gathered_gradients(model: torch.nn.Module, world_size: int, include=lambda name: True) -> dict:
     """{name: gradient} with tensor-parallel shards all-gathered to the full tensor (collective), for comparing
     a parallel run's gradients with one rank's."""

@@ -41,6 +41,19 @@ def test_fp8_benchmark_loss_curves_tiny(tmp_path):
     assert row["relative_to_bf16"]["bf16"] == 0.0
 
 
+@pytest.mark.slow
+def test_fsdp_benchmark_tiny(tmp_path):
+    """bench_fsdp.py --tiny runs osp-train under torchrun (two CPU ranks, FSDP with SSP=2) and reports step
+    time, throughput, memory and finite losses."""
+    report = _run("bench_fsdp.py", "--cases", "wan13b_480p_fsdp_ssp2", "--warmup", "1",
+                  "--work", str(tmp_path / "work"), out=tmp_path / "fsdp.json")
+    (row,) = report["rows"]
+    assert "error" not in row, row.get("error")
+    assert row["gpus"] == 2 and "parallel.fsdp=true" in row["command"] and "parallel.ssp=2" in row["command"]
+    assert row["steps"] == 3 and row["step_s"] > 0 and row["samples_per_s"] > 0 and row["loss_finite"]
+    assert row["peak_gib"] > 0
+
+
 def test_grpo_benchmark_tiny(tmp_path):
     """bench_grpo.py --tiny times the sliding-window, flash and all-SDE iterations with peak memory."""
     report = _run("bench_grpo.py", out=tmp_path / "grpo.json")

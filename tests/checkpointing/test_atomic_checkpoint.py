@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from osp_megatron.checkpointing import checkpoint as ckpt
+from osp_megatron.checkpointing import writer
 from osp_megatron.config.errors import ConfigError
 from osp_megatron.config.job import TrainConfig
 from osp_megatron.config.loader import from_dict
@@ -30,16 +31,14 @@ def test_crash_mid_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     first = ckpt.save_checkpoint(tmp_path, 1, model, optimizer, rank_state={"step": 1})
     saved = {n: p.detach().clone() for n, p in model.named_parameters()}
 
-    real_save = ckpt.save_model_shard
-    calls = []
+    real_save = writer.save_tensors
 
-    def dying_save(directory, tensors, params):
-        calls.append(directory)
-        if len(calls) == 2:  # model written, optimizer moments not
-            raise OSError("disk full")
-        return real_save(directory, tensors, params)
+    def dying_save(folder, tensors, *args, **kwargs):
+        # The tensors are written, then the disk fills before the checkpoint is published.
+        real_save(folder, tensors, *args, **kwargs)
+        raise OSError("disk full")
 
-    monkeypatch.setattr(ckpt, "save_model_shard", dying_save)
+    monkeypatch.setattr(writer, "save_tensors", dying_save)
     with torch.no_grad():
         for param in model.parameters():
             param.add_(1.0)
@@ -55,7 +54,7 @@ def test_crash_mid_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     for name, param in model.named_parameters():
         assert torch.equal(param, saved[name])
 
-    monkeypatch.setattr(ckpt, "save_model_shard", real_save)
+    monkeypatch.setattr(writer, "save_tensors", real_save)
     second = ckpt.save_checkpoint(tmp_path, 2, model, optimizer, rank_state={"step": 2})
     assert ckpt.latest_checkpoint(tmp_path) == second
     assert not (tmp_path / "checkpoints" / "step_00000002.tmp").exists()

@@ -200,6 +200,6 @@ def test_inspect_reports_step_dtype_and_tensor_parallel(tiny_diffusers, tmp_path
     assert main(["inspect", str(tmp_path / "bf16")]) == 0
     out = capsys.readouterr().out
     count = sum(p.numel() for p in reference.parameters())
-    assert "step: 0" in out and "tensor parallel: 2" in out and "BF16" in out and f"{count:,}" in out
+    assert "step: 0" in out and "written under: tensor=2 data=1" in out and "bfloat16" in out and f"{count:,}" in out
     assert main(["inspect", str(folder)]) == 0
     assert "diffusers layout" in capsys.readouterr().out

@@ -17,7 +17,8 @@ import torch
 import torch.utils.tensorboard  # noqa: F401  (imported once here so the forked osp-train ranks start fast)
 from megatron.core import parallel_state
 
-from osp_megatron.checkpointing.sharded import partition_dim, read_full_tensor, source_layout
+from osp_megatron.checkpointing.offline import read_checkpoint_tensors
+from osp_megatron.checkpointing.sharded import partition_dim
 from osp_megatron.config.errors import ConfigError
 from osp_megatron.config.job import load_job_config
 from osp_megatron.config.loader import from_dict
@@ -149,8 +150,7 @@ def _metrics(run_dir):
 
 
 def _weights(run_dir, step):
-    _, paths, partition = source_layout(Path(run_dir) / "checkpoints" / f"step_{step:08d}" / "model")
-    return {name: read_full_tensor(paths, name, dim) for name, dim in partition.items()}
+    return read_checkpoint_tensors(Path(run_dir) / "checkpoints" / f"step_{step:08d}", "model")
 
 
 def _assert_same_run(run_dir, reference_dir):

@@ -1,5 +1,5 @@
 """Nothing lost, nothing repeated: signals checkpoint and exit 0, kills resume without duplicate metrics,
-damaged checkpoints are skipped or named, finished runs stop at once, layout changes are refused up front."""
+damaged checkpoints are skipped or named, finished runs stop at once, checkpoints of other layouts reshard."""
 
 import json
 import os
@@ -131,22 +131,22 @@ def test_damaged_newest_checkpoint_is_skipped_and_a_named_one_is_refused(straigh
     run_dir = tmp_path / "run"
     shutil.copytree(root / "straight", run_dir)
     newest = run_dir / "checkpoints" / f"step_{STEPS:08d}"
-    weights = newest / "model" / "tp00-of-01.safetensors"
+    weights = newest / "state" / "__0_0.distcp"
     weights.write_bytes(weights.read_bytes()[:1000])
     explicit, auto = run_on_ranks(_train_runs, 1, [
         _common(root) + [f"run.dir={run_dir}", f"checkpoint.resume={newest}"],
         _common(root) + [f"run.dir={run_dir}"],
     ])[0]
     assert explicit["error"] == "CheckpointCorruptError"
-    assert "model/tp00-of-01.safetensors: truncated (1000 bytes on disk" in explicit["message"]
+    assert "state/__0_0.distcp: truncated (1000 bytes on disk" in explicit["message"]
     assert auto["status"] == "finished" and auto["step"] == STEPS
     _assert_same_losses(run_dir, expected)
 
 
 def test_finished_run_layout_change_and_intervals(straight, tmp_path):
-    """A finished run says 'already at train.steps' without training or sampling again; a checkpoint saved
-    under another parallel layout is refused before any work, naming both layouts; eval_interval logs a
-    held-out loss that is identical for identical weights; sample_interval writes a video and its strip."""
+    """A finished run says 'already at train.steps' without training or sampling again; a checkpoint whose
+    metadata names another parallel layout is resharded on load (here: finished already); eval_interval logs
+    a held-out loss that is identical for identical weights; sample_interval writes a video and its strip."""
     import shutil
 
     root, _ = straight
@@ -160,7 +160,7 @@ def test_finished_run_layout_change_and_intervals(straight, tmp_path):
     metadata["layout"] = {"world_size": 2, "tensor": 2, "data": 1, "ssp": 1, "ulysses": 1}
     metadata_path.write_text(json.dumps(metadata))
     intervals = tmp_path / "intervals"
-    finished, refused, logged = run_on_ranks(_train_runs, 1, [
+    finished, resharded, logged = run_on_ranks(_train_runs, 1, [
         _common(root) + [f"run.dir={run_dir}", "train.sample_at_end=true", "sample.num_steps=2"],
         _common(root) + [f"run.dir={moved}"],
         _common(root) + [f"run.dir={intervals}", "train.steps=4", "train.eval_interval=2", "train.eval_samples=8",
@@ -170,8 +170,7 @@ def test_finished_run_layout_change_and_intervals(straight, tmp_path):
     assert finished["status"] == "already_finished" and finished["step"] == STEPS
     assert (run_dir / "metrics.jsonl").read_text() == before
     assert (run_dir / "samples" / f"step_{STEPS:08d}.mp4").is_file()  # the missing final sample, made once
-    assert "tensor=2 data=1 ssp=1 ulysses=1 (world size 2)" in refused["message"]
-    assert "tensor=1 data=1 ssp=1 ulysses=1 (world size 1)" in refused["message"]
+    assert resharded["status"] == "already_finished" and resharded["step"] == STEPS, resharded
     assert "error" not in logged, logged
     rows = read_metrics(intervals / "metrics.jsonl")
     evals = [row["eval_loss"] for row in rows if "eval_loss" in row]
@@ -192,12 +191,12 @@ def test_offline_tools_name_the_damaged_file(straight, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(root / "straight", run_dir)
     newest = run_dir / "checkpoints" / f"step_{STEPS:08d}"
-    weights = newest / "model" / "tp00-of-01.safetensors"
+    weights = newest / "state" / "__0_0.distcp"
     weights.write_bytes(weights.read_bytes()[:-10])
     verify = subprocess.run([sys.executable, "-m", "checkpoints_tools.cli", "verify", str(run_dir)],
                             capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert verify.returncode == 1
-    assert f"{newest}: DAMAGED" in verify.stdout and "model/tp00-of-01.safetensors: truncated" in verify.stdout
+    assert f"{newest}: DAMAGED" in verify.stdout and "state/__0_0.distcp: truncated" in verify.stdout
     assert "step_00000006: intact" in verify.stdout
     for command in (["checkpoints_tools.cli", "inspect", str(newest)],
                     ["osp_megatron.inference.cli", "--checkpoint", str(newest), "--weights", "model", "--steps", "1",
@@ -205,7 +204,7 @@ def test_offline_tools_name_the_damaged_file(straight, tmp_path):
         result = subprocess.run([sys.executable, "-m", *command], capture_output=True, text=True, timeout=300,
                                 cwd=tmp_path)
         assert result.returncode == 2, result.stderr
-        assert "model/tp00-of-01.safetensors: truncated" in result.stderr and "Traceback" not in result.stderr
+        assert "state/__0_0.distcp: truncated" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_config_errors_come_before_torch_and_help_lists_sections():

@@ -76,3 +76,19 @@ def test_resume_continues_exactly(tmp_path):
     a = torch.load(straight / "checkpoints" / "step_00000006" / "ranks" / "rank00000.pt", weights_only=False)
     b = torch.load(stopped / "checkpoints" / "step_00000006" / "ranks" / "rank00000.pt", weights_only=False)
     assert a["data"] == b["data"]
+
+
+def test_noise_depends_only_on_seed_and_sample_index():
+    """A sample's noise and noise level are the same whichever batch, position or micro-batch it is drawn in
+    (so data-parallel size and accumulation change nothing), and differ between samples and seeds."""
+    from osp_megatron.training.flow_matching import PerSampleNoise
+
+    latents = torch.zeros(4, 16, 2, 4, 4)
+    noise, sigmas = PerSampleNoise(7, torch.tensor([5, 6, 7, 8])).draw(latents, 3.0, 0.0, 1.0)
+    parts = [PerSampleNoise(7, torch.tensor(indices)).draw(latents[:len(indices)], 3.0, 0.0, 1.0)
+             for indices in ([8, 5], [7], [6])]
+    for (part_noise, part_sigmas), positions in zip(parts, ([3, 0], [2], [1])):
+        assert torch.equal(part_noise, noise[positions]) and torch.equal(part_sigmas, sigmas[positions])
+    assert not torch.equal(noise[0], noise[1]) and 0 < float(sigmas.min()) and float(sigmas.max()) < 1
+    other, _ = PerSampleNoise(8, torch.tensor([5, 6, 7, 8])).draw(latents, 3.0, 0.0, 1.0)
+    assert not torch.equal(other, noise)
