@@ -21,6 +21,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="YAML config file (default: the packaged tiny CPU example, examples/tiny_t2v.yaml)")
     parser.add_argument("--print-config", action="store_true",
                         help="print the fully resolved config (after overrides) as YAML and exit")
+    parser.add_argument("--estimate-memory", action="store_true",
+                        help="print the memory each GPU needs for this config (bytes per parameter, activations "
+                        "per block, peak) and exit; needs no GPU and starts no process group (docs/memory.md)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     return parser
 
@@ -45,6 +48,11 @@ def main(argv=None) -> int:
         config = load_job_config(args.config or default_config_path(), args.overrides)
         if args.print_config:
             print(yaml.safe_dump(to_dict(config), sort_keys=False))
+            return 0
+        if args.estimate_memory:
+            from osp_megatron.training.memory import estimate_config
+
+            print(estimate_config(config))
             return 0
         from osp_megatron.training.trainer import Trainer
 
