@@ -66,7 +66,8 @@ class Format:
         """The format's values nearest to ``tensor * scale`` (saturating), stored in ``code_dtype``.
 
         ``decode(encode(t, s), 1 / s, t.dtype)`` equals ``scaled_qdq(t, s)``: a quantized GEMM keeps the codes
-        for its backward, not the dequantized copy.
+        for its backward, not the dequantized copy. This generic form suits formats whose ``code_dtype``
+        holds their values; FP8 and HiF8 override it.
         """
         work = tensor.to(torch.promote_types(tensor.dtype, torch.float32))
         return self.qdq(work * scale).to(self.code_dtype)
@@ -86,12 +87,6 @@ def _decode(codes, inverse_scale, dtype: torch.dtype):
 def _fp8_encode(tensor, scale, max_value: float, fp8_dtype: torch.dtype):
     work = tensor.to(torch.promote_types(tensor.dtype, torch.float32))
     return (work * scale).clamp(-max_value, max_value).to(fp8_dtype)
-
-
-@fused_on_cuda
-def _hif8_encode(tensor, scale):
-    work = tensor.to(torch.promote_types(tensor.dtype, torch.float32))
-    return hif8.hif8_round_core(work * scale, None, saturate=True).to(torch.bfloat16)
 
 
 @fused_on_cuda
@@ -139,8 +134,12 @@ class FP8Format(Format):
 class HiF8Format(Format):
     """HiFloat8; nearest rounding with ties away from zero, optionally hybrid stochastic rounding.
 
-    Codes are bfloat16, which holds every HiF8 value exactly (at most 3 mantissa bits, 2^-22 to 2^15).
+    Codes are HiF8 bytes (uint8, hif8_encode / hif8_decode).
     """
+
+    @property
+    def code_dtype(self) -> torch.dtype:
+        return torch.uint8
 
     def qdq(self, x_scaled, stochastic=False, generator=None):
         if stochastic:
@@ -161,9 +160,14 @@ class HiF8Format(Format):
         return _hif8_scaled_qdq(tensor, scale, scale.reciprocal(), random)
 
     def encode(self, tensor, scale):
-        if tensor.device.type == "npu":
-            return super().encode(tensor, scale)
-        return _hif8_encode(tensor, scale)
+        scaled = tensor.to(torch.promote_types(tensor.dtype, torch.float32)) * scale
+        if tensor.device.type == "npu":  # the native cast rounds; encoding its HiF8 values is exact
+            scaled = self.qdq(scaled)
+        return hif8.hif8_encode(scaled, saturate=True)
+
+    @staticmethod
+    def decode(codes, inverse_scale, dtype):
+        return _decode(hif8.hif8_decode(codes), inverse_scale, dtype)
 
 
 E4M3 = FP8Format("e4m3", 448.0, 448.0, 448.0, torch.float8_e4m3fn)

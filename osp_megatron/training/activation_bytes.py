@@ -3,6 +3,7 @@
 Bytes at tensor-parallel size t are replicated + split / t, through the profiles measured at 1 and 2 ranks.
 """
 
+import hashlib
 import json
 import math
 import os
@@ -14,6 +15,23 @@ from osp_megatron.training.activation_profile import request_for
 
 # Profiles of the presets (python -m osp_megatron.training.memory --measure-presets writes them).
 SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "activation_profiles.json")
+
+
+# The code that decides what a block saves; profiles record a fingerprint of it to tell when they are stale.
+SOURCE_FILES = ("models/wan/layers.py", "models/wan/model.py", "models/wan/fused.py", "models/wan/spec.py",
+                "attention/dispatch.py", "attention/skiparse.py", "parallel/layout.py", "quantization/gemm.py",
+                "quantization/formats.py", "quantization/linear.py", "training/flow_matching.py")
+SOURCE_KEY = "source"
+
+
+def source_fingerprint() -> str:
+    """sha256 (16 hex digits) of the files in SOURCE_FILES."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    digest = hashlib.sha256()
+    for name in SOURCE_FILES:
+        with open(os.path.join(package, name), "rb") as handle:
+            digest.update(handle.read())
+    return digest.hexdigest()[:16]
 
 
 def cache_path() -> str:
@@ -47,13 +65,21 @@ def measure_in_subprocess(requests) -> list:
     return [profile for _, profile in sorted(profiles, key=lambda pair: order[pair[0].key()])]
 
 
-def load_profiles(requests, measure_missing: bool = True) -> dict:
-    """{request key: profile} from the profiles shipped with the package, the user's cache, or measured now
-    (then cached). Measuring a wan-14b-wide block compiles and runs it on the CPU: a few minutes, once."""
+def load_profiles(requests, measure_missing: bool = True) -> tuple:
+    """({request key: profile}, notes) from the profiles shipped with the package, the user's cache, or
+    measured now (then cached). Measuring a wan-14b-wide block runs it on the CPU: minutes, once per shape."""
     shipped, cached = _read(SHIPPED), _read(cache_path())
+    fingerprint, notes = source_fingerprint(), []
+    if cached.get(SOURCE_KEY) != fingerprint:  # measured on other block code: measure again
+        cached = {SOURCE_KEY: fingerprint}
     found = {request.key(): shipped.get(request.key()) or cached.get(request.key()) for request in requests}
+    if any(request.key() in shipped for request in requests) and shipped.get(SOURCE_KEY) != fingerprint:
+        notes.append("the stored activation profiles were measured on other block code; re-measure them with "
+                     "python -m osp_megatron.training.memory --measure-presets")
     missing = [request for request in requests if found[request.key()] is None]
-    if missing and measure_missing:
+    if missing and not measure_missing:
+        raise KeyError(f"no stored activation profile for {[request.key() for request in missing]}")
+    if missing:
         print(f"[osp-train] measuring activation bytes of {len(missing)} block configuration(s) on the CPU "
               f"(once; cached in {cache_path()})", file=sys.stderr, flush=True)
         for request, profile in zip(missing, measure_in_subprocess(missing)):
@@ -61,9 +87,7 @@ def load_profiles(requests, measure_missing: bool = True) -> dict:
         os.makedirs(os.path.dirname(cache_path()), exist_ok=True)
         with open(cache_path(), "w") as handle:
             json.dump(cached, handle, indent=1, sort_keys=True)
-    elif missing:
-        raise KeyError(f"no stored activation profile for {[request.key() for request in missing]}")
-    return found
+    return found, notes
 
 
 def run_requests(run, compiled: bool = True) -> dict:
@@ -88,7 +112,9 @@ def activation_bytes(run, profiles=None, compiled: bool = True) -> dict:
     """Bytes of one micro-batch on one GPU of `run`: per block kind the kept bytes by checkpointing mode and
     the backward's rise, and the same for the embeddings, head and loss ("outside"); plus notes."""
     requests = run_requests(run, compiled)
-    profiles = profiles if profiles is not None else load_profiles(list(requests.values()))
+    notes = []
+    if profiles is None:
+        profiles, notes = load_profiles(list(requests.values()))
     batch, local, whole = run.micro_batch, run.local_tokens, math.prod(run.grid)
     # FSDP gathers bf16 weights itself (autocast makes no copies) and frees them after each block's forward.
     weights_kept = not (run.layout.fsdp and run.precision == "bf16")
@@ -104,7 +130,7 @@ def activation_bytes(run, profiles=None, compiled: bool = True) -> dict:
                 at[tensor] = max((per_token * tokens + constant) * samples for per_token, constant in lines)
         return max(_at_tensor(at, run.layout.tensor), 0.0)
 
-    result = {"notes": []}
+    result = {"notes": notes}
     for kind in {kind for kind, _ in requests}:
         kept = {}
         for mode, suffix in (("none", ""), ("full", "_full"), ("selective", "_selective")):

@@ -124,15 +124,15 @@ class SavedTensorCensus:
         self.parameter_storages = {_storage_key(p) for p in model.parameters()}
         self.block_parameters = {id(p) for p in block.parameters()}
         self.entries = {}  # storage key -> [nbytes, weak ref, region, from parameters only]
-        self.shared, self.block_inputs, self.in_block = set(), set(), False
-        self.block_output = None
-        block.register_forward_pre_hook(self._enter, with_kwargs=True)
-        block.register_forward_hook(self._leave, with_kwargs=True)
+        # storage key -> weak reference of the block's hidden input / shared inputs (a key alone could later
+        # name another storage at the same address)
+        self.shared, self.block_inputs, self.in_block = {}, {}, False
+        self.block, self.block_output = block, None
 
     def _enter(self, module, args, kwargs):
         self.in_block = True
-        self.block_inputs.add(_storage_key(args[0]))
-        self.shared.update(_storage_key(t) for t in _tensors_in((args[1:], kwargs)))
+        self.block_inputs[_storage_key(args[0])] = self._weak(args[0].untyped_storage())
+        self.shared.update((_storage_key(t), self._weak(t.untyped_storage())) for t in _tensors_in((args[1:], kwargs)))
 
     def _leave(self, module, args, kwargs, output):
         self.in_block = False
@@ -140,23 +140,37 @@ class SavedTensorCensus:
 
     def pack(self, tensor: torch.Tensor):
         key = _storage_key(tensor)
-        if key not in self.parameter_storages and key not in self.entries:
+        known = self.entries.get(key)
+        # A storage freed during the forward (its graph branch dropped) may leave its address to a new one.
+        if key not in self.parameter_storages and (known is None or known[1].expired()):
             storage = tensor.untyped_storage()
             region = "block" if self.in_block else "outside"
             self.entries[key] = [storage.nbytes(), self._weak(storage), region,
                                  self.in_block and _from_parameters_only(tensor, self.block_parameters)]
         return tensor
 
-    def hooks(self):
-        return torch.autograd.graph.saved_tensors_hooks(self.pack, lambda tensor: tensor)
+    @contextlib.contextmanager
+    def recording(self):
+        """Count what the forward inside this block saves (the backward may run after it)."""
+        handles = [self.block.register_forward_pre_hook(self._enter, with_kwargs=True),
+                   self.block.register_forward_hook(self._leave, with_kwargs=True)]
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(self.pack, lambda tensor: tensor):
+                yield self
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def kept(self) -> dict:
-        """Bytes saved for the backward: block (tokens), block (weights only), outside."""
+        """Bytes saved for the backward and still alive (call it while the graph is): block (tokens), block
+        (weights only), outside."""
         totals = {"block": 0, "block_weights": 0, "outside": 0}
-        for key, (nbytes, _, region, weights_only) in self.entries.items():
-            if key in self.shared:
+        for key, (nbytes, reference, region, weights_only) in self.entries.items():
+            if reference.expired():
+                continue
+            if key in self.shared and not self.shared[key].expired():
                 region = "outside"
-            elif key in self.block_inputs:
+            elif key in self.block_inputs and not self.block_inputs[key].expired():
                 region = "block"
             totals["block_weights" if region == "block" and weights_only else region] += nbytes
         return totals
@@ -305,7 +319,7 @@ def _run(model, request: ProfileRequest, grid, mode: str) -> dict:
     generator = torch.Generator().manual_seed(0)
     latents = torch.randn(1, request.in_channels, *latent, generator=generator)
     text = torch.randn(1, request.text_len, request.text_dim, generator=generator)
-    with _precision(request), census.hooks():
+    with _precision(request), census.recording():
         loss = flow_matching_loss(model, latents, text, generator)
     handle.remove()
     result = census.kept()

@@ -6,6 +6,7 @@ prints one config's estimate; `python -m osp_megatron.training.memory --table` w
 """
 
 import argparse
+import functools
 import json
 import math
 import sys
@@ -36,17 +37,34 @@ class ParameterCounts:
 
 def count_parameters(model_config, tensor: int = 1) -> ParameterCounts:
     """Count on the meta device (nothing allocated); tensor-parallel weights count 1 / tensor on a rank."""
+    from osp_megatron.config.loader import to_dict
+
+    fields = {**to_dict(model_config), "activation_checkpointing": "none"}  # the same parameters either way
+    return _count_parameters(json.dumps(fields, sort_keys=True), tensor)
+
+
+@functools.lru_cache(maxsize=16)
+def _parameter_table(model_fields: str) -> tuple:
+    """(block index or -1, elements, split by tensor parallelism) of every parameter of the meta model."""
+    from osp_megatron.config.loader import from_dict
     from osp_megatron.models.builder import build_model
+    from osp_megatron.models.config import ModelConfig
 
-    model = build_model(model_config, meta=True)
+    model = build_model(from_dict(ModelConfig, json.loads(model_fields), "model"), meta=True)
+    owner = {id(p): index for index, block in enumerate(model.blocks) for p in block.parameters()}
+    return tuple((owner.get(id(p), -1), p.numel(), bool(getattr(p, "tensor_model_parallel", False)))
+                 for p in model.parameters())
 
-    def local(module) -> int:
-        return sum(p.numel() // tensor if getattr(p, "tensor_model_parallel", False) else p.numel()
-                   for p in module.parameters())
 
-    total = local(model)
-    block = max(local(block) for block in model.blocks)
-    return ParameterCounts(total=total, block=block, outside=total - sum(local(b) for b in model.blocks))
+def _count_parameters(model_fields: str, tensor: int) -> ParameterCounts:
+    per_block, outside = {}, 0
+    for block, numel, split in _parameter_table(model_fields):
+        local = numel // tensor if split else numel
+        if block < 0:
+            outside += local
+        else:
+            per_block[block] = per_block.get(block, 0) + local
+    return ParameterCounts(total=outside + sum(per_block.values()), block=max(per_block.values()), outside=outside)
 
 
 @dataclass
@@ -201,8 +219,9 @@ def estimate(run: Run, profiles=None) -> Estimate:
 
     counts = count_parameters(run.model, run.layout.tensor)
     items, inflight_forward, inflight_backward = _state(run, counts)
-    state_bytes = sum(items.values()) * counts.total
     gradient_bytes = items[f"gradients ({run.model.params_dtype})"]
+    # Gradients are allocated during the backward (zero_grad frees them each step): counted per phase below.
+    state_bytes = (sum(items.values()) - gradient_bytes) * counts.total
     grads_block, grads_outside = gradient_bytes * counts.block, gradient_bytes * counts.outside
     mode = run.model.activation_checkpointing
     activations = activation_bytes(run, profiles)
@@ -289,3 +308,56 @@ def estimate_config(config, gpu_gib: float = 139.0) -> str:
     if config.parallel.data is None:
         text += "\nnote: parallel.data is derived from the world size at launch; this estimate assumes data = 1"
     return text
+
+
+def _measure_presets() -> int:
+    """Measure the profiles of the planning table and of benchmarks/bench_memory.py into the shipped file."""
+    from osp_megatron.training.activation_bytes import SHIPPED, SOURCE_KEY, measure_in_subprocess, source_fingerprint
+    from osp_megatron.training.memory_table import bench_requests, table_requests
+
+    requests = {request.key(): request for request in table_requests() + bench_requests()}
+    stored = json.loads(Path(SHIPPED).read_text()) if Path(SHIPPED).is_file() else {}
+    if stored.get(SOURCE_KEY) != source_fingerprint():  # block code changed since: measure everything again
+        stored = {SOURCE_KEY: source_fingerprint()}
+    missing = [request for key, request in requests.items() if key not in stored]
+    for dim in sorted({request.dim for request in missing}):  # one process per width: compiled graphs shared
+        batch = [request for request in missing if request.dim == dim]
+        print(f"measuring {len(batch)} profiles of width {dim}", file=sys.stderr, flush=True)
+        for request, profile in zip(batch, measure_in_subprocess(batch)):
+            stored[request.key()] = profile
+        Path(SHIPPED).write_text(json.dumps(stored, indent=1, sort_keys=True) + "\n")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m osp_megatron.training.memory",
+        description="The memory model's planning table (docs/memory.md) and the activation profiles it reads.",
+        epilog="Examples: python -m osp_megatron.training.memory --table > table.md; "
+        "python -m osp_megatron.training.memory --measure-presets (after changing what a block saves). "
+        "For one config: osp-train --config my.yaml --estimate-memory",
+    )
+    parser.add_argument("--table", action="store_true", help="print the planning table (markdown)")
+    parser.add_argument("--measure-presets", action="store_true",
+                        help="measure the activation profiles of wan-1.3b and wan-14b blocks that the table and "
+                        "benchmarks/bench_memory.py need and store them with the package (CPU, up to an hour)")
+    parser.add_argument("--gpu-memory-gib", type=float, default=139.0,
+                        help="GPU memory the table's strike-through marks compare with (default 139: an H200)")
+    args = parser.parse_args(argv)
+    if not (args.table or args.measure_presets):
+        parser.error("choose --table or --measure-presets")
+    try:
+        if args.measure_presets:
+            _measure_presets()
+        if args.table:
+            from osp_megatron.training.memory_table import planning_table
+
+            print(planning_table(args.gpu_memory_gib))
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -97,3 +97,31 @@ def test_true_and_false_mean_full_and_none():
         == "selective"
     with pytest.raises(ConfigError, match="model.activation_checkpointing"):
         from_dict(ModelConfig, {"activation_checkpointing": "some"}, "model")
+
+
+def _kept_block_bytes(model, mode, latent_shape) -> int:
+    """Bytes the second block keeps for the backward in `mode` (bf16 autocast), counted by storage."""
+    from osp_megatron.training.activation_profile import SavedTensorCensus
+
+    model.model_config.activation_checkpointing = mode
+    census = SavedTensorCensus(model, model.blocks[1])
+    generator = torch.Generator().manual_seed(5)
+    latents, text = torch.randn(1, 16, *latent_shape, generator=generator), torch.randn(1, 32, 32, generator=generator)
+    with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False), census.recording():
+        out = model(latents, torch.tensor([30.0]), text)
+    kept = census.kept()  # while `out` holds the graph
+    del out
+    return kept["block"] + kept["block_weights"]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_saved_bytes_shrink_from_none_to_selective_to_full(case):
+    """What a block keeps for the backward: everything > the attention core's tensors and the input > the
+    input alone (2 bytes per channel and token in bf16)."""
+    ensure_single_rank_group()
+    fields, latent_shape = CASES[case]
+    model = _model(fields)
+    kept = {mode: _kept_block_bytes(model, mode, latent_shape) for mode in ("none", "selective", "full")}
+    assert kept["none"] > kept["selective"] > kept["full"]
+    tokens = latent_shape[0] * latent_shape[1] * latent_shape[2] // 4
+    assert kept["full"] == 2 * model.model_config.dim * tokens

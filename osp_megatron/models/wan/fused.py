@@ -17,9 +17,9 @@ import torch.nn.functional as F
 # "0" disables compilation, "force" compiles on the CPU too (for testing the compiled graphs), "partition" also
 # compiles everywhere but only splits each graph into forward and backward as inductor does (same decompositions,
 # same min-cut partitioner: the same tensors saved for the backward) and runs the pieces eagerly, without
-# generating kernels: what the activation-memory measurement needs, in seconds instead of minutes.
+# generating kernels, for any shape from one trace: what the activation-memory measurement needs, in seconds.
 _COMPILE = os.environ.get("OSP_MEGATRON_COMPILE", "1")
-_BACKEND = "aot_eager_decomp_partition" if _COMPILE == "partition" else "inductor"
+_PARTITION_ONLY = _COMPILE == "partition"
 
 
 def accelerator_compiled(fn):
@@ -36,7 +36,8 @@ def accelerator_compiled(fn):
                 torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
                 torch._dynamo.config.accumulated_cache_size_limit = max(
                     torch._dynamo.config.accumulated_cache_size_limit, 512)
-                compiled = torch.compile(fn, fullgraph=True, dynamic=False, backend=_BACKEND)
+                compiled = torch.compile(fn, fullgraph=True, dynamic=_PARTITION_ONLY,
+                                         backend="aot_eager_decomp_partition" if _PARTITION_ONLY else "inductor")
             return compiled(*args)
         return fn(*args)
 
