@@ -1,4 +1,4 @@
-"""Command line of osp-ckpt: `import`, `export` and `inspect` for Wan2.1-style DiT checkpoints.
+"""Command line of osp-ckpt: `import`, `export`, `inspect` and `verify` for Wan2.1-style DiT checkpoints.
 
 Each subcommand works in a plain process (no torchrun) and reads one tensor at a time.
 """
@@ -14,6 +14,7 @@ Convert Wan2.1 / OSP-Next DiT weights to and from this framework's tensor-parall
   osp-ckpt import Wan2.1-T2V-1.3B/diffusion_pytorch_model.safetensors ckpt/wan13b
   osp-ckpt export runs/ft/checkpoints/step_00001000 exported/transformer --which ema
   osp-ckpt inspect ckpt/wan13b
+  osp-ckpt verify runs/tiny_t2v/checkpoints/step_00000300
 """
 
 
@@ -32,7 +33,7 @@ def _parse_sets(items: list[str]) -> dict:
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="osp-ckpt", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{import,export,inspect}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{import,export,inspect,verify}")
 
     imp = commands.add_parser(
         "import", help="published weights -> osp_megatron checkpoint",
@@ -82,7 +83,47 @@ def _build_parser() -> argparse.ArgumentParser:
     ins.add_argument("path", help="checkpoint folder, diffusers folder or original weight file")
     ins.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                      help="ModelConfig field override, as for import")
+
+    ver = commands.add_parser(
+        "verify", help="check every file of a checkpoint against its manifest (size and CRC-32)",
+        description="Offline integrity check: compare each file of a checkpoint folder (or of every checkpoint of "
+                    "a run folder) with the size and CRC-32 recorded when it was saved. Exit status 0 when intact, "
+                    "1 when a file is missing, truncated or changed (each named), 2 when PATH is no checkpoint.")
+    ver.add_argument("path", help="checkpoint folder (run.dir/checkpoints/step_XXXXXXXX) or a run folder")
+    ver.add_argument("--quick", action="store_true", help="compare file sizes only (skips reading the data)")
     return parser
+
+
+def run_verify(args) -> int:
+    import time
+
+    from osp_megatron.checkpointing.integrity import find_problems, read_manifest
+    from osp_megatron.checkpointing.metadata import is_complete
+    from osp_megatron.config.errors import ConfigError
+
+    path = Path(args.path)
+    folders = [path] if is_complete(path) else sorted(
+        p for p in (path / "checkpoints").glob("step_*") if p.is_dir() and is_complete(p))
+    if not folders:
+        raise ConfigError(f"{str(path)!r} is neither a complete checkpoint nor a run folder holding one")
+    damaged = 0
+    for folder in folders:
+        manifest = read_manifest(folder)
+        if manifest is None:
+            print(f"{folder}: no manifest (written before checksums were recorded); cannot verify")
+            continue
+        started = time.time()
+        problems = find_problems(folder, check_content=not args.quick)
+        size = sum(entry["size"] for entry in manifest["files"].values())
+        if problems:
+            damaged += 1
+            print(f"{folder}: DAMAGED")
+            for problem in problems:
+                print(f"  {problem}")
+        else:
+            print(f"{folder}: intact ({len(manifest['files'])} files, {size / 2**30:.2f} GiB, "
+                  f"{'sizes' if args.quick else 'sizes and CRC-32'} checked in {time.time() - started:.1f} s)")
+    return 1 if damaged else 0
 
 
 def run_import(args) -> None:
@@ -113,11 +154,12 @@ def main(argv=None) -> int:
     from osp_megatron.config.errors import ConfigError
 
     try:
-        {"import": run_import, "export": run_export, "inspect": run_inspect}[args.command](args)
+        status = {"import": run_import, "export": run_export, "inspect": run_inspect,
+                  "verify": run_verify}[args.command](args)
     except ConfigError as err:
         print(f"osp-ckpt {args.command}: error: {err}", file=sys.stderr)
         return 2
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ loader can concatenate source shards and re-split them for a different tensor-pa
 time, never holding more than that tensor beyond its own shard.
 """
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -14,9 +15,25 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from osp_megatron.checkpointing.integrity import CheckpointCorruptError, verify_file
 from osp_megatron.config.errors import ConfigError
 
 PARTITION_KEY = "osp_megatron.partition_dims"
+
+
+@contextlib.contextmanager
+def open_shard(path: Path, check_content: bool = True):
+    """safe_open a shard after checking it against its checkpoint's manifest; a damaged file is an error
+    naming it, never a library traceback."""
+    verify_file(path, check_content)
+    try:
+        handle = safe_open(str(path), framework="pt")
+    except Exception as exc:  # safetensors raises its own error type for every malformed file
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CheckpointCorruptError(f"{path}: not a readable safetensors file ({reason}); the file is truncated, "
+                                     "damaged or not a checkpoint shard") from exc
+    with handle:
+        yield handle
 
 
 def partition_dim(param: torch.Tensor) -> Optional[int]:
@@ -46,8 +63,8 @@ def save_shard(directory: Path, tensors: dict[str, torch.Tensor], partition: dic
     return path
 
 
-def source_layout(directory: Path) -> tuple[int, list[Path], dict[str, Optional[int]]]:
-    """(tp_size, shard paths in rank order, partition dims) of a sharded folder."""
+def source_layout(directory: Path, check_content: bool = True) -> tuple[int, list[Path], dict[str, Optional[int]]]:
+    """(tp_size, shard paths in rank order, partition dims) of a sharded folder (reads one header)."""
     directory = Path(directory)
     files = sorted(directory.glob("tp*-of-*.safetensors"))
     if not files:
@@ -57,7 +74,7 @@ def source_layout(directory: Path) -> tuple[int, list[Path], dict[str, Optional[
     missing = [str(p) for p in expected if not p.exists()]
     if missing:
         raise ConfigError(f"checkpoint folder {str(directory)!r} lacks shards {missing}")
-    with safe_open(str(expected[0]), framework="pt") as handle:
+    with open_shard(expected[0], check_content) as handle:
         partition = json.loads(handle.metadata()[PARTITION_KEY])
     return tp_size, expected, partition
 
@@ -65,11 +82,11 @@ def source_layout(directory: Path) -> tuple[int, list[Path], dict[str, Optional[
 def read_full_tensor(paths: list[Path], name: str, dim: Optional[int]) -> torch.Tensor:
     """One tensor reassembled from all source shards (concatenated along its split dim)."""
     if dim is None:
-        with safe_open(str(paths[0]), framework="pt") as handle:
+        with open_shard(paths[0]) as handle:
             return handle.get_tensor(name)
     pieces = []
     for path in paths:
-        with safe_open(str(path), framework="pt") as handle:
+        with open_shard(path) as handle:
             pieces.append(handle.get_tensor(name))
     return torch.cat(pieces, dim=dim)
 
@@ -79,7 +96,7 @@ def read_local_tensor(paths: list[Path], name: str, dim: Optional[int], tp_rank:
     if dim is None:
         return read_full_tensor(paths, name, None)
     if len(paths) == tp_size:
-        with safe_open(str(paths[tp_rank]), framework="pt") as handle:
+        with open_shard(paths[tp_rank]) as handle:
             return handle.get_tensor(name)
     full = read_full_tensor(paths, name, dim)
     if full.shape[dim] % tp_size:

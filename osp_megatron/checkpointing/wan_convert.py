@@ -37,7 +37,9 @@ from osp_megatron.checkpointing.weight_files import TensorFiles, find_weight_fil
 from osp_megatron.config.errors import ConfigError
 from osp_megatron.config.loader import to_dict
 from osp_megatron.models.config import ModelConfig
-from osp_megatron.models.config import DTYPES
+from osp_megatron.models.config import PARAMS_DTYPES, torch_dtype
+
+DTYPES = {name: torch_dtype(name) for name in PARAMS_DTYPES}
 
 EXPECTED_LAYOUTS = (
     "expected a diffusers WanTransformer3DModel folder (config.json + diffusion_pytorch_model*.safetensors, or "

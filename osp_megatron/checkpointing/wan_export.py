@@ -9,11 +9,10 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from osp_megatron.checkpointing.metadata import METADATA, is_complete, read_metadata
-from osp_megatron.checkpointing.sharded import iter_full_tensors, source_layout
+from osp_megatron.checkpointing.sharded import iter_full_tensors, open_shard, source_layout
 from osp_megatron.checkpointing.wan_config import diffusers_config, fields_from_shapes, make_model_config
 from osp_megatron.checkpointing.wan_convert import (
     DTYPES,
@@ -50,9 +49,9 @@ def checkpoint_model_config(path: str | Path, overrides: Optional[dict] = None,
 
 def stored_tensors(folder: Path) -> dict[str, tuple[tuple[int, ...], str, Optional[int]]]:
     """name -> (full shape, safetensors dtype, split dim) of a sharded folder, from the file headers only."""
-    tp_size, paths, partition = source_layout(folder)
+    tp_size, paths, partition = source_layout(folder, check_content=False)
     found = {}
-    with safe_open(str(paths[0]), framework="pt") as handle:
+    with open_shard(paths[0], check_content=False) as handle:
         for name in handle.keys():
             piece = handle.get_slice(name)
             shape, dim = list(piece.get_shape()), partition.get(name)

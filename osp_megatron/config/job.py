@@ -11,7 +11,7 @@ from osp_megatron.config.loader import load_config
 from osp_megatron.data.config import DataConfig
 from osp_megatron.inference.config import SampleConfig
 from osp_megatron.models.config import ModelConfig
-from osp_megatron.parallel.state import ParallelConfig
+from osp_megatron.parallel.config import ParallelConfig
 from osp_megatron.quantization.config import QuantConfig
 
 
@@ -49,15 +49,26 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on accelerators, fp32 on CPU
     progress: bool = True  # console progress bar (rank 0)
     sample_at_end: bool = True  # write one sample video with the final (EMA if any) weights
+    # Held-out loss every N steps on data.eval_path (fixed noise and timesteps, so the curve is comparable).
+    eval_interval: int = 0
+    eval_samples: int = 32
+    # Render the sample prompt(s) every N steps to run.dir/samples/step_N.mp4 (+ .png strip, TensorBoard).
+    sample_interval: int = 0
+    # Peak dense bf16 TFLOP/s of one accelerator, for the MFU metric (989: H200 SXM).
+    peak_tflops: float = 989.0
 
     def validate(self, prefix: str = "train") -> None:
         positive = ("steps", "micro_batch_size", "global_batch_size")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{prefix}.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("exit_interval", "warmup_steps"):
+        for name in ("exit_interval", "warmup_steps", "eval_interval", "sample_interval"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{prefix}.{name} must be >= 0, got {getattr(self, name)}")
+        if self.eval_samples < 1:
+            raise ConfigError(f"{prefix}.eval_samples must be >= 1, got {self.eval_samples}")
+        if self.peak_tflops <= 0:
+            raise ConfigError(f"{prefix}.peak_tflops must be > 0, got {self.peak_tflops}")
         if self.lr <= 0:
             raise ConfigError(f"{prefix}.lr must be > 0, got {self.lr}")
         if not 0 <= self.min_lr <= self.lr:

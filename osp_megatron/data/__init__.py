@@ -3,10 +3,16 @@
 Typed config, a learnable synthetic data set, and a deterministic, resumable, data-parallel loader.
 """
 
-from osp_megatron.data.config import DataConfig
-from osp_megatron.data.loader import WebDatasetLoader, build_data_loader
-from osp_megatron.data.shards import ShardInfo, resolve_shards
-from osp_megatron.data.synthetic import ensure_synthetic_data, make_synthetic_shards
+from osp_megatron.utils.lazy import lazy_exports
 
-__all__ = ["DataConfig", "ShardInfo", "WebDatasetLoader", "build_data_loader", "ensure_synthetic_data",
-           "make_synthetic_shards", "resolve_shards"]
+_EXPORTS = {
+    "DataConfig": "config",
+    "WebDatasetLoader": "loader",
+    "build_data_loader": "loader",
+    "ShardInfo": "shards",
+    "resolve_shards": "shards",
+    "ensure_synthetic_data": "synthetic",
+    "make_synthetic_shards": "synthetic",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

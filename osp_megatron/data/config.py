@@ -4,6 +4,7 @@ Built from the `data:` section of a YAML file; `validate()` names the dotted key
 """
 
 from dataclasses import dataclass
+from typing import Optional
 
 from osp_megatron.config.errors import ConfigError
 
@@ -14,6 +15,8 @@ class DataConfig:
 
     # A folder of shard-*.tar (with an optional index.json) or a list of shard globs.
     path: str | list[str] = "data/shards"
+    # Held-out shards for train.eval_interval (a folder or globs that training does not read).
+    eval_path: Optional[str | list[str]] = None
     # Generate a learnable synthetic data set into `path` when it holds no complete one yet.
     synthetic: bool = False
     synthetic_num_samples: int = 1024

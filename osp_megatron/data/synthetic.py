@@ -8,8 +8,8 @@ import io
 import itertools
 import json
 import os
-
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import webdataset
@@ -27,6 +27,98 @@ _VELOCITY = {"moving left": (-1, 0), "moving right": (1, 0), "moving up": (0, -1
              "staying still": (0, 0)}
 NOISE_STD = 0.05
 BLOB_AMPLITUDE = 2.0
+
+
+# The palette: every colour word's pixel value, on a plain near-black background that every colour stands out
+# from (white included). Reward models and tests judge rendered and generated videos against these values.
+COLOUR_RGB: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 80, 235), "yellow": (235, 215, 40),
+    "purple": (160, 50, 210), "white": (235, 235, 235),
+}
+BACKGROUND_RGB = (20, 20, 20)
+# Half extents (x, y) of each shape as fractions of the frame width and height.
+_SHAPE_HALF_SIZE = {"circle": (0.15, 0.15), "square": (0.14, 0.14), "wide bar": (0.28, 0.08),
+                    "tall bar": (0.08, 0.28)}
+
+
+def blob_centres(motion, num_frames):
+    """Centre (x, y) per frame as fractions of the frame, x to the right and y downwards: [num_frames, 2]."""
+    dx, dy = _VELOCITY[motion]
+    progress = np.linspace(0.0, 1.0, num_frames) if num_frames > 1 else np.full(1, 0.5)
+    travel = _TRAVEL * (progress - 0.5)
+    return np.stack([0.5 + dx * travel, 0.5 + dy * travel], axis=1)
+
+
+def render_caption_video(colour, shape, motion, num_frames, height, width):
+    """The pixel video a caption describes, uint8 [num_frames, height, width, 3].
+
+    A shape of the palette colour over BACKGROUND_RGB whose centre travels _TRAVEL of the frame from the first
+    to the last frame in the motion's direction (centred for "staying still"); edges are anti-aliased over
+    one pixel so that a small VAE can reproduce them.
+    """
+    for word, allowed in ((colour, COLOUR_RGB), (shape, _SHAPE_HALF_SIZE), (motion, _VELOCITY)):
+        if word not in allowed:
+            raise ConfigError(f"synthetic caption word {word!r} is not one of {', '.join(allowed)}")
+    if min(num_frames, height, width) < 1:
+        raise ConfigError(f"synthetic video size must be positive, got {num_frames} x {height} x {width}")
+    centres = blob_centres(motion, num_frames)
+    # Pixel-centre coordinates in pixels; distances to the shape's centre per frame: [T, H, W].
+    ys = np.arange(height, dtype=np.float64)[None, :, None] + 0.5
+    xs = np.arange(width, dtype=np.float64)[None, None, :] + 0.5
+    dx = xs - centres[:, 0, None, None] * width
+    dy = ys - centres[:, 1, None, None] * height
+    half_x, half_y = _SHAPE_HALF_SIZE[shape]
+    half_x, half_y = half_x * width, half_y * height
+    if shape == "circle":
+        # An ellipse in pixels (a circle on square frames); the signed edge distance is scaled to pixels.
+        radius = np.sqrt((dx / half_x) ** 2 + (dy / half_y) ** 2)
+        coverage = np.clip(0.5 + (1 - radius) * min(half_x, half_y), 0, 1)
+    else:
+        coverage = (np.clip(0.5 + half_x - np.abs(dx), 0, 1) * np.clip(0.5 + half_y - np.abs(dy), 0, 1))
+    background = np.array(BACKGROUND_RGB, dtype=np.float64)
+    foreground = np.array(COLOUR_RGB[colour], dtype=np.float64)
+    video = background + coverage[..., None] * (foreground - background)
+    return np.round(video).astype(np.uint8)
+
+
+@dataclass(frozen=True)
+class BlobMeasurement:
+    """What a video shows: the mean colour of its shape, the nearest palette word, the shape's centre per frame."""
+
+    rgb: tuple[float, float, float]
+    colour: str
+    centres: np.ndarray  # [T, 2]: (x, y) as fractions of the frame, x to the right and y downwards
+
+    def motion(self, min_travel=0.1):
+        """The motion word whose direction the centre travelled most along (staying still below min_travel)."""
+        travel = self.centres[-1] - self.centres[0]
+        if np.abs(travel).max() < min_travel:
+            return "staying still"
+        return max(_VELOCITY, key=lambda word: float(np.dot(_VELOCITY[word], travel)))
+
+
+def measure_blob(video):
+    """Locate the shape in a uint8 video [T, H, W, 3] over BACKGROUND_RGB (rendered or generated).
+
+    Per frame the shape is the pixels at least half as far from the background colour as the farthest one,
+    which tolerates the blur and tint of a generated video; a frame with nothing far from the background
+    (under 40 of 255) counts as shapeless and the centre is NaN there.
+    """
+    video = np.asarray(video, dtype=np.float64)
+    if video.ndim != 4 or video.shape[-1] != 3:
+        raise ConfigError(f"measure_blob expects a video [T, H, W, 3], got shape {video.shape}")
+    distance = np.linalg.norm(video - np.array(BACKGROUND_RGB, dtype=np.float64), axis=-1)  # [T, H, W]
+    peak = distance.reshape(len(video), -1).max(axis=1)
+    mask = (distance >= 0.5 * peak[:, None, None]) & (peak[:, None, None] >= 40)
+    height, width = video.shape[1:3]
+    ys, xs = np.mgrid[0:height, 0:width]
+    centres = np.full((len(video), 2), np.nan)
+    for t in range(len(video)):
+        if mask[t].any():
+            centres[t] = ((xs[mask[t]].mean() + 0.5) / width, (ys[mask[t]].mean() + 0.5) / height)
+    rgb = video[mask].mean(axis=0) if mask.any() else np.array(BACKGROUND_RGB, dtype=np.float64)
+    nearest = min(COLOUR_RGB, key=lambda word: float(np.linalg.norm(rgb - np.array(COLOUR_RGB[word]))))
+    return BlobMeasurement(tuple(float(v) for v in rgb), nearest, centres)
 
 
 def caption_of(colour, shape, motion):
@@ -53,13 +145,9 @@ def blob_latent(colour, shape, motion, latent_shape):
     yy, xx = np.meshgrid(ys, xs, indexing="ij")
     sigma_x, sigma_y = {"circle": (0.15, 0.15), "square": (0.15, 0.15), "wide bar": (0.3, 0.08),
                         "tall bar": (0.08, 0.3)}[shape]
-    dx, dy = _VELOCITY[motion]
     latent = np.zeros(latent_shape, dtype=np.float32)
     pattern = colour_pattern(colour, channels)[:, None, None]
-    for t in range(frames):
-        progress = t / (frames - 1) if frames > 1 else 0.5
-        cx = 0.5 + dx * _TRAVEL * (progress - 0.5)
-        cy = 0.5 + dy * _TRAVEL * (progress - 0.5)
+    for t, (cx, cy) in enumerate(blob_centres(motion, frames)):
         ux, uy = (xx - cx) / sigma_x, (yy - cy) / sigma_y
         if shape == "square":
             # A soft-edged box, so squares and circles differ in profile, not just in size.

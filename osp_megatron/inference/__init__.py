@@ -3,10 +3,16 @@
 `osp-sample` (cli.py) drives TextToVideoPipeline from a SampleConfig.
 """
 
-from osp_megatron.inference.config import SampleConfig
-from osp_megatron.inference.pipeline import TextToVideoPipeline
-from osp_megatron.inference.sampler import flow_timesteps, sample_flow, shift_sigmas
-from osp_megatron.inference.video_io import read_video, write_video
+from osp_megatron.utils.lazy import lazy_exports
 
-__all__ = ["SampleConfig", "TextToVideoPipeline", "flow_timesteps", "read_video", "sample_flow", "shift_sigmas",
-           "write_video"]
+_EXPORTS = {
+    "SampleConfig": "config",
+    "TextToVideoPipeline": "pipeline",
+    "flow_timesteps": "sampler",
+    "sample_flow": "sampler",
+    "shift_sigmas": "sampler",
+    "read_video": "video_io",
+    "write_video": "video_io",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -21,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prompt", action="append", default=None,
                         help="text prompt; repeat the flag for several videos (default: the config's sample.prompt)")
     parser.add_argument("--negative-prompt", default=None, help="negative prompt for classifier-free guidance")
-    parser.add_argument("--output", default=None, help="output .mp4 path (default: sample.output)")
+    parser.add_argument("--output", default=None, help="output .mp4 path; a PNG strip of its frames is written beside it (default: outputs/sample.mp4)")
     parser.add_argument("--steps", type=int, default=None, help="Euler steps (default: sample.num_steps)")
     parser.add_argument("--guidance-scale", type=float, default=None,
                         help="classifier-free guidance scale; 1 disables guidance (default: sample.guidance_scale)")
@@ -64,6 +64,8 @@ def main(argv=None) -> int:
         data = metadata.get("config") or {"model": metadata["model_config"]}
         for key in ("run", "checkpoint"):
             data.pop(key, None)
+        # The training run's own sample path is not where an osp-sample video goes (default outputs/sample.mp4).
+        (data.get("sample") or {}).pop("output", None)
         flags = {"prompt": args.prompt, "negative_prompt": args.negative_prompt, "output": args.output,
                  "num_steps": args.steps, "guidance_scale": args.guidance_scale, "shift": args.shift,
                  "seed": args.seed}

@@ -4,6 +4,7 @@ Defaults follow Wan2.1 480P sampling: 81 frames at 16 fps, 50 Euler steps, shift
 """
 
 from dataclasses import dataclass
+from typing import Optional
 
 from osp_megatron.config.errors import ConfigError
 
@@ -22,8 +23,10 @@ class SampleConfig:
     width: int = 832
     fps: int = 16
     seed: int = 0
-    # With several prompts, files are written as <stem>-000.mp4, <stem>-001.mp4, ...
-    output: str = "outputs/sample.mp4"
+    # Where the video goes (a PNG strip of its frames is written beside it). With several prompts, files are
+    # written as <stem>-000.mp4, <stem>-001.mp4, ... Unset: training writes run.dir/samples/step_N.mp4,
+    # osp-sample writes outputs/sample.mp4.
+    output: Optional[str] = None
 
     @property
     def prompts(self):
@@ -56,13 +59,14 @@ class SampleConfig:
                               f"got {self.guidance_scale!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise ConfigError(f"{prefix}.seed must be a non-negative integer, got {self.seed!r}")
-        if not isinstance(self.output, str) or not self.output.endswith(".mp4"):
+        if self.output is not None and (not isinstance(self.output, str) or not self.output.endswith(".mp4")):
             raise ConfigError(f"{prefix}.output must be a path ending in .mp4, got {self.output!r}")
         return self
 
-    def output_paths(self):
-        """One .mp4 path per prompt."""
+    def output_paths(self, default="outputs/sample.mp4"):
+        """One .mp4 path per prompt, from `output` (or `default` when unset)."""
+        output = self.output or default
         if len(self.prompts) == 1:
-            return [self.output]
-        stem = self.output[: -len(".mp4")]
+            return [output]
+        stem = output[: -len(".mp4")]
         return [f"{stem}-{i:03d}.mp4" for i in range(len(self.prompts))]

@@ -3,12 +3,13 @@
 Every tensor-parallel rank runs the sampler (the model is sharded); only the writing rank saves the file.
 """
 
+import dataclasses
 from pathlib import Path
 
 import torch
 
 from osp_megatron.inference.pipeline import TextToVideoPipeline
-from osp_megatron.inference.video_io import write_video
+from osp_megatron.inference.video_io import write_frame_strip, write_video
 from osp_megatron.models.text_encoder import build_text_encoder
 from osp_megatron.models.vae import build_vae
 
@@ -29,16 +30,19 @@ def build_pipeline(model, job_config, device) -> TextToVideoPipeline:
 
 @torch.no_grad()
 def render_sample(model, job_config, device, output=None, write: bool = True, progress: bool = False):
-    """Generate the job's `sample` section with `model`; returns the written path(s)."""
+    """Generate the job's `sample` section with `model` into `output` (default: sample.output), each video with a
+    PNG strip of its frames beside it (same name, .png); returns the written path(s)."""
     sample = job_config.sample
+    if output is not None:
+        sample = dataclasses.replace(sample, output=str(output))
     sample.validate()
     model.eval()
     pipeline = build_pipeline(model, job_config, device)
     videos = pipeline(sample.prompts, sample.negative_prompt, sample.num_frames, sample.height, sample.width,
                       sample.num_steps, sample.shift, sample.guidance_scale, sample.seed, progress=progress)
-    paths = [Path(output)] if output is not None and len(sample.prompts) == 1 else [Path(p) for p in sample.output_paths()]
+    paths = [Path(p) for p in sample.output_paths()]
     if write:
         for video, path in zip(videos, paths):
-            path.parent.mkdir(parents=True, exist_ok=True)
             write_video(str(path), video, fps=sample.fps)
+            write_frame_strip(str(path.with_suffix(".png")), video)
     return paths[0] if len(paths) == 1 else paths

@@ -6,11 +6,16 @@ Also decides the per-block attention layout of the hybrid full/Skiparse model (O
 from dataclasses import dataclass, field, fields
 from typing import Literal, Optional, Union
 
-import torch
-
 from osp_megatron.config.errors import ConfigError
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+PARAMS_DTYPES = ("float32", "bfloat16")
+
+
+def torch_dtype(name: str):
+    """The torch dtype of a `model.params_dtype` name (torch is imported here, not when configs load)."""
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
 
 # Published Wan2.1 dimensions (DESIGN.md section 1); "tiny" is a CPU test model whose head count (4) admits
 # every sequence-parallel layout the tests use (TP x Ulysses x SSP up to 4) and whose head_dim keeps 3D RoPE

@@ -10,12 +10,11 @@ from typing import Any, Callable, Dict, Optional
 
 import torch
 
+from osp_megatron.quantization.options import FP8_ATTENTION_FORMATS
 from osp_megatron.quantization.recipes import Recipe
 
 ATTENTION_STATE_ATTRIBUTE = "_attention_quantization"
 SELF_ATTENTION_CORE_SUFFIX = "self_attention.core_attention"
-# Recipe formats whose attention can run in FP8 (the gradients are E5M2 in both: E4M3 dP was measured unusable).
-FP8_ATTENTION_FORMATS = ("hybrid", "e4m3")
 
 
 class AttentionQuantizationState:

@@ -4,17 +4,13 @@
 """
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List
 
 from osp_megatron.config.errors import ConfigError
-from osp_megatron.quantization.attention import FP8_ATTENTION_FORMATS
-from osp_megatron.quantization.recipes import (
+from osp_megatron.quantization.options import (
     AMAX_COMPUTE_ALGOS,
     BACKENDS,
-    CurrentScaling,
-    DelayedScaling,
-    HiF8Recipe,
-    Recipe,
+    FP8_ATTENTION_FORMATS,
     check_recipe_combination,
     require_bool,
     require_choice,
@@ -101,8 +97,10 @@ class QuantConfig:
                 f"{prefix}.stochastic_grad_rounding: needs a HiF8 recipe, got recipe 'none'"
             )
 
-    def build_recipe(self) -> Optional[Recipe]:
+    def build_recipe(self):
         """The recipe this config describes (validated), or None for recipe "none"."""
+        from osp_megatron.quantization.recipes import CurrentScaling, DelayedScaling, HiF8Recipe
+
         self.validate()
         recipe_format, delayed = RECIPES[self.recipe]
         if recipe_format is None:

@@ -6,13 +6,21 @@ history and scale of one operand role of one linear layer and can be checkpointe
 
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar, Dict, Iterable, Optional, Tuple
+from typing import Any, ClassVar, Dict, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
 from osp_megatron.config.errors import ConfigError
 from osp_megatron.quantization.formats import E4M3, E5M2, HIF8, Format
+from osp_megatron.quantization.options import (  # noqa: F401  (re-exported)
+    AMAX_COMPUTE_ALGOS,
+    BACKENDS,
+    check_recipe_combination,
+    require_bool,
+    require_choice,
+    require_int,
+)
 
 ROLES = ("input", "weight", "grad_output")
 # Formats per recipe "format": (inputs and weights, output gradients).
@@ -22,41 +30,6 @@ FORMAT_PAIRS = {
     "hybrid": (E4M3, E5M2),
     "hif8": (HIF8, HIF8),
 }
-AMAX_COMPUTE_ALGOS = ("max", "most_recent")
-BACKENDS = ("auto", "emulate", "scaled_mm", "transformer_engine")
-
-
-def require_choice(value: Any, allowed: Iterable[Any], key: str) -> None:
-    """Raise ConfigError naming ``key`` unless ``value`` is one of ``allowed``."""
-    allowed = list(allowed)
-    if value not in allowed:
-        raise ConfigError(f"{key}: got {value!r}; allowed: {', '.join(repr(a) for a in allowed)}")
-
-
-def require_int(value: Any, minimum: int, key: str) -> None:
-    """Raise ConfigError naming ``key`` unless ``value`` is an int >= ``minimum``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{key}: got {value!r}; allowed: an integer >= {minimum}")
-
-
-def require_bool(value: Any, key: str) -> None:
-    """Raise ConfigError naming ``key`` unless ``value`` is a bool."""
-    if not isinstance(value, bool):
-        raise ConfigError(f"{key}: got {value!r}; allowed: true or false")
-
-
-def check_recipe_combination(recipe_format: str, stochastic: bool, backend: str, prefix: str) -> None:
-    """Reject settings that do not fit the format: stochastic rounding and FP8-only backends."""
-    if stochastic and recipe_format != "hif8":
-        raise ConfigError(
-            f"{prefix}.stochastic_grad_rounding: only allowed with the HiF8 format, got format {recipe_format!r}"
-        )
-    if backend in ("scaled_mm", "transformer_engine") and recipe_format == "hif8":
-        raise ConfigError(
-            f"{prefix}.backend: {backend!r} runs FP8 only; allowed with HiF8: 'auto', 'emulate'"
-        )
-
-
 @dataclass(frozen=True, kw_only=True)
 class Recipe:
     """Per-tensor scaling recipe; subclasses choose when the scale is computed.

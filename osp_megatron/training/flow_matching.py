@@ -18,13 +18,23 @@ def sample_sigmas(batch: int, generator: torch.Generator, shift: float = 1.0, lo
     return shift_sigma(torch.sigmoid(normal), shift).to(device)
 
 
-def flow_matching_loss(model, latents: torch.Tensor, text_states: torch.Tensor, generator: torch.Generator,
-                       shift: float = 1.0, logit_mean: float = 0.0, logit_std: float = 1.0):
-    """Mean squared velocity error of one micro-batch; noise and timesteps come from `generator`."""
+def flow_matching_losses(model, latents: torch.Tensor, text_states: torch.Tensor, generator: torch.Generator,
+                         shift: float = 1.0, logit_mean: float = 0.0, logit_std: float = 1.0):
+    """(per-sample mean squared velocity error [B], noise levels s [B]) of one micro-batch; noise and
+    timesteps come from `generator`."""
     sigmas = sample_sigmas(latents.shape[0], generator, shift, logit_mean, logit_std, latents.device)
     noise = torch.randn(latents.shape, generator=generator).to(latents.device, latents.dtype)
     s = sigmas.view(-1, *([1] * (latents.dim() - 1))).to(latents.dtype)
     noisy = (1 - s) * latents + s * noise
     target = noise - latents
     prediction = model(noisy, sigmas * 1000.0, text_states)
-    return torch.nn.functional.mse_loss(prediction.float(), target.float())
+    errors = (prediction.float() - target.float()).pow(2)
+    return errors.flatten(1).mean(dim=1), sigmas
+
+
+def flow_matching_loss(model, latents: torch.Tensor, text_states: torch.Tensor, generator: torch.Generator,
+                       shift: float = 1.0, logit_mean: float = 0.0, logit_std: float = 1.0):
+    """Mean squared velocity error of one micro-batch (every sample has the same size, so the mean of the
+    per-sample means)."""
+    losses, _ = flow_matching_losses(model, latents, text_states, generator, shift, logit_mean, logit_std)
+    return losses.mean()

@@ -1,29 +1,73 @@
-"""Training telemetry: one JSON line per step, TensorBoard scalars, and a console progress bar with ETA.
+"""Training telemetry: one JSON line per step, TensorBoard scalars and images, a console progress bar with ETA.
 
-Only the logging rank writes; other ranks get a no-op logger.
+Only the logging rank writes; other ranks get a no-op logger. A resumed run first trims what the killed run
+logged after its checkpoint, so every step appears exactly once.
 """
 
 import json
+import os
 import time
 from pathlib import Path
 
 from tqdm import tqdm
 
+METRICS_FILE = "metrics.jsonl"
+
+
+def trim_metrics(path: str | Path, last_step: int) -> int:
+    """Drop records of steps after `last_step` (and a half-written last line) from a metrics.jsonl.
+
+    Returns how many lines were dropped; the file is rewritten atomically only when something changes.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            try:
+                record = json.loads(line)
+                keep = line.endswith("\n") and int(record["step"]) <= last_step
+            except (ValueError, KeyError, TypeError):
+                keep = False
+            if keep:
+                kept.append(line)
+            else:
+                dropped += 1
+    if dropped:
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.writelines(kept)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    return dropped
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """Every record of a metrics.jsonl, in file order."""
+    with open(path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
 
 class MetricsLogger:
-    def __init__(self, run_dir: str | Path, total_steps: int, start_step: int, enabled: bool, progress: bool):
+    def __init__(self, run_dir: str | Path, total_steps: int, start_step: int, enabled: bool, progress: bool,
+                 desc: str = "train"):
         self.enabled = enabled
         self.bar = None
         if not enabled:
             return
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        self.jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        # A run killed after its last checkpoint logged steps that the resumed run repeats.
+        self.trimmed = trim_metrics(run_dir / METRICS_FILE, start_step)
+        self.jsonl = open(run_dir / METRICS_FILE, "a", buffering=1)
         from torch.utils.tensorboard import SummaryWriter
 
+        # purge_step makes TensorBoard discard the earlier event files' records of steps > start_step.
         self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=start_step + 1)
         if progress:
-            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+            self.bar = tqdm(total=total_steps, initial=start_step, desc=desc, unit="step", dynamic_ncols=True)
         self.started = time.time()
 
     def log(self, step: int, scalars: dict) -> None:
@@ -40,10 +84,19 @@ class MetricsLogger:
                                  samples_s=f"{scalars.get('samples_per_s', 0):.1f}", refresh=False)
             self.bar.update(step - self.bar.n)
 
+    def log_image(self, tag: str, image, step: int) -> None:
+        """An HWC uint8 image (e.g. a sample's frame strip) under `tag` in TensorBoard."""
+        if self.enabled:
+            self.writer.add_image(tag, image, step, dataformats="HWC")
+            self.writer.flush()
+
     def message(self, text: str) -> None:
         if not self.enabled:
             return
-        (self.bar.write if self.bar is not None else print)(text)
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
 
     def close(self) -> None:
         if not self.enabled:

@@ -1,10 +1,12 @@
 """The pretraining loop: rectified flow on pre-encoded latents with gradient accumulation to the global batch.
 
-Owns the optimizer step, schedule, clipping, EMA, mixed precision, checkpoint/resume and telemetry; the
-model and the process groups come from megatron-core building blocks.
+Owns the optimizer step, schedule, clipping, EMA, mixed precision, checkpoint/resume, graceful stops,
+held-out evaluation, samples during training and telemetry; the model and the process groups come from
+megatron-core building blocks.
 """
 
 import contextlib
+import math
 import random
 import time
 from pathlib import Path
@@ -16,9 +18,14 @@ import torch.distributed as dist
 import yaml
 
 from osp_megatron.checkpointing.checkpoint import (
-    latest_checkpoint,
+    current_layout,
+    describe_layout,
     load_checkpoint,
+    read_metadata,
+    resumable_checkpoint,
     save_checkpoint,
+    saved_layout,
+    verify_resume_path,
 )
 from osp_megatron.config.errors import ConfigError
 from osp_megatron.config.job import JobConfig
@@ -28,9 +35,14 @@ from osp_megatron.models.flops import training_flops
 from osp_megatron.parallel import state
 from osp_megatron.parallel.ledger import ledger
 from osp_megatron.parallel.ssp import check_sequence_parallel_layout
-from osp_megatron.training.flow_matching import flow_matching_loss
+from osp_megatron.training.flow_matching import flow_matching_losses
 from osp_megatron.training.metrics import MetricsLogger
 from osp_megatron.training.optim import EMA, average_gradients, build_optimizer, clip_gradients, lr_at, set_lr
+from osp_megatron.training.signals import GracefulStop
+
+# Loss is also reported per quarter of the noise level s: the curves separate what the model learns at each
+# part of the trajectory, which the overall mean hides.
+TIMESTEP_BUCKETS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
 def seed_everything(seed: int) -> None:
@@ -54,16 +66,20 @@ def set_rng_state(rng: dict) -> None:
         torch.cuda.set_rng_state(rng["cuda"])
 
 
+def bucket_names() -> list[str]:
+    return [f"loss_t/{low:.2f}-{high:.2f}" for low, high in zip(TIMESTEP_BUCKETS, TIMESTEP_BUCKETS[1:])]
+
+
 class Trainer:
-    """Build everything from a JobConfig, resume if asked, then `train()` until train.steps or exit."""
+    """Build everything from a JobConfig, resume if asked, then `train()` until train.steps or a stop."""
 
     def __init__(self, config: JobConfig):
         self.config = config
         if config.train.device == "cpu" and config.parallel.backend is None:
             config.parallel.backend = "gloo"
-        grid = tuple(size // patch for size, patch in zip(
+        self.grid = tuple(size // patch for size, patch in zip(
             (config.data.latent_frames, config.data.latent_height, config.data.latent_width), config.model.patch_size))
-        check_sequence_parallel_layout(config.model, grid, config.parallel.tensor, config.parallel.ssp,
+        check_sequence_parallel_layout(config.model, self.grid, config.parallel.tensor, config.parallel.ssp,
                                        config.parallel.ulysses, source="token grid of data.latent_*")
         self.device = state.init_distributed(config.parallel)
         if config.train.device == "cpu":
@@ -80,6 +96,8 @@ class Trainer:
                 f"size = {micro} x {self.dp_size}"
             )
         self.accumulation = global_batch // (micro * self.dp_size)
+        # Which checkpoint to continue from is settled before any work, so a refusal costs nothing.
+        self.resume_path = self._resume_target()
 
         # Same seed on every rank: megatron's CPU initialisation builds the full weight then keeps this rank's
         # slice, so every tensor-parallel size starts from identical weights.
@@ -100,11 +118,13 @@ class Trainer:
         # Noise and timesteps: one stream per data-parallel replica, shared by its tensor/context ranks.
         self.generator = torch.Generator().manual_seed(config.train.seed * 1000 + self.dp_rank + 1)
         self.loader = self._build_loader()
+        self.held_out = self._build_held_out()
         self.step = 0
         self.precision = config.train.precision
         if self.precision == "auto":
             self.precision = "bf16" if self.device.type == "cuda" else "fp32"
-        self.flops_per_sample = training_flops(config.model, grid)
+        self.flops_per_sample = training_flops(config.model, self.grid)
+        self.tokens_per_sample = math.prod(self.grid)
         self._initialise_weights_or_resume()
 
     # -- set-up ----------------------------------------------------------------------------------------
@@ -119,15 +139,40 @@ class Trainer:
         return build_data_loader(self.config.data, micro_batch_size=self.config.train.micro_batch_size,
                                   dp_rank=self.dp_rank, dp_size=self.dp_size, seed=self.config.train.seed)
 
-    def _initialise_weights_or_resume(self) -> None:
+    def _build_held_out(self):
+        cfg = self.config
+        if not cfg.train.eval_interval:
+            return None
+        if cfg.data.eval_path is None:
+            raise ConfigError("train.eval_interval is set but data.eval_path names no held-out shards; set "
+                              "data.eval_path to a folder of shards that training does not read")
+        from osp_megatron.training.evaluation import HeldOutLoss, load_held_out
+
+        samples = load_held_out(cfg.data, cfg.data.eval_path, cfg.train.eval_samples, self.dp_rank, self.dp_size)
+        return HeldOutLoss(samples, cfg.train.micro_batch_size, cfg.train.seed, cfg.train, self.device,
+                           group=state.data_parallel_group(), dp_size=self.dp_size)
+
+    def _resume_target(self) -> Optional[Path]:
+        """The checkpoint to continue from (checked for damage and for this run's layout), or None."""
         resume = self.config.checkpoint.resume
-        path: Optional[Path] = None
+        if resume == "none":
+            return None
         if resume == "auto":
-            path = latest_checkpoint(self.run_dir)
-        elif resume != "none":
-            path = Path(resume)
-            if not path.is_dir():
-                raise ConfigError(f"checkpoint.resume={resume!r}: no such checkpoint folder")
+            path = resumable_checkpoint(self.run_dir, say=self._say)
+        else:
+            path = verify_resume_path(resume)
+        if path is None:
+            return None
+        saved, now = saved_layout(read_metadata(path)), current_layout()
+        if saved != now:
+            raise ConfigError(
+                f"checkpoint {path} was saved with parallel layout {describe_layout(saved)} but this run has "
+                f"{describe_layout(now)}; resume it with the layout it was saved with, or start a new run.dir "
+                f"that loads its weights only (checkpoint.load={path} checkpoint.resume=none)")
+        return path
+
+    def _initialise_weights_or_resume(self) -> None:
+        path = self.resume_path
         if path is not None:
             _, rank_state = load_checkpoint(path, self.model, self.optimizer, self.ema)
             self.step = int(rank_state["step"])
@@ -168,17 +213,29 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         lr = lr_at(self.step, self.config.train)
         set_lr(self.optimizer, lr)
-        total_loss = torch.zeros((), device=self.device)
         cfg = self.config.train
+        # [loss sum, then (loss sum, count) per timestep bucket], summed over micro-batches and data ranks.
+        sums = torch.zeros(1 + 2 * len(bucket_names()), dtype=torch.float64, device=self.device)
+        data_wait = 0.0
         for _ in range(self.accumulation):
+            tick = time.perf_counter()
             batch = next(self.loader)
+            data_wait += time.perf_counter() - tick
             latents = batch["latents"].to(self.device, non_blocking=True)
             text = batch["text_states"].to(self.device, non_blocking=True)
             with self._autocast():
-                loss = flow_matching_loss(self.model, latents, text, self.generator, cfg.timestep_shift,
-                                          cfg.logit_mean, cfg.logit_std)
+                losses, sigmas = flow_matching_losses(self.model, latents, text, self.generator, cfg.timestep_shift,
+                                                      cfg.logit_mean, cfg.logit_std)
+                loss = losses.mean()
             (loss / self.accumulation).backward()
-            total_loss += loss.detach() / self.accumulation
+            sums[0] += loss.detach().double() / self.accumulation
+            bucket = torch.bucketize(sigmas.detach().double(), torch.tensor(TIMESTEP_BUCKETS[1:-1], dtype=torch.float64,
+                                                                            device=sigmas.device))
+            per_sample = losses.detach().double()
+            for index in range(len(TIMESTEP_BUCKETS) - 1):
+                chosen = bucket == index
+                sums[1 + 2 * index] += per_sample[chosen].sum()
+                sums[2 + 2 * index] += chosen.sum()
         # Mean over data x context ranks: each context rank's gradient is CP x its share (optim.average_gradients).
         average_gradients(self.model, state.gradient_reduction_group(),
                           dist.get_world_size(state.gradient_reduction_group()))
@@ -187,10 +244,32 @@ class Trainer:
         if self.ema is not None:
             self.ema.update(self.model)
         if self.dp_size > 1:
-            dist.all_reduce(total_loss, group=state.data_parallel_group())
-            total_loss /= self.dp_size
+            dist.all_reduce(sums, group=state.data_parallel_group())
         self.step += 1
-        return {"loss": float(total_loss), "lr": lr, "grad_norm": float(grad_norm), **ledger().scalars()}
+        scalars = {"loss": float(sums[0]) / self.dp_size, "lr": lr, "grad_norm": float(grad_norm),
+                   "data_wait_s": data_wait}
+        for index, name in enumerate(bucket_names()):
+            count = float(sums[2 + 2 * index])
+            if count:
+                scalars[name] = float(sums[1 + 2 * index]) / count
+        scalars.update(ledger().scalars())
+        return scalars
+
+    def memory_scalars(self) -> dict:
+        """Device memory in GiB, maximum over ranks (collective); the peak is reset for the next step."""
+        if self.device.type == "cuda":
+            values = torch.tensor([torch.cuda.memory_allocated(), torch.cuda.memory_reserved(),
+                                   torch.cuda.max_memory_allocated()], dtype=torch.float64, device=self.device)
+            torch.cuda.reset_peak_memory_stats()
+            names = ("mem_allocated_gib", "mem_reserved_gib", "mem_peak_gib")
+        else:
+            import psutil
+
+            values = torch.tensor([psutil.Process().memory_info().rss], dtype=torch.float64)
+            names = ("mem_rss_gib",)
+        if dist.get_world_size() > 1:
+            dist.all_reduce(values, op=dist.ReduceOp.MAX)
+        return {name: float(value) / 2**30 for name, value in zip(names, values)}
 
     # -- the loop --------------------------------------------------------------------------------------
     def rank_state(self) -> dict:
@@ -208,11 +287,26 @@ class Trainer:
             metadata={"model_config": to_dict(self.config.model), "config": to_dict(self.config)},
             keep_last=self.config.checkpoint.keep_last or None,
         )
-        self._say(f"saved checkpoint {path}")
         return path
 
-    def train(self) -> dict:
+    def train(self, stop: Optional[GracefulStop] = None) -> dict:
+        """Train to train.steps; returns {'step', 'status': finished | already_finished | exit_interval | stopped}.
+
+        Stop signals are handled by `stop` when given (the CLI installs it before start-up), else here.
+        """
+        with contextlib.ExitStack() as stack:
+            if stop is None:
+                stop = stack.enter_context(GracefulStop(job="osp-train"))
+            return self._train(stop)
+
+    def _train(self, stop: GracefulStop) -> dict:
         cfg, ckpt = self.config.train, self.config.checkpoint
+        final_output = self.final_sample_path()
+        if self.step >= cfg.steps:
+            self._say(f"already at train.steps={cfg.steps} (checkpoint {self.resume_path}); nothing to train")
+            if cfg.sample_at_end and not final_output.exists():
+                self.sample_video(final_output)
+            return {"step": self.step, "status": "already_finished"}
         if self.logging_rank:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(self.config), sort_keys=False))
@@ -220,48 +314,95 @@ class Trainer:
                       f"{self.model.block_kinds}; world {dist.get_world_size()} (dp {self.dp_size}, tp "
                       f"{state.tensor_parallel_size()}, ssp {state.ssp_size()}, ulysses {state.ulysses_size()}); "
                       f"accumulation {self.accumulation}; device {self.device}; precision {self.precision}")
-        logger = MetricsLogger(self.run_dir, cfg.steps, self.step, self.logging_rank, cfg.progress)
-        samples_per_step = cfg.global_batch_size
+        if stop.agreed():
+            self._say(f"stopped by {stop.signal_name} before the first step; nothing to save")
+            return {"step": self.step, "status": "stopped"}
+        self.logger = logger = MetricsLogger(self.run_dir, cfg.steps, self.step, self.logging_rank, cfg.progress)
         started, first_step = time.time(), self.step
-        exited_early = False
-        last = {}
+        status, last = "finished", {}
+        self.saved_step = None
         try:
             while self.step < cfg.steps:
                 tick = time.time()
                 last = self.train_step()
                 elapsed = time.time() - tick
                 done = self.step - first_step
-                rate = samples_per_step / max(elapsed, 1e-9)
-                last.update(
-                    samples_per_s=rate,
-                    tflops=self.flops_per_sample * rate / dist.get_world_size() / 1e12,
-                    step_time_s=elapsed,
-                    eta_s=(time.time() - started) / done * (cfg.steps - self.step),
-                )
+                rate = cfg.global_batch_size / max(elapsed, 1e-9)
+                tflops = self.flops_per_sample * rate / dist.get_world_size() / 1e12
+                last.update(samples_per_s=rate, tokens_per_s=rate * self.tokens_per_sample, tflops=tflops,
+                            mfu=tflops / cfg.peak_tflops, step_time_s=elapsed,
+                            eta_s=(time.time() - started) / done * (cfg.steps - self.step), **self.memory_scalars())
+                if cfg.eval_interval and self.step % cfg.eval_interval == 0:
+                    last["eval_loss"] = self.held_out(self.model, self._autocast)
                 logger.log(self.step, last)
+                if cfg.sample_interval and self.step % cfg.sample_interval == 0 and self.step < cfg.steps:
+                    self.sample_video(self.run_dir / "samples" / f"step_{self.step:08d}.mp4")
                 if ckpt.interval and self.step % ckpt.interval == 0:
-                    self.save()
-                if cfg.exit_interval and self.step % cfg.exit_interval == 0 and self.step < cfg.steps:
-                    if not (ckpt.interval and self.step % ckpt.interval == 0):
-                        self.save()
-                    logger.message(f"exit interval reached at step {self.step}")
-                    exited_early = True
+                    self._save_and_say()
+                if stop.agreed():
+                    path = self._save_and_say()
+                    logger.message(f"[osp-train] stopped by {stop.signal_name} at step {self.step}; checkpoint "
+                                   f"{path}; run the same command again to resume")
+                    status = "stopped"
                     break
+                if cfg.exit_interval and self.step % cfg.exit_interval == 0 and self.step < cfg.steps:
+                    self._save_and_say()
+                    logger.message(f"[osp-train] exit interval reached at step {self.step}")
+                    status = "exit_interval"
+                    break
+            if status == "finished":
+                if ckpt.save_at_end:
+                    self._save_and_say()
+                if cfg.sample_at_end:
+                    self.sample_video(final_output)
         finally:
             logger.close()
-        if not exited_early and ckpt.save_at_end and not (ckpt.interval and self.step % ckpt.interval == 0):
-            self.save()
-        if not exited_early and cfg.sample_at_end:
-            self.sample_video()
-        return {"step": self.step, "exited_early": exited_early, **last}
+        return {"step": self.step, "status": status, **last}
 
-    def sample_video(self) -> Optional[Path]:
-        """Render one video from the final (EMA if kept) weights with the configured sample settings."""
+    def _save_and_say(self) -> Path:
+        """Save unless this step is saved already; returns the step's checkpoint folder."""
+        if self.saved_step != self.step:
+            self.saved_path = self.save()
+            self.saved_step = self.step
+            self.logger.message(f"[osp-train] saved checkpoint {self.saved_path}")
+        return self.saved_path
+
+    def final_sample_path(self) -> Path:
+        """sample.output when set, else run.dir/samples/step_<train.steps>.mp4."""
+        if self.config.sample.output:
+            return Path(self.config.sample.output)
+        return self.run_dir / "samples" / f"step_{self.config.train.steps:08d}.mp4"
+
+    @contextlib.contextmanager
+    def _ema_weights(self):
+        """Run the body with the EMA weights in the model, then put the training weights back."""
+        if self.ema is None:
+            yield
+            return
+        backup = {name: param.detach().to("cpu", copy=True) for name, param in self.model.named_parameters()}
+        self.ema.copy_to(self.model)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, param in self.model.named_parameters():
+                    param.copy_(backup[name].to(param.device))
+
+    def sample_video(self, output: Path) -> Path:
+        """Render the sample prompt(s) with the EMA weights (if kept) to `output` plus a PNG frame strip beside
+        it, and show the strip in TensorBoard."""
         from osp_megatron.inference.runner import render_sample
 
-        if self.ema is not None:
-            self.ema.copy_to(self.model)
-        out = render_sample(self.model, self.config, self.device, self.run_dir / "samples" / f"step_{self.step:08d}.mp4",
-                            write=self.logging_rank)
-        self._say(f"sample video written to {out}")
-        return out
+        with self._ema_weights():
+            paths = render_sample(self.model, self.config, self.device, output, write=self.logging_rank)
+        paths = paths if isinstance(paths, list) else [paths]
+        if self.logging_rank:
+            from PIL import Image
+
+            logger = getattr(self, "logger", None)
+            for index, path in enumerate(paths):
+                if logger is not None:
+                    strip = np.asarray(Image.open(path.with_suffix(".png")).convert("RGB"))
+                    logger.log_image(f"samples/{index}", strip, self.step)
+            self._say(f"sample video written to {', '.join(str(p) for p in paths)} (frame strip beside it)")
+        return paths[0]

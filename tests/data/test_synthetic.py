@@ -124,3 +124,38 @@ def test_npy_entries_decode_without_pickle(shard_dir):
     with tarfile.open(shard_dir / "shard-000000.tar") as tar:
         member = next(m for m in tar.getmembers() if m.name.endswith("latent.npy"))
         np.load(io.BytesIO(tar.extractfile(member).read()), allow_pickle=False)
+
+
+@pytest.mark.parametrize("colour, shape, motion", [("red", "circle", "moving up"), ("blue", "square", "moving left"),
+                                                   ("white", "wide bar", "moving right"),
+                                                   ("purple", "tall bar", "moving down"),
+                                                   ("yellow", "circle", "staying still")])
+def test_rendered_video_shows_its_caption(colour, shape, motion):
+    """The renderer paints the palette colour over the background and moves it the named way."""
+    video = synthetic.render_caption_video(colour, shape, motion, 9, 64, 48)
+    assert video.shape == (9, 64, 48, 3) and video.dtype == np.uint8
+    assert tuple(video[0, 0, 0]) == synthetic.BACKGROUND_RGB
+    measured = synthetic.measure_blob(video)
+    assert measured.colour == colour and measured.motion() == motion
+    np.testing.assert_allclose(measured.rgb, synthetic.COLOUR_RGB[colour], atol=12)
+    np.testing.assert_allclose(measured.centres, synthetic.blob_centres(motion, 9), atol=0.02)
+    # The palette colour itself fills the shape's interior exactly.
+    centre_x, centre_y = synthetic.blob_centres(motion, 9)[4]
+    assert tuple(video[4, int(centre_y * 64), int(centre_x * 48)]) == synthetic.COLOUR_RGB[colour]
+
+
+def test_shapes_differ_in_their_extents():
+    """A wide bar is wider than tall, a tall bar taller than wide, and a square fills more than a circle."""
+    def extent(shape):
+        mask = np.any(synthetic.render_caption_video("green", shape, "staying still", 1, 64, 64)[0] > 100, axis=-1)
+        return mask.any(axis=0).sum(), mask.any(axis=1).sum(), mask.sum()
+
+    wide, tall, square, circle = (extent(s) for s in ("wide bar", "tall bar", "square", "circle"))
+    assert wide[0] > 2 * wide[1] and tall[1] > 2 * tall[0]
+    assert square[2] > circle[2] and abs(square[0] - circle[0]) <= 4
+
+
+def test_renderer_rejects_words_outside_the_vocabulary():
+    """An unknown word names itself and the allowed ones."""
+    with pytest.raises(ConfigError, match="'orange'.*red"):
+        synthetic.render_caption_video("orange", "circle", "moving up", 5, 16, 16)

@@ -28,7 +28,7 @@ def test_tiny_default_trains_checkpoints_logs_and_samples(tmp_path):
     run_dir = tmp_path / "run"
     _run(["osp_megatron.training.cli", "--config", str(ROOT / "examples" / "tiny_t2v.yaml"), f"run.dir={run_dir}",
           f"data.path={tmp_path / 'data'}", "train.steps=120", "checkpoint.interval=60", "train.progress=false",
-          "sample.num_steps=4", f"sample.output={run_dir / 'samples' / 'sample.mp4'}"], cwd=tmp_path)
+          "sample.num_steps=4"], cwd=tmp_path)
     assert any((tmp_path / "data").glob("shard-*.tar"))
     rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
     assert [r["step"] for r in rows] == list(range(1, 121))
@@ -41,11 +41,13 @@ def test_tiny_default_trains_checkpoints_logs_and_samples(tmp_path):
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     video = read_video(str(run_dir / "samples" / "step_00000120.mp4"))
     assert video.shape == (9, 128, 128, 3)
+    assert (run_dir / "samples" / "step_00000120.png").is_file()
 
     out = tmp_path / "prompted.mp4"
     _run(["osp_megatron.inference.cli", "--checkpoint", str(run_dir), "--prompt", "a blue circle moving up",
           "--steps", "3", "--output", str(out)], cwd=tmp_path)
     assert read_video(str(out)).shape == (9, 128, 128, 3)
+    assert out.with_suffix(".png").is_file()
 
 
 def test_train_cli_rejects_unknown_key(tmp_path):

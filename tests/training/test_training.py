@@ -67,7 +67,7 @@ def test_resume_continues_exactly(tmp_path):
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     run_on_ranks(_train, 1, common + [f"run.dir={straight}"])
     first = run_on_ranks(_train, 1, common + [f"run.dir={stopped}", "train.exit_interval=3"])[0]
-    assert first["exited_early"] and first["step"] == 3
+    assert first["status"] == "exit_interval" and first["step"] == 3
     run_on_ranks(_train, 1, common + [f"run.dir={stopped}"])
     expected, resumed = _losses(straight), _losses(stopped)
     assert sorted(expected) == sorted(resumed) == [1, 2, 3, 4, 5, 6]

@@ -14,7 +14,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from torch.utils.checkpoint import checkpoint
 
 from osp_megatron.config.errors import ConfigError
-from osp_megatron.models.config import DTYPES, ModelConfig
+from osp_megatron.models.config import ModelConfig, torch_dtype
 from osp_megatron.models.wan import fused
 from osp_megatron.models.wan.layers import FP32LayerNorm
 from osp_megatron.models.wan.spec import wan_layer_spec
@@ -39,7 +39,7 @@ def build_transformer_config(model: ModelConfig, tensor_parallel: int = 1, cpu_i
         tensor_model_parallel_size=tensor_parallel,
         use_cpu_initialization=cpu_initialization,
         perform_initialization=perform_initialization,
-        params_dtype=DTYPES[model.params_dtype],
+        params_dtype=torch_dtype(model.params_dtype),
         hidden_dropout=0.0,
         attention_dropout=0.0,
     )

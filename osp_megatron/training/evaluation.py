@@ -1,0 +1,79 @@
+"""Held-out validation loss: the flow-matching loss on a fixed set of samples with fixed noise and timesteps.
+
+Every evaluation draws the same noise and timesteps for the same samples, so its curve moves only with the weights.
+"""
+
+from collections import defaultdict
+
+import torch
+import torch.distributed as dist
+
+from osp_megatron.config.errors import ConfigError
+from osp_megatron.data.shards import decode_sample, iter_raw_samples, resolve_shards
+from osp_megatron.training.flow_matching import flow_matching_losses
+
+# Offset of the evaluation noise stream from the training seed, so they never coincide.
+EVAL_SEED_OFFSET = 7_777_777
+
+
+def load_held_out(data_config, path, num_samples: int, dp_rank: int, dp_size: int) -> list[tuple]:
+    """This data-parallel rank's share of the first `num_samples` samples of `path` (in shard order), decoded.
+
+    Every rank gets the same count (num_samples // dp_size), so the evaluation collectives stay in step.
+    """
+    per_rank = num_samples // dp_size
+    if per_rank < 1:
+        raise ConfigError(f"train.eval_samples={num_samples} is smaller than the data-parallel size {dp_size}")
+    wanted = range(dp_rank * per_rank, (dp_rank + 1) * per_rank)
+    samples, position = [], 0
+    for shard in resolve_shards(path):
+        for raw in iter_raw_samples(shard.path):
+            if position in wanted:
+                latent, text, _, _ = decode_sample(raw, shard.path, data_config.latent_shape, data_config.text_len,
+                                                   data_config.text_dim)
+                samples.append((latent, text))
+            position += 1
+            if position >= wanted.stop:
+                return samples
+    raise ConfigError(f"data.eval_path {path!r} holds {position} samples; train.eval_samples={num_samples} asks "
+                      "for more")
+
+
+class HeldOutLoss:
+    """Callable: model -> mean held-out loss over all data-parallel ranks (collective)."""
+
+    def __init__(self, samples: list[tuple], micro_batch_size: int, seed: int, train_config, device,
+                 group=None, dp_size: int = 1):
+        # Micro-batches of one latent shape each (a data set may hold several resolutions).
+        by_shape = defaultdict(list)
+        for latent, text in samples:
+            by_shape[tuple(latent.shape)].append((latent, text))
+        self.batches = []
+        for same in by_shape.values():
+            for start in range(0, len(same), micro_batch_size):
+                chunk = same[start:start + micro_batch_size]
+                self.batches.append((torch.stack([c[0] for c in chunk]), torch.stack([c[1] for c in chunk])))
+        self.count = len(samples)
+        self.seed = seed + EVAL_SEED_OFFSET
+        self.train_config = train_config
+        self.device = device
+        self.group, self.dp_size = group, dp_size
+
+    @torch.no_grad()
+    def __call__(self, model, autocast) -> float:
+        was_training = model.training
+        model.eval()
+        generator = torch.Generator().manual_seed(self.seed)
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        cfg = self.train_config
+        try:
+            for latents, text in self.batches:
+                with autocast():
+                    losses, _ = flow_matching_losses(model, latents.to(self.device), text.to(self.device), generator,
+                                                     cfg.timestep_shift, cfg.logit_mean, cfg.logit_std)
+                total += losses.double().sum()
+        finally:
+            model.train(was_training)
+        if self.dp_size > 1:
+            dist.all_reduce(total, group=self.group)
+        return float(total) / (self.count * self.dp_size)
