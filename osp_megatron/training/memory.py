@@ -199,16 +199,17 @@ def _state(run: Run, counts: ParameterCounts):
         f"gradients ({run.model.params_dtype})": param_bytes / shards * on_gpu,
         f"AdamW moments (2 x {run.model.params_dtype})": ADAM_MOMENTS * param_bytes / shards * on_gpu,
     }
-    if run.ema:
-        items["EMA (float32)"] = 0.0 if layout.ema_on_cpu else 4 / shards
+    if run.ema:  # beside each parameter's shard (host memory when the shards are offloaded) or on the CPU
+        items["EMA (float32)"] = 0.0 if layout.ema_on_cpu else 4 / shards * on_gpu
     if not layout.fsdp:
         return items, 0, 0
     compute = 2 if run.precision == "bf16" else 4
     reduce = BYTES[layout.reduce_dtype]
-    # Forward: the running block and the prefetched next one unsharded, the root (embeddings, head) for the
-    # whole step. Backward: the same plus the running block's unsharded gradient and its copy for the
-    # reduce-scatter in the reduction dtype.
-    forward = (2 * counts.block + counts.outside) * compute
+    # parallel/fsdp.py: blocks gather their weights in the compute dtype, one block ahead (forward prefetch of
+    # the next block, backward prefetch of the previous one); the root (embedders, output head) gathers its
+    # float32 weights once per step and keeps them. The backward adds the running block's unsharded gradient
+    # and its copy in the reduction dtype for the reduce-scatter.
+    forward = 2 * counts.block * compute + counts.outside * param_bytes
     backward = forward + counts.block * (compute + (reduce if reduce != compute else 0))
     return items, forward, backward
 
@@ -248,7 +249,7 @@ def estimate(run: Run, profiles=None) -> Estimate:
 
     lines = [Line("model state", name, per_param * counts.total / GIB, per_param) for name, per_param in items.items()]
     if run.layout.fsdp:
-        lines.append(Line("model state", "unsharded weights in flight (2 blocks + root, backward: + block grads)",
+        lines.append(Line("model state", "FSDP: unsharded weights (2 blocks, root) and a block's gradients",
                           inflight_backward / GIB))
     for kind in sorted(set(kinds), reverse=False):
         count = kinds.count(kind)

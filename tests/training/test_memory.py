@@ -37,7 +37,7 @@ def test_parameter_counts_follow_the_architecture():
     (Layout(data=8, fsdp=True), True, 2.5),
     (Layout(data=2, ssp=2, fsdp=True), False, 4.0),  # FSDP shards over data x SSP ranks
     (Layout(data=8, fsdp=True, fsdp_offload=True, ema_on_cpu=True), True, 0.0),
-    (Layout(data=8, fsdp=True, fsdp_offload=True), True, 0.5),  # the EMA stays sharded on the GPU
+    (Layout(data=8, fsdp=True, fsdp_offload=True), True, 0.0),  # the EMA follows the shards to the CPU
 ])
 def test_model_state_bytes_per_parameter(layout, ema, expected):
     """Bytes per parameter of weights, gradients, AdamW moments and EMA for each sharding."""
@@ -45,9 +45,9 @@ def test_model_state_bytes_per_parameter(layout, ema, expected):
     run = Run(model=model, latent=(21, 60, 104), ema=ema, layout=layout)
     items, forward, backward = _state(run, count_parameters(model))
     assert sum(items.values()) == pytest.approx(expected)
-    if layout.fsdp:  # two unsharded bf16 blocks and the root in flight; the backward adds one block's gradients
+    if layout.fsdp:  # two bf16 blocks and the float32 root gathered; the backward adds one block's gradients
         counts = count_parameters(model)
-        assert forward == (2 * counts.block + counts.outside) * 2
+        assert forward == 2 * counts.block * 2 + counts.outside * 4
         assert backward == forward + counts.block * (2 + 4)
     else:
         assert forward == backward == 0
