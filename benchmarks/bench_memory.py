@@ -51,7 +51,7 @@ def case_overrides(args, size: str, mode: str, recipe: str, fsdp: bool, run_dir:
         "train.micro_batch_size=1", f"train.global_batch_size={args.world // args.ssp}",
         f"train.steps={args.steps}", "train.ema_decay=0.999", "train.progress=false", "train.sample_at_end=false",
         "checkpoint.interval=0", "checkpoint.save_at_end=false", "checkpoint.resume=none",
-        f"parallel.ssp={args.ssp}",
+        f"parallel.ssp={args.ssp}", f"parallel.data={args.world // args.ssp}",
     ]
     if fsdp:
         overrides.append("parallel.fsdp=true")
