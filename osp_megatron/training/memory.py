@@ -249,16 +249,15 @@ def estimate(run: Run, profiles=None) -> Estimate:
 
     lines = [Line("model state", name, per_param * counts.total / GIB, per_param) for name, per_param in items.items()]
     if run.layout.fsdp:
-        lines.append(Line("model state", "FSDP: unsharded weights (2 blocks, root) and a block's gradients",
-                          inflight_backward / GIB))
+        lines.append(Line("model state", "FSDP gathered weights and block gradients", inflight_backward / GIB))
     for kind in sorted(set(kinds), reverse=False):
         count = kinds.count(kind)
-        lines.append(Line("activations", f"{count} {kind}-attention blocks: kept for the backward ({mode}), each",
+        lines.append(Line("activations", f"{kind} block, kept ({mode}; {count} blocks), each",
                           activations[kind]["kept"][mode] / GIB))
-    lines.append(Line("activations", "embeddings, output head and loss: kept", outside_kept / GIB))
-    lines.append(Line("activations", f"all kept at the end of the forward", (outside_kept + sum(kept)) / GIB))
+    lines.append(Line("activations", "embeddings, output head, loss: kept", outside_kept / GIB))
+    lines.append(Line("activations", "all kept at the end of the forward", (outside_kept + sum(kept)) / GIB))
     worst = max(range(len(kinds)), key=lambda i: rebuilt[i] + rises[i] - kept[i])
-    lines.append(Line("activations", "one block's backward: recomputed + gradients + attention workspace",
+    lines.append(Line("activations", "one block's backward (rebuilt + in flight)",
                       (rebuilt[worst] - kept[worst] + rises[worst]) / GIB))
     notes = activations["notes"]
     model_parameters = counts.total if run.layout.tensor == 1 else count_parameters(run.model).total
@@ -266,9 +265,15 @@ def estimate(run: Run, profiles=None) -> Estimate:
 
 
 # -- printing ------------------------------------------------------------------------------------------------
+def _row(name: str, per_parameter, gib: float, width: int) -> str:
+    per_parameter = f"{per_parameter:6.2f} B/param" if per_parameter is not None else " " * 13
+    return f"  {name:<{width}}{per_parameter}  {gib:8.2f} GiB"
+
+
 def format_estimate(result: Estimate, gpu_gib: float = None) -> str:
     """The estimate as a table: model state per parameter, activations, the bytes of each phase, the peak."""
     run, counts, layout = result.run, result.counts, result.run.layout
+    state_gib = sum(line.gib for line in result.lines if line.section == "model state")
     grid, padded = run.grid, run.padded_grid
     tokens = math.prod(grid)
     rank = f", {counts.total / 1e9:.2f} B on each tensor-parallel rank" if layout.tensor > 1 else ""
@@ -284,16 +289,15 @@ def format_estimate(result: Estimate, gpu_gib: float = None) -> str:
     section = None
     for line in result.lines:
         if line.section != section:
+            if section == "model state":
+                out.append(_row("total", sum(x.per_parameter or 0 for x in result.lines), state_gib, width))
             section = line.section
             out.append(f"{section}:")
-        per_param = f"{line.per_parameter:6.2f} B/param" if line.per_parameter is not None else " " * 13
-        out.append(f"  {line.name:<{width}}{per_param}  {line.gib:8.2f} GiB")
-    per_param_total = sum(line.per_parameter for line in result.lines if line.per_parameter is not None)
-    out.append(f"  {'model state per parameter':<{width}}{per_param_total:6.2f} B/param")
+        out.append(_row(line.name, line.per_parameter, line.gib, width))
     out.append("phases (allocated bytes):")
     for phase, value in result.phases.items():
         marker = "  <- peak" if phase == result.peak_phase else ""
-        out.append(f"  {phase:<{width}}{'':13}  {value / GIB:8.2f} GiB{marker}")
+        out.append(_row(phase, None, value / GIB, width) + marker)
     if gpu_gib:
         verdict = "fits" if result.peak_bytes / GIB <= gpu_gib * 0.92 else "does NOT fit"
         out.append(f"peak {result.peak_bytes / GIB:.1f} GiB {verdict} a {gpu_gib:g} GiB GPU (allowing 8 % for the "
@@ -321,9 +325,13 @@ def _measure_presets() -> int:
     if stored.get(SOURCE_KEY) != source_fingerprint():  # block code changed since: measure everything again
         stored = {SOURCE_KEY: source_fingerprint()}
     missing = [request for key, request in requests.items() if key not in stored]
-    for dim in sorted({request.dim for request in missing}):  # one process per width: compiled graphs shared
-        batch = [request for request in missing if request.dim == dim]
-        print(f"measuring {len(batch)} profiles of width {dim}", file=sys.stderr, flush=True)
+    # One process per width shares the compiled graphs; a wan-14b-wide block (weights and gradients: a few GiB
+    # of CPU memory) gets a process of its own.
+    batches = [[request for request in missing if request.dim == dim]
+               for dim in sorted({request.dim for request in missing if request.dim < 4096})]
+    batches += [[request] for request in missing if request.dim >= 4096]
+    for batch in batches:
+        print(f"measuring {len(batch)} profile(s) of width {batch[0].dim}", file=sys.stderr, flush=True)
         for request, profile in zip(batch, measure_in_subprocess(batch)):
             stored[request.key()] = profile
         Path(SHIPPED).write_text(json.dumps(stored, indent=1, sort_keys=True) + "\n")
