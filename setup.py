@@ -24,9 +24,11 @@ setup(
         "tensorboard",
         "tqdm",
         "psutil",
+        "submitit>=1.5,<1.6",  # Slurm submission (osp-launch); pinned: osp-launch renders its sbatch script
         "diffusers>=0.33",
         "transformers>=4.45",
         "sentencepiece",
+        "peft>=0.15",
     ],
     extras_require={
         "test": ["pytest>=7", "pytest-timeout"],
@@ -34,13 +36,18 @@ setup(
         "ulysses-baseline": ["deepspeed"],
         "npu": ["torch_npu"],
         "eval": ["vbench"],
+        "rewards": ["open-clip-torch"],
     },
     entry_points={
         "console_scripts": [
             "osp-train=osp_megatron.training.cli:main",
+            "osp-grpo=osp_megatron.rl.cli:main",
             "osp-sample=osp_megatron.inference.cli:main",
+            "osp-eval=osp_megatron.eval.cli:main",
             "osp-make-synthetic=osp_megatron.data.synthetic:main",
             "osp-ckpt=checkpoints_tools.cli:main",
+            "osp-data=data.cli:main",
+            "osp-launch=launch.cli:main",
         ]
     },
 )

@@ -296,3 +296,20 @@ def verify_resume_path(path: str | Path) -> Path:
     if problems:
         raise CheckpointCorruptError(f"checkpoint.resume={str(path)!r} is damaged: {'; '.join(problems)}")
     return path
+
+
+def resume_target(resume: str, run_dir: str | Path, say=print) -> Optional[Path]:
+    """Collective: the checkpoint a job continues from (checkpoint.resume: 'auto', 'none' or a path), checked
+    for damage and for this run's parallel layout before any work; None for a fresh start."""
+    if resume == "none":
+        return None
+    path = resumable_checkpoint(run_dir, say=say) if resume == "auto" else verify_resume_path(resume)
+    if path is None:
+        return None
+    saved, now = saved_layout(read_metadata(path)), current_layout()
+    if saved != now:
+        raise ConfigError(
+            f"checkpoint {path} was saved with parallel layout {describe_layout(saved)} but this run has "
+            f"{describe_layout(now)}; resume it with the layout it was saved with, or start a new run.dir "
+            f"that loads its weights only (checkpoint.load={path} checkpoint.resume=none)")
+    return path

@@ -44,6 +44,8 @@ def _convert(value: Any, tp, key: str):
                 return _convert(value, arg, key)
             except ConfigError as err:
                 errors.append(str(err))
+        if len(errors) == 1:  # Optional[X]: X's own message names the inner key that is wrong
+            raise ConfigError(errors[0])
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
     if origin is Literal:
         if value not in get_args(tp):

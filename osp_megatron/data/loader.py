@@ -1,11 +1,10 @@
-"""Deterministic, resumable, data-parallel micro-batches of (latents, text states) from webdataset shards.
+"""Deterministic, resumable, data-parallel micro-batches of (latents, text states) from bucketed shards.
 
-An epoch's order is a pure function of (seed, epoch); a rank's position is just (epoch, samples consumed).
+Each global batch is one bucket of one source; rank r takes its micro-batches of it, so the order is layout-free.
 """
 
+import functools
 import warnings
-from collections import deque
-from contextlib import closing
 from dataclasses import dataclass
 
 import numpy as np
@@ -13,183 +12,242 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from osp_megatron.config.errors import ConfigError
-from osp_megatron.data.shards import decode_sample, iter_raw_samples, resolve_shards
+from osp_megatron.data.mixing import (GlobalStream, LatentBucket, SourcePlan, StreamPosition,
+                                      bucket_micro_batch_size, latent_bucket_name)
+from osp_megatron.data.shards import SampleError, decode_sample, read_sample_at, resolve_shards, sample_offsets
 from osp_megatron.data.synthetic import ensure_synthetic_data
+
+STATE_FORMAT = "osp-loader-v2"
 
 
 @dataclass(frozen=True)
-class Chunk:
-    """Consecutive stream positions of one rank that fall in one shard: the unit a worker reads."""
+class MicroBatchTask:
+    """What one micro-batch reads: rows (shard, sample) of one source, their global sample indices, spares."""
 
-    epoch: int
-    shard: int
-    sample_indices: tuple  # positions of samples in the shard file, in the order they are yielded
-
-
-def epoch_order(shards, epoch, seed, shuffle):
-    """[(shard index, in-shard sample order)] for one epoch: shuffled shards, each shuffled inside."""
-    if not shuffle:
-        return [(i, np.arange(s.num_samples)) for i, s in enumerate(shards)]
-    shard_order = np.random.default_rng([seed, epoch]).permutation(len(shards))
-    # One generator per shard, so a shard's order does not depend on how many shards precede it.
-    return [(int(i), np.random.default_rng([seed, epoch, int(i)]).permutation(shards[i].num_samples))
-            for i in shard_order]
+    source: int
+    bucket: LatentBucket
+    rows: np.ndarray
+    spares: np.ndarray
+    sample_indices: np.ndarray
+    position: dict  # the loader position once this micro-batch is consumed
 
 
-def samples_per_rank(shards, dp_size):
-    """Every rank gets the same number of samples per epoch, so ranks stay in step; the rest is dropped."""
-    return sum(s.num_samples for s in shards) // dp_size
+@functools.lru_cache(maxsize=4096)
+def _scanned_offsets(path):
+    return sample_offsets(path)
 
 
-def epoch_end(per_rank, start, micro_batch_size):
-    """Last stream position (exclusive) of an epoch entered at `start`: only whole micro-batches are used."""
-    return start + (per_rank - start) // micro_batch_size * micro_batch_size
+def _stack(tensors):
+    """torch.stack, without the copy when there is one tensor (480P micro-batches are often one sample)."""
+    return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
 
 
-def rank_chunks(shards, epoch, seed, shuffle, dp_rank, dp_size, start, stop):
-    """Chunks covering positions [start, stop) of this rank's slice of the epoch.
+class MicroBatchReader:
+    """Reads a MicroBatchTask: random access to each sample's bytes, decoding, replacing bad samples by spares."""
 
-    Rank r owns the contiguous slice [r n, (r + 1) n) of the epoch's sample stream, so ranks are disjoint
-    and each reads only about 1/dp_size of the shards.
+    def __init__(self, sources, config):
+        self.sources, self.config = sources, config
+        self.warned = set()
+
+    def offsets(self, shard):
+        if shard.offsets is not None:
+            return shard.offsets
+        try:
+            return _scanned_offsets(shard.path)
+        except ConfigError as exc:
+            raise SampleError(str(exc)) from exc
+
+    def read(self, source, row, latent_shape, handles):
+        shard = self.sources[source][int(row[0])]
+        offsets = self.offsets(shard)
+        sample = int(row[1])
+        if sample + 1 >= len(offsets):
+            raise SampleError(f"shard {shard.path}: holds {max(len(offsets) - 1, 0)} samples, fewer than the "
+                              f"{shard.num_samples} its index lists; the shard is truncated or the index is stale")
+        if shard.path not in handles:
+            try:
+                handles[shard.path] = open(shard.path, "rb")
+            except OSError as exc:
+                raise SampleError(f"shard {shard.path}: cannot be opened ({exc})") from exc
+        raw = read_sample_at(handles[shard.path], offsets[sample], offsets[sample + 1], shard.path)
+        cfg = self.config
+        decoded = decode_sample(raw, shard.path, latent_shape, cfg.text_len, cfg.text_dim)
+        return decoded, raw["__key__"], offsets[sample + 1] - offsets[sample]
+
+    def __call__(self, task):
+        spares = iter(task.spares)
+        samples, bad, bytes_read = [], 0, 0
+        handles = {}
+        try:
+            for row in task.rows:
+                while True:
+                    try:
+                        decoded, key, size = self.read(task.source, row, task.bucket.latent_shape, handles)
+                        break
+                    except SampleError as exc:
+                        bad += 1
+                        if (task.source, *row) not in self.warned:
+                            self.warned.add((task.source, *row))
+                            warnings.warn(f"skipping a bad sample: {exc}")
+                        row = next(spares, None)
+                        if row is None:
+                            raise ConfigError(
+                                f"data source {task.source}: {len(task.spares)} bad samples in a row in bucket "
+                                f"{task.bucket.name} (last: {exc}); the data set is broken, see `osp-data inspect "
+                                "--check`") from exc
+                samples.append((decoded, key))
+                bytes_read += size
+        finally:
+            for handle in handles.values():
+                handle.close()
+        latents, states, lengths, captions = zip(*(d for d, _ in samples))
+        return {
+            "latents": _stack(latents),
+            "text_states": _stack(states),
+            "text_lengths": torch.tensor(lengths, dtype=torch.long),
+            "captions": list(captions),
+            "keys": [key for _, key in samples],
+            "sample_indices": torch.from_numpy(task.sample_indices.copy()),
+            "bucket": task.bucket.name,
+            "source": task.source,
+            "bad_samples": bad,
+            "bytes_read": int(bytes_read),
+            "_position": task.position,
+        }
+
+
+class MicroBatchStream(IterableDataset):
+    """This rank's micro-batch tasks from a position, read; task k goes to worker k mod num_workers.
+
+    torch's DataLoader takes items from its workers round-robin, so the order is kept exactly.
     """
-    base = dp_rank * samples_per_rank(shards, dp_size)
-    low, high = base + start, base + stop
-    offset = 0
-    for shard_index, order in epoch_order(shards, epoch, seed, shuffle):
-        if offset >= high:
-            break
-        count = shards[shard_index].num_samples
-        first, last = max(low, offset), min(high, offset + count)
-        if first < last:
-            yield Chunk(epoch, shard_index, tuple(int(i) for i in order[first - offset:last - offset]))
-        offset += count
 
-
-class ShardStream(IterableDataset):
-    """Endless stream of decoded chunks from a given position; chunk k goes to worker k mod num_workers.
-
-    torch's DataLoader takes items from its workers round-robin, so the chunk order is kept exactly.
-    """
-
-    def __init__(self, shards, config, micro_batch_size, dp_rank, dp_size, seed, epoch, consumed):
+    def __init__(self, loader, position, micro_batch):
         super().__init__()
-        self.shards = shards
-        self.config = config
-        self.micro_batch_size = micro_batch_size
-        self.dp_rank, self.dp_size, self.seed = dp_rank, dp_size, seed
-        self.epoch, self.consumed = epoch, consumed
-
-    def chunks(self):
-        per_rank = samples_per_rank(self.shards, self.dp_size)
-        epoch, start = self.epoch, self.consumed
-        while True:
-            stop = epoch_end(per_rank, start, self.micro_batch_size)
-            yield from rank_chunks(self.shards, epoch, self.seed, self.config.shuffle, self.dp_rank, self.dp_size,
-                                   start, stop)
-            epoch, start = epoch + 1, 0
+        self.loader, self.position, self.micro_batch = loader, position, micro_batch
 
     def __iter__(self):
         worker = get_worker_info()
         worker_id, num_workers = (0, 1) if worker is None else (worker.id, worker.num_workers)
-        for k, chunk in enumerate(self.chunks()):
+        reader = MicroBatchReader(self.loader.sources, self.loader.config)
+        for k, task in enumerate(self.loader.tasks(self.position, self.micro_batch)):
             if k % num_workers == worker_id:
-                yield self.read_chunk(chunk)
-
-    def read_chunk(self, chunk):
-        shard = self.shards[chunk.shard]
-        wanted = set(chunk.sample_indices)
-        raw_by_index = {}
-        # closing() releases the file at once when the wanted samples end before the shard does.
-        with closing(iter_raw_samples(shard.path)) as samples:
-            for index, raw in enumerate(samples):
-                if index in wanted:
-                    raw_by_index[index] = raw
-                    if len(raw_by_index) == len(wanted):
-                        break
-        if len(raw_by_index) < len(wanted):
-            raise ConfigError(
-                f"shard {shard.path}: holds fewer samples than the {shard.num_samples} its index lists "
-                f"(sample {max(wanted - set(raw_by_index))} is missing); the shard is truncated or the index is stale"
-            )
-        cfg = self.config
-        decoded = [decode_sample(raw_by_index[i], shard.path, cfg.latent_shape, cfg.text_len, cfg.text_dim)
-                   for i in chunk.sample_indices]
-        latents, states, lengths, captions = zip(*decoded)
-        return {
-            "epoch": chunk.epoch,
-            "latents": torch.stack(latents),
-            "text_states": torch.stack(states),
-            "text_lengths": torch.tensor(lengths, dtype=torch.long),
-            "captions": list(captions),
-            "keys": [raw_by_index[i]["__key__"] for i in chunk.sample_indices],
-        }
-
-
-_TENSOR_FIELDS = ("latents", "text_states", "text_lengths")
-_LIST_FIELDS = ("captions", "keys")
+                yield reader(task)
 
 
 class WebDatasetLoader:
-    """Endless iterator over micro-batches for one data-parallel rank, with exact resume.
+    """Endless iterator over micro-batches for one data-parallel rank, with exact, layout-free resume.
 
-    Each batch: latents [b, C, T, H, W], text_states [b, text_len, text_dim] (zero-padded),
-    text_lengths [b], captions and keys (lists of b strings).
+    Each batch: latents [b, C, T, H, W] (one bucket), text_states [b, text_len, text_dim] (zero-padded),
+    text_lengths [b], sample_indices [b] (int64 positions in the global stream), captions, keys, bucket name,
+    source index, bad_samples (bad entries replaced in this batch) and bytes_read.
     """
 
-    def __init__(self, config, micro_batch_size, dp_rank=0, dp_size=1, seed=0, shards=None):
+    def __init__(self, config, micro_batch_size, dp_rank=0, dp_size=1, seed=0, global_batch_size=None,
+                 patch_size=(1, 2, 2)):
         config.validate()
+        global_batch_size = global_batch_size or micro_batch_size * dp_size
         if micro_batch_size < 1:
             raise ConfigError(f"micro_batch_size must be a positive integer, got {micro_batch_size}")
         if not 0 <= dp_rank < dp_size:
             raise ConfigError(f"dp_rank must be in [0, dp_size={dp_size}), got {dp_rank}")
-        self.config = config
-        self.micro_batch_size = micro_batch_size
-        self.dp_rank, self.dp_size, self.seed = dp_rank, dp_size, seed
-        self.shards = list(shards) if shards is not None else resolve_shards(config.path)
-        self.num_samples = sum(s.num_samples for s in self.shards)
-        self.samples_per_rank = samples_per_rank(self.shards, dp_size)
-        if self.samples_per_rank < micro_batch_size:
-            raise ConfigError(
-                f"data.path {config.path!r} holds {self.num_samples} samples, fewer than dp_size ({dp_size}) x "
-                f"micro_batch_size ({micro_batch_size}); add data or lower the batch size"
-            )
-        self.epoch, self.consumed = 0, 0
+        micro_batches = global_batch_size // micro_batch_size
+        if global_batch_size % micro_batch_size or micro_batches % dp_size:
+            raise ConfigError(f"train.global_batch_size={global_batch_size} must be a multiple of "
+                              f"train.micro_batch_size x data-parallel size = {micro_batch_size} x {dp_size}")
+        self.config, self.seed = config, seed
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.micro_batches, self.accumulation = micro_batches, micro_batches // dp_size
+        self.sources = [resolve_shards(path) for path, _ in config.source_list()]
+        shapes = [[self._shard_shape(shard) for shard in shards] for shards in self.sources]
+        names = {}
+        for shards, shard_shapes in zip(self.sources, shapes):
+            for shard, shape in zip(shards, shard_shapes):
+                names.setdefault(shape, {latent_bucket_name(shape)})
+                if shard.bucket:
+                    names[shape].add(shard.bucket)
+        self.buckets = {}
+        for shape, bucket_names in sorted(names.items()):
+            ordered = (latent_bucket_name(shape), *sorted(bucket_names - {latent_bucket_name(shape)}))
+            micro = bucket_micro_batch_size(shape, ordered, config, micro_batch_size, patch_size)
+            self.buckets[shape] = LatentBucket(shape, ordered, micro, micro * micro_batches)
+        plans = [SourcePlan(i, shards, s, self.buckets, seed, config.shuffle)
+                 for i, (shards, s) in enumerate(zip(self.sources, shapes))]
+        self.stream = GlobalStream(plans, [w for _, w in config.source_list()])
+        self.num_samples = sum(s.num_samples for shards in self.sources for s in shards)
+        self.position, self.micro_batch = self.stream.start(), 0
         self._batches = None
 
+    def _shard_shape(self, shard):
+        """Shards carry their shape in the index (or their first sample); data.latent_* is the fallback."""
+        if shard.latent_shape is not None:
+            return tuple(int(s) for s in shard.latent_shape)
+        return tuple(self.config.latent_shape)
+
     @property
-    def batches_per_epoch(self):
-        return self.samples_per_rank // self.micro_batch_size
+    def latent_shapes(self):
+        """The latent shapes [C, T, H, W] of every bucket this loader yields."""
+        return sorted(self.buckets)
+
+    def tasks(self, position, micro_batch):
+        """This rank's MicroBatchTasks from `position` (skipping its first `micro_batch` of that global batch)."""
+        for batch, before, after in self.stream.batches(position):
+            size = batch.bucket.micro_batch_size
+            for a in range(micro_batch, self.accumulation):
+                j = self.dp_rank * self.accumulation + a
+                last = a == self.accumulation - 1
+                state = dict((after if last else before).as_dict(), micro_batch=0 if last else a + 1)
+                yield MicroBatchTask(batch.source, batch.bucket, batch.members[j * size:(j + 1) * size],
+                                     batch.spares(self.config.max_bad_in_a_row),
+                                     before.global_samples + j * size + np.arange(size, dtype=np.int64), state)
+            micro_batch = 0
 
     def state_dict(self):
-        """The data position: the next batch starts at sample `samples_consumed` of `epoch` on this rank."""
-        return {"epoch": self.epoch, "samples_consumed": self.consumed, "seed": self.seed,
-                "dp_rank": self.dp_rank, "dp_size": self.dp_size, "num_samples": self.num_samples}
+        """The position in the global stream; it names the same samples under any data-parallel layout."""
+        return {"format": STATE_FORMAT, "seed": self.seed, **self.position.as_dict(), "micro_batch": self.micro_batch,
+                "dp_size": self.dp_size, "accumulation": self.accumulation, "num_samples": self.num_samples}
 
     def load_state_dict(self, state):
         """Continue from a saved position; the next batches equal those the saved loader would have given."""
-        try:
-            epoch, consumed = int(state["epoch"]), int(state["samples_consumed"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ConfigError(
-                f"data loader state must hold integer 'epoch' and 'samples_consumed', got {state!r}"
-            ) from exc
+        self.close()
+        if state.get("format") != STATE_FORMAT:
+            self._load_legacy_state(state)
+            return
         if state.get("seed", self.seed) != self.seed:
             warnings.warn(f"data loader state was saved with seed {state['seed']}, resuming with seed {self.seed}")
-        layout_changed = (state.get("dp_size", self.dp_size) != self.dp_size
-                          or state.get("num_samples", self.num_samples) != self.num_samples)
-        if layout_changed and consumed > 0:
-            # Rank slices depend on dp_size and the data size, so a mid-epoch position saved under another
-            # layout names different samples; the rest of that epoch is skipped rather than guessed.
-            warnings.warn("data-parallel size or data set size changed since the data loader state was saved; "
-                          f"resuming at the start of epoch {epoch + 1}")
-            epoch, consumed = epoch + 1, 0
-        self.close()
-        self.epoch, self.consumed = self._normalised(epoch, consumed)
+        if state.get("num_samples", self.num_samples) != self.num_samples:
+            warnings.warn(f"the data set held {state['num_samples']} samples when the loader state was saved and "
+                          f"holds {self.num_samples} now; the saved position names different samples")
+        try:
+            sources = [[int(v) for v in place] for place in state["sources"]]
+            position = StreamPosition(int(state["global_batches"]), int(state["global_samples"]), sources)
+            micro_batch = int(state.get("micro_batch", 0))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"data loader state is malformed ({exc!r}): {state!r}") from exc
+        if len(sources) != len(self.sources):
+            raise ConfigError(f"data loader state has {len(sources)} sources, data.sources has {len(self.sources)}")
+        if micro_batch and (state.get("dp_size"), state.get("accumulation")) != (self.dp_size, self.accumulation):
+            # A global batch half consumed under another layout: its remaining micro-batches are not this rank's.
+            warnings.warn("data loader state was saved in the middle of a global batch under another data-parallel "
+                          "layout; resuming at the next global batch")
+            _, _, position = next(self.stream.batches(position))
+            micro_batch = 0
+        self.position, self.micro_batch = self.stream.normalised(position), micro_batch
 
-    def _normalised(self, epoch, consumed):
-        if self.samples_per_rank - consumed < self.micro_batch_size:
-            return epoch + 1, 0
-        return epoch, consumed
+    def _load_legacy_state(self, state):
+        try:
+            epoch = int(state["epoch"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"data loader state must be an '{STATE_FORMAT}' state or hold an integer 'epoch', "
+                              f"got {state!r}") from exc
+        warnings.warn(f"data loader state was saved by an earlier version (per-rank positions); resuming at the "
+                      f"start of epoch {epoch + 1} of the first source")
+        position = self.stream.start()
+        plan = self.stream.plans[0]
+        position.sources[0] = [epoch + 1, 0, 0]
+        position.global_batches = (epoch + 1) * plan.batches_per_epoch
+        position.global_samples = sum(b.bucket.global_batch_size for b in plan.epoch(0)) * (epoch + 1)
+        self.position, self.micro_batch = position, 0
 
     def __iter__(self):
         return self
@@ -205,58 +263,24 @@ class WebDatasetLoader:
             self._batches.close()
             self._batches = None
 
-    def _chunk_source(self, epoch, consumed):
-        stream = ShardStream(self.shards, self.config, self.micro_batch_size, self.dp_rank, self.dp_size,
-                             self.seed, epoch, consumed)
-        if self.config.num_workers == 0:
-            return iter(stream)
-        return iter(DataLoader(stream, batch_size=None, num_workers=self.config.num_workers, prefetch_factor=2))
-
     def _generate(self):
-        self.epoch, self.consumed = self._normalised(self.epoch, self.consumed)
-        end = epoch_end(self.samples_per_rank, self.consumed, self.micro_batch_size)
-        source = self._chunk_source(self.epoch, self.consumed)
-        pending = deque()  # (chunk, offset of its first unused sample)
-        available = 0
+        stream = MicroBatchStream(self, self.position, self.micro_batch)
+        source = iter(stream) if self.config.num_workers == 0 else iter(
+            DataLoader(stream, batch_size=None, num_workers=self.config.num_workers, prefetch_factor=2))
         try:
-            for chunk in source:
-                pending.append((chunk, 0))
-                available += len(chunk["keys"])
-                while available >= self.micro_batch_size:
-                    batch = self._take(pending, self.micro_batch_size)
-                    available -= self.micro_batch_size
-                    if batch["epoch"] != self.epoch:
-                        raise RuntimeError(f"data stream out of step: got epoch {batch['epoch']}, at {self.epoch}")
-                    del batch["epoch"]
-                    self.consumed += self.micro_batch_size
-                    if self.consumed == end:
-                        self.epoch, self.consumed = self.epoch + 1, 0
-                        end = epoch_end(self.samples_per_rank, 0, self.micro_batch_size)
-                    yield batch
+            for batch in source:
+                position = batch.pop("_position")
+                self.micro_batch = position.pop("micro_batch")
+                self.position = StreamPosition(**position)
+                yield batch
         finally:
             # Dropping the last reference to a DataLoader iterator stops its worker processes at once.
             source = None
 
-    @staticmethod
-    def _take(pending, size):
-        pieces = []
-        while size > 0:
-            chunk, offset = pending.popleft()
-            count = min(size, len(chunk["keys"]) - offset)
-            pieces.append((chunk, offset, offset + count))
-            if offset + count < len(chunk["keys"]):
-                pending.appendleft((chunk, offset + count))
-            size -= count
-        batch = {"epoch": pieces[0][0]["epoch"]}
-        for field in _TENSOR_FIELDS:
-            batch[field] = torch.cat([chunk[field][a:b] for chunk, a, b in pieces])
-        for field in _LIST_FIELDS:
-            batch[field] = [item for chunk, a, b in pieces for item in chunk[field][a:b]]
-        return batch
 
-
-def build_data_loader(config, micro_batch_size, dp_rank=0, dp_size=1, seed=0):
+def build_data_loader(config, micro_batch_size, dp_rank=0, dp_size=1, seed=0, global_batch_size=None,
+                      patch_size=(1, 2, 2)):
     """Validate the config, write the synthetic data set if asked for and absent, and return the loader."""
     config.validate()
     ensure_synthetic_data(config)
-    return WebDatasetLoader(config, micro_batch_size, dp_rank, dp_size, seed)
+    return WebDatasetLoader(config, micro_batch_size, dp_rank, dp_size, seed, global_batch_size, patch_size)

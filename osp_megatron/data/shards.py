@@ -1,4 +1,4 @@
-"""Webdataset shards of pre-encoded samples: finding them, indexing them, reading and checking samples.
+"""Webdataset shards of pre-encoded samples: finding and indexing them, random access to one sample, decoding.
 
 A sample is `latent.npy` [C, T, H, W], `text.npy` [l, text_dim] (unpadded states), `txt` and `json`.
 """
@@ -6,7 +6,9 @@ A sample is `latent.npy` [C, T, H, W], `text.npy` [l, text_dim] (unpadded states
 import glob
 import io
 import json
+import math
 import os
+import tarfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,10 +20,20 @@ from osp_megatron.config.errors import ConfigError
 INDEX_NAME = "index.json"
 
 
+class SampleError(Exception):
+    """One sample that cannot be used (missing entry, not a .npy, wrong shape); the message names it."""
+
+
 @dataclass(frozen=True)
 class ShardInfo:
+    """One shard file. bucket and latent_shape describe every sample in it (None: not known from an index);
+    offsets (num_samples + 1 byte positions) give each sample's span of tar members, for random access."""
+
     path: str
     num_samples: int
+    bucket: str | None = None
+    latent_shape: tuple | None = None
+    offsets: tuple | None = None
 
 
 def atomic_write_bytes(path, data):
@@ -34,10 +46,28 @@ def atomic_write_bytes(path, data):
     os.replace(tmp, path)
 
 
+def npy_bytes(array, dtype=np.float32):
+    """A plain .npy (no pickle) of `array` stored as `dtype`."""
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(array, dtype=dtype), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def shard_entry(shard):
+    """The index.json record of a ShardInfo."""
+    entry = {"name": os.path.basename(shard.path), "num_samples": shard.num_samples}
+    if shard.bucket is not None:
+        entry["bucket"] = shard.bucket
+    if shard.latent_shape is not None:
+        entry["latent_shape"] = list(shard.latent_shape)
+    if shard.offsets is not None:
+        entry["offsets"] = list(shard.offsets)
+    return entry
+
+
 def write_index(folder, shards, **metadata):
     """Write folder/index.json listing each shard's file name and sample count, plus free-form metadata."""
-    entries = [{"name": os.path.basename(s.path), "num_samples": s.num_samples} for s in shards]
-    index = dict(metadata, shards=entries)
+    index = dict(metadata, shards=[shard_entry(s) for s in shards])
     atomic_write_bytes(os.path.join(folder, INDEX_NAME), json.dumps(index, indent=1).encode())
 
 
@@ -80,10 +110,59 @@ def count_samples(shard_path):
     return sum(1 for _ in iter_raw_samples(shard_path))
 
 
+def sample_offsets(shard_path):
+    """Byte offsets where each sample's tar members start, plus the end of the last one (tar headers only)."""
+    offsets, last_key, end = [], None, 0
+    try:
+        with tarfile.open(shard_path, mode="r:") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, _ = webdataset.tariterators.base_plus_ext(member.name)
+                if key != last_key:
+                    offsets.append(member.offset)
+                    last_key = key
+                blocks = (member.size + tarfile.BLOCKSIZE - 1) // tarfile.BLOCKSIZE
+                end = member.offset_data + blocks * tarfile.BLOCKSIZE
+    except (tarfile.TarError, OSError) as exc:
+        raise ConfigError(f"shard {shard_path}: cannot read the tar file ({exc}); the shard is corrupt or "
+                          "truncated") from exc
+    return tuple(offsets + [end]) if offsets else ()
+
+
+def read_sample_at(handle, start, end, shard_path):
+    """The raw sample (dict of bytes plus '__key__') whose members span bytes [start, end) of an open shard."""
+    handle.seek(start)
+    data = handle.read(end - start)
+    if len(data) != end - start:
+        raise SampleError(f"shard {shard_path}: ends at byte {start + len(data)}, before the sample at bytes "
+                          f"[{start}, {end}); the shard is truncated or the index is stale")
+    raw = {}
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+            for member in tar:
+                key, suffix = webdataset.tariterators.base_plus_ext(member.name)
+                raw.setdefault("__key__", key)
+                raw[suffix] = tar.extractfile(member).read()
+    except (tarfile.TarError, OSError) as exc:
+        raise SampleError(f"shard {shard_path}: bytes [{start}, {end}) are not a tar sample ({exc})") from exc
+    if "__key__" not in raw:
+        raise SampleError(f"shard {shard_path}: bytes [{start}, {end}) hold no tar member")
+    return raw
+
+
+def _first_latent_shape(shard_path):
+    for raw in iter_raw_samples(shard_path):
+        if "latent.npy" in raw:
+            return tuple(_load_npy(raw, "latent.npy", shard_path).shape)
+    return None
+
+
 def resolve_shards(path):
     """Shard list of a folder (its index.json, or every *.tar in it) or of a list of globs, with counts.
 
-    Counts come from the index.json beside each shard when it lists the shard, otherwise from a scan.
+    Counts, buckets, latent shapes and sample offsets come from the index.json beside each shard when it
+    lists the shard; otherwise the shard is scanned (count and the shape of its first sample).
     """
     if isinstance(path, str) and os.path.isdir(path):
         index = read_index(path)
@@ -117,44 +196,49 @@ def resolve_shards(path):
             indexes[folder] = read_index(folder)
         index = indexes[folder]
         name = os.path.basename(shard_path)
-        if index is not None and name in index["counts"]:
-            count = index["counts"][name]
-        else:
-            count = count_samples(shard_path)
-        shards.append(ShardInfo(shard_path, count))
+        entry = next((e for e in index["shards"] if e["name"] == name), None) if index is not None else None
+        if entry is None:
+            shards.append(ShardInfo(shard_path, count_samples(shard_path),
+                                    latent_shape=_first_latent_shape(shard_path)))
+            continue
+        shape = entry.get("latent_shape", index.get("latent_shape"))
+        offsets = entry.get("offsets")
+        shards.append(ShardInfo(shard_path, int(entry["num_samples"]), entry.get("bucket"),
+                                tuple(shape) if shape is not None else None,
+                                tuple(offsets) if offsets is not None else None))
     return shards
 
 
 def _load_npy(raw, name, shard_path):
     if name not in raw:
-        raise ConfigError(f"shard {shard_path}, sample {raw['__key__']!r}: missing the '{name}' entry")
+        raise SampleError(f"shard {shard_path}, sample {raw['__key__']!r}: missing the '{name}' entry")
     try:
         return np.load(io.BytesIO(raw[name]), allow_pickle=False)
-    except (ValueError, OSError) as exc:
-        raise ConfigError(
-            f"shard {shard_path}, sample {raw['__key__']!r}: '{name}' is not a valid .npy ({exc})"
-        ) from exc
+    except (ValueError, OSError, EOFError) as exc:
+        raise SampleError(
+            f"shard {shard_path}, sample {raw['__key__']!r}: '{name}' is not a valid .npy ({exc})") from exc
 
 
 def decode_sample(raw, shard_path, latent_shape, text_len, text_dim):
     """Raw sample -> (latent [C,T,H,W] float32, text states [text_len, text_dim] zero-padded, length, caption).
 
-    Shapes are checked against the configured ones, with the shard and sample key in the message.
+    Raises SampleError, naming the shard and sample key, for a missing or mis-shaped entry.
     """
     key = raw["__key__"]
     latent = _load_npy(raw, "latent.npy", shard_path)
     if tuple(latent.shape) != tuple(latent_shape):
-        raise ConfigError(
-            f"shard {shard_path}, sample {key!r}: latent.npy has shape {tuple(latent.shape)}, expected "
-            f"{tuple(latent_shape)} from data.latent_channels/latent_frames/latent_height/latent_width"
-        )
+        raise SampleError(f"shard {shard_path}, sample {key!r}: latent.npy has shape {tuple(latent.shape)}, expected "
+                          f"{tuple(latent_shape)} (the shape of its shard's bucket)")
     text = _load_npy(raw, "text.npy", shard_path)
     if text.ndim != 2 or text.shape[1] != text_dim or not 1 <= text.shape[0] <= text_len:
-        raise ConfigError(
-            f"shard {shard_path}, sample {key!r}: text.npy has shape {tuple(text.shape)}, expected "
-            f"[length <= data.text_len={text_len}, data.text_dim={text_dim}]"
-        )
-    states = torch.zeros(text_len, text_dim)
-    states[: text.shape[0]] = torch.from_numpy(text.astype(np.float32, copy=False))
-    caption = raw["txt"].decode("utf-8") if "txt" in raw else ""
-    return torch.from_numpy(latent.astype(np.float32, copy=False)), states, text.shape[0], caption
+        raise SampleError(f"shard {shard_path}, sample {key!r}: text.npy has shape {tuple(text.shape)}, expected "
+                          f"[length <= data.text_len={text_len}, data.text_dim={text_dim}]")
+    latent = torch.from_numpy(latent).float()
+    # One reduction instead of an element-wise mask: any NaN or infinity makes the sum non-finite.
+    if not math.isfinite(float(latent.sum())):
+        raise SampleError(f"shard {shard_path}, sample {key!r}: latent.npy holds NaN or infinite values")
+    states = torch.empty(text_len, text_dim)
+    states[: text.shape[0]] = torch.from_numpy(text)  # converts to float32 while copying
+    states[text.shape[0]:] = 0
+    caption = raw["txt"].decode("utf-8", errors="replace") if "txt" in raw else ""
+    return latent, states, text.shape[0], caption

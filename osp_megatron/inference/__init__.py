@@ -1,13 +1,16 @@
-"""Inference: rectified-flow sampling with guidance, the text-to-video pipeline and .mp4 input/output.
+"""Inference: flow-matching samplers with guidance, the text-to-video pipeline, video jobs over many ranks, .mp4 I/O.
 
-`osp-sample` (cli.py) drives TextToVideoPipeline from a SampleConfig.
+`osp-sample` (cli.py) opens a SamplingSession (session.py) and renders a prompt list with it (docs/inference.md).
 """
 
 from osp_megatron.utils.lazy import lazy_exports
 
 _EXPORTS = {
     "SampleConfig": "config",
+    "SamplingSession": "session",
     "TextToVideoPipeline": "pipeline",
+    "denoise": "sampler",
+    "make_scheduler": "sampler",
     "flow_timesteps": "sampler",
     "sample_flow": "sampler",
     "shift_sigmas": "sampler",

@@ -1,12 +1,14 @@
 """Typed configuration of one text-to-video sampling run (the `sample:` section of a YAML file).
 
-Defaults follow Wan2.1 480P sampling: 81 frames at 16 fps, 50 Euler steps, shift 5, guidance 5.
+Defaults follow Wan2.1 480P sampling: 81 frames at 16 fps, 50 UniPC steps, shift 5, guidance 5.
 """
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal, Optional
 
 from osp_megatron.config.errors import ConfigError
+
+SAMPLERS = ("euler", "unipc")  # flow-matching samplers (inference/sampler.py)
 
 
 @dataclass
@@ -22,11 +24,21 @@ class SampleConfig:
     height: int = 480
     width: int = 832
     fps: int = 16
-    seed: int = 0
+    seed: int = 0  # video i of a run gets seed + i unless its prompt-file line sets its own
+    sampler: Literal["euler", "unipc"] = "unipc"
+    # auto: a bf16 copy of the weights on accelerators, fp32 on the CPU
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     # Where the video goes (a PNG strip of its frames is written beside it). With several prompts, files are
     # written as <stem>-000.mp4, <stem>-001.mp4, ... Unset: training writes run.dir/samples/step_N.mp4,
     # osp-sample writes outputs/sample.mp4.
     output: Optional[str] = None
+    # osp-sample over many prompts: a folder of <index>-<prompt>.mp4 with a .json record and a .png strip each
+    output_dir: Optional[str] = None
+    prompt_file: Optional[str] = None  # .txt (one prompt a line) or .jsonl (see docs/inference.md)
+    videos_per_prompt: int = 1
+    batch_size: int = 1  # videos denoised together on one model replica
+    cfg_parallel: bool = False  # conditional and unconditional passes on two data-parallel ranks
+    frames: bool = False  # also write every frame as a PNG (<video stem>_frames/00000.png ...)
 
     @property
     def prompts(self):
@@ -39,7 +51,7 @@ class SampleConfig:
             raise ConfigError(f"{prefix}.prompt must be a non-empty string or list of strings, got {self.prompt!r}")
         if not isinstance(self.negative_prompt, str):
             raise ConfigError(f"{prefix}.negative_prompt must be a string, got {self.negative_prompt!r}")
-        for key in ("num_steps", "num_frames", "height", "width"):
+        for key in ("num_steps", "num_frames", "height", "width", "videos_per_prompt", "batch_size"):
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{prefix}.{key} must be a positive integer, got {value!r}")
@@ -59,6 +71,8 @@ class SampleConfig:
                               f"got {self.guidance_scale!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise ConfigError(f"{prefix}.seed must be a non-negative integer, got {self.seed!r}")
+        if self.sampler not in SAMPLERS:
+            raise ConfigError(f"{prefix}.sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
         if self.output is not None and (not isinstance(self.output, str) or not self.output.endswith(".mp4")):
             raise ConfigError(f"{prefix}.output must be a path ending in .mp4, got {self.output!r}")
         return self

@@ -6,8 +6,15 @@ The model is any callable model(latents, timestep, text_states) -> velocity, e.g
 import torch
 
 from osp_megatron.config.errors import ConfigError
-from osp_megatron.inference.sampler import sample_flow
+from osp_megatron.inference.guidance import BatchedGuidance, ParallelGuidance, check_guidance_scale
+from osp_megatron.inference.sampler import denoise
 from osp_megatron.inference.video_io import write_video
+
+
+def seeded_noise(seeds, shape) -> torch.Tensor:
+    """[len(seeds), *shape] float32 noise, one CPU generator per video: a video's noise depends on its seed
+    alone, not on the device, the batch it is rendered in, or the rank that renders it."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(seed))) for seed in seeds])
 
 
 class TextToVideoPipeline:
@@ -24,10 +31,12 @@ class TextToVideoPipeline:
         self.text_encoder = text_encoder
         self.latent_channels = latent_channels
         self.patch_size = tuple(patch_size)
+        parameters = list(model.parameters()) if isinstance(model, torch.nn.Module) else []
         if device is None:
-            parameters = list(model.parameters()) if isinstance(model, torch.nn.Module) else []
             device = parameters[0].device if parameters else torch.device("cpu")
         self.device = torch.device(device)
+        # Inputs follow the weights' dtype (a bf16 inference copy gets bf16 latents, as diffusers does).
+        self.dtype = parameters[0].dtype if parameters and parameters[0].is_floating_point() else torch.float32
 
     def latent_shape(self, num_frames, height, width):
         """(C, T, h, w) for a video size; raises ConfigError unless the VAE stride and the patch size divide it."""
@@ -46,39 +55,61 @@ class TextToVideoPipeline:
         return self.latent_channels, frames, latent_height, latent_width
 
     def velocity(self, latents, timestep, text_states):
-        return self.model(latents.to(self.device), timestep.to(self.device), text_states.to(self.device))
+        return self.model(latents.to(self.device, self.dtype), timestep.to(self.device),
+                          text_states.to(self.device, self.dtype))
+
+    def _encode(self, prompts):
+        return self.text_encoder.encode(list(prompts))[0].to(self.device)
 
     @torch.no_grad()
-    def __call__(self, prompts, negative_prompt="", num_frames=81, height=480, width=832, num_steps=50, shift=5.0,
-                 guidance_scale=5.0, seed=0, progress=False):
-        """Generate one video per prompt from noise seeded by `seed` -> float32 [B, 3, F, H, W] in [-1, 1]."""
-        if isinstance(prompts, str):
-            prompts = [prompts]
+    def sample_latents(self, prompts, negative_prompts="", seeds=0, num_frames=81, height=480, width=832,
+                       num_steps=50, shift=5.0, guidance_scale=5.0, sampler="unipc", progress=False, cfg_group=None):
+        """Normalised latents [B, C, T, h, w] (float32) of one video per prompt.
+
+        negative_prompts: one string for all or one per prompt; seeds: an int (video i gets seed + i) or one per
+        prompt. cfg_group: a two-rank group of ParallelGuidance (this rank's index in it picks its half); None
+        batches both halves here.
+        """
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        negatives = [negative_prompts] * len(prompts) if isinstance(negative_prompts, str) else list(negative_prompts)
+        seeds = [seeds + i for i in range(len(prompts))] if isinstance(seeds, int) else list(seeds)
+        if not (len(prompts) == len(negatives) == len(seeds)):
+            raise ConfigError(f"{len(prompts)} prompts need as many negative prompts and seeds, got "
+                              f"{len(negatives)} and {len(seeds)}")
         shape = self.latent_shape(num_frames, height, width)
+        guided = check_guidance_scale(guidance_scale) != 1.0
         was_training = getattr(self.model, "training", False)
         if was_training:
             self.model.eval()
         try:
-            text_states, _ = self.text_encoder.encode(list(prompts))
-            null_states = None
-            if guidance_scale != 1.0:
-                null_states, _ = self.text_encoder.encode([negative_prompt])
-            generator = torch.Generator().manual_seed(seed)
-            # Noise is drawn on the CPU so the same seed gives the same video on any device.
-            noise = torch.randn((len(prompts), *shape), generator=generator).to(self.device)
-            latents = sample_flow(self.velocity, noise, text_states.to(self.device),
-                                  None if null_states is None else null_states.to(self.device),
-                                  num_steps=num_steps, shift=shift, guidance_scale=guidance_scale, progress=progress)
+            noise = seeded_noise(seeds, shape).to(self.device)
+            if cfg_group is not None and guided:
+                import torch.distributed as dist
+
+                own = negatives if dist.get_rank(cfg_group) == 1 else prompts
+                velocity = ParallelGuidance(self.velocity, self._encode(own), guidance_scale, cfg_group)
+            else:
+                velocity = BatchedGuidance(self.velocity, self._encode(prompts),
+                                           self._encode(negatives) if guided else None, guidance_scale)
+            return denoise(velocity, noise, num_steps, shift, sampler, progress)
         finally:
             if was_training:
                 self.model.train()
+
+    @torch.no_grad()
+    def __call__(self, prompts, negative_prompt="", num_frames=81, height=480, width=832, num_steps=50, shift=5.0,
+                 guidance_scale=5.0, seed=0, sampler="unipc", progress=False):
+        """Generate one video per prompt (video i from seed + i) -> float32 [B, 3, F, H, W] in [-1, 1]."""
+        latents = self.sample_latents(prompts, negative_prompt, seed, num_frames, height, width, num_steps, shift,
+                                      guidance_scale, sampler, progress)
         return self.vae.decode(latents)
 
     def generate(self, config, progress=True):
         """Run a validated SampleConfig and write one .mp4 per prompt; return the written paths."""
         config.validate()
         videos = self(config.prompts, config.negative_prompt, config.num_frames, config.height, config.width,
-                      config.num_steps, config.shift, config.guidance_scale, config.seed, progress=progress)
+                      config.num_steps, config.shift, config.guidance_scale, config.seed, config.sampler,
+                      progress=progress)
         paths = config.output_paths()
         for video, path in zip(videos, paths):
             write_video(path, video, fps=config.fps)

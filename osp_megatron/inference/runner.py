@@ -39,7 +39,8 @@ def render_sample(model, job_config, device, output=None, write: bool = True, pr
     model.eval()
     pipeline = build_pipeline(model, job_config, device)
     videos = pipeline(sample.prompts, sample.negative_prompt, sample.num_frames, sample.height, sample.width,
-                      sample.num_steps, sample.shift, sample.guidance_scale, sample.seed, progress=progress)
+                      sample.num_steps, sample.shift, sample.guidance_scale, sample.seed, sample.sampler,
+                      progress=progress)
     paths = [Path(p) for p in sample.output_paths()]
     if write:
         for video, path in zip(videos, paths):

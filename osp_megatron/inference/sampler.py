@@ -1,4 +1,4 @@
-"""Euler sampler for rectified flow with timestep shift and classifier-free guidance.
+"""Flow-matching samplers: diffusers' Euler and UniPC schedulers stepped by the framework's loop.
 
 Convention shared with training: x_s = (1 - s) x0 + s noise, the model predicts v = noise - x0 at timestep 1000 s.
 """
@@ -6,8 +6,9 @@ Convention shared with training: x_s = (1 - s) x0 + s noise, the model predicts 
 import torch
 
 from osp_megatron.config.errors import ConfigError
+from osp_megatron.inference.config import SAMPLERS
 
-TIMESTEP_SCALE = 1000.0
+NUM_TRAIN_TIMESTEPS = 1000
 
 
 def shift_sigmas(sigmas, shift):
@@ -16,7 +17,10 @@ def shift_sigmas(sigmas, shift):
 
 
 def flow_timesteps(num_steps, shift):
-    """num_steps + 1 noise levels from exactly 1 down to exactly 0, shifted; float64 for exact endpoints."""
+    """num_steps + 1 noise levels from exactly 1 down to exactly 0, shifted; float64 for exact endpoints.
+
+    The plain grid for rollouts that step the ODE themselves; `denoise` uses the schedulers' own grids.
+    """
     if not isinstance(num_steps, int) or num_steps < 1:
         raise ConfigError(f"num_steps must be a positive integer, got {num_steps!r}")
     if shift <= 0:
@@ -24,47 +28,61 @@ def flow_timesteps(num_steps, shift):
     return shift_sigmas(torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64), float(shift))
 
 
-def guided_velocity(velocity_fn, latents, timestep, text_states, null_text_states, guidance_scale):
-    """v_uncond + g (v_cond - v_uncond), evaluating both halves in one batched call (one call when g = 1)."""
-    if guidance_scale == 1.0 or null_text_states is None:
-        return velocity_fn(latents, timestep, text_states)
-    if null_text_states.shape[0] == 1 and text_states.shape[0] > 1:
-        null_text_states = null_text_states.expand(text_states.shape[0], -1, -1)
-    if null_text_states.shape[1] != text_states.shape[1]:
-        length = max(null_text_states.shape[1], text_states.shape[1])
-        text_states, null_text_states = _pad_tokens(text_states, length), _pad_tokens(null_text_states, length)
-    velocity = velocity_fn(torch.cat([latents, latents]), torch.cat([timestep, timestep]),
-                           torch.cat([text_states, null_text_states.to(text_states.dtype)]))
-    conditional, unconditional = velocity.chunk(2)
-    return unconditional + guidance_scale * (conditional - unconditional)
+def make_scheduler(sampler: str, shift: float):
+    """A fresh diffusers scheduler for flow prediction with timestep shift `shift` (they keep per-run state).
 
+    euler: FlowMatchEulerDiscreteScheduler (first order); unipc: UniPCMultistepScheduler with flow sigmas,
+    order 2, bh2, as diffusers' WanPipeline is configured (it converts the predicted velocity to x0 = x - s v
+    and integrates in that parameterisation).
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 
-def _pad_tokens(states, length):
-    return torch.nn.functional.pad(states, (0, 0, 0, length - states.shape[1]))
+    if not isinstance(shift, (int, float)) or isinstance(shift, bool) or shift <= 0:
+        raise ConfigError(f"shift must be a positive number, got {shift!r}")
+    if sampler == "euler":
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, shift=float(shift))
+    if sampler == "unipc":
+        return UniPCMultistepScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, prediction_type="flow_prediction",
+                                       use_flow_sigmas=True, flow_shift=float(shift), solver_order=2)
+    raise ConfigError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
 
 
 @torch.no_grad()
-def sample_flow(velocity_fn, noise, text_states, null_text_states=None, num_steps=50, shift=5.0, guidance_scale=5.0,
-                progress=True):
-    """Integrate dx/ds = v from s = 1 (x = noise) to s = 0 with Euler steps; return the float32 latents.
+def denoise(velocity, noise, num_steps=50, shift=5.0, sampler="unipc", progress=False):
+    """Integrate the flow from s = 1 (x = noise) to s = 0; return float32 latents.
 
-    velocity_fn(latents [B, C, T, H, W], timestep [B] = 1000 s, text_states [B, L, D]) -> v like latents.
-    null_text_states: [B or 1, L, D] states of the negative prompt; None disables guidance.
+    velocity(latents [B, C, T, H, W] float32, timestep [B] float32 in 0..1000) -> v like latents (guidance
+    already applied, see guidance.py). The scheduler's timesteps are passed as they are (UniPC's are integers,
+    as in diffusers' WanPipeline); its step does the update, always on float32 latents and velocities.
     """
-    if guidance_scale < 0:
-        raise ConfigError(f"guidance_scale must be >= 0, got {guidance_scale!r}")
-    if text_states.shape[0] != noise.shape[0]:
-        raise ConfigError(f"text_states batch {text_states.shape[0]} does not match the noise batch {noise.shape[0]}")
-    sigmas = flow_timesteps(num_steps, shift)
+    if not isinstance(num_steps, int) or isinstance(num_steps, bool) or num_steps < 1:
+        raise ConfigError(f"num_steps must be a positive integer, got {num_steps!r}")
+    scheduler = make_scheduler(sampler, shift)
+    scheduler.set_timesteps(num_steps, device=noise.device)
+    scheduler.set_begin_index(0)
     latents = noise.float()
-    steps = range(num_steps)
+    timesteps = scheduler.timesteps
     if progress:
         from tqdm import tqdm
 
-        steps = tqdm(steps, desc="sampling", unit="step")
-    for i in steps:
-        sigma, next_sigma = float(sigmas[i]), float(sigmas[i + 1])
-        timestep = torch.full((latents.shape[0],), sigma * TIMESTEP_SCALE, device=latents.device)
-        velocity = guided_velocity(velocity_fn, latents, timestep, text_states, null_text_states, guidance_scale)
-        latents = latents + (next_sigma - sigma) * velocity.float()
-    return latents
+        timesteps = tqdm(timesteps, desc=f"sampling ({sampler})", unit="step", leave=False)
+    for t in timesteps:
+        timestep = t.to(torch.float32).expand(latents.shape[0])
+        v = velocity(latents, timestep).float()
+        latents = scheduler.step(v, t, latents, return_dict=False)[0]
+    return latents.float()
+
+
+def sample_flow(velocity_fn, noise, text_states, null_text_states=None, num_steps=50, shift=5.0, guidance_scale=5.0,
+                sampler="unipc", progress=False):
+    """denoise() with classifier-free guidance batched into one model call per step.
+
+    velocity_fn(latents, timestep [B], text_states [B, L, D]) -> v; null_text_states: [B or 1, L, D] states of
+    the negative prompt (None disables guidance).
+    """
+    from osp_megatron.inference.guidance import BatchedGuidance
+
+    if text_states.shape[0] != noise.shape[0]:
+        raise ConfigError(f"text_states batch {text_states.shape[0]} does not match the noise batch {noise.shape[0]}")
+    guided = BatchedGuidance(velocity_fn, text_states, null_text_states, guidance_scale)
+    return denoise(guided, noise, num_steps, shift, sampler, progress)

@@ -112,6 +112,16 @@ def write_frame_strip(path, frames, max_frames=9):
     return path
 
 
+
+def write_frames(folder, frames):
+    """Every frame as <folder>/00000.png, 00001.png, ...; returns the folder."""
+    from PIL import Image
+
+    os.makedirs(folder, exist_ok=True)
+    for index, frame in enumerate(to_uint8_frames(frames)):
+        Image.fromarray(frame).save(os.path.join(folder, f"{index:05d}.png"), format="PNG")
+    return folder
+
 def read_video(path):
     """Decode every frame of a video file -> uint8 tensor [F, H, W, 3] (RGB)."""
     if not os.path.isfile(path):

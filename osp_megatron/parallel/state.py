@@ -14,28 +14,14 @@ from megatron.core import parallel_state
 
 from osp_megatron.config.errors import ConfigError
 from osp_megatron.parallel.config import ParallelConfig  # noqa: F401  (the config lives apart from torch)
+from osp_megatron.parallel.diagnostics import apply_communication_defaults, install_collective_failure_report
+from osp_megatron.parallel.rendezvous import launcher_environment
 
 
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def _launcher_environment() -> tuple[int, int, int]:
-    """(rank, world_size, local_rank) from torchrun's or Slurm's variables; (0, 1, 0) when neither is set."""
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
-    if "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ:
-        rank, world = int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_NTASKS"])
-        if world > 1 and "MASTER_ADDR" not in os.environ:
-            raise ConfigError(
-                "running under Slurm with several tasks but MASTER_ADDR is not set; launch through "
-                "launch/slurm.sh, which exports MASTER_ADDR and MASTER_PORT from the first node"
-            )
-        os.environ.setdefault("MASTER_PORT", "29500")
-        return rank, world, int(os.environ.get("SLURM_LOCALID", 0))
-    return 0, 1, 0
 
 
 def init_distributed(config: ParallelConfig) -> torch.device:
@@ -47,13 +33,16 @@ def init_distributed(config: ParallelConfig) -> torch.device:
     pattern switch, a quarter of a Ulysses layer's bytes) stride U. With tensor x ssp x ulysses <= 8 a whole
     model replica, and so every all-to-all, stays inside one NVLink node; data parallel spans nodes.
     """
-    rank, world, local_rank = _launcher_environment()
+    rank, world, local_rank = launcher_environment()
     use_cuda = torch.cuda.is_available()
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
     backend = config.backend or ("nccl" if use_cuda else "gloo")
     if not dist.is_initialized():
+        # Read by the process group when it is built: NCCL settings, async error handling, flight recorder.
+        apply_communication_defaults()
+        install_collective_failure_report()
         if world == 1 and "MASTER_ADDR" not in os.environ:
             init_method = f"tcp://127.0.0.1:{_free_port()}"
         else:
@@ -61,6 +50,8 @@ def init_distributed(config: ParallelConfig) -> torch.device:
         dist.init_process_group(
             backend, init_method=init_method, rank=rank, world_size=world,
             timeout=datetime.timedelta(minutes=config.timeout_minutes),
+            # Binds the group to this rank's GPU (NCCL communicators start eagerly; no device-guessing warning).
+            device_id=device if backend == "nccl" else None,
         )
     world = dist.get_world_size()
     check_layout(config, world)

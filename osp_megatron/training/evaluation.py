@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from osp_megatron.config.errors import ConfigError
-from osp_megatron.data.shards import decode_sample, iter_raw_samples, resolve_shards
+from osp_megatron.data.shards import SampleError, decode_sample, iter_raw_samples, resolve_shards
 from osp_megatron.training.flow_matching import flow_matching_losses
 
 # Offset of the evaluation noise stream from the training seed, so they never coincide.
@@ -29,8 +29,12 @@ def load_held_out(data_config, path, num_samples: int, dp_rank: int, dp_size: in
     for shard in resolve_shards(path):
         for raw in iter_raw_samples(shard.path):
             if position in wanted:
-                latent, text, _, _ = decode_sample(raw, shard.path, data_config.latent_shape, data_config.text_len,
-                                                   data_config.text_dim)
+                # Real shards carry their bucket's shape in the index; data.latent_* describe synthetic data.
+                try:
+                    latent, text, _, _ = decode_sample(raw, shard.path, shard.latent_shape or data_config.latent_shape,
+                                                       data_config.text_len, data_config.text_dim)
+                except SampleError as exc:
+                    raise ConfigError(f"data.eval_path: {exc}") from exc
                 samples.append((latent, text))
             position += 1
             if position >= wanted.stop:

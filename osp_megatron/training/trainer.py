@@ -17,16 +17,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from osp_megatron.checkpointing.checkpoint import (
-    current_layout,
-    describe_layout,
-    load_checkpoint,
-    read_metadata,
-    resumable_checkpoint,
-    save_checkpoint,
-    saved_layout,
-    verify_resume_path,
-)
+from osp_megatron.checkpointing.checkpoint import load_checkpoint, resume_target, save_checkpoint
 from osp_megatron.config.errors import ConfigError
 from osp_megatron.config.job import JobConfig
 from osp_megatron.config.loader import to_dict
@@ -77,10 +68,6 @@ class Trainer:
         self.config = config
         if config.train.device == "cpu" and config.parallel.backend is None:
             config.parallel.backend = "gloo"
-        self.grid = tuple(size // patch for size, patch in zip(
-            (config.data.latent_frames, config.data.latent_height, config.data.latent_width), config.model.patch_size))
-        check_sequence_parallel_layout(config.model, self.grid, config.parallel.tensor, config.parallel.ssp,
-                                       config.parallel.ulysses, source="token grid of data.latent_*")
         self.device = state.init_distributed(config.parallel)
         if config.train.device == "cpu":
             self.device = torch.device("cpu")
@@ -123,8 +110,14 @@ class Trainer:
         self.precision = config.train.precision
         if self.precision == "auto":
             self.precision = "bf16" if self.device.type == "cuda" else "fp32"
-        self.flops_per_sample = training_flops(config.model, self.grid)
-        self.tokens_per_sample = math.prod(self.grid)
+        # Real shards hold one latent shape per bucket: each shape's token grid must suit the parallel layout.
+        self.flops_per_sample, self.tokens_per_sample = {}, {}
+        for shape in self.loader.latent_shapes:
+            grid = tuple(size // patch for size, patch in zip(shape[1:], config.model.patch_size))
+            check_sequence_parallel_layout(config.model, grid, config.parallel.tensor, config.parallel.ssp,
+                                           config.parallel.ulysses, source=f"token grid of data bucket {shape}")
+            self.flops_per_sample[tuple(shape)] = training_flops(config.model, grid)
+            self.tokens_per_sample[tuple(shape)] = math.prod(grid)
         self._initialise_weights_or_resume()
 
     # -- set-up ----------------------------------------------------------------------------------------
@@ -137,7 +130,9 @@ class Trainer:
                 ensure_synthetic_data(self.config.data)
             dist.barrier()
         return build_data_loader(self.config.data, micro_batch_size=self.config.train.micro_batch_size,
-                                  dp_rank=self.dp_rank, dp_size=self.dp_size, seed=self.config.train.seed)
+                                  dp_rank=self.dp_rank, dp_size=self.dp_size, seed=self.config.train.seed,
+                                  global_batch_size=self.config.train.global_batch_size,
+                                  patch_size=self.config.model.patch_size)
 
     def _build_held_out(self):
         cfg = self.config
@@ -153,23 +148,7 @@ class Trainer:
                            group=state.data_parallel_group(), dp_size=self.dp_size)
 
     def _resume_target(self) -> Optional[Path]:
-        """The checkpoint to continue from (checked for damage and for this run's layout), or None."""
-        resume = self.config.checkpoint.resume
-        if resume == "none":
-            return None
-        if resume == "auto":
-            path = resumable_checkpoint(self.run_dir, say=self._say)
-        else:
-            path = verify_resume_path(resume)
-        if path is None:
-            return None
-        saved, now = saved_layout(read_metadata(path)), current_layout()
-        if saved != now:
-            raise ConfigError(
-                f"checkpoint {path} was saved with parallel layout {describe_layout(saved)} but this run has "
-                f"{describe_layout(now)}; resume it with the layout it was saved with, or start a new run.dir "
-                f"that loads its weights only (checkpoint.load={path} checkpoint.resume=none)")
-        return path
+        return resume_target(self.config.checkpoint.resume, self.run_dir, say=self._say)
 
     def _initialise_weights_or_resume(self) -> None:
         path = self.resume_path
@@ -214,13 +193,15 @@ class Trainer:
         lr = lr_at(self.step, self.config.train)
         set_lr(self.optimizer, lr)
         cfg = self.config.train
-        # [loss sum, then (loss sum, count) per timestep bucket], summed over micro-batches and data ranks.
-        sums = torch.zeros(1 + 2 * len(bucket_names()), dtype=torch.float64, device=self.device)
+        # [loss sum, then (loss sum, count) per timestep bucket, bad data samples], summed over micro-batches
+        # and data ranks.
+        sums = torch.zeros(2 + 2 * len(bucket_names()), dtype=torch.float64, device=self.device)
         data_wait = 0.0
         for _ in range(self.accumulation):
             tick = time.perf_counter()
             batch = next(self.loader)
             data_wait += time.perf_counter() - tick
+            sums[-1] += batch["bad_samples"]
             latents = batch["latents"].to(self.device, non_blocking=True)
             text = batch["text_states"].to(self.device, non_blocking=True)
             with self._autocast():
@@ -246,8 +227,12 @@ class Trainer:
         if self.dp_size > 1:
             dist.all_reduce(sums, group=state.data_parallel_group())
         self.step += 1
+        # A global batch is one data bucket: every micro-batch of the step has this shape and size.
+        shape, samples = tuple(batch["latents"].shape[1:]), len(batch["keys"]) * self.accumulation * self.dp_size
         scalars = {"loss": float(sums[0]) / self.dp_size, "lr": lr, "grad_norm": float(grad_norm),
-                   "data_wait_s": data_wait}
+                   "data_wait_s": data_wait, "data_bad_samples": int(sums[-1]), "samples": samples,
+                   "tokens": samples * self.tokens_per_sample[shape],
+                   "flops": samples * self.flops_per_sample[shape]}
         for index, name in enumerate(bucket_names()):
             count = float(sums[2 + 2 * index])
             if count:
@@ -327,9 +312,9 @@ class Trainer:
                 last = self.train_step()
                 elapsed = time.time() - tick
                 done = self.step - first_step
-                rate = cfg.global_batch_size / max(elapsed, 1e-9)
-                tflops = self.flops_per_sample * rate / dist.get_world_size() / 1e12
-                last.update(samples_per_s=rate, tokens_per_s=rate * self.tokens_per_sample, tflops=tflops,
+                rate = last.pop("samples") / max(elapsed, 1e-9)
+                tflops = last.pop("flops") / max(elapsed, 1e-9) / dist.get_world_size() / 1e12
+                last.update(samples_per_s=rate, tokens_per_s=last.pop("tokens") / max(elapsed, 1e-9), tflops=tflops,
                             mfu=tflops / cfg.peak_tflops, step_time_s=elapsed,
                             eta_s=(time.time() - started) / done * (cfg.steps - self.step), **self.memory_scalars())
                 if cfg.eval_interval and self.step % cfg.eval_interval == 0:

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -37,3 +39,31 @@ def test_fp8_benchmark_loss_curves_tiny(tmp_path):
     (row,) = report["rows"]
     assert set(row["curves"]) == {"bf16", "fp8_hybrid+attn"} and all(len(c) == 3 for c in row["curves"].values())
     assert row["relative_to_bf16"]["bf16"] == 0.0
+
+
+def test_grpo_benchmark_tiny(tmp_path):
+    """bench_grpo.py --tiny times the sliding-window, flash and all-SDE iterations with peak memory."""
+    report = _run("bench_grpo.py", out=tmp_path / "grpo.json")
+    modes = {row["mode"]: row for row in report["rows"]}
+    assert set(modes) == {"mixed (sliding window)", "mixed + flash", "all steps SDE"}
+    assert modes["mixed + flash"]["nfe_per_sample"] < modes["mixed (sliding window)"]["nfe_per_sample"]
+    assert modes["all steps SDE"]["sde_steps"] == 4
+    assert all(row["iteration_s"] > 0 and row["peak_mem_gb"] > 0 for row in modes.values())
+
+
+@pytest.mark.slow
+def test_sampling_benchmark_tiny_on_one_and_two_ranks(tmp_path):
+    """bench_sampling.py --tiny: seconds per video, full vs hybrid, on one process; then SSP = 2 and CFG-parallel
+    on two gloo ranks, with speed-ups over the one-process JSON and its VAE time reused."""
+    one = _run("bench_sampling.py", out=tmp_path / "one.json")
+    rows = one["rows"]
+    assert {(r["attention"], r["layout"]) for r in rows} == {("full", "1gpu"), ("hybrid", "1gpu")}
+    assert all(r["video_s"] == pytest.approx(50 * r["step_s"] + r["vae_s"]) and "step_peak_gib" in r for r in rows)
+    assert next(r for r in rows if r["attention"] == "hybrid")["speedup_vs_full"] > 0
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               str(ROOT / "benchmarks" / "bench_sampling.py"), "--tiny", "--attention", "hybrid",
+               "--compare", str(tmp_path / "one.json"), "--out", str(tmp_path / "two.json")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    two = json.loads((tmp_path / "two.json").read_text())["rows"]
+    assert {r["layout"] for r in two} == {"sp2", "cfg2"} and all(r["speedup_vs_1gpu"] > 0 for r in two)

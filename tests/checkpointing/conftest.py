@@ -13,23 +13,12 @@ from safetensors.torch import save_file
 
 from osp_megatron.checkpointing.wan_keys import DIFFUSERS, ORIGINAL, OURS, rename
 
-# A tiny Wan: 2 heads of 12 channels (3D RoPE splits 12 as 4/4/4), 2 blocks, 4 latent channels.
-TINY = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
-            text_dim=16, freq_dim=32, ffn_dim=40, num_layers=2)
-
 
 def random_diffusers_model(seed: int = 0, **overrides):
     """WanTransformer3DModel with every parameter random, norms and zero-initialised ones included."""
-    from diffusers import WanTransformer3DModel
+    from osp_megatron.utils.testing import random_diffusers_wan
 
-    torch.manual_seed(seed)
-    model = WanTransformer3DModel(**{**TINY, **overrides})
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            # Norm weights stay near 1 so activations keep a sensible scale; everything else is O(0.3).
-            base = 1.0 if "norm" in name and name.endswith("weight") else 0.0
-            param.copy_(base + 0.3 * torch.randn_like(param))
-    return model.eval()
+    return random_diffusers_wan(seed, **overrides)
 
 
 def diffusers_output(model, latents, timestep, text):

@@ -8,7 +8,7 @@ from osp_megatron.models.builder import build_model
 from osp_megatron.models.config import ModelConfig
 from osp_megatron.parallel.state import ParallelConfig, init_distributed
 from osp_megatron.training.flow_matching import flow_matching_loss
-from osp_megatron.utils.testing import run_on_ranks
+from osp_megatron.utils.testing import gathered_gradients, run_on_ranks
 
 
 def _loss_and_full_grads(rank, world_size, model_overrides):
@@ -21,15 +21,7 @@ def _loss_and_full_grads(rank, world_size, model_overrides):
     latents, text = torch.randn(2, 16, 3, 8, 8), torch.randn(2, 16, 32)
     loss = flow_matching_loss(model, latents, text, torch.Generator().manual_seed(3))
     loss.backward()
-    grads = {}
-    for name, param in model.named_parameters():
-        grad, dim = param.grad, partition_dim(param)
-        if dim is not None and world_size > 1:
-            pieces = [torch.empty_like(grad) for _ in range(world_size)]
-            torch.distributed.all_gather(pieces, grad.contiguous())
-            grad = torch.cat(pieces, dim=dim)
-        grads[name] = grad
-    return float(loss), grads
+    return float(loss), gathered_gradients(model, world_size)
 
 
 def test_tensor_parallel_two_ranks_equals_one_rank():

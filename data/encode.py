@@ -1,0 +1,233 @@
+"""`osp-data encode`: clip shards -> Wan VAE latents and umT5 text states, the shards `osp-train` reads.
+
+Each rank encodes its share of shards (torchrun), batched per bucket; finished shards are skipped on a rerun.
+"""
+
+import json
+import os
+import time
+import warnings
+
+import torch
+import torch.distributed as dist
+import webdataset
+from tqdm import tqdm
+
+from data.build import CLIPS_FORMAT
+from data.outputs import claim_output
+from data.problems import ProblemLog
+from osp_megatron.config.errors import ConfigError
+from osp_megatron.data.shards import (INDEX_NAME, ShardInfo, atomic_write_bytes, iter_raw_samples, npy_bytes,
+                                      read_index, sample_offsets, write_index)
+from osp_megatron.data.video import VideoError, decode_clip, to_model_input
+
+LATENTS_FORMAT = "osp-latents-v1"
+STATE_DIR = ".encode"  # per-shard records (sample offsets, problems) of finished shards
+REPORT_NAME = "encode_report.json"
+
+
+class Encoders:
+    """The frozen VAE and text encoder of one rank: clips and captions in, latents and text states out."""
+
+    def __init__(self, vae, text, names):
+        self.vae, self.text, self.names = vae, text, names
+
+    @classmethod
+    def load(cls, vae_path, text_encoder_path, text_dim, text_len, device, dtype):
+        """From local model folders; tiny random-weight models (with a warning) for those not given."""
+        from osp_megatron.models.text_encoder import build_text_encoder
+        from osp_megatron.models.vae import build_vae
+
+        if vae_path is None or text_encoder_path is None:
+            missing = [name for name, path in (("--vae", vae_path), ("--text-encoder", text_encoder_path))
+                       if path is None]
+            warnings.warn(f"osp-data encode: no {' / '.join(missing)} given: using tiny random-weight models (for "
+                          "tests only; the latents and text states mean nothing to a real DiT)")
+        vae = build_vae(vae_path, device=device, dtype=dtype)
+        text = build_text_encoder(text_encoder_path, text_dim, text_len, device=device, dtype=dtype)
+        if dtype != torch.float32:  # the tiny models are built in float32
+            vae.autoencoder.to(dtype)
+            text.model.to(dtype)
+        return cls(vae, text, {"vae": vae_path or "tiny-random", "text_encoder": text_encoder_path or "tiny-random"})
+
+    def __call__(self, clips, captions):
+        """uint8 clips [B, F, H, W, 3] and B captions -> (latents [B, C, T, h, w], [(states [l, D]), ...])."""
+        video = torch.stack([to_model_input(frames) for frames in clips])
+        latents = self.vae.encode(video)
+        states, lengths = self.text.encode(captions)
+        return latents.numpy(), [states[i, : int(lengths[i])].numpy() for i in range(len(captions))]
+
+
+def encode_shard(in_path, out_path, expected, encoders, batch_size, latent_dtype, problems):
+    """Encode one clip shard into `out_path` (atomically); returns its record (samples, offsets, problems)."""
+    tmp = os.path.join(os.path.dirname(out_path), f".{os.path.basename(out_path)}.tmp")
+    start = len(problems.records)
+    count, latent_shape = 0, None
+    with open(tmp, "wb") as handle, webdataset.TarWriter(handle) as writer:
+        batch = []
+
+        def flush():
+            nonlocal count, latent_shape
+            if not batch:
+                return
+            latents, texts = encoders([b[1] for b in batch], [b[2] for b in batch])
+            for (key, _, caption, metadata), latent, text in zip(batch, latents, texts):
+                latent_shape = list(latent.shape)
+                metadata = dict(metadata, latent_shape=latent_shape, text_length=int(text.shape[0]))
+                writer.write({"__key__": key, "latent.npy": npy_bytes(latent, latent_dtype),
+                              "text.npy": npy_bytes(text, latent_dtype), "txt": caption.encode("utf-8"),
+                              "json": json.dumps(metadata).encode("utf-8")})
+            count += len(batch)
+            batch.clear()
+
+        try:
+            for raw in iter_raw_samples(in_path):
+                item = f"{os.path.basename(in_path)}/{raw['__key__']}"
+                try:
+                    if "mp4" not in raw:
+                        raise VideoError("has no 'mp4' entry")
+                    frames = decode_clip(raw["mp4"])
+                    if tuple(frames.shape) != expected:
+                        raise VideoError(f"has shape {tuple(frames.shape)}, its shard's bucket is {expected}")
+                    metadata = json.loads(raw.get("json", b"{}"))
+                except (VideoError, ValueError) as exc:
+                    problems.report("bad clip", item, str(exc))
+                    continue
+                caption = raw.get("txt", b"").decode("utf-8", errors="replace")
+                batch.append((raw["__key__"], frames, caption, metadata))
+                if len(batch) == batch_size:
+                    flush()
+        except ConfigError as exc:
+            problems.report("unreadable shard", in_path, f"{exc}; the clips read before the damage are kept")
+        flush()
+    record = {"name": os.path.basename(out_path), "num_samples": count, "latent_shape": latent_shape,
+              "offsets": list(sample_offsets(tmp)) if count else None, "problems": problems.records[start:]}
+    record_path = os.path.join(os.path.dirname(out_path), STATE_DIR, os.path.basename(out_path) + ".json")
+    atomic_write_bytes(record_path, json.dumps(record).encode())
+    if count:
+        os.replace(tmp, out_path)
+    else:  # every clip was bad: no empty shard is written
+        os.remove(tmp)
+    return record
+
+
+def _init_distributed(device):
+    """(rank, world size) from torchrun's environment, joining the process group when there are several."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def _pick_device(name):
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("--device cuda but no CUDA device is available")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def encode_dataset(input_dir, output, vae_path=None, text_encoder_path=None, text_dim=4096, text_len=512,
+                   batch_size=2, latent_dtype="float16", device="auto", precision="auto", progress=True,
+                   encoders=None):
+    """Encode (or resume encoding) every clip shard of `input_dir`; rank 0 writes the index and the report.
+
+    encoders: ready Encoders (benchmarks pass random-weight full-size models); default: loaded from the paths.
+    """
+    index = read_index(input_dir)
+    if index is None or index.get("format") != CLIPS_FORMAT:
+        raise ConfigError(f"--input {input_dir}: holds no `osp-data build` output ({INDEX_NAME} of format "
+                          f"{CLIPS_FORMAT!r})")
+    device = _pick_device(device)
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[precision]
+    rank, world = _init_distributed(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    options = {"format": LATENTS_FORMAT, "input": os.path.abspath(input_dir), "vae": vae_path,
+               "text_encoder": text_encoder_path, "text_dim": text_dim, "text_len": text_len,
+               "latent_dtype": latent_dtype, "precision": precision}
+    state_dir = os.path.join(output, STATE_DIR)
+    if rank == 0:
+        _prepare_output(output, state_dir, options)
+    if world > 1:
+        dist.barrier()
+    if encoders is None:
+        encoders = Encoders.load(vae_path, text_encoder_path, text_dim, text_len, device, dtype)
+    problems = ProblemLog("encode")
+    entries = index["shards"]
+    mine = entries[rank::world]
+    started, clips = time.time(), 0
+    bar = tqdm(total=len(mine), unit="shard", disable=not progress or rank != 0, desc="osp-data encode",
+               dynamic_ncols=True)
+    for entry in mine:
+        out_path = os.path.join(output, entry["name"])
+        record_path = os.path.join(state_dir, entry["name"] + ".json")
+        if not _finished(record_path, out_path):
+            frames = index["frames"]
+            height, width = (int(s) for s in entry["bucket"].split("x"))
+            record = encode_shard(os.path.join(input_dir, entry["name"]), out_path, (frames, height, width, 3),
+                                  encoders, batch_size, latent_dtype, problems)
+            clips += record["num_samples"]
+        bar.update(1)
+        elapsed = max(time.time() - started, 1e-9)
+        bar.set_postfix(clips=clips, clips_per_s=f"{clips * world / elapsed:.2f}", bad=len(problems.records))
+    bar.close()
+    elapsed = time.time() - started
+    totals = torch.tensor([clips, elapsed], dtype=torch.float64)
+    if world > 1:
+        dist.all_reduce(totals, op=dist.ReduceOp.SUM)
+        dist.barrier()
+    report = None
+    if rank == 0:
+        report = _write_index_and_report(input_dir, output, index, options, encoders.names,
+                                         int(totals[0]), float(totals[1]) / world)
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return report
+
+
+def _finished(record_path, out_path):
+    """A shard is done when its record exists and, unless every clip was bad, its renamed output too."""
+    if not os.path.isfile(record_path):
+        return False
+    with open(record_path, encoding="utf-8") as handle:
+        return json.load(handle)["num_samples"] == 0 or os.path.isfile(out_path)
+
+
+def _prepare_output(output, state_dir, options):
+    claim_output(output, os.path.join(state_dir, "options.json"), LATENTS_FORMAT, options)
+    for name in os.listdir(output):  # files of a killed run: never readable, now removed
+        if name.endswith(".tmp"):
+            os.remove(os.path.join(output, name))
+
+
+def _write_index_and_report(input_dir, output, index, options, names, clips, seconds):
+    problems = ProblemLog("encode")
+    infos = []
+    for entry in index["shards"]:
+        with open(os.path.join(output, STATE_DIR, entry["name"] + ".json"), encoding="utf-8") as handle:
+            record = json.load(handle)
+        problems.extend(record["problems"])
+        if record["num_samples"]:
+            infos.append(ShardInfo(os.path.join(output, entry["name"]), record["num_samples"], entry["bucket"],
+                                   tuple(record["latent_shape"]), tuple(record["offsets"])))
+    per_bucket = {}
+    for info in infos:
+        per_bucket[info.bucket] = per_bucket.get(info.bucket, 0) + info.num_samples
+    write_index(output, infos, format=LATENTS_FORMAT, fps=index["fps"], frames=index["frames"],
+                text_dim=options["text_dim"], text_len=options["text_len"], latent_dtype=options["latent_dtype"],
+                vae=names["vae"], text_encoder=names["text_encoder"],
+                samples_per_bucket=dict(sorted(per_bucket.items())))
+    report = {"format": LATENTS_FORMAT, "samples": sum(per_bucket.values()), "shards": len(infos),
+              "samples_per_bucket": dict(sorted(per_bucket.items())), "clips_this_run": clips,
+              "seconds_this_run": round(seconds, 2), "clips_per_s": round(clips / max(seconds, 1e-9), 3),
+              "problems": problems.as_dict()}
+    atomic_write_bytes(os.path.join(output, REPORT_NAME), json.dumps(report, indent=1).encode())
+    print(f"osp-data encode: {report['samples']} samples in {len(infos)} shards under {output} ({clips} clips this "
+          f"run, {report['clips_per_s']} clips/s); {problems.summary()}")
+    return report

@@ -1,0 +1,88 @@
+"""The reward interface: videos uint8 [B, T, H, W, 3] plus their prompts -> scores [B] (higher is better).
+
+Rewards are built by name from the `grpo.rewards` list; every other key of an entry goes to the reward.
+"""
+
+import inspect
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import torch
+
+from osp_megatron.config.errors import ConfigError
+
+
+class Reward(Protocol):
+    def __call__(self, videos: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """videos: uint8 [B, T, H, W, 3]; prompts: B strings -> float32 scores [B]."""
+
+
+_REGISTRY: dict[str, Callable[..., Reward]] = {}
+
+
+def register_reward(name: str):
+    """Class or factory decorator: `grpo.rewards: [{name: <name>, ...}]` builds it with the other keys."""
+    def decorate(factory):
+        _REGISTRY[name] = factory
+        return factory
+    return decorate
+
+
+def reward_names() -> list[str]:
+    from osp_megatron.rl import rewards  # noqa: F401  (the built-ins register on import)
+
+    return sorted(_REGISTRY)
+
+
+@dataclass
+class WeightedReward:
+    name: str
+    weight: float
+    function: Reward
+
+
+def build_rewards(entries: list[dict], device="cpu") -> list[WeightedReward]:
+    """One WeightedReward per `grpo.rewards` entry; unknown names and options raise ConfigError naming them."""
+    names = reward_names()
+    built = []
+    for i, entry in enumerate(entries):
+        where = f"grpo.rewards[{i}]"
+        options = dict(entry)
+        name = options.pop("name", None)
+        if name not in _REGISTRY:
+            raise ConfigError(f"{where}.name={name!r} is not a known reward; choose one of {', '.join(names)}")
+        weight = options.pop("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+            raise ConfigError(f"{where}.weight must be a number, got {weight!r}")
+        factory = _REGISTRY[name]
+        accepted = inspect.signature(factory).parameters
+        for key in options:
+            if key not in accepted or key == "device":
+                allowed = ", ".join(k for k in accepted if k != "device") or "none"
+                raise ConfigError(f"unknown config key '{where}.{key}' for reward {name!r}; allowed: {allowed}")
+        if "device" in accepted:
+            options["device"] = device
+        try:
+            function = factory(**options)
+        except ConfigError as err:
+            raise ConfigError(f"{where}: {err}") from None
+        built.append(WeightedReward(name, float(weight), function))
+    if len({r.name for r in built}) != len(built):
+        raise ConfigError("grpo.rewards lists a reward name twice; give each reward once with its weight")
+    return built
+
+
+def score_videos(rewards: list[WeightedReward], videos: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    """Scores [B, number of rewards] (float32) of uint8 videos [B, T, H, W, 3]."""
+    columns = []
+    for reward in rewards:
+        scores = torch.as_tensor(reward.function(videos, prompts), dtype=torch.float32).reshape(-1)
+        if scores.shape[0] != videos.shape[0]:
+            raise ValueError(f"reward {reward.name!r} returned {scores.shape[0]} scores for {videos.shape[0]} videos")
+        columns.append(scores.cpu())
+    return torch.stack(columns, dim=1)
+
+
+def to_uint8_frames(videos: torch.Tensor) -> torch.Tensor:
+    """VAE output [B, 3, F, H, W] in [-1, 1] -> uint8 [B, F, H, W, 3], the reward interface's layout."""
+    return ((videos.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1).contiguous()
