@@ -1,10 +1,12 @@
 """Peak GPU memory of real training steps against the memory model, and step time per checkpointing mode.
 
-Runs osp-train's Trainer for a few steps per case (wan-1.3b 480P hybrid by default: checkpointing none /
-selective / full, bf16 and fp8_hybrid, FSDP on and off where it exists) and compares
-torch.cuda.max_memory_allocated of the steady steps with osp_megatron.training.memory's estimate.
-Examples: python benchmarks/bench_memory.py --out memory.json             (one H200, about 3 minutes)
-          torchrun --nproc_per_node 2 benchmarks/bench_memory.py --ssp 2 --out memory2.json
+Runs osp-train's Trainer for a few steps per case (wan-1.3b 480P hybrid: checkpointing none / selective /
+full, bf16 and fp8_hybrid, FSDP off, on or both) and compares torch.cuda.max_memory_allocated of the steady
+steps with osp_megatron.training.memory's estimate.
+Examples: python benchmarks/bench_memory.py --out memory.json                       (one H200, ~3 minutes)
+          python benchmarks/bench_memory.py --fsdp on --recipes none --out memory_fsdp.json
+          torchrun --nproc_per_node 2 benchmarks/bench_memory.py --ssp 2 --fsdp both --recipes none \
+              --out memory2.json
 `--tiny` runs the same cases on the CPU with the tiny model (times and estimates; no memory counter there).
 """
 
@@ -113,8 +115,8 @@ def main(argv=None) -> list:
     parser.add_argument("--steps", type=int, default=3, help="steps per case; the first is not measured (default 3)")
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES, help="checkpointing modes")
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES), help="quant.recipe values (none = bf16)")
-    parser.add_argument("--fsdp", choices=("off", "on", "both"), default="both",
-                        help="FSDP cases (on/both need parallel.fsdp in this checkout; default both where it exists)")
+    parser.add_argument("--fsdp", choices=("off", "on", "both"), default="off",
+                        help="FSDP cases: off (default), on, or both (on and both need parallel.fsdp in this checkout)")
     parser.add_argument("--ssp", type=int, default=1, help="parallel.ssp (the rest of the world is data parallel)")
     parser.add_argument("--tiny", action="store_true", help="the tiny model on the CPU (for tests)")
     parser.add_argument("--out", default=None, help="write the rows as JSON to this file (rank 0)")

@@ -29,6 +29,7 @@ import sys
 from dataclasses import asdict, dataclass
 
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
 
 # Token grids per measurement: T in {1, 2, 3} frames of a small H x W (6 x 8 when the target grid needs
 # Skiparse padding, 8 x 8 otherwise, so that packed or plain sparse layouts run as they will at scale).
@@ -79,6 +80,11 @@ def _storage_key(tensor: torch.Tensor) -> int:
     return tensor.untyped_storage()._cdata
 
 
+def _weak_storage(tensor: torch.Tensor) -> StorageWeakRef:
+    """A weak reference to the memory of `tensor`: expired() once every tensor viewing it is gone."""
+    return StorageWeakRef(tensor.untyped_storage())
+
+
 def _tensors_in(value):
     """Every tensor inside nested tuples, lists, dicts and dataclasses (a block's non-hidden arguments)."""
     if isinstance(value, torch.Tensor):
@@ -118,9 +124,6 @@ class SavedTensorCensus:
     """Storages autograd saves, by region ("block" or "outside"), with weak references to see them freed."""
 
     def __init__(self, model: torch.nn.Module, block: torch.nn.Module):
-        from torch.multiprocessing.reductions import StorageWeakRef
-
-        self._weak = StorageWeakRef
         self.parameter_storages = {_storage_key(p) for p in model.parameters()}
         self.block_parameters = {id(p) for p in block.parameters()}
         self.entries = {}  # storage key -> [nbytes, weak ref, region, from parameters only]
@@ -131,8 +134,8 @@ class SavedTensorCensus:
 
     def _enter(self, module, args, kwargs):
         self.in_block = True
-        self.block_inputs[_storage_key(args[0])] = self._weak(args[0].untyped_storage())
-        self.shared.update((_storage_key(t), self._weak(t.untyped_storage())) for t in _tensors_in((args[1:], kwargs)))
+        self.block_inputs[_storage_key(args[0])] = _weak_storage(args[0])
+        self.shared.update((_storage_key(t), _weak_storage(t)) for t in _tensors_in((args[1:], kwargs)))
 
     def _leave(self, module, args, kwargs, output):
         self.in_block = False
@@ -143,9 +146,8 @@ class SavedTensorCensus:
         known = self.entries.get(key)
         # A storage freed during the forward (its graph branch dropped) may leave its address to a new one.
         if key not in self.parameter_storages and (known is None or known[1].expired()):
-            storage = tensor.untyped_storage()
             region = "block" if self.in_block else "outside"
-            self.entries[key] = [storage.nbytes(), self._weak(storage), region,
+            self.entries[key] = [tensor.untyped_storage().nbytes(), _weak_storage(tensor), region,
                                  self.in_block and _from_parameters_only(tensor, self.block_parameters)]
         return tensor
 
@@ -220,23 +222,30 @@ class BackwardCensus:
 
     def __init__(self, census: SavedTensorCensus, loss: torch.Tensor, in_block: set):
         self.census, self.in_block = census, in_block
-        self.gradients = {}  # storage key -> [nbytes, weak ref]
-        self.parameter_gradients = set()
-        self.samples = []  # (in block, saved bytes alive, gradient keys alive, workspace bytes)
+        # One entry per gradient storage [nbytes, weak ref]; `current` maps an address to the entry of the storage
+        # there now (an address freed by one gradient is often reused by the next).
+        self.gradients, self.current = [], {}
+        self.parameter_gradients = set()  # entries that became parameter gradients
+        self.samples = []  # (in block, saved bytes alive, gradient entries alive, workspace bytes)
         for node in _graph_nodes(loss.grad_fn):
             node.register_prehook(lambda grads, node=node: self._sample(node, grads, before=True))
             node.register_hook(lambda inputs, grads, node=node: self._sample(node, inputs, before=False))
 
+    def _entry(self, tensor: torch.Tensor) -> int:
+        key = _storage_key(tensor)
+        index = self.current.get(key)
+        if index is None or self.gradients[index][1].expired():
+            index = self.current[key] = len(self.gradients)
+            self.gradients.append([tensor.untyped_storage().nbytes(), _weak_storage(tensor)])
+        return index
+
     def _sample(self, node, tensors, before: bool):
         for tensor in tensors:
             if isinstance(tensor, torch.Tensor):
-                key = _storage_key(tensor)
-                if key not in self.gradients:
-                    storage = tensor.untyped_storage()
-                    self.gradients[key] = [storage.nbytes(), self.census._weak(storage)]
+                index = self._entry(tensor)
                 if hasattr(node, "variable"):
-                    self.parameter_gradients.add(key)
-        alive = frozenset(key for key, (_, ref) in self.gradients.items() if not ref.expired())
+                    self.parameter_gradients.add(index)
+        alive = frozenset(index for index in self.current.values() if not self.gradients[index][1].expired())
         # Inside a fused attention backward the kernel holds a float32 dQ accumulator the size of q.
         workspace = 4 * _attention_query_numel(node) if before else 0
         self.samples.append((node in self.in_block, self.census.alive(), alive, workspace))
@@ -246,8 +255,8 @@ class BackwardCensus:
         samples only), "outside" over the level when the backward starts (the samples outside the block)."""
         def live(sample):
             _, saved, alive, workspace = sample
-            return saved + workspace + sum(self.gradients[key][0] for key in alive
-                                           if key not in self.parameter_gradients)
+            return saved + workspace + sum(self.gradients[index][0] for index in alive
+                                           if index not in self.parameter_gradients)
 
         levels = [(sample[0], live(sample)) for sample in self.samples]
         first_block = next(level for in_block, level in levels if in_block)
