@@ -11,7 +11,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["osp_megatron*", "checkpoints_tools*", "data*", "launch*"]),
-    package_data={"osp_megatron": ["configs/*.yaml"]},
+    package_data={"osp_megatron": ["configs/*.yaml", "training/activation_profiles.json"]},
     install_requires=[
         "torch>=2.4,<2.15",
         "megatron-core>=0.16.1,<0.20",

@@ -4,7 +4,7 @@ Also decides the per-block attention layout of the hybrid full/Skiparse model (O
 """
 
 from dataclasses import dataclass, field, fields
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 from osp_megatron.config.errors import ConfigError
 
@@ -33,6 +33,9 @@ PRESETS: dict[str, dict] = {
 }
 
 BLOCK_KINDS = ("full", "token", "group")
+# model.activation_checkpointing: "full" recomputes whole blocks in the backward, "selective" keeps the attention
+# core's saved tensors (its inputs, output and softmax statistics) and recomputes the rest of each block.
+CHECKPOINTING_MODES = ("none", "full", "selective")
 
 
 @dataclass
@@ -60,7 +63,8 @@ class ModelConfig:
     full_blocks: int = 4
     block_layout: Optional[list[str]] = None
     attention_backend: str = "auto"
-    activation_checkpointing: bool = False
+    # none | full | selective (true and false mean full and none); see CHECKPOINTING_MODES and docs/memory.md
+    activation_checkpointing: Union[Literal["none", "full", "selective"], bool] = "none"
     params_dtype: Literal["float32", "bfloat16"] = "float32"
     # Local directories of the frozen encoders; null builds tiny random-weight ones (tests, CPU demo).
     vae_path: Optional[str] = None
@@ -68,6 +72,10 @@ class ModelConfig:
     # The built-in VAE when vae_path is null: "tiny-random" (random weights, for tests) or "tiny-fitted" (fitted to
     # the synthetic caption videos on first use and cached; the synthetic set then holds pixel videos' latents).
     vae: Literal["tiny-random", "tiny-fitted"] = "tiny-random"
+
+    def __post_init__(self):
+        if isinstance(self.activation_checkpointing, bool):
+            self.activation_checkpointing = "full" if self.activation_checkpointing else "none"
 
     @classmethod
     def resolve_defaults(cls, data: dict, prefix: str) -> dict:
@@ -100,6 +108,8 @@ class ModelConfig:
              "set one of them")
         need(len(self.patch_size) == 3 and all(p >= 1 for p in self.patch_size), "patch_size",
              f"must be three positive integers (t, h, w), got {self.patch_size}")
+        need(self.activation_checkpointing in CHECKPOINTING_MODES, "activation_checkpointing",
+             f"got {self.activation_checkpointing!r}; allowed: {', '.join(CHECKPOINTING_MODES)} (or true / false)")
         need(self.full_blocks >= 0, "full_blocks", f"must be >= 0, got {self.full_blocks}")
         if self.block_layout is not None:
             need(len(self.block_layout) == self.num_layers, "block_layout",

@@ -8,7 +8,6 @@ from typing import Callable, Dict, Optional
 import torch
 
 from osp_megatron.config.errors import ConfigError
-from osp_megatron.quantization.kernels import fused_on_cuda
 
 SCALED_MM_ALIGNMENT = 16  # torch._scaled_mm needs every GEMM dimension to be a multiple of 16
 SCALED_MM_FORMATS = ("e4m3", "hybrid")  # E5M2 x E5M2 GEMMs are not supported by the hardware
@@ -22,63 +21,6 @@ def scaled_mm_applies(recipe_format: str, x2d: torch.Tensor, weight: torch.Tenso
         return False
     tokens, in_features = x2d.shape
     return all(dim % SCALED_MM_ALIGNMENT == 0 for dim in (tokens, in_features, weight.shape[0]))
-
-
-@fused_on_cuda
-def _scale_and_cast(tensor: torch.Tensor, scale: torch.Tensor, max_value: float, fp8_dtype: torch.dtype):
-    return (tensor.to(torch.float32) * scale).clamp(-max_value, max_value).to(fp8_dtype)
-
-
-def _cast_fp8(tensor: torch.Tensor, scale: torch.Tensor, fmt) -> torch.Tensor:
-    return _scale_and_cast(tensor, scale, fmt.max_value, fmt.torch_dtype)
-
-
-def _column_major(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.t().contiguous().t()
-
-
-class ScaledMMLinearFunction(torch.autograd.Function):
-    """``x @ W.T`` with x, W in E4M3 and the output gradient in the recipe's backward format.
-
-    All three GEMMs (forward, data gradient, weight gradient) run in FP8 with per-tensor scales
-    and float32 accumulation; the FP8 copies of x and W are what is saved for backward.
-    """
-
-    @staticmethod
-    def forward(ctx, x2d, weight, scalers: Dict[str, object], group):
-        input_scaler, weight_scaler = scalers["input"], scalers["weight"]
-        input_scale = input_scaler.compute_scale(x2d, group)
-        weight_scale = weight_scaler.compute_scale(weight, group)
-        x_fp8 = _cast_fp8(x2d, input_scale, input_scaler.format)
-        w_fp8 = _cast_fp8(weight, weight_scale, weight_scaler.format)
-        input_inverse, weight_inverse = input_scale.reciprocal(), weight_scale.reciprocal()
-        out = torch._scaled_mm(
-            x_fp8, w_fp8.t(), scale_a=input_inverse, scale_b=weight_inverse, out_dtype=x2d.dtype
-        )
-        ctx.save_for_backward(x_fp8, w_fp8, input_inverse, weight_inverse)
-        ctx.grad_scaler, ctx.group = scalers["grad_output"], group
-        ctx.input_dtype, ctx.weight_dtype = x2d.dtype, weight.dtype
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        x_fp8, w_fp8, input_inverse, weight_inverse = ctx.saved_tensors
-        grad_out = grad_out.contiguous()
-        grad_scale = ctx.grad_scaler.compute_scale(grad_out, ctx.group)
-        g_fp8 = _cast_fp8(grad_out, grad_scale, ctx.grad_scaler.format)
-        grad_inverse = grad_scale.reciprocal()
-        grad_input = grad_weight = None
-        if ctx.needs_input_grad[0]:
-            grad_input = torch._scaled_mm(
-                g_fp8, _column_major(w_fp8), scale_a=grad_inverse, scale_b=weight_inverse,
-                out_dtype=ctx.input_dtype,
-            )
-        if ctx.needs_input_grad[1]:
-            grad_weight = torch._scaled_mm(
-                g_fp8.t().contiguous(), _column_major(x_fp8), scale_a=grad_inverse,
-                scale_b=input_inverse, out_dtype=ctx.weight_dtype,
-            )
-        return grad_input, grad_weight, None, None
 
 
 def load_transformer_engine():

@@ -32,6 +32,11 @@ class Format:
     forward_target: float
     backward_target: float
 
+    @property
+    def code_dtype(self) -> torch.dtype:
+        """dtype of the codes ``encode`` returns: the format's own where torch has it, else one holding it exactly."""
+        return torch.bfloat16
+
     def qdq(
         self,
         x_scaled: torch.Tensor,
@@ -57,6 +62,32 @@ class Format:
         rounded = self.qdq(work * scale, stochastic=stochastic, generator=generator)
         return (rounded * scale.reciprocal()).to(tensor.dtype)
 
+    def encode(self, tensor: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """The format's values nearest to ``tensor * scale`` (saturating), stored in ``code_dtype``.
+
+        ``decode(encode(t, s), 1 / s, t.dtype)`` equals ``scaled_qdq(t, s)``: a quantized GEMM keeps the codes
+        for its backward, not the dequantized copy. This generic form suits formats whose ``code_dtype``
+        holds their values; FP8 and HiF8 override it.
+        """
+        work = tensor.to(torch.promote_types(tensor.dtype, torch.float32))
+        return self.qdq(work * scale).to(self.code_dtype)
+
+    @staticmethod
+    def decode(codes: torch.Tensor, inverse_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``codes * inverse_scale`` in ``dtype`` (float32 arithmetic or wider, as in ``scaled_qdq``)."""
+        return _decode(codes, inverse_scale, dtype)
+
+
+@fused_on_cuda
+def _decode(codes, inverse_scale, dtype: torch.dtype):
+    return (codes.to(torch.promote_types(dtype, torch.float32)) * inverse_scale).to(dtype)
+
+
+@fused_on_cuda
+def _fp8_encode(tensor, scale, max_value: float, fp8_dtype: torch.dtype):
+    work = tensor.to(torch.promote_types(tensor.dtype, torch.float32))
+    return (work * scale).clamp(-max_value, max_value).to(fp8_dtype)
+
 
 @fused_on_cuda
 def _fp8_scaled_qdq(tensor, scale, inverse_scale, max_value: float, fp8_dtype: torch.dtype):
@@ -78,6 +109,10 @@ class FP8Format(Format):
 
     torch_dtype: torch.dtype = torch.float8_e4m3fn
 
+    @property
+    def code_dtype(self) -> torch.dtype:
+        return self.torch_dtype
+
     def qdq(self, x_scaled, stochastic=False, generator=None):
         if stochastic:
             raise NotImplementedError(f"stochastic rounding is only implemented for HiF8, not {self.name}")
@@ -91,10 +126,20 @@ class FP8Format(Format):
             raise NotImplementedError(f"stochastic rounding is only implemented for HiF8, not {self.name}")
         return _fp8_scaled_qdq(tensor, scale, scale.reciprocal(), self.max_value, self.torch_dtype)
 
+    def encode(self, tensor, scale):
+        return _fp8_encode(tensor, scale, self.max_value, self.torch_dtype)
+
 
 @dataclass(frozen=True)
 class HiF8Format(Format):
-    """HiFloat8; nearest rounding with ties away from zero, optionally hybrid stochastic rounding."""
+    """HiFloat8; nearest rounding with ties away from zero, optionally hybrid stochastic rounding.
+
+    Codes are HiF8 bytes (uint8, hif8_encode / hif8_decode).
+    """
+
+    @property
+    def code_dtype(self) -> torch.dtype:
+        return torch.uint8
 
     def qdq(self, x_scaled, stochastic=False, generator=None):
         if stochastic:
@@ -113,6 +158,16 @@ class HiF8Format(Format):
             random_dtype = torch.float64 if tensor.dtype == torch.float64 else torch.float32
             random = torch.rand(tensor.shape, generator=generator, device=tensor.device, dtype=random_dtype)
         return _hif8_scaled_qdq(tensor, scale, scale.reciprocal(), random)
+
+    def encode(self, tensor, scale):
+        scaled = tensor.to(torch.promote_types(tensor.dtype, torch.float32)) * scale
+        if tensor.device.type == "npu":  # the native cast rounds; encoding its HiF8 values is exact
+            scaled = self.qdq(scaled)
+        return hif8.hif8_encode(scaled, saturate=True)
+
+    @staticmethod
+    def decode(codes, inverse_scale, dtype):
+        return _decode(hif8.hif8_decode(codes), inverse_scale, dtype)
 
 
 E4M3 = FP8Format("e4m3", 448.0, 448.0, 448.0, torch.float8_e4m3fn)

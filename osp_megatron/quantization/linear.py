@@ -14,7 +14,6 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from osp_megatron.config.errors import ConfigError
 from osp_megatron.quantization.attention import (
@@ -24,12 +23,12 @@ from osp_megatron.quantization.attention import (
     quantized_attention_modules,
 )
 from osp_megatron.quantization.backends import (
-    ScaledMMLinearFunction,
     TransformerEngineGemm,
     load_transformer_engine,
     scaled_mm_applies,
 )
 from osp_megatron.quantization.config import QuantConfig
+from osp_megatron.quantization.gemm import QuantizedLinearFunction, linear_output_dtype
 from osp_megatron.quantization.recipes import ROLES, Recipe, TensorScaler
 
 _STATE_ATTRIBUTE = "_quantization_state"
@@ -111,31 +110,6 @@ class LinearQuantizationState:
             scaler.load_state_dict(state[role])
 
 
-class _QuantizeOperand(torch.autograd.Function):
-    """Forward: quantize-dequantize; backward: identity (straight-through estimator)."""
-
-    @staticmethod
-    def forward(ctx, tensor, scaler: TensorScaler, group):
-        return scaler.quantize_dequantize(tensor, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None, None
-
-
-class _QuantizeGradient(torch.autograd.Function):
-    """Forward: identity; backward: quantize-dequantize the incoming gradient."""
-
-    @staticmethod
-    def forward(ctx, tensor, scaler: TensorScaler, group):
-        ctx.scaler, ctx.group = scaler, group
-        return tensor.view_as(tensor)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return ctx.scaler.quantize_dequantize(grad, ctx.group), None, None
-
-
 def quantized_matmul(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -145,28 +119,33 @@ def quantized_matmul(
 ) -> torch.Tensor:
     """``x @ weight.T`` (no bias) quantized by ``recipe`` with the scalers of ``state``.
 
-    Emulated path: out = qdq(x) @ qdq(W).T; backward uses qdq(grad_out) against qdq(W) and qdq(x),
-    and passes those gradients straight through the quantizers to x and W.
+    out = qdq(x) @ qdq(W).T in the dtype the unquantized GEMM would give (autocast's under autocast); the
+    backward uses qdq(grad_out) against qdq(W) and qdq(x) and passes those gradients straight through the
+    quantizers to x and W. Only the 8-bit codes of x and W are kept for the backward (QuantizedLinearFunction).
     """
     if recipe.backend == "transformer_engine":
         if state.te_gemm is None:
             state.te_gemm = TransformerEngineGemm(weight, recipe)
         return state.te_gemm(x, weight, group)
-    if recipe.backend in ("auto", "scaled_mm"):
-        x2d = x.reshape(-1, x.shape[-1]).contiguous()
-        if scaled_mm_applies(recipe.format, x2d, weight):
-            out = ScaledMMLinearFunction.apply(x2d, weight, state.scalers, group)
-            return out.reshape(*x.shape[:-1], weight.shape[0])
-        if recipe.backend == "scaled_mm" and not state.warned_fallback:
-            state.warned_fallback = True
-            warnings.warn(
-                "quant.backend 'scaled_mm' needs an E4M3 recipe, CUDA capability >= 9.0 and GEMM "
-                f"dimensions divisible by 16 (got {tuple(x2d.shape)} x {tuple(weight.shape)}); "
-                "emulating this layer instead"
-            )
-    x_q = _QuantizeOperand.apply(x, state.scalers["input"], group)
-    w_q = _QuantizeOperand.apply(weight, state.scalers["weight"], group)
-    return _QuantizeGradient.apply(F.linear(x_q, w_q), state.scalers["grad_output"], group)
+    x2d = x.reshape(-1, x.shape[-1])
+    on_scaled_mm = recipe.backend in ("auto", "scaled_mm") and scaled_mm_applies(recipe.format, x2d, weight)
+    if recipe.backend == "scaled_mm" and not on_scaled_mm and not state.warned_fallback:
+        state.warned_fallback = True
+        warnings.warn(
+            "quant.backend 'scaled_mm' needs an E4M3 recipe, CUDA capability >= 9.0 and GEMM "
+            f"dimensions divisible by 16 (got {tuple(x2d.shape)} x {tuple(weight.shape)}); "
+            "emulating this layer instead"
+        )
+    if on_scaled_mm:
+        x2d = x2d.contiguous()
+    out = QuantizedLinearFunction.apply(x2d, weight, state.scalers, group, linear_output_dtype(x, weight),
+                                        on_scaled_mm)
+    return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def _add_bias(out: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """out + bias in out's dtype (a float32 bias would promote a bf16 output to float32)."""
+    return out if bias is None else out + bias.to(out.dtype)
 
 
 def _original(module: torch.nn.Module, state: LinearQuantizationState):
@@ -181,8 +160,7 @@ def _quantized_torch_linear_forward(self, input: torch.Tensor) -> torch.Tensor:
     active = state.active()
     if active is None:
         return _original(self, state)(input)
-    out = quantized_matmul(input, self.weight, state, *active)
-    return out + self.bias if self.bias is not None else out
+    return _add_bias(quantized_matmul(input, self.weight, state, *active), self.bias)
 
 
 def _quantized_megatron_forward_impl(
@@ -226,8 +204,7 @@ def _quantized_megatron_forward_impl(
         input = mappings.gather_from_sequence_parallel_region(input, tensor_parallel_output_grad=True, group=group)
     elif allreduce_dgrad:
         input = mappings.copy_to_tensor_model_parallel_region(input, group=group)
-    out = quantized_matmul(input, weight, state, *active)
-    return out + bias if bias is not None else out
+    return _add_bias(quantized_matmul(input, weight, state, *active), bias)
 
 
 def _megatron_linear_types() -> tuple:

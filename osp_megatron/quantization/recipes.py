@@ -6,7 +6,7 @@ history and scale of one operand role of one linear layer and can be checkpointe
 
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar, Dict, Optional
+from typing import Any, ClassVar, Dict, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -211,6 +211,13 @@ class TensorScaler:
         """``qdq(tensor * scale) / scale`` in ``tensor``'s dtype, with the scale from ``compute_scale``."""
         scale = self.compute_scale(tensor, group)
         return self.format.scaled_qdq(tensor, scale, stochastic=self.stochastic, generator=generator)
+
+    def encode(
+        self, tensor: torch.Tensor, group: Optional[dist.ProcessGroup] = None
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(codes of ``tensor`` in the format, 1 / scale) with the scale from ``compute_scale``."""
+        scale = self.compute_scale(tensor, group)
+        return self.format.encode(tensor, scale), scale.reciprocal()
 
     def state_dict(self) -> Dict[str, Any]:
         return {

@@ -86,13 +86,32 @@ def job_main(argv, parser: argparse.ArgumentParser, load_config, default_config,
 
         print(yaml.safe_dump(to_dict(config), sort_keys=False))
         return 0
+    if getattr(args, "estimate_memory", False):
+        return estimate_memory(config, job)
     return run(config, job, build_trainer, summary)
 
 
 def main(argv=None) -> int:
     from osp_megatron.config.job import load_job_config
 
-    return job_main(argv, build_parser(), load_job_config, default_config_path())
+    parser = build_parser()
+    parser.add_argument("--estimate-memory", action="store_true",
+                        help="print the memory each GPU needs for this config (bytes per parameter, activations "
+                        "per block, peak) and exit; needs no GPU and starts no process group (docs/memory.md)")
+    return job_main(argv, parser, load_job_config, default_config_path())
+
+
+def estimate_memory(config, job: str = "osp-train") -> int:
+    from osp_megatron.training.memory import estimate_config
+    from osp_megatron.utils.logging import quiet_third_party_warnings
+
+    quiet_third_party_warnings()
+    try:
+        print(estimate_config(config))
+    except ConfigError as err:
+        print(f"{job}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def run(config, job: str = "osp-train", build_trainer=None, summary=None) -> int:

@@ -10,6 +10,7 @@ from typing import Optional, Union
 import torch
 import torch.nn.functional as F
 from torch.nn.modules import module as module_hooks
+from torch.utils.checkpoint import checkpoint
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, set_tensor_model_parallel_attributes
 from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
 from megatron.core.transformer.module import MegatronModule
@@ -287,15 +288,21 @@ class WanAttention(MegatronModule):
         x = self._heads(norm(x))
         return x if rope is None else apply_rope(x, *rope)
 
-    def forward(self, hidden, context: AttentionContext, rope=None, text_states=None):
-        """(output without its bias, output bias): the caller folds the bias into its residual update."""
+    def attention_inputs(self, hidden, rope=None, text_states=None) -> tuple:
+        """(q, k, v) [B, N, heads, head_dim] for the attention core: projected, q and k normed and rotated."""
         if self.is_cross:  # a few hundred text tokens: concatenating the weights would cost more than it saves
             q, k, v = self.linear_q(hidden)[0], self.linear_k(text_states)[0], self.linear_v(text_states)[0]
         else:
             q, k, v = self._project(hidden, self.linear_q, self.linear_k, self.linear_v)
-        q, k = self._normed_heads(self.q_norm, q, rope), self._normed_heads(self.k_norm, k, rope)
-        out = self.core_attention(q, k, self._heads(v), context)
-        return self.linear_proj(out.flatten(-2))
+        return self._normed_heads(self.q_norm, q, rope), self._normed_heads(self.k_norm, k, rope), self._heads(v)
+
+    def output(self, attended: torch.Tensor) -> tuple:
+        """The output projection of the core's result [B, N, heads, head_dim]: (output, its bias)."""
+        return self.linear_proj(attended.flatten(-2))
+
+    def forward(self, hidden, context: AttentionContext, rope=None, text_states=None):
+        """(output without its bias, output bias): the caller folds the bias into its residual update."""
+        return self.output(self.core_attention(*self.attention_inputs(hidden, rope, text_states), context))
 
 
 @dataclass
@@ -359,10 +366,18 @@ class WanDiTLayer(MegatronModule):
         hidden = fused.gated_residual(hidden, update, gate, bias)
         return hidden, norm(hidden)
 
-    def forward(self, hidden, text_states, modulation, rope, context: AttentionContext):
-        shift, scale, gate, ffn_shift, ffn_scale, ffn_gate = (self.modulation + modulation.float()).chunk(6, dim=1)
-        attended, bias = self.self_attention(fused.modulated_layer_norm(hidden, shift, scale, self.eps), context,
-                                             rope=rope)
+    def _modulations(self, modulation) -> tuple:
+        """(shift, scale, gate) of the attention, then of the FFN: the block's table plus the timestep's."""
+        return (self.modulation + modulation.float()).chunk(6, dim=1)
+
+    def _self_attention_inputs(self, hidden, modulation, rope) -> tuple:
+        shift, scale = self._modulations(modulation)[:2]
+        return self.self_attention.attention_inputs(fused.modulated_layer_norm(hidden, shift, scale, self.eps),
+                                                    rope=rope)
+
+    def _after_self_attention(self, hidden, attended, bias, text_states, modulation, context):
+        """The rest of the block from the self-attention's output projection (and its bias) on."""
+        gate, ffn_shift, ffn_scale, ffn_gate = self._modulations(modulation)[2:]
         hidden, normed = self._gated_residual_and_norm2(hidden, attended, gate, bias)
         crossed, bias = self.cross_attention(normed, AttentionContext(backend=context.backend),
                                              text_states=text_states)
@@ -370,3 +385,28 @@ class WanDiTLayer(MegatronModule):
         hidden, normed = fused.residual_modulated_norm(hidden, crossed, bias, ffn_shift, ffn_scale, self.eps)
         ffn_out, ffn_bias = self.mlp(normed)
         return fused.gated_residual(hidden, ffn_out, ffn_gate, ffn_bias)
+
+    def _after_attention_core(self, hidden, core_output, text_states, modulation, context):
+        return self._after_self_attention(hidden, *self.self_attention.output(core_output), text_states, modulation,
+                                          context)
+
+    def forward(self, hidden, text_states, modulation, rope, context: AttentionContext,
+                selective_recompute: bool = False):
+        """The block; `selective_recompute` keeps only the attention core's saved tensors for the backward.
+
+        Selective recomputation runs the work before the self-attention core (modulated norm, q/k/v GEMM, q/k
+        norms, RoPE) and after it (output projection, cross-attention, FFN) under torch.utils.checkpoint, so the
+        backward recomputes them from the block input and the core's output, while the core itself (whose
+        saved q, k, v, output and softmax statistics are a few bytes per channel but whose recomputation is
+        the block's most expensive kernel, and under Ulysses includes all-to-alls) runs once.
+        """
+        if not selective_recompute:
+            shift, scale = self._modulations(modulation)[:2]
+            attended, bias = self.self_attention(fused.modulated_layer_norm(hidden, shift, scale, self.eps), context,
+                                                 rope=rope)
+            return self._after_self_attention(hidden, attended, bias, text_states, modulation, context)
+        q, k, v = checkpoint(self._self_attention_inputs, hidden, modulation, rope, use_reentrant=False)
+        # v is a view of the fused q/k/v GEMM output; the core would keep that whole buffer alive through it.
+        core_output = self.self_attention.core_attention(q, k, v.contiguous(), context)
+        return checkpoint(self._after_attention_core, hidden, core_output, text_states, modulation, context,
+                          use_reentrant=False)

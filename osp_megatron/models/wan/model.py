@@ -145,16 +145,18 @@ class WanDiT(MegatronModule):
         hidden = self.embed_patches(latents, grid)
         time, modulation, text = self.embed_conditions(timestep, text_states)
 
+        # model.activation_checkpointing; nothing is kept for a backward when no gradient is recorded.
+        recompute = self.model_config.activation_checkpointing if torch.is_grad_enabled() else "none"
         kind = self.block_kinds[0]
         hidden = layout.enter(hidden, kind)
         for block, block_kind in zip(self.blocks, self.block_kinds):
             hidden = layout.switch(hidden, kind, block_kind)
             kind = block_kind
             args = (hidden, text, modulation, layout.rope(kind), layout.attention_context(kind))
-            if self.model_config.activation_checkpointing and torch.is_grad_enabled():
+            if recompute == "full":
                 hidden = checkpoint(block, *args, use_reentrant=False)
             else:
-                hidden = block(*args)
+                hidden = block(*args, selective_recompute=recompute == "selective")
         hidden = layout.exit(hidden, kind)
 
         shift, scale = (self.head_modulation + time.unsqueeze(1).float()).chunk(2, dim=1)
