@@ -48,6 +48,10 @@ class TrainConfig:
     timestep_shift: float = 1.0
     logit_mean: float = 0.0
     logit_std: float = 1.0
+    # Probability that a sample trains on the text states of sample.negative_prompt instead of its caption, so
+    # that the model learns the unconditional branch classifier-free guidance samples with; decided per sample
+    # from (seed, sample index). 0 trains on captions only.
+    text_dropout: float = 0.0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on accelerators, fp32 on CPU
     progress: bool = True  # console progress bar (rank 0)
@@ -76,6 +80,8 @@ class TrainConfig:
             raise ConfigError(f"{prefix}.lr must be > 0, got {self.lr}")
         if not 0 <= self.min_lr <= self.lr:
             raise ConfigError(f"{prefix}.min_lr must be in [0, train.lr={self.lr}], got {self.min_lr}")
+        if not 0 <= self.text_dropout < 1:
+            raise ConfigError(f"{prefix}.text_dropout must be in [0, 1), got {self.text_dropout}")
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"{prefix}.ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.timestep_shift <= 0:

@@ -71,9 +71,9 @@ class DataConfig:
     synthetic_samples_per_shard: int = 128
     # Seeds the captions, the noise and the tiny text encoder; sampling must use the same encoder seed.
     synthetic_seed: int = 0
-    # Which latents the synthetic set holds: "tiny-random" analytic blobs, or "tiny-fitted" the tiny fitted VAE's
+    # Which latents the synthetic set holds: "tiny-random" analytic blobs, or "tiny-block" the tiny block VAE's
     # latents of rendered pixel videos. In a job config it follows model.vae.
-    synthetic_vae: Literal["tiny-random", "tiny-fitted"] = "tiny-random"
+    synthetic_vae: Literal["tiny-random", "tiny-block"] = "tiny-random"
     # Shapes of synthetic data; real shards carry their own (one per bucket) and these are not used.
     latent_channels: int = 16
     latent_frames: int = 21

@@ -21,8 +21,8 @@ from osp_megatron.data.shards import INDEX_NAME, ShardInfo, atomic_write_bytes, 
 INDEX_FORMAT = "osp-synthetic-v2"
 # Written first into every folder this generator fills; nothing without it is ever written to or deleted.
 MARKER_NAME = ".osp-synthetic"
-SYNTHETIC_VAES = ("tiny-random", "tiny-fitted")
-# Caption videos rendered and encoded at once by the tiny fitted VAE.
+SYNTHETIC_VAES = ("tiny-random", "tiny-block")
+# Caption videos rendered and encoded at once by the tiny block VAE.
 _ENCODE_BATCH = 8
 COLOURS = ("red", "green", "blue", "yellow", "purple", "white")
 SHAPES = ("circle", "square", "wide bar", "tall bar")
@@ -237,15 +237,15 @@ def _claim_folder(out_dir, expected):
 
 
 def _pixel_latents(words, latent_shape):
-    """Latents [C, T, H, W] of each caption's rendered video, encoded by the tiny fitted VAE (normalised)."""
+    """Latents [C, T, H, W] of each caption's rendered video, encoded by the tiny block VAE (normalised)."""
     import torch
 
     from osp_megatron.models.vae import build_vae
 
-    vae = build_vae(None, tiny="tiny-fitted")
+    vae = build_vae(None, tiny="tiny-block")
     channels, frames, height, width = latent_shape
     if channels != vae.latent_channels:
-        raise ConfigError(f"data.latent_channels={channels}: the tiny fitted VAE has {vae.latent_channels} latent "
+        raise ConfigError(f"data.latent_channels={channels}: the tiny block VAE has {vae.latent_channels} latent "
                           "channels")
     size = (1 + vae.temporal_stride * (frames - 1), height * vae.spatial_stride, width * vae.spatial_stride)
     latents = {}
@@ -262,8 +262,8 @@ def make_synthetic_shards(out_dir, num_samples, samples_per_shard, latent_shape,
                           text_encoder=None, vae="tiny-random", held_out=False):
     """Write shard-000000.tar ... and index.json into out_dir; return the list of ShardInfo.
 
-    vae: "tiny-random" writes analytic latent blobs (no VAE involved: fast, for tests); "tiny-fitted" renders
-    each caption as a pixel video and stores its latents from the tiny fitted VAE, so samples decode to the
+    vae: "tiny-random" writes analytic latent blobs (no VAE involved: fast, for tests); "tiny-block" renders
+    each caption as a pixel video and stores its latents from the tiny block VAE, so samples decode to the
     caption's picture.
     Writes only into an absent or empty folder, or completes one it began itself (see _claim_folder); a
     complete set with the same parameters is reused untouched.
@@ -307,7 +307,7 @@ def make_synthetic_shards(out_dir, num_samples, samples_per_shard, latent_shape,
     words = list(itertools.product(COLOURS, SHAPES, MOTIONS))
     drawn = [words[i] for i in rng.integers(len(words), size=num_samples)]
     distinct = sorted(set(drawn), key=words.index)
-    if vae == "tiny-fitted":
+    if vae == "tiny-block":
         clean = _pixel_latents(distinct, latent_shape)
     else:
         clean = {w: blob_latent(*w, latent_shape) for w in distinct}
@@ -356,7 +356,7 @@ def main(argv=None):
         "text conditioning in a few hundred CPU steps. Writes only into an empty or absent folder, or one it "
         "filled itself (marked by a .osp-synthetic file); it never overwrites other files.",
         epilog="examples:\n  osp-make-synthetic --out data/synthetic\n"
-        "  osp-make-synthetic --out data/pixels --vae tiny-fitted --text-dim 32 --num-samples 512",
+        "  osp-make-synthetic --out data/pixels --vae tiny-block --text-dim 32 --num-samples 512",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--out", required=True,
@@ -374,8 +374,8 @@ def main(argv=None):
     parser.add_argument("--text-encoder", default=None,
                         help="local umT5 folder to encode captions with (default: the tiny random encoder)")
     parser.add_argument("--vae", default="tiny-random", choices=SYNTHETIC_VAES,
-                        help="tiny-random: analytic latent blobs (default, fast); tiny-fitted: pixel videos encoded "
-                        "by the tiny VAE fitted on first use (cached), so samples decode to real pictures")
+                        help="tiny-random: analytic latent blobs (default, fast); tiny-block: pixel videos encoded "
+                        "by the tiny block VAE, so samples decode to real pictures")
     args = parser.parse_args(argv)
     text_encoder = None
     if args.text_encoder is not None:

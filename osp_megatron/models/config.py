@@ -69,9 +69,10 @@ class ModelConfig:
     # Local directories of the frozen encoders; null builds tiny random-weight ones (tests, CPU demo).
     vae_path: Optional[str] = None
     text_encoder_path: Optional[str] = None
-    # The built-in VAE when vae_path is null: "tiny-random" (random weights, for tests) or "tiny-fitted" (fitted to
-    # the synthetic caption videos on first use and cached; the synthetic set then holds pixel videos' latents).
-    vae: Literal["tiny-random", "tiny-fitted"] = "tiny-random"
+    # The built-in VAE when vae_path is null: "tiny-random" (random weights, for tests) or "tiny-block" (a
+    # closed-form block codec that reconstructs the synthetic caption videos; the synthetic set then holds the
+    # latents of rendered pixel videos).
+    vae: Literal["tiny-random", "tiny-block"] = "tiny-random"
 
     def __post_init__(self):
         if isinstance(self.activation_checkpointing, bool):
@@ -106,8 +107,8 @@ class ModelConfig:
         need(self.vae_path is None or self.vae == "tiny-random", "vae",
              f"{self.vae} is a built-in VAE and cannot be combined with {prefix}.vae_path={self.vae_path!r}; "
              "set one of them")
-        need(self.vae != "tiny-fitted" or self.in_channels == self.out_channels == 16, "vae",
-             f"tiny-fitted has 16 latent channels, but {prefix}.in_channels={self.in_channels} and "
+        need(self.vae != "tiny-block" or self.in_channels == self.out_channels == 16, "vae",
+             f"tiny-block has 16 latent channels, but {prefix}.in_channels={self.in_channels} and "
              f"{prefix}.out_channels={self.out_channels}; set {prefix}.vae=tiny-random for other channel counts")
         need(len(self.patch_size) == 3 and all(p >= 1 for p in self.patch_size), "patch_size",
              f"must be three positive integers (t, h, w), got {self.patch_size}")

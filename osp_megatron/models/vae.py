@@ -97,19 +97,20 @@ def tiny_wan_vae(seed=0):
         return AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1)
 
 
-VAE_CHOICES = ("tiny-random", "tiny-fitted")
+VAE_CHOICES = ("tiny-random", "tiny-block")
 
 
 def build_vae(path=None, seed=0, device="cpu", dtype=torch.float32, tiny="tiny-random"):
     """Load AutoencoderKLWan from the local folder `path`; when path is None build the tiny one named by `tiny`:
-    "tiny-random" (random weights seeded by `seed`) or "tiny-fitted" (fitted to the synthetic videos, cached)."""
+    "tiny-random" (random weights seeded by `seed`) or "tiny-block" (the closed-form block codec of
+    models/block_vae.py, normalised for the synthetic videos)."""
     if path is None:
         if tiny == "tiny-random":
             return VideoVAE(tiny_wan_vae(seed), device)
-        if tiny == "tiny-fitted":
-            from osp_megatron.models.fitted_vae import load_tiny_fitted_vae
+        if tiny == "tiny-block":
+            from osp_megatron.models.block_vae import tiny_block_vae
 
-            return VideoVAE(load_tiny_fitted_vae(), device)
+            return tiny_block_vae()
         raise ConfigError(f"model.vae: unknown VAE {tiny!r}; choose one of {', '.join(VAE_CHOICES)}")
     if not os.path.isdir(path):
         raise ConfigError(f"VAE path {path!r} is not a directory; expected {_EXPECTED_LAYOUT}")

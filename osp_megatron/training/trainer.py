@@ -122,6 +122,7 @@ class Trainer:
                                         config.checkpoint.async_save)
         self.loader = self._build_loader()
         self.held_out = self._build_held_out()
+        self.null_text = None  # text states of sample.negative_prompt, built on the first train.text_dropout
         self.step = 0
         # Real shards hold one latent shape per bucket: each shape's token grid must suit the parallel layout.
         self.flops_per_sample, self.tokens_per_sample = {}, {}
@@ -218,7 +219,10 @@ class Trainer:
             sums[-1] += batch["bad_samples"]
             latents = batch["latents"].to(self.device, non_blocking=True)
             text = batch["text_states"].to(self.device, non_blocking=True)
-            noise = PerSampleNoise(cfg.seed, self._sample_indices(batch, micro_batch))
+            indices = self._sample_indices(batch, micro_batch)
+            noise = PerSampleNoise(cfg.seed, indices)
+            if cfg.text_dropout:
+                text = self._drop_text(text, indices)
             with self._autocast():
                 losses, sigmas = flow_matching_losses(self.model, latents, text, noise, cfg.timestep_shift,
                                                       cfg.logit_mean, cfg.logit_std)
@@ -256,6 +260,25 @@ class Trainer:
                 scalars[name] = float(sums[1 + 2 * index]) / count
         scalars.update(ledger().scalars())
         return scalars
+
+    def _drop_text(self, text: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """The micro-batch's text states with train.text_dropout of the samples (chosen by (seed, sample index))
+        replaced by the states of sample.negative_prompt, which guidance's unconditional branch uses."""
+        cfg = self.config
+        dropped = [np.random.default_rng([cfg.train.seed, int(i), 1]).random() < cfg.train.text_dropout
+                   for i in indices.tolist()]
+        if not any(dropped):
+            return text
+        if self.null_text is None:
+            from osp_megatron.models.text_encoder import build_text_encoder
+
+            # The encoder sampling uses (seeded like the synthetic set's), run once for the negative prompt.
+            encoder = build_text_encoder(cfg.model.text_encoder_path, cfg.model.text_dim, cfg.model.text_len,
+                                         seed=cfg.data.synthetic_seed)
+            self.null_text = encoder.encode([cfg.sample.negative_prompt])[0][0].to(self.device)
+            del encoder
+        mask = torch.tensor(dropped, device=text.device).view(-1, 1, 1)
+        return torch.where(mask, self.null_text.to(text.dtype), text)
 
     def _sample_indices(self, batch: dict, micro_batch: int) -> torch.Tensor:
         """Global sample positions of a micro-batch, which seed its noise and timesteps: the loader's

@@ -24,7 +24,7 @@ def test_example_prompt_is_in_the_synthetic_set():
     """The example samples a caption the synthetic set holds, with the fitted VAE that makes it a picture."""
     config = load_job_config(EXAMPLE, [])
     assert config.sample.prompts[0] in all_captions()
-    assert config.model.vae == "tiny-fitted" and config.data.synthetic_vae == "tiny-fitted"
+    assert config.model.vae == "tiny-block" and config.data.synthetic_vae == "tiny-block"
 
 
 @pytest.mark.slow

@@ -2,8 +2,10 @@
 
 import json
 
+import pytest
 import torch
 
+from osp_megatron.config.errors import ConfigError
 from osp_megatron.config.job import load_job_config
 from osp_megatron.config.loader import from_dict
 from osp_megatron.models.builder import build_model
@@ -92,3 +94,32 @@ def test_noise_depends_only_on_seed_and_sample_index():
     assert not torch.equal(noise[0], noise[1]) and 0 < float(sigmas.min()) and float(sigmas.max()) < 1
     other, _ = PerSampleNoise(8, torch.tensor([5, 6, 7, 8])).draw(latents, 3.0, 0.0, 1.0)
     assert not torch.equal(other, noise)
+
+
+def _dropped_text(rank, world_size, overrides):
+    from osp_megatron.models.text_encoder import build_text_encoder
+    from osp_megatron.training.trainer import Trainer
+
+    config = load_job_config("examples/tiny_t2v.yaml", overrides)
+    trainer = Trainer(config)
+    text = torch.randn(64, config.model.text_len, config.model.text_dim)
+    out = trainer._drop_text(text, torch.arange(1000, 1064))
+    again = trainer._drop_text(text, torch.arange(1000, 1064))
+    encoder = build_text_encoder(None, config.model.text_dim, config.model.text_len, seed=config.data.synthetic_seed)
+    null = encoder.encode([config.sample.negative_prompt])[0][0]
+    dropped = [bool(torch.equal(row, null)) for row in out]
+    kept = [bool(torch.equal(row, original)) for row, original in zip(out, text)]
+    return dropped, kept, bool(torch.equal(out, again))
+
+
+def test_text_dropout_swaps_in_the_unconditional_states_per_sample(tmp_path):
+    """train.text_dropout replaces about that share of the samples' text states, chosen by sample index (the same
+    again), by the encoder states of sample.negative_prompt that guidance's unconditional branch uses."""
+    overrides = ["train.text_dropout=0.25", "model.num_layers=1", f"run.dir={tmp_path / 'run'}",
+                 f"data.path={tmp_path / 'data'}", "train.eval_interval=0", "data.synthetic_num_samples=8",
+                 "data.synthetic_samples_per_shard=8", "model.vae=tiny-random"]
+    (dropped, kept, repeatable), = run_on_ranks(_dropped_text, 1, overrides)
+    assert all(d != k for d, k in zip(dropped, kept)) and repeatable
+    assert 8 <= sum(dropped) <= 24
+    with pytest.raises(ConfigError, match="train.text_dropout must be in"):
+        load_job_config("examples/tiny_t2v.yaml", ["train.text_dropout=1.0"])
