@@ -21,7 +21,7 @@ from osp_megatron.inference.runner import build_pipeline
 from osp_megatron.parallel import state
 from osp_megatron.parallel.ssp import check_sequence_parallel_layout
 from osp_megatron.rl.learner import group_advantages, transition_loss
-from osp_megatron.rl.policy import Policy, resolve_weights_path, run_pretraining
+from osp_megatron.rl.policy import Policy, check_encoders_match, resolve_weights_path, run_pretraining
 from osp_megatron.rl.prompts import build_prompt_set
 from osp_megatron.rl.rewards import build_rewards, score_videos, to_uint8_frames
 from osp_megatron.rl.rollout import RolloutBatch, rollout, seeded_generator
@@ -76,7 +76,7 @@ class GRPOTrainer:
         check_sequence_parallel_layout(config.model, grid, config.parallel.tensor, config.parallel.ssp,
                                        config.parallel.ulysses, source="token grid of sample.num_frames/height/width")
         self.prompts = build_prompt_set(config.prompts, config.model, lambda: self.pipeline.text_encoder)
-        self.rewards = build_rewards(grpo.rewards, self.device)
+        self.rewards = build_rewards(grpo.rewards, self.device, video_fps=sample.fps)
         self.iteration = 0
         if resume is not None:
             rank_state = self.policy.load(resume)
@@ -107,7 +107,9 @@ class GRPOTrainer:
             if dist.get_rank() == 0:
                 run_pretraining(recipe, load)
             dist.barrier()
-        return resolve_weights_path(load)
+        weights = resolve_weights_path(load)
+        check_encoders_match(self.config, weights)
+        return weights
 
     def _autocast(self):
         if self.precision == "bf16":

@@ -91,6 +91,26 @@ def test_reward_rises_on_a_short_run(tmp_path, grpo_overrides):
     assert after.mean() > before.mean() + 0.5 * before.std(), (before, after)
 
 
+def test_rollout_encoders_must_be_the_policys(tmp_path):
+    """Rollouts decoded by another VAE than the policy was trained with (or conditioned by another text
+    encoder) are refused at start-up, naming the key and the value to set."""
+    from osp_megatron.rl.policy import check_encoders_match
+
+    checkpoint = tmp_path / "step_00000300"
+    checkpoint.mkdir()
+    saved = {"model": {"vae": "tiny-fitted", "vae_path": None, "text_encoder_path": None}, "data": {"synthetic_seed": 3}}
+    (checkpoint / "metadata.json").write_text(json.dumps({"config": saved}))
+    check_encoders_match(load_grpo_config(EXAMPLE, ["data.synthetic_seed=3"]), checkpoint)
+    with pytest.raises(ConfigError, match="model.vae='tiny-random'.*set model.vae='tiny-fitted'"):
+        check_encoders_match(load_grpo_config(EXAMPLE, ["model.vae=tiny-random", "data.synthetic_seed=3"]), checkpoint)
+    with pytest.raises(ConfigError, match="data.synthetic_seed=0.*set data.synthetic_seed=3"):
+        check_encoders_match(load_grpo_config(EXAMPLE), checkpoint)
+    with pytest.raises(ConfigError, match="model.vae_path='/models/Wan2.1/vae'"):
+        check_encoders_match(load_grpo_config(EXAMPLE, ["model.vae_path=/models/Wan2.1/vae", "data.synthetic_seed=3"]),
+                             checkpoint)
+    check_encoders_match(load_grpo_config(EXAMPLE), tmp_path)  # published weights record no encoders
+
+
 def test_config_errors_name_the_key():
     with pytest.raises(ConfigError, match="grpo.window_size"):
         load_grpo_config(EXAMPLE, ["grpo.window_size=11"])

@@ -41,8 +41,12 @@ class WeightedReward:
     function: Reward
 
 
-def build_rewards(entries: list[dict], device="cpu") -> list[WeightedReward]:
-    """One WeightedReward per `grpo.rewards` entry; unknown names and options raise ConfigError naming them."""
+def build_rewards(entries: list[dict], device="cpu", video_fps: float = 16.0) -> list[WeightedReward]:
+    """One WeightedReward per `grpo.rewards` entry; unknown names and options raise ConfigError naming them.
+
+    Rewards that take `device` or `video_fps` (the frame rate of the scored videos, sample.fps) get them from
+    the job, not from their entry."""
+    context = {"device": device, "video_fps": video_fps}
     names = reward_names()
     built = []
     for i, entry in enumerate(entries):
@@ -57,11 +61,10 @@ def build_rewards(entries: list[dict], device="cpu") -> list[WeightedReward]:
         factory = _REGISTRY[name]
         accepted = inspect.signature(factory).parameters
         for key in options:
-            if key not in accepted or key == "device":
-                allowed = ", ".join(k for k in accepted if k != "device") or "none"
+            if key not in accepted or key in context:
+                allowed = ", ".join(k for k in accepted if k not in context) or "none"
                 raise ConfigError(f"unknown config key '{where}.{key}' for reward {name!r}; allowed: {allowed}")
-        if "device" in accepted:
-            options["device"] = device
+        options.update({key: value for key, value in context.items() if key in accepted})
         try:
             function = factory(**options)
         except ConfigError as err:
