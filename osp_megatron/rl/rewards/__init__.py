@@ -7,6 +7,7 @@ from osp_megatron.rl.rewards.base import (  # noqa: F401
     build_rewards,
     register_reward,
     reward_names,
+    reward_weights,
     score_videos,
     to_uint8_frames,
 )
