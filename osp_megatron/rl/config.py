@@ -55,6 +55,8 @@ class GRPOConfig:
     # samples of eval_prompts fixed prompts with fixed noise is logged as eval_reward; 0 disables it.
     eval_interval: int = 0
     eval_prompts: int = 16
+    # Draws the evaluation's prompts and noise; independent of train.seed, so runs with other seeds compare.
+    eval_seed: int = 0
     # Videos per VAE decode call: batched decoding is cheaper per video, one at a time needs least memory.
     decode_batch_size: int = 1
     rewards: list[dict] = field(default_factory=lambda: [{"name": "temporal_flicker", "weight": 1.0}])

@@ -174,7 +174,7 @@ class GRPOTrainer:
         """Mean rewards of deterministic (all-ODE) samples of grpo.eval_prompts fixed prompts with fixed noise:
         comparable across iterations, unlike the rollouts' rewards (other prompts, SDE noise)."""
         cfg, count = self.config, self.config.grpo.eval_prompts
-        seed = cfg.train.seed
+        seed = cfg.grpo.eval_seed  # not train.seed: runs with different seeds are scored alike
         chosen = np.random.default_rng([seed, EVAL_STREAM]).permutation(len(self.prompts))[:count].tolist()
         mine = list(range(self.dp_rank, len(chosen), self.dp_size))
         sums = torch.zeros(len(self.rewards) + 1, dtype=torch.float64)
