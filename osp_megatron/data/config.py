@@ -62,7 +62,8 @@ class DataConfig:
     # (at least 1) when tokens_per_micro_batch > 0, else train.micro_batch_size.
     bucket_batch_sizes: list[BucketBatchSize] = field(default_factory=list)
     tokens_per_micro_batch: int = 0
-    # Held-out shards for train.eval_interval (a folder or globs that training does not read).
+    # Held-out shards for train.eval_interval (a folder or globs that training does not read). With `synthetic`
+    # and train.eval_interval set, a held-out synthetic set of train.eval_samples is generated into this folder.
     eval_path: Optional[str | list[str]] = None
     # Generate a learnable synthetic data set into `path` when it holds no complete one yet.
     synthetic: bool = False
@@ -103,6 +104,9 @@ class DataConfig:
             _check_path(self.eval_path, f"{prefix}.eval_path")
         if self.synthetic and not isinstance(self.path, str):
             raise ConfigError(f"{prefix}.path must be a single folder when {prefix}.synthetic is true, got a list")
+        if self.synthetic and self.eval_path is not None and self.eval_path == self.path:
+            raise ConfigError(f"{prefix}.eval_path must differ from {prefix}.path: the held-out set is generated "
+                              f"into a folder of its own")
         if self.synthetic and self.sources:
             raise ConfigError(f"{prefix}.sources cannot be combined with {prefix}.synthetic (synthetic data is "
                               f"written to {prefix}.path)")

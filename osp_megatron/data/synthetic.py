@@ -170,10 +170,13 @@ def _npy_bytes(array):
     return buffer.getvalue()
 
 
-def _expected_index(num_samples, samples_per_shard, latent_shape, text_len, text_dim, seed, vae):
-    return {"format": INDEX_FORMAT, "num_samples": num_samples, "samples_per_shard": samples_per_shard,
-            "latent_shape": list(latent_shape), "text_len": text_len, "text_dim": text_dim, "seed": seed,
-            "vae": vae}
+def _expected_index(num_samples, samples_per_shard, latent_shape, text_len, text_dim, seed, vae, held_out):
+    expected = {"format": INDEX_FORMAT, "num_samples": num_samples, "samples_per_shard": samples_per_shard,
+                "latent_shape": list(latent_shape), "text_len": text_len, "text_dim": text_dim, "seed": seed,
+                "vae": vae}
+    if held_out:
+        expected["held_out"] = True
+    return expected
 
 
 def _is_own_temporary(name):
@@ -256,7 +259,7 @@ def _pixel_latents(words, latent_shape):
 
 
 def make_synthetic_shards(out_dir, num_samples, samples_per_shard, latent_shape, text_len, text_dim, seed=0,
-                          text_encoder=None, vae="tiny-random"):
+                          text_encoder=None, vae="tiny-random", held_out=False):
     """Write shard-000000.tar ... and index.json into out_dir; return the list of ShardInfo.
 
     vae: "tiny-random" writes analytic latent blobs (no VAE involved: fast, for tests); "tiny-fitted" renders
@@ -265,6 +268,8 @@ def make_synthetic_shards(out_dir, num_samples, samples_per_shard, latent_shape,
     Writes only into an absent or empty folder, or completes one it began itself (see _claim_folder); a
     complete set with the same parameters is reused untouched.
     text_encoder: a TextEncoder with max_length >= text_len; None builds the tiny one seeded with `seed`.
+    held_out: draw captions and noise from a second stream of `seed`, so the set shares the text encoder of
+    the training set made with the same seed but none of its samples (a held-out set for train.eval_interval).
     """
     latent_shape = tuple(int(s) for s in latent_shape)
     if len(latent_shape) != 4 or min(latent_shape) < 1:
@@ -274,7 +279,8 @@ def make_synthetic_shards(out_dir, num_samples, samples_per_shard, latent_shape,
                           f"{num_samples} and {samples_per_shard}")
     if vae not in SYNTHETIC_VAES:
         raise ConfigError(f"data.synthetic_vae: unknown VAE {vae!r}; choose one of {', '.join(SYNTHETIC_VAES)}")
-    expected = _expected_index(num_samples, samples_per_shard, latent_shape, text_len, text_dim, seed, vae)
+    expected = _expected_index(num_samples, samples_per_shard, latent_shape, text_len, text_dim, seed, vae,
+                               held_out)
     existing = _claim_folder(out_dir, expected)
     if existing is not None:
         return existing
@@ -297,7 +303,7 @@ def make_synthetic_shards(out_dir, num_samples, samples_per_shard, latent_shape,
     states, lengths = text_encoder.encode(captions)
     text_by_caption = {c: states[i, : min(int(lengths[i]), text_len)].numpy() for i, c in enumerate(captions)}
 
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng([seed, 1] if held_out else seed)
     words = list(itertools.product(COLOURS, SHAPES, MOTIONS))
     drawn = [words[i] for i in rng.integers(len(words), size=num_samples)]
     distinct = sorted(set(drawn), key=words.index)
@@ -328,10 +334,15 @@ def make_synthetic_shards(out_dir, num_samples, samples_per_shard, latent_shape,
     return shards
 
 
-def ensure_synthetic_data(config):
-    """Create config.path's synthetic data set from a DataConfig when config.synthetic is set (idempotent)."""
+def ensure_synthetic_data(config, held_out_samples=0):
+    """Create config.path's synthetic data set from a DataConfig when config.synthetic is set (idempotent), and
+    a held-out set of `held_out_samples` in config.eval_path when that is asked for and eval_path is set."""
     if not config.synthetic:
         return None
+    if held_out_samples and isinstance(config.eval_path, str):
+        make_synthetic_shards(config.eval_path, held_out_samples, config.synthetic_samples_per_shard,
+                              config.latent_shape, config.text_len, config.text_dim, config.synthetic_seed,
+                              vae=config.synthetic_vae, held_out=True)
     return make_synthetic_shards(config.path, config.synthetic_num_samples, config.synthetic_samples_per_shard,
                                  config.latent_shape, config.text_len, config.text_dim, config.synthetic_seed,
                                  vae=config.synthetic_vae)

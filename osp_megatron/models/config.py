@@ -106,6 +106,9 @@ class ModelConfig:
         need(self.vae_path is None or self.vae == "tiny-random", "vae",
              f"{self.vae} is a built-in VAE and cannot be combined with {prefix}.vae_path={self.vae_path!r}; "
              "set one of them")
+        need(self.vae != "tiny-fitted" or self.in_channels == self.out_channels == 16, "vae",
+             f"tiny-fitted has 16 latent channels, but {prefix}.in_channels={self.in_channels} and "
+             f"{prefix}.out_channels={self.out_channels}; set {prefix}.vae=tiny-random for other channel counts")
         need(len(self.patch_size) == 3 and all(p >= 1 for p in self.patch_size), "patch_size",
              f"must be three positive integers (t, h, w), got {self.patch_size}")
         need(self.activation_checkpointing in CHECKPOINTING_MODES, "activation_checkpointing",

@@ -30,6 +30,8 @@ _RECIPE_VERSION = 1
 # The encoder's extra input channel: a constant that keeps brightness through the channel-wise RMS norms.
 _CONSTANT_INPUT = 4.0
 _RANDOM_PART = 0.1
+# Latent channels of the fitted VAE (Wan2.1's).
+LATENT_CHANNELS = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,7 +107,7 @@ def build_tiny_autoencoder(base_dim: int = 8, seed: int = 0) -> AutoencoderKLWan
     """The fitted VAE's architecture: Wan's strides and 16 latent channels, Wan2.2's residual shortcut blocks."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        autoencoder = AutoencoderKLWan(base_dim=base_dim, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+        autoencoder = AutoencoderKLWan(base_dim=base_dim, z_dim=LATENT_CHANNELS, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
                                        is_residual=True)
     shortcut_initialise(autoencoder)
     return autoencoder

@@ -7,7 +7,7 @@ from typing import Optional
 
 import torch
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from osp_megatron.config.errors import ConfigError
@@ -23,6 +23,14 @@ TENSOR_PARALLEL_ATTRIBUTES = ("tensor_model_parallel", "partition_dim", "partiti
 def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """This rank's storage of a tensor: the local shard of an FSDP DTensor, else the tensor itself."""
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def reshard(model: torch.nn.Module) -> None:
+    """Free the gathered parameters FSDP keeps after a forward without backward (the root keeps them by
+    default), so that the parameters are the local shards again; a no-op for models without FSDP."""
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def is_fully_sharded(tensor: torch.Tensor) -> bool:

@@ -254,12 +254,15 @@ class GRPOTrainer:
             if self.policy.ema is not None:
                 self.policy.ema.update(module)
         ratio, clip_hits, kl = torch.cat(ratios), torch.cat(clipped).float(), torch.cat(kls)
-        stats = torch.stack([ratio.mean(), (ratio - 1).abs().max(), clip_hits.mean(), kl.mean(),
-                             torch.tensor(sum(losses) / grpo.updates_per_iteration)]).to(self.device)
+        means = torch.stack([ratio.mean(), clip_hits.mean(), kl.mean(),
+                             torch.tensor(sum(losses) / grpo.updates_per_iteration, device=ratio.device)])
+        means, deviation = means.to(self.device), (ratio - 1).abs().max().to(self.device)
         if self.dp_size > 1:
-            dist.all_reduce(stats, group=state.data_parallel_group())
-            stats /= self.dp_size
-        ratio_mean, ratio_deviation, clip_fraction, kl_mean, loss = stats.tolist()
+            dist.all_reduce(means, group=state.data_parallel_group())
+            means /= self.dp_size
+            dist.all_reduce(deviation, op=dist.ReduceOp.MAX, group=state.data_parallel_group())
+        ratio_mean, clip_fraction, kl_mean, loss = means.tolist()
+        ratio_deviation = float(deviation)
         return {"loss": loss, "lr": lr, "grad_norm": sum(norms) / len(norms), "policy_ratio": ratio_mean,
                 "policy_ratio_max_deviation": ratio_deviation, "clip_fraction": clip_fraction, "kl": kl_mean}
 

@@ -26,7 +26,7 @@ from osp_megatron.models.flops import training_flops
 from osp_megatron.parallel import state
 from osp_megatron.parallel.ledger import ledger
 from osp_megatron.parallel.ssp import check_sequence_parallel_layout
-from osp_megatron.parallel.fsdp import apply_fsdp, local_tensor
+from osp_megatron.parallel.fsdp import apply_fsdp, local_tensor, reshard
 from osp_megatron.training.flow_matching import PerSampleNoise, flow_matching_losses
 from osp_megatron.training.metrics import MetricsLogger
 from osp_megatron.training.optim import EMA, average_gradients, build_optimizer, clip_gradients, lr_at, set_lr
@@ -140,7 +140,8 @@ class Trainer:
 
         if self.config.data.synthetic:
             if dist.get_rank() == 0:
-                ensure_synthetic_data(self.config.data)
+                train = self.config.train
+                ensure_synthetic_data(self.config.data, train.eval_samples if train.eval_interval else 0)
             dist.barrier()
         return build_data_loader(self.config.data, micro_batch_size=self.config.train.micro_batch_size,
                                   dp_rank=self.dp_rank, dp_size=self.dp_size, seed=self.config.train.seed,
@@ -348,6 +349,7 @@ class Trainer:
                             eta_s=(time.time() - started) / done * (cfg.steps - self.step), **self.memory_scalars())
                 if cfg.eval_interval and self.step % cfg.eval_interval == 0:
                     last["eval_loss"] = self.held_out(self.model, self._autocast)
+                    reshard(self.model)  # forward-only: FSDP's root would keep its gathered parameters
                 logger.log(self.step, last)
                 if cfg.sample_interval and self.step % cfg.sample_interval == 0 and self.step < cfg.steps:
                     self.sample_video(self.run_dir / "samples" / f"step_{self.step:08d}.mp4")
@@ -394,12 +396,14 @@ class Trainer:
         if self.ema is None:
             yield
             return
+        reshard(self.model)
         backup = {name: local_tensor(param).detach().to("cpu", copy=True)
                   for name, param in self.model.named_parameters()}
         self.ema.copy_to(self.model)
         try:
             yield
         finally:
+            reshard(self.model)  # a sampling forward leaves FSDP's root parameters gathered
             with torch.no_grad():
                 for name, param in self.model.named_parameters():
                     local_tensor(param).copy_(backup[name])

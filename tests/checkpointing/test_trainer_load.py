@@ -7,7 +7,7 @@ from osp_megatron.config.job import load_job_config
 from osp_megatron.utils.testing import run_on_ranks
 
 MODEL = ["model.dim=24", "model.num_heads=2", "model.ffn_dim=40", "model.text_dim=16", "model.freq_dim=32",
-         "model.num_layers=2", "model.in_channels=4", "model.out_channels=4", "model.sparse_ratio=2",
+         "model.num_layers=2", "model.in_channels=4", "model.out_channels=4", "model.vae=tiny-random", "model.sparse_ratio=2",
          "model.full_blocks=1"]
 
 
@@ -23,7 +23,7 @@ def _initial_weights(rank, world_size, overrides):
 def test_checkpoint_load_accepts_a_diffusers_folder(tmp_path, tiny_diffusers):
     """With checkpoint.load=<diffusers transformer folder> the (sparse) model starts from exactly those weights."""
     _, folder = tiny_diffusers
-    overrides = MODEL + [f"checkpoint.load={folder}", f"run.dir={tmp_path / 'run'}", f"data.path={tmp_path / 'data'}",
+    overrides = MODEL + [f"checkpoint.load={folder}", f"run.dir={tmp_path / 'run'}", f"data.path={tmp_path / 'data'}", "train.eval_interval=0",
                          "data.synthetic_num_samples=8", "data.synthetic_samples_per_shard=8"]
     weights = run_on_ranks(_initial_weights, 1, overrides)[0]
     reference = {}

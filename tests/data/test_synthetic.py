@@ -236,3 +236,26 @@ def test_renderer_rejects_words_outside_the_vocabulary():
     """An unknown word names itself and the allowed ones."""
     with pytest.raises(ConfigError, match="'orange'.*red"):
         synthetic.render_caption_video("orange", "circle", "moving up", 5, 16, 16)
+
+
+def test_held_out_set_shares_the_text_encoder_but_no_samples(tmp_path):
+    """The held-out set of a seed encodes captions with the training set's text encoder, draws other samples,
+    and cannot be mistaken for the training set in either folder; ensure_synthetic_data makes both."""
+    from osp_megatron.config.job import load_job_config
+
+    config = load_job_config(None, ["data.synthetic=true", f"data.path={tmp_path / 'train'}",
+                                    f"data.eval_path={tmp_path / 'eval'}", "data.synthetic_num_samples=16",
+                                    "data.synthetic_samples_per_shard=16", "data.latent_frames=1",
+                                    "data.latent_height=2", "data.latent_width=2"]).data
+    synthetic.ensure_synthetic_data(config, held_out_samples=8)
+    train, held_out = _read_all(tmp_path / "train"), _read_all(tmp_path / "eval")
+    assert (len(train), len(held_out)) == (16, 8)
+    text_by_caption = {s["txt"]: s["text.npy"] for s in train}
+    shared = [s for s in held_out if s["txt"] in text_by_caption]
+    assert shared and all(np.array_equal(s["text.npy"], text_by_caption[s["txt"]]) for s in shared)
+    train_latents = [s["latent.npy"] for s in train]
+    assert not any(np.array_equal(s["latent.npy"], t) for s in held_out for t in train_latents)
+    with pytest.raises(ConfigError, match="holds a different synthetic data set"):
+        make_synthetic_shards(str(tmp_path / "eval"), 16, 16, config.latent_shape, config.text_len, config.text_dim)
+    with pytest.raises(ConfigError, match="data.eval_path must differ from data.path"):
+        load_job_config(None, ["data.synthetic=true", "data.path=x", "data.eval_path=x"])

@@ -123,7 +123,7 @@ def _train_overrides(data_dir, run_dir, layout):
     return ["--config", str(EXAMPLE), "model.sparse_ratio=2", "train.steps=2", "checkpoint.interval=1",
             "checkpoint.resume=none", "train.sample_at_end=false", "train.progress=false", "train.device=cpu",
             "train.micro_batch_size=2", "train.global_batch_size=4", "train.lr=1e-3",
-            f"data.path={data_dir}", "data.synthetic_num_samples=8", "data.synthetic_samples_per_shard=8",
+            f"data.path={data_dir}", "train.eval_interval=0", "data.synthetic_num_samples=8", "data.synthetic_samples_per_shard=8",
             f"run.dir={run_dir}", f"parallel.tensor={tensor}", f"parallel.ssp={ssp}", f"parallel.ulysses={ulysses}"]
 
 

@@ -65,7 +65,7 @@ def lane(tmp_path_factory):
         out = run([sys.executable, "-m", "launch.cli", "--nodes", "1", "--gpus-per-node", "0", "--tasks-per-node",
                    "2", "--time", "15", "--stop-warning-seconds", "60", "--log-dir", str(log_dir), "--job-name",
                    f"lane-{name}", "osp-train", "--config", "examples/tiny_t2v.yaml", f"run.dir={run_dir}",
-                   f"data.path={root / 'data'}", f"train.steps={STEPS}", "checkpoint.interval=8",
+                   f"data.path={root / 'data'}", "train.eval_interval=0", f"train.steps={STEPS}", "checkpoint.interval=8",
                    "train.sample_at_end=false", "train.progress=false", "train.device=cpu",
                    "train.micro_batch_size=4", "data.synthetic_num_samples=64", "data.synthetic_samples_per_shard=32"])
         job_id = re.search(r"submitted osp-train as Slurm job (\d+)", out).group(1)

@@ -20,7 +20,7 @@ STEPS = 8
 
 def _common(tmp_root: Path) -> list[str]:
     return [f"train.steps={STEPS}", "train.sample_at_end=false", "train.progress=false", "model.num_layers=2",
-            f"data.path={tmp_root / 'data'}", "data.synthetic_num_samples=48", "data.synthetic_samples_per_shard=16",
+            f"data.path={tmp_root / 'data'}", "train.eval_interval=0", "data.synthetic_num_samples=48", "data.synthetic_samples_per_shard=16",
             "train.micro_batch_size=4", "train.global_batch_size=4", "train.ema_decay=0.9", "checkpoint.interval=2",
             "train.lr=1e-3", "train.warmup_steps=0"]
 
@@ -164,7 +164,7 @@ def test_finished_run_layout_change_and_intervals(straight, tmp_path):
         _common(root) + [f"run.dir={run_dir}", "train.sample_at_end=true", "sample.num_steps=2"],
         _common(root) + [f"run.dir={moved}"],
         _common(root) + [f"run.dir={intervals}", "train.steps=4", "train.eval_interval=2", "train.eval_samples=8",
-                         f"data.eval_path={root / 'data'}", "train.sample_interval=2", "sample.num_steps=2",
+                         f"data.eval_path={root / 'eval'}", "train.sample_interval=2", "sample.num_steps=2",
                          "train.lr=1e-12", "train.min_lr=0", "train.ema_decay=0"],
     ])[0]
     assert finished["status"] == "already_finished" and finished["step"] == STEPS

@@ -19,7 +19,7 @@ STEPS = 4
 
 def _common(root: Path) -> list[str]:
     return [f"train.steps={STEPS}", "train.sample_at_end=false", "train.progress=false", "train.device=cpu",
-            "model.num_layers=3", "model.sparse_ratio=2", "model.full_blocks=1", f"data.path={root / 'data'}",
+            "model.num_layers=3", "model.sparse_ratio=2", "model.full_blocks=1", f"data.path={root / 'data'}", "train.eval_interval=0",
             "data.synthetic_num_samples=32", "data.synthetic_samples_per_shard=16", "train.micro_batch_size=2",
             "train.global_batch_size=4", "train.ema_decay=0.9", "checkpoint.interval=2", "train.lr=1e-3",
             "train.warmup_steps=0", "train.adam_eps=1e-6"]
@@ -78,12 +78,18 @@ def test_fsdp_with_tensor_and_data_parallel_matches_one_rank(reference, tensor2_
 def test_tensor2_data2_fsdp_checkpoint_resumes_on_one_rank_and_at_ssp2(layout, reference, tensor2_data2, tmp_path):
     """The step-2 checkpoint of FSDP x tensor=2 x data=2, resumed on one rank without FSDP and at ssp=2 with
     FSDP (EMA in host memory), continues with the uninterrupted run's losses and ends with its weights, EMA and
-    AdamW state."""
+    AdamW state. At ssp=2 the run also renders a sample and computes the held-out loss at step 3 (forward-only
+    passes through the FSDP model, EMA weights swapped in and out) without changing step 4."""
     resumed = tmp_path / "resumed"
     ranks = 2 if layout else 1
-    run_on_ranks(_train, ranks, _common(reference) + layout + [
+    interim = ["train.sample_interval=3", "sample.num_steps=2", "train.eval_interval=3", "train.eval_samples=4",
+               f"data.eval_path={tmp_path / 'eval'}"] if layout else []
+    run_on_ranks(_train, ranks, _common(reference) + layout + interim + [
         f"run.dir={resumed}", f"checkpoint.resume={tensor2_data2 / 'checkpoints' / 'step_00000002'}"], timeout=900)
     _assert_same_steps(resumed, reference / "reference", range(3, STEPS + 1))
+    if layout:
+        assert (resumed / "samples" / "step_00000003.png").is_file()
+        assert "eval_loss" in _rows(resumed)[3]
     final = f"checkpoints/step_{STEPS:08d}"
     assert_same_training_state(resumed / final, reference / "reference" / final)
 

@@ -61,7 +61,7 @@ def _losses(run_dir):
 def test_resume_continues_exactly(tmp_path):
     """Stopping at step 3 (train.exit_interval) and resuming gives the uninterrupted run's losses (fp32, 1e-6)."""
     common = ["train.steps=6", "train.sample_at_end=false", "train.progress=false", "model.num_layers=2",
-              f"data.path={tmp_path / 'data'}", "data.synthetic_num_samples=40", "data.synthetic_samples_per_shard=16",
+              f"data.path={tmp_path / 'data'}", "train.eval_interval=0", "data.synthetic_num_samples=40", "data.synthetic_samples_per_shard=16",
               "train.micro_batch_size=4", "train.global_batch_size=8", "train.ema_decay=0.9",
               "checkpoint.interval=0"]
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
