@@ -116,7 +116,7 @@ def _first_with(folders, name: str):
     return next((folder for folder in folders if (folder / name).is_file()), None)
 
 
-def _load_videoalign_model(path: Path, base: Path, checkpoint: Path, settings: dict, device, dtype):
+def _load_videoalign_model(base: Path, checkpoint: Path, settings: dict, device, dtype):
     from transformers import AutoConfig, Qwen2VLForConditionalGeneration
 
     config = AutoConfig.from_pretrained(base, local_files_only=True)
@@ -205,7 +205,7 @@ class VideoAlignReward:
         if dtype == "auto":
             dtype = "bfloat16" if device.type == "cuda" else "float32"
         self.device = device
-        self.model, self.head = _load_videoalign_model(root, base, checkpoint, settings, device, getattr(torch, dtype))
+        self.model, self.head = _load_videoalign_model(base, checkpoint, settings, device, getattr(torch, dtype))
         self.video_token = self.model.config.video_token_id
 
     @staticmethod
