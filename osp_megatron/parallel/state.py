@@ -24,8 +24,52 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def init_distributed(config: ParallelConfig) -> torch.device:
+@dataclass(frozen=True)
+class WorldSplit:
+    """A world whose last `reserved` ranks serve the first ones (e.g. reward models): each part has a default
+    group of its own, and `bridge`, a gloo group over the whole world, carries tensors between the parts."""
+
+    world_rank: int
+    world_size: int
+    reserved: int
+    bridge: object
+
+    @property
+    def served_size(self) -> int:
+        return self.world_size - self.reserved
+
+    @property
+    def is_reserved(self) -> bool:
+        return self.world_rank >= self.served_size
+
+
+_WORLD_SPLIT = None
+
+
+def world_split():
+    """The WorldSplit of this job, or None when the default group is the whole world."""
+    return _WORLD_SPLIT
+
+
+def _init_split_world(backend: str, rank: int, world: int, reserved: int, timeout: datetime.timedelta, device):
+    """Default group over the first world - reserved ranks (or over the reserved ones), plus the bridge."""
+    global _WORLD_SPLIT
+    # torch's own env:// rendezvous (it joins torchrun's agent store), shared by the three groups through prefixes.
+    store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world, timeout=timeout))
+    served = world - reserved
+    part, part_rank, part_size = ("served", rank, served) if rank < served else ("reserved", rank - served, reserved)
+    dist.init_process_group(backend, store=dist.PrefixStore(f"{part}/", store), rank=part_rank, world_size=part_size,
+                            timeout=timeout, device_id=device if backend == "nccl" else None)
+    bridge = dist.ProcessGroupGloo(dist.PrefixStore("bridge/", store), rank, world, timeout)
+    _WORLD_SPLIT = WorldSplit(rank, world, reserved, bridge)
+
+
+def init_distributed(config: ParallelConfig, reserved_ranks: int = 0,
+                     reserved_key: str = "grpo.reward_ranks") -> torch.device:
     """Start torch.distributed (if needed), megatron-core's groups and the SSP / Ulysses groups.
+
+    reserved_ranks > 0 keeps the last ranks of the world out of the layout (see WorldSplit): the layout is
+    computed over the first world - reserved_ranks, and the reserved ranks get no model-parallel groups.
 
     Rank order (innermost first): tensor, Ulysses, SSP, data. Megatron's order tp-cp-ep-dp-pp makes tensor
     ranks adjacent, then the context-parallel group of S x U ranks; inside it context rank c = s * U + u,
@@ -34,6 +78,9 @@ def init_distributed(config: ParallelConfig) -> torch.device:
     model replica, and so every all-to-all, stays inside one NVLink node; data parallel spans nodes.
     """
     rank, world, local_rank = launcher_environment()
+    if reserved_ranks and not 0 < reserved_ranks < world:
+        raise ConfigError(f"{reserved_key}={reserved_ranks} must leave ranks for the model: it must be smaller than "
+                          f"the world size {world} (launch more ranks, or set {reserved_key}=0)")
     use_cuda = torch.cuda.is_available()
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
@@ -43,16 +90,22 @@ def init_distributed(config: ParallelConfig) -> torch.device:
         # Read by the process group when it is built: NCCL settings, async error handling, flight recorder.
         apply_communication_defaults()
         install_collective_failure_report()
-        if world == 1 and "MASTER_ADDR" not in os.environ:
-            init_method = f"tcp://127.0.0.1:{_free_port()}"
+        if reserved_ranks:
+            _init_split_world(backend, rank, world, reserved_ranks, datetime.timedelta(minutes=config.timeout_minutes),
+                              device)
         else:
-            init_method = "env://"
-        dist.init_process_group(
-            backend, init_method=init_method, rank=rank, world_size=world,
-            timeout=datetime.timedelta(minutes=config.timeout_minutes),
-            # Binds the group to this rank's GPU (NCCL communicators start eagerly; no device-guessing warning).
-            device_id=device if backend == "nccl" else None,
-        )
+            if world == 1 and "MASTER_ADDR" not in os.environ:
+                init_method = f"tcp://127.0.0.1:{_free_port()}"
+            else:
+                init_method = "env://"
+            dist.init_process_group(
+                backend, init_method=init_method, rank=rank, world_size=world,
+                timeout=datetime.timedelta(minutes=config.timeout_minutes),
+                # Binds the group to this rank's GPU (NCCL communicators start eagerly; no device-guessing warning).
+                device_id=device if backend == "nccl" else None,
+            )
+    if _WORLD_SPLIT is not None and _WORLD_SPLIT.is_reserved:
+        return device
     world = dist.get_world_size()
     check_layout(config, world)
     if not parallel_state.model_parallel_is_initialized():
@@ -194,6 +247,8 @@ def destroy_model_parallel() -> None:
 
 
 def destroy_distributed() -> None:
+    global _WORLD_SPLIT
+    _WORLD_SPLIT = None
     destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -248,6 +303,8 @@ def communication_device() -> torch.device:
 
 
 def is_logging_rank() -> bool:
+    if _WORLD_SPLIT is not None and _WORLD_SPLIT.is_reserved:
+        return False
     return not dist.is_initialized() or dist.get_rank() == 0
 
 

@@ -14,7 +14,7 @@ main sections:
              window_shift_interval, window_stride, flash, flash_stride, clip_range, kl_coef,
              advantage_clip, updates_per_iteration, rewards [{name, weight, ...}], lora {rank, alpha,
              target_modules} (null: full fine-tuning), eval_interval, eval_prompts, decode_batch_size,
-             pretrain_if_missing
+             pretrain_if_missing, reward_ranks (the last N ranks run the reward models)
   prompts    path (text file, .jsonl, or webdataset shards with text.npy + txt), format, jsonl_key,
              prompts (inline list), synthetic (the synthetic data set's captions)
   sample     rollout video size (num_frames, height, width), shift, guidance_scale, negative_prompt
@@ -30,6 +30,7 @@ examples:
   osp-grpo --config examples/grpo_tiny.yaml grpo.flash=true grpo.window_mode=fixed
   osp-grpo --print-config --config examples/grpo_wan1.3b.yaml
   torchrun --nproc_per_node 8 -m osp_megatron.rl.cli --config examples/grpo_wan1.3b.yaml
+  torchrun --nproc_per_node 8 -m osp_megatron.rl.cli --config examples/grpo_wan1.3b.yaml grpo.reward_ranks=1
 
 Outputs go to run.dir: metrics.jsonl (one line per iteration: reward per reward, advantages, policy
 ratio, clip fraction, KL, NFE per sample, rollout and learner seconds, eval_reward on fixed prompts), tensorboard/, checkpoints/ (resumed
@@ -39,8 +40,16 @@ samples/.
 
 
 def build_trainer(config):
-    from osp_megatron.rl.trainer import GRPOTrainer
+    """The GRPO trainer, or on the last grpo.reward_ranks ranks the reward server that scores its videos."""
+    from osp_megatron.parallel import state
+    from osp_megatron.rl.trainer import GRPOTrainer, init_ranks
 
+    if config.grpo.reward_ranks:
+        init_ranks(config)
+        if state.world_split().is_reserved:
+            from osp_megatron.rl.reward_ranks import RewardServer
+
+            return RewardServer(config)
     return GRPOTrainer(config)
 
 

@@ -55,9 +55,14 @@ class GRPOConfig:
     # samples of eval_prompts fixed prompts with fixed noise is logged as eval_reward; 0 disables it.
     eval_interval: int = 0
     eval_prompts: int = 16
+    # Draws the evaluation's prompts and noise; independent of train.seed, so runs with other seeds compare.
+    eval_seed: int = 0
     # Videos per VAE decode call: batched decoding is cheaper per video, one at a time needs least memory.
     decode_batch_size: int = 1
     rewards: list[dict] = field(default_factory=lambda: [{"name": "temporal_flicker", "weight": 1.0}])
+    # The last reward_ranks ranks of the world run the reward models and score the videos the policy ranks
+    # send them (large reward models need no room beside the policy); 0: every policy rank scores its own.
+    reward_ranks: int = 0
     lora: Optional[LoraConfig] = None  # null: full fine-tuning
     # When checkpoint.load does not exist yet: run `osp-train` with this config first ("tiny": the packaged
     # tiny pretraining) so that it does. null: a missing checkpoint.load is an error.
@@ -79,6 +84,9 @@ class GRPOConfig:
         for key in ("clip_range", "advantage_clip"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"{prefix}.{key} must be > 0, got {getattr(self, key)}")
+        if self.reward_ranks < 0:
+            raise ConfigError(f"{prefix}.reward_ranks must be >= 0 (0: rewards on the policy ranks), got "
+                              f"{self.reward_ranks}")
         if self.kl_coef < 0:
             raise ConfigError(f"{prefix}.kl_coef must be >= 0, got {self.kl_coef}")
         if not self.rewards:

@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 
 from osp_megatron.checkpointing.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from osp_megatron.checkpointing.metadata import is_complete, read_metadata
 from osp_megatron.config.errors import ConfigError
 from osp_megatron.config.loader import to_dict
 from osp_megatron.models.builder import build_model
@@ -33,6 +34,42 @@ def resolve_weights_path(path: str) -> Path:
             raise ConfigError(f"checkpoint.load={path!r} is a run folder without a complete checkpoint")
         return latest
     return candidate
+
+
+def _saved_setting(saved: dict, dotted: str, default):
+    section, key = dotted.split(".")
+    return (saved.get(section) or {}).get(key, default)
+
+
+def _setting(config, dotted: str):
+    section, key = dotted.split(".")
+    return getattr(getattr(config, section), key)
+
+
+def check_encoders_match(config, weights: Path) -> None:
+    """The rollout VAE and text encoder must be the ones the policy was trained with: decoding its latents with
+    another VAE (or conditioning on another encoder's states) scores videos it never learned to make.
+
+    Built-in encoders are compared by name (model.vae) and seed (data.synthetic_seed); a local folder only by
+    being set or not (folders move between machines). Published weights record no encoders and pass.
+    """
+    if not is_complete(weights):
+        return
+    metadata = read_metadata(weights)
+    saved = metadata.get("config") or {"model": metadata.get("model_config") or {}}
+    problems = []
+    for path_key, builtin_key, default in (("model.vae_path", "model.vae", "tiny-random"),
+                                           ("model.text_encoder_path", "data.synthetic_seed", 0)):
+        ours, theirs = _setting(config, path_key), _saved_setting(saved, path_key, None)
+        if (ours is None) != (theirs is None):
+            problems.append((path_key, ours, theirs))
+        elif ours is None and _setting(config, builtin_key) != _saved_setting(saved, builtin_key, default):
+            problems.append((builtin_key, _setting(config, builtin_key), _saved_setting(saved, builtin_key, default)))
+    if problems:
+        dotted, ours, theirs = problems[0]
+        raise ConfigError(f"{dotted}={ours!r} but the policy in checkpoint.load={str(weights)!r} was trained with "
+                          f"{dotted}={theirs!r}; set {dotted}={theirs!r} so that rollouts are decoded and "
+                          "conditioned like its training data")
 
 
 def run_pretraining(config_name: str, run_dir: str) -> None:

@@ -21,9 +21,10 @@ from osp_megatron.inference.runner import build_pipeline
 from osp_megatron.parallel import state
 from osp_megatron.parallel.ssp import check_sequence_parallel_layout
 from osp_megatron.rl.learner import group_advantages, transition_loss
-from osp_megatron.rl.policy import Policy, resolve_weights_path, run_pretraining
+from osp_megatron.rl.policy import Policy, check_encoders_match, resolve_weights_path, run_pretraining
 from osp_megatron.rl.prompts import build_prompt_set
-from osp_megatron.rl.rewards import build_rewards, score_videos, to_uint8_frames
+from osp_megatron.rl.reward_ranks import RewardClient
+from osp_megatron.rl.rewards import build_rewards, reward_weights, score_videos, to_uint8_frames
 from osp_megatron.rl.rollout import RolloutBatch, rollout, seeded_generator
 from osp_megatron.rl.schedule import ode_plan, rollout_plan, window_start
 from osp_megatron.training.metrics import MetricsLogger
@@ -36,14 +37,19 @@ from osp_megatron.training.trainer import rng_state, seed_everything, set_rng_st
 EVAL_STREAM = 2**31 - 1
 
 
+def init_ranks(config) -> torch.device:
+    """Process groups of an osp-grpo job: the policy's layout over all ranks but the last grpo.reward_ranks."""
+    if config.train.device == "cpu" and config.parallel.backend is None:
+        config.parallel.backend = "gloo"
+    return state.init_distributed(config.parallel, reserved_ranks=config.grpo.reward_ranks)
+
+
 class GRPOTrainer:
     """Build everything from a GRPOJobConfig, resume if asked, then `train()` for train.steps iterations."""
 
     def __init__(self, config):
         self.config = config
-        if config.train.device == "cpu" and config.parallel.backend is None:
-            config.parallel.backend = "gloo"
-        self.device = state.init_distributed(config.parallel)
+        self.device = init_ranks(config)
         if config.train.device == "cpu":
             self.device = torch.device("cpu")
         elif config.train.device == "cuda" and self.device.type != "cuda":
@@ -76,7 +82,13 @@ class GRPOTrainer:
         check_sequence_parallel_layout(config.model, grid, config.parallel.tensor, config.parallel.ssp,
                                        config.parallel.ulysses, source="token grid of sample.num_frames/height/width")
         self.prompts = build_prompt_set(config.prompts, config.model, lambda: self.pipeline.text_encoder)
-        self.rewards = build_rewards(grpo.rewards, self.device)
+        self.reward_client = None
+        if grpo.reward_ranks:
+            # The reward models live on the reward ranks; here only their names and weights are needed.
+            self.rewards = reward_weights(grpo.rewards)
+            self.reward_client = RewardClient(config, self.device, len(self.rewards))
+        else:
+            self.rewards = build_rewards(grpo.rewards, self.device, video_fps=sample.fps)
         self.iteration = 0
         if resume is not None:
             rank_state = self.policy.load(resume)
@@ -107,7 +119,9 @@ class GRPOTrainer:
             if dist.get_rank() == 0:
                 run_pretraining(recipe, load)
             dist.barrier()
-        return resolve_weights_path(load)
+        weights = resolve_weights_path(load)
+        check_encoders_match(self.config, weights)
+        return weights
 
     def _autocast(self):
         if self.precision == "bf16":
@@ -144,7 +158,7 @@ class GRPOTrainer:
                                    cfg.sample.guidance_scale, generators, self._autocast))
         return RolloutBatch.concatenate(batches)
 
-    def collect(self, iteration: int, plan) -> tuple[RolloutBatch, list[str]]:
+    def collect(self, iteration: int, plan) -> tuple[RolloutBatch, list[int]]:
         """This rank's samples of an iteration; sample k belongs to prompt slot k // group_size, whose samples
         share one initial noise drawn from (seed, iteration, slot)."""
         seed, group = self.config.train.seed, self.config.grpo.group_size
@@ -153,14 +167,14 @@ class GRPOTrainer:
         prompt_ids = [slot_prompts[k // group] for k in ids]
         batch = self.roll_out(prompt_ids, [(seed, iteration, k // group) for k in ids],
                               [(seed, iteration, k, 1) for k in ids], plan)
-        return batch, [self.prompts.prompts[i] for i in prompt_ids]
+        return batch, prompt_ids
 
     @torch.no_grad()
     def evaluate(self) -> dict:
         """Mean rewards of deterministic (all-ODE) samples of grpo.eval_prompts fixed prompts with fixed noise:
         comparable across iterations, unlike the rollouts' rewards (other prompts, SDE noise)."""
         cfg, count = self.config, self.config.grpo.eval_prompts
-        seed = cfg.train.seed
+        seed = cfg.grpo.eval_seed  # not train.seed: runs with different seeds are scored alike
         chosen = np.random.default_rng([seed, EVAL_STREAM]).permutation(len(self.prompts))[:count].tolist()
         mine = list(range(self.dp_rank, len(chosen), self.dp_size))
         sums = torch.zeros(len(self.rewards) + 1, dtype=torch.float64)
@@ -168,8 +182,10 @@ class GRPOTrainer:
             plan = ode_plan(cfg.grpo.num_steps, cfg.sample.shift)
             batch = self.roll_out([chosen[j] for j in mine], [(seed, EVAL_STREAM, j) for j in mine],
                                   [(seed, EVAL_STREAM, j, 1) for j in mine], plan)
-            scores = self.score(batch, [self.prompts.prompts[chosen[j]] for j in mine]).double()
+            scores = self.score(batch, [chosen[j] for j in mine]).double()
             sums[:-1], sums[-1] = scores.sum(dim=0), len(mine)
+        elif self.reward_client is not None:
+            self.reward_client.empty_round()
         if self.dp_size > 1:
             sums = sums.to(self.device)
             dist.all_reduce(sums, group=state.data_parallel_group())
@@ -181,12 +197,15 @@ class GRPOTrainer:
         return result
 
     @torch.no_grad()
-    def score(self, batch: RolloutBatch, texts: list[str]) -> torch.Tensor:
-        """Rewards [local samples, rewards]: decode grpo.decode_batch_size videos at a time, score them together."""
+    def score(self, batch: RolloutBatch, prompt_ids: list[int]) -> torch.Tensor:
+        """Rewards [local samples, rewards]: decode grpo.decode_batch_size videos at a time, score them together
+        here or on the reward ranks."""
         size = self.config.grpo.decode_batch_size
         videos = torch.cat([to_uint8_frames(self.pipeline.vae.decode(batch.final_latents[first:first + size]))
                             for first in range(0, len(batch.final_latents), size)])
-        return score_videos(self.rewards, videos, texts)
+        if self.reward_client is not None:
+            return self.reward_client.score(videos, prompt_ids)
+        return score_videos(self.rewards, videos, [self.prompts.prompts[i] for i in prompt_ids])
 
     def gather_scores(self, local: torch.Tensor) -> torch.Tensor:
         """Every data-parallel rank's scores in sample order: [samples_per_iteration, rewards]."""
@@ -252,8 +271,8 @@ class GRPOTrainer:
         plan = self.plan(self.iteration)
         tick = time.time()
         self.policy.module.eval()
-        batch, texts = self.collect(self.iteration, plan)
-        local_scores = self.score(batch, texts)
+        batch, prompt_ids = self.collect(self.iteration, plan)
+        local_scores = self.score(batch, prompt_ids)
         rollout_seconds = time.time() - tick
         scores = self.gather_scores(local_scores)
         weights = [reward.weight for reward in self.rewards]
@@ -283,7 +302,11 @@ class GRPOTrainer:
         with contextlib.ExitStack() as stack:
             if stop is None:
                 stop = stack.enter_context(GracefulStop(job="osp-grpo"))
-            return self._train(stop)
+            try:
+                return self._train(stop)
+            finally:
+                if self.reward_client is not None:
+                    self.reward_client.close()
 
     def _train(self, stop: GracefulStop) -> dict:
         cfg, ckpt = self.config.train, self.config.checkpoint

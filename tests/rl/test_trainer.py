@@ -76,19 +76,40 @@ def test_two_ranks_give_the_one_rank_update(tmp_path, grpo_overrides, layout):
 
 
 @pytest.mark.slow
-def test_reward_rises_on_a_short_run(tmp_path, grpo_overrides):
-    """A few iterations raise the temporal-flicker reward of iteration 0's own rollouts (same prompts and
-    noise, rescored with the trained policy)."""
-    from osp_megatron.rl.trainer import GRPOTrainer
+def test_tiny_job_reward_rises(tmp_path, fitted_vae):
+    """A cut-down run of the tiny job (examples/grpo_tiny.yaml: the fitted VAE's pixel videos scored by
+    synthetic_caption) from the untrained tiny DiT at 5 x 64 x 64: eight iterations raise eval_reward, the
+    reward of fixed prompts and noise sampled deterministically."""
+    overrides = [f"run.dir={tmp_path}", "checkpoint.load=null", "grpo.pretrain_if_missing=null",
+                 "train.progress=false", "train.sample_at_end=false", "checkpoint.interval=0", "train.steps=8",
+                 "train.lr=3e-2", "train.min_lr=3e-2", "grpo.num_steps=6", "grpo.window_size=6",
+                 "grpo.eval_interval=8", "grpo.eval_prompts=8", "sample.num_frames=5", "sample.height=64",
+                 "sample.width=64"]
+    result = _train(0, 1, overrides)[0]
+    assert result["status"] == "finished"
+    before, after = [row["eval_reward"] for row in _metrics(tmp_path) if "eval_reward" in row]
+    # Measured: 0.155 -> 0.258 (train.seed 7 and 8: 0.258, 0.234): the rise is ~9x the seed-to-seed spread.
+    assert after > before + 0.05, (before, after)
 
-    trainer = GRPOTrainer(load_grpo_config(EXAMPLE, grpo_overrides(tmp_path, steps=4, extra=[
-        "grpo.window_mode=fixed", "grpo.window_size=4", "train.lr=1e-2", "grpo.clip_range=1.0"])))
-    before = trainer.score(*trainer.collect(0, trainer.plan(0)))
-    trainer.train()
-    after = trainer.score(*trainer.collect(0, trainer.plan(0)))
-    # Through the tiny random VAE every video flickers alike (std ~6e-4); four updates lift the mean by more
-    # than half of that spread (measured: +4e-4).
-    assert after.mean() > before.mean() + 0.5 * before.std(), (before, after)
+
+def test_rollout_encoders_must_be_the_policys(tmp_path):
+    """Rollouts decoded by another VAE than the policy was trained with (or conditioned by another text
+    encoder) are refused at start-up, naming the key and the value to set."""
+    from osp_megatron.rl.policy import check_encoders_match
+
+    checkpoint = tmp_path / "step_00000300"
+    checkpoint.mkdir()
+    saved = {"model": {"vae": "tiny-fitted", "vae_path": None, "text_encoder_path": None}, "data": {"synthetic_seed": 3}}
+    (checkpoint / "metadata.json").write_text(json.dumps({"config": saved}))
+    check_encoders_match(load_grpo_config(EXAMPLE, ["data.synthetic_seed=3"]), checkpoint)
+    with pytest.raises(ConfigError, match="model.vae='tiny-random'.*set model.vae='tiny-fitted'"):
+        check_encoders_match(load_grpo_config(EXAMPLE, ["model.vae=tiny-random", "data.synthetic_seed=3"]), checkpoint)
+    with pytest.raises(ConfigError, match="data.synthetic_seed=0.*set data.synthetic_seed=3"):
+        check_encoders_match(load_grpo_config(EXAMPLE), checkpoint)
+    with pytest.raises(ConfigError, match="model.vae_path='/models/Wan2.1/vae'"):
+        check_encoders_match(load_grpo_config(EXAMPLE, ["model.vae_path=/models/Wan2.1/vae", "data.synthetic_seed=3"]),
+                             checkpoint)
+    check_encoders_match(load_grpo_config(EXAMPLE), tmp_path)  # published weights record no encoders
 
 
 def test_config_errors_name_the_key():

@@ -5,7 +5,7 @@ Rewards are built by name from the `grpo.rewards` list; every other key of an en
 
 import inspect
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Callable, Optional, Protocol
 
 import torch
 
@@ -38,37 +38,51 @@ def reward_names() -> list[str]:
 class WeightedReward:
     name: str
     weight: float
-    function: Reward
+    function: Optional[Reward]  # None where the reward runs on reward ranks
 
 
-def build_rewards(entries: list[dict], device="cpu") -> list[WeightedReward]:
-    """One WeightedReward per `grpo.rewards` entry; unknown names and options raise ConfigError naming them."""
-    names = reward_names()
+def _name_and_weight(i: int, entry: dict) -> tuple[str, float]:
+    name, weight = entry.get("name"), entry.get("weight", 1.0)
+    if name not in _REGISTRY:
+        raise ConfigError(f"grpo.rewards[{i}].name={name!r} is not a known reward; choose one of "
+                          f"{', '.join(reward_names())}")
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+        raise ConfigError(f"grpo.rewards[{i}].weight must be a number, got {weight!r}")
+    return name, float(weight)
+
+
+def reward_weights(entries: list[dict]) -> list[WeightedReward]:
+    """The names and weights of `grpo.rewards` without building the rewards (function None): what ranks that
+    send their videos to reward ranks need for advantages and logging."""
+    reward_names()  # the built-ins register on import
+    weighted = [WeightedReward(*_name_and_weight(i, entry), None) for i, entry in enumerate(entries)]
+    if len({r.name for r in weighted}) != len(weighted):
+        raise ConfigError("grpo.rewards lists a reward name twice; give each reward once with its weight")
+    return weighted
+
+
+def build_rewards(entries: list[dict], device="cpu", video_fps: float = 16.0) -> list[WeightedReward]:
+    """One WeightedReward per `grpo.rewards` entry; unknown names and options raise ConfigError naming them.
+
+    Rewards that take `device` or `video_fps` (the frame rate of the scored videos, sample.fps) get them from
+    the job, not from their entry."""
+    context = {"device": device, "video_fps": video_fps}
     built = []
-    for i, entry in enumerate(entries):
+    for i, (entry, weighted) in enumerate(zip(entries, reward_weights(entries))):
         where = f"grpo.rewards[{i}]"
-        options = dict(entry)
-        name = options.pop("name", None)
-        if name not in _REGISTRY:
-            raise ConfigError(f"{where}.name={name!r} is not a known reward; choose one of {', '.join(names)}")
-        weight = options.pop("weight", 1.0)
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
-            raise ConfigError(f"{where}.weight must be a number, got {weight!r}")
-        factory = _REGISTRY[name]
+        options = {k: v for k, v in entry.items() if k not in ("name", "weight")}
+        factory = _REGISTRY[weighted.name]
         accepted = inspect.signature(factory).parameters
         for key in options:
-            if key not in accepted or key == "device":
-                allowed = ", ".join(k for k in accepted if k != "device") or "none"
-                raise ConfigError(f"unknown config key '{where}.{key}' for reward {name!r}; allowed: {allowed}")
-        if "device" in accepted:
-            options["device"] = device
+            if key not in accepted or key in context:
+                allowed = ", ".join(k for k in accepted if k not in context) or "none"
+                raise ConfigError(f"unknown config key '{where}.{key}' for reward {weighted.name!r}; allowed: {allowed}")
+        options.update({key: value for key, value in context.items() if key in accepted})
         try:
             function = factory(**options)
         except ConfigError as err:
             raise ConfigError(f"{where}: {err}") from None
-        built.append(WeightedReward(name, float(weight), function))
-    if len({r.name for r in built}) != len(built):
-        raise ConfigError("grpo.rewards lists a reward name twice; give each reward once with its weight")
+        built.append(WeightedReward(weighted.name, weighted.weight, function))
     return built
 
 
