@@ -76,8 +76,8 @@ def test_two_ranks_give_the_one_rank_update(tmp_path, grpo_overrides, layout):
 
 
 @pytest.mark.slow
-def test_tiny_job_reward_rises(tmp_path, fitted_vae):
-    """A cut-down run of the tiny job (examples/grpo_tiny.yaml: the fitted VAE's pixel videos scored by
+def test_tiny_job_reward_rises(tmp_path):
+    """A cut-down run of the tiny job (examples/grpo_tiny.yaml: the block VAE's pixel videos scored by
     synthetic_caption) from the untrained tiny DiT at 5 x 64 x 64: eight iterations raise eval_reward, the
     reward of fixed prompts and noise sampled deterministically."""
     overrides = [f"run.dir={tmp_path}", "checkpoint.load=null", "grpo.pretrain_if_missing=null",
@@ -99,10 +99,10 @@ def test_rollout_encoders_must_be_the_policys(tmp_path):
 
     checkpoint = tmp_path / "step_00000300"
     checkpoint.mkdir()
-    saved = {"model": {"vae": "tiny-fitted", "vae_path": None, "text_encoder_path": None}, "data": {"synthetic_seed": 3}}
+    saved = {"model": {"vae": "tiny-block", "vae_path": None, "text_encoder_path": None}, "data": {"synthetic_seed": 3}}
     (checkpoint / "metadata.json").write_text(json.dumps({"config": saved}))
     check_encoders_match(load_grpo_config(EXAMPLE, ["data.synthetic_seed=3"]), checkpoint)
-    with pytest.raises(ConfigError, match="model.vae='tiny-random'.*set model.vae='tiny-fitted'"):
+    with pytest.raises(ConfigError, match="model.vae='tiny-random'.*set model.vae='tiny-block'"):
         check_encoders_match(load_grpo_config(EXAMPLE, ["model.vae=tiny-random", "data.synthetic_seed=3"]), checkpoint)
     with pytest.raises(ConfigError, match="data.synthetic_seed=0.*set data.synthetic_seed=3"):
         check_encoders_match(load_grpo_config(EXAMPLE), checkpoint)
