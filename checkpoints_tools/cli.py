@@ -17,7 +17,7 @@ and average those (any format, written under any parallel layout).
   osp-ckpt export runs/ft/checkpoints/step_00001000 exported/transformer --which ema --dtype bfloat16
   osp-ckpt export runs/ft/checkpoints/step_00001000 exported/wan --format original
   osp-ckpt inspect runs/ft/checkpoints/step_00001000 --tensors
-  osp-ckpt verify runs/tiny_t2v/checkpoints/step_00000300
+  osp-ckpt verify runs/tiny_t2v/checkpoints/step_00000600
   osp-ckpt reshard runs/ft/checkpoints/step_00001000 resharded/step_00001000 --tensor 2 --data 2 --fsdp
   osp-ckpt average runs/ft/checkpoints/step_0000{0800,0900,1000} averaged/last3
 """

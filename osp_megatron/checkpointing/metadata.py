@@ -23,6 +23,8 @@ def is_complete(path: Path) -> bool:
 
 def read_metadata(path: str | Path) -> dict:
     path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"checkpoint {str(path)!r} does not exist")
     if not is_complete(path):
         raise ConfigError(f"{str(path)!r} is not a complete checkpoint (no {METADATA}); an interrupted save "
                           "leaves a '.tmp' folder that is never loaded")

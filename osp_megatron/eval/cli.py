@@ -31,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     from osp_megatron.eval.vbench_suite import VIDEOS_PER_PROMPT
     from osp_megatron.inference.cli import add_model_arguments, add_sampler_arguments
 
-    parser = argparse.ArgumentParser(prog="osp-eval", description="Evaluate text-to-video models.")
+    parser = argparse.ArgumentParser(prog="osp-eval", description="Evaluate text-to-video models.",
+                                     epilog="examples: osp-eval vbench --help")
     commands = parser.add_subparsers(dest="command", required=True)
     vbench = commands.add_parser(
         "vbench", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,

@@ -48,6 +48,8 @@ def test_crash_mid_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     assert ckpt.latest_checkpoint(tmp_path) == first
     with pytest.raises(ConfigError, match="not a complete checkpoint"):
         ckpt.read_metadata(tmp_path / "checkpoints" / "step_00000002.tmp")
+    with pytest.raises(ConfigError, match="checkpoint .*absent' does not exist"):
+        ckpt.read_metadata(tmp_path / "checkpoints" / "absent")
 
     _, rank_state = ckpt.load_checkpoint(first, model, optimizer)
     assert rank_state["step"] == 1
