@@ -14,6 +14,13 @@ from osp_megatron.models.text_encoder import build_text_encoder
 from osp_megatron.models.vae import build_vae
 
 
+def job_text_encoder(job_config, device="cpu"):
+    """The text encoder of `model.text_encoder_path`, or (unset) the tiny random one seeded like the synthetic
+    data set's, so prompts map to the states the model was trained on."""
+    return build_text_encoder(job_config.model.text_encoder_path, job_config.model.text_dim,
+                              job_config.model.text_len, seed=job_config.data.synthetic_seed, device=device)
+
+
 def build_pipeline(model, job_config, device) -> TextToVideoPipeline:
     """Pipeline with the VAE and text encoder of `model.vae_path` / `model.text_encoder_path` (if unset, the tiny
     VAE `model.vae` names and the tiny random text encoder).
@@ -21,11 +28,9 @@ def build_pipeline(model, job_config, device) -> TextToVideoPipeline:
     The tiny random encoders are seeded like the synthetic data set's, so prompts map to the states the
     model was trained on.
     """
-    seed = job_config.data.synthetic_seed
-    vae = build_vae(job_config.model.vae_path, seed=seed, device=device, tiny=job_config.model.vae)
-    text_encoder = build_text_encoder(job_config.model.text_encoder_path, job_config.model.text_dim,
-                                      job_config.model.text_len, seed=seed, device=device)
-    return TextToVideoPipeline(model, vae, text_encoder, latent_channels=job_config.model.in_channels,
+    vae = build_vae(job_config.model.vae_path, seed=job_config.data.synthetic_seed, device=device,
+                    tiny=job_config.model.vae)
+    return TextToVideoPipeline(model, vae, job_text_encoder(job_config, device), latent_channels=job_config.model.in_channels,
                                patch_size=tuple(job_config.model.patch_size), device=device)
 
 

@@ -122,7 +122,8 @@ class Trainer:
                                         config.checkpoint.async_save)
         self.loader = self._build_loader()
         self.held_out = self._build_held_out()
-        self.null_text = None  # text states of sample.negative_prompt, built on the first train.text_dropout
+        # Text states of sample.negative_prompt, which train.text_dropout swaps in.
+        self.null_text = self._null_text() if config.train.text_dropout else None
         self.step = 0
         # Real shards hold one latent shape per bucket: each shape's token grid must suit the parallel layout.
         self.flops_per_sample, self.tokens_per_sample = {}, {}
@@ -261,6 +262,12 @@ class Trainer:
         scalars.update(ledger().scalars())
         return scalars
 
+    def _null_text(self) -> torch.Tensor:
+        """States [text_len, text_dim] of sample.negative_prompt from the encoder sampling uses."""
+        from osp_megatron.inference.runner import job_text_encoder
+
+        return job_text_encoder(self.config).encode([self.config.sample.negative_prompt])[0][0].to(self.device)
+
     def _drop_text(self, text: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """The micro-batch's text states with train.text_dropout of the samples (chosen by (seed, sample index))
         replaced by the states of sample.negative_prompt, which guidance's unconditional branch uses."""
@@ -269,14 +276,6 @@ class Trainer:
                    for i in indices.tolist()]
         if not any(dropped):
             return text
-        if self.null_text is None:
-            from osp_megatron.models.text_encoder import build_text_encoder
-
-            # The encoder sampling uses (seeded like the synthetic set's), run once for the negative prompt.
-            encoder = build_text_encoder(cfg.model.text_encoder_path, cfg.model.text_dim, cfg.model.text_len,
-                                         seed=cfg.data.synthetic_seed)
-            self.null_text = encoder.encode([cfg.sample.negative_prompt])[0][0].to(self.device)
-            del encoder
         mask = torch.tensor(dropped, device=text.device).view(-1, 1, 1)
         return torch.where(mask, self.null_text.to(text.dtype), text)
 
@@ -419,7 +418,6 @@ class Trainer:
         if self.ema is None:
             yield
             return
-        reshard(self.model)
         backup = {name: local_tensor(param).detach().to("cpu", copy=True)
                   for name, param in self.model.named_parameters()}
         self.ema.copy_to(self.model)
