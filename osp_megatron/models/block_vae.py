@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from osp_megatron.config.errors import ConfigError
+from osp_megatron.models.vae import VideoShapes
 
 LATENT_CHANNELS = 16
 TEMPORAL_STRIDE = 4
@@ -33,7 +34,7 @@ def _frame_groups(video: torch.Tensor) -> torch.Tensor:
     return torch.cat([first, rest], dim=2)
 
 
-class BlockVideoVAE:
+class BlockVideoVAE(VideoShapes):
     """Pixels in [-1, 1] <-> normalised latents [B, 16, 1 + (F-1)/4, H/8, W/8], like VideoVAE around a Wan VAE.
 
     A latent cell holds the mean colour of each quarter of its 8 x 8 pixels over its frames and how the cell's
@@ -55,20 +56,6 @@ class BlockVideoVAE:
 
     def to(self, device):
         return self  # encoding and decoding are a few pooling passes: they run on the CPU
-
-    def latent_shape(self, num_frames, height, width):
-        self.check_video_size(num_frames, height, width)
-        return (LATENT_CHANNELS, 1 + (num_frames - 1) // TEMPORAL_STRIDE, height // SPATIAL_STRIDE,
-                width // SPATIAL_STRIDE)
-
-    def check_video_size(self, num_frames, height, width, where="video"):
-        if num_frames < 1 or (num_frames - 1) % TEMPORAL_STRIDE:
-            raise ConfigError(f"{where}: num_frames must be 1 + a multiple of the VAE temporal stride "
-                              f"{TEMPORAL_STRIDE} (e.g. 9), got {num_frames}")
-        for name, size in (("height", height), ("width", width)):
-            if size < 1 or size % SPATIAL_STRIDE:
-                raise ConfigError(f"{where}: {name} must be a positive multiple of the VAE spatial stride "
-                                  f"{SPATIAL_STRIDE}, got {size}")
 
     @torch.no_grad()
     def encode(self, video: torch.Tensor) -> torch.Tensor:

@@ -18,26 +18,8 @@ _EXPECTED_LAYOUT = (
 )
 
 
-class VideoVAE:
-    """Encodes videos to normalised latents and back; the DiT only ever sees normalised latents."""
-
-    def __init__(self, autoencoder, device="cpu"):
-        self.autoencoder = autoencoder.eval().requires_grad_(False).to(device)
-        config = autoencoder.config
-        self.latent_channels = config.z_dim
-        self.temporal_stride = getattr(config, "scale_factor_temporal", None) or 2 ** sum(config.temperal_downsample)
-        self.spatial_stride = getattr(config, "scale_factor_spatial", None) or 2 ** len(config.temperal_downsample)
-        shape = (1, config.z_dim, 1, 1, 1)
-        self.latents_mean = torch.tensor(config.latents_mean, dtype=torch.float32).view(shape)
-        self.latents_std = torch.tensor(config.latents_std, dtype=torch.float32).view(shape)
-
-    @property
-    def device(self):
-        return next(self.autoencoder.parameters()).device
-
-    @property
-    def dtype(self):
-        return next(self.autoencoder.parameters()).dtype
+class VideoShapes:
+    """Latent and video sizes of a codec with `latent_channels` and strides (`temporal_stride`, `spatial_stride`)."""
 
     def latent_shape(self, num_frames, height, width):
         """(C, T, h, w) of the latents of a num_frames x height x width video."""
@@ -62,6 +44,28 @@ class VideoVAE:
                     f"{where}: {name} must be a positive multiple of the VAE spatial stride {self.spatial_stride}, "
                     f"got {size}"
                 )
+
+
+class VideoVAE(VideoShapes):
+    """Encodes videos to normalised latents and back; the DiT only ever sees normalised latents."""
+
+    def __init__(self, autoencoder, device="cpu"):
+        self.autoencoder = autoencoder.eval().requires_grad_(False).to(device)
+        config = autoencoder.config
+        self.latent_channels = config.z_dim
+        self.temporal_stride = getattr(config, "scale_factor_temporal", None) or 2 ** sum(config.temperal_downsample)
+        self.spatial_stride = getattr(config, "scale_factor_spatial", None) or 2 ** len(config.temperal_downsample)
+        shape = (1, config.z_dim, 1, 1, 1)
+        self.latents_mean = torch.tensor(config.latents_mean, dtype=torch.float32).view(shape)
+        self.latents_std = torch.tensor(config.latents_std, dtype=torch.float32).view(shape)
+
+    @property
+    def device(self):
+        return next(self.autoencoder.parameters()).device
+
+    @property
+    def dtype(self):
+        return next(self.autoencoder.parameters()).dtype
 
     @torch.no_grad()
     def encode(self, video):
