@@ -47,7 +47,8 @@ def test_first_run_sample_shows_the_prompt(main_job, run_python_module, tmp_path
     prompts = [f"a {c} {('square', 'circle')[i % 2]} {MOTIONS[i % len(MOTIONS)]}" for i, c in enumerate(COLOURS)]
     (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
     run_python_module(["osp_megatron.inference.cli", "--checkpoint", str(run_dir), "--prompt-file",
-                       str(tmp_path / "prompts.txt"), "--output-dir", str(tmp_path / "videos"), "--no-progress"],
+                       str(tmp_path / "prompts.txt"), "--output-dir", str(tmp_path / "videos"), "--no-progress",
+                       "--batch-size", str(len(COLOURS))],
                       cwd=tmp_path)
     videos = sorted((tmp_path / "videos").glob("*.mp4"))
     assert len(videos) == len(COLOURS)

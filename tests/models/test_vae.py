@@ -73,6 +73,15 @@ def test_block_latents_are_normalised_and_sizes_checked():
         vae.decode(torch.zeros(1, 4, 3, 2, 2))
 
 
+def test_stored_normalisation_is_what_the_caption_videos_give():
+    """The normalisation kept in the code is the one measured from the caption videos: background cells encode
+    to 0 and the stored shape scale equals a fresh measurement."""
+    background = synthetic.render_caption_video("red", "circle", "staying still", 9, 128, 128)
+    background[:] = synthetic.BACKGROUND_RGB
+    assert build_vae(None, tiny="tiny-block").encode(_pixels([background])).abs().max().item() < 1e-6
+    assert block_vae.measure_shape_scale() == pytest.approx(block_vae.SYNTHETIC_SHAPE_SCALE, rel=1e-6)
+
+
 def test_vae_choice_in_the_job_config():
     """model.vae selects the built-in VAE, data.synthetic_vae follows it, and bad combinations name their keys."""
     config = load_job_config(None, ["model.vae=tiny-block"])
