@@ -53,6 +53,10 @@ class TrainConfig:
     # from (seed, sample index). 0 trains on captions only.
     text_dropout: float = 0.0
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Intra-op threads of a process that computes on the CPU; 0 keeps torch's choice (one per core, or
+    # OMP_NUM_THREADS: 1 under torchrun). Small models gain little from more threads, and threads waiting for a
+    # core another program holds slow every operation down, so the tiny example uses 1.
+    cpu_threads: int = 0
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on accelerators, fp32 on CPU
     progress: bool = True  # console progress bar (rank 0)
     sample_at_end: bool = True  # write one sample video with the final (EMA if any) weights
@@ -69,7 +73,7 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{prefix}.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("exit_interval", "warmup_steps", "eval_interval", "sample_interval"):
+        for name in ("exit_interval", "warmup_steps", "eval_interval", "sample_interval", "cpu_threads"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{prefix}.{name} must be >= 0, got {getattr(self, name)}")
         if self.eval_samples < 1:

@@ -62,6 +62,12 @@ def bucket_names() -> list[str]:
     return [f"loss_t/{low:.2f}-{high:.2f}" for low, high in zip(TIMESTEP_BUCKETS, TIMESTEP_BUCKETS[1:])]
 
 
+def set_cpu_threads(train_config, device: torch.device) -> None:
+    """Apply train.cpu_threads when this process computes on the CPU (0 leaves torch's choice)."""
+    if device.type == "cpu" and train_config.cpu_threads:
+        torch.set_num_threads(train_config.cpu_threads)
+
+
 class Trainer:
     """Build everything from a JobConfig, resume if asked, then `train()` until train.steps or a stop."""
 
@@ -74,6 +80,7 @@ class Trainer:
             self.device = torch.device("cpu")
         elif config.train.device == "cuda" and self.device.type != "cuda":
             raise ConfigError("train.device=cuda but no CUDA device is available")
+        set_cpu_threads(config.train, self.device)
         self.run_dir = Path(config.run.dir)
         self.dp_rank, self.dp_size = state.data_parallel_rank(), state.data_parallel_size()
         self.logging_rank = state.is_logging_rank()

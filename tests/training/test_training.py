@@ -107,19 +107,23 @@ def _dropped_text(rank, world_size, overrides):
     again = trainer._drop_text(text, torch.arange(1000, 1064))
     encoder = build_text_encoder(None, config.model.text_dim, config.model.text_len, seed=config.data.synthetic_seed)
     null = encoder.encode([config.sample.negative_prompt])[0][0]
+    threads = torch.get_num_threads()
     dropped = [bool(torch.equal(row, null)) for row in out]
     kept = [bool(torch.equal(row, original)) for row, original in zip(out, text)]
-    return dropped, kept, bool(torch.equal(out, again))
+    return dropped, kept, bool(torch.equal(out, again)), threads
 
 
 def test_text_dropout_swaps_in_the_unconditional_states_per_sample(tmp_path):
     """train.text_dropout replaces about that share of the samples' text states, chosen by sample index (the same
-    again), by the encoder states of sample.negative_prompt that guidance's unconditional branch uses."""
-    overrides = ["train.text_dropout=0.25", "model.num_layers=1", f"run.dir={tmp_path / 'run'}",
+    again), by the encoder states of sample.negative_prompt that guidance's unconditional branch uses. (The same
+    CPU trainer also takes train.cpu_threads: the worker starts with one thread and ends with the two asked.)"""
+    overrides = ["train.text_dropout=0.25", "model.num_layers=1", f"run.dir={tmp_path / 'run'}", "train.cpu_threads=2",
                  f"data.path={tmp_path / 'data'}", "train.eval_interval=0", "data.synthetic_num_samples=8",
                  "data.synthetic_samples_per_shard=8", "model.vae=tiny-random"]
-    (dropped, kept, repeatable), = run_on_ranks(_dropped_text, 1, overrides)
-    assert all(d != k for d, k in zip(dropped, kept)) and repeatable
+    (dropped, kept, repeatable, threads), = run_on_ranks(_dropped_text, 1, overrides)
+    assert all(d != k for d, k in zip(dropped, kept)) and repeatable and threads == 2
     assert 8 <= sum(dropped) <= 24
     with pytest.raises(ConfigError, match="train.text_dropout must be in"):
         load_job_config("examples/tiny_t2v.yaml", ["train.text_dropout=1.0"])
+    with pytest.raises(ConfigError, match="train.cpu_threads must be >= 0"):
+        load_job_config("examples/tiny_t2v.yaml", ["train.cpu_threads=-1"])
