@@ -30,7 +30,7 @@ from osp_megatron.rl.schedule import ode_plan, rollout_plan, window_start
 from osp_megatron.training.metrics import MetricsLogger
 from osp_megatron.training.optim import average_gradients, clip_gradients, lr_at, set_lr
 from osp_megatron.training.signals import GracefulStop
-from osp_megatron.training.trainer import rng_state, seed_everything, set_rng_state
+from osp_megatron.training.trainer import rng_state, seed_everything, set_cpu_threads, set_rng_state
 
 
 # The key of the evaluation's noise streams: never an iteration number.
@@ -54,6 +54,7 @@ class GRPOTrainer:
             self.device = torch.device("cpu")
         elif config.train.device == "cuda" and self.device.type != "cuda":
             raise ConfigError("train.device=cuda but no CUDA device is available")
+        set_cpu_threads(config.train, self.device)
         self.run_dir = Path(config.run.dir)
         self.logging_rank = state.is_logging_rank()
         self.dp_rank, self.dp_size = state.data_parallel_rank(), state.data_parallel_size()

@@ -82,7 +82,8 @@ def test_tiny_job_reward_rises(tmp_path):
     reward of fixed prompts and noise sampled deterministically."""
     overrides = [f"run.dir={tmp_path}", "checkpoint.load=null", "grpo.pretrain_if_missing=null",
                  "train.progress=false", "train.sample_at_end=false", "checkpoint.interval=0", "train.steps=8",
-                 "train.lr=3e-2", "train.min_lr=3e-2", "grpo.num_steps=6", "grpo.window_size=6",
+                 "train.lr=3e-2", "train.min_lr=3e-2", "train.micro_batch_size=8", "grpo.prompts_per_iteration=2",
+                 "grpo.decode_batch_size=8", "grpo.eta=0.7", "train.cpu_threads=0", "grpo.num_steps=6", "grpo.window_size=6",
                  "grpo.eval_interval=8", "grpo.eval_prompts=8", "sample.num_frames=5", "sample.height=64",
                  "sample.width=64"]
     result = _train(0, 1, overrides)[0]
@@ -90,6 +91,18 @@ def test_tiny_job_reward_rises(tmp_path):
     before, after = [row["eval_reward"] for row in _metrics(tmp_path) if "eval_reward" in row]
     # Measured: 0.155 -> 0.258 (train.seed 7 and 8: 0.258, 0.234): the rise is ~9x the seed-to-seed spread.
     assert after > before + 0.05, (before, after)
+
+
+def _threads(rank, world_size, overrides):
+    from osp_megatron.rl.trainer import GRPOTrainer
+
+    GRPOTrainer(load_grpo_config(EXAMPLE, overrides))
+    return torch.get_num_threads()
+
+
+def test_cpu_threads_set_the_jobs_threads(tmp_path, grpo_overrides):
+    """train.cpu_threads sets torch's threads of a CPU job as in osp-train (the worker starts with one)."""
+    assert run_on_ranks(_threads, 1, grpo_overrides(tmp_path, extra=["train.cpu_threads=2"])) == [2]
 
 
 def test_rollout_encoders_must_be_the_policys(tmp_path):
