@@ -30,7 +30,8 @@ def build_pipeline(model, job_config, device) -> TextToVideoPipeline:
     """
     vae = build_vae(job_config.model.vae_path, seed=job_config.data.synthetic_seed, device=device,
                     tiny=job_config.model.vae)
-    return TextToVideoPipeline(model, vae, job_text_encoder(job_config, device), latent_channels=job_config.model.in_channels,
+    return TextToVideoPipeline(model, vae, job_text_encoder(job_config, device),
+                               latent_channels=job_config.model.in_channels,
                                patch_size=tuple(job_config.model.patch_size), device=device)
 
 

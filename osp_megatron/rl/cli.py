@@ -42,10 +42,11 @@ samples/.
 def build_trainer(config):
     """The GRPO trainer, or on the last grpo.reward_ranks ranks the reward server that scores its videos."""
     from osp_megatron.parallel import state
-    from osp_megatron.rl.trainer import GRPOTrainer, init_ranks
+    from osp_megatron.rl.trainer import GRPOTrainer
+    from osp_megatron.training.trainer import start_process_groups
 
     if config.grpo.reward_ranks:
-        init_ranks(config)
+        start_process_groups(config, reserved_ranks=config.grpo.reward_ranks)
         if state.world_split().is_reserved:
             from osp_megatron.rl.reward_ranks import RewardServer
 

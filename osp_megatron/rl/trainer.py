@@ -30,18 +30,11 @@ from osp_megatron.rl.schedule import ode_plan, rollout_plan, window_start
 from osp_megatron.training.metrics import MetricsLogger
 from osp_megatron.training.optim import average_gradients, clip_gradients, lr_at, set_lr
 from osp_megatron.training.signals import GracefulStop
-from osp_megatron.training.trainer import rng_state, seed_everything, set_cpu_threads, set_rng_state
+from osp_megatron.training.trainer import rng_state, seed_everything, set_rng_state, training_device
 
 
 # The key of the evaluation's noise streams: never an iteration number.
 EVAL_STREAM = 2**31 - 1
-
-
-def init_ranks(config) -> torch.device:
-    """Process groups of an osp-grpo job: the policy's layout over all ranks but the last grpo.reward_ranks."""
-    if config.train.device == "cpu" and config.parallel.backend is None:
-        config.parallel.backend = "gloo"
-    return state.init_distributed(config.parallel, reserved_ranks=config.grpo.reward_ranks)
 
 
 class GRPOTrainer:
@@ -49,12 +42,8 @@ class GRPOTrainer:
 
     def __init__(self, config):
         self.config = config
-        self.device = init_ranks(config)
-        if config.train.device == "cpu":
-            self.device = torch.device("cpu")
-        elif config.train.device == "cuda" and self.device.type != "cuda":
-            raise ConfigError("train.device=cuda but no CUDA device is available")
-        set_cpu_threads(config.train, self.device)
+        # The policy's layout over all ranks but the last grpo.reward_ranks.
+        self.device = training_device(config, reserved_ranks=config.grpo.reward_ranks)
         self.run_dir = Path(config.run.dir)
         self.logging_rank = state.is_logging_rank()
         self.dp_rank, self.dp_size = state.data_parallel_rank(), state.data_parallel_size()

@@ -62,10 +62,25 @@ def bucket_names() -> list[str]:
     return [f"loss_t/{low:.2f}-{high:.2f}" for low, high in zip(TIMESTEP_BUCKETS, TIMESTEP_BUCKETS[1:])]
 
 
-def set_cpu_threads(train_config, device: torch.device) -> None:
-    """Apply train.cpu_threads when this process computes on the CPU (0 leaves torch's choice)."""
-    if device.type == "cpu" and train_config.cpu_threads:
-        torch.set_num_threads(train_config.cpu_threads)
+def start_process_groups(config, reserved_ranks: int = 0) -> torch.device:
+    """init_distributed for a job's parallel layout over all ranks but the last `reserved_ranks`; gloo when
+    train.device=cpu leaves parallel.backend unset. Returns the device init_distributed chose."""
+    if config.train.device == "cpu" and config.parallel.backend is None:
+        config.parallel.backend = "gloo"
+    return state.init_distributed(config.parallel, reserved_ranks=reserved_ranks)
+
+
+def training_device(config, reserved_ranks: int = 0) -> torch.device:
+    """Start the process groups and return the device train.device asks for, with train.cpu_threads applied
+    when it is the CPU (0 leaves torch's choice)."""
+    device = start_process_groups(config, reserved_ranks)
+    if config.train.device == "cpu":
+        device = torch.device("cpu")
+    elif config.train.device == "cuda" and device.type != "cuda":
+        raise ConfigError("train.device=cuda but no CUDA device is available")
+    if device.type == "cpu" and config.train.cpu_threads:
+        torch.set_num_threads(config.train.cpu_threads)
+    return device
 
 
 class Trainer:
@@ -73,14 +88,7 @@ class Trainer:
 
     def __init__(self, config: JobConfig):
         self.config = config
-        if config.train.device == "cpu" and config.parallel.backend is None:
-            config.parallel.backend = "gloo"
-        self.device = state.init_distributed(config.parallel)
-        if config.train.device == "cpu":
-            self.device = torch.device("cpu")
-        elif config.train.device == "cuda" and self.device.type != "cuda":
-            raise ConfigError("train.device=cuda but no CUDA device is available")
-        set_cpu_threads(config.train, self.device)
+        self.device = training_device(config)
         self.run_dir = Path(config.run.dir)
         self.dp_rank, self.dp_size = state.data_parallel_rank(), state.data_parallel_size()
         self.logging_rank = state.is_logging_rank()
