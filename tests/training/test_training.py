@@ -127,3 +127,22 @@ def test_text_dropout_swaps_in_the_unconditional_states_per_sample(tmp_path):
         load_job_config("examples/tiny_t2v.yaml", ["train.text_dropout=1.0"])
     with pytest.raises(ConfigError, match="train.cpu_threads must be >= 0"):
         load_job_config("examples/tiny_t2v.yaml", ["train.cpu_threads=-1"])
+
+
+def _device_error(rank, world_size, overrides):
+    from osp_megatron.training.trainer import training_device
+
+    try:
+        training_device(load_job_config("examples/tiny_t2v.yaml", overrides))
+    except ConfigError as exc:
+        return str(exc)
+    return None
+
+
+def test_cuda_asked_without_a_gpu_is_refused(tmp_path):
+    """train.device=cuda on a machine without CUDA stops at start-up with a message naming the key."""
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    message, = run_on_ranks(_device_error, 1, ["train.device=cuda", "parallel.backend=gloo",
+                                                f"run.dir={tmp_path / 'run'}"])
+    assert message == "train.device=cuda but no CUDA device is available"
