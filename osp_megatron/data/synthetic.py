@@ -35,13 +35,17 @@ NOISE_STD = 0.05
 BLOB_AMPLITUDE = 2.0
 
 
-# The palette: every colour word's pixel value, on a plain near-black background that every colour stands out
-# from (white included). Reward models and tests judge rendered and generated videos against these values.
+# The palette: every colour word's pixel value, on a dark background that every colour stands out from (white
+# included). Reward models and tests judge rendered and generated videos against these values.
 COLOUR_RGB: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 80, 235), "yellow": (235, 215, 40),
     "purple": (160, 50, 210), "white": (235, 235, 235),
 }
-BACKGROUND_RGB = (20, 20, 20)
+# The background's colour at the frame's centre. Its red rises by BACKGROUND_SHADE from the left edge to the right
+# and its blue from the top edge to the bottom, like the sky and ground of real footage: the DiT's 3D RoPE is
+# relative, so this shading is what tells it where in the frame a caption's path lies.
+BACKGROUND_RGB = (30, 20, 30)
+BACKGROUND_SHADE = 50
 # Half extents (x, y) of each shape as fractions of the frame width and height.
 _SHAPE_HALF_SIZE = {"circle": (0.15, 0.15), "square": (0.14, 0.14), "wide bar": (0.28, 0.08),
                     "tall bar": (0.08, 0.28)}
@@ -55,10 +59,21 @@ def blob_centres(motion, num_frames):
     return np.stack([0.5 + dx * travel, 0.5 + dy * travel], axis=1)
 
 
+def background_image(height, width):
+    """The shaded background of the caption videos, float64 [height, width, 3] in pixel values."""
+    xs = (np.arange(width, dtype=np.float64) + 0.5) / width - 0.5
+    ys = (np.arange(height, dtype=np.float64) + 0.5) / height - 0.5
+    image = np.empty((height, width, 3))
+    image[:] = BACKGROUND_RGB
+    image[..., 0] += BACKGROUND_SHADE * xs[None, :]
+    image[..., 2] += BACKGROUND_SHADE * ys[:, None]
+    return image
+
+
 def render_caption_video(colour, shape, motion, num_frames, height, width):
     """The pixel video a caption describes, uint8 [num_frames, height, width, 3].
 
-    A shape of the palette colour over BACKGROUND_RGB whose centre travels _TRAVEL of the frame from the first
+    A shape of the palette colour over the shaded background (background_image) whose centre travels _TRAVEL of the frame from the first
     to the last frame in the motion's direction (centred for "staying still"); edges are anti-aliased over
     one pixel so that a small VAE can reproduce them.
     """
@@ -81,7 +96,7 @@ def render_caption_video(colour, shape, motion, num_frames, height, width):
         coverage = np.clip(0.5 + (1 - radius) * min(half_x, half_y), 0, 1)
     else:
         coverage = (np.clip(0.5 + half_x - np.abs(dx), 0, 1) * np.clip(0.5 + half_y - np.abs(dy), 0, 1))
-    background = np.array(BACKGROUND_RGB, dtype=np.float64)
+    background = background_image(height, width)[None]
     foreground = np.array(COLOUR_RGB[colour], dtype=np.float64)
     video = background + coverage[..., None] * (foreground - background)
     return np.round(video).astype(np.uint8)
@@ -94,6 +109,7 @@ class BlobMeasurement:
     rgb: tuple[float, float, float]
     colour: str
     centres: np.ndarray  # [T, 2]: (x, y) as fractions of the frame, x to the right and y downwards
+    mask: np.ndarray  # [T, H, W] bool: the shape's pixels per frame
 
     def motion(self, min_travel=0.1):
         """The motion word whose direction the centre travelled most along (staying still below min_travel)."""
@@ -102,9 +118,24 @@ class BlobMeasurement:
             return "staying still"
         return max(_VELOCITY, key=lambda word: float(np.dot(_VELOCITY[word], travel)))
 
+    def shape(self):
+        """The shape word of the middle frame's shape: a bar when its bounding box is over twice as long one way
+        as the other, else a square when it fills over 88 % of that box (a disc fills 79 %), else a circle;
+        None when the middle frame shows no shape."""
+        mask = self.mask[len(self.mask) // 2]
+        ys, xs = np.nonzero(mask)
+        if len(xs) == 0:
+            return None
+        width, height = xs.max() - xs.min() + 1, ys.max() - ys.min() + 1
+        if width > 2 * height:
+            return "wide bar"
+        if height > 2 * width:
+            return "tall bar"
+        return "square" if mask.sum() / (width * height) > 0.88 else "circle"
+
 
 def measure_blob(video):
-    """Locate the shape in a uint8 video [T, H, W, 3] over BACKGROUND_RGB (rendered or generated).
+    """Locate the shape in a uint8 video [T, H, W, 3] over the shaded background (rendered or generated).
 
     Per frame the shape is the pixels at least half as far from the background colour as the farthest one,
     which tolerates the blur and tint of a generated video; a frame with nothing far from the background
@@ -113,7 +144,8 @@ def measure_blob(video):
     video = np.asarray(video, dtype=np.float64)
     if video.ndim != 4 or video.shape[-1] != 3:
         raise ConfigError(f"measure_blob expects a video [T, H, W, 3], got shape {video.shape}")
-    distance = np.linalg.norm(video - np.array(BACKGROUND_RGB, dtype=np.float64), axis=-1)  # [T, H, W]
+    background = background_image(*video.shape[1:3])
+    distance = np.linalg.norm(video - background[None], axis=-1)  # [T, H, W]
     peak = distance.reshape(len(video), -1).max(axis=1)
     mask = (distance >= 0.5 * peak[:, None, None]) & (peak[:, None, None] >= 40)
     height, width = video.shape[1:3]
@@ -124,7 +156,7 @@ def measure_blob(video):
             centres[t] = ((xs[mask[t]].mean() + 0.5) / width, (ys[mask[t]].mean() + 0.5) / height)
     rgb = video[mask].mean(axis=0) if mask.any() else np.array(BACKGROUND_RGB, dtype=np.float64)
     nearest = min(COLOUR_RGB, key=lambda word: float(np.linalg.norm(rgb - np.array(COLOUR_RGB[word]))))
-    return BlobMeasurement(tuple(float(v) for v in rgb), nearest, centres)
+    return BlobMeasurement(tuple(float(v) for v in rgb), nearest, centres, mask)
 
 
 def caption_of(colour, shape, motion):
@@ -290,12 +322,12 @@ def make_synthetic_shards(out_dir, num_samples, samples_per_shard, latent_shape,
         from osp_megatron.models.text_encoder import build_text_encoder
 
         text_encoder = build_text_encoder(None, text_dim, text_len, seed=seed)
-        encoder_name = f"tiny-umt5-bytes(seed={seed})"
-        longest = max(len(c.encode("utf-8")) + 1 for c in all_captions())
+        encoder_name = f"tiny-umt5-words(seed={seed})"
+        longest = max(len(c.split()) + 1 for c in all_captions())
         if longest > text_len:
-            # The byte tokenizer spends one token per character, and the motion word comes last.
-            warnings.warn(f"synthetic data: text_len={text_len} truncates captions of up to {longest} byte "
-                          "tokens, so some words will not reach the model")
+            # One token per word and one for the end; the motion word comes last.
+            warnings.warn(f"synthetic data: text_len={text_len} truncates captions of up to {longest} tokens, "
+                          "so some words will not reach the model")
     if text_encoder.text_dim != text_dim:
         raise ConfigError(f"synthetic data: the text encoder gives {text_encoder.text_dim}-d states, "
                           f"expected text_dim={text_dim}")

@@ -56,6 +56,10 @@ class ModelConfig:
     eps: float = 1e-6
     cross_attn_norm: bool = True
     rope_theta: float = 10000.0
+    # Fixed 3D sine-cosine positions added to the patch tokens (as DiT, PixArt and Latte do) beside 3D RoPE.
+    # Wan2.1 has none (false); a tiny model trained for minutes needs them to place a caption's content in
+    # the frame (docs/training.md, "What the tiny DiT learns"). Parameter-free: weights are unchanged.
+    absolute_positions: bool = False
     # Skiparse: sparse_ratio P (1 = every block full attention). With P > 1 the first and last
     # `full_blocks` blocks stay full and the others alternate token (even index) / group (odd index);
     # `block_layout` overrides that with an explicit list of "full" / "token" / "group".

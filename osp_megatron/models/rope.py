@@ -48,3 +48,18 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     from osp_megatron.models.wan.fused import rotary
 
     return rotary(x, cos, sin)
+
+
+@functools.lru_cache(maxsize=8)
+def sincos_positions(grid, dim: int, theta: float = 10000.0, device=None) -> torch.Tensor:
+    """Fixed absolute position embeddings [1, T*H*W, dim] (float32) of a (T, H, W) token grid, row-major: each
+    axis gets the channels rope_split gives it, half sines and half cosines of position times frequencies."""
+    grid, device = tuple(grid), torch.device(device) if device is not None else None
+    parts = []
+    for axis, (size, channels) in enumerate(zip(grid, rope_split(dim))):
+        angles = _axis_angles(torch.arange(size, device=device), channels, theta)[:, ::2]  # [size, channels/2]
+        table = torch.cat([angles.sin(), angles.cos()], dim=1)
+        shape = [1, 1, 1, channels]
+        shape[axis] = size
+        parts.append(table.view(shape).expand(*grid, channels))
+    return torch.cat(parts, dim=-1).reshape(1, -1, dim).float()

@@ -1,10 +1,12 @@
 """Frozen umT5 text encoder: prompts -> zero-padded token states, as Wan2.1 conditions its DiT.
 
-Loads a local umT5 checkpoint, or builds a tiny random-weight one with a byte-level tokenizer for tests.
+Loads a local umT5 checkpoint, or builds a tiny random-weight one with a word-hashing tokenizer for tests
+and the CPU examples.
 """
 
 import os
 import re
+import zlib
 
 import torch
 import transformers
@@ -32,22 +34,40 @@ def clean_prompt(prompt):
     return re.sub(r"\s+", " ", prompt).strip()
 
 
+def _padded(rows):
+    """(input_ids [B, N], attention_mask [B, N]) of token id lists, N = the longest, padded with PAD_ID."""
+    longest = max(len(ids) for ids in rows)
+    input_ids = torch.full((len(rows), longest), PAD_ID, dtype=torch.long)
+    mask = torch.zeros((len(rows), longest), dtype=torch.long)
+    for i, ids in enumerate(rows):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        mask[i, : len(ids)] = 1
+    return input_ids, mask
+
+
 class ByteTokenizer:
-    """Deterministic tokenizer over UTF-8 bytes; needs no vocabulary file, so tests run offline."""
+    """Deterministic tokenizer over UTF-8 bytes; needs no vocabulary file (benchmarks of long prompts)."""
 
     def __call__(self, prompts, max_length):
         """Return (input_ids [B, N], attention_mask [B, N]) with N = longest prompt, ending in EOS."""
-        rows = []
-        for prompt in prompts:
-            ids = [byte + BYTE_OFFSET for byte in prompt.encode("utf-8")][: max_length - 1] + [EOS_ID]
-            rows.append(ids)
-        longest = max(len(ids) for ids in rows)
-        input_ids = torch.full((len(rows), longest), PAD_ID, dtype=torch.long)
-        mask = torch.zeros((len(rows), longest), dtype=torch.long)
-        for i, ids in enumerate(rows):
-            input_ids[i, : len(ids)] = torch.tensor(ids)
-            mask[i, : len(ids)] = 1
-        return input_ids, mask
+        return _padded([[byte + BYTE_OFFSET for byte in prompt.encode("utf-8")][: max_length - 1] + [EOS_ID]
+                        for prompt in prompts])
+
+
+class WordTokenizer:
+    """Deterministic tokenizer of the tiny umT5: one token per word or punctuation mark, its id a hash of the
+    word (CRC-32 into the tiny vocabulary), so it needs no vocabulary file and tests run offline. Like umT5's
+    SentencePiece, which keeps common words whole, a caption's words reach the model as single tokens."""
+
+    def __call__(self, prompts, max_length):
+        """Return (input_ids [B, N], attention_mask [B, N]) with N = longest prompt, ending in EOS."""
+        return _padded([[word_id(word) for word in re.findall(r"\w+|[^\w\s]", prompt)][: max_length - 1]
+                        + [EOS_ID] for prompt in prompts])
+
+
+def word_id(word: str) -> int:
+    """The tiny vocabulary's id of a word (case-folded): BYTE_OFFSET .. TINY_VOCAB_SIZE - 1."""
+    return BYTE_OFFSET + zlib.crc32(word.lower().encode("utf-8")) % (TINY_VOCAB_SIZE - BYTE_OFFSET)
 
 
 class _HuggingFaceTokenizer:
@@ -144,7 +164,7 @@ def build_text_encoder(path, text_dim, max_length, seed=0, device="cpu", dtype=t
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = UMT5EncoderModel(tiny_umt5_config(text_dim))
-        return TextEncoder(model, ByteTokenizer(), max_length, device)
+        return TextEncoder(model, WordTokenizer(), max_length, device)
 
     if not os.path.isdir(path):
         raise ConfigError(f"text encoder path {path!r} is not a directory; expected {_EXPECTED_LAYOUT}")

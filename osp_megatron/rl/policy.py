@@ -65,11 +65,15 @@ def check_encoders_match(config, weights: Path) -> None:
             problems.append((path_key, ours, theirs))
         elif ours is None and _setting(config, builtin_key) != _saved_setting(saved, builtin_key, default):
             problems.append((builtin_key, _setting(config, builtin_key), _saved_setting(saved, builtin_key, default)))
+    # Parameter-free architecture: weights load either way, but the DiT would see other inputs than it learned.
+    if _setting(config, "model.absolute_positions") != _saved_setting(saved, "model.absolute_positions", False):
+        problems.append(("model.absolute_positions", _setting(config, "model.absolute_positions"),
+                         _saved_setting(saved, "model.absolute_positions", False)))
     if problems:
         dotted, ours, theirs = problems[0]
         raise ConfigError(f"{dotted}={ours!r} but the policy in checkpoint.load={str(weights)!r} was trained with "
-                          f"{dotted}={theirs!r}; set {dotted}={theirs!r} so that rollouts are decoded and "
-                          "conditioned like its training data")
+                          f"{dotted}={theirs!r}; set {dotted}={theirs!r} so that rollouts are made like its "
+                          "training data")
 
 
 def run_pretraining(config_name: str, run_dir: str) -> None:

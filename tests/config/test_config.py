@@ -14,7 +14,7 @@ def test_example_config_loads_with_overrides():
     """The tiny example loads, and dotted overrides reach nested fields with YAML typing."""
     config = load_job_config(EXAMPLE, ["train.steps=7", "model.num_layers=6", "train.lr=1e-3", "run.dir=/tmp/x"])
     assert config.train.steps == 7 and config.model.num_layers == 6 and config.train.lr == 1e-3
-    assert config.run.dir == "/tmp/x" and config.model.dim == 64
+    assert config.run.dir == "/tmp/x" and config.model.dim == 128 and config.model.num_heads == 4
 
 
 @pytest.mark.parametrize("override, named", [

@@ -211,14 +211,27 @@ def test_rendered_video_shows_its_caption(colour, shape, motion):
     """The renderer paints the palette colour over the background and moves it the named way."""
     video = synthetic.render_caption_video(colour, shape, motion, 9, 64, 48)
     assert video.shape == (9, 64, 48, 3) and video.dtype == np.uint8
-    assert tuple(video[0, 0, 0]) == synthetic.BACKGROUND_RGB
+    background = np.round(synthetic.background_image(64, 48))
+    np.testing.assert_array_equal(video[0, 0, 0], background[0, 0])
+    np.testing.assert_array_equal(video[-1, -1, -1], background[-1, -1])
     measured = synthetic.measure_blob(video)
-    assert measured.colour == colour and measured.motion() == motion
+    assert measured.colour == colour and measured.motion() == motion and measured.shape() == shape
     np.testing.assert_allclose(measured.rgb, synthetic.COLOUR_RGB[colour], atol=12)
     np.testing.assert_allclose(measured.centres, synthetic.blob_centres(motion, 9), atol=0.02)
     # The palette colour itself fills the shape's interior exactly.
     centre_x, centre_y = synthetic.blob_centres(motion, 9)[4]
     assert tuple(video[4, int(centre_y * 64), int(centre_x * 48)]) == synthetic.COLOUR_RGB[colour]
+
+
+def test_background_shading_tells_position():
+    """The background is BACKGROUND_RGB at the centre; its red rises from left to right and its blue from top to
+    bottom by BACKGROUND_SHADE, green stays, so every pixel's place can be read from its colour."""
+    image = synthetic.background_image(64, 48)
+    np.testing.assert_allclose(image[31:33, 23:25].mean(axis=(0, 1)), synthetic.BACKGROUND_RGB)
+    np.testing.assert_allclose(image[0, -1, 0] - image[0, 0, 0], synthetic.BACKGROUND_SHADE * 47 / 48)
+    np.testing.assert_allclose(image[-1, 0, 2] - image[0, 0, 2], synthetic.BACKGROUND_SHADE * 63 / 64)
+    assert np.ptp(image[..., 1]) == 0 and np.ptp(image[:, 0, 0]) == 0 and np.ptp(image[0, :, 2]) == 0
+    assert image.min() >= 0
 
 
 def test_shapes_differ_in_their_extents():

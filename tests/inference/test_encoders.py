@@ -18,8 +18,8 @@ def test_tiny_text_encoder_is_deterministic_and_zero_padded():
     second, _ = build_text_encoder(None, 32, 40, seed=1).encode(prompts)
     assert first.shape == (2, 40, 32) and first.dtype == torch.float32
     assert torch.equal(first, second)
-    # one token per UTF-8 byte plus end-of-sequence; repeated spaces are collapsed first
-    assert lengths.tolist() == [len(prompts[0]) + 1, len("a blue square") + 1]
+    # one token per word plus end-of-sequence; repeated spaces are collapsed first
+    assert lengths.tolist() == [6, 4]
     for states, length in zip(first, lengths):
         assert states[length:].abs().sum() == 0 and states[:length].abs().min() > 0
 
@@ -39,9 +39,23 @@ def test_tiny_text_encoder_distinguishes_prompts_and_seeds():
     assert not torch.allclose(a[0], a[1]) and not torch.allclose(a, b)
 
 
+def test_tiny_tokenizer_keeps_words_whole():
+    """The tiny encoder's tokenizer gives one id per word or punctuation mark, the same id for the same word
+    in any case and place, and distinct ids to every word of the synthetic captions."""
+    from osp_megatron.data.synthetic import COLOURS, MOTIONS, SHAPES
+    from osp_megatron.models.text_encoder import EOS_ID, WordTokenizer, word_id
+
+    ids, mask = WordTokenizer()(["a Red circle, moving up", "red"], 16)
+    assert ids[0, :7].tolist() == [word_id("a"), word_id("red"), word_id("circle"), word_id(","),
+                                   word_id("moving"), word_id("up"), EOS_ID]
+    assert ids[1, 0] == ids[0, 1] and mask.sum(1).tolist() == [7, 2]
+    vocabulary = {word for phrase in (*COLOURS, *SHAPES, *MOTIONS, "a") for word in phrase.split()}
+    assert len({word_id(word) for word in vocabulary}) == len(vocabulary)
+
+
 def test_long_prompts_are_truncated_to_max_length():
     """A prompt longer than max_length fills exactly max_length tokens."""
-    states, lengths = build_text_encoder(None, 16, 8, seed=0).encode(["x" * 100])
+    states, lengths = build_text_encoder(None, 16, 8, seed=0).encode(["x " * 100])
     assert states.shape == (1, 8, 16) and lengths.tolist() == [8]
 
 

@@ -54,3 +54,40 @@ def test_bad_latent_shapes_are_named():
         model(torch.randn(1, 16, 3, 7, 8), torch.tensor([1.0]), torch.randn(1, 4, 32))
     with pytest.raises(ConfigError, match="in_channels"):
         model(torch.randn(1, 8, 3, 8, 8), torch.tensor([1.0]), torch.randn(1, 4, 32))
+
+
+def test_sincos_positions_tell_every_token_apart():
+    """The absolute position table gives each token of a (T, H, W) grid its own row, built per axis from the
+    channels rope_split assigns: sines then cosines of position times frequency; position 0 is sin 0, cos 1."""
+    from osp_megatron.models.rope import rope_split, sincos_positions
+
+    table = sincos_positions((3, 4, 5), 64)[0]
+    assert table.shape == (60, 64)
+    assert torch.cdist(table, table).add(torch.eye(60)).min() > 0.1
+    t_dim, h_dim, _ = rope_split(64)
+    grid = table.view(3, 4, 5, 64)
+    torch.testing.assert_close(grid[:, 2, 3, :t_dim], grid[:, 0, 0, :t_dim])  # time channels follow t only
+    row = grid[0, 1, 0, t_dim:t_dim + h_dim]
+    frequencies = 10000.0 ** (-torch.arange(0, h_dim, 2, dtype=torch.float64) / h_dim)
+    torch.testing.assert_close(row, torch.cat([frequencies.sin(), frequencies.cos()]).float())
+    assert torch.equal(grid[0, 0, 0, t_dim:], torch.cat([torch.zeros(h_dim // 2), torch.ones(h_dim // 2)] * 2))
+
+
+def test_absolute_positions_add_no_weights_and_place_content():
+    """model.absolute_positions keeps the parameters (a checkpoint loads either way) and, unlike RoPE alone,
+    makes the output depend on where in the grid a token is: shifted input gives an output that is not merely
+    shifted."""
+    torch.manual_seed(0)
+    plain = build_model(tiny(num_layers=1))
+    placed = build_model(tiny(num_layers=1, absolute_positions=True))
+    placed.load_state_dict(plain.state_dict())
+    for param in placed.parameters():
+        torch.nn.init.normal_(param, std=0.05)
+    plain.load_state_dict(placed.state_dict())
+    # A grid the same everywhere in space: without absolute positions every location gives the same output.
+    latents = torch.randn(1, 16, 1, 1, 1).expand(1, 16, 1, 4, 4).contiguous()
+    args = (torch.tensor([500.0]), torch.randn(1, 6, 32))
+    same = plain(latents, *args)
+    assert torch.allclose(same, same[..., :2, :2].repeat(1, 1, 1, 2, 2), atol=1e-5)
+    varied = placed(latents, *args)
+    assert not torch.allclose(varied, varied[..., :2, :2].repeat(1, 1, 1, 2, 2), atol=1e-3)

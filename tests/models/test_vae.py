@@ -74,8 +74,8 @@ def test_block_latents_are_normalised_and_sizes_checked():
 
 
 def test_stored_normalisation_is_what_the_caption_videos_give():
-    """The normalisation kept in the code is the one measured from the caption videos: background cells encode
-    to 0 and the stored shape scale equals a fresh measurement."""
+    """The normalisation kept in the code is the one measured from the caption videos: cells of the background's
+    centre colour encode to 0 and the stored shape scale equals a fresh measurement."""
     background = synthetic.render_caption_video("red", "circle", "staying still", 9, 128, 128)
     background[:] = synthetic.BACKGROUND_RGB
     assert build_vae(None, tiny="tiny-block").encode(_pixels([background])).abs().max().item() < 1e-6

@@ -39,11 +39,13 @@ LAYOUTS = {"S2": (1, 2, 1, 1), "S4": (1, 4, 1, 1), "U2": (1, 1, 2, 1), "S2U2": (
            "TP2S2": (2, 2, 1, 1), "DP2S2": (1, 2, 1, 2)}
 
 # Model cases of the direct test: the tiny hybrid on the example's grid, a padded grid whose Ulysses chunks
-# do not align with the pattern switch (T*Hp/P^2 = 1), consecutive full blocks after a group block, a
+# do not align with the pattern switch (T*Hp/P^2 = 1), consecutive full blocks after a group block and
+# absolute positions, a
 # full-only model, and a sparse-ratio model whose blocks are all full (row-major order, unpadded grid).
 CASES = [
     ({"sparse_ratio": 2}, (3, 16, 16)),
-    ({"sparse_ratio": 2, "num_layers": 4, "block_layout": ["token", "group", "full", "full"]}, (1, 6, 8)),
+    ({"sparse_ratio": 2, "num_layers": 4, "block_layout": ["token", "group", "full", "full"],
+      "absolute_positions": True}, (1, 6, 8)),
     ({"sparse_ratio": 1}, (3, 16, 16)),
     ({"sparse_ratio": 2, "num_layers": 2, "block_layout": ["full", "full"]}, (1, 8, 12)),
 ]

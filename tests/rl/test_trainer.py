@@ -109,12 +109,14 @@ def test_cpu_threads_set_the_jobs_threads(tmp_path, grpo_overrides):
 
 def test_rollout_encoders_must_be_the_policys(tmp_path):
     """Rollouts decoded by another VAE than the policy was trained with (or conditioned by another text
-    encoder) are refused at start-up, naming the key and the value to set."""
+    encoder, or made without the absolute positions it learned with) are refused at start-up, naming the key
+    and the value to set."""
     from osp_megatron.rl.policy import check_encoders_match
 
     checkpoint = tmp_path / "step_00000300"
     checkpoint.mkdir()
-    saved = {"model": {"vae": "tiny-block", "vae_path": None, "text_encoder_path": None}, "data": {"synthetic_seed": 3}}
+    saved = {"model": {"vae": "tiny-block", "vae_path": None, "text_encoder_path": None, "absolute_positions": True},
+             "data": {"synthetic_seed": 3}}
     (checkpoint / "metadata.json").write_text(json.dumps({"config": saved}))
     check_encoders_match(load_grpo_config(EXAMPLE, ["data.synthetic_seed=3"]), checkpoint)
     with pytest.raises(ConfigError, match="model.vae='tiny-random'.*set model.vae='tiny-block'"):
@@ -123,6 +125,9 @@ def test_rollout_encoders_must_be_the_policys(tmp_path):
         check_encoders_match(load_grpo_config(EXAMPLE), checkpoint)
     with pytest.raises(ConfigError, match="model.vae_path='/models/Wan2.1/vae'"):
         check_encoders_match(load_grpo_config(EXAMPLE, ["model.vae_path=/models/Wan2.1/vae", "data.synthetic_seed=3"]),
+                             checkpoint)
+    with pytest.raises(ConfigError, match="model.absolute_positions=False.*set model.absolute_positions=True"):
+        check_encoders_match(load_grpo_config(EXAMPLE, ["model.absolute_positions=false", "data.synthetic_seed=3"]),
                              checkpoint)
     check_encoders_match(load_grpo_config(EXAMPLE), tmp_path)  # published weights record no encoders
 

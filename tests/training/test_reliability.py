@@ -178,7 +178,8 @@ def test_finished_run_layout_change_and_intervals(straight, tmp_path):
     assert abs(evals[0] - evals[1]) < 1e-6  # lr 1e-12: same weights, same noise and timesteps
     assert (intervals / "samples" / "step_00000002.mp4").is_file()
     assert (intervals / "samples" / "step_00000002.png").is_file()
-    for key in ("loss_t/0.00-0.25", "tokens_per_s", "mfu", "data_wait_s", "mem_rss_gib"):
+    assert any(key.startswith("loss_t/") for row in rows for key in row)  # per noise-level quarter
+    for key in ("tokens_per_s", "mfu", "data_wait_s", "mem_rss_gib"):
         assert any(key in row for row in rows), key
 
 

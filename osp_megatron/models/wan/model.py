@@ -15,6 +15,7 @@ from torch.utils.checkpoint import checkpoint
 
 from osp_megatron.config.errors import ConfigError
 from osp_megatron.models.config import ModelConfig, torch_dtype
+from osp_megatron.models.rope import sincos_positions
 from osp_megatron.models.wan import fused
 from osp_megatron.models.wan.layers import FP32LayerNorm
 from osp_megatron.models.wan.spec import wan_layer_spec
@@ -143,6 +144,8 @@ class WanDiT(MegatronModule):
                                      self.model_config.rope_theta, latents.device,
                                      backend=self.model_config.attention_backend)
         hidden = self.embed_patches(latents, grid)
+        if self.model_config.absolute_positions:
+            hidden = hidden + sincos_positions(grid, hidden.shape[-1], device=hidden.device).to(hidden.dtype)
         time, modulation, text = self.embed_conditions(timestep, text_states)
 
         # model.activation_checkpointing; nothing is kept for a backward when no gradient is recorded.
