@@ -18,7 +18,7 @@ import webdataset
 from osp_megatron.config.errors import ConfigError
 from osp_megatron.data.shards import INDEX_NAME, ShardInfo, atomic_write_bytes, read_index, write_index
 
-INDEX_FORMAT = "osp-synthetic-v2"
+INDEX_FORMAT = "osp-synthetic-v3"
 # Written first into every folder this generator fills; nothing without it is ever written to or deleted.
 MARKER_NAME = ".osp-synthetic"
 SYNTHETIC_VAES = ("tiny-random", "tiny-block")
