@@ -217,44 +217,44 @@ def _is_own_temporary(name):
         INDEX_NAME) or name[1:].startswith(MARKER_NAME))
 
 
-def _read_marker(out_dir):
+def _read_marker(out_dir, key):
     path = os.path.join(out_dir, MARKER_NAME)
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{path}: unreadable synthetic data marker ({exc}); delete the folder {out_dir} (it "
-                          "holds generated data only) or choose another data.path") from exc
+                          f"holds generated data only) or choose another {key}") from exc
 
 
-def _claim_folder(out_dir, expected):
+def _claim_folder(out_dir, expected, key="data.path"):
     """Decide whether out_dir may receive this synthetic set; returns its shards when it already holds it whole.
 
     Writes only into an absent or empty folder (leaving the marker first) or one whose marker says it holds this
     very set; anything else, however valid as data, is refused without touching a file.
     """
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise ConfigError(f"data.path {out_dir!r} is a file, not a folder; choose another data.path for the "
+        raise ConfigError(f"{key} {out_dir!r} is a file, not a folder; choose another {key} for the "
                           "synthetic data set")
     entries = sorted(os.listdir(out_dir)) if os.path.isdir(out_dir) else []
     if MARKER_NAME not in entries:
         if entries:
             shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
             raise ConfigError(
-                f"data.path {out_dir!r} is not empty ({shown}) and holds no synthetic data set made by "
+                f"{key} {out_dir!r} is not empty ({shown}) and holds no synthetic data set made by "
                 f"osp_megatron (no {MARKER_NAME} marker), so synthetic data will not be written there. Choose "
-                "another (empty or absent) data.path for the synthetic set, or set data.synthetic=false to "
+                f"another (empty or absent) {key} for the synthetic set, or set data.synthetic=false to "
                 "train on the shards already in that folder"
             )
         os.makedirs(out_dir, exist_ok=True)
         # The marker goes first: from here on the folder is known to hold this generator's files only.
         atomic_write_bytes(os.path.join(out_dir, MARKER_NAME), json.dumps(expected, indent=1).encode())
         return None
-    found = _read_marker(out_dir)
+    found = _read_marker(out_dir, key)
     if found != expected:
         raise ConfigError(
-            f"data.path {out_dir!r} holds a different synthetic data set {found}, expected {expected}; choose "
-            f"another data.path, or delete that folder (it holds generated data only) to regenerate it"
+            f"{key} {out_dir!r} holds a different synthetic data set {found}, expected {expected}; choose "
+            f"another {key}, or delete that folder (it holds generated data only) to regenerate it"
         )
     index = read_index(out_dir)
     if index is not None:
@@ -313,7 +313,7 @@ def make_synthetic_shards(out_dir, num_samples, samples_per_shard, latent_shape,
         raise ConfigError(f"data.synthetic_vae: unknown VAE {vae!r}; choose one of {', '.join(SYNTHETIC_VAES)}")
     expected = _expected_index(num_samples, samples_per_shard, latent_shape, text_len, text_dim, seed, vae,
                                held_out)
-    existing = _claim_folder(out_dir, expected)
+    existing = _claim_folder(out_dir, expected, "data.eval_path" if held_out else "data.path")
     if existing is not None:
         return existing
 

@@ -121,8 +121,10 @@ def test_a_file_as_data_path_is_refused(tmp_path):
     """data.path naming a file is an error that leaves the file alone."""
     target = tmp_path / "shards.tar"
     target.write_bytes(b"user data")
-    with pytest.raises(ConfigError, match="is a file"):
+    with pytest.raises(ConfigError, match="data.path .* is a file"):
         make_synthetic_shards(str(target), 4, 4, (16, 1, 2, 2), 32, 8)
+    with pytest.raises(ConfigError, match="data.eval_path .* is a file"):  # the held-out set names its own key
+        make_synthetic_shards(str(target), 4, 4, (16, 1, 2, 2), 32, 8, held_out=True)
     assert target.read_bytes() == b"user data"
 
 
