@@ -66,9 +66,10 @@ def check_encoders_match(config, weights: Path) -> None:
         elif ours is None and _setting(config, builtin_key) != _saved_setting(saved, builtin_key, default):
             problems.append((builtin_key, _setting(config, builtin_key), _saved_setting(saved, builtin_key, default)))
     # Parameter-free architecture: weights load either way, but the DiT would see other inputs than it learned.
-    if _setting(config, "model.absolute_positions") != _saved_setting(saved, "model.absolute_positions", False):
-        problems.append(("model.absolute_positions", _setting(config, "model.absolute_positions"),
-                         _saved_setting(saved, "model.absolute_positions", False)))
+    key = "model.absolute_positions"
+    ours, theirs = _setting(config, key), _saved_setting(saved, key, False)
+    if ours != theirs:
+        problems.append((key, ours, theirs))
     if problems:
         dotted, ours, theirs = problems[0]
         raise ConfigError(f"{dotted}={ours!r} but the policy in checkpoint.load={str(weights)!r} was trained with "

@@ -1,6 +1,7 @@
 """The README's first run, judged by its picture: osp-train on the tiny default renders samples whose frames show
 the colour, shape and motion their prompts name."""
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -8,7 +9,8 @@ import pytest
 from PIL import Image
 
 from osp_megatron.config.job import load_job_config
-from osp_megatron.data.synthetic import COLOURS, COLOUR_RGB, MOTIONS, SHAPES, all_captions, measure_blob
+from osp_megatron.data.synthetic import (COLOURS, COLOUR_RGB, MOTIONS, SHAPES, all_captions, caption_of,
+                                         measure_blob)
 from osp_megatron.inference.video_io import read_video
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "tiny_t2v.yaml"
@@ -37,7 +39,7 @@ PROMPTS = ["a red square moving right", "a green circle moving up", "a blue squa
 
 def _words(prompt):
     """(colour, shape, motion) of a synthetic caption."""
-    return next((c, s, m) for c in COLOURS for s in SHAPES for m in MOTIONS if prompt == f"a {c} {s} {m}")
+    return next(words for words in itertools.product(COLOURS, SHAPES, MOTIONS) if caption_of(*words) == prompt)
 
 
 @pytest.mark.slow
