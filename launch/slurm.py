@@ -36,7 +36,7 @@ class Submission:
     def task(self) -> JobTask:
         return JobTask(job=self.job, module=self.module, arguments=list(self.arguments),
                        stop_signal=self.cluster.stop_signal_number, requeue=self.cluster.requeue,
-                       max_requeues=self.cluster.max_requeues)
+                       max_requeues=self.cluster.max_requeues, folder=str(self.folder))
 
     def setup_lines(self) -> list[str]:
         """Shell lines of the batch script before srun; tasks inherit the environment they export."""

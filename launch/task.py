@@ -1,12 +1,20 @@
 """What each Slurm task of an osp-launch job runs: torchrun-style rank variables from Slurm's, the job as a child
 process, and, on rank 0 after a stop signal, `scontrol requeue` so the job comes back and resumes.
+
+The requeue ends every task of the job step at once (Slurm cancels the step with SIGTERM). So every task notes in
+the job folder that its job has ended, and rank 0 requeues only once all of them have: a rank still leaving
+its process (closing the process group, writing its result) is never cut short, and the first run of the job
+ends without a failed task.
 """
 
 import os
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
 
 from launch.supervisor import run_supervised, stopped_by
 from osp_megatron.parallel.rendezvous import expand_nodelist, rendezvous_port
@@ -48,6 +56,29 @@ def requeue_job(job_id: str, restarts: int, max_requeues: int) -> bool:
     return True
 
 
+def ended_marker(folder: Path, restart: int, rank: int) -> Path:
+    """The file task `rank` writes once its job has ended in this run (restart) of the Slurm job."""
+    return folder / "ended" / f"restart_{restart}" / f"rank_{rank}"
+
+
+def note_ended(folder: Path, restart: int, rank: int, returncode: int) -> None:
+    marker = ended_marker(folder, restart, rank)
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    partial = marker.with_name(marker.name + ".partial")
+    partial.write_text(f"{returncode}\n")
+    partial.replace(marker)
+
+
+def wait_for_ranks(folder: Path, restart: int, world: int, timeout: float) -> list[int]:
+    """Wait until every rank has noted its end; returns the ranks still missing after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        missing = [rank for rank in range(world) if not ended_marker(folder, restart, rank).exists()]
+        if not missing or time.monotonic() >= deadline:
+            return missing
+        time.sleep(0.2)
+
+
 @dataclass
 class JobTask:
     """One task of a submitted job (pickled by submitit, loaded again after every requeue)."""
@@ -58,17 +89,29 @@ class JobTask:
     stop_signal: int = int(signal.SIGUSR1)
     requeue: bool = True
     max_requeues: int = 50
+    # submitit's job folder (%j = job id): where the tasks note that their job has ended before rank 0 requeues.
+    folder: Optional[str] = None
+    # How long rank 0 waits for the other tasks' jobs to end before it requeues all the same.
+    end_wait_seconds: float = 120.0
 
     def __call__(self) -> int:
         env = task_environment(os.environ)
-        rank = int(env["RANK"])
+        rank, world, restart = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("SLURM_RESTART_COUNT", 0))
         if rank == 0:
-            say(f"{self.job} on {env['WORLD_SIZE']} tasks, rendezvous {env['MASTER_ADDR']}:{env['MASTER_PORT']}, "
-                f"restart {os.environ.get('SLURM_RESTART_COUNT', '0')}")
+            say(f"{self.job} on {world} tasks, rendezvous {env['MASTER_ADDR']}:{env['MASTER_PORT']}, "
+                f"restart {restart}")
         returncode, received = run_supervised([sys.executable, "-u", "-m", self.module, *self.arguments], env=env)
+        folder = Path(self.folder.replace("%j", env["SLURM_JOB_ID"])) if self.folder else None
+        if folder is not None and self.requeue:
+            note_ended(folder, restart, rank, returncode)
         if stopped_by(received, returncode, self.stop_signal):
             if rank == 0 and self.requeue:
-                requeue_job(env["SLURM_JOB_ID"], int(os.environ.get("SLURM_RESTART_COUNT", 0)), self.max_requeues)
+                if folder is not None:
+                    missing = wait_for_ranks(folder, restart, world, self.end_wait_seconds)
+                    if missing:
+                        say(f"rank(s) {', '.join(map(str, missing))} had not ended {self.end_wait_seconds:g} s "
+                            "after rank 0; requeueing all the same")
+                requeue_job(env["SLURM_JOB_ID"], restart, self.max_requeues)
             return 0
         if returncode != 0:
             raise RuntimeError(f"{self.job} (python -m {self.module}) on rank {rank} exited with status "

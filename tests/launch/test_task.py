@@ -1,14 +1,17 @@
 """Inside a Slurm task: rank variables from Slurm's, and the requeue decision after the job ends (requeue only
-after the stop signal, only from rank 0, never past cluster.max_requeues; a failed job is an error)."""
+after the stop signal, only from rank 0 once every task's job has ended, never past cluster.max_requeues; a
+failed job is an error)."""
 
 import os
 import signal
 import stat
+import threading
+import time
 
 import pytest
 
 from launch.supervisor import stopped_by
-from launch.task import JobTask, task_environment
+from launch.task import JobTask, ended_marker, note_ended, task_environment
 from osp_megatron.parallel.rendezvous import rendezvous_port
 
 SLURM_TASK = {"SLURM_PROCID": "9", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1", "SLURM_NODEID": "1",
@@ -48,21 +51,47 @@ def slurm_task(tmp_path, monkeypatch):
         "sys.exit(int(sys.argv[2]))\n")
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))
-    for name, value in {**SLURM_TASK, "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0"}.items():
+    one_node = {"SLURM_NTASKS": "2", "SLURM_JOB_NUM_NODES": "1", "SLURM_JOB_NODELIST": "gpu041"}
+    for name, value in {**SLURM_TASK, **one_node, "SLURM_PROCID": "0", "SLURM_LOCALID": "0",
+                        "SLURM_NODEID": "0"}.items():
         monkeypatch.setenv(name, value)
     monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
 
-    def run(sent, status, **settings):
-        task = JobTask(job="osp-train", module="fake_job", arguments=[sent, str(status)], **settings)
+    def run(sent, status, other_rank_ended=True, **settings):
+        if other_rank_ended:
+            note_ended(tmp_path / "logs" / "5150", int(os.environ.get("SLURM_RESTART_COUNT", 0)), 1, 0)
+        task = JobTask(job="osp-train", module="fake_job", arguments=[sent, str(status)],
+                       folder=str(tmp_path / "logs" / "%j"), **settings)
         result = task()
         log = tmp_path / "scontrol.log"
         return result, log.read_text().split("\n")[:-1] if log.exists() else []
+    run.folder = tmp_path / "logs" / "5150"
     return run
 
 
 def test_rank0_requeues_after_the_stop_signal(slurm_task, capsys):
     assert slurm_task("SIGUSR1", 0) == (0, ["requeue 5150"])
     assert "requeued job 5150 (restart 1)" in capsys.readouterr().out
+    assert ended_marker(slurm_task.folder, 0, 0).read_text() == "0\n"
+
+
+def test_rank0_requeues_only_once_every_task_has_ended(slurm_task):
+    """The requeue cancels the whole step: rank 0 waits until rank 1 has noted the end of its job."""
+    def rank1_ends_later():
+        time.sleep(1.0)
+        note_ended(slurm_task.folder, 0, 1, 0)
+
+    other = threading.Thread(target=rank1_ends_later)
+    start = time.monotonic()
+    other.start()
+    assert slurm_task("SIGUSR1", 0, other_rank_ended=False) == (0, ["requeue 5150"])
+    assert time.monotonic() - start >= 1.0
+    other.join()
+
+
+def test_rank0_requeues_all_the_same_when_a_task_never_ends(slurm_task, capsys):
+    assert slurm_task("SIGUSR1", 0, other_rank_ended=False, end_wait_seconds=0.5) == (0, ["requeue 5150"])
+    assert "rank(s) 1 had not ended 0.5 s after rank 0; requeueing all the same" in capsys.readouterr().out
 
 
 def test_no_requeue_after_cancel_or_completion_or_when_disabled(slurm_task):
@@ -77,9 +106,10 @@ def test_requeues_stop_at_the_limit(slurm_task, monkeypatch, capsys):
     assert "not requeued: it already restarted 3 times (cluster.max_requeues=3)" in capsys.readouterr().out
 
 
-def test_other_ranks_never_requeue(slurm_task, monkeypatch):
-    monkeypatch.setenv("SLURM_PROCID", "3")
-    assert slurm_task("SIGUSR1", 0) == (0, [])
+def test_other_ranks_never_requeue_and_note_their_end(slurm_task, monkeypatch):
+    monkeypatch.setenv("SLURM_PROCID", "1")
+    assert slurm_task("SIGUSR1", 0, other_rank_ended=False) == (0, [])
+    assert ended_marker(slurm_task.folder, 0, 1).read_text() == "0\n"
 
 
 def test_a_failed_job_fails_the_task(slurm_task):

@@ -34,13 +34,19 @@ def job_info(job_id: str) -> dict:
 
 def wait_for_end(job_id: str, timeout: float) -> dict:
     deadline = time.time() + timeout
+    requeued_at = None
     while time.time() < deadline:
         info = job_info(job_id)
         if info["JobState"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
             return info
         if info["JobState"] == "PENDING" and info["Reason"] == "BeginTime" and info["Restarts"] != "0":
-            # Slurm keeps a requeued job ineligible for two minutes; the lane need not wait for that.
-            run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"])
+            # Slurm keeps a requeued job ineligible for two minutes, time for the node to let the first run go and
+            # revoke its credential; started again too soon, the job is killed ("Job credential revoked") and
+            # fails. The lane shortens the wait, but only once the node is idle again and a few seconds on.
+            requeued_at = requeued_at or time.time()
+            node_idle = run(["sinfo", "-h", "-N", "-o", "%T"]).split() == ["idle"]
+            if node_idle and time.time() - requeued_at >= 5:
+                run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"])
         time.sleep(1)
     subprocess.run(["scancel", job_id])
     raise AssertionError(f"job {job_id} did not end in {timeout:.0f} s: {job_info(job_id)}")
@@ -114,6 +120,8 @@ def test_preempted_job_saves_requeues_resumes_and_matches(lane, uninterrupted):
     assert 3 <= stopped < STEPS, log
     assert f"saved checkpoint {run_dir / 'checkpoints' / f'step_{stopped:08d}'}" in log
     assert f"requeued job {job_id} (restart 1)" in log and f"finished at step {STEPS}" in log
+    # Rank 0 requeued only after rank 1's job had ended: the requeue cut no task short.
+    assert "triggered an exception" not in (logs / f"{job_id}_1_log.err").read_text()
     reference, resumed = read_metrics(uninterrupted[1]), read_metrics(run_dir)
     assert sorted(resumed) == list(range(1, STEPS + 1))
     for step in range(1, STEPS + 1):
