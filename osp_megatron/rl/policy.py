@@ -4,6 +4,7 @@ the frozen reference, the optimizer, and checkpoint save / load / export.
 Sharded training (parallel.fsdp) changes only this module: wrapping, optimizer and checkpoint calls.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -72,9 +73,15 @@ def check_encoders_match(config, weights: Path) -> None:
         problems.append((key, ours, theirs))
     if problems:
         dotted, ours, theirs = problems[0]
-        raise ConfigError(f"{dotted}={ours!r} but the policy in checkpoint.load={str(weights)!r} was trained with "
-                          f"{dotted}={theirs!r}; set {dotted}={theirs!r} so that rollouts are made like its "
+        ours, theirs = _as_written(ours), _as_written(theirs)
+        raise ConfigError(f"{dotted}={ours} but the policy in checkpoint.load={str(weights)!r} was trained with "
+                          f"{dotted}={theirs}; set {dotted}={theirs} so that rollouts are made like its "
                           "training data")
+
+
+def _as_written(value) -> str:
+    """A setting as one writes it in a config override: true, false, null, 3, 'tiny-block'."""
+    return json.dumps(value) if value is None or isinstance(value, bool) else repr(value)
 
 
 def run_pretraining(config_name: str, run_dir: str) -> None:

@@ -126,7 +126,7 @@ def test_rollout_encoders_must_be_the_policys(tmp_path):
     with pytest.raises(ConfigError, match="model.vae_path='/models/Wan2.1/vae'"):
         check_encoders_match(load_grpo_config(EXAMPLE, ["model.vae_path=/models/Wan2.1/vae", "data.synthetic_seed=3"]),
                              checkpoint)
-    with pytest.raises(ConfigError, match="model.absolute_positions=False.*set model.absolute_positions=True"):
+    with pytest.raises(ConfigError, match="model.absolute_positions=false.*set model.absolute_positions=true"):
         check_encoders_match(load_grpo_config(EXAMPLE, ["model.absolute_positions=false", "data.synthetic_seed=3"]),
                              checkpoint)
     check_encoders_match(load_grpo_config(EXAMPLE), tmp_path)  # published weights record no encoders
