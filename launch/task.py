@@ -14,7 +14,6 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 from launch.supervisor import run_supervised, stopped_by
 from osp_megatron.parallel.rendezvous import expand_nodelist, rendezvous_port
@@ -85,12 +84,12 @@ class JobTask:
 
     job: str
     module: str
+    # submitit's job folder (%j = job id): where the tasks note that their job has ended before rank 0 requeues.
+    folder: str
     arguments: list[str] = field(default_factory=list)
     stop_signal: int = int(signal.SIGUSR1)
     requeue: bool = True
     max_requeues: int = 50
-    # submitit's job folder (%j = job id): where the tasks note that their job has ended before rank 0 requeues.
-    folder: Optional[str] = None
     # How long rank 0 waits for the other tasks' jobs to end before it requeues all the same.
     end_wait_seconds: float = 120.0
 
@@ -101,16 +100,15 @@ class JobTask:
             say(f"{self.job} on {world} tasks, rendezvous {env['MASTER_ADDR']}:{env['MASTER_PORT']}, "
                 f"restart {restart}")
         returncode, received = run_supervised([sys.executable, "-u", "-m", self.module, *self.arguments], env=env)
-        folder = Path(self.folder.replace("%j", env["SLURM_JOB_ID"])) if self.folder else None
-        if folder is not None and self.requeue:
+        folder = Path(self.folder.replace("%j", env["SLURM_JOB_ID"]))
+        if self.requeue:
             note_ended(folder, restart, rank, returncode)
         if stopped_by(received, returncode, self.stop_signal):
             if rank == 0 and self.requeue:
-                if folder is not None:
-                    missing = wait_for_ranks(folder, restart, world, self.end_wait_seconds)
-                    if missing:
-                        say(f"rank(s) {', '.join(map(str, missing))} had not ended {self.end_wait_seconds:g} s "
-                            "after rank 0; requeueing all the same")
+                missing = wait_for_ranks(folder, restart, world, self.end_wait_seconds)
+                if missing:
+                    say(f"rank(s) {', '.join(map(str, missing))} had not ended {self.end_wait_seconds:g} s after "
+                        "rank 0; requeueing all the same")
                 requeue_job(env["SLURM_JOB_ID"], restart, self.max_requeues)
             return 0
         if returncode != 0:

@@ -323,9 +323,11 @@ def make_synthetic_shards(out_dir, num_samples, samples_per_shard, latent_shape,
 
         text_encoder = build_text_encoder(None, text_dim, text_len, seed=seed)
         encoder_name = f"tiny-umt5-words(seed={seed})"
-        longest = max(len(c.split()) + 1 for c in all_captions())
+        # The captions' token counts as the tokenizer gives them (its end token included), untruncated.
+        _, mask = text_encoder.tokenizer(all_captions(), max_length=10**6)
+        longest = int(mask.sum(dim=1).max())
         if longest > text_len:
-            # One token per word and one for the end; the motion word comes last.
+            # The motion word comes last.
             warnings.warn(f"synthetic data: text_len={text_len} truncates captions of up to {longest} tokens, "
                           "so some words will not reach the model")
     if text_encoder.text_dim != text_dim:
