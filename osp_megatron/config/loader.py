@@ -102,8 +102,11 @@ def from_dict(cls, data: dict, prefix: str = ""):
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     kwargs = {}
+    moved = getattr(cls, "MOVED_KEYS", {})
     for key, value in data.items():
         dotted = f"{prefix}.{key}" if prefix else str(key)
+        if key in moved:
+            raise ConfigError(f"config key '{dotted}' has moved to {moved[key]}")
         if key not in fields:
             allowed = ", ".join(sorted(fields))
             raise ConfigError(f"unknown config key '{dotted}'; allowed keys here: {allowed}")

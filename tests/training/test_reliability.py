@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from osp_megatron.training.metrics import read_metrics
-from osp_megatron.utils.testing import run_on_ranks
+from osp_megatron.engine.metrics import read_metrics
+from osp_megatron.engine.ranks import run_on_ranks
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 8
@@ -28,7 +28,7 @@ def _common(tmp_root: Path) -> list[str]:
 def _train_runs(rank, world_size, runs):
     """Several trainer runs in one fresh process: [(overrides, metadata edits or None)] -> results/errors."""
     from osp_megatron.config.errors import ConfigError
-    from osp_megatron.config.job import load_job_config
+    from osp_megatron.engine.config import load_job_config
     from osp_megatron.parallel.state import destroy_distributed
     from osp_megatron.training.trainer import Trainer
 
