@@ -220,9 +220,10 @@ def test_config_errors_come_before_torch_and_help_lists_sections():
     assert result.returncode == 0, result.stderr
     assert "unknown config key 'train.stepz'" in result.stderr
     assert time.time() - started < 10  # generous: the property is "no torch", timed only as a backstop
-    from osp_megatron.training.cli import build_parser
+    from osp_megatron.engine.cli import build_parser
+    from osp_megatron.training.cli import train_spec
 
-    text = build_parser().format_help()
+    text = build_parser(train_spec()).format_help()
     for needle in ("run: dir", "train: steps", "checkpoint: interval", "parallel: tensor", "model: preset",
                    "data: path", "quant: recipe", "sample: prompt", "torchrun", "checkpoint.resume",
                    "metrics.jsonl", "tensorboard", "--print-config"):
