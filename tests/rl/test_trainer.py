@@ -35,6 +35,8 @@ def _train(rank, world_size, overrides, stop=None):
     result = trainer.train(stop)
     weights = {name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
                for name, p in trainer.model.named_parameters()}
+    result["local_weight_elements"] = sum((p.to_local() if isinstance(p, DTensor) else p).numel()
+                                          for p in trainer.model.parameters())
     return result, weights
 
 
@@ -90,13 +92,16 @@ SHARDED = ["grpo.group_size=4", "grpo.prompts_per_iteration=1", "train.micro_bat
 def test_fsdp_iteration_gives_the_one_rank_update(tmp_path, grpo_overrides, layout):
     """parallel.fsdp=true shards the policy (weights, gradients, AdamW, EMA) over data x SSP ranks: one
     iteration at data=2 (the group split over the ranks) or ssp=2 (every sample's tokens split; Skiparse model)
-    gives one rank's loss, rewards, evaluation reward and updated weights (1e-5); the start-up line says so."""
+    gives one rank's loss, rewards, evaluation reward and updated weights (1e-5); each rank holds half the
+    weights."""
     extra = [*SHARDED, "model.sparse_ratio=2", "model.full_blocks=1"]
     one = run_on_ranks(_train, 1, grpo_overrides(tmp_path / "one", steps=1, extra=extra))[0]
     two = run_on_ranks(_train, 2, grpo_overrides(tmp_path / "two", steps=1,
                                                  extra=[*extra, layout, "parallel.fsdp=true"]))
     for key in ("reward", "eval_reward", "loss", "grad_norm"):
         assert two[0][0][key] == pytest.approx(one[0][key], rel=1e-5, abs=1e-8), key
+    for rank in range(2):
+        assert two[rank][0]["local_weight_elements"] <= 0.55 * one[0]["local_weight_elements"]
     for name, weight in one[1].items():
         for rank in range(2):
             torch.testing.assert_close(two[rank][1][name], weight, rtol=1e-5, atol=1e-5)
