@@ -209,7 +209,7 @@ def main(argv=None) -> dict:
     for row in rows:
         full = next((r for r in rows if r["attention"] == "full" and all(
             r[k] == row[k] for k in ("model", "resolution", "layout"))), None)
-        if full is not None and row["attention"] == "hybrid":
+        if full is not None and row["attention"] != "full":
             row["speedup_vs_full"] = full["video_s"] / row["video_s"]
             row["step_speedup_vs_full"] = full["step_s"] / row["step_s"]
         if reference is not None:
