@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Slurm lane: start a one-node Slurm on this machine (installed when absent), then submit real jobs through
-# osp-launch: a two-task tiny training, and one that is preempted, requeues itself and resumes.
+# Slurm lane: start the multi-node Slurm of this machine (.ci/slurm_cluster.sh: three nodes, each in its own
+# network and UTS namespace), then submit real jobs through osp-launch (tests/slurm, docs/cluster.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash .ci/start_slurm.sh
+bash .ci/slurm_cluster.sh up 3
 OSP_SLURM_LANE=1 python -m pytest -q -p no:cacheprovider tests/slurm

@@ -314,7 +314,7 @@ class GRPOTrainer:
             self._say(f"stopped by {stop.signal_name} before the first iteration; nothing to save")
             return {"step": self.iteration, "status": "stopped"}
         self.logger = logger = MetricsLogger(self.run_dir, cfg.steps, self.iteration, self.logging_rank,
-                                             cfg.progress, desc="grpo")
+                                             cfg.progress, desc="grpo", log_interval=cfg.log_interval)
         started, first = time.time(), self.iteration
         status, saved_step, last = "finished", None, {}
         evaluate_every = self.config.grpo.eval_interval

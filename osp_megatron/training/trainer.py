@@ -369,7 +369,8 @@ class Trainer:
         if stop.agreed():
             self._say(f"stopped by {stop.signal_name} before the first step; nothing to save")
             return {"step": self.step, "status": "stopped"}
-        self.logger = logger = MetricsLogger(self.run_dir, cfg.steps, self.step, self.logging_rank, cfg.progress)
+        self.logger = logger = MetricsLogger(self.run_dir, cfg.steps, self.step, self.logging_rank, cfg.progress,
+                                             log_interval=cfg.log_interval)
         started, first_step = time.time(), self.step
         status, last = "finished", {}
         self.saved_step = None

@@ -53,7 +53,9 @@ def slurm_task(tmp_path, monkeypatch):
     bin_dir.mkdir()
     scontrol = bin_dir / "scontrol"
     scontrol.write_text("#!/bin/sh\n"
-                        "if [ \"$1\" = show ]; then echo \"JobId=5150 JobState=${FAKE_JOB_STATE:-RUNNING}\"; exit 0; fi\n"
+                        "if [ \"$1\" = show ]; then\n"
+                        "    echo \"JobId=5150 JobState=${FAKE_JOB_STATE:-RUNNING}\"; exit 0\n"
+                        "fi\n"
                         f"echo \"$@\" >> {tmp_path / 'scontrol.log'}\n")
     scontrol.chmod(scontrol.stat().st_mode | stat.S_IEXEC)
     (tmp_path / "fake_job.py").write_text(
@@ -150,8 +152,8 @@ def test_requeues_stop_at_the_limit(slurm_task, monkeypatch):
 def test_other_ranks_never_requeue_and_note_their_end(slurm_task, monkeypatch):
     monkeypatch.setenv("SLURM_PROCID", "1")
     assert slurm_task("SIGUSR1", 0, other_rank_ended=False) == (0, [])
-    assert read_notes(slurm_task.folder, "ended", 0)[1] == {"returncode": 0, "signals": ["SIGUSR1"],
-                                                            "host": read_notes(slurm_task.folder, "started", 0)[1]["host"]}
+    host = read_notes(slurm_task.folder, "started", 0)[1]["host"]
+    assert read_notes(slurm_task.folder, "ended", 0)[1] == {"returncode": 0, "signals": ["SIGUSR1"], "host": host}
 
 
 def test_a_failed_job_fails_the_task_after_waiting_for_the_others(slurm_task, monkeypatch):
