@@ -101,7 +101,9 @@ network_up() {
     ip -n "$name" addr show dev eth0 | grep -q "inet $(node_address "$name")/" \
       || ip -n "$name" addr add "$(node_address "$name")/24" dev eth0
     ip -n "$name" link set eth0 up
-    block+="$(node_address "$name") ${name}"$'\n'
+    # The mapped IPv6 form too: torch's store accepts connections on dual-stack sockets and looks their peers up
+    # by that form, which would otherwise go to DNS and fail (a warning in every rank's log).
+    block+="$(node_address "$name") ${name}"$'\n'"::ffff:$(node_address "$name") ${name}"$'\n'
   done
   write_hosts "$block"
 }
@@ -119,8 +121,9 @@ network_down() {
 
 write_config() {  # slurm.conf for `count` nodes on stdout
   local count="$1" cpus memory_mb name i
-  cpus="$(nproc)"
-  # Every node offers the machine's cores and an even share of a tenth less than its memory.
+  # Every node offers the machine's cores, at least 4 (so that one node can run a 4-rank job on a small machine,
+  # the nodes share the cores anyway), and an even share of a tenth less than the machine's memory.
+  cpus="$(( $(nproc) > 4 ? $(nproc) : 4 ))"
   memory_mb="$(awk -v n="$count" '/MemTotal/ {print int($2 / 1024 * 0.9 / n)}' /proc/meminfo)"
   cat <<EOF
 # ${count}-node cluster on one machine for osp_megatron (written by .ci/slurm_cluster.sh; docs/cluster.md)

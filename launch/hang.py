@@ -2,7 +2,9 @@
 they wrote when their collective timed out (flight recorder and stacks, one pair per rank) and the tasks' notes.
 
 A rank that wrote no dump never reached the timeout: it is stopped, hung outside a collective, or its node died.
-Among the ranks that did dump, one whose newest collective on a group is behind the others' is the laggard.
+A rank that dumped well after the others was not waiting with them: it was frozen, and ran (into its own expired
+timeout) only when Slurm ended the step, which sends SIGCONT before SIGTERM. Otherwise each rank waited for the
+members of its group that had not reached its collective; the rank that waited for nobody is where it began.
 docs/cluster.md (Diagnosing a hang) walks through it.
 """
 
@@ -18,6 +20,10 @@ from typing import Optional
 from launch.task import rank_ranges, read_notes
 
 DUMP_NAME = re.compile(r"^rank_(\d+)$")
+# Ranks waiting in collectives with a stuck rank fail within moments of each other (the first timeout, then
+# "connection closed" as each one exits); a dump this much later than the first comes from a rank that was not
+# waiting with them.
+LATE_SECONDS = 5.0
 RESTART_NAME = re.compile(r"^restart_(\d+)$")
 
 
@@ -27,8 +33,7 @@ class Collective:
 
     sequence: int
     operation: str
-    group: str  # the group's description (default_pg, or megatron's name for it)
-    members: str  # its ranks, e.g. '[2, 3]': groups of one kind (tensor, data) share a name across the job
+    group: str  # the group's description (default_pg, or megatron's name for it) and its id
     input_sizes: list
     called_from: str
 
@@ -39,6 +44,7 @@ class RankDump:
     host: Optional[str] = None
     world_size: Optional[int] = None
     error: Optional[str] = None
+    time: Optional[float] = None  # when the rank wrote its dump (seconds since the epoch)
     collectives: list[Collective] = field(default_factory=list)  # oldest first
 
     @property
@@ -62,18 +68,20 @@ def read_dump(path: Path) -> RankDump:
     except (pickle.UnpicklingError, EOFError, ValueError) as error:
         raise ValueError(f"{path} is not a flight-recorder dump: {error}") from None
     entries = sorted(trace.get("entries", []), key=lambda entry: entry.get("record_id", 0))
-    groups = trace.get("pg_config") or {}
     collectives = []
     for entry in entries:
-        name, description = entry.get("process_group") or ("?", "?")
+        # Every rank creates every group in the same order, so a group's id is the same on all its members, and
+        # groups of one kind (the tensor group of each node) differ by id.
+        number, description = entry.get("process_group") or ("?", "?")
         collectives.append(Collective(int(entry.get("collective_seq_id", 0)), str(entry.get("profiling_name")),
-                                      str(description or name), str(groups.get(name, {}).get("ranks", "?")),
-                                      entry.get("input_sizes"), _caller(entry.get("frames"))))
+                                      f"{description or 'default'} (id {number})", entry.get("input_sizes"),
+                                      _caller(entry.get("frames"))))
     dump = RankDump(rank, collectives=collectives)
     stack = path.with_name(f"stack_{path.name}.json")
     if stack.is_file():
         where = json.loads(stack.read_text())
-        dump.host, dump.world_size, dump.error = where.get("host"), where.get("world_size"), where.get("error")
+        dump.host, dump.world_size, dump.error, dump.time = (where.get("host"), where.get("world_size"),
+                                                             where.get("error"), where.get("time"))
     return dump
 
 
@@ -111,10 +119,13 @@ def diagnose(folder: Path, restart: Optional[int] = None) -> str:
     hosts = {rank: note.get("host") for rank, note in started.items()}
     hosts.update({rank: dump.host for rank, dump in dumps.items() if dump.host})
 
+    times = {rank: dump.time for rank, dump in dumps.items() if dump.time is not None}
+    first = min(times.values(), default=0.0)
     lines = [f"{world} ranks; dumps from {len(dumps)}" + (f" (restart {restart})" if restart is not None else "")]
     for rank in range(world):
         dump = dumps.get(rank)
-        where = f"rank {rank} on {hosts.get(rank) or '?'}: "
+        after = f" (dumped {times[rank] - first:.1f} s after the first)" if rank in times else ""
+        where = f"rank {rank} on {hosts.get(rank) or '?'}{after}: "
         if dump is None:
             note = ended.get(rank)
             lines.append(where + "no dump" + (f"; its job exited with status {note['returncode']}" if note else ""))
@@ -122,8 +133,8 @@ def diagnose(folder: Path, restart: Optional[int] = None) -> str:
             lines.append(where + "dumped, but had entered no collective")
         else:
             last = dump.waiting_in
-            lines.append(where + f"waiting in #{last.sequence} {last.operation} on group {last.group} "
-                         f"{last.members} (input sizes {last.input_sizes}), called from {last.called_from}")
+            lines.append(where + f"waiting in #{last.sequence} {last.operation} on group {last.group} (input "
+                         f"sizes {last.input_sizes}), called from {last.called_from}")
 
     silent = [rank for rank in range(world) if rank not in dumps]
     if silent:
@@ -134,32 +145,42 @@ def diagnose(folder: Path, restart: Optional[int] = None) -> str:
                         "they never reached the timeout, so they were stopped, hung outside a collective, or their "
                         "node died (py-spy dump --pid <pid> on that host shows a live rank's stack)"))
         return "\n".join(lines)
-    behind = lagging_ranks(dumps)
-    if behind:
-        for group, ranks in behind.items():
-            lines.append(f"=> on group {group}, rank(s) {rank_ranges(ranks)} are behind the others' newest "
-                         "collective and held them up")
+    late = sorted(rank for rank, moment in times.items() if moment > first + LATE_SECONDS)
+    if late:
+        lines.append(f"=> the others waited for rank(s) {rank_ranges(late)} on "
+                     f"{', '.join(sorted({hosts.get(rank) or '?' for rank in late}))}: it dumped long after they "
+                     "failed, so it was not waiting with them: it was stopped or stuck, and ran again only when the "
+                     "job was ended")
+        return "\n".join(lines)
+    waits = waiting_for(dumps)
+    held_up = sorted({rank for ranks in waits.values() for rank in ranks})
+    roots = [rank for rank in held_up if not waits.get(rank)]
+    if roots:
+        lines.append(f"=> the others waited for rank(s) {rank_ranges(roots)} on "
+                     f"{', '.join(sorted({hosts.get(rank) or '?' for rank in roots}))}: behind on the group it waits "
+                     "in, it reached the collective the others were in last, or never (stopped, slow, or hung "
+                     "outside collectives before it was ended)")
     else:
         lines.append("=> every rank dumped and all wait in the same collectives: a desync (ranks called different "
                      "collectives) or a network fault; rerun small with TORCH_DISTRIBUTED_DEBUG=DETAIL")
     return "\n".join(lines)
 
 
-def lagging_ranks(dumps: dict[int, RankDump]) -> dict[str, list[int]]:
-    """'group [ranks]' -> ranks whose newest collective on that group has a lower sequence number than another
-    member's."""
+def waiting_for(dumps: dict[int, RankDump]) -> dict[int, list[int]]:
+    """Rank -> the ranks it waited for: the members of the group of its newest collective whose own newest
+    collective on that group is an earlier one (they had not reached it)."""
     newest: dict[str, dict[int, int]] = {}
     for dump in dumps.values():
         for collective in dump.collectives:
-            per_rank = newest.setdefault(f"{collective.group} {collective.members}", {})
+            per_rank = newest.setdefault(collective.group, {})
             per_rank[dump.rank] = max(per_rank.get(dump.rank, 0), collective.sequence)
-    behind = {}
-    for group, per_rank in newest.items():
-        ahead = max(per_rank.values())
-        late = sorted(rank for rank, sequence in per_rank.items() if sequence < ahead)
-        if late:
-            behind[group] = late
-    return behind
+    waits = {}
+    for dump in dumps.values():
+        last = dump.waiting_in
+        if last is not None:
+            waits[dump.rank] = sorted(rank for rank, sequence in newest[last.group].items()
+                                      if sequence < last.sequence)
+    return waits
 
 
 def main(argv=None) -> int:

@@ -8,6 +8,7 @@ import pickle
 import socket
 import sys
 import threading
+import time
 import traceback
 from pathlib import Path
 from typing import Optional
@@ -98,7 +99,7 @@ def dump_flight_recorder(error: Optional[BaseException] = None) -> Optional[Path
         path.write_bytes(trace)
     names = {thread.ident: thread.name for thread in threading.enumerate()}
     where = {
-        "rank": rank, "world_size": world, "host": socket.gethostname(), "pid": os.getpid(),
+        "rank": rank, "world_size": world, "host": socket.gethostname(), "pid": os.getpid(), "time": time.time(),
         "error": None if error is None else f"{type(error).__name__}: {str(error).strip()}",
         "traceback": [] if error is None else traceback.format_exception(type(error), error, error.__traceback__),
         "threads": {names.get(ident, str(ident)): traceback.format_stack(frame)

@@ -17,7 +17,7 @@ def _entry(record, sequence, group=("0", "default_pg"), caller="trainer.py"):
                        {"name": "train_step", "filename": f"/src/{caller}", "line": 42}]}
 
 
-def _dump(folder, rank, sequences, world=4, host="osp-node1", groups=None, extra=()):
+def _dump(folder, rank, sequences, world=4, host="osp-node1", groups=None, extra=(), moment=None):
     """Rank `rank`'s flight-recorder dump (one all_reduce per sequence number, then `extra` entries) and its stack
     file."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -25,7 +25,8 @@ def _dump(folder, rank, sequences, world=4, host="osp-node1", groups=None, extra
     entries = [_entry(index, sequence) for index, sequence in enumerate(sequences)] + list(extra)
     (folder / f"rank_{rank}").write_bytes(pickle.dumps({"version": "2.10", "pg_config": config, "entries": entries}))
     (folder / f"stack_rank_{rank}.json").write_text(json.dumps({
-        "rank": rank, "world_size": world, "host": host, "error": "RuntimeError: Timed out waiting 30000ms"}))
+        "rank": rank, "world_size": world, "host": host, "error": "RuntimeError: Timed out waiting 30000ms",
+        "time": moment}))
 
 
 @pytest.fixture
@@ -44,8 +45,8 @@ def test_the_rank_without_a_dump_is_the_one_waited_for(job, capsys):
     _dump(job / "flight_recorder" / "restart_0", 0, [1])  # an earlier run of the job: not this hang
     report = diagnose(job)
     assert report.splitlines()[0] == "4 ranks; dumps from 3 (restart 1)"
-    assert ("rank 2 on osp-node2: waiting in #7 gloo:all_reduce on group default_pg [0, 1, 2, 3] (input sizes "
-            "[[4]]), called from /src/trainer.py:42 (train_step)") in report
+    assert ("rank 2 on osp-node2: waiting in #7 gloo:all_reduce on group default_pg (id 0) (input sizes [[4]]), "
+            "called from /src/trainer.py:42 (train_step)") in report
     assert "rank 3 on osp-node2: no dump" in report
     assert report.splitlines()[-1].startswith("=> the others waited for rank(s) 3 on osp-node2: they never reached")
     assert main([str(job / "flight_recorder" / "restart_1")]) == 0
@@ -64,20 +65,35 @@ def test_a_lost_node_and_a_crashed_rank(job):
     assert "they exited with an error" in report
 
 
-def test_every_rank_dumped_the_one_behind_is_named(tmp_path):
-    """All four dumped (no notes: a bare dump folder); rank 1 is at #6 of the group while the others wait in #7.
-    Tensor groups of both nodes share a name but not their members, and are not compared with each other."""
+def test_every_rank_dumped_the_one_that_waited_for_nobody_is_named(tmp_path):
+    """What a two-node FSDP x tensor job leaves when rank 3 was stopped and later resumed and ended by Slurm (so it
+    dumped too; no notes: a bare dump folder): ranks 0-1 wait in the data-parallel all_gather #46 for ranks 2-3,
+    rank 2 waits in its node's tensor all_reduce #202 for rank 3, and rank 3, at #201 there, waited for nobody."""
     folder = tmp_path / "dumps"
-    for rank, sequences in enumerate(([7], [6], [7], [7])):
-        node_pair = str([rank // 2 * 2, rank // 2 * 2 + 1])
-        groups = {"0": {"desc": "default_pg", "ranks": "[0, 1, 2, 3]"}, "1": {"desc": "tensor", "ranks": node_pair}}
-        # The tensor group of osp-node1 is far ahead of osp-node2's: normal, they are different groups.
-        tensor_sequence = 90 if rank < 2 else 30
-        _dump(folder, rank, sequences, groups=groups, extra=[_entry(9, tensor_sequence, group=("1", "tensor"))])
+    tensor = {0: ("15", 202), 1: ("15", 202), 2: ("16", 202), 3: ("16", 201)}
+    data = {0: ("1", 46), 1: ("3", 46), 2: ("1", 45), 3: ("3", 45)}
+    for rank in range(4):
+        data_after_tensor = rank < 2  # ranks 0-1 finished the tensor all_reduce and went on
+        entries = [_entry(2 if data_after_tensor else 1, data[rank][1],
+                          group=(data[rank][0], "DATA_PARALLEL_GROUP_WITH_CP")),
+                   _entry(1 if data_after_tensor else 2, tensor[rank][1],
+                          group=(tensor[rank][0], "TENSOR_MODEL_PARALLEL_GROUP"))]
+        _dump(folder, rank, [], groups={}, extra=entries, host=f"osp-node{rank // 2 + 1}")
     report = diagnose(folder)
-    assert "rank 0 on osp-node1: waiting in #90 gloo:all_reduce on group tensor [0, 1]" in report
-    assert report.splitlines()[-1] == ("=> on group default_pg [0, 1, 2, 3], rank(s) 1 are behind the others' "
-                                       "newest collective and held them up")
+    assert "rank 0 on osp-node1: waiting in #46 gloo:all_reduce on group DATA_PARALLEL_GROUP_WITH_CP (id 1)" in report
+    assert "rank 3 on osp-node2: waiting in #201 gloo:all_reduce on group TENSOR_MODEL_PARALLEL_GROUP (id 16)" in report
+    assert report.splitlines()[-1].startswith("=> the others waited for rank(s) 3 on osp-node2: behind on the group")
+
+
+def test_a_rank_that_dumped_long_after_the_others_is_named(tmp_path):
+    """Rank 1 was frozen inside the all_reduce the others waited in (same sequence number everywhere) and dumped
+    only 21 s after them, when Slurm resumed it to end the step."""
+    folder = tmp_path / "dumps"
+    for rank, moment in enumerate((1000.0, 1021.0, 1000.4, 1000.2)):
+        _dump(folder, rank, [51], moment=moment, host=f"osp-node{rank % 2 + 1}")
+    report = diagnose(folder)
+    assert "rank 1 on osp-node2 (dumped 21.0 s after the first): waiting in #51" in report
+    assert report.splitlines()[-1].startswith("=> the others waited for rank(s) 1 on osp-node2: it dumped long after")
 
 
 def test_missing_or_foreign_dumps_are_named(tmp_path, job, capsys):
