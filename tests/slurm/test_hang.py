@@ -16,8 +16,9 @@ def test_a_stopped_rank_is_found_from_the_others_dumps(lane):
                                "checkpoint.interval=0", "checkpoint.save_at_end=false"])
     job.wait_for_steps(3)
     task = psutil.Process(job.started(0)[3]["pid"])  # osp-launch's task of rank 3, on the second node
-    training = task.children()[0]
+    training, = [child for child in task.children() if "osp_megatron.training.cli" in child.cmdline()]
     training.send_signal(signal.SIGSTOP)
+    lane.wait_for(lambda: training.status() == psutil.STATUS_STOPPED, 10, "rank 3 stopped")
     stopped_at = time.time()
     info = job.wait_for_end(timeout=TIMEOUT_SECONDS + 120)
     ended_after = time.time() - stopped_at

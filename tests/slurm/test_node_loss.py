@@ -17,8 +17,8 @@ def test_a_lost_node_ends_the_job_which_resumes_on_the_nodes_left(lane, two_node
     # folder in time (a tiny save takes a fraction of a second), else just after.
     checkpoints = job.run_dir / "checkpoints"
     try:
-        writing = lane.wait_for(lambda: list(checkpoints.glob("step_*.tmp")), 10, "a checkpoint being written",
-                                interval=0.01)
+        writing = lane.wait_for(lambda: list(checkpoints.glob("step_*.tmp")), 30, "a checkpoint being written",
+                                interval=0.005)
     except AssertionError:
         writing = []
     killed_at = time.time()
