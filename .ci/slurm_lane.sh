@@ -4,4 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash .ci/slurm_cluster.sh up 3
-OSP_SLURM_LANE=1 python -m pytest -q -p no:cacheprovider tests/slurm
+# A folder of its own for the jobs' runs and logs (kept after a failure for reading), which pytest's rotation of
+# its temporary folders, by this or another run, never removes midway.
+OSP_SLURM_LANE=1 python -m pytest -q -p no:cacheprovider --basetemp="${OSP_SLURM_LANE_DIR:-/tmp/osp_slurm_lane}" \
+  tests/slurm
