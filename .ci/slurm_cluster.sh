@@ -191,8 +191,10 @@ stop_node() {
 
 stop_daemons() {
   local name
-  # scancel first, so that slurmctld does not restart the jobs when the cluster comes back.
-  command -v squeue >/dev/null && timeout 10 scancel --full --quiet --state=PENDING,RUNNING,SUSPENDED 2>/dev/null || true
+  # Cancel the jobs first, so that slurmctld does not restart them when the cluster comes back.
+  local jobs
+  jobs="$(command -v squeue >/dev/null && timeout 10 squeue -h -o %i 2>/dev/null || true)"
+  [ -n "$jobs" ] && timeout 30 scancel $jobs 2>/dev/null || true
   for name in $(configured_nodes); do
     stop_pidfile "/run/slurmd-${name}.pid"
   done
