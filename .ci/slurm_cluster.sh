@@ -146,9 +146,9 @@ MpiDefault=none
 # The nodes share the machine's cores and memory: trust this file rather than what each slurmd counts.
 SlurmdParameters=config_overrides
 # A node whose slurmd stops answering is DOWN after SlurmdTimeout seconds (default 300): its jobs are requeued.
-# It returns to service by itself when its slurmd registers again.
-SlurmdTimeout=10
-MessageTimeout=5
+# It returns to service by itself when its slurmd registers again. 20 s, not less: on a busy small machine a
+# live slurmd may take several seconds to answer a ping.
+SlurmdTimeout=20
 ReturnToService=2
 JobRequeue=1
 KillWait=10

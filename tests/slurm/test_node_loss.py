@@ -26,7 +26,7 @@ def test_a_lost_node_ends_the_job_which_resumes_on_the_nodes_left(lane, two_node
     try:
         # Slurm declares the node down after SlurmdTimeout, ends the job on the other node and requeues it, long
         # before the collective timeout: no rank is left waiting for the dead node.
-        lane.wait_for(lambda: job.info()["Restarts"] == "1", 90, "the requeue after the node died", job.id)
+        lane.wait_for(lambda: job.info()["Restarts"] == "1", 120, "the requeue after the node died", job.id)
         ended_after = time.time() - killed_at
         assert lane.node_states()[lost].startswith("down"), lane.node_states()
         info = job.wait_for_end()
@@ -34,7 +34,7 @@ def test_a_lost_node_ends_the_job_which_resumes_on_the_nodes_left(lane, two_node
         lane.run(["bash", ".ci/slurm_cluster.sh", "node-start", lost])
     log = job.log(0)
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", (info, log, job.log(0, "err"))
-    assert ended_after < 60, ended_after
+    assert ended_after < 90, ended_after  # SlurmdTimeout (20 s) and a ping, KillWait (10 s), on a busy machine
     assert lost not in job.hosts(1).values(), job.hosts(1)
     assert not {2, 3} & set(read_notes(job.logs, "ended", 0)), "the lost node's tasks noted an end"
     resumed = int(re.search(r"resumed from \S+ at step (\d+)", log).group(1))
