@@ -54,7 +54,7 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 def duration(seconds: float) -> str:
     """3725.2 -> '1h02m05s', 65 -> '1m05s', 7.4 -> '7s'."""
-    minutes, whole = divmod(int(round(seconds)), 60)
+    minutes, whole = divmod(round(seconds), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}h{minutes:02d}m{whole:02d}s" if hours else f"{minutes}m{whole:02d}s" if minutes else f"{whole}s"
 

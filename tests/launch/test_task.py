@@ -81,7 +81,7 @@ def slurm_task(tmp_path, monkeypatch):
         return result, requeues()
 
     def note_end(rank, signals=()):
-        write_note(folder, "ended", int(os.environ.get("SLURM_RESTART_COUNT", 0)), rank, returncode=0,
+        write_note(folder, "ended", int(os.environ.get("SLURM_RESTART_COUNT", "0")), rank, returncode=0,
                    signals=list(signals), host="gpu041")
 
     def requeues():

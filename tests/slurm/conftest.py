@@ -12,6 +12,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -56,7 +57,7 @@ def node_states() -> dict:
     return dict(line.split() for line in run(["sinfo", "-h", "-N", "-o", "%N %T"]).splitlines())
 
 
-def wait_for(condition, timeout: float, what: str, job_id: str = None, interval: float = 0.2):
+def wait_for(condition, timeout: float, what: str, job_id: Optional[str] = None, interval: float = 0.2):
     """Poll `condition()` until it returns something true; fail naming `what` (and the job's state) at timeout."""
     deadline = time.time() + timeout
     while time.time() < deadline:
