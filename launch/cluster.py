@@ -4,7 +4,6 @@
 
 import os
 import re
-import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
@@ -96,10 +95,6 @@ class ClusterConfig:
     @property
     def world_size(self) -> int:
         return self.nodes * self.tasks
-
-    @property
-    def stop_signal_number(self) -> int:
-        return signal.Signals[f"SIG{self.stop_signal}"].value
 
 
 def sbatch_option(line: str, key: str = "cluster.sbatch_lines") -> tuple[str, object]:

@@ -35,8 +35,7 @@ class Submission:
 
     def task(self) -> JobTask:
         return JobTask(job=self.job, module=self.module, arguments=list(self.arguments),
-                       stop_signal=self.cluster.stop_signal_number, requeue=self.cluster.requeue,
-                       max_requeues=self.cluster.max_requeues, folder=str(self.folder))
+                       requeue=self.cluster.requeue, max_requeues=self.cluster.max_requeues, folder=str(self.folder))
 
     def setup_lines(self) -> list[str]:
         """Shell lines of the batch script before srun; tasks inherit the environment they export."""
@@ -46,8 +45,10 @@ class Submission:
         # Defaults the job also applies itself; exported here so the script shows them and the setup can override.
         lines += [f"export {name}=${{{name}:-{value}}}" for name, value in COMMUNICATION_DEFAULTS.items()
                   if name not in cluster.env]
-        # Flight-recorder dumps of a hung collective land next to the task logs, one file per rank.
-        recorder = shlex.quote(str(self.folder.parent)) + "/${SLURM_JOB_ID}/flight_recorder"
+        # Flight-recorder dumps of a hung collective land next to the task logs, one file per rank and one folder
+        # per run of the job (a requeued job runs again under the same id).
+        recorder = (shlex.quote(str(self.folder.parent))
+                    + "/${SLURM_JOB_ID}/flight_recorder/restart_${SLURM_RESTART_COUNT:-0}")
         lines += [f"mkdir -p {recorder}", f"export {FLIGHT_RECORDER_FILE}={recorder}/rank_",
                   "export PYTHONUNBUFFERED=1"]
         return lines

@@ -39,7 +39,8 @@ def run_supervised(command: list[str], env: Optional[dict] = None,
     return returncode, received
 
 
-def stopped_by(received: list[str], returncode: int, stop_signal: int) -> bool:
-    """Whether the job ended because of `stop_signal`: it saved and exited 0, or the signal came before the job
-    could handle it (start-up) and ended it."""
-    return signal.Signals(stop_signal).name in received and returncode in (0, -stop_signal, 128 + stop_signal)
+def stopped_by(received: list[str], returncode: int) -> bool:
+    """Whether the job ended because of the stop signals in `received`: it saved and exited 0, or a signal came
+    before the job could handle it (start-up) and ended it."""
+    numbers = [signal.Signals[name].value for name in received if signal.Signals[name] in STOP_SIGNALS]
+    return bool(numbers) and (returncode == 0 or any(returncode in (-number, 128 + number) for number in numbers))

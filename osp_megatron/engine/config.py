@@ -58,7 +58,8 @@ class TrainConfig:
     # core another program holds slow every operation down, so the tiny example uses 1.
     cpu_threads: int = 0
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on accelerators, fp32 on CPU
-    progress: bool = True  # console progress bar (rank 0)
+    progress: bool = True  # console progress (rank 0): a bar on a terminal, else a plain line every log_interval steps
+    log_interval: int = 10
     sample_at_end: bool = True  # write one sample video with the final (EMA if any) weights
     # Held-out loss every N steps on data.eval_path (fixed noise and timesteps, so the curve is comparable).
     eval_interval: int = 0
@@ -69,7 +70,7 @@ class TrainConfig:
     peak_tflops: float = 989.0
 
     def validate(self, prefix: str = "train") -> None:
-        positive = ("steps", "micro_batch_size", "global_batch_size")
+        positive = ("steps", "micro_batch_size", "global_batch_size", "log_interval")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{prefix}.{name} must be >= 1, got {getattr(self, name)}")

@@ -311,7 +311,8 @@ class TrainingJob(abc.ABC):
             self.say(f"stopped by {stop.signal_name} before the first {self.unit}; nothing to save")
             return {"step": self.step, "status": "stopped"}
         self.logger = logger = MetricsLogger(self.run_dir, cfg.steps, self.step, self.logging_rank, cfg.progress,
-                                             desc=self.name.removeprefix("osp-"), progress_keys=self.progress_keys)
+                                             desc=self.name.removeprefix("osp-"), progress_keys=self.progress_keys,
+                                             log_interval=cfg.log_interval)
         started, first_step = time.time(), self.step
         status, last = "finished", {}
         try:

@@ -1,4 +1,5 @@
-"""Training telemetry: one JSON line per step, TensorBoard scalars and images, a console progress bar with ETA.
+"""Training telemetry: one JSON line per step, TensorBoard scalars and images, and console progress: a bar with
+ETA on a terminal, else one plain line every train.log_interval steps (logs under Slurm; docs/cluster.md).
 
 Only the logging rank writes; other ranks get a no-op logger. A resumed run first trims what the killed run
 logged after its checkpoint, so every step appears exactly once.
@@ -6,6 +7,7 @@ logged after its checkpoint, so every step appears exactly once.
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -50,12 +52,31 @@ def read_metrics(path: str | Path) -> list[dict]:
         return [json.loads(line) for line in handle if line.strip()]
 
 
+def duration(seconds: float) -> str:
+    """3725.2 -> '1h02m05s', 65 -> '1m05s', 7.4 -> '7s'."""
+    minutes, whole = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m{whole:02d}s" if hours else f"{minutes}m{whole:02d}s" if minutes else f"{whole}s"
+
+
+def progress_line(desc: str, step: int, total_steps: int, scalars: dict, elapsed: float, eta: float) -> str:
+    """One line of plain text with the step and every number TensorBoard gets for it (no carriage returns)."""
+    numbers = " ".join(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}"
+                       for key, value in scalars.items()
+                       if isinstance(value, (int, float)) and not isinstance(value, bool))
+    return (f"[{desc}] step {step}/{total_steps} ({100 * step / total_steps:.0f}%) elapsed {duration(elapsed)} "
+            f"eta {duration(eta)} {numbers}").rstrip()
+
+
 class MetricsLogger:
     def __init__(self, run_dir: str | Path, total_steps: int, start_step: int, enabled: bool, progress: bool,
-                 desc: str = "train", progress_keys: tuple = ("loss", "samples_per_s")):
+                 desc: str = "train", progress_keys: tuple = ("loss", "samples_per_s"), log_interval: int = 10):
         self.enabled = enabled
         self.progress_keys = progress_keys  # the scalars the progress bar shows
         self.bar = None
+        # Without a terminal (Slurm, a pipe, a file) a bar's redraws would fill the log with carriage returns.
+        self.plain_lines = progress and not (sys.stdout.isatty() and sys.stderr.isatty())
+        self.desc, self.total_steps, self.start_step, self.log_interval = desc, total_steps, start_step, log_interval
         if not enabled:
             return
         run_dir = Path(run_dir)
@@ -67,7 +88,7 @@ class MetricsLogger:
 
         # purge_step makes TensorBoard discard the earlier event files' records of steps > start_step.
         self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=start_step + 1)
-        if progress:
+        if progress and not self.plain_lines:
             self.bar = tqdm(total=total_steps, initial=start_step, desc=desc, unit="step", dynamic_ncols=True)
         self.started = time.time()
 
@@ -85,6 +106,10 @@ class MetricsLogger:
             self.bar.set_postfix({key.replace("_per_", "/"): f"{value:.4g}" for key, value in shown.items()},
                                  refresh=False)
             self.bar.update(step - self.bar.n)
+        elif self.plain_lines and (step % self.log_interval == 0 or step == self.total_steps):
+            elapsed = time.time() - self.started
+            eta = elapsed / max(step - self.start_step, 1) * (self.total_steps - step)
+            print(progress_line(self.desc, step, self.total_steps, scalars, elapsed, eta), flush=True)
 
     def log_image(self, tag: str, image, step: int) -> None:
         """An HWC uint8 image (e.g. a sample's frame strip) under `tag` in TensorBoard."""

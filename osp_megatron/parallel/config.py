@@ -18,7 +18,7 @@ class ParallelConfig:
     ssp: int = 1
     ulysses: int = 1
     backend: Optional[str] = None  # null: nccl on CUDA, gloo on CPU
-    timeout_minutes: int = 30
+    timeout_minutes: float = 30  # how long a collective waits for a missing rank; fractions for tests (0.5)
     # FSDP2: shard weights, gradients, optimizer state and EMA over the data x SSP x Ulysses ranks of each
     # tensor-parallel rank (docs/sharding.md); offload keeps those shards in CPU memory.
     fsdp: bool = False
@@ -26,9 +26,11 @@ class ParallelConfig:
     fsdp_reduce_dtype: Literal["float32", "bfloat16"] = "float32"  # dtype of the gradient reduce-scatter
 
     def validate(self, prefix: str = "parallel") -> None:
-        for name in ("tensor", "ssp", "ulysses", "timeout_minutes"):
+        for name in ("tensor", "ssp", "ulysses"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{prefix}.{name}: must be >= 1, got {getattr(self, name)}")
+        if self.timeout_minutes <= 0:
+            raise ConfigError(f"{prefix}.timeout_minutes: must be > 0, got {self.timeout_minutes}")
         if self.data is not None and self.data < 1:
             raise ConfigError(f"{prefix}.data: must be >= 1 or null (derived from the world size), got {self.data}")
         if self.backend not in (None, "gloo", "nccl", "hccl"):

@@ -1,11 +1,15 @@
 """Communication settings that matter at scale (NCCL, timeouts, PyTorch's flight recorder) and the report a rank
-writes when a collective fails, naming the rank and the collective it was waiting in.
+writes when a collective fails, naming the rank and the collective it was waiting in (docs/cluster.md).
 """
 
+import json
 import os
 import pickle
 import socket
 import sys
+import threading
+import time
+import traceback
 from pathlib import Path
 from typing import Optional
 
@@ -57,15 +61,51 @@ def _describe(entry: dict) -> str:
             f"input sizes {sizes}, state {entry.get('state')}")
 
 
-def dump_flight_recorder() -> Optional[Path]:
-    """Write this rank's flight-recorder buffer where NCCL's own timeout dump would go (kept if already there)."""
+def world_rank() -> tuple[int, int]:
+    """(rank, world size) of this process in the whole job: the launcher's, which also holds once the process group
+    is gone, and which a split world (reward ranks: a default group per part) numbers uniquely."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _flight_recorder_trace() -> Optional[bytes]:
     dump = getattr(torch._C._distributed_c10d, "_dump_fr_trace", None)
-    if dump is None or not dist.is_initialized():
+    return dump() if dump is not None else None
+
+
+def stack_file(path: Path) -> Path:
+    """The JSON beside flight-recorder dump `path` (<folder>/rank_3 -> <folder>/stack_rank_3.json): host, error,
+    traceback and every thread's stack. Named apart from the dumps so that torchfrtrace reads only those."""
+    return path.with_name(f"stack_{path.name}.json")
+
+
+def dump_flight_recorder(error: Optional[BaseException] = None) -> Optional[Path]:
+    """Write this rank's flight-recorder buffer where NCCL's own timeout dump would go (kept if already there),
+    and beside it where this process stood: host, the error and its traceback, the stack of every thread.
+
+    Also after the process group is destroyed: the buffer belongs to the process. On gloo the buffer is the
+    only record of the collectives; the newest entry is the one the rank waited in.
+    """
+    trace = _flight_recorder_trace()
+    if trace is None:
         return None
-    path = Path(f"{flight_recorder_prefix()}{dist.get_rank()}")
+    rank, world = world_rank()
+    path = Path(f"{flight_recorder_prefix()}{rank}")
+    path.parent.mkdir(parents=True, exist_ok=True)
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(dump())
+        path.write_bytes(trace)
+    names = {thread.ident: thread.name for thread in threading.enumerate()}
+    where = {
+        "rank": rank, "world_size": world, "host": socket.gethostname(), "pid": os.getpid(), "time": time.time(),
+        "error": None if error is None else f"{type(error).__name__}: {str(error).strip()}",
+        "traceback": [] if error is None else traceback.format_exception(type(error), error, error.__traceback__),
+        "threads": {names.get(ident, str(ident)): traceback.format_stack(frame)
+                    for ident, frame in sys._current_frames().items() if ident != threading.get_ident()},
+    }
+    stack_file(path).write_text(json.dumps(where, indent=1))
     return path
 
 
@@ -73,22 +113,29 @@ def collective_failure_report(error: BaseException) -> Optional[str]:
     """The lines a rank prints when `error` came out of a collective (a timeout or a lost peer); None otherwise.
 
     They name the rank, its host and the last collectives it entered (the one it waited in is the newest), and
-    where the flight-recorder dump went; `torchfrtrace <folder>` over all ranks' dumps names the missing ranks.
+    where the flight-recorder dump went; `python -m launch.hang` over a job's dumps names the rank the others
+    waited for (`torchfrtrace <folder>` reads the NCCL dumps too).
     """
-    distributed_error = isinstance(error, getattr(dist, "DistError", ())) or "timed out" in str(error).lower() \
-        or any(phrase in str(error).lower() for phrase in ("monitoredbarrier", "closed by peer"))
-    if not distributed_error or not dist.is_initialized():
+    message = str(error).lower()
+    distributed_error = isinstance(error, getattr(dist, "DistError", ())) or "timed out" in message \
+        or any(phrase in message for phrase in ("monitoredbarrier", "closed by peer"))
+    if not distributed_error:
         return None
-    rank, world = dist.get_rank(), dist.get_world_size()
+    # The job's clean-up may have destroyed the process group before the error reaches the hook; the flight
+    # recorder still tells whether this process ever took part in collectives.
+    trace = _flight_recorder_trace()
+    if not dist.is_initialized() and not (trace and pickle.loads(trace).get("entries")):
+        return None
+    rank, world = world_rank()
     lines = [f"[rank {rank}/{world} on {socket.gethostname()}] collective failed: {str(error).strip()}"]
-    path = dump_flight_recorder()
+    path = dump_flight_recorder(error)
     if path is not None:
         entries = _last_collectives(pickle.loads(path.read_bytes()))
         if entries:
             lines.append(f"[rank {rank}] waiting in collective " + _describe(entries[-1]))
             lines += [f"[rank {rank}]   before it: " + _describe(entry) for entry in reversed(entries[:-1])]
-        lines.append(f"[rank {rank}] flight recorder dump: {path} (compare all ranks: torchfrtrace "
-                     f"{path.parent} --prefix {path.name[:-len(str(rank))]})")
+        lines.append(f"[rank {rank}] flight recorder dump: {path}, stacks in {stack_file(path).name} (which rank "
+                     f"the others waited for: python -m launch.hang {path.parent})")
     return "\n".join(lines)
 
 

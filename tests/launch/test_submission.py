@@ -39,8 +39,9 @@ def test_multi_node_layout_one_task_per_gpu(capsys, nodes):
     srun = next(line for line in out.splitlines() if line.startswith("srun "))
     assert "--kill-on-bad-exit=1" in srun and "-m submitit.core._submit" in srun and "%j_%t_log.out" in srun
     assert "export NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-0}" in out
-    assert re.search(r"export TORCH_(FR_DUMP_TEMP_FILE|NCCL_DEBUG_INFO_TEMP_FILE)=.*/\$\{SLURM_JOB_ID\}/flight_recorder/rank_",
-                     out)
+    # One dump folder per run of the job: a requeued run keeps the job id but not the earlier run's dumps.
+    assert re.search(r"export TORCH_(FR_DUMP_TEMP_FILE|NCCL_DEBUG_INFO_TEMP_FILE)=.*/\$\{SLURM_JOB_ID\}/"
+                     r"flight_recorder/restart_\$\{SLURM_RESTART_COUNT:-0\}/rank_", out)
 
 
 def test_cluster_file_and_flags(capsys, tmp_path):
