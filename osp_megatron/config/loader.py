@@ -171,8 +171,33 @@ def load_yaml(path: str | Path) -> dict:
     return data
 
 
+def drop_reset_keys(cls, below: dict, layer: dict) -> dict:
+    """Remove from `below` the keys that `layer`, a configuration layer over it, resets (in place).
+
+    A section's dataclass names them with a `keys_reset_by(layer_section)` classmethod: naming model.preset
+    resets the model's dimensions, so a preset given on the command line is not mixed with the file's sizes.
+    Keys the layer sets itself are applied over `below` afterwards anyway.
+    """
+    if not dataclasses.is_dataclass(cls) or not isinstance(below, dict) or not isinstance(layer, dict):
+        return below
+    reset = getattr(cls, "keys_reset_by", None)
+    if reset is not None:
+        for key in reset(layer):
+            below.pop(key, None)
+    hints = typing.get_type_hints(cls)
+    for key, section in layer.items():
+        if key in hints and isinstance(below.get(key), dict):
+            drop_reset_keys(hints[key], below[key], section)
+    return below
+
+
 def load_config(cls, path: str | Path | None = None, overrides: list[str] | None = None):
-    """Load `cls` from an optional YAML file plus dotted overrides, validating everything."""
+    """Load `cls` from an optional YAML file plus dotted overrides, validating everything.
+
+    The overrides are a layer over the file: keys they reset (`drop_reset_keys`) are dropped from the file first.
+    """
     data = load_yaml(path) if path is not None else {}
-    apply_overrides(data, list(overrides or []))
+    overrides = list(overrides or [])
+    drop_reset_keys(cls, data, apply_overrides({}, overrides))
+    apply_overrides(data, overrides)
     return from_dict(cls, data)

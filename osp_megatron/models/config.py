@@ -32,6 +32,12 @@ PRESETS: dict[str, dict] = {
     ),
 }
 
+# What naming a preset decides: its dimensions, plus three choices that belong to one model size and fall back
+# to their defaults (block_layout has one entry per block; absolute_positions and the tiny-block VAE are the tiny
+# example's). A configuration layer that names model.preset resets these keys of the layers below it, so
+# `osp-train model.preset=wan-1.3b` over the tiny example's dim 128 gives wan-1.3b, not a mix of the two.
+PRESET_KEYS = (*PRESETS["tiny"], "block_layout", "absolute_positions", "vae")
+
 BLOCK_KINDS = ("full", "token", "group")
 # model.activation_checkpointing: "full" recomputes whole blocks in the backward, "selective" keeps the attention
 # core's saved tensors (its inputs, output and softmax statistics) and recomputes the rest of each block.
@@ -90,6 +96,11 @@ class ModelConfig:
         merged = dict(PRESETS[preset])
         merged.update(data)
         return merged
+
+    @classmethod
+    def keys_reset_by(cls, layer: dict) -> tuple[str, ...]:
+        """Keys of the layers below that a configuration layer resets: PRESET_KEYS when it names a preset."""
+        return PRESET_KEYS if "preset" in layer else ()
 
     @property
     def head_dim(self) -> int:

@@ -5,7 +5,7 @@ import pytest
 from osp_megatron.config.errors import ConfigError
 from osp_megatron.config.job import JobConfig, load_job_config
 from osp_megatron.config.loader import from_dict, parse_override
-from osp_megatron.models.config import ModelConfig
+from osp_megatron.models.config import PRESETS, ModelConfig
 
 EXAMPLE = "examples/tiny_t2v.yaml"
 
@@ -49,6 +49,38 @@ def test_presets_fill_dimensions_and_fields_override_them():
     assert (big.dim, big.num_layers, big.num_heads, big.ffn_dim, big.head_dim) == (5120, 40, 40, 13824, 128)
     small = from_dict(ModelConfig, {"preset": "wan-1.3b", "num_layers": 2}, "model")
     assert (small.dim, small.num_layers, small.num_heads, small.ffn_dim) == (1536, 2, 12, 8960)
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_preset_on_the_command_line_gives_its_architecture(preset):
+    """model.preset given as an override over the tiny example (dim 128, absolute positions, tiny-block VAE)
+    resets what a preset decides: the preset's dimensions, and the tiny example's choices back to defaults."""
+    config = load_job_config(EXAMPLE, [f"model.preset={preset}"])
+    assert {key: getattr(config.model, key) for key in PRESETS[preset]} == PRESETS[preset]
+    assert (config.model.vae, config.model.absolute_positions, config.model.block_layout) == ("tiny-random", False,
+                                                                                              None)
+    assert (config.data.text_dim, config.data.synthetic_vae) == (PRESETS[preset]["text_dim"], "tiny-random")
+    assert config.model.sparse_ratio == 1 and config.train.steps == 600  # keys no preset decides are kept
+
+
+def test_keys_beside_the_preset_on_the_same_layer_win():
+    """Dimensions set on the command line next to model.preset override the preset; in a file, a preset and
+    explicit fields combine the same way, and an override that names no preset keeps the file's sizes."""
+    config = load_job_config(EXAMPLE, ["model.preset=wan-1.3b", "model.num_layers=2", "model.vae=tiny-block"])
+    assert (config.model.dim, config.model.num_layers, config.model.vae) == (1536, 2, "tiny-block")
+    kept = load_job_config(EXAMPLE, ["model.sparse_ratio=2"])
+    assert (kept.model.dim, kept.model.ffn_dim, kept.model.vae) == (128, 256, "tiny-block")
+
+
+def test_preset_switch_against_a_pinned_data_key_names_both(tmp_path):
+    """A file that pins data.text_dim for its own model, switched to another preset on the command line, is
+    refused with both keys and the way out named."""
+    path = tmp_path / "pinned.yaml"
+    path.write_text("model: {preset: wan-1.3b}\ndata: {text_dim: 4096}\n")
+    assert load_job_config(str(path)).model.text_dim == 4096
+    with pytest.raises(ConfigError, match="data.text_dim=4096 does not match model.text_dim=32; leave data.text_dim "
+                                          "out"):
+        load_job_config(str(path), ["model.preset=tiny"])
 
 
 def test_hybrid_block_layout_is_dual_end():

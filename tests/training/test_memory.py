@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 
 from osp_megatron.config.loader import from_dict
-from osp_megatron.models.config import ModelConfig
+from osp_megatron.models.config import PRESETS, ModelConfig
 from osp_megatron.training import cli
 from osp_megatron.training.activation_bytes import measure_in_subprocess, run_requests
 from osp_megatron.training.activation_profile import request_for
@@ -115,3 +115,16 @@ def test_estimate_memory_cli(capsys, monkeypatch, tmp_path):
     out = capsys.readouterr().out
     for text in ("B/param", "AdamW moments", "kept (selective", "<- peak", "fits a 139 GiB GPU"):
         assert text in out, out
+
+
+@pytest.mark.parametrize("preset, parameters", [("wan-1.3b", "1.42 B"), ("wan-14b", "14.29 B")])
+def test_print_config_and_estimate_memory_take_a_preset_from_the_command_line(preset, parameters, capsys,
+                                                                               monkeypatch, tmp_path):
+    """`osp-train --print-config model.preset=X` and `--estimate-memory model.preset=X` over the packaged tiny
+    config resolve and size that preset, not the tiny config's dimensions."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert cli.main(["--print-config", f"model.preset={preset}"]) == 0
+    printed = capsys.readouterr().out
+    assert f"preset: {preset}" in printed and f"dim: {PRESETS[preset]['dim']}" in printed
+    assert cli.main(["--estimate-memory", f"model.preset={preset}"]) == 0
+    assert f"{preset} ({parameters} parameters)" in capsys.readouterr().out
