@@ -37,6 +37,21 @@ def test_bad_keys_and_values_name_the_key(override, named):
         load_job_config(EXAMPLE, [override])
 
 
+@pytest.mark.parametrize("example", ["tiny_t2v", "train_osp_data", "train_wan13b_480p", "wan14b_fsdp"])
+def test_example_training_configs_load(example):
+    """Every training example in examples/ resolves to a valid job config as shipped."""
+    assert isinstance(load_job_config(f"examples/{example}.yaml"), JobConfig)
+
+
+def test_wan13b_480p_example_trains_the_imported_model_on_480p_shards():
+    """The wan-1.3b example names the published size, the imported weights and umT5's text states."""
+    config = load_job_config("examples/train_wan13b_480p.yaml")
+    assert {key: getattr(config.model, key) for key in PRESETS["wan-1.3b"]} == PRESETS["wan-1.3b"]
+    assert config.checkpoint.load == "ckpt/wan2.1-t2v-1.3b" and not config.data.synthetic
+    assert (config.data.text_dim, config.data.text_len) == (4096, 512)
+    assert (config.data.latent_frames, config.data.latent_height, config.data.latent_width) == (21, 60, 104)
+
+
 def test_override_needs_equals_sign():
     """An override without '=' is rejected with the offending text."""
     with pytest.raises(ConfigError, match="key.subkey=value"):

@@ -128,3 +128,13 @@ def test_print_config_and_estimate_memory_take_a_preset_from_the_command_line(pr
     assert f"preset: {preset}" in printed and f"dim: {PRESETS[preset]['dim']}" in printed
     assert cli.main(["--estimate-memory", f"model.preset={preset}"]) == 0
     assert f"{preset} ({parameters} parameters)" in capsys.readouterr().out
+
+
+def test_wan13b_480p_example_fits_one_h200(capsys, monkeypatch, tmp_path):
+    """examples/train_wan13b_480p.yaml: --estimate-memory sizes wan-1.3b at 480P with full recomputation, under
+    the 139 GiB of an H200 (measured: 33.9 GB, docs/memory.md)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert cli.main(["--config", "examples/train_wan13b_480p.yaml", "--estimate-memory"]) == 0
+    out = capsys.readouterr().out
+    assert "wan-1.3b (1.42 B parameters)" in out and "tokens 21x30x52 = 32,760" in out
+    assert "fits a 139 GiB GPU" in out
