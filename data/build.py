@@ -7,6 +7,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import sys
 import time
 
 import webdataset
@@ -17,7 +18,7 @@ from data.outputs import claim_output
 from data.problems import ProblemLog
 from osp_megatron.config.errors import ConfigError
 from osp_megatron.data.buckets import parse_buckets
-from osp_megatron.data.shards import ShardInfo, atomic_write_bytes, write_index
+from osp_megatron.data.shards import INDEX_NAME, ShardInfo, atomic_write_bytes, write_index
 from osp_megatron.data.video import VideoError, encode_clip, sample_clips
 
 CLIPS_FORMAT = "osp-clips-v1"
@@ -214,9 +215,13 @@ def build_dataset(videos, captions, output, fps=16.0, frames=81, buckets="480P",
         "clips_per_bucket": dict(sorted(bucket_counts.items())), "clips_this_run": clips_written,
         "seconds_this_run": round(elapsed, 2), "clips_per_s": round(clips_written / max(elapsed, 1e-9), 3),
         "problems": problems.as_dict()}
+    atomic_write_bytes(os.path.join(output, REPORT_NAME), json.dumps(report, indent=1).encode())
+    if not report["clips"]:  # no index: `osp-data encode` and the loader see no data set here
+        print(f"osp-data build: failed: no clip from the {len(entries)} captioned video(s) under {output}; "
+              f"{problems.summary()} (listed in {REPORT_NAME}); no {INDEX_NAME} written", file=sys.stderr)
+        return report
     write_index(output, infos, format=CLIPS_FORMAT, fps=float(fps), frames=frames, buckets=buckets,
                 clips_per_bucket=report["clips_per_bucket"])
-    atomic_write_bytes(os.path.join(output, REPORT_NAME), json.dumps(report, indent=1).encode())
     print(f"osp-data build: {report['clips']} clips from {report['videos_with_clips']} videos in {len(infos)} shards "
           f"under {output} ({clips_written} clips this run, {report['clips_per_s']} clips/s); {problems.summary()}")
     return report

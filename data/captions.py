@@ -57,6 +57,9 @@ def read_captions(path, problems):
     """Entries of a .jsonl/.json-lines or .csv caption file; bad rows go to `problems` and are skipped."""
     if not os.path.isfile(path):
         raise ConfigError(f"--captions {path!r} does not exist")
+    if os.path.getsize(path) == 0:
+        raise ConfigError(f"--captions {path!r} is an empty file; expected one JSON object a line, or CSV with the "
+                          "header path,caption[,start,end,fps]")
     entries = []
     with open(path, encoding="utf-8", newline="") as handle:
         if path.lower().endswith(".csv"):

@@ -5,6 +5,7 @@ Each rank encodes its share of shards (torchrun), batched per bucket; finished s
 
 import json
 import os
+import sys
 import time
 import warnings
 
@@ -41,7 +42,7 @@ class Encoders:
         if vae_path is None or text_encoder_path is None:
             missing = [name for name, path in (("--vae", vae_path), ("--text-encoder", text_encoder_path))
                        if path is None]
-            warnings.warn(f"osp-data encode: no {' / '.join(missing)} given: using tiny random-weight models (for "
+            warnings.warn(f"no {' / '.join(missing)} given: using tiny random-weight models (for "
                           "tests only; the latents and text states mean nothing to a real DiT)")
         vae = build_vae(vae_path, device=device, dtype=dtype)
         text = build_text_encoder(text_encoder_path, text_dim, text_len, device=device, dtype=dtype)
@@ -219,15 +220,19 @@ def _write_index_and_report(input_dir, output, index, options, names, clips, sec
     per_bucket = {}
     for info in infos:
         per_bucket[info.bucket] = per_bucket.get(info.bucket, 0) + info.num_samples
-    write_index(output, infos, format=LATENTS_FORMAT, fps=index["fps"], frames=index["frames"],
-                text_dim=options["text_dim"], text_len=options["text_len"], latent_dtype=options["latent_dtype"],
-                vae=names["vae"], text_encoder=names["text_encoder"],
-                samples_per_bucket=dict(sorted(per_bucket.items())))
     report = {"format": LATENTS_FORMAT, "samples": sum(per_bucket.values()), "shards": len(infos),
               "samples_per_bucket": dict(sorted(per_bucket.items())), "clips_this_run": clips,
               "seconds_this_run": round(seconds, 2), "clips_per_s": round(clips / max(seconds, 1e-9), 3),
               "problems": problems.as_dict()}
     atomic_write_bytes(os.path.join(output, REPORT_NAME), json.dumps(report, indent=1).encode())
+    if not infos:  # no index: the loader sees no data set here
+        print(f"osp-data encode: failed: no sample encoded under {output}; {problems.summary()} (listed in "
+              f"{REPORT_NAME}); no {INDEX_NAME} written", file=sys.stderr)
+        return report
+    write_index(output, infos, format=LATENTS_FORMAT, fps=index["fps"], frames=index["frames"],
+                text_dim=options["text_dim"], text_len=options["text_len"], latent_dtype=options["latent_dtype"],
+                vae=names["vae"], text_encoder=names["text_encoder"],
+                samples_per_bucket=dict(sorted(per_bucket.items())))
     print(f"osp-data encode: {report['samples']} samples in {len(infos)} shards under {output} ({clips} clips this "
           f"run, {report['clips_per_s']} clips/s); {problems.summary()}")
     return report

@@ -14,7 +14,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from osp_megatron.config.errors import ConfigError
 from osp_megatron.data.mixing import (GlobalStream, LatentBucket, SourcePlan, StreamPosition,
                                       bucket_micro_batch_size, latent_bucket_name)
-from osp_megatron.data.shards import SampleError, decode_sample, read_sample_at, resolve_shards, sample_offsets
+from osp_megatron.data.shards import (SampleError, check_text_states, decode_sample, read_sample_at, resolve_shards,
+                                      sample_offsets)
 from osp_megatron.data.synthetic import ensure_synthetic_data
 
 STATE_FORMAT = "osp-loader-v2"
@@ -159,6 +160,9 @@ class WebDatasetLoader:
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.micro_batches, self.accumulation = micro_batches, micro_batches // dp_size
         self.sources = [resolve_shards(path) for path, _ in config.source_list()]
+        for number, ((path, _), shards) in enumerate(zip(config.source_list(), self.sources)):
+            key = f"data.sources[{number}].path" if config.sources else "data.path"
+            check_text_states(shards, config.text_len, config.text_dim, f"{key} {path!r}")
         shapes = [[self._shard_shape(shard) for shard in shards] for shards in self.sources]
         names = {}
         for shards, shard_shapes in zip(self.sources, shapes):

@@ -71,14 +71,23 @@ class SourcePlan:
         for shard_index, (shard, shape) in enumerate(zip(shards, shapes)):
             rows.setdefault(shape, []).extend((shard_index, i) for i in range(shard.num_samples))
         self.members = {shape: np.array(r, dtype=np.int64).reshape(-1, 2) for shape, r in sorted(rows.items())}
-        self.batches_per_epoch = 0
-        for shape, members in self.members.items():
-            size = buckets[shape].global_batch_size
-            if len(members) < size:
-                warnings.warn(f"data source {index}: bucket {buckets[shape].name} holds {len(members)} samples, fewer "
-                              f"than its global batch of {size}; its samples are not used")
-            self.batches_per_epoch += len(members) // size
+        self.batches_per_epoch = sum(len(members) // buckets[shape].global_batch_size
+                                     for shape, members in self.members.items())
         self._cached = (None, None)
+
+    def warn_unused_buckets(self) -> None:
+        """One warning per bucket with fewer samples than its global batch: those samples are never used."""
+        for shape, members in self.members.items():
+            size = self.buckets[shape].global_batch_size
+            if len(members) < size:
+                warnings.warn(f"data source {self.index}: bucket {self.buckets[shape].name} holds {len(members)} "
+                              f"samples, fewer than its global batch of {size}; its samples are not used (every "
+                              "global batch is one bucket)")
+
+    def bucket_fill(self) -> str:
+        """'64x64: 2 of 8, 64x96: 3 of 8': each bucket's samples against its global batch size."""
+        return ", ".join(f"{self.buckets[shape].name}: {len(members)} of {self.buckets[shape].global_batch_size}"
+                         for shape, members in self.members.items())
 
     def epoch(self, epoch):
         """The epoch's GlobalBatches in order."""
@@ -127,9 +136,12 @@ class GlobalStream:
 
     def __init__(self, plans, weights):
         for plan in plans:
-            if plan.batches_per_epoch == 0:
-                raise ConfigError(f"data source {plan.index} holds no bucket with a full global batch of samples; "
-                                  "add data or lower train.global_batch_size")
+            if plan.batches_per_epoch:
+                plan.warn_unused_buckets()
+            else:
+                raise ConfigError(f"data source {plan.index} holds no bucket with a full global batch of samples "
+                                  f"(samples per bucket: {plan.bucket_fill()}); every global batch is one bucket, so "
+                                  "add data or lower train.global_batch_size (docs/data.md, 'How much data')")
         self.plans, self.weights = plans, [float(w) for w in weights]
 
     def start(self):

@@ -34,6 +34,9 @@ class ShardInfo:
     bucket: str | None = None
     latent_shape: tuple | None = None
     offsets: tuple | None = None
+    # Width and most tokens of the text states, from the index (`osp-data encode --text-dim / --text-len`).
+    text_dim: int | None = None
+    text_len: int | None = None
 
 
 def atomic_write_bytes(path, data):
@@ -205,8 +208,28 @@ def resolve_shards(path):
         offsets = entry.get("offsets")
         shards.append(ShardInfo(shard_path, int(entry["num_samples"]), entry.get("bucket"),
                                 tuple(shape) if shape is not None else None,
-                                tuple(offsets) if offsets is not None else None))
+                                tuple(offsets) if offsets is not None else None,
+                                index.get("text_dim"), index.get("text_len")))
     return shards
+
+
+def check_text_states(shards: list[ShardInfo], text_len: int, text_dim: int, where: str) -> None:
+    """ConfigError, before any sample is read, when the indexes say the shards' text states do not fit
+    data.text_dim / data.text_len (shards encoded for another text encoder, e.g. umT5-XXL's 4096 for a tiny DiT).
+    """
+    for shard in shards:
+        if shard.text_dim is not None and shard.text_dim != text_dim:
+            raise ConfigError(
+                f"{where}: its shards hold text states of width {shard.text_dim} ({INDEX_NAME} text_dim, from "
+                f"`osp-data encode`), but data.text_dim is {text_dim} (it follows model.text_dim); encode them "
+                f"again with `osp-data encode --config` of this training config (or --text-dim {text_dim}), or "
+                f"train a model with model.text_dim={shard.text_dim}")
+        if shard.text_len is not None and shard.text_len > text_len:
+            raise ConfigError(
+                f"{where}: its shards hold up to {shard.text_len} text tokens a sample ({INDEX_NAME} text_len, from "
+                f"`osp-data encode`), but data.text_len is {text_len} (it follows model.text_len); encode them "
+                f"again with `osp-data encode --config` of this training config (or --text-len {text_len}), or "
+                f"train a model with model.text_len={shard.text_len}")
 
 
 def _load_npy(raw, name, shard_path):

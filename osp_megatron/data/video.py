@@ -4,6 +4,7 @@ PyAV decodes in one pass per video; clips travel from `osp-data build` to `osp-d
 """
 
 import io
+import os
 from fractions import Fraction
 
 import av
@@ -25,6 +26,8 @@ class VideoError(Exception):
 
 def probe(path):
     """(height, width) of the first video stream; VideoError when the file is no readable video."""
+    if os.path.getsize(path) == 0:  # FFmpeg calls it "invalid data", as for a corrupt file
+        raise VideoError("is an empty file (0 bytes)")
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:

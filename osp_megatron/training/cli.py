@@ -14,7 +14,7 @@ TRAIN_DESCRIPTION = ("Train a Wan2.1-style text-to-video DiT with rectified flow
                      "Launch under torchrun or srun for several ranks; a plain process runs one rank.")
 EXAMPLES = """\
 examples:
-  osp-train --config examples/tiny_t2v.yaml                       # the CPU demo: data, 300 steps, sample video
+  osp-train --config examples/tiny_t2v.yaml                       # the CPU demo: data, 600 steps, sample video
   osp-train --config examples/tiny_t2v.yaml train.steps=50 run.dir=runs/try model.sparse_ratio=2
   osp-train --config examples/tiny_t2v.yaml --print-config        # the resolved config as YAML
   torchrun --nproc_per_node 2 -m osp_megatron.training.cli --config examples/tiny_t2v.yaml \\
@@ -103,9 +103,9 @@ def main(argv=None) -> int:
 
 def estimate_memory(config, job: str = "osp-train") -> int:
     from osp_megatron.training.memory import estimate_config
-    from osp_megatron.utils.logging import quiet_third_party_warnings
+    from osp_megatron.utils.logging import plain_warnings
 
-    quiet_third_party_warnings()
+    plain_warnings(job)
     try:
         print(estimate_config(config))
     except ConfigError as err:
@@ -121,9 +121,9 @@ def run(config, job: str = "osp-train", build_trainer=None, summary=None) -> int
     summary(result) -> the text after "finished at step N" (default: the loss).
     """
     from osp_megatron.training.signals import GracefulStop
-    from osp_megatron.utils.logging import quiet_third_party_warnings
+    from osp_megatron.utils.logging import plain_warnings
 
-    quiet_third_party_warnings()
+    plain_warnings(job)
     with GracefulStop(job=job) as stop:
         trainer = None
         try:

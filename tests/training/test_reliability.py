@@ -227,3 +227,7 @@ def test_config_errors_come_before_torch_and_help_lists_sections():
                    "data: path", "quant: recipe", "sample: prompt", "torchrun", "checkpoint.resume",
                    "metrics.jsonl", "tensorboard", "--print-config"):
         assert needle in text, needle
+    from osp_megatron.config.job import load_job_config
+
+    steps = load_job_config("examples/tiny_t2v.yaml").train.steps
+    assert f"the CPU demo: data, {steps} steps" in text  # the help tells the demo's length as shipped
