@@ -17,7 +17,7 @@ def torch_dtype(name: str):
 
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
 
-# Published Wan2.1 dimensions (DESIGN.md section 1); "tiny" is a CPU test model whose head count (4) admits
+# Published Wan2.1 dimensions (docs/training.md, "Configs and presets"); "tiny" is a CPU test model whose head count (4) admits
 # every sequence-parallel layout the tests use (TP x Ulysses x SSP up to 4) and whose head_dim keeps 3D RoPE
 # splittable.
 PRESETS: dict[str, dict] = {

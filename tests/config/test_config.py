@@ -1,5 +1,8 @@
 """Configuration: YAML + dotted overrides build typed dataclasses; every bad key or value is named."""
 
+from importlib import resources
+from pathlib import Path
+
 import pytest
 
 from osp_megatron.config.errors import ConfigError
@@ -109,3 +112,26 @@ def test_hybrid_block_layout_is_dual_end():
 def test_defaults_build_without_a_file():
     """A JobConfig can be built from overrides alone (the packaged defaults are consistent)."""
     assert isinstance(from_dict(JobConfig, {}), JobConfig)
+
+
+def test_docs_preset_table_matches_the_presets():
+    """docs/training.md's table of presets shows the dimensions model.preset fills."""
+    text = open("docs/training.md", encoding="utf-8").read()
+    header, _, *rows = [line for line in text.splitlines() if line.startswith("| `model.preset`")
+                        or line.startswith("|---|---|---|---|---|---|---|---|") or line.startswith("| `tiny`")
+                        or line.startswith("| `wan-")]
+    keys = [cell.strip(" `") for cell in header.strip("|").split("|")][1:]
+    table = {}
+    for row in rows:
+        cells = [cell.strip(" `") for cell in row.strip("|").split("|")]
+        table[cells[0]] = dict(zip(keys, map(int, cells[1:])))
+    assert table == PRESETS
+
+
+@pytest.mark.parametrize("name", ["tiny_t2v.yaml", "grpo_tiny.yaml"])
+def test_packaged_default_configs_are_the_examples(name):
+    """osp_megatron/configs/ holds links to examples/, so the default a job loads and the example a user reads
+    are one file (a wheel build copies the linked content in as package data)."""
+    packaged = Path(str(resources.files("osp_megatron") / "configs" / name))
+    example = Path("examples") / name
+    assert packaged.is_symlink() and packaged.samefile(example)
