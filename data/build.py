@@ -13,7 +13,7 @@ import time
 import webdataset
 from tqdm import tqdm
 
-from data.captions import list_videos, read_captions
+from data.captions import CaptionEntry, list_videos, read_captions
 from data.outputs import claim_output
 from data.problems import ProblemLog
 from osp_megatron.config.errors import ConfigError
@@ -27,13 +27,14 @@ OPTIONS_NAME = "build_options.json"
 REPORT_NAME = "build_report.json"
 
 
-def check_frames(frames, temporal_stride=4):
+def check_frames(frames: int, temporal_stride: int = 4) -> None:
     if frames < 1 or (frames - 1) % temporal_stride:
         raise ConfigError(f"--frames must be 1 + a multiple of the VAE temporal stride {temporal_stride} "
                           f"(e.g. 81 = 4 x 20 + 1), got {frames}")
 
 
-def process_video(job):
+def process_video(job: tuple[CaptionEntry, str, dict]) -> tuple[int, str | None, list[tuple[str, bytes, dict]],
+                                                              list[tuple[str, str]]]:
     """Worker: one caption entry -> (line, bucket name, [(key, mp4 bytes, metadata)], [(kind, message)])."""
     entry, video_path, options = job
     clips, problems = [], []
@@ -115,8 +116,9 @@ def _sha256(path):
     return digest.hexdigest()
 
 
-def build_dataset(videos, captions, output, fps=16.0, frames=81, buckets="480P", shard_size_mb=512.0, workers=0,
-                  max_clips_per_video=0, progress=True):
+def build_dataset(videos: str, captions: str, output: str, fps: float = 16.0, frames: int = 81, buckets: str = "480P",
+                  shard_size_mb: float = 512.0, workers: int = 0, max_clips_per_video: int = 0,
+                  progress: bool = True) -> dict:
     """Build (or resume building) the clip shards of `output`; returns the report dict (also in build_report.json)."""
     check_frames(frames)
     if fps <= 0:

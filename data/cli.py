@@ -44,7 +44,7 @@ global_batch_size samples must not wait for data.""",
 }
 
 
-def build_parser():
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="osp-data", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Prepare training data for osp-train: from a folder of videos and a caption file to bucketed "
@@ -186,7 +186,7 @@ def _write_json(path, value):
             json.dump(value, handle, indent=1)
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and (args.command != "bench" or any("=" not in item for item in extra)):

@@ -9,6 +9,7 @@ import sys
 import time
 import warnings
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import webdataset
@@ -21,6 +22,8 @@ from osp_megatron.config.errors import ConfigError
 from osp_megatron.data.shards import (INDEX_NAME, ShardInfo, atomic_write_bytes, iter_raw_samples, npy_bytes,
                                       read_index, sample_offsets, write_index)
 from osp_megatron.data.video import VideoError, decode_clip, to_model_input
+from osp_megatron.models.text_encoder import TextEncoder, build_text_encoder
+from osp_megatron.models.vae import VideoVAE, build_vae
 
 LATENTS_FORMAT = "osp-latents-v1"
 STATE_DIR = ".encode"  # per-shard records (sample offsets, problems) of finished shards
@@ -30,15 +33,13 @@ REPORT_NAME = "encode_report.json"
 class Encoders:
     """The frozen VAE and text encoder of one rank: clips and captions in, latents and text states out."""
 
-    def __init__(self, vae, text, names):
+    def __init__(self, vae: VideoVAE, text: TextEncoder, names: dict[str, str]):
         self.vae, self.text, self.names = vae, text, names
 
     @classmethod
-    def load(cls, vae_path, text_encoder_path, text_dim, text_len, device, dtype):
+    def load(cls, vae_path: str | None, text_encoder_path: str | None, text_dim: int, text_len: int,
+             device: torch.device, dtype: torch.dtype) -> "Encoders":
         """From local model folders; tiny random-weight models (with a warning) for those not given."""
-        from osp_megatron.models.text_encoder import build_text_encoder
-        from osp_megatron.models.vae import build_vae
-
         if vae_path is None or text_encoder_path is None:
             missing = [name for name, path in (("--vae", vae_path), ("--text-encoder", text_encoder_path))
                        if path is None]
@@ -51,7 +52,7 @@ class Encoders:
             text.model.to(dtype)
         return cls(vae, text, {"vae": vae_path or "tiny-random", "text_encoder": text_encoder_path or "tiny-random"})
 
-    def __call__(self, clips, captions):
+    def __call__(self, clips: list[np.ndarray], captions: list[str]) -> tuple[np.ndarray, list[np.ndarray]]:
         """uint8 clips [B, F, H, W, 3] and B captions -> (latents [B, C, T, h, w], [(states [l, D]), ...])."""
         video = torch.stack([to_model_input(frames) for frames in clips])
         latents = self.vae.encode(video)
@@ -59,7 +60,8 @@ class Encoders:
         return latents.numpy(), [states[i, : int(lengths[i])].numpy() for i in range(len(captions))]
 
 
-def encode_shard(in_path, out_path, expected, encoders, batch_size, latent_dtype, problems):
+def encode_shard(in_path: str, out_path: str, expected: tuple[int, int, int, int], encoders: Encoders,
+                 batch_size: int, latent_dtype: str, problems: ProblemLog) -> dict:
     """Encode one clip shard into `out_path` (atomically); returns its record (samples, offsets, problems)."""
     tmp = os.path.join(os.path.dirname(out_path), f".{os.path.basename(out_path)}.tmp")
     start = len(problems.records)
@@ -130,12 +132,14 @@ def _pick_device(name):
     return torch.device("cpu")
 
 
-def encode_dataset(input_dir, output, vae_path=None, text_encoder_path=None, text_dim=4096, text_len=512,
-                   batch_size=2, latent_dtype="float16", device="auto", precision="auto", progress=True,
-                   encoders=None):
+def encode_dataset(input_dir: str, output: str, vae_path: str | None = None, text_encoder_path: str | None = None,
+                   text_dim: int = 4096, text_len: int = 512, batch_size: int = 2, latent_dtype: str = "float16",
+                   device: str = "auto", precision: str = "auto", progress: bool = True,
+                   encoders: Encoders | None = None) -> dict | None:
     """Encode (or resume encoding) every clip shard of `input_dir`; rank 0 writes the index and the report.
 
     encoders: ready Encoders (benchmarks pass random-weight full-size models); default: loaded from the paths.
+    Returns rank 0's report (None on the other ranks).
     """
     index = read_index(input_dir)
     if index is None or index.get("format") != CLIPS_FORMAT:
