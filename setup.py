@@ -44,7 +44,7 @@ setup(
             "osp-grpo=osp_megatron.rl.cli:main",
             "osp-sample=osp_megatron.inference.cli:main",
             "osp-eval=osp_megatron.eval.cli:main",
-            "osp-make-synthetic=osp_megatron.data.synthetic:main",
+            "osp-make-synthetic=osp_megatron.engine.data:main",
             "osp-ckpt=checkpoints_tools.cli:main",
             "osp-data=data.cli:main",
             "osp-launch=launch.cli:main",

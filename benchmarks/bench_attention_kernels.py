@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import timed, write_report  # noqa: E402
 
 from osp_megatron.attention.dispatch import dot_product_attention  # noqa: E402
-from osp_megatron.attention.fp8 import cudnn_bhsd, load_cudnn_frontend  # noqa: E402
+from osp_megatron.quantization.fp8_attention import cudnn_bhsd, load_cudnn_frontend  # noqa: E402
 
 SHAPES = {"full 768P": (1, 80640), "Skiparse 768P": (4, 20160)}
 

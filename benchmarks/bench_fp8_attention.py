@@ -1,4 +1,4 @@
-"""FP8 attention (cuDNN, osp_megatron.attention.fp8) vs the bf16 cuDNN kernel at wan-14b shapes on one GPU.
+"""FP8 attention (cuDNN, osp_megatron.quantization.fp8_attention) vs the bf16 cuDNN kernel at wan-14b shapes on one GPU.
 
 For each shape: forward and forward+backward times of both, and the FP8 error against the bf16 result
 (relative L2 of the output and of dq, dk, dv). Shapes: full attention over 768P (1 x 80,640 tokens) and
@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import timed, write_report  # noqa: E402
 
 from osp_megatron.attention.dispatch import dot_product_attention  # noqa: E402
-from osp_megatron.attention.fp8 import FP8AttentionState, _runner, fp8_attention_supported, fp8_dot_product_attention  # noqa: E402
+from osp_megatron.quantization.fp8_attention import FP8AttentionState, _runner, fp8_attention_supported, fp8_dot_product_attention  # noqa: E402
 
 SHAPES = {"full_768P": (1, 80640), "sparse_768P": (4, 20160), "sparse_720P_packed": (4, 18900),
           "full_720P_packed": (1, 75600)}

@@ -20,13 +20,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import random_model, write_report  # noqa: E402
 
 from osp_megatron.config.loader import from_dict  # noqa: E402
-from osp_megatron.config.job import TrainConfig  # noqa: E402
+from osp_megatron.engine.config import TrainConfig  # noqa: E402
 from osp_megatron.models.config import ModelConfig  # noqa: E402
 from osp_megatron.parallel.state import ensure_single_rank_group  # noqa: E402
 from osp_megatron.rl.learner import transition_loss  # noqa: E402
 from osp_megatron.rl.rollout import rollout, seeded_generator  # noqa: E402
 from osp_megatron.rl.schedule import rollout_plan  # noqa: E402
-from osp_megatron.training.optim import build_optimizer  # noqa: E402
+from osp_megatron.engine.optim import build_optimizer  # noqa: E402
 
 
 def peak_memory_gb(device) -> float:

@@ -30,7 +30,7 @@ from osp_megatron.utils.logging import quiet_third_party_warnings  # noqa: E402
 
 quiet_third_party_warnings()
 
-from osp_megatron.config.job import load_job_config  # noqa: E402
+from osp_megatron.engine.config import load_job_config  # noqa: E402
 from osp_megatron.parallel.config import ParallelConfig  # noqa: E402
 from osp_megatron.training.memory import GIB, estimate, run_from_config  # noqa: E402
 

@@ -59,7 +59,7 @@ class PlainWanBlock(torch.nn.Module):
 
 def plain_step(dim, heads, ffn_dim, tokens, text_len, device, dtype=torch.bfloat16):
     """A closure running forward + backward of one plain block on random inputs (no framework involved)."""
-    from osp_megatron.models.rope import rope_tables
+    from osp_megatron.attention.rope import rope_tables
 
     block = PlainWanBlock(dim, heads, ffn_dim, device, dtype)
     x = torch.randn(1, tokens, dim, device=device, dtype=dtype, requires_grad=True)

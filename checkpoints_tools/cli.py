@@ -192,7 +192,7 @@ def run_inspect(args) -> None:
 
 
 def run_reshard(args) -> None:
-    from osp_megatron.checkpointing.transforms import reshard_checkpoint
+    from osp_megatron.engine.reshard import reshard_checkpoint
 
     reshard_checkpoint(args.checkpoint, args.output, tensor=args.tensor, data=args.data, ssp=args.ssp,
                        ulysses=args.ulysses, fsdp=args.fsdp, overwrite=args.overwrite, log=print)

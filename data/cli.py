@@ -127,7 +127,7 @@ def _model_settings(args):
     """VAE / text encoder paths and text shape: flags first, then the --config file's model section."""
     settings = {"vae_path": None, "text_encoder_path": None, "text_dim": 4096, "text_len": 512}
     if args.config:
-        from osp_megatron.config.job import load_job_config
+        from osp_megatron.engine.config import load_job_config
 
         model = load_job_config(args.config).model
         settings = {key: getattr(model, key) for key in settings}
@@ -158,7 +158,7 @@ def _bench_config(args):
 
     micro, global_batch = 1, None
     if args.config:
-        from osp_megatron.config.job import load_job_config
+        from osp_megatron.engine.config import load_job_config
 
         job = load_job_config(args.config, args.overrides)
         config, micro, global_batch = job.data, job.train.micro_batch_size, job.train.global_batch_size

@@ -77,32 +77,34 @@ def checkpoint_metadata(step: int, fsdp: bool, metadata: Optional[dict] = None) 
 
 def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, optimizer=None, ema=None,
                     rank_state: Optional[dict] = None, metadata: Optional[dict] = None,
-                    keep_last: Optional[int] = None, writer=None) -> Path:
+                    keep_last: Optional[int] = None, writer=None, parameters: Optional[list[str]] = None) -> Path:
     """Collective: every rank calls it. Returns the checkpoint folder (published on return unless `writer`
-    writes asynchronously; then once writer.wait() returns)."""
+    writes asynchronously; then once writer.wait() returns). `parameters`: the weights stored (default all)."""
     from osp_megatron.checkpointing.distributed import training_tensors
     from osp_megatron.parallel.fsdp import is_fsdp_model
 
     writer = writer or checkpoint_writer(run_dir, keep_last)
-    tensors = training_tensors(model, optimizer, ema)
+    tensors = training_tensors(model, optimizer, ema, parameters=parameters)
     return writer.save(step_dir_name(step), tensors, rank_state or {},
                        checkpoint_metadata(step, is_fsdp_model(model), metadata))
 
 
-def load_model_weights(path: str | Path, model: torch.nn.Module, which: str = "model", strict: bool = True):
+def load_model_weights(path: str | Path, model: torch.nn.Module, which: str = "model", strict: bool = True,
+                       names: Optional[dict[str, str]] = None):
     """Load weights (or EMA weights with which='ema') into `model` under its own layout; returns (missing,
-    unexpected) names."""
+    unexpected) names. `names`: model parameter name -> stored name (default: all, unchanged)."""
     from osp_megatron.checkpointing.training_state import load_weights
 
-    return load_weights(path, model, which, strict)
+    return load_weights(path, model, which, strict, names)
 
 
-def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer=None, ema=None) -> tuple[dict, dict]:
+def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer=None, ema=None,
+                    parameters: Optional[list[str]] = None) -> tuple[dict, dict]:
     """Restore everything a training step depends on, resharded to this run's layout; returns (metadata, the
-    saved per-rank state: this rank's under the same layout, else rank 0's)."""
+    saved per-rank state: this rank's under the same layout, else rank 0's). `parameters` as in save_checkpoint."""
     from osp_megatron.checkpointing.training_state import load_training_state
 
-    return load_training_state(path, model, optimizer, ema)
+    return load_training_state(path, model, optimizer, ema, parameters=parameters)
 
 
 def checkpoint_problems(path: str | Path) -> list[str]:

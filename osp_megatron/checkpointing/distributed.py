@@ -21,7 +21,7 @@ from osp_megatron.checkpointing.offline import stored_index
 from osp_megatron.checkpointing.sharded import partition_dim
 from osp_megatron.config.errors import ConfigError
 from osp_megatron.parallel import state
-from osp_megatron.parallel.fsdp import is_fully_sharded, local_tensor
+from osp_megatron.parallel.fsdp import fsdp_chunk, is_fully_sharded, local_tensor
 
 # The kinds of tensors a training checkpoint holds; a stored key is "<kind>/<parameter name>", optimizer
 # moments "optimizer/<moment>/<parameter name>".
@@ -51,16 +51,18 @@ def stored_like(param: torch.Tensor, tensor: torch.Tensor) -> StoredTensor:
 
 
 def training_tensors(model: torch.nn.Module, optimizer=None, ema=None, which: tuple = (MODEL, EMA, OPTIMIZER),
-                     create_optimizer_state: bool = False) -> dict:
+                     create_optimizer_state: bool = False, parameters: Optional[list[str]] = None) -> dict:
     """Keyed StoredTensors of the model weights, EMA and AdamW moments (plus the moments' step counts as plain
-    tensors). `create_optimizer_state` allocates moments the optimizer has not created yet (to load into)."""
+    tensors). `create_optimizer_state` allocates moments the optimizer has not created yet (to load into).
+    `parameters`: the weights stored (default all; a LoRA model stores its adapters, not the frozen base)."""
     params = dict(model.named_parameters())
     tensors = {}
     if MODEL in which:
-        tensors.update({f"{MODEL}/{name}": stored_like(param, param) for name, param in params.items()})
+        stored = params if parameters is None else {name: params[name] for name in parameters}
+        tensors.update({f"{MODEL}/{name}": stored_like(param, param) for name, param in stored.items()})
     if EMA in which and ema is not None:
         shadow = ema.state_tensors()
-        tensors.update({f"{EMA}/{name}": stored_like(param, shadow[name]) for name, param in params.items()})
+        tensors.update({f"{EMA}/{name}": stored_like(params[name], average) for name, average in shadow.items()})
     if OPTIMIZER in which and optimizer is not None:
         # Only the parameters the optimizer trains have moments (frozen ones, e.g. a base model under LoRA, none).
         trained = {id(p) for group in optimizer.param_groups for p in group["params"]}
@@ -89,14 +91,8 @@ def initialise_adam_state(optimizer, param) -> None:
 
 
 def local_piece(tensor_parallel_slice: torch.Tensor, stored: StoredTensor) -> torch.Tensor:
-    """The part of a whole tensor-parallel slice that `stored` holds: FSDP's dim-0 chunk (torch.chunk's
-    split over the data x context ranks, empty past the last chunk) or the whole slice."""
-    if not stored.fsdp_sharded:
-        return tensor_parallel_slice
-    group = state.gradient_reduction_group()
-    chunks = torch.chunk(tensor_parallel_slice, dist.get_world_size(group), dim=0)
-    rank = dist.get_rank(group)
-    return chunks[rank] if rank < len(chunks) else tensor_parallel_slice.narrow(0, 0, 0)
+    """The part of a whole tensor-parallel slice that `stored` holds: its FSDP shard or the whole slice."""
+    return fsdp_chunk(tensor_parallel_slice) if stored.fsdp_sharded else tensor_parallel_slice
 
 
 def full_shape(stored: StoredTensor, tensor_parallel: int) -> tuple:

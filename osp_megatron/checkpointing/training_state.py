@@ -30,12 +30,14 @@ from osp_megatron.config.errors import ConfigError
 from osp_megatron.parallel import state
 from osp_megatron.parallel.fsdp import is_fsdp_model
 
+
 def load_training_state(path: str | Path, model: torch.nn.Module, optimizer=None, ema=None,
-                        which: Optional[tuple] = None) -> tuple[dict, dict]:
+                        which: Optional[tuple] = None, parameters: Optional[list[str]] = None) -> tuple[dict, dict]:
     """Collective: restore model weights, EMA and AdamW state into this rank's pieces; returns (metadata, the
     per-rank state: this rank's under an unchanged layout, else rank 0's).
 
-    `which` limits what is read (default: everything the run has and the checkpoint holds). A checkpoint
+    `which` limits what is read (default: everything the run has and the checkpoint holds); `parameters` the
+    weights read (default all: a LoRA model reads its adapters only). A checkpoint
     without EMA restarts the EMA from the loaded weights; one without optimizer state starts AdamW afresh.
     """
     path = Path(path)
@@ -53,7 +55,8 @@ def load_training_state(path: str | Path, model: torch.nn.Module, optimizer=None
         else:
             warnings.warn(f"checkpoint {path} holds no {kind} state: "
                           f"{'the EMA restarts from the loaded weights' if kind == EMA else 'AdamW starts afresh'}")
-    tensors = training_tensors(model, optimizer, ema, which=tuple(selected), create_optimizer_state=True)
+    tensors = training_tensors(model, optimizer, ema, which=tuple(selected), create_optimizer_state=True,
+                               parameters=parameters)
     if is_distributed_format(metadata):
         load_tensors(path / STATE, tensors)
     else:
@@ -63,21 +66,24 @@ def load_training_state(path: str | Path, model: torch.nn.Module, optimizer=None
     return metadata, read_rank_state(path, metadata, is_fsdp_model(model))
 
 
-def load_weights(path: str | Path, model: torch.nn.Module, which: str = MODEL,
-                 strict: bool = True) -> tuple[list[str], list[str]]:
+def load_weights(path: str | Path, model: torch.nn.Module, which: str = MODEL, strict: bool = True,
+                 names: Optional[dict[str, str]] = None) -> tuple[list[str], list[str]]:
     """Collective: copy a checkpoint's model (or, which="ema", EMA) weights into `model`, any format, any
-    layout. Returns (missing, unexpected) parameter names; strict makes either an error."""
+    layout. `names` maps the model's parameter names to the stored ones (default: the same, every parameter),
+    e.g. a LoRA model's base weights. Returns (missing, unexpected) stored names; strict makes either an error."""
     path = Path(path)
     metadata = read_metadata(path)
     stored = set(stored_shapes(path, which))
     if not stored:
         raise ConfigError(f"checkpoint {str(path)!r} has no {which!r} weights")
     params = dict(model.named_parameters())
-    missing, unexpected = sorted(set(params) - stored), sorted(stored - set(params))
+    names = names if names is not None else {name: name for name in params}
+    missing, unexpected = sorted(set(names.values()) - stored), sorted(stored - set(names.values()))
     if strict and (missing or unexpected):
         raise ConfigError(f"{which} weights of {str(path)!r} do not match the model: missing {missing[:8]}, "
                           f"unexpected {unexpected[:8]}")
-    tensors = {f"{which}/{name}": stored_like(param, param) for name, param in params.items() if name in stored}
+    tensors = {f"{which}/{stored_name}": stored_like(params[name], params[name])
+               for name, stored_name in names.items() if stored_name in stored}
     if is_distributed_format(metadata):
         load_tensors(path / STATE, tensors)
     else:

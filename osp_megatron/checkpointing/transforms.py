@@ -1,8 +1,7 @@
-"""Offline checkpoint transforms behind osp-ckpt: reshard to a parallel layout, average several checkpoints,
-and write a weights-only checkpoint from any source of whole tensors.
+"""Offline checkpoint transforms behind osp-ckpt: average several checkpoints, and write a weights-only checkpoint
+from any source of whole tensors, streaming one tensor at a time.
 
-Resharding runs the training code's own load and save on CPU ranks of the target layout; the others stream
-one tensor at a time.
+Resharding, which runs the jobs' own model building, load and save, lives in osp_megatron.engine.reshard.
 """
 
 import json
@@ -13,7 +12,7 @@ from typing import Callable, Iterable, Optional
 import torch
 
 from osp_megatron.checkpointing.integrity import write_manifest
-from osp_megatron.checkpointing.metadata import DISTRIBUTED_FORMAT, METADATA, STATE, describe_layout, read_metadata
+from osp_megatron.checkpointing.metadata import DISTRIBUTED_FORMAT, METADATA, STATE, read_metadata
 from osp_megatron.checkpointing.offline import read_checkpoint_tensor, stored_kinds, stored_shapes, write_tensors_streaming
 from osp_megatron.checkpointing.wan_convert import DTYPES, prepare_output, publish_output, silent
 from osp_megatron.config.errors import ConfigError
@@ -71,54 +70,3 @@ def average_checkpoints(paths: Iterable[str | Path], output: str | Path, kinds: 
     write_weights_checkpoint(Path(output), specs, mean, info, overwrite)
     log(f"averaged {', '.join(kinds)} weights of {len(paths)} checkpoints into {output} (step {newest})")
     return Path(output)
-
-
-def reshard_checkpoint(source: str | Path, output: str | Path, tensor: int = 1, data: int = 1, ssp: int = 1,
-                       ulysses: int = 1, fsdp: bool = False, overwrite: bool = False,
-                       log: Callable[[str], None] = silent) -> Path:
-    """Rewrite a checkpoint (either format) as a run with this layout writes it: its weights, EMA and optimizer
-    state in the pieces those ranks hold, with their per-rank state. Runs tensor x data x ssp x ulysses CPU
-    ranks (gloo) through the training code's own load and save; the ranks together need about the
-    checkpoint's size in memory."""
-    from osp_megatron.utils.testing import run_on_ranks
-
-    source, output = Path(source), Path(output)
-    metadata = read_metadata(source)
-    if output.exists() and not overwrite:
-        raise ConfigError(f"output {str(output)!r} already exists; pass --overwrite to replace it")
-    world = tensor * data * ssp * ulysses
-    layout = {"tensor": tensor, "ssp": ssp, "ulysses": ulysses, "fsdp": fsdp}
-    run_on_ranks(_reshard_rank, world, str(source), str(output), layout, timeout=24 * 3600)
-    log(f"resharded {source} (step {metadata.get('step')}) into {output} for {describe_layout(read_metadata(output)['layout'])}")
-    return output
-
-
-def _reshard_rank(rank: int, world_size: int, source: str, output: str, layout: dict) -> None:
-    """One CPU rank of reshard_checkpoint: build the model of the checkpoint, load, save."""
-    from osp_megatron.checkpointing.checkpoint import checkpoint_metadata, load_checkpoint
-    from osp_megatron.checkpointing.distributed import training_tensors
-    from osp_megatron.checkpointing.wan_export import checkpoint_model_config
-    from osp_megatron.checkpointing.writer import CheckpointWriter
-    from osp_megatron.config.job import TrainConfig
-    from osp_megatron.models.builder import build_model
-    from osp_megatron.parallel.config import ParallelConfig
-    from osp_megatron.parallel.fsdp import apply_fsdp
-    from osp_megatron.parallel.state import init_distributed
-    from osp_megatron.training.optim import EMA, build_optimizer
-
-    source, output = Path(source), Path(output)
-    init_distributed(ParallelConfig(tensor=layout["tensor"], ssp=layout["ssp"], ulysses=layout["ulysses"],
-                                    backend="gloo"))
-    kinds = stored_kinds(source)
-    model = build_model(checkpoint_model_config(source), "cpu", initialize=False)
-    if layout["fsdp"]:
-        apply_fsdp(model, device=torch.device("cpu"))
-    optimizer = build_optimizer(model, TrainConfig()) if "optimizer" in kinds else None
-    ema = EMA(model, 0.5) if "ema" in kinds else None
-    metadata, rank_state = load_checkpoint(source, model, optimizer, ema)
-    kept = {key: value for key, value in metadata.items()
-            if key not in ("format", "saved_at", "layout", "tensor_parallel", "world_size")}
-    kept["resharded_from"] = str(source)
-    writer = CheckpointWriter(output.parent, update_latest=False)
-    writer.save(output.name, training_tensors(model, optimizer, ema), rank_state,
-                checkpoint_metadata(int(metadata.get("step", 0)), layout["fsdp"], kept))

@@ -102,8 +102,11 @@ def from_dict(cls, data: dict, prefix: str = ""):
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     kwargs = {}
+    moved = getattr(cls, "MOVED_KEYS", {})
     for key, value in data.items():
         dotted = f"{prefix}.{key}" if prefix else str(key)
+        if key in moved:
+            raise ConfigError(f"config key '{dotted}' has moved to {moved[key]}")
         if key not in fields:
             allowed = ", ".join(sorted(fields))
             raise ConfigError(f"unknown config key '{dotted}'; allowed keys here: {allowed}")
@@ -191,13 +194,16 @@ def drop_reset_keys(cls, below: dict, layer: dict) -> dict:
     return below
 
 
-def load_config(cls, path: str | Path | None = None, overrides: list[str] | None = None):
-    """Load `cls` from an optional YAML file plus dotted overrides, validating everything.
-
-    The overrides are a layer over the file: keys they reset (`drop_reset_keys`) are dropped from the file first.
-    """
-    data = load_yaml(path) if path is not None else {}
-    overrides = list(overrides or [])
+def apply_override_layer(cls, data: dict, overrides: list[str]) -> dict:
+    """Apply dotted overrides to `data`, a loaded file of `cls`'s tree, as a layer over it (in place): the keys
+    the layer resets go first (`drop_reset_keys`), so model.preset on the command line gives that preset's sizes."""
+    overrides = list(overrides)
     drop_reset_keys(cls, data, apply_overrides({}, overrides))
-    apply_overrides(data, overrides)
+    return apply_overrides(data, overrides)
+
+
+def load_config(cls, path: str | Path | None = None, overrides: list[str] | None = None):
+    """Load `cls` from an optional YAML file plus dotted overrides (a layer over it), validating everything."""
+    data = load_yaml(path) if path is not None else {}
+    apply_override_layer(cls, data, overrides or [])
     return from_dict(cls, data)

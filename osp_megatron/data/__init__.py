@@ -11,8 +11,7 @@ _EXPORTS = {
     "build_data_loader": "loader",
     "ShardInfo": "shards",
     "resolve_shards": "shards",
-    "ensure_synthetic_data": "synthetic",
-    "make_synthetic_shards": "synthetic",
+    "write_synthetic_shards": "synthetic",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

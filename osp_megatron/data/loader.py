@@ -19,7 +19,6 @@ from osp_megatron.data.mixing import (GlobalStream, LatentBucket, SourcePlan, St
                                       bucket_micro_batch_size, latent_bucket_name)
 from osp_megatron.data.shards import (SampleError, ShardInfo, check_text_states, decode_sample, read_sample_at,
                                       resolve_shards, sample_offsets)
-from osp_megatron.data.synthetic import ensure_synthetic_data
 
 STATE_FORMAT = "osp-loader-v2"
 
@@ -289,7 +288,7 @@ class WebDatasetLoader:
 def build_data_loader(config: DataConfig, micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1, seed: int = 0,
                       global_batch_size: int | None = None,
                       patch_size: tuple[int, int, int] = (1, 2, 2)) -> WebDatasetLoader:
-    """Validate the config, write the synthetic data set if asked for and absent, and return the loader."""
+    """Validate the config and return the loader (a synthetic set must exist already:
+    osp_megatron.engine.data.ensure_synthetic_data writes it)."""
     config.validate()
-    ensure_synthetic_data(config)
     return WebDatasetLoader(config, micro_batch_size, dp_rank, dp_size, seed, global_batch_size, patch_size)

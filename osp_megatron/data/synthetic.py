@@ -3,13 +3,10 @@
 Captions name a colour, a shape and a motion; the video (rendered pixels, or an analytic latent) follows from them.
 """
 
-import argparse
 import io
 import itertools
 import json
 import os
-import sys
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -268,13 +265,10 @@ def _claim_folder(out_dir, expected, key="data.path"):
     return None
 
 
-def _pixel_latents(words, latent_shape):
-    """Latents [C, T, H, W] of each caption's rendered video, encoded by the tiny block VAE (normalised)."""
+def _pixel_latents(words, latent_shape, vae):
+    """Latents [C, T, H, W] of each caption's rendered video, encoded by `vae` (the tiny block VAE, normalised)."""
     import torch
 
-    from osp_megatron.models.vae import build_vae
-
-    vae = build_vae(None, tiny="tiny-block")
     channels, frames, height, width = latent_shape
     if channels != vae.latent_channels:
         raise ConfigError(f"data.latent_channels={channels}: the tiny block VAE has {vae.latent_channels} latent "
@@ -290,16 +284,16 @@ def _pixel_latents(words, latent_shape):
     return latents
 
 
-def make_synthetic_shards(out_dir, num_samples, samples_per_shard, latent_shape, text_len, text_dim, seed=0,
-                          text_encoder=None, vae="tiny-random", held_out=False):
+def write_synthetic_shards(out_dir, num_samples, samples_per_shard, latent_shape, text_len, text_dim, seed,
+                           text_encoder, encoder_name, vae="tiny-random", video_vae=None, held_out=False):
     """Write shard-000000.tar ... and index.json into out_dir; return the list of ShardInfo.
 
     vae: "tiny-random" writes analytic latent blobs (no VAE involved: fast, for tests); "tiny-block" renders
-    each caption as a pixel video and stores its latents from the tiny block VAE, so samples decode to the
-    caption's picture.
+    each caption as a pixel video and stores its latents from `video_vae` (the tiny block VAE), so samples decode
+    to the caption's picture. text_encoder: a TextEncoder with max_length >= text_len, recorded in the index as
+    `encoder_name`. (osp_megatron.engine.data.make_synthetic_shards builds both encoders.)
     Writes only into an absent or empty folder, or completes one it began itself (see _claim_folder); a
     complete set with the same parameters is reused untouched.
-    text_encoder: a TextEncoder with max_length >= text_len; None builds the tiny one seeded with `seed`.
     held_out: draw captions and noise from a second stream of `seed`, so the set shares the text encoder of
     the training set made with the same seed but none of its samples (a held-out set for train.eval_interval).
     """
@@ -311,25 +305,14 @@ def make_synthetic_shards(out_dir, num_samples, samples_per_shard, latent_shape,
                           f"{num_samples} and {samples_per_shard}")
     if vae not in SYNTHETIC_VAES:
         raise ConfigError(f"data.synthetic_vae: unknown VAE {vae!r}; choose one of {', '.join(SYNTHETIC_VAES)}")
+    if vae == "tiny-block" and video_vae is None:
+        raise ConfigError("synthetic data with data.synthetic_vae=tiny-block needs the tiny block VAE to encode "
+                          "its videos")
     expected = _expected_index(num_samples, samples_per_shard, latent_shape, text_len, text_dim, seed, vae,
                                held_out)
     existing = _claim_folder(out_dir, expected, "data.eval_path" if held_out else "data.path")
     if existing is not None:
         return existing
-
-    encoder_name = "given"
-    if text_encoder is None:
-        from osp_megatron.models.text_encoder import build_text_encoder
-
-        text_encoder = build_text_encoder(None, text_dim, text_len, seed=seed)
-        encoder_name = f"tiny-umt5-words(seed={seed})"
-        # The captions' token counts as the tokenizer gives them (its end token included), untruncated.
-        _, mask = text_encoder.tokenizer(all_captions(), max_length=10**6)
-        longest = int(mask.sum(dim=1).max())
-        if longest > text_len:
-            # The motion word comes last.
-            warnings.warn(f"synthetic data: text_len={text_len} truncates captions of up to {longest} tokens, "
-                          "so some words will not reach the model")
     if text_encoder.text_dim != text_dim:
         raise ConfigError(f"synthetic data: the text encoder gives {text_encoder.text_dim}-d states, "
                           f"expected text_dim={text_dim}")
@@ -342,7 +325,7 @@ def make_synthetic_shards(out_dir, num_samples, samples_per_shard, latent_shape,
     drawn = [words[i] for i in rng.integers(len(words), size=num_samples)]
     distinct = sorted(set(drawn), key=words.index)
     if vae == "tiny-block":
-        clean = _pixel_latents(distinct, latent_shape)
+        clean = _pixel_latents(distinct, latent_shape, video_vae)
     else:
         clean = {w: blob_latent(*w, latent_shape) for w in distinct}
     shards = []
@@ -366,66 +349,3 @@ def make_synthetic_shards(out_dir, num_samples, samples_per_shard, latent_shape,
     # The index is written last: its presence marks the data set complete.
     write_index(out_dir, shards, **expected, text_encoder=encoder_name)
     return shards
-
-
-def ensure_synthetic_data(config, held_out_samples=0):
-    """Create config.path's synthetic data set from a DataConfig when config.synthetic is set (idempotent), and
-    a held-out set of `held_out_samples` in config.eval_path when that is asked for and eval_path is set."""
-    if not config.synthetic:
-        return None
-    if held_out_samples and isinstance(config.eval_path, str):
-        make_synthetic_shards(config.eval_path, held_out_samples, config.synthetic_samples_per_shard,
-                              config.latent_shape, config.text_len, config.text_dim, config.synthetic_seed,
-                              vae=config.synthetic_vae, held_out=True)
-    return make_synthetic_shards(config.path, config.synthetic_num_samples, config.synthetic_samples_per_shard,
-                                 config.latent_shape, config.text_len, config.text_dim, config.synthetic_seed,
-                                 vae=config.synthetic_vae)
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(
-        prog="osp-make-synthetic",
-        description="Write a learnable synthetic data set of (latent video, text state) pairs as webdataset "
-        "shards. Captions such as 'a red circle moving left' determine a moving shape, so a small DiT learns "
-        "text conditioning in a few hundred CPU steps. Writes only into an empty or absent folder, or one it "
-        "filled itself (marked by a .osp-synthetic file); it never overwrites other files.",
-        epilog="examples:\n  osp-make-synthetic --out data/synthetic\n"
-        "  osp-make-synthetic --out data/pixels --vae tiny-block --text-dim 32 --num-samples 512",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--out", required=True,
-                        help="folder to write shard-*.tar and index.json into: absent, empty, or made by this command")
-    parser.add_argument("--num-samples", type=int, default=1024, help="total number of samples (default 1024)")
-    parser.add_argument("--samples-per-shard", type=int, default=128, help="samples per .tar shard (default 128)")
-    parser.add_argument("--latent-channels", type=int, default=16, help="latent channels C (default 16, Wan VAE)")
-    parser.add_argument("--latent-frames", type=int, default=3, help="latent frames T (default 3 = 9 video frames)")
-    parser.add_argument("--latent-height", type=int, default=16, help="latent height H (default 16 = 128 pixels)")
-    parser.add_argument("--latent-width", type=int, default=16, help="latent width W (default 16 = 128 pixels)")
-    parser.add_argument("--text-len", type=int, default=32, help="maximum text tokens per caption (default 32)")
-    parser.add_argument("--text-dim", type=int, default=64, help="text state width; must match the DiT (default 64)")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="seeds captions, noise and the tiny text encoder; sample with the same seed (default 0)")
-    parser.add_argument("--text-encoder", default=None,
-                        help="local umT5 folder to encode captions with (default: the tiny random encoder)")
-    parser.add_argument("--vae", default="tiny-random", choices=SYNTHETIC_VAES,
-                        help="tiny-random: analytic latent blobs (default, fast); tiny-block: pixel videos encoded "
-                        "by the tiny block VAE, so samples decode to real pictures")
-    args = parser.parse_args(argv)
-    text_encoder = None
-    if args.text_encoder is not None:
-        from osp_megatron.models.text_encoder import build_text_encoder
-
-        text_encoder = build_text_encoder(args.text_encoder, args.text_dim, args.text_len)
-    latent_shape = (args.latent_channels, args.latent_frames, args.latent_height, args.latent_width)
-    try:
-        shards = make_synthetic_shards(args.out, args.num_samples, args.samples_per_shard, latent_shape,
-                                       args.text_len, args.text_dim, args.seed, text_encoder, vae=args.vae)
-    except ConfigError as exc:
-        print(f"osp-make-synthetic: error: {exc}", file=sys.stderr)
-        return 2
-    print(f"{sum(s.num_samples for s in shards)} samples in {len(shards)} shards under {args.out}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

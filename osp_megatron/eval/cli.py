@@ -79,7 +79,7 @@ def render_suite(args, dimensions, out: Path) -> bool:
     settings = flag_settings(args)
     # The suite's specs name every video (<prompt>-<k>) already; VBench's folder holds nothing but the videos.
     settings.update({"sample.videos_per_prompt": 1, "sample.frames": False})
-    session = SamplingSession.open(args.checkpoint, args.config, args.overrides, args.weights, settings)
+    session = SamplingSession.open(args.checkpoint, args.config, args.overrides, args.weights, settings, "osp-eval")
     jobs = plan_jobs(specs, session.config.sample, str(out / "videos"), record_dir=str(out / "records"))
     session.render(jobs, log_dir=str(out / "logs"), progress=not args.no_progress)
     logging_rank = session.logging_rank

@@ -50,7 +50,7 @@ class SamplingProgress:
     lines (sample/videos_per_s, sample/seconds_per_video, sample/eta_s), on rank 0 only."""
 
     def __init__(self, log_dir, total: int, replicas: int, enabled: bool, console: bool):
-        from osp_megatron.training.metrics import MetricsLogger
+        from osp_megatron.engine.metrics import MetricsLogger
 
         self.enabled, self.replicas, self.total, self.done = enabled, replicas, total, 0
         self.started = time.time()

@@ -11,11 +11,18 @@ import torch
 from osp_megatron.checkpointing.checkpoint import latest_checkpoint
 from osp_megatron.checkpointing.metadata import is_complete, read_metadata
 from osp_megatron.config.errors import ConfigError
-from osp_megatron.config.job import JobConfig
+from osp_megatron.engine.config import JobConfig
 from osp_megatron.config.loader import apply_overrides, from_dict, load_yaml, to_dict
 
-# Sections of a training checkpoint's config that say how it was trained, not how to sample from it.
-_TRAINING_SECTIONS = ("run", "train", "checkpoint", "parallel")
+# Sections of a training checkpoint's config that say how it was trained, not how to sample from it: its
+# quantization too (a model trained in HiF8 or FP8 samples in 16 bits unless the quant section asks otherwise),
+# and its LoRA settings (a LoRA checkpoint's metadata says how to fold its adapters in).
+_TRAINING_SECTIONS = ("run", "train", "checkpoint", "parallel", "quant", "lora")
+
+# What osp-sample and osp-eval read of a job config; a setting outside these is refused (it would be ignored).
+# data.synthetic_seed seeds the tiny text encoder and VAE a tiny model was trained with.
+SAMPLING_SECTIONS = ("model", "sample", "quant", "data.synthetic_seed", "parallel.tensor", "parallel.data",
+                     "parallel.ssp", "parallel.ulysses", "parallel.backend", "parallel.timeout_minutes")
 
 
 def resolve_weights(path: str) -> Path:
@@ -53,9 +60,27 @@ def _set(data: dict, dotted: str, value) -> None:
     data[key] = value
 
 
-def sampling_config(weights: Path, config_path=None, overrides=(), settings=None) -> JobConfig:
+def check_sampling_settings(user: dict, job: str = "osp-sample") -> None:
+    """Refuse settings (from the YAML file, flags or overrides) that sampling does not read."""
+    for dotted in _dotted_keys(user):
+        if not any(dotted == allowed or dotted.startswith(allowed + ".") for allowed in SAMPLING_SECTIONS):
+            raise ConfigError(f"{dotted}: {job} does not use this setting (it would be ignored); it reads "
+                              f"{', '.join(SAMPLING_SECTIONS)}")
+
+
+def _dotted_keys(data: dict, prefix: str = ""):
+    for key, value in data.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, dict) and value and not dotted.startswith(("model.", "sample.", "quant.")):
+            yield from _dotted_keys(value, dotted)
+        else:
+            yield dotted
+
+
+def sampling_config(weights: Path, config_path=None, overrides=(), settings=None, job: str = "osp-sample") -> JobConfig:
     """The job config to sample with: the weights' own, the YAML file, `settings` ({dotted key: value}, from
-    command-line flags), then the dotted overrides, each over the one before."""
+    command-line flags), then the dotted overrides, each over the one before. Settings sampling would ignore are
+    refused (the weights' own training settings are dropped, not refused)."""
     if is_complete(weights):
         metadata = read_metadata(weights)
         data = metadata.get("config") or {"model": metadata["model_config"]}
@@ -65,7 +90,7 @@ def sampling_config(weights: Path, config_path=None, overrides=(), settings=None
         (data.get("sample") or {}).pop("output", None)
         published = False
     else:
-        from osp_megatron.models.pretrained import pretrained_model_config
+        from osp_megatron.checkpointing.pretrained import pretrained_model_config
 
         data = {"model": to_dict(pretrained_model_config(weights))}
         root = _pipeline_root(weights)
@@ -73,11 +98,12 @@ def sampling_config(weights: Path, config_path=None, overrides=(), settings=None
             if root is not None and (root / folder).is_dir():
                 data["model"][key] = str(root)
         published = True
-    if config_path is not None:
-        _merge(data, load_yaml(config_path))
+    user = load_yaml(config_path) if config_path is not None else {}
     for dotted, value in (settings or {}).items():
-        _set(data, dotted, value)
-    apply_overrides(data, list(overrides))
+        _set(user, dotted, value)
+    apply_overrides(user, list(overrides))
+    check_sampling_settings(user, job)
+    _merge(data, user)
     config = from_dict(JobConfig, data)
     if published:
         missing = [key for key in ("vae_path", "text_encoder_path") if getattr(config.model, key) is None]
@@ -89,20 +115,10 @@ def sampling_config(weights: Path, config_path=None, overrides=(), settings=None
     return config
 
 
-def inference_dtype(precision: str, device: torch.device) -> torch.dtype:
-    if precision == "bf16" or (precision == "auto" and device.type != "cpu"):
-        return torch.bfloat16
-    return torch.float32
-
-
 def load_sampling_model(config: JobConfig, weights: Path, which: str, device: torch.device):
-    """The DiT of `config.model` on `device` holding the weights at `weights`, in sample.precision, for inference.
+    """The DiT of `config.model` on `device` holding the weights at `weights` (a LoRA checkpoint's adapters folded
+    into its base), in sample.precision, quantized once when config.quant asks, for inference: the engine's
+    model building (engine/model.py). Needs the process groups (init_distributed) when the layout is parallel."""
+    from osp_megatron.engine.model import load_for_inference
 
-    Needs the process groups (init_distributed) when the layout is parallel: the model is built for them.
-    """
-    from osp_megatron.models.builder import build_model
-    from osp_megatron.models.pretrained import load_pretrained_weights
-
-    model = build_model(config.model, device, initialize=False)
-    load_pretrained_weights(model, weights, which=which)
-    return model.to(inference_dtype(config.sample.precision, device)).eval().requires_grad_(False)
+    return load_for_inference(config, weights, which, device).module

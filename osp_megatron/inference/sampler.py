@@ -6,7 +6,7 @@ Convention shared with training: x_s = (1 - s) x0 + s noise, the model predicts 
 import torch
 
 from osp_megatron.config.errors import ConfigError
-from osp_megatron.inference.config import SAMPLERS
+from osp_megatron.engine.sample_config import SAMPLERS
 
 NUM_TRAIN_TIMESTEPS = 1000
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from osp_megatron.config.job import JobConfig
+from osp_megatron.engine.config import JobConfig
 from osp_megatron.inference.generate import generate_videos
 from osp_megatron.inference.jobs import plan_jobs
 from osp_megatron.inference.loading import load_sampling_model, resolve_weights, sampling_config
@@ -26,7 +26,8 @@ class SamplingSession:
     layout: SamplingLayout
 
     @classmethod
-    def open(cls, checkpoint: str, config_path=None, overrides=(), which: str = "ema", settings=None):
+    def open(cls, checkpoint: str, config_path=None, overrides=(), which: str = "ema", settings=None,
+             job: str = "osp-sample"):
         """Resolve the weights, build the config, start the process groups, load the model and the encoders."""
         from osp_megatron.checkpointing.metadata import is_complete
         from osp_megatron.checkpointing.offline import stored_kinds
@@ -35,7 +36,7 @@ class SamplingSession:
         from osp_megatron.parallel.state import init_distributed
 
         weights = resolve_weights(checkpoint)
-        config = sampling_config(weights, config_path, overrides, settings)
+        config = sampling_config(weights, config_path, overrides, settings, job)
         config.sample.validate()
         which = which if is_complete(weights) and which in stored_kinds(weights) else "model"
         device = init_distributed(config.parallel)

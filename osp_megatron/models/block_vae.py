@@ -5,12 +5,11 @@ Built in milliseconds with nothing to download or fit, so the tiny default's sam
 
 import functools
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from osp_megatron.config.errors import ConfigError
-from osp_megatron.models.vae import VideoShapes
+from osp_megatron.models.video_shapes import VideoShapes
 
 LATENT_CHANNELS = 16
 TEMPORAL_STRIDE = 4
@@ -116,35 +115,22 @@ def decode_raw(latents: torch.Tensor) -> torch.Tensor:
     return video.clamp(-1.0, 1.0)
 
 
-# The scale measure_shape_scale() gives for the synthetic caption videos, kept so that building the VAE costs
-# nothing (measuring renders all 120 caption videos: about a second per process); tests check it still holds.
+# The scale that makes the shapes of the synthetic caption videos have an RMS of SHAPE_RMS around the background,
+# measured once (rendering all 120 caption videos: about a second per process); tests/models/test_vae.py measures it
+# again.
 SYNTHETIC_SHAPE_SCALE = 0.42566728591918945
+
+
+# The synthetic set's background colour at the frame's centre (osp_megatron.data.synthetic.BACKGROUND_RGB, which a
+# test keeps equal): the normalisation's mean.
+SYNTHETIC_BACKGROUND_RGB = (30, 20, 30)
 
 
 def background_latent() -> torch.Tensor:
     """The raw latent [16] of a cell of background at the frame's centre (the normalisation's mean): its colour
     in every quarter, no change, 0 unused. The shading away from the centre stays in the latents as signal."""
-    from osp_megatron.data.synthetic import BACKGROUND_RGB
-
-    colour = torch.tensor(BACKGROUND_RGB, dtype=torch.float32) / 127.5 - 1.0
+    colour = torch.tensor(SYNTHETIC_BACKGROUND_RGB, dtype=torch.float32) / 127.5 - 1.0
     return torch.cat([colour.repeat(_QUARTERS // 3), torch.zeros(LATENT_CHANNELS - _QUARTERS)])
-
-
-def measure_shape_scale() -> float:
-    """One scale for all channels such that the cells a shape covers in the synthetic caption videos (every
-    caption rendered 9 x 128 x 128) have an RMS of SHAPE_RMS around the background, as the blobs of the analytic
-    synthetic latents do: a flow-matching DiT then sees signal and noise on the same scale."""
-    import itertools
-
-    from osp_megatron.data.synthetic import COLOURS, MOTIONS, SHAPES, background_image, render_caption_video
-
-    videos = np.stack([render_caption_video(*words, 9, 128, 128)
-                       for words in itertools.product(COLOURS, SHAPES, MOTIONS)])
-    latents = encode_raw(torch.from_numpy(videos).permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0)
-    plain = torch.from_numpy(background_image(128, 128)).float().permute(2, 0, 1) / 127.5 - 1.0
-    deviation = latents - encode_raw(plain[None, :, None].expand(1, 3, 9, 128, 128))
-    covered = deviation.abs().amax(dim=1, keepdim=True).expand_as(deviation) > 0.1
-    return deviation[covered].pow(2).mean().sqrt().item() / SHAPE_RMS
 
 
 @functools.lru_cache(maxsize=1)

@@ -76,6 +76,8 @@ class ModelConfig:
     # none | full | selective (true and false mean full and none); see CHECKPOINTING_MODES and docs/memory.md
     activation_checkpointing: Union[Literal["none", "full", "selective"], bool] = "none"
     params_dtype: Literal["float32", "bfloat16"] = "float32"
+    # torch.compile every block (one graph per block kind and shape), in every job that runs the model.
+    compile: bool = False
     # Local directories of the frozen encoders; null builds tiny random-weight ones (tests, CPU demo).
     vae_path: Optional[str] = None
     text_encoder_path: Optional[str] = None

@@ -9,6 +9,8 @@ import torch
 from diffusers import AutoencoderKLWan
 
 from osp_megatron.config.errors import ConfigError
+from osp_megatron.models.block_vae import tiny_block_vae
+from osp_megatron.models.video_shapes import VideoShapes
 
 _WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json",
                  "diffusion_pytorch_model.bin")
@@ -16,34 +18,6 @@ _EXPECTED_LAYOUT = (
     "a diffusers AutoencoderKLWan folder with config.json and diffusion_pytorch_model.safetensors "
     "(or a diffusers model folder holding it in vae/)"
 )
-
-
-class VideoShapes:
-    """Latent and video sizes of a codec with `latent_channels` and strides (`temporal_stride`, `spatial_stride`)."""
-
-    def latent_shape(self, num_frames, height, width):
-        """(C, T, h, w) of the latents of a num_frames x height x width video."""
-        self.check_video_size(num_frames, height, width)
-        return (
-            self.latent_channels,
-            1 + (num_frames - 1) // self.temporal_stride,
-            height // self.spatial_stride,
-            width // self.spatial_stride,
-        )
-
-    def check_video_size(self, num_frames, height, width, where="video"):
-        """Raise ConfigError unless frames = 1 + k * temporal stride and height, width divide the spatial stride."""
-        if num_frames < 1 or (num_frames - 1) % self.temporal_stride:
-            raise ConfigError(
-                f"{where}: num_frames must be 1 + a multiple of the VAE temporal stride {self.temporal_stride} "
-                f"(e.g. 81), got {num_frames}"
-            )
-        for name, size in (("height", height), ("width", width)):
-            if size < 1 or size % self.spatial_stride:
-                raise ConfigError(
-                    f"{where}: {name} must be a positive multiple of the VAE spatial stride {self.spatial_stride}, "
-                    f"got {size}"
-                )
 
 
 class VideoVAE(VideoShapes):
@@ -112,8 +86,6 @@ def build_vae(path=None, seed=0, device="cpu", dtype=torch.float32, tiny="tiny-r
         if tiny == "tiny-random":
             return VideoVAE(tiny_wan_vae(seed), device)
         if tiny == "tiny-block":
-            from osp_megatron.models.block_vae import tiny_block_vae
-
             return tiny_block_vae()
         raise ConfigError(f"model.vae: unknown VAE {tiny!r}; choose one of {', '.join(VAE_CHOICES)}")
     if not os.path.isdir(path):

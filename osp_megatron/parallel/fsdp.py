@@ -25,6 +25,25 @@ def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
+def fsdp_chunk(tensor_parallel_slice: torch.Tensor) -> torch.Tensor:
+    """This rank's FSDP shard of a whole tensor-parallel slice: torch.chunk's dim-0 split over the data x
+    context ranks (as fully_shard cuts it), empty past the last chunk."""
+    group = state.gradient_reduction_group()
+    chunks = torch.chunk(tensor_parallel_slice, torch.distributed.get_world_size(group), dim=0)
+    rank = torch.distributed.get_rank(group)
+    return chunks[rank] if rank < len(chunks) else tensor_parallel_slice.narrow(0, 0, 0)
+
+
+@torch.no_grad()
+def copy_slice_into(param: torch.Tensor, tensor_parallel_slice: torch.Tensor) -> None:
+    """Write a whole tensor-parallel slice into `param`, of which this rank may hold an FSDP shard only."""
+    if isinstance(param, DTensor):
+        local = param.to_local()
+        local.copy_(fsdp_chunk(tensor_parallel_slice).to(local.device, local.dtype))
+    else:
+        param.copy_(tensor_parallel_slice.to(param.device, param.dtype))
+
+
 def reshard(model: torch.nn.Module) -> None:
     """Free the gathered parameters FSDP keeps after a forward without backward (the root keeps them by
     default), so that the parameters are the local shards again; a no-op for models without FSDP."""

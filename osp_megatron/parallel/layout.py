@@ -16,9 +16,9 @@ from osp_megatron.attention.skiparse import (
     switch_sparse_pattern,
     to_sparse_layout,
 )
-from osp_megatron.models.rope import rope_tables
-from osp_megatron.models.wan.fused import accelerator_compiled
-from osp_megatron.models.wan.layers import AttentionContext
+from osp_megatron.attention.rope import rope_tables
+from osp_megatron.utils.compile import accelerator_compiled
+from osp_megatron.attention.context import AttentionContext
 
 SPARSE_KINDS = ("token", "group")
 

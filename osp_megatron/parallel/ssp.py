@@ -12,8 +12,8 @@ import torch.nn.functional as F
 
 from osp_megatron.attention.skiparse import padded_grid, sparse_key_mask, to_sparse_layout
 from osp_megatron.config.errors import ConfigError
-from osp_megatron.models.rope import rope_tables
-from osp_megatron.models.wan.layers import AttentionContext
+from osp_megatron.attention.rope import rope_tables
+from osp_megatron.attention.context import AttentionContext
 from osp_megatron.parallel.collectives import all_to_all_rows, gather_replicated_output
 from osp_megatron.parallel.layout import SPARSE_KINDS, key_runs_on
 

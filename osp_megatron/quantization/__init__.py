@@ -28,7 +28,7 @@ _EXPORTS = {
     "apply_quantization": "linear",
     "load_quantization_state_dict": "linear",
     "quantization_state_dict": "linear",
-    "quantized_autocast": "linear",
+    "quantized_autocast": "autocast",
     "quantized_matmul": "linear",
     "quantized_modules": "linear",
     "remove_quantization": "linear",

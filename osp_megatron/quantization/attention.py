@@ -10,6 +10,8 @@ from typing import Any, Callable, Dict, Optional
 
 import torch
 
+from osp_megatron.quantization.autocast import autocast_frames
+from osp_megatron.quantization.fp8_attention import FP8AttentionState, fp8_dot_product_attention
 from osp_megatron.quantization.options import FP8_ATTENTION_FORMATS
 from osp_megatron.quantization.recipes import Recipe
 
@@ -21,17 +23,12 @@ class AttentionQuantizationState:
     """Recipe and FP8 gradient-scale history of one self-attention core."""
 
     def __init__(self, recipe: Recipe):
-        # osp_megatron.attention.fp8 uses this package's formats: imported on use, not at import time.
-        from osp_megatron.attention.fp8 import FP8AttentionState
-
         self.recipe = recipe
         self.fp8 = FP8AttentionState()
 
     def active(self) -> bool:
         """Whether this call runs in FP8: the innermost autocast block (if any) enables an FP8 recipe."""
-        from osp_megatron.quantization.linear import _frames
-
-        frames = _frames()
+        frames = autocast_frames()
         recipe = self.recipe
         if frames:
             if not frames[-1].enabled:
@@ -51,8 +48,6 @@ def attention_kernel(module: torch.nn.Module) -> Optional[Callable]:
     state = module.__dict__.get(ATTENTION_STATE_ATTRIBUTE)
     if state is None or not state.active():
         return None
-    from osp_megatron.attention.fp8 import fp8_dot_product_attention
-
     return functools.partial(fp8_dot_product_attention, state=state.fp8)
 
 

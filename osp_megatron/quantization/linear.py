@@ -3,19 +3,17 @@
 nn.Linear gets its ``forward`` swapped, megatron-core Column/RowParallelLinear their ``_forward_impl``.
 """
 
-import contextlib
 import fnmatch
 import sys
-import threading
 import types
 import warnings
-from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
 from osp_megatron.config.errors import ConfigError
+from osp_megatron.quantization.autocast import autocast_frames
 from osp_megatron.quantization.attention import (
     ATTENTION_STATE_ATTRIBUTE,
     AttentionQuantizationState,
@@ -34,48 +32,15 @@ from osp_megatron.quantization.recipes import ROLES, Recipe, TensorScaler
 _STATE_ATTRIBUTE = "_quantization_state"
 
 
-@dataclass
-class _AutocastFrame:
-    enabled: bool
-    recipe: Optional[Recipe]
-    group: Optional[dist.ProcessGroup]
-
-
-_autocast_frames = threading.local()
-
-
-def _frames() -> List[_AutocastFrame]:
-    if not hasattr(_autocast_frames, "stack"):
-        _autocast_frames.stack = []
-    return _autocast_frames.stack
-
-
-@contextlib.contextmanager
-def quantized_autocast(
-    enabled: bool = True,
-    recipe: Optional[Recipe] = None,
-    amax_reduction_group: Optional[dist.ProcessGroup] = None,
-):
-    """Choose how layers prepared by ``apply_quantization`` run their GEMMs inside the block.
-
-    enabled=False runs them in high precision.  A ``recipe`` given here becomes each layer's recipe
-    from its next call on (scale histories restart, as they belong to the old format); an
-    ``amax_reduction_group`` given here is used inside the block only.  Outside any block layers
-    quantize with their current recipe.  The choice is captured in the forward pass, so backward
-    may run outside the block.
-    """
-    _frames().append(_AutocastFrame(enabled, recipe, amax_reduction_group))
-    try:
-        yield
-    finally:
-        _frames().pop()
-
-
 class LinearQuantizationState:
     """Recipe, amax reduction group and per-role scalers of one quantized linear layer."""
 
-    def __init__(self, recipe: Recipe, group: Optional[dist.ProcessGroup], patched: str, previous: Any):
+    def __init__(self, recipe: Recipe, group: Optional[dist.ProcessGroup], patched: str, previous: Any,
+                 inference: bool = False):
         self.group = group
+        # Inference form: the weight is quantized once, on first use, and kept as codes; no backward.
+        self.inference = inference
+        self.weight_cache: Optional[Tuple[Tuple[int, int], torch.Tensor, torch.Tensor]] = None
         self.patched = patched  # the instance attribute replaced: "forward" or "_forward_impl"
         self.previous = previous  # an instance attribute that was there before, restored on removal
         self.recipe = recipe
@@ -92,7 +57,7 @@ class LinearQuantizationState:
 
     def active(self) -> Optional[Tuple[Recipe, Optional[dist.ProcessGroup]]]:
         """(recipe, group) to quantize this call with, or None to run in high precision."""
-        frames = _frames()
+        frames = autocast_frames()
         if not frames:
             return self.recipe, self.group
         frame = frames[-1]
@@ -123,6 +88,8 @@ def quantized_matmul(
     backward uses qdq(grad_out) against qdq(W) and qdq(x) and passes those gradients straight through the
     quantizers to x and W. Only the 8-bit codes of x and W are kept for the backward (QuantizedLinearFunction).
     """
+    if state.inference:
+        return _inference_matmul(x, weight, state, recipe, group)
     if recipe.backend == "transformer_engine":
         if state.te_gemm is None:
             state.te_gemm = TransformerEngineGemm(weight, recipe)
@@ -140,6 +107,38 @@ def quantized_matmul(
         x2d = x2d.contiguous()
     out = QuantizedLinearFunction.apply(x2d, weight, state.scalers, group, linear_output_dtype(x, weight),
                                         on_scaled_mm)
+    return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def _cached_weight(weight: torch.Tensor, state: LinearQuantizationState, group, out_dtype: torch.dtype,
+                   on_scaled_mm: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The weight's 8-bit codes and inverse scale (scaled_mm), or its dequantized values in the output dtype
+    (emulation), computed once and again only when the weight itself changes (a load, an EMA swap)."""
+    key = (weight.data_ptr(), weight._version)
+    if state.weight_cache is None or state.weight_cache[0] != key:
+        scaler = state.scalers["weight"]
+        codes, inverse = scaler.encode(weight.detach(), group)
+        if not on_scaled_mm:
+            codes = scaler.format.decode(codes, inverse, out_dtype)
+        state.weight_cache = (key, codes, inverse)
+    return state.weight_cache[1], state.weight_cache[2]
+
+
+def _inference_matmul(x: torch.Tensor, weight: torch.Tensor, state: LinearQuantizationState, recipe: Recipe,
+                      group: Optional[dist.ProcessGroup]) -> torch.Tensor:
+    """``x @ weight.T`` of the inference form: x quantized per call, the weight's codes reused; no backward."""
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        raise RuntimeError("this linear is quantized in its inference form (weights quantized once), which has no "
+                           "backward; quantize with the training form to train")
+    x2d = x.reshape(-1, x.shape[-1])
+    out_dtype = linear_output_dtype(x, weight)
+    on_scaled_mm = recipe.backend in ("auto", "scaled_mm") and scaled_mm_applies(recipe.format, x2d, weight)
+    w, w_inverse = _cached_weight(weight, state, group, out_dtype, on_scaled_mm)
+    x_codes, x_inverse = state.scalers["input"].encode(x2d.contiguous() if on_scaled_mm else x2d, group)
+    if on_scaled_mm:
+        out = torch._scaled_mm(x_codes, w.t(), scale_a=x_inverse, scale_b=w_inverse, out_dtype=out_dtype)
+    else:
+        out = torch.nn.functional.linear(state.scalers["input"].format.decode(x_codes, x_inverse, out_dtype), w)
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
@@ -236,13 +235,15 @@ def apply_quantization(
     model: torch.nn.Module,
     quant_config: QuantConfig,
     amax_reduction_group: Optional[dist.ProcessGroup] = None,
+    inference: bool = False,
 ) -> List[str]:
     """Quantize the GEMMs of the selected linear layers of ``model`` in place.
 
     ``amax_reduction_group`` is the group whose ranks must agree on each scale (the tensor- and
     sequence-parallel group).  Returns the qualified names of the layers now quantized (with
     ``quant.attention``, the self-attention cores too); recipe "none" changes nothing.  Applying again
-    replaces the previous quantization.
+    replaces the previous quantization.  ``inference``: each weight is quantized once, on first use (again
+    only if it changes), and only the inputs per call; such layers run forward only.
     """
     recipe = quant_config.build_recipe()
     if recipe is None:
@@ -257,7 +258,7 @@ def apply_quantization(
             continue
         attribute, function = target
         previous = module.__dict__.get(attribute)
-        state = LinearQuantizationState(recipe, amax_reduction_group, attribute, previous)
+        state = LinearQuantizationState(recipe, amax_reduction_group, attribute, previous, inference)
         setattr(module, _STATE_ATTRIBUTE, state)
         setattr(module, attribute, types.MethodType(function, module))
         quantized.append(name)

@@ -4,37 +4,17 @@ Rollout videos take their size, shift, guidance and negative prompt from the `sa
 """
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import ClassVar, Literal, Optional
 
 from osp_megatron.config.errors import ConfigError
-from osp_megatron.config.job import JobConfig
+from osp_megatron.engine.config import JobConfig
 from osp_megatron.config.loader import load_config
-
-# OSP-Next trains LoRA on the q, k, v and output projections of self- and cross-attention.
-ATTENTION_PROJECTIONS = ["linear_q", "linear_k", "linear_v", "linear_proj"]
-
-
-@dataclass
-class LoraConfig:
-    """Low-rank adapters (PEFT) on the named linears; the base weights stay frozen."""
-
-    rank: int = 32
-    alpha: float = 64.0
-    # Module-name suffixes, as PEFT matches them: "linear_q" hits self- and cross-attention,
-    # "self_attention.linear_q" only self-attention; "linear_fc1" / "linear_fc2" are the FFN.
-    target_modules: list[str] = field(default_factory=lambda: list(ATTENTION_PROJECTIONS))
-
-    def validate(self, prefix: str = "grpo.lora") -> None:
-        if self.rank < 1:
-            raise ConfigError(f"{prefix}.rank must be >= 1 (leave grpo.lora null for full fine-tuning)")
-        if self.alpha <= 0:
-            raise ConfigError(f"{prefix}.alpha must be > 0, got {self.alpha}")
-        if not self.target_modules:
-            raise ConfigError(f"{prefix}.target_modules must name at least one linear, e.g. {ATTENTION_PROJECTIONS}")
-
 
 @dataclass
 class GRPOConfig:
+    # Keys of earlier versions and where they live now.
+    MOVED_KEYS: ClassVar[dict] = {"lora": "lora (a section of its own, shared with osp-train)"}
+
     group_size: int = 4  # G samples per prompt from one shared initial noise
     prompts_per_iteration: int = 8  # over all data-parallel ranks
     num_steps: int = 25  # T denoising steps of a rollout
@@ -63,7 +43,6 @@ class GRPOConfig:
     # The last reward_ranks ranks of the world run the reward models and score the videos the policy ranks
     # send them (large reward models need no room beside the policy); 0: every policy rank scores its own.
     reward_ranks: int = 0
-    lora: Optional[LoraConfig] = None  # null: full fine-tuning
     # When checkpoint.load does not exist yet: run `osp-train` with this config first ("tiny": the packaged
     # tiny pretraining) so that it does. null: a missing checkpoint.load is an error.
     pretrain_if_missing: Optional[str] = None
@@ -140,11 +119,6 @@ class GRPOJobConfig(JobConfig):
         if self.train.global_batch_size != samples:
             raise ConfigError(f"train.global_batch_size={self.train.global_batch_size} must equal "
                               f"grpo.prompts_per_iteration x grpo.group_size = {samples} (or be left out)")
-        if self.train.eval_interval:
-            raise ConfigError("train.eval_interval: osp-grpo has no held-out loss (its rewards are logged every "
-                              "iteration); leave it at 0")
-        if self.quant.recipe != "none":
-            raise ConfigError("quant.recipe: osp-grpo trains in bf16/fp32; set quant.recipe=none")
         if self.sample.guidance_scale < 0:
             raise ConfigError("sample.guidance_scale must be >= 0")
 

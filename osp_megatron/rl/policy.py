@@ -1,7 +1,7 @@
-"""The GRPO policy in one place: the pretraining job's DiT, its initial weights, LoRA or full fine-tuning,
-the frozen reference, the optimizer, and checkpoint save / load / export.
+"""Where a GRPO policy starts: checkpoint.load resolved (pretrained first when asked), and checked to have been
+trained with the encoders the rollouts use.
 
-Sharded training (parallel.fsdp) changes only this module: wrapping, optimizer and checkpoint calls.
+The policy model itself is built by the engine (engine/model.py), like every job's.
 """
 
 import json
@@ -11,15 +11,11 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-import torch
+import torch.distributed as dist
 
-from osp_megatron.checkpointing.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from osp_megatron.checkpointing.checkpoint import latest_checkpoint
 from osp_megatron.checkpointing.metadata import is_complete, read_metadata
 from osp_megatron.config.errors import ConfigError
-from osp_megatron.config.loader import to_dict
-from osp_megatron.models.builder import build_model
-from osp_megatron.rl.lora import adapters_disabled, apply_lora, merge_lora
-from osp_megatron.training.optim import EMA, build_optimizer
 
 # Launcher variables a child osp-train must not inherit: it is a one-rank job of its own.
 _LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
@@ -86,11 +82,11 @@ def _as_written(value) -> str:
 
 def run_pretraining(config_name: str, run_dir: str) -> None:
     """Run `osp-train` with `config_name` ("tiny": the packaged tiny config) into `run_dir`, as a subprocess."""
-    from osp_megatron.training.cli import packaged_config
+    from osp_megatron.engine.cli import packaged_config
 
     config_path = str(packaged_config("tiny_t2v.yaml")) if config_name == "tiny" else config_name
     command = [sys.executable, "-m", "osp_megatron.training.cli", "--config", config_path, f"run.dir={run_dir}"]
-    print(f"[osp-grpo] checkpoint.load={run_dir!r} does not exist yet (grpo.pretrain_if_missing={config_name!r}): "
+    print(f"[osp-grpo] checkpoint.load={run_dir!r} holds no checkpoint yet (grpo.pretrain_if_missing={config_name!r}): "
           f"pretraining it first with `osp-train --config {config_path} run.dir={run_dir}`; GRPO starts when it "
           "ends", flush=True)
     environment = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARIABLES}
@@ -99,61 +95,33 @@ def run_pretraining(config_name: str, run_dir: str) -> None:
         raise ConfigError(f"the pretraining for checkpoint.load={run_dir!r} failed (exit status {result.returncode})")
 
 
-class Policy:
-    """The trained model (`module`), an optimizer over its trainable parameters, and the reference policy."""
+def _needs_pretraining(path: Path) -> bool:
+    """True when checkpoint.load names nothing to load yet: no such path, or a folder that holds no complete
+    checkpoint and no published weights (an empty run folder, one whose pretraining stopped before its first
+    save, or one holding only another run's data)."""
+    if not path.exists():
+        return True
+    if not path.is_dir() or is_complete(path):
+        return False
+    if (path / "checkpoints").is_dir() and latest_checkpoint(path) is not None:
+        return False
+    weight_suffixes = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
+    return not any(p.suffix in weight_suffixes for p in path.rglob("*") if "checkpoints" not in p.parts)
 
-    def __init__(self, config, device: torch.device, initial_weights: Optional[Path]):
-        from osp_megatron.models.pretrained import load_pretrained_weights
 
-        self.config = config
-        self.module = build_model(config.model, device)
-        if initial_weights is not None:
-            load_pretrained_weights(self.module, initial_weights, which="ema" if config.checkpoint.load_ema else "model")
-        lora = config.grpo.lora
-        self.uses_lora = lora is not None
-        if self.uses_lora:
-            # Reseeded: adapters are drawn at full size, so every tensor-parallel size gets the same ones.
-            torch.manual_seed(config.train.seed + 1)
-            apply_lora(self.module, lora.rank, lora.alpha, lora.target_modules)
-        self.reference_module = None
-        if config.grpo.kl_coef > 0 and not self.uses_lora:
-            # Full fine-tuning needs the initial weights kept apart; with LoRA they are the base weights.
-            # (A second build plus a state copy: megatron's linears hold process groups, which deepcopy refuses.)
-            self.reference_module = build_model(config.model, device)
-            self.reference_module.load_state_dict(self.module.state_dict())
-            self.reference_module.requires_grad_(False)
-        self.optimizer = build_optimizer(self.module, config.train)
-        self.ema = EMA(self.module, config.train.ema_decay) if config.train.ema_decay > 0 else None
-
-    def trainable_parameters(self) -> int:
-        return sum(p.numel() for p in self.module.parameters() if p.requires_grad)
-
-    def velocity(self, latents, timestep, text_states):
-        return self.module(latents, timestep, text_states)
-
-    def reference_velocity(self, latents, timestep, text_states):
-        """The frozen initial policy: the base model with adapters off (LoRA), or the kept copy."""
-        if self.uses_lora:
-            with adapters_disabled(self.module):
-                return self.module(latents, timestep, text_states)
-        return self.reference_module(latents, timestep, text_states)
-
-    def save(self, run_dir, step: int, rank_state: dict, keep_last: Optional[int]) -> Path:
-        metadata = {"model_config": to_dict(self.config.model), "config": to_dict(self.config),
-                    "job": "osp-grpo", "lora": self.uses_lora}
-        return save_checkpoint(run_dir, step, self.module, self.optimizer, self.ema, rank_state=rank_state,
-                               metadata=metadata, keep_last=keep_last)
-
-    def load(self, path) -> dict:
-        """Restore weights, optimizer and EMA from a checkpoint of this job; returns this rank's saved state."""
-        _, rank_state = load_checkpoint(path, self.module, self.optimizer, self.ema)
-        return rank_state
-
-    def export_merged(self, run_dir, step: int) -> Path:
-        """With LoRA: fold the adapters into the weights and save a plain DiT checkpoint under run_dir/merged
-        (what osp-sample and checkpoint.load read). Ends training use of this policy."""
-        merge_lora(self.module)
-        self.uses_lora = False
-        metadata = {"model_config": to_dict(self.config.model), "config": to_dict(self.config),
-                    "job": "osp-grpo (LoRA merged)"}
-        return save_checkpoint(Path(run_dir) / "merged", step, self.module, metadata=metadata)
+def initial_policy_weights(config) -> Optional[Path]:
+    """checkpoint.load resolved to the weights to start from, pretraining them first when
+    grpo.pretrain_if_missing says so and there is nothing there yet; None without checkpoint.load."""
+    load = config.checkpoint.load
+    if load is None:
+        return None
+    if _needs_pretraining(Path(load)):
+        recipe = config.grpo.pretrain_if_missing
+        if recipe is None:
+            what = "does not exist" if not Path(load).exists() else "holds no checkpoint or weight file"
+            raise ConfigError(f"checkpoint.load={load!r} {what}; point it at a pretraining run or checkpoint, or "
+                              "set grpo.pretrain_if_missing=tiny to create it")
+        if dist.get_rank() == 0:
+            run_pretraining(recipe, load)
+        dist.barrier()
+    return resolve_weights_path(load)

@@ -1,52 +1,50 @@
-"""The osp-grpo loop: prompts -> grouped rollouts -> decoded videos -> rewards -> advantages -> learner steps.
+"""osp-grpo's iteration: prompts -> grouped rollouts -> decoded videos -> rewards -> advantages -> learner steps.
 
 Data-parallel over samples (a group may span ranks; its statistics are gathered), sequence/tensor parallel
-inside each sample through the model's own layouts; checkpoints, resume and telemetry as in osp-train.
+inside each sample through the model's own layouts, sharded by FSDP when parallel.fsdp is set; the model,
+checkpoints, resume, stops, samples and telemetry come from the engine's job loop (engine/loop.py).
 """
 
-import contextlib
 import time
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import yaml
 
-from osp_megatron.checkpointing.checkpoint import resume_target
 from osp_megatron.config.errors import ConfigError
-from osp_megatron.config.loader import to_dict
+from osp_megatron.engine.loop import TrainingJob
+from osp_megatron.inference.runner import render_sample
+from osp_megatron.engine.lora import adapters_disabled
+from osp_megatron.engine.model import build_job_model
+from osp_megatron.engine.optim import average_gradients, clip_gradients, lr_at, set_lr
 from osp_megatron.inference.runner import build_pipeline
 from osp_megatron.parallel import state
+from osp_megatron.parallel.fsdp import reshard
 from osp_megatron.parallel.ssp import check_sequence_parallel_layout
 from osp_megatron.rl.learner import group_advantages, transition_loss
-from osp_megatron.rl.policy import Policy, check_encoders_match, resolve_weights_path, run_pretraining
+from osp_megatron.rl.policy import check_encoders_match, initial_policy_weights
 from osp_megatron.rl.prompts import build_prompt_set
 from osp_megatron.rl.reward_ranks import RewardClient
 from osp_megatron.rl.rewards import build_rewards, reward_weights, score_videos, to_uint8_frames
 from osp_megatron.rl.rollout import RolloutBatch, rollout, seeded_generator
 from osp_megatron.rl.schedule import ode_plan, rollout_plan, window_start
-from osp_megatron.training.metrics import MetricsLogger
-from osp_megatron.training.optim import average_gradients, clip_gradients, lr_at, set_lr
-from osp_megatron.training.signals import GracefulStop
-from osp_megatron.training.trainer import rng_state, seed_everything, set_rng_state, training_device
-
 
 # The key of the evaluation's noise streams: never an iteration number.
 EVAL_STREAM = 2**31 - 1
 
 
-class GRPOTrainer:
+class GRPOTrainer(TrainingJob):
     """Build everything from a GRPOJobConfig, resume if asked, then `train()` for train.steps iterations."""
 
+    name = "osp-grpo"
+    render = staticmethod(render_sample)
+    unit = "iteration"
+    progress_keys = ("reward", "eval_reward", "samples_per_s")
+
     def __init__(self, config):
-        self.config = config
         # The policy's layout over all ranks but the last grpo.reward_ranks.
-        self.device = training_device(config, reserved_ranks=config.grpo.reward_ranks)
-        self.run_dir = Path(config.run.dir)
-        self.logging_rank = state.is_logging_rank()
-        self.dp_rank, self.dp_size = state.data_parallel_rank(), state.data_parallel_size()
+        super().__init__(config, reserved_ranks=config.grpo.reward_ranks)
         grpo = config.grpo
         self.samples_per_iteration = grpo.prompts_per_iteration * grpo.group_size
         if self.samples_per_iteration % (self.dp_size * grpo.updates_per_iteration):
@@ -55,17 +53,25 @@ class GRPOTrainer:
                 f"evenly over {self.dp_size} data-parallel ranks x grpo.updates_per_iteration="
                 f"{grpo.updates_per_iteration} minibatches")
         self.local_samples = self.samples_per_iteration // self.dp_size
-        self.precision = config.train.precision
-        if self.precision == "auto":
-            self.precision = "bf16" if self.device.type == "cuda" else "fp32"
-
-        resume = self._resume_path()
-        # A resumed checkpoint holds every weight; only full fine-tuning's reference still needs the initial ones.
-        needs_initial = resume is None or (config.grpo.kl_coef > 0 and config.grpo.lora is None)
-        initial = self._initial_weights() if needs_initial else None
-        seed_everything(config.train.seed)
-        self.policy = Policy(config, self.device, initial)
-        self.pipeline = build_pipeline(self.policy.module, config, self.device)
+        which = "ema" if config.checkpoint.load_ema else "model"
+        # A resumed checkpoint holds every trained weight; the initial policy is still needed as the frozen
+        # reference of full fine-tuning (kl_coef > 0), and as the base of a LoRA policy, which a resume finds
+        # through the checkpoint's reference.
+        needs_initial = self.resume_path is None or (grpo.kl_coef > 0 and config.lora is None)
+        initial = initial_policy_weights(config) if needs_initial else None
+        if initial is not None:
+            check_encoders_match(config, initial)
+        if self.resume_path is None and initial is None and config.lora is not None:
+            raise ConfigError("lora adapts a trained policy: set checkpoint.load to it")
+        self.build_trained_model(initial, which)
+        self.reference = None
+        if grpo.kl_coef > 0 and config.lora is None:
+            # Full fine-tuning keeps the initial policy apart (built and sharded like the policy, frozen);
+            # with LoRA it is the base weights with the adapters off.
+            if initial is None:
+                raise ConfigError("grpo.kl_coef > 0 compares with the initial policy: set checkpoint.load to it")
+            self.reference = build_job_model(config, self.device, "frozen", weights=initial, which=which)
+        self.pipeline = build_pipeline(self.module, config, self.device)
         sample = config.sample
         self.latent_shape = self.pipeline.latent_shape(sample.num_frames, sample.height, sample.width)
         grid = tuple(size // patch for size, patch in zip(self.latent_shape[1:], config.model.patch_size))
@@ -79,44 +85,24 @@ class GRPOTrainer:
             self.reward_client = RewardClient(config, self.device, len(self.rewards))
         else:
             self.rewards = build_rewards(grpo.rewards, self.device, video_fps=sample.fps)
-        self.iteration = 0
-        if resume is not None:
-            rank_state = self.policy.load(resume)
-            self.iteration = int(rank_state["step"])
-            set_rng_state(rank_state["rng"])
-            self._say(f"resumed from {resume} at iteration {self.iteration}")
-        elif initial is not None:
-            self._say(f"initialised the policy from {initial}")
+        self.resume()
+        if self.resume_path is None and initial is not None:
+            self.say(f"initialised the policy from {initial}")
+        self.initial_eval_reward = None
 
-    # -- set-up ----------------------------------------------------------------------------------------
-    def _say(self, text: str) -> None:
-        if self.logging_rank:
-            print(f"[osp-grpo] {text}", flush=True)
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.model.module
 
-    def _resume_path(self) -> Optional[Path]:
-        return resume_target(self.config.checkpoint.resume, self.run_dir, say=self._say)
+    def velocity(self, latents, timestep, text_states):
+        return self.module(latents, timestep, text_states)
 
-    def _initial_weights(self) -> Optional[Path]:
-        """checkpoint.load resolved to a checkpoint, pretraining it first when grpo.pretrain_if_missing says so."""
-        load = self.config.checkpoint.load
-        if load is None:
-            return None
-        if not Path(load).exists():
-            recipe = self.config.grpo.pretrain_if_missing
-            if recipe is None:
-                raise ConfigError(f"checkpoint.load={load!r} does not exist; point it at a pretraining run or "
-                                  "checkpoint, or set grpo.pretrain_if_missing=tiny to create it")
-            if dist.get_rank() == 0:
-                run_pretraining(recipe, load)
-            dist.barrier()
-        weights = resolve_weights_path(load)
-        check_encoders_match(self.config, weights)
-        return weights
-
-    def _autocast(self):
-        if self.precision == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+    def reference_velocity(self, latents, timestep, text_states):
+        """The frozen initial policy: the base model with adapters off (LoRA), or the kept copy."""
+        if self.model.lora is not None:
+            with adapters_disabled(self.module):
+                return self.module(latents, timestep, text_states)
+        return self.reference.module(latents, timestep, text_states)
 
     # -- one iteration ---------------------------------------------------------------------------------
     def plan(self, iteration: int):
@@ -144,8 +130,8 @@ class GRPOTrainer:
                                  for j in rows]).to(self.device)
             text = self.prompts.states([prompt_ids[j] for j in rows]).to(self.device)
             generators = [seeded_generator(*sde_keys[j]) for j in rows]
-            batches.append(rollout(self.policy.velocity, noise, text, null, plan, cfg.grpo.eta,
-                                   cfg.sample.guidance_scale, generators, self._autocast))
+            batches.append(rollout(self.velocity, noise, text, null, plan, cfg.grpo.eta,
+                                   cfg.sample.guidance_scale, generators, self.autocast))
         return RolloutBatch.concatenate(batches)
 
     def collect(self, iteration: int, plan) -> tuple[RolloutBatch, list[int]]:
@@ -167,13 +153,18 @@ class GRPOTrainer:
         seed = cfg.grpo.eval_seed  # not train.seed: runs with different seeds are scored alike
         chosen = np.random.default_rng([seed, EVAL_STREAM]).permutation(len(self.prompts))[:count].tolist()
         mine = list(range(self.dp_rank, len(chosen), self.dp_size))
+        real = len(mine)
+        if self.model.fsdp:
+            # Every forward gathers the sharded weights with all data ranks: each rank renders as many videos
+            # (the ranks with fewer repeat their first one and leave the repeats out of the means).
+            mine += mine[:1] * (-(-len(chosen) // self.dp_size) - real)
         sums = torch.zeros(len(self.rewards) + 1, dtype=torch.float64)
         if mine:
             plan = ode_plan(cfg.grpo.num_steps, cfg.sample.shift)
             batch = self.roll_out([chosen[j] for j in mine], [(seed, EVAL_STREAM, j) for j in mine],
                                   [(seed, EVAL_STREAM, j, 1) for j in mine], plan)
-            scores = self.score(batch, [chosen[j] for j in mine]).double()
-            sums[:-1], sums[-1] = scores.sum(dim=0), len(mine)
+            scores = self.score(batch, [chosen[j] for j in mine]).double()[:real]
+            sums[:-1], sums[-1] = scores.sum(dim=0), real
         elif self.reward_client is not None:
             self.reward_client.empty_round()
         if self.dp_size > 1:
@@ -213,9 +204,9 @@ class GRPOTrainer:
         null = None
         if cfg.sample.guidance_scale != 1.0:
             null = self.prompts.null_states(cfg.sample.negative_prompt).to(self.device)
-        reference = self.policy.reference_velocity if grpo.kl_coef > 0 else None
-        module, optimizer = self.policy.module, self.policy.optimizer
-        lr = lr_at(self.iteration, cfg.train)
+        reference = self.reference_velocity if grpo.kl_coef > 0 else None
+        module, optimizer = self.module, self.optimizer
+        lr = lr_at(self.step, cfg.train)
         set_lr(optimizer, lr)
         module.train()
         minibatch = self.local_samples // grpo.updates_per_iteration
@@ -228,21 +219,22 @@ class GRPOTrainer:
             for first, last in pieces:
                 rows = slice(first, last)
                 for transition in batch.transitions:
-                    step = transition_loss(self.policy.velocity, transition.select(rows), batch.text_states[rows],
+                    step = transition_loss(self.velocity, transition.select(rows), batch.text_states[rows],
                                            null, advantages[rows], grpo.eta, cfg.sample.guidance_scale,
-                                           grpo.clip_range, grpo.kl_coef, reference, self._autocast)
+                                           grpo.clip_range, grpo.kl_coef, reference, self.autocast)
                     # Mean over this minibatch's samples and window steps, whatever the micro-batch size.
                     (step.loss * (last - first) / scale).backward()
                     losses.append(float(step.loss.detach()) * (last - first) / scale)
                     ratios.append(step.ratio)
                     clipped.append(step.clipped)
                     kls.append(step.kl)
-            average_gradients(module, state.gradient_reduction_group(),
-                              dist.get_world_size(state.gradient_reduction_group()))
+            if not self.model.fsdp:  # FSDP's reduce-scatter over the same ranks takes this mean
+                average_gradients(module, state.gradient_reduction_group(),
+                                  dist.get_world_size(state.gradient_reduction_group()))
             norms.append(float(clip_gradients(module, cfg.train.grad_clip)))
             optimizer.step()
-            if self.policy.ema is not None:
-                self.policy.ema.update(module)
+            if self.ema is not None:
+                self.ema.update(module)
         ratio, clip_hits, kl = torch.cat(ratios), torch.cat(clipped).float(), torch.cat(kls)
         means = torch.stack([ratio.mean(), clip_hits.mean(), kl.mean(),
                              torch.tensor(sum(losses) / grpo.updates_per_iteration, device=ratio.device)])
@@ -258,10 +250,11 @@ class GRPOTrainer:
 
     def train_iteration(self) -> dict:
         grpo = self.config.grpo
-        plan = self.plan(self.iteration)
+        plan = self.plan(self.step)
         tick = time.time()
-        self.policy.module.eval()
-        batch, prompt_ids = self.collect(self.iteration, plan)
+        self.module.eval()
+        batch, prompt_ids = self.collect(self.step, plan)
+        reshard(self.module)  # forward-only passes leave FSDP's root parameters gathered
         local_scores = self.score(batch, prompt_ids)
         rollout_seconds = time.time() - tick
         scores = self.gather_scores(local_scores)
@@ -271,7 +264,6 @@ class GRPOTrainer:
         tick = time.time()
         metrics = self.learn(batch, local_advantages)
         learner_seconds = time.time() - tick
-        self.iteration += 1
         guidance_factor = 1 if self.config.sample.guidance_scale == 1.0 else 2
         metrics.update(
             reward=float((scores * torch.tensor(weights)).sum(dim=1).mean()),
@@ -285,102 +277,34 @@ class GRPOTrainer:
             metrics[f"reward/{reward.name}_std"] = float(scores[:, column].std(unbiased=False))
         return metrics
 
-    # -- the loop --------------------------------------------------------------------------------------
-    def train(self, stop: Optional[GracefulStop] = None) -> dict:
-        """Run to train.steps iterations; returns {'step', 'status': finished | already_finished |
-        exit_interval | stopped, last metrics}. Stop signals are handled by `stop` when given, else here."""
-        with contextlib.ExitStack() as stack:
-            if stop is None:
-                stop = stack.enter_context(GracefulStop(job="osp-grpo"))
-            try:
-                return self._train(stop)
-            finally:
-                if self.reward_client is not None:
-                    self.reward_client.close()
+    # -- what the job loop asks ---------------------------------------------------------------------------
+    def train_step(self) -> dict:
+        metrics = self.train_iteration()
+        metrics["samples"] = self.samples_per_iteration
+        return metrics
 
-    def _train(self, stop: GracefulStop) -> dict:
-        cfg, ckpt = self.config.train, self.config.checkpoint
-        if self.iteration >= cfg.steps:
-            self._say(f"already at train.steps={cfg.steps} (iteration {self.iteration}); nothing to train")
-            return {"step": self.iteration, "status": "already_finished"}
-        if self.logging_rank:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(self.config), sort_keys=False))
-            self._say(f"policy: {self.policy.trainable_parameters() / 1e6:.3f}M trainable parameters "
-                      f"({'LoRA' if self.policy.uses_lora else 'full fine-tuning'}); {len(self.prompts)} prompts; "
-                      f"{self.samples_per_iteration} samples per iteration over {self.dp_size} data-parallel "
-                      f"ranks; device {self.device}; precision {self.precision}")
-        if stop.agreed():
-            self._say(f"stopped by {stop.signal_name} before the first iteration; nothing to save")
-            return {"step": self.iteration, "status": "stopped"}
-        self.logger = logger = MetricsLogger(self.run_dir, cfg.steps, self.iteration, self.logging_rank,
-                                             cfg.progress, desc="grpo")
-        started, first = time.time(), self.iteration
-        status, saved_step, last = "finished", None, {}
-        evaluate_every = self.config.grpo.eval_interval
-        try:
-            if evaluate_every and self.iteration == 0:
-                initial = self.evaluate()
-                logger.log(0, initial)
-                logger.message(f"[osp-grpo] evaluation reward before training: {initial['eval_reward']:.4f}")
-            while self.iteration < cfg.steps:
-                tick = time.time()
-                last = self.train_iteration()
-                elapsed = time.time() - tick
-                last.update(iteration_s=elapsed, samples_per_s=self.samples_per_iteration / elapsed,
-                            eta_s=(time.time() - started) / (self.iteration - first) * (cfg.steps - self.iteration))
-                if evaluate_every and (self.iteration % evaluate_every == 0 or self.iteration == cfg.steps):
-                    last.update(self.evaluate())
-                logger.log(self.iteration, last)
-                if cfg.sample_interval and self.iteration % cfg.sample_interval == 0 and self.iteration < cfg.steps:
-                    self.sample_video()
-                if ckpt.interval and self.iteration % ckpt.interval == 0:
-                    saved_step = self.save()
-                stopping = stop.agreed()
-                if stopping or (cfg.exit_interval and self.iteration % cfg.exit_interval == 0
-                                and self.iteration < cfg.steps):
-                    if saved_step != self.iteration:
-                        saved_step = self.save()
-                    status = "stopped" if stopping else "exit_interval"
-                    reason = f"stopped by {stop.signal_name}" if stopping else "exit interval reached"
-                    logger.message(f"[osp-grpo] {reason} at iteration {self.iteration}; checkpoint in "
-                                   f"{self.run_dir / 'checkpoints'}; run the same command again to resume")
-                    break
-            if status == "finished":
-                if ckpt.save_at_end and saved_step != self.iteration:
-                    self.save()
-                if self.policy.uses_lora:
-                    path = self.policy.export_merged(self.run_dir, self.iteration)
-                    self._say(f"LoRA merged into the weights: {path} (osp-sample --checkpoint "
-                              f"{self.run_dir / 'merged'})")
-                if cfg.sample_at_end:
-                    self.sample_video()
-        finally:
-            logger.close()
-        return {"step": self.iteration, "status": status, **last}
+    def evaluation_due(self, step: int) -> bool:
+        every = self.config.grpo.eval_interval
+        return bool(every) and (step % every == 0 or step == self.config.train.steps)
 
-    def save(self) -> int:
-        """Checkpoint this iteration; returns the iteration saved."""
-        rank_state = {"step": self.iteration, "rng": rng_state()}
-        path = self.policy.save(self.run_dir, self.iteration, rank_state, self.config.checkpoint.keep_last or None)
-        self.logger.message(f"[osp-grpo] saved checkpoint {path}")
-        return self.iteration
+    def evaluate_before_training(self) -> Optional[dict]:
+        if not self.config.grpo.eval_interval:
+            return None
+        initial = self.evaluate()
+        self.initial_eval_reward = initial["eval_reward"]
+        self.message(f"evaluation reward before training: {initial['eval_reward']:.4f}")
+        return initial
 
-    def sample_video(self) -> Path:
-        """Render the sample prompt(s) to run.dir/samples/iteration_N.mp4 (the final one to sample.output when
-        set) with a PNG frame strip beside each, shown in TensorBoard too."""
-        from osp_megatron.inference.runner import render_sample
+    def describe(self) -> str:
+        return (f"{len(self.prompts)} prompts; {self.samples_per_iteration} samples per iteration over "
+                f"{self.dp_size} data-parallel ranks")
 
-        output = self.run_dir / "samples" / f"iteration_{self.iteration:06d}.mp4"
-        if self.config.sample.output and self.iteration >= self.config.train.steps:
-            output = self.config.sample.output
-        paths = render_sample(self.policy.module, self.config, self.device, output, write=self.logging_rank)
-        paths = paths if isinstance(paths, list) else [paths]
-        if self.logging_rank:
-            from PIL import Image
+    def finish_message(self, result: dict) -> Optional[str]:
+        if "eval_reward" not in result:
+            return None
+        before = f"{self.initial_eval_reward:.4f} -> " if self.initial_eval_reward is not None else ""
+        return f"evaluation reward {before}{result['eval_reward']:.4f} after {result['step']} iterations"
 
-            for index, path in enumerate(paths):
-                strip = np.asarray(Image.open(path.with_suffix(".png")).convert("RGB"))
-                self.logger.log_image(f"samples/{index}", strip, self.iteration)
-            self._say(f"sample video written to {', '.join(str(p) for p in paths)} (frame strip beside it)")
-        return paths[0]
+    def close(self) -> None:
+        if self.reward_client is not None:
+            self.reward_client.close()

@@ -13,7 +13,7 @@ from dataclasses import asdict
 
 from osp_megatron.training.activation_profile import request_for
 
-# Profiles of the presets (python -m osp_megatron.training.memory --measure-presets writes them).
+# Profiles of the presets (python -m osp_megatron.training.memory_table --measure-presets writes them).
 SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "activation_profiles.json")
 
 
@@ -75,7 +75,7 @@ def load_profiles(requests, measure_missing: bool = True) -> tuple:
     found = {request.key(): shipped.get(request.key()) or cached.get(request.key()) for request in requests}
     if any(request.key() in shipped for request in requests) and shipped.get(SOURCE_KEY) != fingerprint:
         notes.append("the stored activation profiles were measured on other block code; re-measure them with "
-                     "python -m osp_megatron.training.memory --measure-presets")
+                     "python -m osp_megatron.training.memory_table --measure-presets")
     missing = [request for request in requests if found[request.key()] is None]
     if missing and not measure_missing:
         raise KeyError(f"no stored activation profile for {[request.key() for request in missing]}")

@@ -1,11 +1,16 @@
 """The planning table of docs/memory.md: peak memory per GPU of wan-1.3b and wan-14b on 1 to 64 GPUs.
 
 Rows are the layouts that make sense at each GPU count; columns the checkpointing modes. Regenerate with
-`python -m osp_megatron.training.memory --table` after anything changes what a block saves.
+`python -m osp_megatron.training.memory_table --table` after anything changes what a block saves.
 """
 
+import argparse
 import dataclasses
+import json
+import sys
+from pathlib import Path
 
+from osp_megatron.config.errors import ConfigError
 from osp_megatron.config.loader import from_dict
 from osp_megatron.models.config import ModelConfig
 from osp_megatron.parallel.ssp import check_sequence_parallel_layout
@@ -116,3 +121,57 @@ def bench_requests(compiled: bool = True) -> list:
     runs.append(Run(model=preset_model("tiny"), latent=(2, 12, 16), precision="fp32"))
     runs.append(Run(model=from_dict(ModelConfig, {"preset": "tiny"}, "model"), latent=(3, 16, 16)))
     return [request for run in runs for request in run_requests(run, compiled).values()]
+
+
+def _measure_presets() -> int:
+    """Measure the profiles of the planning table and of benchmarks/bench_memory.py into the shipped file."""
+    from osp_megatron.training.activation_bytes import SHIPPED, SOURCE_KEY, measure_in_subprocess, source_fingerprint
+
+    requests = {request.key(): request for request in table_requests() + bench_requests()}
+    stored = json.loads(Path(SHIPPED).read_text()) if Path(SHIPPED).is_file() else {}
+    if stored.get(SOURCE_KEY) != source_fingerprint():  # block code changed since: measure everything again
+        stored = {SOURCE_KEY: source_fingerprint()}
+    missing = [request for key, request in requests.items() if key not in stored]
+    # One process per width shares the compiled graphs; a wan-14b-wide block (weights and gradients: a few GiB
+    # of CPU memory) gets a process of its own.
+    batches = [[request for request in missing if request.dim == dim]
+               for dim in sorted({request.dim for request in missing if request.dim < 4096})]
+    batches += [[request] for request in missing if request.dim >= 4096]
+    for batch in batches:
+        print(f"measuring {len(batch)} profile(s) of width {batch[0].dim}", file=sys.stderr, flush=True)
+        for request, profile in zip(batch, measure_in_subprocess(batch)):
+            stored[request.key()] = profile
+        Path(SHIPPED).write_text(json.dumps(stored, indent=1, sort_keys=True) + "\n")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m osp_megatron.training.memory_table",
+        description="The memory model's planning table (docs/memory.md) and the activation profiles it reads.",
+        epilog="Examples: python -m osp_megatron.training.memory_table --table > table.md; "
+        "python -m osp_megatron.training.memory_table --measure-presets (after changing what a block saves). "
+        "For one config: osp-train --config my.yaml --estimate-memory",
+    )
+    parser.add_argument("--table", action="store_true", help="print the planning table (markdown)")
+    parser.add_argument("--measure-presets", action="store_true",
+                        help="measure the activation profiles of wan-1.3b and wan-14b blocks that the table and "
+                        "benchmarks/bench_memory.py need and store them with the package (CPU, up to an hour)")
+    parser.add_argument("--gpu-memory-gib", type=float, default=139.0,
+                        help="GPU memory the table's strike-through marks compare with (default 139: an H200)")
+    args = parser.parse_args(argv)
+    if not (args.table or args.measure_presets):
+        parser.error("choose --table or --measure-presets")
+    try:
+        if args.measure_presets:
+            _measure_presets()
+        if args.table:
+            print(planning_table(args.gpu_memory_gib))
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from osp_megatron.attention.dispatch import dot_product_attention
-from osp_megatron.attention.fp8 import (
+from osp_megatron.quantization.fp8_attention import (
     FP8AttentionState,
     fp8_attention_supported,
     fp8_dot_product_attention,

@@ -16,7 +16,7 @@ from osp_megatron.checkpointing.wan_keys import DIFFUSERS, ORIGINAL, OURS, renam
 
 def random_diffusers_model(seed: int = 0, **overrides):
     """WanTransformer3DModel with every parameter random, norms and zero-initialised ones included."""
-    from osp_megatron.utils.testing import random_diffusers_wan
+    from osp_megatron.testing import random_diffusers_wan
 
     return random_diffusers_wan(seed, **overrides)
 

@@ -19,12 +19,12 @@ MODEL = {"preset": "tiny", "num_layers": 2, "dim": 24, "num_heads": 2, "ffn_dim"
 def two_checkpoints(tmp_path_factory):
     """Checkpoints of steps 1 and 2 of one tiny run (weights, EMA, AdamW state), saved in this process."""
     from osp_megatron.checkpointing.checkpoint import save_checkpoint
-    from osp_megatron.config.job import TrainConfig
+    from osp_megatron.engine.config import TrainConfig
     from osp_megatron.config.loader import from_dict, to_dict
     from osp_megatron.models.builder import build_model
     from osp_megatron.models.config import ModelConfig
     from osp_megatron.parallel.state import ensure_single_rank_group
-    from osp_megatron.training.optim import EMA, build_optimizer
+    from osp_megatron.engine.optim import EMA, build_optimizer
 
     ensure_single_rank_group()
     torch.manual_seed(0)
@@ -72,7 +72,7 @@ def test_average_is_the_mean_of_model_and_ema(two_checkpoints, tmp_path):
 def test_export_ema_in_both_layouts(two_checkpoints, tmp_path):
     """export --which ema --dtype bfloat16 writes the EMA under diffusers' names; --format original under
     Wan2.1's, which checkpoint.load's reader maps back to the same tensors."""
-    from osp_megatron.models.pretrained import load_pretrained
+    from osp_megatron.checkpointing.pretrained import load_pretrained
 
     checkpoint = two_checkpoints[1]
     ema = read_checkpoint_tensors(checkpoint, "ema")

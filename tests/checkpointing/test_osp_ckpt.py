@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from checkpoints_tools.cli import main
 from osp_megatron.checkpointing.sharded import iter_full_tensors
 from osp_megatron.config.errors import ConfigError
-from osp_megatron.models import load_pretrained
+from osp_megatron.checkpointing.pretrained import load_pretrained
 from osp_megatron.parallel.state import ParallelConfig, destroy_distributed, init_distributed
 
 GRID = (3, 5, 3)

@@ -3,8 +3,8 @@
 import torch
 from safetensors.torch import load_file
 
-from osp_megatron.config.job import load_job_config
-from osp_megatron.utils.testing import run_on_ranks
+from osp_megatron.engine.config import load_job_config
+from osp_megatron.engine.ranks import run_on_ranks
 
 MODEL = ["model.dim=24", "model.num_heads=2", "model.ffn_dim=40", "model.text_dim=16", "model.freq_dim=32",
          "model.num_layers=2", "model.in_channels=4", "model.out_channels=4", "model.vae=tiny-random", "model.sparse_ratio=2",

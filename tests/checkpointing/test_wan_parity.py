@@ -13,7 +13,7 @@ from osp_megatron.checkpointing.sharded import iter_full_tensors, partition_dim
 from osp_megatron.checkpointing.wan_convert import import_checkpoint
 from osp_megatron.checkpointing.wan_keys import parameter_layout
 from osp_megatron.config.errors import ConfigError
-from osp_megatron.models import load_pretrained
+from osp_megatron.checkpointing.pretrained import load_pretrained
 from osp_megatron.models.builder import build_model
 from osp_megatron.models.config import ModelConfig
 from osp_megatron.parallel.state import ensure_single_rank_group

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from osp_megatron.config.errors import ConfigError
-from osp_megatron.config.job import JobConfig, load_job_config
+from osp_megatron.engine.config import JobConfig, load_job_config
 from osp_megatron.config.loader import from_dict, parse_override
 from osp_megatron.models.config import PRESETS, ModelConfig
 

@@ -12,9 +12,9 @@ import pytest
 import webdataset
 
 from osp_megatron.data.config import DataConfig
-from osp_megatron.data.synthetic import make_synthetic_shards
+from osp_megatron.engine.data import make_synthetic_shards
 from osp_megatron.inference.video_io import write_video
-from osp_megatron.utils.testing import run_on_ranks
+from osp_megatron.engine.ranks import run_on_ranks
 
 LATENT_SHAPE = (16, 2, 4, 6)
 TEXT_LEN = 32

@@ -262,9 +262,16 @@ def test_batch_sizes_that_do_not_divide_are_config_errors(shard_dir, make_config
         WebDatasetLoader(make_config(shard_dir), 2, dp_size=2, global_batch_size=6)
 
 
-def test_build_data_loader_generates_synthetic_data_once(tmp_path, make_config):
-    """With synthetic: true the loader writes the data set on first use and reads it."""
+def test_synthetic_data_is_written_once_and_read(tmp_path, make_config):
+    """With synthetic: true the job writes the data set on first use (ensure_synthetic_data) and the loader
+    reads it; a second call leaves it untouched."""
+    from osp_megatron.engine.data import ensure_synthetic_data
+
     config = make_config(tmp_path / "gen", synthetic=True, synthetic_num_samples=6, synthetic_samples_per_shard=4)
+    ensure_synthetic_data(config)
+    written = (tmp_path / "gen" / "index.json").stat().st_mtime_ns
+    ensure_synthetic_data(config)
+    assert (tmp_path / "gen" / "index.json").stat().st_mtime_ns == written
     batch = next(build_data_loader(config, 2))
     assert batch["latents"].shape == (2, 16, 2, 4, 6)
     assert (tmp_path / "gen" / "index.json").exists()
@@ -290,7 +297,7 @@ def test_config_validation_names_the_dotted_key(make_config):
 
 def test_sources_load_from_yaml_with_dotted_errors(tmp_path):
     """data.sources and data.bucket_batch_sizes come from YAML; a wrong key inside names its index."""
-    from osp_megatron.config.job import load_job_config
+    from osp_megatron.engine.config import load_job_config
 
     path = tmp_path / "job.yaml"
     path.write_text("data:\n  sources:\n    - {path: a, weight: 2}\n    - {path: [b/*.tar], weight: 1}\n"

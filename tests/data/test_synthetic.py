@@ -16,8 +16,9 @@ import webdataset
 
 from osp_megatron.config.errors import ConfigError
 from osp_megatron.data import synthetic
+from osp_megatron.engine import data as engine_data
 from osp_megatron.data.shards import iter_raw_samples
-from osp_megatron.data.synthetic import make_synthetic_shards
+from osp_megatron.engine.data import make_synthetic_shards
 from osp_megatron.models.text_encoder import build_text_encoder
 
 
@@ -111,7 +112,7 @@ def test_folders_it_did_not_make_are_refused_untouched(tmp_path, shard_dir, make
     before = _checksums(folder)
     config = make_config(folder, synthetic=True, synthetic_num_samples=16, synthetic_samples_per_shard=8)
     with pytest.raises(ConfigError) as error:
-        synthetic.ensure_synthetic_data(config)
+        engine_data.ensure_synthetic_data(config)
     message = str(error.value)
     assert str(folder) in message and "data.path" in message and "data.synthetic=false" in message
     assert _checksums(folder) == before
@@ -183,11 +184,11 @@ def test_generation_is_deterministic(tmp_path):
 def test_console_entry_writes_shards_and_documents_every_flag(tmp_path, capsys):
     """osp-make-synthetic writes a data set, and --help describes each of its flags."""
     out = tmp_path / "cli"
-    assert synthetic.main(["--out", str(out), "--num-samples", "3", "--samples-per-shard", "2", "--latent-frames",
+    assert engine_data.main(["--out", str(out), "--num-samples", "3", "--samples-per-shard", "2", "--latent-frames",
                            "1", "--latent-height", "2", "--latent-width", "2", "--text-dim", "8"]) == 0
     assert len(_read_all(out)) == 3
     with pytest.raises(SystemExit) as exit_info:
-        synthetic.main(["--help"])
+        engine_data.main(["--help"])
     assert exit_info.value.code == 0
     help_text = capsys.readouterr().out
     for flag in ("--out", "--num-samples", "--samples-per-shard", "--latent-channels", "--latent-frames",
@@ -256,13 +257,13 @@ def test_renderer_rejects_words_outside_the_vocabulary():
 def test_held_out_set_shares_the_text_encoder_but_no_samples(tmp_path):
     """The held-out set of a seed encodes captions with the training set's text encoder, draws other samples,
     and cannot be mistaken for the training set in either folder; ensure_synthetic_data makes both."""
-    from osp_megatron.config.job import load_job_config
+    from osp_megatron.engine.config import load_job_config
 
     config = load_job_config(None, ["data.synthetic=true", f"data.path={tmp_path / 'train'}",
                                     f"data.eval_path={tmp_path / 'eval'}", "data.synthetic_num_samples=16",
                                     "data.synthetic_samples_per_shard=16", "data.latent_frames=1",
                                     "data.latent_height=2", "data.latent_width=2"]).data
-    synthetic.ensure_synthetic_data(config, held_out_samples=8)
+    engine_data.ensure_synthetic_data(config, held_out_samples=8)
     train, held_out = _read_all(tmp_path / "train"), _read_all(tmp_path / "eval")
     assert (len(train), len(held_out)) == (16, 8)
     text_by_caption = {s["txt"]: s["text.npy"] for s in train}

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from osp_megatron.config.job import load_job_config
+from osp_megatron.engine.config import load_job_config
 from osp_megatron.data.synthetic import (COLOURS, COLOUR_RGB, MOTIONS, SHAPES, all_captions, caption_of,
                                          measure_blob)
 from osp_megatron.inference.video_io import read_video

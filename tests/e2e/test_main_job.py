@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from osp_megatron.config.job import load_job_config
+from osp_megatron.engine.config import load_job_config
 from osp_megatron.inference.video_io import read_video
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "tiny_t2v.yaml"

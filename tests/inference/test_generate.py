@@ -16,10 +16,10 @@ import torch
 
 from osp_megatron.config.errors import ConfigError
 from osp_megatron.inference.cli import build_parser, main
-from osp_megatron.inference.config import SampleConfig
+from osp_megatron.engine.sample_config import SampleConfig
 from osp_megatron.inference.jobs import plan_jobs
 from osp_megatron.inference.prompts import PromptSpec, read_prompt_file
-from osp_megatron.utils.testing import random_sampling_model, tiny_sampling_config
+from osp_megatron.testing import random_sampling_model, tiny_sampling_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -60,7 +60,7 @@ def test_plan_names_seeds_and_sizes():
 
 def test_example_configs_and_prompt_files_load():
     """examples/sample_*.yaml are valid job configs and examples/prompts/* valid prompt files."""
-    from osp_megatron.config.job import JobConfig
+    from osp_megatron.engine.config import JobConfig
     from osp_megatron.config.loader import from_dict, load_yaml
 
     for path in sorted((ROOT / "examples").glob("sample_*.yaml")):
@@ -140,7 +140,7 @@ def test_sequence_and_cfg_parallel_sampling_equal_one_rank():
     """Two gloo ranks, hybrid Skiparse model: one video over SSP = 2, or its conditional and unconditional passes
     on different ranks (one exchange per step), give the single-rank latents, equal on both ranks; in each
     layout the two ranks form one model replica and only one of them writes."""
-    from osp_megatron.utils.testing import run_on_ranks
+    from osp_megatron.engine.ranks import run_on_ranks
 
     first, second = run_on_ranks(_rank_latents, 2, timeout=600)
     reference = first["plain"][0]
@@ -158,7 +158,7 @@ def _torchrun(args):
 
 
 def _free_port():
-    from osp_megatron.utils.testing import free_port
+    from osp_megatron.engine.ranks import free_port
 
     return free_port()
 

@@ -120,8 +120,8 @@ def test_bad_arguments_are_config_errors():
 @pytest.fixture(scope="module")
 def tiny_wan(tmp_path_factory, single_rank_device):
     """(diffusers model, our DiT with the same weights, its folder) of one tiny random WanTransformer3DModel."""
-    from osp_megatron.models.pretrained import load_pretrained
-    from osp_megatron.utils.testing import random_diffusers_wan
+    from osp_megatron.checkpointing.pretrained import load_pretrained
+    from osp_megatron.testing import random_diffusers_wan
 
     reference = random_diffusers_wan(seed=5)
     folder = tmp_path_factory.mktemp("wan") / "transformer"
@@ -148,7 +148,7 @@ def test_denoising_loop_matches_diffusers_wan_pipeline(tiny_wan, sampler):
     """Same weights, scheduler settings, noise and prompt states as WanPipeline: driving diffusers' own transformer,
     our loop reproduces the pipeline's final latents exactly; with our DiT holding the converted weights it agrees
     to float32 round-off, and within bf16 tolerance when both sides hold every weight in bf16."""
-    from osp_megatron.models.pretrained import load_pretrained
+    from osp_megatron.checkpointing.pretrained import load_pretrained
 
     reference, model, folder = tiny_wan
     generator = torch.Generator().manual_seed(11)

@@ -9,8 +9,8 @@ from osp_megatron.config.loader import from_dict
 from osp_megatron.models.builder import build_model
 from osp_megatron.models.config import ModelConfig
 from osp_megatron.parallel.state import ParallelConfig, ensure_single_rank_group, init_distributed
-from osp_megatron.training.optim import average_gradients
-from osp_megatron.utils.testing import run_on_ranks
+from osp_megatron.engine.optim import average_gradients
+from osp_megatron.engine.ranks import run_on_ranks
 
 # (model fields, latent [T, H, W]): the hybrid model (full first and last blocks) on a grid Skiparse needs no
 # padding for, and on a grid that needs padding (the packed layout) with consecutive sparse blocks.

@@ -15,16 +15,10 @@ from osp_megatron.attention.skiparse import skiparse_dense_mask, sparse_key_mask
 from osp_megatron.config.loader import from_dict
 from osp_megatron.models.builder import build_model
 from osp_megatron.models.config import ModelConfig
-from osp_megatron.models.rope import apply_rope, rope_tables
+from osp_megatron.attention.rope import apply_rope, rope_tables
 from osp_megatron.models.wan import fused, layers
-from osp_megatron.models.wan.layers import (
-    AttentionContext,
-    FusedBiasColumnParallelLinear,
-    WanMLP,
-    WanMLPSubmodules,
-    attend_packed,
-    equal_length_groups,
-)
+from osp_megatron.attention.context import AttentionContext, attend_packed, equal_length_groups
+from osp_megatron.models.wan.layers import FusedBiasColumnParallelLinear, WanMLP, WanMLPSubmodules
 from osp_megatron.models.wan.model import build_transformer_config
 from osp_megatron.models.wan.spec import attention_spec, wan_layer_spec
 from osp_megatron.parallel.layout import LocalTokenLayout, PermuteTokens
@@ -35,7 +29,7 @@ from osp_megatron.parallel.state import (
     init_distributed,
     tensor_parallel_group,
 )
-from osp_megatron.utils.testing import run_on_ranks
+from osp_megatron.engine.ranks import run_on_ranks
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -9,7 +9,7 @@ from osp_megatron.attention.skiparse import skiparse_dense_mask
 from osp_megatron.config.loader import from_dict
 from osp_megatron.models.builder import build_model
 from osp_megatron.models.config import ModelConfig
-from osp_megatron.models.wan.layers import AttentionContext
+from osp_megatron.attention.context import AttentionContext
 from osp_megatron.models.wan.spec import wan_layer_spec
 from osp_megatron.parallel.layout import LocalTokenLayout
 from osp_megatron.parallel.state import ensure_single_rank_group

@@ -59,7 +59,7 @@ def test_bad_latent_shapes_are_named():
 def test_sincos_positions_tell_every_token_apart():
     """The absolute position table gives each token of a (T, H, W) grid its own row, built per axis from the
     channels rope_split assigns: sines then cosines of position times frequency; position 0 is sin 0, cos 1."""
-    from osp_megatron.models.rope import rope_split, sincos_positions
+    from osp_megatron.attention.rope import rope_split, sincos_positions
 
     table = sincos_positions((3, 4, 5), 64)[0]
     assert table.shape == (60, 64)

@@ -7,7 +7,7 @@ import importlib.util
 import json
 from pathlib import Path
 
-from osp_megatron.utils.testing import run_on_ranks
+from osp_megatron.engine.ranks import run_on_ranks
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_sequence_parallel.py"
 # Loaded here, once, so the forked ranks start without importing megatron-core again.

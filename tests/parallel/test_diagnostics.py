@@ -22,7 +22,7 @@ from osp_megatron.parallel.diagnostics import (
     collective_failure_report,
     install_collective_failure_report,
 )
-from osp_megatron.utils.testing import run_on_ranks
+from osp_megatron.engine.ranks import run_on_ranks
 
 
 def test_defaults_fill_gaps_and_never_override():

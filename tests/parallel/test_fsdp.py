@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from osp_megatron.utils.testing import assert_same_training_state, run_on_ranks
+from osp_megatron.engine.ranks import run_on_ranks
+from osp_megatron.testing import assert_same_training_state
 
 GLOBAL_BATCH, STEPS, SEED = 4, 4, 11
 MODEL = {"preset": "tiny", "num_layers": 3, "sparse_ratio": 2, "full_blocks": 1}
@@ -31,7 +32,7 @@ def _train(rank, world_size, layout, fsdp, steps, save_at=(), options=None):
     from osp_megatron.checkpointing.metadata import current_layout
     from osp_megatron.checkpointing.writer import CheckpointWriter
     from osp_megatron.checkpointing.sharded import partition_dim
-    from osp_megatron.config.job import TrainConfig
+    from osp_megatron.engine.config import TrainConfig
     from osp_megatron.config.loader import from_dict
     from osp_megatron.models.builder import build_model
     from osp_megatron.models.config import ModelConfig
@@ -40,7 +41,7 @@ def _train(rank, world_size, layout, fsdp, steps, save_at=(), options=None):
     from osp_megatron.parallel.state import ParallelConfig, init_distributed
     from osp_megatron.quantization.config import QuantConfig
     from osp_megatron.training.flow_matching import PerSampleNoise, flow_matching_loss
-    from osp_megatron.training.optim import EMA, average_gradients, build_optimizer, clip_gradients
+    from osp_megatron.engine.optim import EMA, average_gradients, build_optimizer, clip_gradients
 
     options = options or {}
     tensor, ssp, data = layout

@@ -11,7 +11,7 @@ from osp_megatron.models.builder import build_model
 from osp_megatron.models.config import ModelConfig
 from osp_megatron.parallel.ledger import CommLedger, recording
 from osp_megatron.parallel.state import ParallelConfig, init_distributed
-from osp_megatron.utils.testing import run_on_ranks
+from osp_megatron.engine.ranks import run_on_ranks
 
 BLOCKS = ["full", "token", "group", "token", "full"]  # two pattern switches, three sparse and two full layers
 BATCH, DIM, GRID = 2, 64, (3, 8, 8)  # tiny preset, latent 16x3x16x16
@@ -90,7 +90,7 @@ def test_comm_scalars_reach_tensorboard(tmp_path):
     """MetricsLogger writes the ledger's comm/<group>/<op>_bytes keys under their own TensorBoard tags."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from osp_megatron.training.metrics import MetricsLogger
+    from osp_megatron.engine.metrics import MetricsLogger
 
     logger = MetricsLogger(tmp_path, total_steps=1, start_step=0, enabled=True, progress=False)
     logger.log(1, {"loss": 1.0, "comm/ssp/all_to_all_bytes": 4096.0})

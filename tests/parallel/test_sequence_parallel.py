@@ -20,16 +20,16 @@ from megatron.core import parallel_state
 from osp_megatron.checkpointing.offline import read_checkpoint_tensors
 from osp_megatron.checkpointing.sharded import partition_dim
 from osp_megatron.config.errors import ConfigError
-from osp_megatron.config.job import load_job_config
+from osp_megatron.engine.config import load_job_config
 from osp_megatron.config.loader import from_dict
-from osp_megatron.data.synthetic import ensure_synthetic_data
+from osp_megatron.engine.data import ensure_synthetic_data
 from osp_megatron.models.builder import build_model
 from osp_megatron.models.config import ModelConfig
 from osp_megatron.parallel import state
 from osp_megatron.parallel.ssp import check_sequence_parallel_layout
 from osp_megatron.parallel.state import ParallelConfig, init_distributed
-from osp_megatron.training.optim import average_gradients
-from osp_megatron.utils.testing import free_port, run_on_ranks
+from osp_megatron.engine.optim import average_gradients
+from osp_megatron.engine.ranks import free_port, run_on_ranks
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "tiny_t2v.yaml"

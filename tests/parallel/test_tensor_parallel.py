@@ -8,7 +8,8 @@ from osp_megatron.models.builder import build_model
 from osp_megatron.models.config import ModelConfig
 from osp_megatron.parallel.state import ParallelConfig, init_distributed
 from osp_megatron.training.flow_matching import flow_matching_loss
-from osp_megatron.utils.testing import gathered_gradients, run_on_ranks
+from osp_megatron.engine.ranks import run_on_ranks
+from osp_megatron.testing import gathered_gradients
 
 
 def _loss_and_full_grads(rank, world_size, model_overrides):

@@ -19,7 +19,7 @@ from osp_megatron.quantization import (
     TensorScaler,
     hif8_round,
 )
-from osp_megatron.utils.testing import run_on_ranks
+from osp_megatron.engine.ranks import run_on_ranks
 
 
 def test_fp8_formats_round_like_torch_float8_and_saturate():

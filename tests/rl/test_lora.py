@@ -4,8 +4,9 @@ fine-tuning, merges exactly, and its reference policy is the same module with ad
 import pytest
 import torch
 
-from osp_megatron.rl.lora import adapters_disabled, apply_lora, lora_layers, merge_lora
-from osp_megatron.utils.testing import gathered_gradients, run_on_ranks
+from osp_megatron.engine.lora import adapters_disabled, apply_lora, lora_layers, merge_lora
+from osp_megatron.engine.ranks import run_on_ranks
+from osp_megatron.testing import gathered_gradients
 
 TARGETS = ["linear_q", "linear_k", "linear_v", "linear_proj"]
 

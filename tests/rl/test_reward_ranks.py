@@ -8,7 +8,7 @@ import torch
 
 from osp_megatron.config.errors import ConfigError
 from osp_megatron.rl.config import load_grpo_config
-from osp_megatron.utils.testing import run_on_ranks
+from osp_megatron.engine.ranks import run_on_ranks
 
 EXAMPLE = "examples/grpo_tiny.yaml"
 

@@ -3,8 +3,8 @@
 import torch
 import torch.distributed as dist
 
-from osp_megatron.training.optim import average_gradients, gradient_buckets
-from osp_megatron.utils.testing import run_on_ranks
+from osp_megatron.engine.optim import average_gradients, gradient_buckets
+from osp_megatron.engine.ranks import run_on_ranks
 
 
 def test_buckets_keep_dtype_and_order_and_respect_the_size():

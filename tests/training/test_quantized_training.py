@@ -4,8 +4,8 @@ import json
 
 import torch
 
-from osp_megatron.config.job import load_job_config
-from osp_megatron.utils.testing import run_on_ranks
+from osp_megatron.engine.config import load_job_config
+from osp_megatron.engine.ranks import run_on_ranks
 
 # Mean loss of the last 10 of 40 steps may differ from the fp32 run by at most this fraction.
 MARGIN = 0.10

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from osp_megatron.training.metrics import read_metrics
-from osp_megatron.utils.testing import run_on_ranks
+from osp_megatron.engine.metrics import read_metrics
+from osp_megatron.engine.ranks import run_on_ranks
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 8
@@ -28,7 +28,7 @@ def _common(tmp_root: Path) -> list[str]:
 def _train_runs(rank, world_size, runs):
     """Several trainer runs in one fresh process: [(overrides, metadata edits or None)] -> results/errors."""
     from osp_megatron.config.errors import ConfigError
-    from osp_megatron.config.job import load_job_config
+    from osp_megatron.engine.config import load_job_config
     from osp_megatron.parallel.state import destroy_distributed
     from osp_megatron.training.trainer import Trainer
 
@@ -220,14 +220,15 @@ def test_config_errors_come_before_torch_and_help_lists_sections():
     assert result.returncode == 0, result.stderr
     assert "unknown config key 'train.stepz'" in result.stderr
     assert time.time() - started < 10  # generous: the property is "no torch", timed only as a backstop
-    from osp_megatron.training.cli import build_parser
+    from osp_megatron.engine.cli import build_parser
+    from osp_megatron.training.cli import train_spec
 
-    text = build_parser().format_help()
+    text = build_parser(train_spec()).format_help()
     for needle in ("run: dir", "train: steps", "checkpoint: interval", "parallel: tensor", "model: preset",
                    "data: path", "quant: recipe", "sample: prompt", "torchrun", "checkpoint.resume",
                    "metrics.jsonl", "tensorboard", "--print-config"):
         assert needle in text, needle
-    from osp_megatron.config.job import load_job_config
+    from osp_megatron.engine.config import load_job_config
 
     steps = load_job_config("examples/tiny_t2v.yaml").train.steps
     assert f"the CPU demo: data, {steps} steps" in text  # the help tells the demo's length as shipped

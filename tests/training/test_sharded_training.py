@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from osp_megatron.training.metrics import read_metrics
-from osp_megatron.utils.testing import assert_same_training_state, run_on_ranks
+from osp_megatron.engine.metrics import read_metrics
+from osp_megatron.engine.ranks import run_on_ranks
+from osp_megatron.testing import assert_same_training_state
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = str(ROOT / "examples" / "tiny_t2v.yaml")
@@ -26,7 +27,7 @@ def _common(root: Path) -> list[str]:
 
 
 def _train(rank, world_size, overrides):
-    from osp_megatron.config.job import load_job_config
+    from osp_megatron.engine.config import load_job_config
     from osp_megatron.training.trainer import Trainer
 
     return Trainer(load_job_config(EXAMPLE, overrides)).train()

@@ -6,7 +6,7 @@ import subprocess
 import sys
 import textwrap
 
-from osp_megatron.training.signals import GracefulStop
+from osp_megatron.engine.signals import GracefulStop
 
 
 def test_signals_set_the_flag_and_handlers_are_restored():
@@ -26,7 +26,7 @@ def test_second_ctrl_c_exits_at_once(tmp_path):
     """The first SIGINT asks for a stop; the second ends the process with 130 and a one-line message."""
     script = textwrap.dedent("""
         import os, signal, time
-        from osp_megatron.training.signals import GracefulStop
+        from osp_megatron.engine.signals import GracefulStop
         with GracefulStop(job="t") as stop:
             os.kill(os.getpid(), signal.SIGINT)
             assert stop.requested

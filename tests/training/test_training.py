@@ -6,17 +6,17 @@ import pytest
 import torch
 
 from osp_megatron.config.errors import ConfigError
-from osp_megatron.config.job import load_job_config
+from osp_megatron.engine.config import load_job_config
 from osp_megatron.config.loader import from_dict
 from osp_megatron.models.builder import build_model
 from osp_megatron.models.config import ModelConfig
 from osp_megatron.training.flow_matching import flow_matching_loss
-from osp_megatron.training.optim import build_optimizer, lr_at
-from osp_megatron.utils.testing import run_on_ranks
+from osp_megatron.engine.optim import build_optimizer, lr_at
+from osp_megatron.engine.ranks import run_on_ranks
 
 
 def _fixed_batch_losses(rank, world_size):
-    from osp_megatron.config.job import TrainConfig
+    from osp_megatron.engine.config import TrainConfig
     from osp_megatron.parallel.state import ensure_single_rank_group
 
     ensure_single_rank_group()

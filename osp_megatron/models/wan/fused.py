@@ -8,40 +8,10 @@ tensor feeds two consumers (a residual stream and the norm after it): the compil
 gradient paths inside its kernel instead of autograd adding them in a pass of their own.
 """
 
-import functools
-import os
-
 import torch
 import torch.nn.functional as F
 
-# "0" disables compilation, "force" compiles on the CPU too (for testing the compiled graphs), "partition" also
-# compiles everywhere but only splits each graph into forward and backward as inductor does (same decompositions,
-# same min-cut partitioner: the same tensors saved for the backward) and runs the pieces eagerly, without
-# generating kernels, for any shape from one trace: what the activation-memory measurement needs, in seconds.
-_COMPILE = os.environ.get("OSP_MEGATRON_COMPILE", "1")
-_PARTITION_ONLY = _COMPILE == "partition"
-
-
-def accelerator_compiled(fn):
-    """Run `fn` compiled (fullgraph, static shapes) for CUDA tensors and eagerly otherwise."""
-    compiled = None
-
-    @functools.wraps(fn)
-    def wrapper(*args):
-        nonlocal compiled
-        if _COMPILE != "0" and (args[0].is_cuda or _COMPILE in ("force", "partition")):
-            if compiled is None:
-                # One graph per distinct shape (full and sparse layouts, resolutions, dtypes): the default
-                # limit of 8 would silently fall back to eager after a few resolutions.
-                torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-                torch._dynamo.config.accumulated_cache_size_limit = max(
-                    torch._dynamo.config.accumulated_cache_size_limit, 512)
-                compiled = torch.compile(fn, fullgraph=True, dynamic=_PARTITION_ONLY,
-                                         backend="aot_eager_decomp_partition" if _PARTITION_ONLY else "inductor")
-            return compiled(*args)
-        return fn(*args)
-
-    return wrapper
+from osp_megatron.utils.compile import accelerator_compiled
 
 
 def per_sample(p: torch.Tensor) -> torch.Tensor:
@@ -177,16 +147,6 @@ def rms_scale(x, square_total, weight, width: int, eps: float):
 def rms_norm(x, weight, eps: float):
     """rms_scale(x, square_sum(x), weight, x.shape[-1], eps) in one pass: RMSNorm over the last dimension."""
     return _rms_scaled(x, _square_sum(x), weight, x.shape[-1], eps)
-
-
-@accelerator_compiled
-def rotary(x, cos, sin):
-    """Rotate channel pairs (2i, 2i+1) of x [B, N, heads, head_dim] by angles tabled as cos/sin [.., N, 1, head_dim]."""
-    pairs = x.float().unflatten(-1, (-1, 2))
-    real, imag = pairs[..., 0], pairs[..., 1]
-    cos_half, sin_half = cos[..., 0::2], sin[..., 0::2]
-    rotated = torch.stack((real * cos_half - imag * sin_half, real * sin_half + imag * cos_half), dim=-1)
-    return rotated.flatten(-2).to(x.dtype)
 
 
 @accelerator_compiled

@@ -15,7 +15,7 @@ from torch.utils.checkpoint import checkpoint
 
 from osp_megatron.config.errors import ConfigError
 from osp_megatron.models.config import ModelConfig, torch_dtype
-from osp_megatron.models.rope import sincos_positions
+from osp_megatron.attention.rope import sincos_positions
 from osp_megatron.models.wan import fused
 from osp_megatron.models.wan.layers import FP32LayerNorm
 from osp_megatron.models.wan.spec import wan_layer_spec
@@ -69,7 +69,10 @@ class WanDiT(MegatronModule):
         dim, patch = model_config.dim, tuple(model_config.patch_size)
         self.patch_size = patch
         self.block_kinds = model_config.block_kinds()
+        # Set from outside by the engine (engine/parallelize.py): how tokens sit on ranks between blocks, and
+        # which activations the blocks keep for the backward ("none", "selective", "full").
         self.layout_factory = layout_factory or LocalTokenLayout
+        self.activation_checkpointing = model_config.activation_checkpointing
         self.patch_embedding = torch.nn.Conv3d(model_config.in_channels, dim, kernel_size=patch, stride=patch)
         self.text_embedding = torch.nn.Sequential(
             torch.nn.Linear(model_config.text_dim, dim), torch.nn.GELU(approximate="tanh"), torch.nn.Linear(dim, dim)
@@ -148,8 +151,8 @@ class WanDiT(MegatronModule):
             hidden = hidden + sincos_positions(grid, hidden.shape[-1], device=hidden.device).to(hidden.dtype)
         time, modulation, text = self.embed_conditions(timestep, text_states)
 
-        # model.activation_checkpointing; nothing is kept for a backward when no gradient is recorded.
-        recompute = self.model_config.activation_checkpointing if torch.is_grad_enabled() else "none"
+        # Nothing is kept for a backward when no gradient is recorded.
+        recompute = self.activation_checkpointing if torch.is_grad_enabled() else "none"
         kind = self.block_kinds[0]
         hidden = layout.enter(hidden, kind)
         for block, block_kind in zip(self.blocks, self.block_kinds):

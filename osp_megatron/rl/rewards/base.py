@@ -29,8 +29,8 @@ def register_reward(name: str):
 
 
 def reward_names() -> list[str]:
-    from osp_megatron.rl import rewards  # noqa: F401  (the built-ins register on import)
-
+    """Registered rewards: the built-ins (registered when the osp_megatron.rl.rewards package is imported, which
+    importing this module does first) and any a user registered."""
     return sorted(_REGISTRY)
 
 
@@ -54,7 +54,6 @@ def _name_and_weight(i: int, entry: dict) -> tuple[str, float]:
 def reward_weights(entries: list[dict]) -> list[WeightedReward]:
     """The names and weights of `grpo.rewards` without building the rewards (function None): what ranks that
     send their videos to reward ranks need for advantages and logging."""
-    reward_names()  # the built-ins register on import
     weighted = [WeightedReward(*_name_and_weight(i, entry), None) for i, entry in enumerate(entries)]
     if len({r.name for r in weighted}) != len(weighted):
         raise ConfigError("grpo.rewards lists a reward name twice; give each reward once with its weight")

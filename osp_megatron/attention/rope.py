@@ -7,6 +7,8 @@ import functools
 
 import torch
 
+from osp_megatron.utils.compile import accelerator_compiled
+
 
 def rope_split(head_dim: int) -> tuple[int, int, int]:
     """Channels of a head given to (t, h, w): h and w get 2*(head_dim//6) each, t the rest."""
@@ -45,8 +47,6 @@ def rope_tables(grid, head_dim: int, theta: float = 10000.0, device=None):
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate consecutive channel pairs (2i, 2i+1) of x [B, N, heads, head_dim] by the tabled angles."""
-    from osp_megatron.models.wan.fused import rotary
-
     return rotary(x, cos, sin)
 
 
@@ -63,3 +63,13 @@ def sincos_positions(grid, dim: int, theta: float = 10000.0, device=None) -> tor
         shape[axis] = size
         parts.append(table.view(shape).expand(*grid, channels))
     return torch.cat(parts, dim=-1).reshape(1, -1, dim).float()
+
+
+@accelerator_compiled
+def rotary(x, cos, sin):
+    """Rotate channel pairs (2i, 2i+1) of x [B, N, heads, head_dim] by angles tabled as cos/sin [.., N, 1, head_dim]."""
+    pairs = x.float().unflatten(-1, (-1, 2))
+    real, imag = pairs[..., 0], pairs[..., 1]
+    cos_half, sin_half = cos[..., 0::2], sin[..., 0::2]
+    rotated = torch.stack((real * cos_half - imag * sin_half, real * sin_half + imag * cos_half), dim=-1)
+    return rotated.flatten(-2).to(x.dtype)

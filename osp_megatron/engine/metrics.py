@@ -52,8 +52,9 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 class MetricsLogger:
     def __init__(self, run_dir: str | Path, total_steps: int, start_step: int, enabled: bool, progress: bool,
-                 desc: str = "train"):
+                 desc: str = "train", progress_keys: tuple = ("loss", "samples_per_s")):
         self.enabled = enabled
+        self.progress_keys = progress_keys  # the scalars the progress bar shows
         self.bar = None
         if not enabled:
             return
@@ -80,8 +81,9 @@ class MetricsLogger:
                 # Keys that carry their own section (e.g. the ledger's comm/<group>/<op>_bytes) keep it.
                 self.writer.add_scalar(key if "/" in key else f"train/{key}", value, step)
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{scalars.get('loss', float('nan')):.4f}",
-                                 samples_s=f"{scalars.get('samples_per_s', 0):.1f}", refresh=False)
+            shown = {key: scalars[key] for key in self.progress_keys if key in scalars}
+            self.bar.set_postfix({key.replace("_per_", "/"): f"{value:.4g}" for key, value in shown.items()},
+                                 refresh=False)
             self.bar.update(step - self.bar.n)
 
     def log_image(self, tag: str, image, step: int) -> None:

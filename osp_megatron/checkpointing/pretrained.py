@@ -4,6 +4,7 @@ Works in a plain Python process (it sets up a one-rank process group) and inside
 """
 
 from pathlib import Path
+from typing import Optional
 
 import torch
 from megatron.core import parallel_state
@@ -22,6 +23,7 @@ from osp_megatron.models.builder import build_model
 from osp_megatron.models.config import ModelConfig
 from osp_megatron.models.wan.model import WanDiT
 from osp_megatron.parallel import state
+from osp_megatron.parallel.fsdp import copy_slice_into
 
 
 def _dtype_name(dtype) -> str:
@@ -83,16 +85,19 @@ def load_pretrained(path: str | Path, *, dtype=None, device: str | torch.device 
 
 
 def load_pretrained_weights(model: torch.nn.Module, path: str | Path, which: str = "model",
-                            allow_missing: bool = False, allow_unexpected: bool = False) -> None:
-    """Copy the weights at `path` (any layout `load_pretrained` reads) into an already built model."""
+                            allow_missing: bool = False, allow_unexpected: bool = False,
+                            names: Optional[dict[str, str]] = None) -> None:
+    """Copy the weights at `path` (any layout `load_pretrained` reads) into an already built model, sharded or
+    not; `names` maps the model's parameter names to the plain DiT's (default: all, unchanged; a LoRA model
+    passes its base weights)."""
     path = _existing(path)
     if is_complete(path):
-        missing, unexpected = load_model_weights(path, model, which=which, strict=False)
+        missing, unexpected = load_model_weights(path, model, which=which, strict=False, names=names)
         _check(f"{which} weights of {str(path)!r}", missing, unexpected, allow_missing, allow_unexpected)
         return
     # The model's own config decides the expected shapes, so a mismatch is reported tensor by tensor.
     source = open_source(path, to_dict(model.model_config))
-    load_source_into(source, model, allow_missing, allow_unexpected)
+    load_source_into(source, model, allow_missing, allow_unexpected, names)
 
 
 def _check(what: str, missing: list[str], unexpected: list[str], allow_missing: bool, allow_unexpected: bool):
@@ -106,23 +111,25 @@ def _check(what: str, missing: list[str], unexpected: list[str], allow_missing: 
 
 
 def load_source_into(source: WeightSource, model: torch.nn.Module, allow_missing: bool = False,
-                     allow_unexpected: bool = False) -> None:
-    """Copy a published checkpoint into `model`, keeping this tensor-parallel rank's slice of each tensor."""
+                     allow_unexpected: bool = False, names: Optional[dict[str, str]] = None) -> None:
+    """Copy a published checkpoint into `model`, keeping this tensor-parallel rank's slice of each tensor (and of
+    that, this rank's FSDP shard); `names` as in load_pretrained_weights."""
     source.check_keys(allow_missing, allow_unexpected)
     rank, size = state.tensor_parallel_rank(), state.tensor_parallel_size()
     params = dict(model.named_parameters())
-    strangers = sorted(set(params) - set(source.expected))
+    names = names if names is not None else {name: name for name in params}
+    strangers = sorted(set(names.values()) - set(source.expected))
     if strangers:
         raise ConfigError(f"the model has parameters the Wan key map does not know: {strangers[:10]}")
-    for name, param in params.items():
-        if name not in source.pieces:
+    for name, plain in names.items():
+        if plain not in source.pieces:
             continue
-        full = source.tensor(name)
-        dim = source.expected[name].partition_dim
+        param = params[name]
+        full = source.tensor(plain)
+        dim = source.expected[plain].partition_dim
         local = full if dim is None else full.chunk(size, dim=dim)[rank]
         if local.shape != param.shape:
-            raise ConfigError(f"{name!r}: {source.layout} checkpoint {str(source.path)!r} gives shape "
+            raise ConfigError(f"{plain!r}: {source.layout} checkpoint {str(source.path)!r} gives shape "
                               f"{tuple(local.shape)} on tensor-parallel rank {rank} of {size}, the model holds "
                               f"{tuple(param.shape)}")
-        with torch.no_grad():
-            param.copy_(local.to(param.dtype))
+        copy_slice_into(param, local)

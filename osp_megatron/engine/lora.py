@@ -1,12 +1,13 @@
 """LoRA adapters (PEFT) on the DiT's megatron-core tensor-parallel linears, and the base model as reference.
 
 PEFT's LoRA layer for megatron linears is used through PEFT's custom-module registration, adapted to
-megatron's (output, bias) return value; adapters are initialised from full-size tensors so every
-tensor-parallel size starts from the same adapters.
+megatron's (output, bias) return value; adapters are initialised from full-size tensors, so every
+tensor-parallel size and FSDP sharding starts from the same adapters (docs/engine.md).
 """
 
 import contextlib
 import dataclasses
+from typing import Optional
 
 import torch
 from megatron.core import tensor_parallel
@@ -14,6 +15,7 @@ from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParall
 
 from osp_megatron.config.errors import ConfigError
 from osp_megatron.parallel import state
+from osp_megatron.parallel.fsdp import copy_slice_into, local_tensor
 
 
 def _output(result):
@@ -36,20 +38,18 @@ def _lora_parallel_linear_class():
         def update_layer(self, adapter_name, *args, **kwargs):
             self.lora_bias[adapter_name] = False  # megatron-wrapped adapters carry no bias
             super().update_layer(adapter_name, *args, **kwargs)
-            if adapter_name in self.lora_A:
-                self._initialise_tensor_parallel_invariant(adapter_name)
 
         @torch.no_grad()
-        def _initialise_tensor_parallel_invariant(self, adapter_name):
+        def initialise_tensor_parallel_invariant(self, adapter_name="default"):
             """A drawn at full size from the torch seed and sliced for this rank (B = 0): the adapters of
-            every tensor-parallel size are slices of one matrix."""
+            every tensor-parallel size (and every FSDP sharding) are pieces of one matrix."""
             lora_a, lora_b = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
-            full = torch.empty(lora_a.shape[0], self.in_features)
+            full = torch.empty(self.r[adapter_name], self.in_features)
             torch.nn.init.kaiming_uniform_(full, a=5**0.5)
             if self.is_parallel_a:
                 full = full.chunk(state.tensor_parallel_size(), dim=1)[state.tensor_parallel_rank()]
-            lora_a.copy_(full)
-            lora_b.zero_()
+            copy_slice_into(lora_a, full)
+            local_tensor(lora_b).zero_()
 
         def forward(self, x, *args, **kwargs):
             result, bias = self.base_layer(x, *args, **kwargs)
@@ -66,9 +66,14 @@ def _lora_parallel_linear_class():
     return MegatronLoraLinear
 
 
-def apply_lora(model: torch.nn.Module, rank: int, alpha: float, target_modules: list[str]) -> list[str]:
+def apply_lora(model: torch.nn.Module, rank: int, alpha: float, target_modules: list[str],
+               seed: Optional[int] = 0) -> list[str]:
     """Inject adapters into `model` in place (base weights frozen, adapters trainable); returns the adapted
-    module names. Raises ConfigError when `target_modules` matches no linear."""
+    module names. Raises ConfigError when `target_modules` matches no linear.
+
+    seed: initialise the adapters from it (initialise_adapters); None leaves them unset, for a model on the
+    meta device whose adapters are initialised once it is materialised.
+    """
     from peft import LoraConfig, inject_adapter_in_model
 
     from osp_megatron.models.builder import mark_tensor_parallel_weights
@@ -79,12 +84,37 @@ def apply_lora(model: torch.nn.Module, rank: int, alpha: float, target_modules: 
     try:
         inject_adapter_in_model(config, model)
     except ValueError as err:
-        raise ConfigError(f"grpo.lora.target_modules={list(target_modules)}: {err}") from None
+        raise ConfigError(f"lora.target_modules={list(target_modules)}: {err}") from None
     adapted = [name for name, module in model.named_modules() if isinstance(module, layer)]
     if not adapted:
-        raise ConfigError(f"grpo.lora.target_modules={list(target_modules)} matches no linear of the model")
+        raise ConfigError(f"lora.target_modules={list(target_modules)} matches no linear of the model")
     mark_tensor_parallel_weights(model)  # the adapters' megatron halves
+    if seed is not None:
+        initialise_adapters(model, seed)
     return adapted
+
+
+def initialise_adapters(model: torch.nn.Module, seed: int) -> None:
+    """Draw every adapter anew from `seed` (A random, B zero: the model starts as its base), layer by layer in
+    module order, whatever the parallel layout; run after an adapted model is materialised."""
+    generator_state = torch.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        for layer in lora_layers(model):
+            layer.initialise_tensor_parallel_invariant()
+    finally:
+        torch.set_rng_state(generator_state)
+
+
+def base_weight_names(model: torch.nn.Module) -> dict[str, str]:
+    """{parameter name in the adapted model: its name in the plain DiT} for every base (non-adapter) weight:
+    what a base checkpoint is read into."""
+    return {name: name.replace(".base_layer.", ".") for name, _ in model.named_parameters() if "lora_" not in name}
+
+
+def adapter_names(model: torch.nn.Module) -> list[str]:
+    """Names of the adapter parameters (what a LoRA checkpoint stores)."""
+    return [name for name, _ in model.named_parameters() if "lora_" in name]
 
 
 def lora_layers(model: torch.nn.Module) -> list:

@@ -149,7 +149,8 @@ class EMA:
         self.decay = decay
         self.device = None if device is None else torch.device(device)
         self.shadow = {}
-        for name, param in model.named_parameters():
+        # The trained weights only: frozen ones (a LoRA model's base) never move.
+        for name, param in self._trained(model):
             local = local_tensor(param).detach()
             self.shadow[name] = local.to(self.device or local.device, torch.float32, copy=True)
         self._staging, self._pending, self._worker = None, None, None
@@ -158,15 +159,19 @@ class EMA:
             self._staging = {name: torch.empty_like(avg, pin_memory=pin) for name, avg in self.shadow.items()}
             self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ema")
 
+    def _trained(self, model: torch.nn.Module):
+        return [(name, param) for name, param in model.named_parameters()
+                if param.requires_grad or name in self.shadow]
+
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
         if self._staging is None:
-            for name, param in model.named_parameters():
+            for name, param in self._trained(model):
                 self.shadow[name].lerp_(local_tensor(param).detach().float(), 1 - self.decay)
             return
         self.synchronize()  # the staging buffers are free again
         copied = None
-        for name, param in model.named_parameters():
+        for name, param in self._trained(model):
             self._staging[name].copy_(local_tensor(param).detach(), non_blocking=True)
             if param.is_cuda:
                 copied = copied or torch.cuda.Event()
@@ -195,12 +200,12 @@ class EMA:
     def restart_from(self, model: torch.nn.Module) -> None:
         """Make the average equal the current weights (after loading weights the average never saw)."""
         self.synchronize()
-        for name, param in model.named_parameters():
+        for name, param in self._trained(model):
             self.shadow[name].copy_(local_tensor(param).detach())
 
     @torch.no_grad()
     def copy_to(self, model: torch.nn.Module) -> None:
         self.synchronize()
-        for name, param in model.named_parameters():
+        for name, param in self._trained(model):
             local = local_tensor(param)
             local.copy_(self.shadow[name].to(local.device, local.dtype))

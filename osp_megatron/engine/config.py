@@ -1,4 +1,4 @@
-"""The training job's configuration: one typed tree (run, train, checkpoint, parallel, model, data, quant, sample).
+"""A job's configuration: one typed tree (run, train, checkpoint, parallel, model, data, quant, sample, lora).
 
 Built from a YAML file plus dotted overrides by `load_job_config`; cross-section consistency is checked here.
 """
@@ -9,7 +9,7 @@ from typing import Literal, Optional
 from osp_megatron.config.errors import ConfigError
 from osp_megatron.config.loader import load_config
 from osp_megatron.data.config import DataConfig
-from osp_megatron.inference.config import SampleConfig
+from osp_megatron.engine.sample_config import SampleConfig
 from osp_megatron.models.config import ModelConfig
 from osp_megatron.parallel.config import ParallelConfig
 from osp_megatron.quantization.config import QuantConfig
@@ -122,6 +122,29 @@ class CheckpointConfig:
             raise ConfigError(f"{prefix}.resume must be 'auto', 'none' or a checkpoint path")
 
 
+# OSP-Next trains LoRA on the q, k, v and output projections of self- and cross-attention.
+ATTENTION_PROJECTIONS = ["linear_q", "linear_k", "linear_v", "linear_proj"]
+
+
+@dataclass
+class LoraConfig:
+    """Low-rank adapters (PEFT) on the named linears; the base weights stay frozen."""
+
+    rank: int = 32
+    alpha: float = 64.0
+    # Module-name suffixes, as PEFT matches them: "linear_q" hits self- and cross-attention,
+    # "self_attention.linear_q" only self-attention; "linear_fc1" / "linear_fc2" are the FFN.
+    target_modules: list[str] = field(default_factory=lambda: list(ATTENTION_PROJECTIONS))
+
+    def validate(self, prefix: str = "lora") -> None:
+        if self.rank < 1:
+            raise ConfigError(f"{prefix}.rank must be >= 1 (leave lora null for full fine-tuning)")
+        if self.alpha <= 0:
+            raise ConfigError(f"{prefix}.alpha must be > 0, got {self.alpha}")
+        if not self.target_modules:
+            raise ConfigError(f"{prefix}.target_modules must name at least one linear, e.g. {ATTENTION_PROJECTIONS}")
+
+
 @dataclass
 class JobConfig:
     run: RunConfig = field(default_factory=RunConfig)
@@ -132,6 +155,9 @@ class JobConfig:
     data: DataConfig = field(default_factory=DataConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    # Low-rank adapters on the named linears with the base weights frozen (checkpoint.load gives the base);
+    # null trains every weight.
+    lora: Optional[LoraConfig] = None
 
     @classmethod
     def resolve_defaults(cls, data: dict, prefix: str) -> dict:
