@@ -17,6 +17,7 @@ def _run(script, *args, out):
     return json.loads(out.read_text())
 
 
+@pytest.mark.slow
 def test_skiparse_benchmark_tiny(tmp_path):
     """bench_skiparse.py --tiny reports full vs Skiparse attention timings and speed-ups per resolution."""
     report = _run("bench_skiparse.py", "--skip", "model", out=tmp_path / "skiparse.json")
@@ -25,6 +26,7 @@ def test_skiparse_benchmark_tiny(tmp_path):
     assert all(row["full_fwdbwd_ms"] > 0 and row["fwdbwd_speedup"] > 0 for row in rows)
 
 
+@pytest.mark.slow
 def test_fp8_benchmark_tiny(tmp_path):
     """bench_fp8.py --tiny times bf16 and quantized linears (the quantized path is really applied)."""
     report = _run("bench_fp8.py", "--skip", "step", "--skip", "loss", out=tmp_path / "fp8.json")
@@ -32,6 +34,7 @@ def test_fp8_benchmark_tiny(tmp_path):
     assert row["bf16_ms"] > 0 and row["fp8_hybrid_ms"] > 0 and row["hif8_ms"] > 0
 
 
+@pytest.mark.slow
 def test_fp8_benchmark_loss_curves_tiny(tmp_path):
     """bench_fp8.py --tiny records a loss curve per recipe, FP8 attention included, next to bf16's."""
     report = _run("bench_fp8.py", "--skip", "linear", "--skip", "step", "--recipes", "fp8_hybrid+attn",

@@ -51,7 +51,7 @@ def test_batches_have_documented_fields_and_shapes(shard_dir, make_config):
         assert states[length:].abs().sum() == 0 and states[length - 1].abs().sum() > 0
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("num_workers", [0, pytest.param(2, marks=pytest.mark.slow)])  # 2: reader processes
 def test_every_sample_of_an_epoch_is_seen_once_across_ranks_and_workers(bucket_dir, make_config, num_workers):
     """Two ranks, each with `num_workers` readers, together read each sample of an epoch exactly once."""
     config = make_config(bucket_dir, num_workers=num_workers)
@@ -155,6 +155,7 @@ def test_resume_on_another_layout_continues_the_global_stream(bucket_dir, make_c
         _assert_same_batches(_take(one, 2), [next(loader) for loader in two])
 
 
+@pytest.mark.slow
 def test_worker_processes_give_the_same_stream_and_resume(bucket_dir, make_config):
     """Two worker processes yield exactly the single-process batches, before and after a resume."""
     single = _take(WebDatasetLoader(make_config(bucket_dir), 3, seed=4), 12)

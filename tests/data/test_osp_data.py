@@ -61,6 +61,7 @@ def test_build_writes_bucketed_clips_and_counts_every_bad_input(clip_dir):
     assert not [name for name in os.listdir(clip_dir) if name.endswith(".tmp")]
 
 
+@pytest.mark.slow
 def test_killed_build_resumes_to_the_same_shards(raw_videos, clip_dir, clip_builder, tmp_path, monkeypatch):
     """A build that dies after some videos continues on rerun (here with 2 decoding processes) and ends with the
     shards of an uninterrupted one."""
@@ -103,7 +104,7 @@ def test_build_refuses_other_settings_or_other_data(raw_videos, clip_dir, clip_b
         clip_builder(raw_videos, tmp_path / "new", frames=8)
 
 
-def test_encode_on_two_ranks_writes_the_shards_osp_train_reads(latent_dir):
+def test_encode_writes_the_shards_osp_train_reads(latent_dir):
     """Latents per bucket with the VAE's shapes, float16 on disk; the index lists offsets; the loader reads all."""
     index = read_index(str(latent_dir))
     assert index["format"] == "osp-latents-v1" and index["text_dim"] == 32
@@ -121,6 +122,20 @@ def test_encode_on_two_ranks_writes_the_shards_osp_train_reads(latent_dir):
     assert len(set(keys)) == 10
 
 
+@pytest.mark.slow
+def test_encode_on_two_ranks_writes_the_shards_of_one(clip_dir, latent_dir, encode_on_ranks, tmp_path):
+    """Two gloo ranks, each encoding every other shard, write the index and the latents one rank writes."""
+    folder = tmp_path / "latents"
+    encode_on_ranks(clip_dir, folder, 2)
+    one, two = read_index(str(latent_dir)), read_index(str(folder))
+    assert two["shards"] == one["shards"] and two["samples_per_bucket"] == one["samples_per_bucket"]
+    for entry in one["shards"]:
+        expected, written = _latents(latent_dir / entry["name"]), _latents(folder / entry["name"])
+        assert written.keys() == expected.keys()
+        for key in expected:
+            np.testing.assert_allclose(written[key], expected[key], atol=2e-3, rtol=2e-3)
+
+
 def test_killed_encode_resumes_only_unfinished_shards(clip_dir, latent_dir, tmp_path):
     """A shard whose encode was cut (only its hidden temporary file exists) is redone, identical; others stay."""
     copy = tmp_path / "latents"
@@ -134,7 +149,7 @@ def test_killed_encode_resumes_only_unfinished_shards(clip_dir, latent_dir, tmp_
     report = _encode(clip_dir, copy)
     assert report["clips_this_run"] == read_index(str(latent_dir))["shards"][1]["num_samples"]
     redone = _latents(copy / victim)
-    assert redone.keys() == original.keys()  # 1 rank now, 2 ranks before: the same latents (float16 on disk)
+    assert redone.keys() == original.keys()  # the same latents as the first encode (float16 on disk)
     for key in original:
         np.testing.assert_allclose(redone[key], original[key], atol=2e-3, rtol=2e-3)
     assert {p.name: p.stat().st_mtime_ns for p in copy.glob("*.tar") if p.name != victim} == kept

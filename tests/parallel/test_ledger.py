@@ -54,6 +54,7 @@ def _by(entries, **match):
     return sum(e[4] for e in found), sum(e[5] for e in found)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tensor, ssp, ulysses", [(1, 4, 1), (1, 2, 2), (1, 1, 2), (2, 2, 1)])
 def test_ledger_matches_the_design_formulas(tensor, ssp, ulysses):
     """Per rank and forward pass: one all-to-all per pattern switch of B N d (S-1)/(S^2 U) elements over the SSP

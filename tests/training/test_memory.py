@@ -92,6 +92,7 @@ def tiny_profiles():
     return dict(zip((1, 2), measure_in_subprocess(requests)))
 
 
+@pytest.mark.slow
 def test_measured_block_bytes(tiny_profiles):
     """Full recomputation keeps exactly the bf16 block input (2 bytes per channel and token); selective also
     the attention core's q, k, v, output (2 bytes each, split over tensor-parallel ranks) and float32 softmax
@@ -108,6 +109,7 @@ def test_measured_block_bytes(tiny_profiles):
     assert tiny_profiles[2]["block"]["per_token"] < tiny_profiles[1]["block"]["per_token"]
 
 
+@pytest.mark.slow
 def test_estimate_memory_cli(capsys, monkeypatch, tmp_path):
     """osp-train --estimate-memory prints model state, activations and the peak without starting anything."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
