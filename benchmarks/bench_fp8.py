@@ -17,6 +17,7 @@ from bench_skiparse import RESOLUTIONS, TINY_RESOLUTIONS, build_dit  # noqa: E40
 from common import hybrid_layout, timed, write_report  # noqa: E402
 
 from osp_megatron.config.loader import from_dict  # noqa: E402
+from osp_megatron.engine.parallelize import parallelize_dit  # noqa: E402
 from osp_megatron.models.builder import build_model  # noqa: E402
 from osp_megatron.models.config import ModelConfig  # noqa: E402
 from osp_megatron.models.flops import forward_flops  # noqa: E402
@@ -121,9 +122,9 @@ def loss_rows(args, device, dtype):
     curves = {}
     for label in ("bf16", *args.recipes):
         torch.manual_seed(0)
-        model = build_model(config).to(device=device, dtype=dtype)
-        if label != "bf16":
-            apply_quantization(model, quant_config(label, args.backend))
+        model = build_model(config)
+        parallelize_dit(model, "train", quant=None if label == "bf16" else quant_config(label, args.backend))
+        model.to(device=device, dtype=dtype)
         optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)
         losses = []
         for _ in range(args.loss_steps):

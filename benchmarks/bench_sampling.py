@@ -39,6 +39,9 @@ MODELS = {"wan-1.3b": dict(preset="wan-1.3b"), "wan-14b": dict(preset="wan-14b")
 TINY_MODELS = {"tiny": dict(preset="tiny")}
 STEPS = 50
 GUIDANCE = 5.0
+# attention -> (sparse ratio, quant section of the sampling job or None)
+ATTENTION = {"full": (1, None), "hybrid": (2, None),
+             "hybrid_fp8": (2, {"recipe": "fp8_hybrid", "attention": True})}
 # layout -> (ssp, cfg_parallel, gpus)
 LAYOUTS = {"1gpu": (1, False, 1), "sp2": (2, False, 2), "cfg2": (1, True, 2)}
 DESCRIPTIONS = {"1gpu": "one GPU, conditional + unconditional batched",
@@ -55,7 +58,10 @@ def parse_args(argv=None):
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--models", nargs="+", default=None, help=f"of {list(MODELS)} (default: both)")
     parser.add_argument("--resolutions", nargs="+", default=None, help=f"of {list(RESOLUTIONS)} (default: both)")
-    parser.add_argument("--attention", nargs="+", default=["full", "hybrid"], choices=["full", "hybrid"])
+    parser.add_argument("--attention", nargs="+", default=["full", "hybrid"], choices=list(ATTENTION),
+                        help="full: every block full attention, bf16; hybrid: 1:4 full:Skiparse; hybrid_fp8: hybrid "
+                        "with FP8 linears and FP8 attention (quant.recipe=fp8_hybrid, quant.attention=true; weights "
+                        "quantized once, as osp-sample does)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed denoising steps first (default 1)")
     parser.add_argument("--steps", type=int, default=1, help="timed denoising steps, median reported (default 1)")
     parser.add_argument("--blocks", type=int, default=None,
@@ -78,7 +84,7 @@ def reset_peak(device) -> None:
 
 
 def model_config(name, attention, blocks, tiny):
-    fields = dict((TINY_MODELS if tiny else MODELS)[name], sparse_ratio=2 if attention == "hybrid" else 1)
+    fields = dict((TINY_MODELS if tiny else MODELS)[name], sparse_ratio=ATTENTION[attention][0])
     if blocks is not None:
         fields.update(num_layers=blocks, full_blocks=max(1, blocks // 10))
     return from_dict(ModelConfig, fields, "model")
@@ -92,11 +98,15 @@ def enter_layout(layout):
     return build_sampling_layout(cfg_parallel)
 
 
-def time_denoising_step(config, latent, layout, sampling, device, dtype, args):
+def time_denoising_step(config, latent, layout, sampling, device, dtype, args, attention="full"):
     """Median seconds of one guided denoising step, and the peak memory, under `layout` (entered already)."""
+    from osp_megatron.quantization.config import QuantConfig
+
     _, cfg_parallel, _ = LAYOUTS[layout]
     reset_peak(device)
-    model = random_model(config, device, dtype).eval().requires_grad_(False)
+    quant = ATTENTION[attention][1]
+    model = random_model(config, device, dtype, role="inference",
+                         quant=from_dict(QuantConfig, quant, "quant") if quant else None).eval()
     generator = torch.Generator().manual_seed(1)  # identical on every rank
     latents = torch.randn(1, config.in_channels, *latent, generator=generator).to(device)
     text = torch.randn(2, config.text_len, config.text_dim, generator=generator).to(device, dtype)
@@ -190,7 +200,7 @@ def main(argv=None) -> dict:
                     config = model_config(model_name, attention, args.blocks, args.tiny)
                     depth = model_config(model_name, attention, None, args.tiny).num_layers
                     step, memory = time_denoising_step(config, resolutions[name], layout, sampling, device, dtype,
-                                                       args)
+                                                       args, attention)
                     step *= depth / config.num_layers  # projection to the full depth when --blocks is given
                     rows.append(dict(model=model_name, resolution=name, attention=attention, layout=layout,
                                      gpus=world, blocks_timed=config.num_layers, blocks=depth, step_s=step,

@@ -12,6 +12,8 @@ from datetime import date
 import torch
 import torch.distributed as dist
 
+from osp_megatron.engine.model import materialize
+from osp_megatron.engine.parallelize import parallelize_dit
 from osp_megatron.models.builder import build_model
 
 
@@ -66,9 +68,12 @@ def hybrid_layout(blocks: int) -> list:
     return kinds
 
 
-def random_model(config, device, dtype, layer_spec=None):
-    """The DiT with random weights made on the device (shapes on meta first: no CPU initialisation of 14B)."""
-    model = build_model(config, meta=True, layer_spec=layer_spec).to_empty(device=device)
+def random_model(config, device, dtype, layer_spec=None, role="train", quant=None):
+    """The DiT with random weights made on the device (shapes on meta first: no CPU initialisation of 14B), made
+    into the model a job runs by the engine's parallelize_dit (the current layout's token layout, `quant`)."""
+    model = build_model(config, meta=True, layer_spec=layer_spec)
+    parallelize_dit(model, role, quant=quant, device=device)
+    materialize(model, device)
     generator = torch.Generator(device=device).manual_seed(0)  # same weights on every rank
     with torch.no_grad():
         for name, param in model.named_parameters():

@@ -1,5 +1,5 @@
-"""Command line of osp-ckpt: `import`, `export`, `inspect`, `verify`, `reshard` and `average` for Wan2.1-style
-DiT checkpoints.
+"""Command line of osp-ckpt: `import`, `export`, `inspect`, `verify`, `reshard`, `average` and `merge-lora` for
+Wan2.1-style DiT checkpoints.
 
 Each subcommand works in a plain process (no torchrun); all but `reshard` read one tensor at a time.
 """
@@ -20,6 +20,7 @@ and average those (any format, written under any parallel layout).
   osp-ckpt verify runs/tiny_t2v/checkpoints/step_00000600
   osp-ckpt reshard runs/ft/checkpoints/step_00001000 resharded/step_00001000 --tensor 2 --data 2 --fsdp
   osp-ckpt average runs/ft/checkpoints/step_0000{0800,0900,1000} averaged/last3
+  osp-ckpt merge-lora runs/lora/checkpoints/step_00000500 merged/lora500      # LoRA adapters folded into the base
 """
 
 
@@ -39,7 +40,7 @@ def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="osp-ckpt", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True,
-                                     metavar="{import,export,inspect,verify,reshard,average}")
+                                     metavar="{import,export,inspect,verify,reshard,average,merge-lora}")
 
     imp = commands.add_parser(
         "import", help="published weights -> osp_megatron checkpoint",
@@ -85,6 +86,9 @@ def _build_parser() -> argparse.ArgumentParser:
                           "(default: diffusers)")
     exp.add_argument("--max-shard-gb", type=float, default=10.0,
                      help="split the safetensors into files of at most this many GiB, with an index (default: 10)")
+    exp.add_argument("--base", default=None, metavar="PATH",
+                     help="LoRA checkpoints: where their base weights are now, if they moved (checked against the "
+                          "fingerprint the checkpoint recorded)")
     exp.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
 
     ins = commands.add_parser(
@@ -132,6 +136,22 @@ def _build_parser() -> argparse.ArgumentParser:
     avg.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                      help="dtype of the averages (default: the stored dtype)")
     avg.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+
+    merge = commands.add_parser(
+        "merge-lora", help="fold a LoRA checkpoint's adapters into its base weights",
+        description="A LoRA job's checkpoint (osp-train or osp-grpo with a lora: section) stores its adapters and a "
+                    "reference (path and fingerprint) to the frozen base weights. This writes OUTPUT, a plain "
+                    "weights-only checkpoint of W + (alpha / rank) B A for every adapted linear (the EMA too when "
+                    "the checkpoint has one), one tensor at a time; it loads with checkpoint.load and osp-sample "
+                    "and exports with `osp-ckpt export`. The base must be the one the adapters were trained on.")
+    merge.add_argument("checkpoint", help="LoRA checkpoint folder (run.dir/checkpoints/step_XXXXXXXX)")
+    merge.add_argument("output", help="checkpoint folder to create")
+    merge.add_argument("--base", default=None, metavar="PATH",
+                       help="where the base weights are now, if they moved since training (default: the path the "
+                            "checkpoint recorded)")
+    merge.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                       help="dtype of the merged weights (default: the base's)")
+    merge.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     return parser
 
 
@@ -177,11 +197,25 @@ def run_import(args) -> None:
 
 
 def run_export(args) -> None:
+    import tempfile
+
+    from osp_megatron.checkpointing.base_weights import lora_metadata
+    from osp_megatron.checkpointing.lora_merge import merge_lora_checkpoint
+    from osp_megatron.checkpointing.metadata import is_complete
     from osp_megatron.checkpointing.wan_export import export_diffusers
 
-    export_diffusers(args.checkpoint, args.output, which=args.which, dtype=args.dtype,
-                     max_shard_bytes=int(args.max_shard_gb * 2**30), overwrite=args.overwrite, log=print,
-                     format=args.format)
+    def export(checkpoint) -> None:
+        export_diffusers(checkpoint, args.output, which=args.which, dtype=args.dtype,
+                         max_shard_bytes=int(args.max_shard_gb * 2**30), overwrite=args.overwrite, log=print,
+                         format=args.format)
+
+    if is_complete(Path(args.checkpoint)) and lora_metadata(args.checkpoint) is not None:
+        # Adapters export as the weights they make: folded into their base first.
+        with tempfile.TemporaryDirectory(dir=Path(args.output).resolve().parent) as scratch:
+            merged = merge_lora_checkpoint(args.checkpoint, Path(scratch) / "merged", base=args.base, log=print)
+            export(merged)
+        return
+    export(args.checkpoint)
 
 
 def run_inspect(args) -> None:
@@ -205,13 +239,23 @@ def run_average(args) -> None:
                         overwrite=args.overwrite, log=print)
 
 
+def run_merge_lora(args) -> None:
+    import torch
+
+    from osp_megatron.checkpointing.lora_merge import merge_lora_checkpoint
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(args.dtype)
+    merge_lora_checkpoint(args.checkpoint, args.output, base=args.base, dtype=dtype, overwrite=args.overwrite,
+                          log=print)
+
+
 def main(argv=None) -> int:
     args = _build_parser().parse_args(argv)
     from osp_megatron.config.errors import ConfigError
 
     try:
         status = {"import": run_import, "export": run_export, "inspect": run_inspect, "verify": run_verify,
-                  "reshard": run_reshard, "average": run_average}[args.command](args)
+                  "reshard": run_reshard, "average": run_average, "merge-lora": run_merge_lora}[args.command](args)
     except ConfigError as err:
         print(f"osp-ckpt {args.command}: error: {err}", file=sys.stderr)
         return 2

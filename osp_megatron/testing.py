@@ -71,11 +71,14 @@ def tiny_sampling_config(**parallel):
 
 
 def random_sampling_model(config):
-    """The DiT of `config` for the current process groups, every weight (the zero-initialised head too) drawn
-    from a fixed seed, so that every rank and every layout holds the same nontrivial model."""
+    """The DiT of `config` for the current process groups (parallelized for sampling), every weight (the
+    zero-initialised head too) drawn from a fixed seed, so that every rank and every layout holds the same
+    nontrivial model."""
+    from osp_megatron.engine.parallelize import parallelize_dit
     from osp_megatron.models.builder import build_model
 
     model = build_model(config.model)
+    parallelize_dit(model, "inference", parallel=config.parallel)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for param in model.parameters():
@@ -94,3 +97,17 @@ def save_tiny_sampling_checkpoint(run_dir) -> None:
     save_checkpoint(run_dir, 1, random_sampling_model(config),
                     metadata={"model_config": to_dict(config.model), "config": to_dict(config)})
     destroy_distributed()
+
+
+def tiny_grpo_overrides(run_dir, steps: int = 2, extra=()) -> list[str]:
+    """osp-grpo overrides for a run of a few seconds: 2-block model, 5 x 32 x 32 videos through the random tiny
+    VAE, 4 rollout steps; torch's threads left as they are (the tests run in the test process)."""
+    return [f"run.dir={run_dir}", f"train.steps={steps}", "train.progress=false", "train.sample_at_end=false",
+            "train.lr=1e-3", "train.min_lr=1e-3", "train.micro_batch_size=2", "model.num_layers=2",
+            "model.vae=tiny-random", "checkpoint.load=null", "checkpoint.interval=0", "grpo.num_steps=4",
+            "grpo.window_size=2", "grpo.window_mode=sliding", "grpo.group_size=2", "grpo.prompts_per_iteration=2",
+            "grpo.rewards=[{name: temporal_flicker}]", "grpo.pretrain_if_missing=null", "grpo.eval_interval=0",
+            "grpo.decode_batch_size=2", "train.cpu_threads=0",
+            "prompts.synthetic=false", "prompts.prompts=[a red circle moving left, a blue square moving up, "
+            "a green wide bar staying still]", "sample.num_frames=5", "sample.height=32", "sample.width=32",
+            "sample.guidance_scale=2.0", *extra]

@@ -59,6 +59,22 @@ def latest_checkpoint(run_dir: str | Path) -> Optional[Path]:
     return found[-1] if found else None
 
 
+def weights_path(path: str | Path, key: str = "checkpoint.load") -> Path:
+    """Weights named by a setting: a complete checkpoint as given, a run folder's newest checkpoint, or published
+    weights (a diffusers folder, a Wan2.1 file) as given. `key` names the setting in errors."""
+    weights = Path(path)
+    if not weights.exists():
+        raise ConfigError(f"{key}={str(path)!r} does not exist")
+    if is_complete(weights) or not weights.is_dir():
+        return weights
+    newest = latest_checkpoint(weights)
+    if newest is not None:
+        return newest
+    if (weights / "checkpoints").is_dir():
+        raise ConfigError(f"{key}={str(path)!r} is a run folder without a complete checkpoint")
+    return weights
+
+
 def checkpoint_writer(run_dir: str | Path, keep_last: Optional[int] = None, asynchronous: bool = False):
     """The writer of a run's checkpoints (asynchronous: written in the background, one at a time)."""
     from osp_megatron.checkpointing.writer import CheckpointWriter

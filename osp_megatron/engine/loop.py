@@ -16,8 +16,14 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from osp_megatron.checkpointing.base_weights import lora_checkpoint_metadata, resolve_base
-from osp_megatron.checkpointing.checkpoint import checkpoint_writer, load_checkpoint, resume_target, save_checkpoint
+from osp_megatron.checkpointing.base_weights import lora_checkpoint_metadata, lora_metadata, resolve_base
+from osp_megatron.checkpointing.checkpoint import (
+    checkpoint_writer,
+    load_checkpoint,
+    resume_target,
+    save_checkpoint,
+    weights_path,
+)
 from osp_megatron.config.loader import to_dict
 from osp_megatron.engine.distributed import training_device
 from osp_megatron.engine.metrics import MetricsLogger
@@ -56,7 +62,8 @@ class TrainingJob(abc.ABC):
         self.writer = checkpoint_writer(self.run_dir, config.checkpoint.keep_last or None,
                                         config.checkpoint.async_save)
         self.step = 0
-        self.model: Optional[JobModel] = None
+        self.built: Optional[JobModel] = None  # the model with what the engine applied to it
+        self.model: Optional[torch.nn.Module] = None
         self.optimizer = self.ema = None
         self.saved_step, self.saved_path, self.logger = None, None, None
 
@@ -74,33 +81,31 @@ class TrainingJob(abc.ABC):
             base = None
             if config.lora is not None:
                 base = resolve_base(self.resume_path, self._moved_base(initial_weights))
-            self.model = build_resumable_model(config, self.device, base)
+            self.built = build_resumable_model(config, self.device, base)
         else:
-            self.model = build_job_model(config, self.device, "train", weights=initial_weights, which=which)
-        module = self.model.module
+            self.built = build_job_model(config, self.device, "train", weights=initial_weights, which=which)
+        self.model = module = self.built.module
         self.optimizer = build_optimizer(module, config.train)
         if config.train.ema_decay > 0:
             self.ema = EMA(module, config.train.ema_decay, "cpu" if config.train.ema_device == "cpu" else None)
 
     def _moved_base(self, configured: Optional[str | Path]) -> Optional[Path]:
         """checkpoint.load when the base a LoRA checkpoint names is not where it was (moved weights)."""
-        from osp_megatron.checkpointing.base_weights import lora_metadata
-
         recorded = Path((lora_metadata(self.resume_path) or {}).get("base_weights", {}).get("path", ""))
-        return None if recorded.exists() or configured is None else Path(configured)
+        return None if recorded.exists() or configured is None else weights_path(configured)
 
     def resume(self) -> None:
         """Restore the trained weights, optimizer, EMA, step and per-rank state from resume_path, if any."""
         if self.resume_path is None:
             return
-        _, rank_state = load_checkpoint(self.resume_path, self.model.module, self.optimizer, self.ema,
-                                        parameters=self.model.stored_parameters())
+        _, rank_state = load_checkpoint(self.resume_path, self.model, self.optimizer, self.ema,
+                                        parameters=self.built.stored_parameters())
         self.step = int(rank_state["step"])
         set_rng_state(rank_state["rng"])
-        if self.model.parallelized.quantized and "quant" in rank_state:
+        if self.built.parallelized.quantized and "quant" in rank_state:
             from osp_megatron.quantization import load_quantization_state_dict
 
-            load_quantization_state_dict(self.model.module, rank_state["quant"])
+            load_quantization_state_dict(self.model, rank_state["quant"])
         self.load_extra_rank_state(rank_state)
         self.say(f"resumed from {self.resume_path} at {self.unit} {self.step}")
 
@@ -146,16 +151,16 @@ class TrainingJob(abc.ABC):
     # -- checkpoints -------------------------------------------------------------------------------------
     def rank_state(self) -> dict:
         saved = {"step": self.step, "rng": rng_state(), **self.extra_rank_state()}
-        if self.model.parallelized.quantized:
+        if self.built.parallelized.quantized:
             from osp_megatron.quantization import quantization_state_dict
 
-            saved["quant"] = quantization_state_dict(self.model.module)  # amax histories and scales
+            saved["quant"] = quantization_state_dict(self.model)  # amax histories and scales
         return saved
 
     def checkpoint_metadata(self) -> dict:
         metadata = {"model_config": to_dict(self.config.model), "config": to_dict(self.config), "job": self.name}
-        if self.model.lora is not None:
-            metadata.update(lora_checkpoint_metadata(self.model.lora, self.model.base))
+        if self.built.lora is not None:
+            metadata.update(lora_checkpoint_metadata(self.built.lora, self.built.base))
         return metadata
 
     def save(self) -> Path:
@@ -163,9 +168,9 @@ class TrainingJob(abc.ABC):
         published when the write ends, which the next save, a stop and the end of the run wait for)."""
         if self.saved_step != self.step:
             self.saved_path = save_checkpoint(
-                self.run_dir, self.step, self.model.module, self.optimizer, self.ema, rank_state=self.rank_state(),
+                self.run_dir, self.step, self.model, self.optimizer, self.ema, rank_state=self.rank_state(),
                 metadata=self.checkpoint_metadata(), writer=self.writer,
-                parameters=self.model.stored_parameters())
+                parameters=self.built.stored_parameters())
             self.saved_step = self.step
             how = "writing checkpoint (in the background)" if self.writer.asynchronous else "saved checkpoint"
             self.message(f"{how} {self.saved_path}")
@@ -174,7 +179,7 @@ class TrainingJob(abc.ABC):
     def export_merged(self) -> Optional[Path]:
         """A LoRA job's final adapters folded into its base, as a plain checkpoint under run.dir/merged (what
         osp-sample and checkpoint.load read); written by rank 0 from the final checkpoint."""
-        if self.model.lora is None or self.saved_path is None:
+        if self.built.lora is None or self.saved_path is None:
             return None
         self.writer.wait()
         output = self.run_dir / "merged"
@@ -194,7 +199,7 @@ class TrainingJob(abc.ABC):
         if self.ema is None:
             yield
             return
-        module = self.model.module
+        module = self.model
         backup = {name: local_tensor(param).detach().to("cpu", copy=True) for name, param in module.named_parameters()
                   if name in self.ema.shadow}
         self.ema.copy_to(module)
@@ -219,7 +224,7 @@ class TrainingJob(abc.ABC):
     def sample_video(self, output: Path) -> Path:
         """Render the sample prompt(s) with the EMA weights (if kept) to `output` plus a PNG frame strip beside
         it, and show the strip in TensorBoard."""
-        module = self.model.module
+        module = self.model
         with self.ema_weights(), self.autocast():
             paths = type(self).render(module, self.config, self.device, output, write=self.logging_rank)
         reshard(module)
@@ -260,16 +265,16 @@ class TrainingJob(abc.ABC):
         return {name: float(value) / 2**30 for name, value in zip(names, values)}
 
     def _start_up_line(self) -> str:
-        module = self.model.module
+        module = self.model
         total = sum(p.numel() for p in module.parameters())
-        trained = self.model.trainable_parameters()
-        what = (f"LoRA rank {self.model.lora.rank} on {len(self.model.parallelized.adapted)} linears, "
-                f"{trained / 1e6:.3f}M trainable" if self.model.lora is not None else "full training")
+        trained = self.built.trainable_parameters()
+        what = (f"LoRA rank {self.built.lora.rank} on {len(self.built.parallelized.adapted)} linears, "
+                f"{trained / 1e6:.3f}M trainable" if self.built.lora is not None else "full training")
         layout = (f"world {dist.get_world_size()} (dp {self.dp_size}, tp {state.tensor_parallel_size()}, "
                   f"ssp {state.ssp_size()}, ulysses {state.ulysses_size()}, fsdp "
-                  f"{'on: weights, gradients, optimizer state and EMA sharded over ' + str(self._fsdp_ranks()) + ' ranks' if self.model.fsdp else 'off'})")
-        quant = (f"; quant {self.config.quant.recipe} on {len(self.model.parallelized.quantized)} layers"
-                 if self.model.parallelized.quantized else "")
+                  f"{'on: weights, gradients, optimizer state and EMA sharded over ' + str(self._fsdp_ranks()) + ' ranks' if self.built.fsdp else 'off'})")
+        quant = (f"; quant {self.config.quant.recipe} on {len(self.built.parallelized.quantized)} layers"
+                 if self.built.parallelized.quantized else "")
         extra = self.describe()
         return (f"model: {total / 1e6:.2f}M parameters per tensor-parallel rank, blocks {module.block_kinds}; {what}; "
                 f"{layout}; device {self.device}; precision {self.precision}{quant}" + (f"; {extra}" if extra else ""))
@@ -326,7 +331,7 @@ class TrainingJob(abc.ABC):
                                **self.memory_scalars())
                 if self.evaluation_due(self.step):
                     scalars.update(self.evaluate())
-                    reshard(self.model.module)  # forward-only: FSDP's root would keep its gathered parameters
+                    reshard(self.model)  # forward-only: FSDP's root would keep its gathered parameters
                 logger.log(self.step, scalars)
                 last = scalars
                 if cfg.sample_interval and self.step % cfg.sample_interval == 0 and self.step < cfg.steps:

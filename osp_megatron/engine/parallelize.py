@@ -13,6 +13,7 @@ import torch
 from megatron.core import parallel_state
 
 from osp_megatron.config.errors import ConfigError
+from osp_megatron.models.wan.layers import FullAttention
 from osp_megatron.models.wan.model import WanDiT
 from osp_megatron.parallel import state
 from osp_megatron.parallel.config import ParallelConfig
@@ -50,7 +51,9 @@ def apply_token_layout(model: WanDiT) -> bool:
                 full_layers="full" in kinds, sparse_layers=uses_sparse_order(config.sparse_ratio, kinds))
     model.layout_factory = functools.partial(SequenceParallelTokenLayout, groups=groups, block_kinds=tuple(kinds))
     for block in model.blocks:
-        block.self_attention.core_attention = UlyssesAttention()
+        # The local core becomes the Ulysses core; a core of the caller's own (a layer spec's) is kept.
+        if type(block.self_attention.core_attention) is FullAttention:
+            block.self_attention.core_attention = UlyssesAttention()
     return True
 
 

@@ -6,7 +6,6 @@
 from osp_megatron.utils.lazy import lazy_exports
 
 _EXPORTS = {
-    "SampleConfig": "config",
     "SamplingSession": "session",
     "TextToVideoPipeline": "pipeline",
     "denoise": "sampler",

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from osp_megatron.checkpointing.checkpoint import latest_checkpoint
+from osp_megatron.checkpointing.checkpoint import weights_path
 from osp_megatron.checkpointing.metadata import is_complete, read_metadata
 from osp_megatron.config.errors import ConfigError
 from osp_megatron.engine.config import JobConfig
@@ -27,13 +27,7 @@ SAMPLING_SECTIONS = ("model", "sample", "quant", "data.synthetic_seed", "paralle
 
 def resolve_weights(path: str) -> Path:
     """A complete framework checkpoint, the newest one of a run folder, or published weights as given."""
-    weights = Path(path)
-    if not weights.exists():
-        raise ConfigError(f"--checkpoint {path!r} does not exist")
-    if is_complete(weights):
-        return weights
-    newest = latest_checkpoint(weights) if weights.is_dir() else None
-    return newest if newest is not None else weights
+    return weights_path(path, "--checkpoint")
 
 
 def _merge(base: dict, extra: dict) -> dict:

@@ -13,24 +13,13 @@ from typing import Optional
 
 import torch.distributed as dist
 
-from osp_megatron.checkpointing.checkpoint import latest_checkpoint
+from osp_megatron.checkpointing.checkpoint import latest_checkpoint, weights_path
 from osp_megatron.checkpointing.metadata import is_complete, read_metadata
 from osp_megatron.config.errors import ConfigError
 
 # Launcher variables a child osp-train must not inherit: it is a one-rank job of its own.
 _LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
                        "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")
-
-
-def resolve_weights_path(path: str) -> Path:
-    """checkpoint.load as given, or the newest checkpoint when it names a run folder of osp-train."""
-    candidate = Path(path)
-    if (candidate / "checkpoints").is_dir():
-        latest = latest_checkpoint(candidate)
-        if latest is None:
-            raise ConfigError(f"checkpoint.load={path!r} is a run folder without a complete checkpoint")
-        return latest
-    return candidate
 
 
 def _saved_setting(saved: dict, dotted: str, default):
@@ -124,4 +113,4 @@ def initial_policy_weights(config) -> Optional[Path]:
         if dist.get_rank() == 0:
             run_pretraining(recipe, load)
         dist.barrier()
-    return resolve_weights_path(load)
+    return weights_path(load)

@@ -71,7 +71,7 @@ class GRPOTrainer(TrainingJob):
             if initial is None:
                 raise ConfigError("grpo.kl_coef > 0 compares with the initial policy: set checkpoint.load to it")
             self.reference = build_job_model(config, self.device, "frozen", weights=initial, which=which)
-        self.pipeline = build_pipeline(self.module, config, self.device)
+        self.pipeline = build_pipeline(self.model, config, self.device)
         sample = config.sample
         self.latent_shape = self.pipeline.latent_shape(sample.num_frames, sample.height, sample.width)
         grid = tuple(size // patch for size, patch in zip(self.latent_shape[1:], config.model.patch_size))
@@ -90,18 +90,14 @@ class GRPOTrainer(TrainingJob):
             self.say(f"initialised the policy from {initial}")
         self.initial_eval_reward = None
 
-    @property
-    def module(self) -> torch.nn.Module:
-        return self.model.module
-
     def velocity(self, latents, timestep, text_states):
-        return self.module(latents, timestep, text_states)
+        return self.model(latents, timestep, text_states)
 
     def reference_velocity(self, latents, timestep, text_states):
         """The frozen initial policy: the base model with adapters off (LoRA), or the kept copy."""
-        if self.model.lora is not None:
-            with adapters_disabled(self.module):
-                return self.module(latents, timestep, text_states)
+        if self.built.lora is not None:
+            with adapters_disabled(self.model):
+                return self.model(latents, timestep, text_states)
         return self.reference.module(latents, timestep, text_states)
 
     # -- one iteration ---------------------------------------------------------------------------------
@@ -154,7 +150,7 @@ class GRPOTrainer(TrainingJob):
         chosen = np.random.default_rng([seed, EVAL_STREAM]).permutation(len(self.prompts))[:count].tolist()
         mine = list(range(self.dp_rank, len(chosen), self.dp_size))
         real = len(mine)
-        if self.model.fsdp:
+        if self.built.fsdp:
             # Every forward gathers the sharded weights with all data ranks: each rank renders as many videos
             # (the ranks with fewer repeat their first one and leave the repeats out of the means).
             mine += mine[:1] * (-(-len(chosen) // self.dp_size) - real)
@@ -205,7 +201,7 @@ class GRPOTrainer(TrainingJob):
         if cfg.sample.guidance_scale != 1.0:
             null = self.prompts.null_states(cfg.sample.negative_prompt).to(self.device)
         reference = self.reference_velocity if grpo.kl_coef > 0 else None
-        module, optimizer = self.module, self.optimizer
+        module, optimizer = self.model, self.optimizer
         lr = lr_at(self.step, cfg.train)
         set_lr(optimizer, lr)
         module.train()
@@ -228,7 +224,7 @@ class GRPOTrainer(TrainingJob):
                     ratios.append(step.ratio)
                     clipped.append(step.clipped)
                     kls.append(step.kl)
-            if not self.model.fsdp:  # FSDP's reduce-scatter over the same ranks takes this mean
+            if not self.built.fsdp:  # FSDP's reduce-scatter over the same ranks takes this mean
                 average_gradients(module, state.gradient_reduction_group(),
                                   dist.get_world_size(state.gradient_reduction_group()))
             norms.append(float(clip_gradients(module, cfg.train.grad_clip)))
@@ -252,9 +248,9 @@ class GRPOTrainer(TrainingJob):
         grpo = self.config.grpo
         plan = self.plan(self.step)
         tick = time.time()
-        self.module.eval()
+        self.model.eval()
         batch, prompt_ids = self.collect(self.step, plan)
-        reshard(self.module)  # forward-only passes leave FSDP's root parameters gathered
+        reshard(self.model)  # forward-only passes leave FSDP's root parameters gathered
         local_scores = self.score(batch, prompt_ids)
         rollout_seconds = time.time() - tick
         scores = self.gather_scores(local_scores)

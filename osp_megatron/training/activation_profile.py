@@ -317,7 +317,7 @@ def _run(model, request: ProfileRequest, grid, mode: str) -> dict:
     """Kept bytes of one forward in `mode`; with mode "none" also the backward's rises."""
     from osp_megatron.training.flow_matching import flow_matching_loss
 
-    model.model_config.activation_checkpointing = mode
+    model.activation_checkpointing = mode
     block = model.blocks[0]
     census = SavedTensorCensus(model, block)
     inputs = []

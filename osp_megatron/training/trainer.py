@@ -11,6 +11,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from osp_megatron.checkpointing.checkpoint import weights_path
 from osp_megatron.config.errors import ConfigError
 from osp_megatron.engine.config import JobConfig
 from osp_megatron.engine.loop import TrainingJob
@@ -47,7 +48,11 @@ class Trainer(TrainingJob):
             )
         self.accumulation = global_batch // (micro * self.dp_size)
         # checkpoint.load: the initial weights (of every parameter, or the frozen base of a LoRA model).
-        self.build_trained_model(config.checkpoint.load, "ema" if config.checkpoint.load_ema else "model")
+        # (A resume restores every trained weight; a LoRA model's base comes from the checkpoint's reference.)
+        initial = config.checkpoint.load
+        if initial and self.resume_path is None:
+            initial = weights_path(initial)
+        self.build_trained_model(initial, "ema" if config.checkpoint.load_ema else "model")
         if self.resume_path is None and config.checkpoint.load:
             self.say(f"initialised {'the LoRA base' if config.lora else 'the weights'} from {config.checkpoint.load}"
                      f"{' (EMA)' if config.checkpoint.load_ema else ''}")
@@ -64,10 +69,6 @@ class Trainer(TrainingJob):
             self.flops_per_sample[tuple(shape)] = training_flops(config.model, grid)
             self.tokens_per_sample[tuple(shape)] = math.prod(grid)
         self.resume()
-
-    @property
-    def module(self) -> torch.nn.Module:
-        return self.model.module
 
     # -- set-up ----------------------------------------------------------------------------------------
     def _build_loader(self):
@@ -100,7 +101,7 @@ class Trainer(TrainingJob):
     # -- one optimizer step ----------------------------------------------------------------------------
     def train_step(self) -> dict:
         ledger().reset()
-        self.module.train()
+        self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         lr = lr_at(self.step, self.config.train)
         set_lr(self.optimizer, lr)
@@ -121,7 +122,7 @@ class Trainer(TrainingJob):
             if cfg.text_dropout:
                 text = self._drop_text(text, indices)
             with self.autocast():
-                losses, sigmas = flow_matching_losses(self.module, latents, text, noise, cfg.timestep_shift,
+                losses, sigmas = flow_matching_losses(self.model, latents, text, noise, cfg.timestep_shift,
                                                       cfg.logit_mean, cfg.logit_std)
                 loss = losses.mean()
             (loss / self.accumulation).backward()
@@ -133,15 +134,15 @@ class Trainer(TrainingJob):
                 chosen = bucket == index
                 sums[1 + 2 * index] += per_sample[chosen].sum()
                 sums[2 + 2 * index] += chosen.sum()
-        if not self.model.fsdp:
+        if not self.built.fsdp:
             # Mean over data x context ranks: each context rank's gradient is CP x its share
             # (optim.average_gradients); FSDP's reduce-scatter over the same ranks already took that mean.
-            average_gradients(self.module, state.gradient_reduction_group(),
+            average_gradients(self.model, state.gradient_reduction_group(),
                               dist.get_world_size(state.gradient_reduction_group()))
-        grad_norm = clip_gradients(self.module, cfg.grad_clip)
+        grad_norm = clip_gradients(self.model, cfg.grad_clip)
         self.optimizer.step()
         if self.ema is not None:
-            self.ema.update(self.module)
+            self.ema.update(self.model)
         if self.dp_size > 1:
             dist.all_reduce(sums, group=state.data_parallel_group())
         # A global batch is one data bucket: every micro-batch of the step has this shape and size.
@@ -189,7 +190,7 @@ class Trainer(TrainingJob):
         return bool(self.config.train.eval_interval) and step % self.config.train.eval_interval == 0
 
     def evaluate(self) -> dict:
-        return {"eval_loss": self.held_out(self.module, self.autocast)}
+        return {"eval_loss": self.held_out(self.model, self.autocast)}
 
     def extra_rank_state(self) -> dict:
         return {"data": self.loader.state_dict()}

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from osp_megatron.config.errors import ConfigError
-from osp_megatron.inference import SampleConfig, TextToVideoPipeline, read_video
+from osp_megatron.engine.sample_config import SampleConfig
+from osp_megatron.inference import TextToVideoPipeline, read_video
 from osp_megatron.models.text_encoder import build_text_encoder
 from osp_megatron.models.vae import build_vae
 

@@ -31,7 +31,7 @@ def _model(fields):
 
 
 def _loss_and_gradients(model, mode, latent_shape):
-    model.model_config.activation_checkpointing = mode
+    model.activation_checkpointing = mode
     model.zero_grad(set_to_none=True)
     generator = torch.Generator().manual_seed(5)
     latents = torch.randn(2, 16, *latent_shape, generator=generator)
@@ -104,7 +104,7 @@ def _kept_block_bytes(model, mode, latent_shape) -> int:
     """Bytes the second block keeps for the backward in `mode` (bf16 autocast), counted by storage."""
     from osp_megatron.training.activation_profile import SavedTensorCensus
 
-    model.model_config.activation_checkpointing = mode
+    model.activation_checkpointing = mode
     census = SavedTensorCensus(model, model.blocks[1])
     generator = torch.Generator().manual_seed(5)
     latents, text = torch.randn(1, 16, *latent_shape, generator=generator), torch.randn(1, 32, 32, generator=generator)

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.spec_utils import build_module
 
+from osp_megatron.utils import compile as compile_module
 from osp_megatron.attention.dispatch import dot_product_attention
 from osp_megatron.attention.skiparse import skiparse_dense_mask, sparse_key_mask, to_sparse_layout
 from osp_megatron.config.loader import from_dict
@@ -227,7 +228,7 @@ def test_compiled_fused_pass_equals_eager_pieces(name, batch, monkeypatch):
     gradients of their compiled backward (two gradient paths added inside it) equal the eager pieces."""
     fused_fn, pieces, inputs = _piece_cases(batch, dtype=torch.float32)[name]
     expected, expected_grads = _values_and_gradients(pieces, inputs)
-    monkeypatch.setattr(fused, "_COMPILE", "force")
+    monkeypatch.setattr(compile_module, "_COMPILE", "force")
     outputs, grads = _values_and_gradients(fused_fn, inputs)
     for out, reference in zip(outputs + grads, expected + expected_grads, strict=True):
         assert out.shape == reference.shape and out.dtype == reference.dtype

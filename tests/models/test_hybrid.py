@@ -5,6 +5,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from osp_megatron.utils import compile as compile_module
 from osp_megatron.attention.skiparse import skiparse_dense_mask
 from osp_megatron.config.loader import from_dict
 from osp_megatron.models.builder import build_model
@@ -121,7 +122,6 @@ def test_compiled_cuda_model_equals_eager_and_cpu_reference(latent_shape, monkey
     """On CUDA the element-wise pieces and layout moves run compiled (fused bias, norms, residuals, packed
     layout gathers). Output and every gradient equal the same model run eagerly on CUDA, and output and
     input gradients equal the eager CPU model with dense masks (float32)."""
-    from osp_megatron.models.wan import fused
 
     layout = ["full", "token", "group", "token", "full"]
     config = hybrid_config(num_layers=len(layout), block_layout=layout)
@@ -138,7 +138,7 @@ def test_compiled_cuda_model_equals_eager_and_cpu_reference(latent_shape, monkey
         return out.detach().cpu(), x.grad.cpu(), {n: p.grad.cpu() for n, p in module.named_parameters()}
 
     compiled = run(model, "cuda")
-    monkeypatch.setattr(fused, "_COMPILE", "0")
+    monkeypatch.setattr(compile_module, "_COMPILE", "0")
     eager = run(model, "cuda")
     expected = run(reference, "cpu")
     torch.testing.assert_close(compiled[0], eager[0], rtol=1e-5, atol=1e-5)

@@ -39,7 +39,7 @@ def _train(rank, world_size, layout, fsdp, steps, save_at=(), options=None):
     from osp_megatron.models.builder import build_model
     from osp_megatron.models.config import ModelConfig
     from osp_megatron.parallel import state
-    from osp_megatron.parallel.fsdp import apply_fsdp
+    from osp_megatron.engine.parallelize import parallelize_dit
     from osp_megatron.parallel.state import ParallelConfig, init_distributed
     from osp_megatron.quantization.config import QuantConfig
     from osp_megatron.training.flow_matching import PerSampleNoise, flow_matching_loss
@@ -55,13 +55,10 @@ def _train(rank, world_size, layout, fsdp, steps, save_at=(), options=None):
     for param in model.parameters():  # every weight matters (the output head starts at zero)
         if partition_dim(param) is None:
             torch.nn.init.normal_(param, std=0.05)
-    if "quant" in options:
-        from osp_megatron.quantization import apply_quantization
-
-        apply_quantization(model, from_dict(QuantConfig, {"recipe": options["quant"]}, "quant"),
-                           state.amax_reduction_group())
-    if fsdp:
-        apply_fsdp(model)
+    # The engine's parallelize_dit applies the token layout, quantization and FSDP, as every job does.
+    quant = from_dict(QuantConfig, {"recipe": options["quant"]}, "quant") if "quant" in options else None
+    parallelize_dit(model, parallel=ParallelConfig(tensor=tensor, ssp=ssp, fsdp=fsdp), quant=quant,
+                    device=torch.device("cpu"))
     # AdamW's eps sits far below the real gradients here but far above rounding noise, which Adam would
     # otherwise scale up to full-size steps on gradients that are zero in exact arithmetic (the key bias's).
     optimizer = build_optimizer(model, TrainConfig(lr=2e-3, adam_eps=1e-6))

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from osp_megatron.config.loader import from_dict
+from osp_megatron.engine.parallelize import parallelize_dit
 from osp_megatron.models.builder import build_model
 from osp_megatron.models.config import ModelConfig
 from osp_megatron.parallel.ledger import CommLedger, recording
@@ -42,6 +43,7 @@ def _forward_backward_ledger(rank, world_size, tensor, ssp, ulysses):
                                      "block_layout": BLOCKS}, "model")
     torch.manual_seed(0)
     model = build_model(config)
+    parallelize_dit(model)  # the token layout of these SSP x Ulysses groups
     latents, text = torch.randn(BATCH, 16, 3, 16, 16), torch.randn(BATCH, 32, 32)
     with recording() as ledger:
         model(latents, torch.tensor([10.0, 500.0]), text).square().mean().backward()

@@ -23,6 +23,7 @@ from osp_megatron.config.errors import ConfigError
 from osp_megatron.engine.config import load_job_config
 from osp_megatron.config.loader import from_dict
 from osp_megatron.engine.data import ensure_synthetic_data
+from osp_megatron.engine.parallelize import parallelize_dit
 from osp_megatron.models.builder import build_model
 from osp_megatron.models.config import ModelConfig
 from osp_megatron.parallel import state
@@ -71,6 +72,7 @@ def _forward_and_gradients(rank, world_size, layout, replicas):
         config = from_dict(ModelConfig, {"preset": "tiny", "full_blocks": 1, **overrides}, "model")
         torch.manual_seed(7)
         model = build_model(config)
+        parallelize_dit(model)  # the token layout of these SSP x Ulysses groups, applied from outside
         torch.manual_seed(8)
         for param in model.parameters():  # make every weight matter (the output head starts at zero)
             if partition_dim(param) is None:

@@ -21,7 +21,7 @@ def _job(rank, world_size, overrides):
     result = job.train()
     if isinstance(job, RewardServer):
         return "reward", result, {}
-    return "policy", result, {name: p.detach().clone() for name, p in job.policy.module.named_parameters()}
+    return "policy", result, {name: p.detach().clone() for name, p in job.model.named_parameters()}
 
 
 @pytest.mark.slow

@@ -19,7 +19,7 @@ def _train(rank, world_size, overrides):
 
     trainer = Trainer(load_job_config("examples/tiny_t2v.yaml", overrides))
     result = trainer.train()
-    return result, list(trainer.quantized_layers)
+    return result, list(trainer.built.parallelized.quantized)
 
 
 def _tail_loss(run_dir):

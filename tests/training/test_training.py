@@ -133,7 +133,7 @@ def test_text_dropout_swaps_in_the_unconditional_states_per_sample(tmp_path):
 
 
 def _device_error(rank, world_size, overrides):
-    from osp_megatron.training.trainer import training_device
+    from osp_megatron.engine.distributed import training_device
 
     try:
         training_device(load_job_config("examples/tiny_t2v.yaml", overrides))
