@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # every benchmark script runs in a subprocess
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -17,7 +19,6 @@ def _run(script, *args, out):
     return json.loads(out.read_text())
 
 
-@pytest.mark.slow
 def test_skiparse_benchmark_tiny(tmp_path):
     """bench_skiparse.py --tiny reports full vs Skiparse attention timings and speed-ups per resolution."""
     report = _run("bench_skiparse.py", "--skip", "model", out=tmp_path / "skiparse.json")
@@ -26,7 +27,6 @@ def test_skiparse_benchmark_tiny(tmp_path):
     assert all(row["full_fwdbwd_ms"] > 0 and row["fwdbwd_speedup"] > 0 for row in rows)
 
 
-@pytest.mark.slow
 def test_fp8_benchmark_tiny(tmp_path):
     """bench_fp8.py --tiny times bf16 and quantized linears (the quantized path is really applied)."""
     report = _run("bench_fp8.py", "--skip", "step", "--skip", "loss", out=tmp_path / "fp8.json")
@@ -34,7 +34,6 @@ def test_fp8_benchmark_tiny(tmp_path):
     assert row["bf16_ms"] > 0 and row["fp8_hybrid_ms"] > 0 and row["hif8_ms"] > 0
 
 
-@pytest.mark.slow
 def test_fp8_benchmark_loss_curves_tiny(tmp_path):
     """bench_fp8.py --tiny records a loss curve per recipe, FP8 attention included, next to bf16's."""
     report = _run("bench_fp8.py", "--skip", "linear", "--skip", "step", "--recipes", "fp8_hybrid+attn",
@@ -44,7 +43,6 @@ def test_fp8_benchmark_loss_curves_tiny(tmp_path):
     assert row["relative_to_bf16"]["bf16"] == 0.0
 
 
-@pytest.mark.slow
 def test_fsdp_benchmark_tiny(tmp_path):
     """bench_fsdp.py --tiny runs osp-train under torchrun (two CPU ranks, FSDP with SSP=2) and reports step
     time, throughput, memory and finite losses."""
@@ -67,7 +65,6 @@ def test_grpo_benchmark_tiny(tmp_path):
     assert all(row["iteration_s"] > 0 and row["peak_mem_gb"] > 0 for row in modes.values())
 
 
-@pytest.mark.slow
 def test_sampling_benchmark_tiny_on_one_and_two_ranks(tmp_path):
     """bench_sampling.py --tiny: seconds per video, full vs hybrid, on one process; then SSP = 2 and CFG-parallel
     on two gloo ranks, with speed-ups over the one-process JSON and its VAE time reused."""
