@@ -216,7 +216,11 @@ def skiparse_attention_sparse_layout(q, k, v, key_mask=None, backend="auto", key
     for start, stop, index in key_runs:
         q_run, k_run, v_run = (t[:, start:stop].flatten(0, 1) for t in (q5, k5, v5))
         if index is not None and index.numel() == 0:
-            outputs.append(torch.zeros_like(q5[:, start:stop]))
+            # Only padding here: the output is zero, but it stays a function of q, k and v, so that every
+            # projection gets a (zero) gradient on every rank. A rank whose subsequences are all padding would
+            # otherwise leave them without one, and the gradient reduction (FSDP's reduce-scatter or the
+            # replicated all-reduce) would see other tensors on that rank than on the others.
+            outputs.append((q5[:, start:stop] + k5[:, start:stop] + v5[:, start:stop]) * 0)
             continue
         if index is not None:
             k_run, v_run = k_run.index_select(1, index), v_run.index_select(1, index)

@@ -18,6 +18,7 @@ from osp_megatron.inference.runner import render_sample
 from osp_megatron.engine.lora import adapters_disabled
 from osp_megatron.engine.model import build_job_model
 from osp_megatron.engine.optim import average_gradients, clip_gradients, lr_at, set_lr
+from osp_megatron.engine.rng import seed_everything
 from osp_megatron.inference.runner import build_pipeline
 from osp_megatron.parallel import state
 from osp_megatron.parallel.fsdp import reshard
@@ -68,8 +69,8 @@ class GRPOTrainer(TrainingJob):
         if grpo.kl_coef > 0 and config.lora is None:
             # Full fine-tuning keeps the initial policy apart (built and sharded like the policy, frozen);
             # with LoRA it is the base weights with the adapters off.
-            if initial is None:
-                raise ConfigError("grpo.kl_coef > 0 compares with the initial policy: set checkpoint.load to it")
+            # Without checkpoint.load the initial policy is the fresh model of train.seed: drawn again alike.
+            seed_everything(config.train.seed)
             self.reference = build_job_model(config, self.device, "frozen", weights=initial, which=which)
         self.pipeline = build_pipeline(self.model, config, self.device)
         sample = config.sample

@@ -183,6 +183,24 @@ def test_padded_keys_are_removed_not_masked(monkeypatch):
     assert any(keys < queries for _, queries, keys in seen[1:])
 
 
+def test_subsequences_of_padding_alone_output_zero_and_pass_zero_gradients():
+    """A subsequence holding only padding (a 2 x 2 grid padded to 4 x 4 leaves three of the four group
+    subsequences without a real token) outputs zeros, and q, k and v still get gradients there (zeros, not
+    None): under sequence parallelism a rank holding only such subsequences must hand the gradient reduction
+    the same tensors as the others."""
+    from osp_megatron.attention.skiparse import real_key_runs, skiparse_attention_sparse_layout, sparse_key_mask
+
+    grid = (1, 2, 2)
+    held = sparse_key_mask(grid, 2, "group")[2:]  # the subsequences an SSP rank 1 of 2 holds: padding alone
+    runs = real_key_runs(held)
+    assert all(index is not None and index.numel() == 0 for _, _, index in runs)
+    q, k, v = (torch.randn(2, held.shape[1], 2, 8, requires_grad=True) for _ in range(3))
+    out = skiparse_attention_sparse_layout(q, k, v, key_runs=runs)
+    assert torch.equal(out, torch.zeros_like(out))
+    out.square().sum().backward()
+    assert all(t.grad is not None and torch.equal(t.grad, torch.zeros_like(t)) for t in (q, k, v))
+
+
 def test_batch_of_one_table_broadcasts_over_the_batch():
     """A [1, N, ...] RoPE-like table moves to [P^2, ...] and, viewed per batch, multiplies like the full table."""
     grid, sparse_ratio, batch = (2, 5, 6), 2, 3

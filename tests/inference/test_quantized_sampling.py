@@ -46,12 +46,12 @@ def test_weights_are_quantized_once_at_load(sessions):
 
 def test_hif8_sampling_stays_close_to_bf16(sessions):
     """Same noise, same prompts: HiF8 (emulated on the CPU) latents within a few percent of bf16's, and the
-    decoded videos above 30 dB PSNR (measured: see docs/inference.md)."""
+    decoded videos far above 30 dB PSNR (docs/inference.md)."""
     bf16, hif8 = (_latents(sessions[name]) for name in ("bf16", "hif8"))
     relative = float((hif8 - bf16).norm() / bf16.norm())
-    assert relative < 0.05, relative
+    assert relative < 0.03, relative  # measured 0.0098 (bf16 vs fp32 alone: 0.0059)
     vae = sessions["bf16"].pipeline.vae
-    assert _psnr(vae.decode(hif8), vae.decode(bf16)) > 30.0
+    assert _psnr(vae.decode(hif8), vae.decode(bf16)) > 45.0  # measured 59.8 dB
 
 
 def test_inference_form_has_no_backward(sessions):
