@@ -6,10 +6,12 @@ Runs the same WebDatasetLoader `osp-train` uses, with its workers and batch sett
 import statistics
 import time
 
+from osp_megatron.data.config import DataConfig
 from osp_megatron.data.loader import WebDatasetLoader
 
 
-def bench_loader(config, micro_batch_size=1, global_batch_size=None, batches=50, warmup=3, seed=0):
+def bench_loader(config: DataConfig, micro_batch_size: int = 1, global_batch_size: int | None = None,
+                 batches: int = 50, warmup: int = 3, seed: int = 0) -> dict:
     """Read warmup + batches micro-batches; returns samples/s, MB/s, batch latency percentiles (ms) and this
     process's CPU time per sample."""
     loader = WebDatasetLoader(config, micro_batch_size, seed=seed, global_batch_size=global_batch_size)

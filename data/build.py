@@ -7,17 +7,18 @@ import hashlib
 import json
 import multiprocessing
 import os
+import sys
 import time
 
 import webdataset
 from tqdm import tqdm
 
-from data.captions import list_videos, read_captions
+from data.captions import CaptionEntry, list_videos, read_captions
 from data.outputs import claim_output
 from data.problems import ProblemLog
 from osp_megatron.config.errors import ConfigError
 from osp_megatron.data.buckets import parse_buckets
-from osp_megatron.data.shards import ShardInfo, atomic_write_bytes, write_index
+from osp_megatron.data.shards import INDEX_NAME, ShardInfo, atomic_write_bytes, write_index
 from osp_megatron.data.video import VideoError, encode_clip, sample_clips
 
 CLIPS_FORMAT = "osp-clips-v1"
@@ -26,13 +27,14 @@ OPTIONS_NAME = "build_options.json"
 REPORT_NAME = "build_report.json"
 
 
-def check_frames(frames, temporal_stride=4):
+def check_frames(frames: int, temporal_stride: int = 4) -> None:
     if frames < 1 or (frames - 1) % temporal_stride:
         raise ConfigError(f"--frames must be 1 + a multiple of the VAE temporal stride {temporal_stride} "
                           f"(e.g. 81 = 4 x 20 + 1), got {frames}")
 
 
-def process_video(job):
+def process_video(job: tuple[CaptionEntry, str, dict]) -> tuple[int, str | None, list[tuple[str, bytes, dict]],
+                                                              list[tuple[str, str]]]:
     """Worker: one caption entry -> (line, bucket name, [(key, mp4 bytes, metadata)], [(kind, message)])."""
     entry, video_path, options = job
     clips, problems = [], []
@@ -114,8 +116,9 @@ def _sha256(path):
     return digest.hexdigest()
 
 
-def build_dataset(videos, captions, output, fps=16.0, frames=81, buckets="480P", shard_size_mb=512.0, workers=0,
-                  max_clips_per_video=0, progress=True):
+def build_dataset(videos: str, captions: str, output: str, fps: float = 16.0, frames: int = 81, buckets: str = "480P",
+                  shard_size_mb: float = 512.0, workers: int = 0, max_clips_per_video: int = 0,
+                  progress: bool = True) -> dict:
     """Build (or resume building) the clip shards of `output`; returns the report dict (also in build_report.json)."""
     check_frames(frames)
     if fps <= 0:
@@ -214,9 +217,13 @@ def build_dataset(videos, captions, output, fps=16.0, frames=81, buckets="480P",
         "clips_per_bucket": dict(sorted(bucket_counts.items())), "clips_this_run": clips_written,
         "seconds_this_run": round(elapsed, 2), "clips_per_s": round(clips_written / max(elapsed, 1e-9), 3),
         "problems": problems.as_dict()}
+    atomic_write_bytes(os.path.join(output, REPORT_NAME), json.dumps(report, indent=1).encode())
+    if not report["clips"]:  # no index: `osp-data encode` and the loader see no data set here
+        print(f"osp-data build: failed: no clip from the {len(entries)} captioned video(s) under {output}; "
+              f"{problems.summary()} (listed in {REPORT_NAME}); no {INDEX_NAME} written", file=sys.stderr)
+        return report
     write_index(output, infos, format=CLIPS_FORMAT, fps=float(fps), frames=frames, buckets=buckets,
                 clips_per_bucket=report["clips_per_bucket"])
-    atomic_write_bytes(os.path.join(output, REPORT_NAME), json.dumps(report, indent=1).encode())
     print(f"osp-data build: {report['clips']} clips from {report['videos_with_clips']} videos in {len(infos)} shards "
           f"under {output} ({clips_written} clips this run, {report['clips_per_s']} clips/s); {problems.summary()}")
     return report

@@ -8,6 +8,7 @@ import json
 import os
 from dataclasses import dataclass
 
+from data.problems import ProblemLog
 from osp_megatron.config.errors import ConfigError
 
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".mpg", ".mpeg", ".flv", ".ts")
@@ -53,10 +54,13 @@ def _entry(row, line, where):
     return CaptionEntry(line, path.strip(), caption, start, end, fps)
 
 
-def read_captions(path, problems):
+def read_captions(path: str, problems: ProblemLog) -> list[CaptionEntry]:
     """Entries of a .jsonl/.json-lines or .csv caption file; bad rows go to `problems` and are skipped."""
     if not os.path.isfile(path):
         raise ConfigError(f"--captions {path!r} does not exist")
+    if os.path.getsize(path) == 0:
+        raise ConfigError(f"--captions {path!r} is an empty file; expected one JSON object a line, or CSV with the "
+                          "header path,caption[,start,end,fps]")
     entries = []
     with open(path, encoding="utf-8", newline="") as handle:
         if path.lower().endswith(".csv"):
@@ -82,7 +86,7 @@ def read_captions(path, problems):
     return entries
 
 
-def list_videos(folder):
+def list_videos(folder: str) -> list[str]:
     """Relative paths of the video files under `folder` (recursive, sorted)."""
     if not os.path.isdir(folder):
         raise ConfigError(f"--videos {folder!r} is not a folder")

@@ -35,13 +35,16 @@ data.path=latents/.""",
   osp-data inspect latents/ --json summary.json""",
     "bench": """examples:
   osp-data bench latents/ --micro-batch-size 1 --num-workers 4
-  osp-data bench latents/ --config examples/train_osp_data.yaml --batches 100
+  osp-data bench --config examples/train_osp_data.yaml --batches 100     # the config's data.path and batches
+  osp-data bench --config examples/train_osp_data.yaml train.global_batch_size=4 data.num_workers=0
 
-Compare samples/s with the training step: a step of global_batch_size samples must not wait for data.""",
+With --config the loader reads what osp-train would: the config's data section (data.path, or FOLDER when
+given) and batch sizes, after the same dotted overrides. Compare samples/s with the training step: a step of
+global_batch_size samples must not wait for data.""",
 }
 
 
-def build_parser():
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="osp-data", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Prepare training data for osp-train: from a folder of videos and a caption file to bucketed "
@@ -105,11 +108,14 @@ def build_parser():
     inspect.add_argument("--json", default=None, help="also write the summary to this JSON file")
 
     bench = subcommand("bench", "measure the training loader on a latent shard folder: samples/s, MB/s, latency")
-    bench.add_argument("folder", help="a latent shard folder (`osp-data encode` output or synthetic shards)")
+    bench.add_argument("folder", nargs="?", default=None, help="a latent shard folder (`osp-data encode` output or "
+                       "synthetic shards); default: the --config's data.path or data.sources")
     bench.add_argument("--config", default=None, help="an osp-train YAML config: its data section and batch sizes "
-                       "are used (data.path is replaced by FOLDER)")
-    bench.add_argument("--micro-batch-size", type=int, default=None, help="samples per micro-batch (default: the "
-                       "config's train.micro_batch_size, else 1)")
+                       "are used (data.path is replaced by FOLDER when given)")
+    bench.add_argument("overrides", nargs="*", metavar="key=value",
+                       help="dotted overrides of the --config file, as osp-train takes them")
+    bench.add_argument("--micro-batch-size", type=int, default=None, help="samples per micro-batch, one per global "
+                       "batch (default: the config's train.micro_batch_size and global_batch_size, else 1)")
     bench.add_argument("--num-workers", type=int, default=None, help="loader worker processes (default: the "
                        "config's data.num_workers, else 2)")
     bench.add_argument("--batches", type=int, default=50, help="timed micro-batches (default 50)")
@@ -132,6 +138,20 @@ def _model_settings(args):
     return settings
 
 
+def _bench_arguments(args, extra: list[str]) -> None:
+    """FOLDER and key=value overrides in any order: argparse gives the first positional to FOLDER and leaves
+    overrides after an option unparsed (`extra`)."""
+    if args.folder is not None and "=" in args.folder and not os.path.isdir(args.folder):
+        args.overrides.insert(0, args.folder)
+        args.folder = None
+    args.overrides.extend(extra)
+    if args.overrides and not args.config:
+        raise ConfigError(f"key=value overrides ({' '.join(args.overrides)}) change a training config; name it "
+                          "with --config")
+    if args.folder is None and not args.config:
+        raise ConfigError("name a shard FOLDER, or a training config with --config whose data.path is read")
+
+
 def _bench_config(args):
     from osp_megatron.data.config import DataConfig
     from osp_megatron.data.shards import read_index
@@ -140,10 +160,11 @@ def _bench_config(args):
     if args.config:
         from osp_megatron.engine.config import load_job_config
 
-        job = load_job_config(args.config)
+        job = load_job_config(args.config, args.overrides)
         config, micro, global_batch = job.data, job.train.micro_batch_size, job.train.global_batch_size
-        config.sources, config.synthetic = [], False
-        config.path = args.folder
+        config.synthetic = False  # measure what is there; osp-train would generate a missing synthetic set
+        if args.folder is not None:
+            config.sources, config.path = [], args.folder
     else:
         config = DataConfig(path=args.folder, num_workers=2)
         index = read_index(args.folder) or {}
@@ -165,11 +186,14 @@ def _write_json(path, value):
             json.dump(value, handle, indent=1)
 
 
-def main(argv=None):
-    args = build_parser().parse_args(argv)
-    from osp_megatron.utils.logging import quiet_third_party_warnings
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and (args.command != "bench" or any("=" not in item for item in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    from osp_megatron.utils.logging import plain_warnings
 
-    quiet_third_party_warnings()
+    plain_warnings(f"osp-data {args.command}")
     try:
         if args.command == "build":
             from data.build import build_dataset
@@ -181,10 +205,10 @@ def main(argv=None):
             from data.encode import encode_dataset
 
             settings = _model_settings(args)
-            encode_dataset(args.input, args.output, settings["vae_path"], settings["text_encoder_path"],
-                           settings["text_dim"], settings["text_len"], args.batch_size, args.latent_dtype,
-                           args.device, args.precision, not args.no_progress)
-            return 0
+            report = encode_dataset(args.input, args.output, settings["vae_path"], settings["text_encoder_path"],
+                                    settings["text_dim"], settings["text_len"], args.batch_size, args.latent_dtype,
+                                    args.device, args.precision, not args.no_progress)
+            return 1 if report is not None and not report["samples"] else 0  # the report is rank 0's
         if args.command == "inspect":
             from data.inspection import inspect_folder
 
@@ -192,11 +216,14 @@ def main(argv=None):
             return 0
         from data.bench import bench_loader
 
+        _bench_arguments(args, extra)
         config, micro, global_batch = _bench_config(args)
         result = bench_loader(config, micro, global_batch, args.batches)
-        print(f"osp-data bench {args.folder}: {result['samples_per_s']} samples/s, {result['mb_per_s']} MB/s, "
+        where = ", ".join(str(path) for path, _ in config.source_list())
+        print(f"osp-data bench {where}: {result['samples_per_s']} samples/s, {result['mb_per_s']} MB/s, "
               f"batch p50 {result['batch_ms_p50']} ms, p95 {result['batch_ms_p95']} ms ({result['num_workers']} "
-              f"workers, micro-batch {micro}, buckets {', '.join(result['buckets'])})")
+              f"workers, micro-batch {micro}, global batch {global_batch or micro}, buckets "
+              f"{', '.join(result['buckets'])})")
         _write_json(args.json, result)
         return 0
     except ConfigError as err:

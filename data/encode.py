@@ -5,9 +5,11 @@ Each rank encodes its share of shards (torchrun), batched per bucket; finished s
 
 import json
 import os
+import sys
 import time
 import warnings
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import webdataset
@@ -20,6 +22,8 @@ from osp_megatron.config.errors import ConfigError
 from osp_megatron.data.shards import (INDEX_NAME, ShardInfo, atomic_write_bytes, iter_raw_samples, npy_bytes,
                                       read_index, sample_offsets, write_index)
 from osp_megatron.data.video import VideoError, decode_clip, to_model_input
+from osp_megatron.models.text_encoder import TextEncoder, build_text_encoder
+from osp_megatron.models.vae import VideoVAE, build_vae
 
 LATENTS_FORMAT = "osp-latents-v1"
 STATE_DIR = ".encode"  # per-shard records (sample offsets, problems) of finished shards
@@ -29,19 +33,17 @@ REPORT_NAME = "encode_report.json"
 class Encoders:
     """The frozen VAE and text encoder of one rank: clips and captions in, latents and text states out."""
 
-    def __init__(self, vae, text, names):
+    def __init__(self, vae: VideoVAE, text: TextEncoder, names: dict[str, str]):
         self.vae, self.text, self.names = vae, text, names
 
     @classmethod
-    def load(cls, vae_path, text_encoder_path, text_dim, text_len, device, dtype):
+    def load(cls, vae_path: str | None, text_encoder_path: str | None, text_dim: int, text_len: int,
+             device: torch.device, dtype: torch.dtype) -> "Encoders":
         """From local model folders; tiny random-weight models (with a warning) for those not given."""
-        from osp_megatron.models.text_encoder import build_text_encoder
-        from osp_megatron.models.vae import build_vae
-
         if vae_path is None or text_encoder_path is None:
             missing = [name for name, path in (("--vae", vae_path), ("--text-encoder", text_encoder_path))
                        if path is None]
-            warnings.warn(f"osp-data encode: no {' / '.join(missing)} given: using tiny random-weight models (for "
+            warnings.warn(f"no {' / '.join(missing)} given: using tiny random-weight models (for "
                           "tests only; the latents and text states mean nothing to a real DiT)")
         vae = build_vae(vae_path, device=device, dtype=dtype)
         text = build_text_encoder(text_encoder_path, text_dim, text_len, device=device, dtype=dtype)
@@ -50,7 +52,7 @@ class Encoders:
             text.model.to(dtype)
         return cls(vae, text, {"vae": vae_path or "tiny-random", "text_encoder": text_encoder_path or "tiny-random"})
 
-    def __call__(self, clips, captions):
+    def __call__(self, clips: list[np.ndarray], captions: list[str]) -> tuple[np.ndarray, list[np.ndarray]]:
         """uint8 clips [B, F, H, W, 3] and B captions -> (latents [B, C, T, h, w], [(states [l, D]), ...])."""
         video = torch.stack([to_model_input(frames) for frames in clips])
         latents = self.vae.encode(video)
@@ -58,7 +60,8 @@ class Encoders:
         return latents.numpy(), [states[i, : int(lengths[i])].numpy() for i in range(len(captions))]
 
 
-def encode_shard(in_path, out_path, expected, encoders, batch_size, latent_dtype, problems):
+def encode_shard(in_path: str, out_path: str, expected: tuple[int, int, int, int], encoders: Encoders,
+                 batch_size: int, latent_dtype: str, problems: ProblemLog) -> dict:
     """Encode one clip shard into `out_path` (atomically); returns its record (samples, offsets, problems)."""
     tmp = os.path.join(os.path.dirname(out_path), f".{os.path.basename(out_path)}.tmp")
     start = len(problems.records)
@@ -129,12 +132,14 @@ def _pick_device(name):
     return torch.device("cpu")
 
 
-def encode_dataset(input_dir, output, vae_path=None, text_encoder_path=None, text_dim=4096, text_len=512,
-                   batch_size=2, latent_dtype="float16", device="auto", precision="auto", progress=True,
-                   encoders=None):
+def encode_dataset(input_dir: str, output: str, vae_path: str | None = None, text_encoder_path: str | None = None,
+                   text_dim: int = 4096, text_len: int = 512, batch_size: int = 2, latent_dtype: str = "float16",
+                   device: str = "auto", precision: str = "auto", progress: bool = True,
+                   encoders: Encoders | None = None) -> dict | None:
     """Encode (or resume encoding) every clip shard of `input_dir`; rank 0 writes the index and the report.
 
     encoders: ready Encoders (benchmarks pass random-weight full-size models); default: loaded from the paths.
+    Returns rank 0's report (None on the other ranks).
     """
     index = read_index(input_dir)
     if index is None or index.get("format") != CLIPS_FORMAT:
@@ -219,15 +224,19 @@ def _write_index_and_report(input_dir, output, index, options, names, clips, sec
     per_bucket = {}
     for info in infos:
         per_bucket[info.bucket] = per_bucket.get(info.bucket, 0) + info.num_samples
-    write_index(output, infos, format=LATENTS_FORMAT, fps=index["fps"], frames=index["frames"],
-                text_dim=options["text_dim"], text_len=options["text_len"], latent_dtype=options["latent_dtype"],
-                vae=names["vae"], text_encoder=names["text_encoder"],
-                samples_per_bucket=dict(sorted(per_bucket.items())))
     report = {"format": LATENTS_FORMAT, "samples": sum(per_bucket.values()), "shards": len(infos),
               "samples_per_bucket": dict(sorted(per_bucket.items())), "clips_this_run": clips,
               "seconds_this_run": round(seconds, 2), "clips_per_s": round(clips / max(seconds, 1e-9), 3),
               "problems": problems.as_dict()}
     atomic_write_bytes(os.path.join(output, REPORT_NAME), json.dumps(report, indent=1).encode())
+    if not infos:  # no index: the loader sees no data set here
+        print(f"osp-data encode: failed: no sample encoded under {output}; {problems.summary()} (listed in "
+              f"{REPORT_NAME}); no {INDEX_NAME} written", file=sys.stderr)
+        return report
+    write_index(output, infos, format=LATENTS_FORMAT, fps=index["fps"], frames=index["frames"],
+                text_dim=options["text_dim"], text_len=options["text_len"], latent_dtype=options["latent_dtype"],
+                vae=names["vae"], text_encoder=names["text_encoder"],
+                samples_per_bucket=dict(sorted(per_bucket.items())))
     print(f"osp-data encode: {report['samples']} samples in {len(infos)} shards under {output} ({clips} clips this "
           f"run, {report['clips_per_s']} clips/s); {problems.summary()}")
     return report

@@ -6,6 +6,7 @@ Reads the index and one sample per bucket; `--check` decodes every sample and co
 import io
 import json
 import os
+from collections.abc import Callable
 
 import numpy as np
 
@@ -49,7 +50,7 @@ def _check_sample(raw, kind):
             raise SampleError(f"'{name}' holds NaN or infinite values")
 
 
-def inspect_folder(folder, check=False, out=print):
+def inspect_folder(folder: str, check: bool = False, out: Callable[[str], None] = print) -> dict:
     """Print the summary of `folder`; returns it as a dict (buckets, shards, samples, bad samples)."""
     if not os.path.isdir(folder):
         raise ConfigError(f"{folder!r} is not a folder")

@@ -10,7 +10,7 @@ from osp_megatron.config.errors import ConfigError
 from osp_megatron.data.shards import INDEX_NAME, atomic_write_bytes, read_index
 
 
-def claim_output(output, options_path, data_format, options):
+def claim_output(output: str, options_path: str, data_format: str, options: dict) -> None:
     """Create `output`, or reopen it when `options_path` holds the same settings; ConfigError otherwise."""
     os.makedirs(os.path.dirname(options_path), exist_ok=True)
     index = read_index(output)

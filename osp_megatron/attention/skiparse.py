@@ -2,7 +2,7 @@
 
 Layout helpers move any per-token tensor between row-major order and the sparse layout [B*P^2, Np/P^2, ...].
 
-Notation (DESIGN.md section 2). H and W are zero-padded up to Hp, Wp, multiples of P^2, and every padded
+Notation (docs/skiparse.md). H and W are zero-padded up to Hp, Wp, multiples of P^2, and every padded
 position is written h = P^2*a + P*p + r, w = P^2*b + P*q + s with 0 <= p, q, r, s < P.
   token pattern: subsequence r*P + s, its tokens ordered by (t, a, p, b, q)  (stride-P sampling)
   group pattern: subsequence p*P + q, its tokens ordered by (t, a, r, b, s)  (P x P patches, P^2 apart)

@@ -174,8 +174,36 @@ def load_yaml(path: str | Path) -> dict:
     return data
 
 
+def drop_reset_keys(cls, below: dict, layer: dict) -> dict:
+    """Remove from `below` the keys that `layer`, a configuration layer over it, resets (in place).
+
+    A section's dataclass names them with a `keys_reset_by(layer_section)` classmethod: naming model.preset
+    resets the model's dimensions, so a preset given on the command line is not mixed with the file's sizes.
+    Keys the layer sets itself are applied over `below` afterwards anyway.
+    """
+    if not dataclasses.is_dataclass(cls) or not isinstance(below, dict) or not isinstance(layer, dict):
+        return below
+    reset = getattr(cls, "keys_reset_by", None)
+    if reset is not None:
+        for key in reset(layer):
+            below.pop(key, None)
+    hints = typing.get_type_hints(cls)
+    for key, section in layer.items():
+        if key in hints and isinstance(below.get(key), dict):
+            drop_reset_keys(hints[key], below[key], section)
+    return below
+
+
+def apply_override_layer(cls, data: dict, overrides: list[str]) -> dict:
+    """Apply dotted overrides to `data`, a loaded file of `cls`'s tree, as a layer over it (in place): the keys
+    the layer resets go first (`drop_reset_keys`), so model.preset on the command line gives that preset's sizes."""
+    overrides = list(overrides)
+    drop_reset_keys(cls, data, apply_overrides({}, overrides))
+    return apply_overrides(data, overrides)
+
+
 def load_config(cls, path: str | Path | None = None, overrides: list[str] | None = None):
-    """Load `cls` from an optional YAML file plus dotted overrides, validating everything."""
+    """Load `cls` from an optional YAML file plus dotted overrides (a layer over it), validating everything."""
     data = load_yaml(path) if path is not None else {}
-    apply_overrides(data, list(overrides or []))
+    apply_override_layer(cls, data, overrides or [])
     return from_dict(cls, data)

@@ -20,15 +20,15 @@ class Bucket:
     width: int
 
     @property
-    def name(self):
+    def name(self) -> str:
         return f"{self.height}x{self.width}"
 
     @property
-    def aspect(self):
+    def aspect(self) -> float:
         return self.width / self.height
 
 
-def parse_buckets(spec, where="--buckets"):
+def parse_buckets(spec: str | list[str], where: str = "--buckets") -> list[Bucket]:
     """'480P,720P' or '64x64,64x96' (or a list of such names) -> sorted unique Buckets."""
     names = spec.split(",") if isinstance(spec, str) else list(spec)
     buckets = set()
@@ -52,7 +52,7 @@ def parse_buckets(spec, where="--buckets"):
     return sorted(buckets)
 
 
-def choose_bucket(buckets, height, width):
+def choose_bucket(buckets: list[Bucket], height: int, width: int) -> Bucket:
     """The bucket a height x width video goes to: among those it covers without upscaling, the nearest aspect
     ratio (ties: the largest); when it covers none, the one needing the least upscaling (ties: nearest aspect)."""
     def aspect_distance(bucket):
@@ -67,12 +67,12 @@ def choose_bucket(buckets, height, width):
     return min(buckets, key=lambda b: (round(upscale(b), 9), round(aspect_distance(b), 9)))
 
 
-def cover_size(height, width, bucket):
+def cover_size(height: int, width: int, bucket: Bucket) -> tuple[int, int]:
     """(scaled height, scaled width): the smallest scaling of the video that covers the bucket, aspect kept."""
     scale = max(bucket.height / height, bucket.width / width)
     return max(bucket.height, round(height * scale)), max(bucket.width, round(width * scale))
 
 
-def center_crop_box(scaled_height, scaled_width, bucket):
+def center_crop_box(scaled_height: int, scaled_width: int, bucket: Bucket) -> tuple[int, int]:
     """(top, left) of the bucket-sized window centered in the scaled frame."""
     return (scaled_height - bucket.height) // 2, (scaled_width - bucket.width) // 2

@@ -27,7 +27,7 @@ class DataSource:
     path: str | list[str] = ""
     weight: float = 1.0
 
-    def validate(self, prefix="data.sources[]"):
+    def validate(self, prefix: str = "data.sources[]") -> "DataSource":
         _check_path(self.path, f"{prefix}.path")
         if isinstance(self.weight, bool) or not isinstance(self.weight, (int, float)) or not self.weight > 0:
             raise ConfigError(f"{prefix}.weight must be a positive number, got {self.weight!r}")
@@ -41,7 +41,7 @@ class BucketBatchSize:
     bucket: str = ""
     micro_batch_size: int = 1
 
-    def validate(self, prefix="data.bucket_batch_sizes[]"):
+    def validate(self, prefix: str = "data.bucket_batch_sizes[]") -> "BucketBatchSize":
         if not isinstance(self.bucket, str) or not self.bucket:
             raise ConfigError(f"{prefix}.bucket must name a bucket (e.g. 480x832), got {self.bucket!r}")
         if isinstance(self.micro_batch_size, bool) or not isinstance(self.micro_batch_size, int) \
@@ -88,16 +88,16 @@ class DataConfig:
     max_bad_in_a_row: int = 64
 
     @property
-    def latent_shape(self):
+    def latent_shape(self) -> tuple[int, int, int, int]:
         return (self.latent_channels, self.latent_frames, self.latent_height, self.latent_width)
 
-    def source_list(self):
+    def source_list(self) -> list[tuple[str | list[str], float]]:
         """[(path, weight)]: the mixture, or the single `path` with weight 1."""
         if self.sources:
             return [(s.path, float(s.weight)) for s in self.sources]
         return [(self.path, 1.0)]
 
-    def validate(self, prefix="data"):
+    def validate(self, prefix: str = "data") -> "DataConfig":
         """Raise ConfigError naming `prefix.key` for the first invalid field; return self."""
         _check_path(self.path, f"{prefix}.path")
         if self.eval_path is not None:

@@ -5,16 +5,20 @@ Each global batch is one bucket of one source; rank r takes its micro-batches of
 
 import functools
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from osp_megatron.config.errors import ConfigError
+from osp_megatron.data.config import DataConfig
 from osp_megatron.data.mixing import (GlobalStream, LatentBucket, SourcePlan, StreamPosition,
                                       bucket_micro_batch_size, latent_bucket_name)
-from osp_megatron.data.shards import SampleError, decode_sample, read_sample_at, resolve_shards, sample_offsets
+from osp_megatron.data.shards import (SampleError, ShardInfo, check_text_states, decode_sample, read_sample_at,
+                                      resolve_shards, sample_offsets)
 
 STATE_FORMAT = "osp-loader-v2"
 
@@ -44,11 +48,11 @@ def _stack(tensors):
 class MicroBatchReader:
     """Reads a MicroBatchTask: random access to each sample's bytes, decoding, replacing bad samples by spares."""
 
-    def __init__(self, sources, config):
+    def __init__(self, sources: list[list[ShardInfo]], config: DataConfig):
         self.sources, self.config = sources, config
         self.warned = set()
 
-    def offsets(self, shard):
+    def offsets(self, shard: ShardInfo) -> tuple[int, ...]:
         if shard.offsets is not None:
             return shard.offsets
         try:
@@ -56,7 +60,8 @@ class MicroBatchReader:
         except ConfigError as exc:
             raise SampleError(str(exc)) from exc
 
-    def read(self, source, row, latent_shape, handles):
+    def read(self, source: int, row: np.ndarray, latent_shape: tuple[int, ...],
+             handles: dict[str, BinaryIO]) -> tuple[tuple, str, int]:
         shard = self.sources[source][int(row[0])]
         offsets = self.offsets(shard)
         sample = int(row[1])
@@ -73,7 +78,7 @@ class MicroBatchReader:
         decoded = decode_sample(raw, shard.path, latent_shape, cfg.text_len, cfg.text_dim)
         return decoded, raw["__key__"], offsets[sample + 1] - offsets[sample]
 
-    def __call__(self, task):
+    def __call__(self, task: MicroBatchTask) -> dict:
         spares = iter(task.spares)
         samples, bad, bytes_read = [], 0, 0
         handles = {}
@@ -121,7 +126,7 @@ class MicroBatchStream(IterableDataset):
     torch's DataLoader takes items from its workers round-robin, so the order is kept exactly.
     """
 
-    def __init__(self, loader, position, micro_batch):
+    def __init__(self, loader: "WebDatasetLoader", position: StreamPosition, micro_batch: int):
         super().__init__()
         self.loader, self.position, self.micro_batch = loader, position, micro_batch
 
@@ -142,8 +147,8 @@ class WebDatasetLoader:
     source index, bad_samples (bad entries replaced in this batch) and bytes_read.
     """
 
-    def __init__(self, config, micro_batch_size, dp_rank=0, dp_size=1, seed=0, global_batch_size=None,
-                 patch_size=(1, 2, 2)):
+    def __init__(self, config: DataConfig, micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1, seed: int = 0,
+                 global_batch_size: int | None = None, patch_size: tuple[int, int, int] = (1, 2, 2)):
         config.validate()
         global_batch_size = global_batch_size or micro_batch_size * dp_size
         if micro_batch_size < 1:
@@ -158,6 +163,9 @@ class WebDatasetLoader:
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.micro_batches, self.accumulation = micro_batches, micro_batches // dp_size
         self.sources = [resolve_shards(path) for path, _ in config.source_list()]
+        for number, ((path, _), shards) in enumerate(zip(config.source_list(), self.sources)):
+            key = f"data.sources[{number}].path" if config.sources else "data.path"
+            check_text_states(shards, config.text_len, config.text_dim, f"{key} {path!r}")
         shapes = [[self._shard_shape(shard) for shard in shards] for shards in self.sources]
         names = {}
         for shards, shard_shapes in zip(self.sources, shapes):
@@ -184,11 +192,11 @@ class WebDatasetLoader:
         return tuple(self.config.latent_shape)
 
     @property
-    def latent_shapes(self):
+    def latent_shapes(self) -> list[tuple[int, ...]]:
         """The latent shapes [C, T, H, W] of every bucket this loader yields."""
         return sorted(self.buckets)
 
-    def tasks(self, position, micro_batch):
+    def tasks(self, position: StreamPosition, micro_batch: int) -> Iterator[MicroBatchTask]:
         """This rank's MicroBatchTasks from `position` (skipping its first `micro_batch` of that global batch)."""
         for batch, before, after in self.stream.batches(position):
             size = batch.bucket.micro_batch_size
@@ -201,12 +209,12 @@ class WebDatasetLoader:
                                      before.global_samples + j * size + np.arange(size, dtype=np.int64), state)
             micro_batch = 0
 
-    def state_dict(self):
+    def state_dict(self) -> dict:
         """The position in the global stream; it names the same samples under any data-parallel layout."""
         return {"format": STATE_FORMAT, "seed": self.seed, **self.position.as_dict(), "micro_batch": self.micro_batch,
                 "dp_size": self.dp_size, "accumulation": self.accumulation, "num_samples": self.num_samples}
 
-    def load_state_dict(self, state):
+    def load_state_dict(self, state: dict) -> None:
         """Continue from a saved position; the next batches equal those the saved loader would have given."""
         self.close()
         if state.get("format") != STATE_FORMAT:
@@ -256,7 +264,7 @@ class WebDatasetLoader:
             self._batches = self._generate()
         return next(self._batches)
 
-    def close(self):
+    def close(self) -> None:
         """Stop worker processes; the next `next()` restarts from the current position."""
         if self._batches is not None:
             self._batches.close()
@@ -277,8 +285,9 @@ class WebDatasetLoader:
             source = None
 
 
-def build_data_loader(config, micro_batch_size, dp_rank=0, dp_size=1, seed=0, global_batch_size=None,
-                      patch_size=(1, 2, 2)):
+def build_data_loader(config: DataConfig, micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1, seed: int = 0,
+                      global_batch_size: int | None = None,
+                      patch_size: tuple[int, int, int] = (1, 2, 2)) -> WebDatasetLoader:
     """Validate the config and return the loader (a synthetic set must exist already:
     osp_megatron.engine.data.ensure_synthetic_data writes it)."""
     config.validate()

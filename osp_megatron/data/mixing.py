@@ -5,14 +5,17 @@ Position g of the stream is the same sample whatever the data-parallel size, loa
 
 import math
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from osp_megatron.config.errors import ConfigError
+from osp_megatron.data.config import DataConfig
+from osp_megatron.data.shards import ShardInfo
 
 
-def latent_bucket_name(latent_shape):
+def latent_bucket_name(latent_shape: tuple[int, ...]) -> str:
     """'T x H x W' of a latent [C, T, H, W]: the bucket name the loader uses when no pixel name is known."""
     return "x".join(str(s) for s in latent_shape[1:])
 
@@ -27,11 +30,12 @@ class LatentBucket:
     global_batch_size: int
 
     @property
-    def name(self):
+    def name(self) -> str:
         return self.names[-1]
 
 
-def bucket_micro_batch_size(latent_shape, names, config, default, patch_size):
+def bucket_micro_batch_size(latent_shape: tuple[int, ...], names: tuple[str, ...], config: DataConfig, default: int,
+                            patch_size: tuple[int, int, int]) -> int:
     """data.bucket_batch_sizes entry, else data.tokens_per_micro_batch // DiT tokens, else `default`."""
     for entry in config.bucket_batch_sizes:
         if entry.bucket in names:
@@ -52,7 +56,7 @@ class GlobalBatch:
     order: np.ndarray  # the bucket's epoch order, for spares
     offset: int  # position of `members` in `order`
 
-    def spares(self, count):
+    def spares(self, count: int) -> np.ndarray:
         """The next `count` rows of the bucket's epoch order after this batch (cyclic)."""
         if len(self.order) == 0:
             return self.members[:0]
@@ -64,23 +68,33 @@ class SourcePlan:
     """The endless batch sequence of one source: each epoch shuffles every bucket's samples, cuts them into
     one-bucket global batches (an incomplete last batch waits for another epoch), and shuffles the batches."""
 
-    def __init__(self, index, shards, shapes, buckets, seed, shuffle):
+    def __init__(self, index: int, shards: list[ShardInfo], shapes: list[tuple[int, ...]],
+                 buckets: dict[tuple[int, ...], LatentBucket], seed: int, shuffle: bool):
         self.index, self.seed, self.shuffle = index, seed, shuffle
         self.buckets = buckets
         rows = {}
         for shard_index, (shard, shape) in enumerate(zip(shards, shapes)):
             rows.setdefault(shape, []).extend((shard_index, i) for i in range(shard.num_samples))
         self.members = {shape: np.array(r, dtype=np.int64).reshape(-1, 2) for shape, r in sorted(rows.items())}
-        self.batches_per_epoch = 0
-        for shape, members in self.members.items():
-            size = buckets[shape].global_batch_size
-            if len(members) < size:
-                warnings.warn(f"data source {index}: bucket {buckets[shape].name} holds {len(members)} samples, fewer "
-                              f"than its global batch of {size}; its samples are not used")
-            self.batches_per_epoch += len(members) // size
+        self.batches_per_epoch = sum(len(members) // buckets[shape].global_batch_size
+                                     for shape, members in self.members.items())
         self._cached = (None, None)
 
-    def epoch(self, epoch):
+    def warn_unused_buckets(self) -> None:
+        """One warning per bucket with fewer samples than its global batch: those samples are never used."""
+        for shape, members in self.members.items():
+            size = self.buckets[shape].global_batch_size
+            if len(members) < size:
+                warnings.warn(f"data source {self.index}: bucket {self.buckets[shape].name} holds {len(members)} "
+                              f"samples, fewer than its global batch of {size}; its samples are not used (every "
+                              "global batch is one bucket)")
+
+    def bucket_fill(self) -> str:
+        """'64x64: 2 of 8, 64x96: 3 of 8': each bucket's samples against its global batch size."""
+        return ", ".join(f"{self.buckets[shape].name}: {len(members)} of {self.buckets[shape].global_batch_size}"
+                         for shape, members in self.members.items())
+
+    def epoch(self, epoch: int) -> list[GlobalBatch]:
         """The epoch's GlobalBatches in order."""
         if self._cached[0] == epoch:
             return self._cached[1]
@@ -110,10 +124,10 @@ class StreamPosition:
     global_samples: int = 0
     sources: list = field(default_factory=list)  # per source [epoch, batch in epoch, samples taken]
 
-    def copy(self):
+    def copy(self) -> "StreamPosition":
         return StreamPosition(self.global_batches, self.global_samples, [list(s) for s in self.sources])
 
-    def as_dict(self):
+    def as_dict(self) -> dict:
         return {"global_batches": self.global_batches, "global_samples": self.global_samples,
                 "sources": [list(s) for s in self.sources]}
 
@@ -125,17 +139,20 @@ class GlobalStream:
     so shares are exact to within one global batch at every point of the stream.
     """
 
-    def __init__(self, plans, weights):
+    def __init__(self, plans: list[SourcePlan], weights: list[float]):
         for plan in plans:
-            if plan.batches_per_epoch == 0:
-                raise ConfigError(f"data source {plan.index} holds no bucket with a full global batch of samples; "
-                                  "add data or lower train.global_batch_size")
+            if plan.batches_per_epoch:
+                plan.warn_unused_buckets()
+            else:
+                raise ConfigError(f"data source {plan.index} holds no bucket with a full global batch of samples "
+                                  f"(samples per bucket: {plan.bucket_fill()}); every global batch is one bucket, so "
+                                  "add data or lower train.global_batch_size (docs/data.md, 'How much data')")
         self.plans, self.weights = plans, [float(w) for w in weights]
 
-    def start(self):
+    def start(self) -> StreamPosition:
         return StreamPosition(0, 0, [[0, 0, 0] for _ in self.plans])
 
-    def normalised(self, position):
+    def normalised(self, position: StreamPosition) -> StreamPosition:
         """A position whose per-source batch numbers fall inside their epochs."""
         position = position.copy()
         for plan, place in zip(self.plans, position.sources):
@@ -143,7 +160,7 @@ class GlobalStream:
                 place[0], place[1] = place[0] + 1, place[1] - plan.batches_per_epoch
         return position
 
-    def batches(self, position):
+    def batches(self, position: StreamPosition) -> Iterator[tuple[GlobalBatch, StreamPosition, StreamPosition]]:
         """Yield (GlobalBatch, position before it, position after it) endlessly from `position`."""
         position = self.normalised(position)
         while True:

@@ -9,9 +9,12 @@ import json
 import math
 import os
 import tarfile
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import numpy as np
+import numpy.typing as npt
 import torch
 import webdataset
 
@@ -34,9 +37,12 @@ class ShardInfo:
     bucket: str | None = None
     latent_shape: tuple | None = None
     offsets: tuple | None = None
+    # Width and most tokens of the text states, from the index (`osp-data encode --text-dim / --text-len`).
+    text_dim: int | None = None
+    text_len: int | None = None
 
 
-def atomic_write_bytes(path, data):
+def atomic_write_bytes(path: str, data: bytes) -> None:
     """Write to a temporary sibling, then rename, so readers never see a half-written file."""
     tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.tmp-{os.getpid()}")
     with open(tmp, "wb") as f:
@@ -46,14 +52,14 @@ def atomic_write_bytes(path, data):
     os.replace(tmp, path)
 
 
-def npy_bytes(array, dtype=np.float32):
+def npy_bytes(array: np.ndarray, dtype: npt.DTypeLike = np.float32) -> bytes:
     """A plain .npy (no pickle) of `array` stored as `dtype`."""
     buffer = io.BytesIO()
     np.save(buffer, np.ascontiguousarray(array, dtype=dtype), allow_pickle=False)
     return buffer.getvalue()
 
 
-def shard_entry(shard):
+def shard_entry(shard: ShardInfo) -> dict:
     """The index.json record of a ShardInfo."""
     entry = {"name": os.path.basename(shard.path), "num_samples": shard.num_samples}
     if shard.bucket is not None:
@@ -65,13 +71,13 @@ def shard_entry(shard):
     return entry
 
 
-def write_index(folder, shards, **metadata):
+def write_index(folder: str, shards: list[ShardInfo], **metadata: object) -> None:
     """Write folder/index.json listing each shard's file name and sample count, plus free-form metadata."""
     index = dict(metadata, shards=[shard_entry(s) for s in shards])
     atomic_write_bytes(os.path.join(folder, INDEX_NAME), json.dumps(index, indent=1).encode())
 
 
-def read_index(folder):
+def read_index(folder: str) -> dict | None:
     """Return the parsed folder/index.json, or None when there is none."""
     path = os.path.join(folder, INDEX_NAME)
     if not os.path.isfile(path):
@@ -88,7 +94,7 @@ def read_index(folder):
     return index
 
 
-def iter_raw_samples(shard_path):
+def iter_raw_samples(shard_path: str) -> Iterator[dict]:
     """Yield the samples of one tar shard in file order as dicts of raw bytes (plus '__key__').
 
     Any tar-level failure (corrupt or truncated file) is raised as ConfigError naming the shard.
@@ -106,11 +112,11 @@ def iter_raw_samples(shard_path):
                           "truncated") from exc
 
 
-def count_samples(shard_path):
+def count_samples(shard_path: str) -> int:
     return sum(1 for _ in iter_raw_samples(shard_path))
 
 
-def sample_offsets(shard_path):
+def sample_offsets(shard_path: str) -> tuple[int, ...]:
     """Byte offsets where each sample's tar members start, plus the end of the last one (tar headers only)."""
     offsets, last_key, end = [], None, 0
     try:
@@ -130,7 +136,7 @@ def sample_offsets(shard_path):
     return tuple(offsets + [end]) if offsets else ()
 
 
-def read_sample_at(handle, start, end, shard_path):
+def read_sample_at(handle: BinaryIO, start: int, end: int, shard_path: str) -> dict:
     """The raw sample (dict of bytes plus '__key__') whose members span bytes [start, end) of an open shard."""
     handle.seek(start)
     data = handle.read(end - start)
@@ -158,7 +164,7 @@ def _first_latent_shape(shard_path):
     return None
 
 
-def resolve_shards(path):
+def resolve_shards(path: str | list[str]) -> list[ShardInfo]:
     """Shard list of a folder (its index.json, or every *.tar in it) or of a list of globs, with counts.
 
     Counts, buckets, latent shapes and sample offsets come from the index.json beside each shard when it
@@ -205,8 +211,28 @@ def resolve_shards(path):
         offsets = entry.get("offsets")
         shards.append(ShardInfo(shard_path, int(entry["num_samples"]), entry.get("bucket"),
                                 tuple(shape) if shape is not None else None,
-                                tuple(offsets) if offsets is not None else None))
+                                tuple(offsets) if offsets is not None else None,
+                                index.get("text_dim"), index.get("text_len")))
     return shards
+
+
+def check_text_states(shards: list[ShardInfo], text_len: int, text_dim: int, where: str) -> None:
+    """ConfigError, before any sample is read, when the indexes say the shards' text states do not fit
+    data.text_dim / data.text_len (shards encoded for another text encoder, e.g. umT5-XXL's 4096 for a tiny DiT).
+    """
+    for shard in shards:
+        if shard.text_dim is not None and shard.text_dim != text_dim:
+            raise ConfigError(
+                f"{where}: its shards hold text states of width {shard.text_dim} ({INDEX_NAME} text_dim, from "
+                f"`osp-data encode`), but data.text_dim is {text_dim} (it follows model.text_dim); encode them "
+                f"again with `osp-data encode --config` of this training config (or --text-dim {text_dim}), or "
+                f"train a model with model.text_dim={shard.text_dim}")
+        if shard.text_len is not None and shard.text_len > text_len:
+            raise ConfigError(
+                f"{where}: its shards hold up to {shard.text_len} text tokens a sample ({INDEX_NAME} text_len, from "
+                f"`osp-data encode`), but data.text_len is {text_len} (it follows model.text_len); encode them "
+                f"again with `osp-data encode --config` of this training config (or --text-len {text_len}), or "
+                f"train a model with model.text_len={shard.text_len}")
 
 
 def _load_npy(raw, name, shard_path):
@@ -219,7 +245,8 @@ def _load_npy(raw, name, shard_path):
             f"shard {shard_path}, sample {raw['__key__']!r}: '{name}' is not a valid .npy ({exc})") from exc
 
 
-def decode_sample(raw, shard_path, latent_shape, text_len, text_dim):
+def decode_sample(raw: dict, shard_path: str, latent_shape: tuple[int, ...], text_len: int,
+                  text_dim: int) -> tuple[torch.Tensor, torch.Tensor, int, str]:
     """Raw sample -> (latent [C,T,H,W] float32, text states [text_len, text_dim] zero-padded, length, caption).
 
     Raises SampleError, naming the shard and sample key, for a missing or mis-shaped entry.

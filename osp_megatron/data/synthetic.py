@@ -8,8 +8,10 @@ import itertools
 import json
 import os
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
+import torch
 import webdataset
 
 from osp_megatron.config.errors import ConfigError
@@ -43,12 +45,33 @@ COLOUR_RGB: dict[str, tuple[int, int, int]] = {
 # relative, so this shading is what tells it where in the frame a caption's path lies.
 BACKGROUND_RGB = (30, 20, 30)
 BACKGROUND_SHADE = 50
+
+
+class CaptionTextEncoder(Protocol):
+    """What the set needs of a text encoder (models.text_encoder.TextEncoder): states [N, len, text_dim], lengths."""
+
+    text_dim: int
+
+    def encode(self, captions: list[str]) -> tuple: ...
+
+
+class CaptionVideoEncoder(Protocol):
+    """What the set needs of a video VAE (models.block_vae's tiny block VAE): strides, and pixel videos
+    [N, 3, T, H, W] in [-1, 1] to latents [N, C, t, h, w]."""
+
+    latent_channels: int
+    temporal_stride: int
+    spatial_stride: int
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor: ...
+
+
 # Half extents (x, y) of each shape as fractions of the frame width and height.
 _SHAPE_HALF_SIZE = {"circle": (0.15, 0.15), "square": (0.14, 0.14), "wide bar": (0.28, 0.08),
                     "tall bar": (0.08, 0.28)}
 
 
-def blob_centres(motion, num_frames):
+def blob_centres(motion: str, num_frames: int) -> np.ndarray:
     """Centre (x, y) per frame as fractions of the frame, x to the right and y downwards: [num_frames, 2]."""
     dx, dy = _VELOCITY[motion]
     progress = np.linspace(0.0, 1.0, num_frames) if num_frames > 1 else np.full(1, 0.5)
@@ -56,7 +79,7 @@ def blob_centres(motion, num_frames):
     return np.stack([0.5 + dx * travel, 0.5 + dy * travel], axis=1)
 
 
-def background_image(height, width):
+def background_image(height: int, width: int) -> np.ndarray:
     """The shaded background of the caption videos, float64 [height, width, 3] in pixel values."""
     xs = (np.arange(width, dtype=np.float64) + 0.5) / width - 0.5
     ys = (np.arange(height, dtype=np.float64) + 0.5) / height - 0.5
@@ -67,7 +90,8 @@ def background_image(height, width):
     return image
 
 
-def render_caption_video(colour, shape, motion, num_frames, height, width):
+def render_caption_video(colour: str, shape: str, motion: str, num_frames: int, height: int,
+                         width: int) -> np.ndarray:
     """The pixel video a caption describes, uint8 [num_frames, height, width, 3].
 
     A shape of the palette colour over the shaded background (background_image) whose centre travels _TRAVEL of the frame from the first
@@ -108,14 +132,14 @@ class BlobMeasurement:
     centres: np.ndarray  # [T, 2]: (x, y) as fractions of the frame, x to the right and y downwards
     mask: np.ndarray  # [T, H, W] bool: the shape's pixels per frame
 
-    def motion(self, min_travel=0.1):
+    def motion(self, min_travel: float = 0.1) -> str:
         """The motion word whose direction the centre travelled most along (staying still below min_travel)."""
         travel = self.centres[-1] - self.centres[0]
         if np.abs(travel).max() < min_travel:
             return "staying still"
         return max(_VELOCITY, key=lambda word: float(np.dot(_VELOCITY[word], travel)))
 
-    def shape(self):
+    def shape(self) -> str | None:
         """The shape word of the middle frame's shape: a bar when its bounding box is over twice as long one way
         as the other, else a square when it fills over 88 % of that box (a disc fills 79 %), else a circle;
         None when the middle frame shows no shape."""
@@ -131,7 +155,7 @@ class BlobMeasurement:
         return "square" if mask.sum() / (width * height) > 0.88 else "circle"
 
 
-def measure_blob(video):
+def measure_blob(video: np.ndarray) -> BlobMeasurement:
     """Locate the shape in a uint8 video [T, H, W, 3] over the shaded background (rendered or generated).
 
     Per frame the shape is the pixels at least half as far from the background colour as the farthest one,
@@ -156,23 +180,23 @@ def measure_blob(video):
     return BlobMeasurement(tuple(float(v) for v in rgb), nearest, centres, mask)
 
 
-def caption_of(colour, shape, motion):
+def caption_of(colour: str, shape: str, motion: str) -> str:
     return f"a {colour} {shape} {motion}"
 
 
-def all_captions():
+def all_captions() -> list[str]:
     """Every caption the synthetic data set can contain, in a fixed order."""
     return [caption_of(*words) for words in itertools.product(COLOURS, SHAPES, MOTIONS)]
 
 
-def colour_pattern(colour, channels):
+def colour_pattern(colour: str, channels: int) -> np.ndarray:
     """A fixed unit-RMS channel vector per colour; independent of the seed so every data set agrees."""
     rng = np.random.default_rng(1000 + COLOURS.index(colour))
     pattern = rng.standard_normal(channels)
     return pattern / np.sqrt(np.mean(pattern**2))
 
 
-def blob_latent(colour, shape, motion, latent_shape):
+def blob_latent(colour: str, shape: str, motion: str, latent_shape: tuple[int, int, int, int]) -> np.ndarray:
     """The noise-free latent [C, T, H, W] of a caption: a blob of the colour's channel pattern in motion."""
     channels, frames, height, width = latent_shape
     ys = (np.arange(height) + 0.5) / height
@@ -267,8 +291,6 @@ def _claim_folder(out_dir, expected, key="data.path"):
 
 def _pixel_latents(words, latent_shape, vae):
     """Latents [C, T, H, W] of each caption's rendered video, encoded by `vae` (the tiny block VAE, normalised)."""
-    import torch
-
     channels, frames, height, width = latent_shape
     if channels != vae.latent_channels:
         raise ConfigError(f"data.latent_channels={channels}: the tiny block VAE has {vae.latent_channels} latent "
@@ -284,8 +306,10 @@ def _pixel_latents(words, latent_shape, vae):
     return latents
 
 
-def write_synthetic_shards(out_dir, num_samples, samples_per_shard, latent_shape, text_len, text_dim, seed,
-                           text_encoder, encoder_name, vae="tiny-random", video_vae=None, held_out=False):
+def write_synthetic_shards(out_dir: str, num_samples: int, samples_per_shard: int,
+                           latent_shape: tuple[int, int, int, int], text_len: int, text_dim: int, seed: int,
+                           text_encoder: CaptionTextEncoder, encoder_name: str, vae: str = "tiny-random",
+                           video_vae: CaptionVideoEncoder | None = None, held_out: bool = False) -> list[ShardInfo]:
     """Write shard-000000.tar ... and index.json into out_dir; return the list of ShardInfo.
 
     vae: "tiny-random" writes analytic latent blobs (no VAE involved: fast, for tests); "tiny-block" renders

@@ -4,13 +4,15 @@ PyAV decodes in one pass per video; clips travel from `osp-data build` to `osp-d
 """
 
 import io
+import os
+from collections.abc import Iterator
 from fractions import Fraction
 
 import av
 import numpy as np
 import torch
 
-from osp_megatron.data.buckets import center_crop_box, choose_bucket, cover_size
+from osp_megatron.data.buckets import Bucket, center_crop_box, choose_bucket, cover_size
 
 _CODECS = ("libx264", "mpeg4")
 
@@ -18,13 +20,15 @@ _CODECS = ("libx264", "mpeg4")
 class VideoError(Exception):
     """A video that cannot be used; `kind` is 'unreadable video', 'truncated video' or 'too short'."""
 
-    def __init__(self, message, kind="unreadable video", clips_done=0):
+    def __init__(self, message: str, kind: str = "unreadable video", clips_done: int = 0):
         super().__init__(message)
         self.kind, self.clips_done = kind, clips_done
 
 
-def probe(path):
+def probe(path: str) -> tuple[int, int]:
     """(height, width) of the first video stream; VideoError when the file is no readable video."""
+    if os.path.getsize(path) == 0:  # FFmpeg calls it "invalid data", as for a corrupt file
+        raise VideoError("is an empty file (0 bytes)")
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
@@ -90,7 +94,9 @@ def _grid_frames(decoded, fps, start, end, native_fps, frame_duration, grid):
         k += 1
 
 
-def sample_clips(path, fps, num_frames, buckets, start=None, end=None, native_fps=None, max_clips=0):
+def sample_clips(path: str, fps: float, num_frames: int, buckets: list[Bucket], start: float | None = None,
+                 end: float | None = None, native_fps: float | None = None,
+                 max_clips: int = 0) -> Iterator[tuple[Bucket, float, np.ndarray]]:
     """Yield (bucket, clip start in seconds, uint8 frames [num_frames, H, W, 3]) for consecutive clips.
 
     Frames sit on the grid start + k / fps (k = 0, 1, ...; start defaults to the first frame's time); each
@@ -131,7 +137,7 @@ def _pick_codec():
     raise VideoError(f"this PyAV build has none of the video encoders {_CODECS}")
 
 
-def encode_clip(frames, fps, crf=16):
+def encode_clip(frames: np.ndarray, fps: float, crf: int = 16) -> bytes:
     """uint8 frames [F, H, W, 3] (even H and W) -> MP4 bytes (H.264 at visually lossless quality)."""
     codec = _pick_codec()
     buffer = io.BytesIO()
@@ -149,7 +155,7 @@ def encode_clip(frames, fps, crf=16):
     return buffer.getvalue()
 
 
-def decode_clip(data):
+def decode_clip(data: bytes) -> np.ndarray:
     """MP4 bytes of a clip -> uint8 frames [F, H, W, 3]; VideoError when they do not decode."""
     try:
         with av.open(io.BytesIO(data)) as container:
@@ -161,6 +167,6 @@ def decode_clip(data):
     return np.stack(frames)
 
 
-def to_model_input(frames):
+def to_model_input(frames: np.ndarray) -> torch.Tensor:
     """uint8 frames [F, H, W, 3] -> float tensor [3, F, H, W] in [-1, 1], as the VAE takes them."""
     return torch.from_numpy(frames).permute(3, 0, 1, 2).float().div(127.5).sub(1.0)

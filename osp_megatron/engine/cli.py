@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from osp_megatron.config.errors import ConfigError
-from osp_megatron.config.loader import apply_overrides, from_dict, load_yaml, to_dict
+from osp_megatron.config.loader import apply_override_layer, from_dict, load_yaml, to_dict
 
 
 # Sampling settings only osp-sample and osp-eval read: the training jobs' sample videos render sample.prompt in
@@ -102,7 +102,7 @@ def load_job_config(spec: JobSpec, path=None, overrides=()):
     """The job's config from a YAML file (default: the packaged one) plus dotted overrides, validated, with
     settings the job ignores refused."""
     raw = load_yaml(path if path is not None else packaged_config(spec.default_config))
-    apply_overrides(raw, list(overrides))
+    apply_override_layer(spec.config_class, raw, overrides)
     config = from_dict(spec.config_class, raw)
     check_ignored_settings(raw, config, spec)
     return config
@@ -181,9 +181,9 @@ def job_main(spec: JobSpec, argv=None, actions: Optional[dict] = None) -> int:
 def run(config, spec: JobSpec) -> int:
     """Build and train under graceful-stop signal handling; exit status 0 also when stopped by a signal."""
     from osp_megatron.engine.signals import GracefulStop
-    from osp_megatron.utils.logging import quiet_third_party_warnings
+    from osp_megatron.utils.logging import plain_warnings
 
-    quiet_third_party_warnings()
+    plain_warnings(spec.name)
     with GracefulStop(job=spec.name) as stop:
         trainer = None
         try:

@@ -181,7 +181,8 @@ class JobConfig:
                  ("data.synthetic_vae", self.data.synthetic_vae, "model.vae", self.model.vae)]
         for key_a, a, key_b, b in pairs:
             if a != b:
-                raise ConfigError(f"{key_a}={a} does not match {key_b}={b}")
+                raise ConfigError(f"{key_a}={a} does not match {key_b}={b}; leave {key_a} out (it follows {key_b}) "
+                                  "or set both")
         patch = self.model.patch_size
         latent = (self.data.latent_frames, self.data.latent_height, self.data.latent_width)
         for axis, size, step in zip(("latent_frames", "latent_height", "latent_width"), latent, patch):

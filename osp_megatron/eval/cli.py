@@ -20,9 +20,10 @@ EXAMPLES = """examples:
       --config examples/sample_wan14b.yaml --output-dir eval/osp14b \\
       --vbench-python /opt/vbench-env/bin/python --vbench-cache /data/vbench_cache
 
-  # a quick look: 4 prompts of two dimensions, 1 video each, on the CPU (temporal flickering needs no weights)
-  osp-eval vbench --checkpoint runs/tiny_t2v --output-dir eval/tiny --dimensions temporal_flickering \\
-      subject_consistency --max-prompts 4 --videos-per-prompt 1 --full-info VBench_full_info.json
+  # a quick look after the tiny main job: 4 prompts in VBench's suite format, 1 video each, on the CPU
+  # (temporal flickering needs no weights; without the vbench package subject consistency is reported missing)
+  osp-eval vbench --checkpoint runs/tiny_t2v --output-dir runs/eval_tiny --dimensions temporal_flickering \\
+      subject_consistency --videos-per-prompt 1 --full-info examples/prompts/vbench_quick.json
 """
 
 

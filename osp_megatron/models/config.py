@@ -17,7 +17,7 @@ def torch_dtype(name: str):
 
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
 
-# Published Wan2.1 dimensions (DESIGN.md section 1); "tiny" is a CPU test model whose head count (4) admits
+# Published Wan2.1 dimensions (docs/training.md, "Configs and presets"); "tiny" is a CPU test model whose head count (4) admits
 # every sequence-parallel layout the tests use (TP x Ulysses x SSP up to 4) and whose head_dim keeps 3D RoPE
 # splittable.
 PRESETS: dict[str, dict] = {
@@ -31,6 +31,12 @@ PRESETS: dict[str, dict] = {
         dim=5120, num_layers=40, num_heads=40, ffn_dim=13824, text_dim=4096, text_len=512, full_blocks=4,
     ),
 }
+
+# What naming a preset decides: its dimensions, plus three choices that belong to one model size and fall back
+# to their defaults (block_layout has one entry per block; absolute_positions and the tiny-block VAE are the tiny
+# example's). A configuration layer that names model.preset resets these keys of the layers below it, so
+# `osp-train model.preset=wan-1.3b` over the tiny example's dim 128 gives wan-1.3b, not a mix of the two.
+PRESET_KEYS = (*PRESETS["tiny"], "block_layout", "absolute_positions", "vae")
 
 BLOCK_KINDS = ("full", "token", "group")
 # model.activation_checkpointing: "full" recomputes whole blocks in the backward, "selective" keeps the attention
@@ -92,6 +98,11 @@ class ModelConfig:
         merged = dict(PRESETS[preset])
         merged.update(data)
         return merged
+
+    @classmethod
+    def keys_reset_by(cls, layer: dict) -> tuple[str, ...]:
+        """Keys of the layers below that a configuration layer resets: PRESET_KEYS when it names a preset."""
+        return PRESET_KEYS if "preset" in layer else ()
 
     @property
     def head_dim(self) -> int:

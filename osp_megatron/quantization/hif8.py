@@ -1,6 +1,6 @@
 """HiFloat8 (HiF8) codec: encode, decode, round-to-nearest and hybrid stochastic rounding.
 
-Vectorised torch code that runs on any device; the bit layout follows DESIGN.md section 4.
+Vectorised torch code that runs on any device; the bit layout is in docs/quantization.md.
 
 Format as implemented (per sign; E is the unbiased binary exponent, m the mantissa bits):
 

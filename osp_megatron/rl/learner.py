@@ -1,7 +1,7 @@
 """The GRPO learner: group-normalised advantages and the clipped-ratio loss of one recorded SDE step.
 
 Per trained step: r = exp(log pi_theta - log pi_old), L = mean(max(-A r, -A clip(r, 1 - eps, 1 + eps))) + beta KL
-(DESIGN.md section 5); the KL is to the frozen reference policy's transition.
+(docs/grpo.md); the KL is to the frozen reference policy's transition.
 """
 
 import contextlib

@@ -1,6 +1,6 @@
 """Stochastic and deterministic steps of the rectified-flow sampler used by GRPO rollouts and the learner.
 
-The SDE step (DESIGN.md section 5) turns the flow ODE into a Gaussian transition with a known log-density.
+The SDE step (docs/grpo.md) turns the flow ODE into a Gaussian transition with a known log-density.
 """
 
 import torch

@@ -52,9 +52,9 @@ def main(argv=None) -> int:
 
 def estimate_memory(config, job: str = "osp-train") -> int:
     from osp_megatron.training.memory import estimate_config
-    from osp_megatron.utils.logging import quiet_third_party_warnings
+    from osp_megatron.utils.logging import plain_warnings
 
-    quiet_third_party_warnings()
+    plain_warnings(job)
     try:
         print(estimate_config(config))
     except ConfigError as err:

@@ -10,7 +10,8 @@ import torch
 import torch.distributed as dist
 
 from osp_megatron.config.errors import ConfigError
-from osp_megatron.data.shards import SampleError, decode_sample, iter_raw_samples, resolve_shards
+from osp_megatron.data.shards import (SampleError, check_text_states, decode_sample, iter_raw_samples,
+                                      resolve_shards)
 from osp_megatron.training.flow_matching import PerSampleNoise, flow_matching_losses
 
 # Offset of the evaluation noise stream from the training seed, so they never coincide.
@@ -28,7 +29,9 @@ def load_held_out(data_config, path, num_samples: int, dp_rank: int, dp_size: in
         raise ConfigError(f"train.eval_samples={num_samples} is smaller than the data-parallel size {dp_size}")
     wanted = range(dp_rank * per_rank, (dp_rank + 1) * per_rank)
     samples, position = [], 0
-    for shard in resolve_shards(path):
+    shards = resolve_shards(path)
+    check_text_states(shards, data_config.text_len, data_config.text_dim, f"data.eval_path {path!r}")
+    for shard in shards:
         for raw in iter_raw_samples(shard.path):
             if position in wanted:
                 # Real shards carry their bucket's shape in the index; data.latent_* describe synthetic data.

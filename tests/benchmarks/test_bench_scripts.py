@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # every benchmark script runs in a subprocess
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -41,7 +43,6 @@ def test_fp8_benchmark_loss_curves_tiny(tmp_path):
     assert row["relative_to_bf16"]["bf16"] == 0.0
 
 
-@pytest.mark.slow
 def test_fsdp_benchmark_tiny(tmp_path):
     """bench_fsdp.py --tiny runs osp-train under torchrun (two CPU ranks, FSDP with SSP=2) and reports step
     time, throughput, memory and finite losses."""
@@ -64,7 +65,6 @@ def test_grpo_benchmark_tiny(tmp_path):
     assert all(row["iteration_s"] > 0 and row["peak_mem_gb"] > 0 for row in modes.values())
 
 
-@pytest.mark.slow
 def test_sampling_benchmark_tiny_on_one_and_two_ranks(tmp_path):
     """bench_sampling.py --tiny: seconds per video, full vs hybrid, on one process; then SSP = 2 and CFG-parallel
     on two gloo ranks, with speed-ups over the one-process JSON and its VAE time reused."""

@@ -89,6 +89,7 @@ def _tensor_parallel_worker(rank, port, sources, inputs, out_dir):
         destroy_distributed()
 
 
+@pytest.mark.slow
 def test_tp2_model_on_two_ranks_matches_diffusers(tiny_diffusers, wan, tmp_path):
     """On two gloo ranks at TP=2, the model loaded from a TP=2 import, a TP=1 import (resharded on load) and the
     diffusers folder itself gives diffusers' output."""

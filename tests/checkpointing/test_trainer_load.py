@@ -1,5 +1,6 @@
 """checkpoint.load: osp-train starts fine-tuning from a diffusers folder as well as from a framework checkpoint."""
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -20,6 +21,7 @@ def _initial_weights(rank, world_size, overrides):
             ("blocks.0.self_attention.linear_q.weight", "blocks.1.mlp.linear_fc2.weight", "head_modulation")}
 
 
+@pytest.mark.slow
 def test_checkpoint_load_accepts_a_diffusers_folder(tmp_path, tiny_diffusers):
     """With checkpoint.load=<diffusers transformer folder> the (sparse) model starts from exactly those weights."""
     _, folder = tiny_diffusers

@@ -110,6 +110,7 @@ def clip_dir(raw_videos, tmp_path_factory):
 
 
 def encode_on_rank(rank, world_size, clip_folder, output):
+    """`osp-data encode` with the tests' settings; under run_on_ranks each rank takes its share of the shards."""
     from data.encode import encode_dataset
 
     return encode_dataset(clip_folder, output, text_dim=TEXT_DIM_REAL, text_len=32, batch_size=2,
@@ -118,10 +119,20 @@ def encode_on_rank(rank, world_size, clip_folder, output):
 
 @pytest.fixture(scope="session")
 def latent_dir(clip_dir, tmp_path_factory):
-    """`osp-data encode` of clip_dir on two gloo ranks, each taking half of the shards."""
+    """`osp-data encode` of clip_dir in this process (one rank); test_osp_data checks that two ranks agree."""
     folder = tmp_path_factory.mktemp("latents") / "out"
-    run_on_ranks(encode_on_rank, 2, str(clip_dir), str(folder))
+    encode_on_rank(0, 1, str(clip_dir), str(folder))
     return folder
+
+
+@pytest.fixture(scope="session")
+def encode_on_ranks():
+    """encode_on_ranks(clip folder, output, ranks): `osp-data encode` on that many gloo rank processes."""
+
+    def encode(clip_folder, output, ranks):
+        return run_on_ranks(encode_on_rank, ranks, str(clip_folder), str(output))
+
+    return encode
 
 
 @pytest.fixture(scope="session")

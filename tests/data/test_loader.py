@@ -5,6 +5,7 @@ Uses the session synthetic shard set and small bucketed latent shards written by
 
 import json
 import shutil
+import warnings
 
 import pytest
 import torch
@@ -50,7 +51,7 @@ def test_batches_have_documented_fields_and_shapes(shard_dir, make_config):
         assert states[length:].abs().sum() == 0 and states[length - 1].abs().sum() > 0
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("num_workers", [0, pytest.param(2, marks=pytest.mark.slow)])  # 2: reader processes
 def test_every_sample_of_an_epoch_is_seen_once_across_ranks_and_workers(bucket_dir, make_config, num_workers):
     """Two ranks, each with `num_workers` readers, together read each sample of an epoch exactly once."""
     config = make_config(bucket_dir, num_workers=num_workers)
@@ -154,6 +155,7 @@ def test_resume_on_another_layout_continues_the_global_stream(bucket_dir, make_c
         _assert_same_batches(_take(one, 2), [next(loader) for loader in two])
 
 
+@pytest.mark.slow
 def test_worker_processes_give_the_same_stream_and_resume(bucket_dir, make_config):
     """Two worker processes yield exactly the single-process batches, before and after a resume."""
     single = _take(WebDatasetLoader(make_config(bucket_dir), 3, seed=4), 12)
@@ -227,10 +229,32 @@ def test_missing_data_is_a_config_error(tmp_path, make_config):
 
 
 def test_too_little_data_for_a_global_batch_is_a_config_error(shard_dir, make_config):
-    """A source whose buckets cannot fill one global batch is refused, naming the setting to lower."""
-    with pytest.warns(UserWarning, match="fewer than its global batch of 64"), \
-            pytest.raises(ConfigError, match="global_batch_size"):
-        WebDatasetLoader(make_config(shard_dir), 8, dp_rank=0, dp_size=8)
+    """A source whose buckets cannot fill one global batch is refused with every bucket's count against its
+    global batch and the setting to lower, in one message (no warning per bucket before it)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ConfigError, match=r"\(samples per bucket: 2x4x6: 50 of 64\).*lower "
+                                              r"train.global_batch_size"):
+            WebDatasetLoader(make_config(shard_dir), 8, dp_rank=0, dp_size=8)
+
+
+def test_a_bucket_smaller_than_its_global_batch_is_left_out_with_a_warning(bucket_dir, make_config):
+    """With one bucket full and one not, the short one is named in a warning and never read."""
+    with pytest.warns(UserWarning, match="bucket 2x6x4 holds 16 samples, fewer than its global batch of 20"):
+        loader = WebDatasetLoader(make_config(bucket_dir), 2, seed=0, global_batch_size=20)
+    assert {batch["bucket"] for batch in _take(loader, 10)} == {"2x4x6"}
+
+
+def test_shards_encoded_for_another_text_encoder_are_refused_at_start(tmp_path, make_config, latent_shard_writer):
+    """Text states wider than data.text_dim, or longer than data.text_len, per the shards' index: one error
+    naming the source's key, both settings and the shards' value, before any sample is read."""
+    wide = latent_shard_writer(tmp_path / "wide", {SHAPE_A: 4}, text_dim=4096, text_len=512)
+    with pytest.raises(ConfigError, match=r"data.path '.*wide': its shards hold text states of width 4096 .*"
+                                          r"data.text_dim is 16 \(it follows model.text_dim\).*--config"):
+        WebDatasetLoader(make_config(wide), 1)
+    mixed = make_config("unused", sources=[DataSource(str(tmp_path / "wide"), 1.0)], text_dim=4096)
+    with pytest.raises(ConfigError, match=r"data.sources\[0\].path .*up to 512 text tokens.*data.text_len is 32"):
+        WebDatasetLoader(mixed, 1)
 
 
 def test_batch_sizes_that_do_not_divide_are_config_errors(shard_dir, make_config):

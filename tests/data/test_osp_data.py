@@ -61,6 +61,7 @@ def test_build_writes_bucketed_clips_and_counts_every_bad_input(clip_dir):
     assert not [name for name in os.listdir(clip_dir) if name.endswith(".tmp")]
 
 
+@pytest.mark.slow
 def test_killed_build_resumes_to_the_same_shards(raw_videos, clip_dir, clip_builder, tmp_path, monkeypatch):
     """A build that dies after some videos continues on rerun (here with 2 decoding processes) and ends with the
     shards of an uninterrupted one."""
@@ -103,7 +104,7 @@ def test_build_refuses_other_settings_or_other_data(raw_videos, clip_dir, clip_b
         clip_builder(raw_videos, tmp_path / "new", frames=8)
 
 
-def test_encode_on_two_ranks_writes_the_shards_osp_train_reads(latent_dir):
+def test_encode_writes_the_shards_osp_train_reads(latent_dir):
     """Latents per bucket with the VAE's shapes, float16 on disk; the index lists offsets; the loader reads all."""
     index = read_index(str(latent_dir))
     assert index["format"] == "osp-latents-v1" and index["text_dim"] == 32
@@ -121,6 +122,20 @@ def test_encode_on_two_ranks_writes_the_shards_osp_train_reads(latent_dir):
     assert len(set(keys)) == 10
 
 
+@pytest.mark.slow
+def test_encode_on_two_ranks_writes_the_shards_of_one(clip_dir, latent_dir, encode_on_ranks, tmp_path):
+    """Two gloo ranks, each encoding every other shard, write the index and the latents one rank writes."""
+    folder = tmp_path / "latents"
+    encode_on_ranks(clip_dir, folder, 2)
+    one, two = read_index(str(latent_dir)), read_index(str(folder))
+    assert two["shards"] == one["shards"] and two["samples_per_bucket"] == one["samples_per_bucket"]
+    for entry in one["shards"]:
+        expected, written = _latents(latent_dir / entry["name"]), _latents(folder / entry["name"])
+        assert written.keys() == expected.keys()
+        for key in expected:
+            np.testing.assert_allclose(written[key], expected[key], atol=2e-3, rtol=2e-3)
+
+
 def test_killed_encode_resumes_only_unfinished_shards(clip_dir, latent_dir, tmp_path):
     """A shard whose encode was cut (only its hidden temporary file exists) is redone, identical; others stay."""
     copy = tmp_path / "latents"
@@ -134,7 +149,7 @@ def test_killed_encode_resumes_only_unfinished_shards(clip_dir, latent_dir, tmp_
     report = _encode(clip_dir, copy)
     assert report["clips_this_run"] == read_index(str(latent_dir))["shards"][1]["num_samples"]
     redone = _latents(copy / victim)
-    assert redone.keys() == original.keys()  # 1 rank now, 2 ranks before: the same latents (float16 on disk)
+    assert redone.keys() == original.keys()  # the same latents as the first encode (float16 on disk)
     for key in original:
         np.testing.assert_allclose(redone[key], original[key], atol=2e-3, rtol=2e-3)
     assert {p.name: p.stat().st_mtime_ns for p in copy.glob("*.tar") if p.name != victim} == kept
@@ -211,3 +226,73 @@ def test_argument_errors_exit_with_status_2(tmp_path, capsys):
     assert main(["build", "--videos", str(tmp_path / "videos"), "--captions", str(tmp_path / "none.jsonl"),
                  "--output", str(tmp_path / "out"), "--no-progress"]) == 2
     assert "--captions" in capsys.readouterr().err
+
+
+def test_build_with_nothing_usable_fails_and_writes_no_index(tmp_path, capsys):
+    """Only a zero-byte and a corrupt video: build says it failed, exits 1, leaves its report but no index.json
+    (encode then refuses the folder), and tells the empty file apart from the corrupt one, one line each."""
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    (videos / "empty.mp4").write_bytes(b"")
+    (videos / "corrupt.mp4").write_bytes(np.random.default_rng(0).bytes(4000))
+    (videos / "captions.jsonl").write_text('{"path": "empty.mp4", "caption": "a"}\n'
+                                           '{"path": "corrupt.mp4", "caption": "b"}\n')
+    output = tmp_path / "clips"
+    assert main(["build", "--videos", str(videos), "--captions", str(videos / "captions.jsonl"), "--output",
+                 str(output), "--frames", "5", "--buckets", "64x64", "--workers", "0", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "osp-data build: warning: skipping empty.mp4: unreadable video: is an empty file (0 bytes)\n" in err
+    assert "osp-data build: warning: skipping corrupt.mp4: unreadable video: cannot be opened" in err
+    assert "osp-data build: failed: no clip from the 2 captioned video(s)" in err and "no index.json written" in err
+    assert (output / "build_report.json").is_file() and not (output / "index.json").exists()
+    assert main(["encode", "--input", str(output), "--output", str(tmp_path / "latents"), "--no-progress"]) == 2
+    assert "holds no `osp-data build` output" in capsys.readouterr().err
+
+
+def test_empty_caption_file_is_its_own_usage_error(tmp_path, capsys):
+    """A zero-byte caption file is named as empty (exit 2), not read as a file without rows."""
+    (tmp_path / "videos").mkdir()
+    (tmp_path / "captions.jsonl").write_bytes(b"")
+    assert main(["build", "--videos", str(tmp_path / "videos"), "--captions", str(tmp_path / "captions.jsonl"),
+                 "--output", str(tmp_path / "out"), "--no-progress"]) == 2
+    assert "captions.jsonl' is an empty file" in capsys.readouterr().err
+
+
+def test_encode_with_no_usable_clip_fails_and_writes_no_index(clip_dir, tmp_path, capsys):
+    """Every clip undecodable: encode says it failed, exits 1 and writes no index.json."""
+    copy = tmp_path / "clips"
+    shutil.copytree(clip_dir, copy)
+    index = read_index(str(copy))
+    index["shards"] = index["shards"][:1]
+    (copy / "index.json").write_text(json.dumps(index))
+    name = index["shards"][0]["name"]
+    samples = list(iter_raw_samples(str(copy / name)))
+    with webdataset.TarWriter(str(copy / name)) as writer:
+        for raw in samples:
+            writer.write({"__key__": raw["__key__"], "mp4": b"garbage", "txt": raw["txt"], "json": raw["json"]})
+    output = tmp_path / "latents"
+    assert main(["encode", "--input", str(copy), "--output", str(output), "--text-dim", "32", "--text-len", "32",
+                 "--no-progress"]) == 1
+    assert "osp-data encode: failed: no sample encoded" in capsys.readouterr().err
+    assert (output / "encode_report.json").is_file() and not (output / "index.json").exists()
+
+
+def test_bench_reads_the_training_config_with_its_overrides(latent_dir, tmp_path, capsys):
+    """`osp-data bench --config FILE key=value ...` reads the config's data.path and batch sizes after the
+    overrides, as osp-train would; too large a batch names every bucket's count; warnings are one plain line."""
+    config = tmp_path / "train.yaml"
+    config.write_text(f"train: {{micro_batch_size: 1, global_batch_size: 8}}\ndata: {{path: {latent_dir}}}\n")
+    result_file = tmp_path / "bench.json"
+    common = ["--batches", "4", "--json", str(result_file)]
+    assert main(["bench", "--config", str(config), *common]) == 2
+    assert "(samples per bucket: 64x64: 2 of 8, 64x96: 4 of 8, 96x64: 4 of 8)" in capsys.readouterr().err
+    assert main(["bench", "--config", str(config), "train.global_batch_size=4", "data.num_workers=0", *common]) == 0
+    captured = capsys.readouterr()
+    assert "global batch 4" in captured.out and "UserWarning" not in captured.err
+    assert ("osp-data bench: warning: data source 0: bucket 64x64 holds 2 samples, fewer than its global batch of "
+            "4; its samples are not used (every global batch is one bucket)\n") in captured.err
+    assert json.loads(result_file.read_text())["samples"] == 4
+    # FOLDER first, overrides after the options: the folder replaces data.path
+    assert main(["bench", str(latent_dir), "--config", str(config), "train.global_batch_size=2", *common]) == 0
+    assert main(["bench", "train.global_batch_size=2"]) == 2
+    assert "name it with --config" in capsys.readouterr().err

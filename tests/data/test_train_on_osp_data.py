@@ -1,4 +1,4 @@
-"""End to end: MP4 files -> `osp-data build` -> `osp-data encode` (two ranks) -> `osp-train`, and its resume.
+"""End to end: MP4 files -> `osp-data build` -> `osp-data encode` -> `osp-train`, and its resume.
 
 The shards come from the session fixtures of conftest.py; training runs the example config's tiny DiT.
 """

@@ -44,6 +44,7 @@ def test_tiny_default_trains_checkpoints_logs_and_samples(main_job, run_python_m
     assert out.with_suffix(".png").is_file()
 
 
+@pytest.mark.slow
 def test_train_cli_rejects_unknown_key(tmp_path):
     """A misspelt override stops osp-train before any work, with the key in the message and exit code 2."""
     result = subprocess.run([sys.executable, "-m", "osp_megatron.training.cli", "--config", str(EXAMPLE),

@@ -159,3 +159,19 @@ def test_vbench_command_renders_the_suite_and_scores_temporal_flickering(tmp_pat
     capsys.readouterr()
     assert main(args) == 0
     assert "6 of 6 videos are done already" in capsys.readouterr().out
+
+
+def test_help_quick_example_names_a_shipped_suite_file():
+    """`osp-eval vbench --help`'s quick example reads a suite file that exists in the repository and holds prompts
+    for each dimension it names."""
+    import re
+
+    from osp_megatron.eval.cli import EXAMPLES
+    from osp_megatron.eval.vbench_suite import find_suite, suite_prompts
+
+    quick = EXAMPLES.split("a quick look", 1)[1].replace("\\\n", " ")
+    suite = re.search(r"--full-info (\S+)", quick).group(1)
+    dimensions = re.search(r"--dimensions ((?:\w+ +)+)--", quick).group(1).split()
+    root = Path(__file__).resolve().parents[2]
+    for dimension in dimensions:
+        assert suite_prompts(find_suite(str(root / suite)), [dimension])

@@ -71,6 +71,7 @@ def _sequence_parallel_run(rank, world_size, ssp, ulysses):
     return results
 
 
+@pytest.mark.slow
 def test_checkpointing_modes_under_sequence_parallelism_equal_single_rank():
     """With SSP=2 on two gloo ranks (switch all-to-alls, Ulysses in the full blocks' attention core) full and
     selective recomputation give the single-rank loss and gradients."""

@@ -222,6 +222,7 @@ def test_fused_pass_equals_its_pieces(name, batch, with_bias):
 
 @pytest.mark.parametrize("name, batch", [("gated_residual_affine_norm", 1), ("residual_modulated_norm", 2),
                                          ("rms_norm", 2)])
+@pytest.mark.slow
 def test_compiled_fused_pass_equals_eager_pieces(name, batch, monkeypatch):
     """With OSP_MEGATRON_COMPILE=force the fused passes run as torch.compile graphs on the CPU: values and the
     gradients of their compiled backward (two gradient paths added inside it) equal the eager pieces."""
@@ -411,6 +412,7 @@ def _tensor_parallel_attention(rank, world_size):
     return max(float((a - b).abs().max()) for a, b in zip(values, expected, strict=True)), reduces, expected_reduces
 
 
+@pytest.mark.slow
 def test_tensor_parallel_fused_projection_equals_its_pieces():
     """With tensor parallelism 2 the one q/k/v GEMM takes one input-gradient all-reduce instead of three, and
     the attention (all-reduced q/k norm sums, RoPE fused with the scaling) equals the pieces on every rank."""

@@ -7,7 +7,11 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 from osp_megatron.engine.ranks import run_on_ranks
+
+pytestmark = pytest.mark.slow  # the benchmark runs on two gloo ranks
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_sequence_parallel.py"
 # Loaded here, once, so the forked ranks start without importing megatron-core again.

@@ -13,6 +13,8 @@ import torch
 from osp_megatron.engine.ranks import run_on_ranks
 from osp_megatron.testing import assert_same_training_state
 
+pytestmark = pytest.mark.slow  # every test starts gloo ranks (run_on_ranks)
+
 GLOBAL_BATCH, STEPS, SEED = 4, 4, 11
 MODEL = {"preset": "tiny", "num_layers": 3, "sparse_ratio": 2, "full_blocks": 1}
 

@@ -1,4 +1,4 @@
-"""The communication ledger: counts and bytes of every collective match DESIGN.md section 3's formulas.
+"""The communication ledger: counts and bytes of every collective match docs/parallelism.md's formulas.
 
 One hidden-state all-to-all per pattern switch, a quarter of a Ulysses layer's bytes at S=4, TensorBoard tags.
 """
@@ -56,6 +56,7 @@ def _by(entries, **match):
     return sum(e[4] for e in found), sum(e[5] for e in found)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tensor, ssp, ulysses", [(1, 4, 1), (1, 2, 2), (1, 1, 2), (2, 2, 1)])
 def test_ledger_matches_the_design_formulas(tensor, ssp, ulysses):
     """Per rank and forward pass: one all-to-all per pattern switch of B N d (S-1)/(S^2 U) elements over the SSP
@@ -81,7 +82,7 @@ def test_ledger_matches_the_design_formulas(tensor, ssp, ulysses):
     assert _by(entries, phase="forward", op="all_gather", group="context") == (
         1, BATCH * tokens // context * DIM * BYTES * (context - 1))
     if ssp == 4 and ulysses == 1 and tensor == 1:
-        # SSP's point (DESIGN.md section 3): a pattern switch moves a quarter of a Ulysses layer's bytes.
+        # SSP's point (docs/parallelism.md): a pattern switch moves a quarter of a Ulysses layer's bytes.
         assert nbytes / switches == ulysses_layer(context) / 4
     if tensor > 1:
         assert _by(entries, phase="forward", op="all_reduce", group="tensor")[0] > 0

@@ -98,6 +98,7 @@ def single_rank_reference():
     return {replicas: run_on_ranks(_forward_and_gradients, 1, (1, 1, 1, 1), replicas)[0] for replicas in (1, 2)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_forward_and_gradients_equal_single_rank(name, single_rank_reference):
     """Under each layout every rank's output and every parameter's reduced gradient equal one rank's (1e-5),
@@ -181,6 +182,7 @@ def train_runs(tmp_path_factory):
     return root, data_dir, references
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_osp_train_layout_equals_single_rank(name, train_runs):
     """osp-train with the tiny example (model.sparse_ratio=2) under each layout logs the single-rank losses and
@@ -196,6 +198,7 @@ def test_osp_train_layout_equals_single_rank(name, train_runs):
         assert row["comm/ssp/all_to_all_bytes"] > 0
 
 
+@pytest.mark.slow
 def test_torchrun_launch_equals_single_rank(train_runs):
     """`torchrun --nproc_per_node 2 -m osp_megatron.training.cli ... parallel.ssp=2` equals the single-rank run."""
     root, data_dir, references = train_runs
@@ -229,6 +232,7 @@ def test_unworkable_layouts_are_refused(model_fields, grid, layout, message):
     assert message in str(error.value)
 
 
+@pytest.mark.slow
 def test_osp_train_refuses_unworkable_layout_at_start_up(tmp_path):
     """osp-train exits with status 2 and the reason, before any work, when full layers cannot split the heads."""
     argv = _train_overrides(tmp_path / "data", tmp_path / "run", (2, 4, 1, 1))

@@ -1,5 +1,6 @@
 """Tensor parallelism: a TP=2 model on two gloo ranks computes what the TP=1 model computes."""
 
+import pytest
 import torch
 
 from osp_megatron.checkpointing.sharded import partition_dim
@@ -10,6 +11,8 @@ from osp_megatron.parallel.state import ParallelConfig, init_distributed
 from osp_megatron.training.flow_matching import flow_matching_loss
 from osp_megatron.engine.ranks import run_on_ranks
 from osp_megatron.testing import gathered_gradients
+
+pytestmark = pytest.mark.slow  # every test starts gloo ranks (run_on_ranks)
 
 
 def _loss_and_full_grads(rank, world_size, model_overrides):

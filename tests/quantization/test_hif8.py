@@ -27,7 +27,7 @@ def _reference_mantissa_bits(exponent):
 
 
 def _reference_code_table():
-    """code -> value, assembled from (sign, dot, Es, exponent bits, mantissa) per DESIGN.md section 4."""
+    """code -> value, assembled from (sign, dot, Es, exponent bits, mantissa) per docs/quantization.md."""
     table = {}
     for sign in (0, 1):
         sign_value = -1.0 if sign else 1.0

@@ -127,6 +127,7 @@ def _amax_reduction_worker(rank, world_size):
     return scaler.compute_scale(local, group=dist.group.WORLD).item()
 
 
+@pytest.mark.slow
 def test_amax_is_all_reduced_so_ranks_agree_on_the_scale():
     """Two gloo ranks with different local amaxes both scale by the global amax (MAX all-reduce)."""
     scales = run_on_ranks(_amax_reduction_worker, 2)

@@ -3,6 +3,10 @@
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.slow  # osp-grpo runs in subprocesses
+
 
 def _run(*args):
     return subprocess.run([sys.executable, "-m", "osp_megatron.rl.cli", *args], capture_output=True, text=True,

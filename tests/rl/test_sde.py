@@ -11,7 +11,7 @@ from osp_megatron.rl.sde import SecondOrderSolver, ode_step, sde_kl, sde_mean_an
 
 
 def reference_step(x, v, s, s_next, eta, noise, sigma_at_one_uses):
-    """DESIGN.md section 5 written out in float64, one sample at a time."""
+    """docs/grpo.md's SDE step written out in float64, one sample at a time."""
     x, v, noise = x.double(), v.double(), noise.double()
     dt = s_next - s
     std = eta * math.sqrt(s / (1 - (sigma_at_one_uses if s == 1 else s)))

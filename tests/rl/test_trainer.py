@@ -44,6 +44,7 @@ def _metrics(run_dir):
     return [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly(tmp_path, grpo_overrides):
     """A stop signal during iteration 1 finishes it and checkpoints; resuming gives the uninterrupted run's
     rewards, losses and final weights (full fine-tuning with KL to the kept reference)."""
@@ -148,6 +149,7 @@ def _threads(rank, world_size, overrides):
     return torch.get_num_threads()
 
 
+@pytest.mark.slow
 def test_cpu_threads_set_the_jobs_threads(tmp_path, grpo_overrides):
     """train.cpu_threads sets torch's threads of a CPU job as in osp-train (the worker starts with one)."""
     assert run_on_ranks(_threads, 1, grpo_overrides(tmp_path, extra=["train.cpu_threads=2"])) == [2]

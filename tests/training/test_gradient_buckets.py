@@ -1,5 +1,6 @@
 """Data-parallel gradient averaging in bounded buckets: the grouping, and the averaged values on gloo ranks."""
 
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -26,6 +27,7 @@ def _average(rank, world_size, bucket_bytes):
     return [param.grad.clone() for param in model.parameters()]
 
 
+@pytest.mark.slow
 def test_small_buckets_average_exactly_like_one_bucket():
     """With buckets smaller than one weight (one all-reduce per tensor) every rank holds the mean."""
     for bucket_bytes in (16, 2**30):

@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 
 from osp_megatron.config.loader import from_dict
-from osp_megatron.models.config import ModelConfig
+from osp_megatron.models.config import PRESETS, ModelConfig
 from osp_megatron.training import cli
 from osp_megatron.training.activation_bytes import measure_in_subprocess, run_requests
 from osp_megatron.training.activation_profile import request_for
@@ -92,6 +92,7 @@ def tiny_profiles():
     return dict(zip((1, 2), measure_in_subprocess(requests)))
 
 
+@pytest.mark.slow
 def test_measured_block_bytes(tiny_profiles):
     """Full recomputation keeps exactly the bf16 block input (2 bytes per channel and token); selective also
     the attention core's q, k, v, output (2 bytes each, split over tensor-parallel ranks) and float32 softmax
@@ -108,6 +109,7 @@ def test_measured_block_bytes(tiny_profiles):
     assert tiny_profiles[2]["block"]["per_token"] < tiny_profiles[1]["block"]["per_token"]
 
 
+@pytest.mark.slow
 def test_estimate_memory_cli(capsys, monkeypatch, tmp_path):
     """osp-train --estimate-memory prints model state, activations and the peak without starting anything."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
@@ -115,3 +117,26 @@ def test_estimate_memory_cli(capsys, monkeypatch, tmp_path):
     out = capsys.readouterr().out
     for text in ("B/param", "AdamW moments", "kept (selective", "<- peak", "fits a 139 GiB GPU"):
         assert text in out, out
+
+
+@pytest.mark.parametrize("preset, parameters", [("wan-1.3b", "1.42 B"), ("wan-14b", "14.29 B")])
+def test_print_config_and_estimate_memory_take_a_preset_from_the_command_line(preset, parameters, capsys,
+                                                                               monkeypatch, tmp_path):
+    """`osp-train --print-config model.preset=X` and `--estimate-memory model.preset=X` over the packaged tiny
+    config resolve and size that preset, not the tiny config's dimensions."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert cli.main(["--print-config", f"model.preset={preset}"]) == 0
+    printed = capsys.readouterr().out
+    assert f"preset: {preset}" in printed and f"dim: {PRESETS[preset]['dim']}" in printed
+    assert cli.main(["--estimate-memory", f"model.preset={preset}"]) == 0
+    assert f"{preset} ({parameters} parameters)" in capsys.readouterr().out
+
+
+def test_wan13b_480p_example_fits_one_h200(capsys, monkeypatch, tmp_path):
+    """examples/train_wan13b_480p.yaml: --estimate-memory sizes wan-1.3b at 480P with full recomputation, under
+    the 139 GiB of an H200 (measured: 33.9 GB, docs/memory.md)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert cli.main(["--config", "examples/train_wan13b_480p.yaml", "--estimate-memory"]) == 0
+    out = capsys.readouterr().out
+    assert "wan-1.3b (1.42 B parameters)" in out and "tokens 21x30x52 = 32,760" in out
+    assert "fits a 139 GiB GPU" in out

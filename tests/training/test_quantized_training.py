@@ -2,10 +2,13 @@
 
 import json
 
+import pytest
 import torch
 
 from osp_megatron.engine.config import load_job_config
 from osp_megatron.engine.ranks import run_on_ranks
+
+pytestmark = pytest.mark.slow  # each recipe trains in a rank process of its own (run_on_ranks)
 
 # Mean loss of the last 10 of 40 steps may differ from the fp32 run by at most this fraction.
 MARGIN = 0.10

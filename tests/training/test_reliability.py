@@ -122,6 +122,7 @@ def test_kill_9_then_resume_logs_every_step_once(straight, tmp_path):
     assert sorted(logged) == list(range(1, STEPS + 1)), logged
 
 
+@pytest.mark.slow
 def test_damaged_newest_checkpoint_is_skipped_and_a_named_one_is_refused(straight, tmp_path):
     """A truncated weight file in the newest checkpoint: resume=auto warns and continues from the previous
     intact one (and finishes with the uninterrupted losses); resume=PATH of the damaged one names the file."""
@@ -143,6 +144,7 @@ def test_damaged_newest_checkpoint_is_skipped_and_a_named_one_is_refused(straigh
     _assert_same_losses(run_dir, expected)
 
 
+@pytest.mark.slow
 def test_finished_run_layout_change_and_intervals(straight, tmp_path):
     """A finished run says 'already at train.steps' without training or sampling again; a checkpoint whose
     metadata names another parallel layout is resharded on load (here: finished already); eval_interval logs
@@ -184,6 +186,7 @@ def test_finished_run_layout_change_and_intervals(straight, tmp_path):
         assert any(key in row for row in rows), key
 
 
+@pytest.mark.slow
 def test_offline_tools_name_the_damaged_file(straight, tmp_path):
     """osp-ckpt verify exits 1 naming the truncated file; osp-sample and osp-ckpt inspect exit 2 with a
     one-line error naming it instead of a library traceback."""
@@ -209,6 +212,7 @@ def test_offline_tools_name_the_damaged_file(straight, tmp_path):
         assert "state/__0_0.distcp: truncated" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_config_errors_come_before_torch_and_help_lists_sections():
     """A bad key is reported without importing torch (so in well under 2 s); --help lists every section,
     examples (torchrun, resume) and where outputs go."""
@@ -228,3 +232,7 @@ def test_config_errors_come_before_torch_and_help_lists_sections():
                    "data: path", "quant: recipe", "sample: prompt", "torchrun", "checkpoint.resume",
                    "metrics.jsonl", "tensorboard", "--print-config"):
         assert needle in text, needle
+    from osp_megatron.engine.config import load_job_config
+
+    steps = load_job_config("examples/tiny_t2v.yaml").train.steps
+    assert f"the CPU demo: data, {steps} steps" in text  # the help tells the demo's length as shipped

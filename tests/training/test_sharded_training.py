@@ -113,6 +113,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow
 def test_kill_during_async_save_resumes_from_previous_checkpoint(reference, tmp_path):
     """checkpoint.async_save=true: a kill -9 while the step-4 checkpoint is being written leaves step 2 the
     newest loadable checkpoint (the half-written one is never published); running again resumes there and

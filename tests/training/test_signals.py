@@ -6,6 +6,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from osp_megatron.engine.signals import GracefulStop
 
 
@@ -22,6 +24,7 @@ def test_signals_set_the_flag_and_handlers_are_restored():
     assert signal.getsignal(signal.SIGTERM) is before
 
 
+@pytest.mark.slow
 def test_second_ctrl_c_exits_at_once(tmp_path):
     """The first SIGINT asks for a stop; the second ends the process with 130 and a one-line message."""
     script = textwrap.dedent("""

@@ -34,6 +34,7 @@ def _fixed_batch_losses(rank, world_size):
     return losses
 
 
+@pytest.mark.slow
 def test_one_step_reduces_loss_on_a_fixed_batch():
     """After one AdamW step the same batch with the same noise has a lower flow-matching loss."""
     (before, after), = run_on_ranks(_fixed_batch_losses, 1)
@@ -60,6 +61,7 @@ def _losses(run_dir):
     return {row["step"]: row["loss"] for row in rows}
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly(tmp_path):
     """Stopping at step 3 (train.exit_interval) and resuming gives the uninterrupted run's losses (fp32, 1e-6)."""
     common = ["train.steps=6", "train.sample_at_end=false", "train.progress=false", "model.num_layers=2",
@@ -113,6 +115,7 @@ def _dropped_text(rank, world_size, overrides):
     return dropped, kept, bool(torch.equal(out, again)), threads
 
 
+@pytest.mark.slow
 def test_text_dropout_swaps_in_the_unconditional_states_per_sample(tmp_path):
     """train.text_dropout replaces about that share of the samples' text states, chosen by sample index (the same
     again), by the encoder states of sample.negative_prompt that guidance's unconditional branch uses. (The same
@@ -139,6 +142,7 @@ def _device_error(rank, world_size, overrides):
     return None
 
 
+@pytest.mark.slow
 def test_cuda_asked_without_a_gpu_is_refused(tmp_path):
     """train.device=cuda on a machine without CUDA stops at start-up with a message naming the key."""
     if torch.cuda.is_available():
