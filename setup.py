@@ -2,6 +2,9 @@
 
 from setuptools import find_packages, setup
 
+# import name -> folder of the command-line tools
+TOOLS = {"osp_data": "data", "osp_launch": "launch", "osp_ckpt": "checkpoints_tools"}
+
 setup(
     name="osp-megatron",
     version="0.1.0",
@@ -10,7 +13,10 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["osp_megatron*", "checkpoints_tools*", "data*", "launch*"]),
+    # The tools keep their folders (data/, launch/, checkpoints_tools/) but install under names of their own, so
+    # that they never shadow, nor are shadowed by, a user's `data` or `launch` module.
+    packages=find_packages(include=["osp_megatron*"]) + list(TOOLS),
+    package_dir=TOOLS,
     package_data={"osp_megatron": ["configs/*.yaml", "training/activation_profiles.json"]},
     install_requires=[
         "torch>=2.4,<2.15",
@@ -45,9 +51,9 @@ setup(
             "osp-sample=osp_megatron.inference.cli:main",
             "osp-eval=osp_megatron.eval.cli:main",
             "osp-make-synthetic=osp_megatron.engine.data:main",
-            "osp-ckpt=checkpoints_tools.cli:main",
-            "osp-data=data.cli:main",
-            "osp-launch=launch.cli:main",
+            "osp-ckpt=osp_ckpt.cli:main",
+            "osp-data=osp_data.cli:main",
+            "osp-launch=osp_launch.cli:main",
         ]
     },
 )

@@ -21,8 +21,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import timed, write_report  # noqa: E402
 
-from data.build import CLIPS_FORMAT  # noqa: E402
-from data.encode import Encoders, encode_dataset  # noqa: E402
+from osp_data.build import CLIPS_FORMAT  # noqa: E402
+from osp_data.encode import Encoders, encode_dataset  # noqa: E402
 from osp_megatron.data.buckets import Bucket  # noqa: E402
 from osp_megatron.data.shards import ShardInfo, write_index  # noqa: E402
 from osp_megatron.data.video import decode_clip, encode_clip, to_model_input  # noqa: E402

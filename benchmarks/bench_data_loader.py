@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import write_report  # noqa: E402
 
-from data.bench import bench_loader  # noqa: E402
+from osp_data.bench import bench_loader  # noqa: E402
 from osp_megatron.data.config import DataConfig  # noqa: E402
 from osp_megatron.data.shards import ShardInfo, npy_bytes, sample_offsets, write_index  # noqa: E402
 

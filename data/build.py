@@ -13,9 +13,9 @@ import time
 import webdataset
 from tqdm import tqdm
 
-from data.captions import CaptionEntry, list_videos, read_captions
-from data.outputs import claim_output
-from data.problems import ProblemLog
+from .captions import CaptionEntry, list_videos, read_captions
+from .outputs import claim_output
+from .problems import ProblemLog
 from osp_megatron.config.errors import ConfigError
 from osp_megatron.data.buckets import parse_buckets
 from osp_megatron.data.shards import INDEX_NAME, ShardInfo, atomic_write_bytes, write_index

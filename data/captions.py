@@ -8,7 +8,7 @@ import json
 import os
 from dataclasses import dataclass
 
-from data.problems import ProblemLog
+from .problems import ProblemLog
 from osp_megatron.config.errors import ConfigError
 
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".mpg", ".mpeg", ".flv", ".ts")

@@ -23,7 +23,7 @@ fps overrides the container's frame timing. Rerunning the same command resumes a
     "encode": """examples:
   osp-data encode --input clips/ --output latents/ --vae Wan2.1-T2V-1.3B-Diffusers/vae \\
       --text-encoder Wan2.1-T2V-1.3B-Diffusers
-  torchrun --nproc-per-node 8 -m data.cli encode --input clips/ --output latents/ --vae ... --text-encoder ...
+  torchrun --nproc-per-node 8 -m osp_data.cli encode --input clips/ --output latents/ --vae ... --text-encoder ...
   osp-data encode --input clips/ --output latents/ --config examples/train_osp_data.yaml   # model.* paths
   osp-data encode --input clips/ --output latents/ --text-dim 32 --text-len 32   # tiny random models (tests)
 
@@ -196,13 +196,13 @@ def main(argv: list[str] | None = None) -> int:
     plain_warnings(f"osp-data {args.command}")
     try:
         if args.command == "build":
-            from data.build import build_dataset
+            from .build import build_dataset
 
             report = build_dataset(args.videos, args.captions, args.output, args.fps, args.frames, args.buckets,
                                    args.shard_size_mb, args.workers, args.max_clips_per_video, not args.no_progress)
             return 0 if report["clips"] else 1
         if args.command == "encode":
-            from data.encode import encode_dataset
+            from .encode import encode_dataset
 
             settings = _model_settings(args)
             report = encode_dataset(args.input, args.output, settings["vae_path"], settings["text_encoder_path"],
@@ -210,11 +210,11 @@ def main(argv: list[str] | None = None) -> int:
                                     args.device, args.precision, not args.no_progress)
             return 1 if report is not None and not report["samples"] else 0  # the report is rank 0's
         if args.command == "inspect":
-            from data.inspection import inspect_folder
+            from .inspection import inspect_folder
 
             _write_json(args.json, inspect_folder(args.folder, args.check))
             return 0
-        from data.bench import bench_loader
+        from .bench import bench_loader
 
         _bench_arguments(args, extra)
         config, micro, global_batch = _bench_config(args)

@@ -15,9 +15,9 @@ import torch.distributed as dist
 import webdataset
 from tqdm import tqdm
 
-from data.build import CLIPS_FORMAT
-from data.outputs import claim_output
-from data.problems import ProblemLog
+from .build import CLIPS_FORMAT
+from .outputs import claim_output
+from .problems import ProblemLog
 from osp_megatron.config.errors import ConfigError
 from osp_megatron.data.shards import (INDEX_NAME, ShardInfo, atomic_write_bytes, iter_raw_samples, npy_bytes,
                                       read_index, sample_offsets, write_index)

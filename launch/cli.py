@@ -23,7 +23,7 @@ job name is passed to the job unchanged. docs/cluster.md explains the submission
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from launch.jobs import JOB_MODULES
+    from .jobs import JOB_MODULES
 
     parser = argparse.ArgumentParser(
         prog="osp-launch", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
@@ -84,18 +84,18 @@ def main(argv=None) -> int:
 
     quiet_third_party_warnings()
     try:
-        from launch.jobs import job_module
+        from .jobs import job_module
 
         module = job_module(args.job)
         if args.local is not None:
             if args.local < 1:
                 raise ConfigError(f"--local {args.local}: the number of ranks must be >= 1")
-            from launch.local import run_local
+            from .local import run_local
 
             return run_local(args.job, module, args.arguments, args.local)
 
-        from launch.cluster import load_cluster_config
-        from launch.slurm import Submission
+        from .cluster import load_cluster_config
+        from .slurm import Submission
 
         names = ("nodes", "gpus_per_node", "tasks_per_node", "cpus_per_task", "mem", "partition", "account", "qos",
                  "time", "job_name", "log_dir", "container_image", "container_mounts", "python", "setup",

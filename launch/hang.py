@@ -1,4 +1,4 @@
-"""`python -m launch.hang slurm_logs/<job id>`: which rank a hung job's other ranks waited for, read from the dumps
+"""`python -m osp_launch.hang slurm_logs/<job id>`: which rank a hung job's other ranks waited for, read from the dumps
 they wrote when their collective timed out (flight recorder and stacks, one pair per rank) and the tasks' notes.
 
 A rank that wrote no dump never reached the timeout: it is stopped, hung outside a collective, or its node died.
@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from launch.task import rank_ranges, read_notes
+from .task import rank_ranges, read_notes
 
 DUMP_NAME = re.compile(r"^rank_(\d+)$")
 # Ranks waiting in collectives with a stuck rank fail within moments of each other (the first timeout, then
@@ -185,7 +185,7 @@ def waiting_for(dumps: dict[int, RankDump]) -> dict[int, list[int]]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m launch.hang", description="Name the rank a hung job waited for, from the flight-recorder "
+        prog="python -m osp_launch.hang", description="Name the rank a hung job waited for, from the flight-recorder "
         "dumps and stacks its ranks wrote at the collective timeout (docs/cluster.md, Diagnosing a hang).")
     parser.add_argument("folder", type=Path, help="the job's log folder (slurm_logs/<job id>), one run's "
                         "flight_recorder/restart_<N> folder in it, or any folder of rank_<N> dumps")
@@ -194,7 +194,7 @@ def main(argv=None) -> int:
     try:
         print(diagnose(args.folder, args.restart))
     except (OSError, ValueError) as error:
-        print(f"launch.hang: error: {error}", file=sys.stderr)
+        print(f"osp_launch.hang: error: {error}", file=sys.stderr)
         return 2
     return 0
 

@@ -11,7 +11,7 @@ JOB_MODULES = {
     "osp-train": "osp_megatron.training.cli",
     "osp-grpo": "osp_megatron.rl.cli",
     "osp-sample": "osp_megatron.inference.cli",
-    "osp-data": "data.cli",  # osp-launch osp-data encode --config ...
+    "osp-data": "osp_data.cli",  # osp-launch osp-data encode --config ...
 }
 
 

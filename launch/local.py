@@ -8,7 +8,7 @@ import sys
 
 import psutil
 
-from launch.supervisor import run_supervised
+from .supervisor import run_supervised
 
 
 def torchrun_command(module: str, arguments: list[str], ranks: int) -> list[str]:

@@ -8,8 +8,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from launch.cluster import ClusterConfig, sbatch_option, time_limit_minutes
-from launch.task import JobTask
+from .cluster import ClusterConfig, sbatch_option, time_limit_minutes
+from .task import JobTask
 from osp_megatron.config.errors import ConfigError
 from osp_megatron.parallel.diagnostics import COMMUNICATION_DEFAULTS, FLIGHT_RECORDER_FILE
 from osp_megatron.parallel.rendezvous import RENDEZVOUS_PORT_BASE, RENDEZVOUS_PORT_SPAN
@@ -70,7 +70,7 @@ class Submission:
             name, value = sbatch_option(line)
             extra[name] = value
         # submitit asks for USR2 and requeues at once from its handler; the job instead finishes its step, saves
-        # on every rank and exits 0, and rank 0's task requeues afterwards (launch.task).
+        # on every rank and exits 0, and rank 0's task requeues afterwards (osp_launch.task).
         extra["signal"] = f"{cluster.stop_signal}@{cluster.stop_warning_seconds}"
         extra["requeue" if cluster.requeue else "no-requeue"] = True
         parameters = dict(

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from launch.supervisor import run_supervised, stopped_by
+from .supervisor import run_supervised, stopped_by
 from osp_megatron.parallel.rendezvous import expand_nodelist, rendezvous_port
 
 # Slurm job states in which Slurm itself has already decided the job's fate (cancelled, timed out, preempted,

@@ -113,7 +113,7 @@ def collective_failure_report(error: BaseException) -> Optional[str]:
     """The lines a rank prints when `error` came out of a collective (a timeout or a lost peer); None otherwise.
 
     They name the rank, its host and the last collectives it entered (the one it waited in is the newest), and
-    where the flight-recorder dump went; `python -m launch.hang` over a job's dumps names the rank the others
+    where the flight-recorder dump went; `python -m osp_launch.hang` over a job's dumps names the rank the others
     waited for (`torchfrtrace <folder>` reads the NCCL dumps too).
     """
     message = str(error).lower()
@@ -135,7 +135,7 @@ def collective_failure_report(error: BaseException) -> Optional[str]:
             lines.append(f"[rank {rank}] waiting in collective " + _describe(entries[-1]))
             lines += [f"[rank {rank}]   before it: " + _describe(entry) for entry in reversed(entries[:-1])]
         lines.append(f"[rank {rank}] flight recorder dump: {path}, stacks in {stack_file(path).name} (which rank "
-                     f"the others waited for: python -m launch.hang {path.parent})")
+                     f"the others waited for: python -m osp_launch.hang {path.parent})")
     return "\n".join(lines)
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from checkpoints_tools.cli import main
+from osp_ckpt.cli import main
 from osp_megatron.checkpointing.offline import read_checkpoint_tensors
 from osp_megatron.checkpointing.wan_keys import DIFFUSERS, ORIGINAL, OURS, rename
 

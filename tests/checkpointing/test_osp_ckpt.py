@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
-from checkpoints_tools.cli import main
+from osp_ckpt.cli import main
 from osp_megatron.checkpointing.sharded import iter_full_tensors
 from osp_megatron.config.errors import ConfigError
 from osp_megatron.checkpointing.pretrained import load_pretrained

@@ -87,7 +87,7 @@ def raw_videos(tmp_path_factory):
 
 
 def build_clips(raw, output, **options):
-    from data.build import build_dataset
+    from osp_data.build import build_dataset
 
     settings = dict(fps=CLIP_FPS, frames=CLIP_FRAMES, buckets=BUCKETS, shard_size_mb=0.002, workers=0,
                     max_clips_per_video=2, progress=False)
@@ -111,7 +111,7 @@ def clip_dir(raw_videos, tmp_path_factory):
 
 def encode_on_rank(rank, world_size, clip_folder, output):
     """`osp-data encode` with the tests' settings; under run_on_ranks each rank takes its share of the shards."""
-    from data.encode import encode_dataset
+    from osp_data.encode import encode_dataset
 
     return encode_dataset(clip_folder, output, text_dim=TEXT_DIM_REAL, text_len=32, batch_size=2,
                           latent_dtype="float16", progress=False)

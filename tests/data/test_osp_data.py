@@ -13,8 +13,8 @@ import pytest
 import webdataset
 
 from data import build as build_module
-from data.cli import main
-from data.encode import encode_dataset
+from osp_data.cli import main
+from osp_data.encode import encode_dataset
 from osp_megatron.config.errors import ConfigError
 from osp_megatron.data.config import DataConfig
 from osp_megatron.data.loader import WebDatasetLoader

@@ -1,4 +1,4 @@
-"""The hang report (python -m launch.hang): from the dumps the surviving ranks wrote at the collective timeout and
+"""The hang report (python -m osp_launch.hang): from the dumps the surviving ranks wrote at the collective timeout and
 the tasks' notes, it names each rank's host and collective, and the rank(s) the others waited for."""
 
 import json
@@ -6,8 +6,8 @@ import pickle
 
 import pytest
 
-from launch.hang import diagnose, main
-from launch.task import write_note
+from osp_launch.hang import diagnose, main
+from osp_launch.task import write_note
 
 
 def _entry(record, sequence, group=("0", "default_pg"), caller="trainer.py"):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from launch.local import torchrun_command
+from osp_launch.local import torchrun_command
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 12
@@ -24,7 +24,7 @@ def test_torchrun_command():
 
 
 def launch(run_dir: Path, data_dir: Path) -> subprocess.Popen:
-    command = [sys.executable, "-m", "launch.cli", "--local", "2", "osp-train", "--config", "examples/tiny_t2v.yaml",
+    command = [sys.executable, "-m", "osp_launch.cli", "--local", "2", "osp-train", "--config", "examples/tiny_t2v.yaml",
                f"run.dir={run_dir}", f"data.path={data_dir}", "train.eval_interval=0", f"train.steps={STEPS}", "checkpoint.interval=100",
                "train.sample_at_end=false", "train.progress=false", "train.device=cpu", "train.micro_batch_size=4",
                "data.synthetic_num_samples=64", "data.synthetic_samples_per_shard=32"]

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from launch import jobs
-from launch.cli import main
+from osp_launch.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ["--config", "examples/tiny_t2v.yaml", "parallel.tensor=2"]
@@ -78,7 +78,7 @@ def test_cpu_tasks_and_container(capsys, every_job_installed):
     srun = next(line for line in out.splitlines() if line.startswith("srun "))
     assert "--container-image=nvcr.io#osp:1" in srun and "--container-mounts=/lustre:/lustre" in srun
     assert " python -u -m submitit.core._submit" in srun
-    assert "python -m data.cli encode --config encode.yaml" in out
+    assert "python -m osp_data.cli encode --config encode.yaml" in out
 
 
 @pytest.mark.parametrize("args, message", [

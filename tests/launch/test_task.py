@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from launch.supervisor import stopped_by
-from launch.task import JobTask, StoppedBeforeItsEnd, host_layout, read_notes, task_environment, write_note
+from osp_launch.supervisor import stopped_by
+from osp_launch.task import JobTask, StoppedBeforeItsEnd, host_layout, read_notes, task_environment, write_note
 from osp_megatron.parallel.rendezvous import rendezvous_port
 
 SLURM_TASK = {"SLURM_PROCID": "9", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1", "SLURM_NODEID": "1",

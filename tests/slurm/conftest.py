@@ -16,7 +16,7 @@ from typing import Optional
 
 import pytest
 
-from launch.task import read_notes
+from osp_launch.task import read_notes
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 16
@@ -127,7 +127,7 @@ class Lane:
                tasks_per_node: int = 2) -> Job:
         """osp-launch `job` with `arguments` on nodes x tasks_per_node CPU ranks; every job shares one data set."""
         run_dir, log_dir = self.root / name, self.root / "logs"
-        out = run([sys.executable, "-m", "launch.cli", "--nodes", str(nodes), "--gpus-per-node", "0",
+        out = run([sys.executable, "-m", "osp_launch.cli", "--nodes", str(nodes), "--gpus-per-node", "0",
                    "--tasks-per-node", str(tasks_per_node), "--time", "15", "--stop-warning-seconds", "60",
                    "--log-dir", str(log_dir), "--job-name", f"lane-{name}", job, *arguments, f"run.dir={run_dir}",
                    f"data.path={self.root / 'data'}"])

@@ -34,5 +34,5 @@ def test_a_stopped_rank_is_found_from_the_others_dumps(lane):
         assert "collective failed" in job.log(rank, "err") and f"flight recorder dump: {dumps}/rank_{rank}" in \
             job.log(rank, "err"), job.log(rank, "err")[-3000:]
     host = job.hosts(0)[3]
-    report = lane.run([sys.executable, "-m", "launch.hang", str(job.logs)])
+    report = lane.run([sys.executable, "-m", "osp_launch.hang", str(job.logs)])
     assert f"=> the others waited for rank(s) 3 on {host}: " in report, report

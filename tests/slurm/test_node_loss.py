@@ -6,7 +6,7 @@ node returns to service once its slurmd is back."""
 import re
 import time
 
-from launch.task import read_notes
+from osp_launch.task import read_notes
 
 
 def test_a_lost_node_ends_the_job_which_resumes_on_the_nodes_left(lane, two_nodes):

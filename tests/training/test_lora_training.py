@@ -100,7 +100,7 @@ def test_lora_run_resumes_exactly(base_run, tmp_path):
 
 
 def test_osp_ckpt_merges_and_exports_and_refuses_a_changed_base(base_run, tmp_path, capsys):
-    from checkpoints_tools.cli import main as osp_ckpt
+    from osp_ckpt.cli import main as osp_ckpt
 
     root = base_run
     run_on_ranks(_train, 1, _overrides(tmp_path / "lora", root / "data", 1, [f"checkpoint.load={root / 'base'}", *LORA]))

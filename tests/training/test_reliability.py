@@ -198,12 +198,12 @@ def test_offline_tools_name_the_damaged_file(straight, tmp_path):
     newest = run_dir / "checkpoints" / f"step_{STEPS:08d}"
     weights = newest / "state" / "__0_0.distcp"
     weights.write_bytes(weights.read_bytes()[:-10])
-    verify = subprocess.run([sys.executable, "-m", "checkpoints_tools.cli", "verify", str(run_dir)],
+    verify = subprocess.run([sys.executable, "-m", "osp_ckpt.cli", "verify", str(run_dir)],
                             capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert verify.returncode == 1
     assert f"{newest}: DAMAGED" in verify.stdout and "state/__0_0.distcp: truncated" in verify.stdout
     assert "step_00000006: intact" in verify.stdout
-    for command in (["checkpoints_tools.cli", "inspect", str(newest)],
+    for command in (["osp_ckpt.cli", "inspect", str(newest)],
                     ["osp_megatron.inference.cli", "--checkpoint", str(newest), "--weights", "model", "--steps", "1",
                      "--output", str(tmp_path / "x.mp4")]):
         result = subprocess.run([sys.executable, "-m", *command], capture_output=True, text=True, timeout=300,
