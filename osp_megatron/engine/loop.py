@@ -24,6 +24,7 @@ from osp_megatron.checkpointing.checkpoint import (
     save_checkpoint,
     weights_path,
 )
+from osp_megatron.config.errors import ConfigError
 from osp_megatron.config.loader import to_dict
 from osp_megatron.engine.distributed import training_device
 from osp_megatron.engine.metrics import MetricsLogger
@@ -78,6 +79,7 @@ class TrainingJob(abc.ABC):
         config = self.config
         seed_everything(config.train.seed)
         if self.resume_path is not None:
+            self._check_resume_matches_lora()
             base = None
             if config.lora is not None:
                 base = resolve_base(self.resume_path, self._moved_base(initial_weights))
@@ -88,6 +90,18 @@ class TrainingJob(abc.ABC):
         self.optimizer = build_optimizer(module, config.train)
         if config.train.ema_decay > 0:
             self.ema = EMA(module, config.train.ema_decay, "cpu" if config.train.ema_device == "cpu" else None)
+
+    def _check_resume_matches_lora(self) -> None:
+        """A LoRA checkpoint resumes only as LoRA with its adapters' shape, a full one only without LoRA."""
+        saved = (lora_metadata(self.resume_path) or {}).get("lora")
+        wanted = self.config.lora
+        if saved is None and wanted is not None:
+            raise ConfigError(f"checkpoint {self.resume_path} trained every weight (no LoRA) but lora is set; resume "
+                              "it with lora=null, or start a LoRA run elsewhere (run.dir, or checkpoint.resume=none)")
+        if saved is not None and (wanted is None or (saved["rank"], saved["alpha"], list(saved["target_modules"]))
+                                  != (wanted.rank, wanted.alpha, list(wanted.target_modules))):
+            raise ConfigError(f"checkpoint {self.resume_path} holds LoRA adapters of rank {saved['rank']}, alpha "
+                              f"{saved['alpha']} on {saved['target_modules']}; resume it with those lora settings")
 
     def _moved_base(self, configured: Optional[str | Path]) -> Optional[Path]:
         """checkpoint.load when the base a LoRA checkpoint names is not where it was (moved weights)."""

@@ -120,3 +120,18 @@ def test_osp_ckpt_merges_and_exports_and_refuses_a_changed_base(base_run, tmp_pa
     capsys.readouterr()
     assert osp_ckpt(["merge-lora", str(checkpoint), str(tmp_path / "merged3"), "--base", str(checkpoint)]) == 2
     assert "are not those LoRA checkpoint" in capsys.readouterr().err
+
+
+def test_resuming_with_other_lora_settings_is_refused(base_run, tmp_path):
+    """A LoRA run's checkpoint resumes only with its own adapter settings; a full run's only without LoRA."""
+    root = base_run
+    lora_run = _overrides(tmp_path / "lora", root / "data", 1, [f"checkpoint.load={root / 'base'}", *LORA])
+    run_on_ranks(_train, 1, lora_run)
+    for changed, message in (([*lora_run, "lora.rank=8", "lora.alpha=8", "train.steps=2"], "rank 4"),
+                             ([*lora_run, "lora=null", "train.steps=2"], "rank 4")):
+        with pytest.raises(RuntimeError, match=message):
+            run_on_ranks(_train, 1, changed)
+    full_run = _overrides(tmp_path / "full", root / "data", 1)
+    run_on_ranks(_train, 1, full_run)
+    with pytest.raises(RuntimeError, match="trained every weight"):
+        run_on_ranks(_train, 1, [*full_run, f"checkpoint.load={root / 'base'}", *LORA, "train.steps=2"])
