@@ -37,7 +37,7 @@ setup(
         "peft>=0.15",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout"],
+        "test": ["pytest>=7", "pytest-timeout", "ruff>=0.6"],
         "gpu": ["flash-attn", "transformer-engine[pytorch]", "nvidia-cudnn-frontend>=1.14"],
         "ulysses-baseline": ["deepspeed"],
         "npu": ["torch_npu"],

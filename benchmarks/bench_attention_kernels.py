@@ -50,18 +50,29 @@ class SdpaGraphs:
 
     def _graph(self):
         types = self.cudnn.data_type
-        return self.cudnn.pygraph(io_data_type=types.BFLOAT16, intermediate_data_type=types.FLOAT,
-                                  compute_data_type=types.FLOAT, handle=self.handle)
+        return self.cudnn.pygraph(
+            io_data_type=types.BFLOAT16,
+            intermediate_data_type=types.FLOAT,
+            compute_data_type=types.FLOAT,
+            handle=self.handle,
+        )
 
     def _tensors(self, graph, names):
-        return {name: graph.tensor(name=name, dim=self.dims, stride=self.strides,
-                                   data_type=self.cudnn.data_type.BFLOAT16) for name in names}
+        return {
+            name: graph.tensor(name=name, dim=self.dims, stride=self.strides, data_type=self.cudnn.data_type.BFLOAT16)
+            for name in names
+        }
 
     def forward(self):
         graph = self._graph()
         tensors = self._tensors(graph, ("q", "k", "v"))
-        o, stats = graph.sdpa(q=tensors["q"], k=tensors["k"], v=tensors["v"], generate_stats=True,
-                              attn_scale=1.0 / math.sqrt(self.dims[3]))
+        o, stats = graph.sdpa(
+            q=tensors["q"],
+            k=tensors["k"],
+            v=tensors["v"],
+            generate_stats=True,
+            attn_scale=1.0 / math.sqrt(self.dims[3]),
+        )
         o.set_output(True).set_dim(self.dims).set_stride(self.strides)
         stats.set_output(True).set_data_type(self.cudnn.data_type.FLOAT)
         tensors.update(o=o, stats=stats)
@@ -72,11 +83,18 @@ class SdpaGraphs:
     def backward(self):
         graph = self._graph()
         tensors = self._tensors(graph, ("q", "k", "v", "o", "dO"))
-        tensors["stats"] = graph.tensor(name="stats", dim=self.stats_dims, stride=self.stats_strides,
-                                        data_type=self.cudnn.data_type.FLOAT)
-        grads = graph.sdpa_backward(q=tensors["q"], k=tensors["k"], v=tensors["v"], o=tensors["o"],
-                                    dO=tensors["dO"], stats=tensors["stats"],
-                                    attn_scale=1.0 / math.sqrt(self.dims[3]))
+        tensors["stats"] = graph.tensor(
+            name="stats", dim=self.stats_dims, stride=self.stats_strides, data_type=self.cudnn.data_type.FLOAT
+        )
+        grads = graph.sdpa_backward(
+            q=tensors["q"],
+            k=tensors["k"],
+            v=tensors["v"],
+            o=tensors["o"],
+            dO=tensors["dO"],
+            stats=tensors["stats"],
+            attn_scale=1.0 / math.sqrt(self.dims[3]),
+        )
         for name, grad in zip(("dQ", "dK", "dV"), grads):
             grad.set_output(True).set_dim(self.dims).set_stride(self.strides)
             tensors[name] = grad
@@ -145,6 +163,7 @@ def gemm_burst(device, count: int):
     def burst():
         for _ in range(count):
             torch.mm(x, w.t())
+
     return burst
 
 
@@ -170,8 +189,12 @@ def main(argv=None):
     for label in args.shapes:
         batch, tokens = SHAPES[label]
         generator = torch.Generator(device=device).manual_seed(0)
-        q, k, v, grad = (torch.randn(batch, tokens, args.heads, args.head_dim, device=device, dtype=torch.bfloat16,
-                                     generator=generator) for _ in range(4))
+        q, k, v, grad = (
+            torch.randn(
+                batch, tokens, args.heads, args.head_dim, device=device, dtype=torch.bfloat16, generator=generator
+            )
+            for _ in range(4)
+        )
         leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
 
         def forward():
@@ -181,9 +204,13 @@ def main(argv=None):
         def step():
             torch.autograd.grad(dot_product_attention(*leaves), leaves, grad)
 
-        row = {"shape": label, "batch": batch, "tokens": tokens,
-               "torch_fwd_ms": timed(forward, 2, args.repeat, device),
-               "torch_fwdbwd_ms": timed(step, 2, args.repeat, device)}
+        row = {
+            "shape": label,
+            "batch": batch,
+            "tokens": tokens,
+            "torch_fwd_ms": timed(forward, 2, args.repeat, device),
+            "torch_fwdbwd_ms": timed(step, 2, args.repeat, device),
+        }
         if "burst" not in args.skip:
             row["fwd_after_gemms_ms"] = timed(forward, 1, args.repeat, device, before=burst)
             row["fwdbwd_after_gemms_ms"] = timed(step, 1, args.repeat, device, before=burst)
@@ -192,27 +219,43 @@ def main(argv=None):
             out = torch.empty_like(q)
             stats = torch.empty(batch, args.heads, tokens, 1, device=device, dtype=torch.float32)
             dq, dk, dv = (torch.empty_like(q) for _ in range(3))
-            row["forward_configs"] = sweep(graphs.forward, dict(q=q, k=k, v=v, o=out, stats=stats), args, device,
-                                           f"{label} forward")
-            row["backward_configs"] = sweep(graphs.backward, dict(q=q, k=k, v=v, o=out, dO=grad, stats=stats,
-                                                                  dQ=dq, dK=dk, dV=dv), args, device,
-                                            f"{label} backward")
+            row["forward_configs"] = sweep(
+                graphs.forward, dict(q=q, k=k, v=v, o=out, stats=stats), args, device, f"{label} forward"
+            )
+            row["backward_configs"] = sweep(
+                graphs.backward,
+                dict(q=q, k=k, v=v, o=out, dO=grad, stats=stats, dQ=dq, dK=dk, dV=dv),
+                args,
+                device,
+                f"{label} backward",
+            )
         rows.append(row)
         torch.cuda.empty_cache()
 
-    print(f"\n{'shape':<15} {'fwd ms':>8} {'after GEMMs':>12} {'fwd+bwd ms':>11} {'after GEMMs':>12} "
-          f"{'fwd configs':>12} {'best fwd cfg':>13} {'bwd configs':>12} {'best bwd cfg':>13}")
+    print(
+        f"\n{'shape':<15} {'fwd ms':>8} {'after GEMMs':>12} {'fwd+bwd ms':>11} {'after GEMMs':>12} "
+        f"{'fwd configs':>12} {'best fwd cfg':>13} {'bwd configs':>12} {'best bwd cfg':>13}"
+    )
     for row in rows:
         fwd_cfg, bwd_cfg = row.get("forward_configs", []), row.get("backward_configs", [])
-        print(f"{row['shape']:<15} {row['torch_fwd_ms']:8.2f} {row.get('fwd_after_gemms_ms', float('nan')):12.2f} "
-              f"{row['torch_fwdbwd_ms']:11.2f} {row.get('fwdbwd_after_gemms_ms', float('nan')):12.2f} "
-              f"{len(fwd_cfg):12d} {fwd_cfg[0]['ms'] if fwd_cfg else float('nan'):13.2f} "
-              f"{len(bwd_cfg):12d} {bwd_cfg[0]['ms'] if bwd_cfg else float('nan'):13.2f}")
+        print(
+            f"{row['shape']:<15} {row['torch_fwd_ms']:8.2f} {row.get('fwd_after_gemms_ms', float('nan')):12.2f} "
+            f"{row['torch_fwdbwd_ms']:11.2f} {row.get('fwdbwd_after_gemms_ms', float('nan')):12.2f} "
+            f"{len(fwd_cfg):12d} {fwd_cfg[0]['ms'] if fwd_cfg else float('nan'):13.2f} "
+            f"{len(bwd_cfg):12d} {bwd_cfg[0]['ms'] if bwd_cfg else float('nan'):13.2f}"
+        )
         for phase in ("forward_configs", "backward_configs"):
             for config in row.get(phase, [])[:3]:
                 print(f"    {phase.split('_')[0]:<9} {config['config']:<40} {config['ms']:9.2f} ms")
-    write_report(args.out, rows, device, heads=args.heads, head_dim=args.head_dim, gemm_burst=args.burst,
-                 cudnn_backend=cudnn.backend_version())
+    write_report(
+        args.out,
+        rows,
+        device,
+        heads=args.heads,
+        head_dim=args.head_dim,
+        gemm_burst=args.burst,
+        cudnn_backend=cudnn.backend_version(),
+    )
 
 
 if __name__ == "__main__":

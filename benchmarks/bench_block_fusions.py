@@ -28,11 +28,11 @@ FUSED = {"qkv": layers.column_linears_together, "resnorm": layers.WanDiTLayer.fo
 def _unfused_block_forward(self, hidden, text_states, modulation, rope, context):
     """WanDiTLayer.forward with the residuals and norms as separate passes."""
     shift, scale, gate, ffn_shift, ffn_scale, ffn_gate = (self.modulation + modulation.float()).chunk(6, dim=1)
-    attended, bias = self.self_attention(fused.modulated_layer_norm(hidden, shift, scale, self.eps), context,
-                                         rope=rope)
+    attended, bias = self.self_attention(fused.modulated_layer_norm(hidden, shift, scale, self.eps), context, rope=rope)
     hidden = fused.gated_residual(hidden, attended, gate, bias)
-    crossed, bias = self.cross_attention(self.norm2(hidden), layers.AttentionContext(backend=context.backend),
-                                         text_states=text_states)
+    crossed, bias = self.cross_attention(
+        self.norm2(hidden), layers.AttentionContext(backend=context.backend), text_states=text_states
+    )
     hidden = fused.residual(hidden, crossed, bias)
     ffn_out, ffn_bias = self.mlp(fused.modulated_layer_norm(hidden, ffn_shift, ffn_scale, self.eps))
     return fused.gated_residual(hidden, ffn_out, ffn_gate, ffn_bias)
@@ -73,7 +73,7 @@ def main(argv=None):
                 model(x, timestep, text).float().square().mean().backward()
 
             row[f"{label}_block_ms"] = timed(step, args.warmup, args.repeat, device)
-            del model
+            model = None  # free the weights before the next case
             torch.cuda.empty_cache()
         rows.append(row)
         print(json.dumps(row), flush=True)

@@ -43,8 +43,9 @@ def main(argv=None):
     generator = torch.Generator(device=device).manual_seed(0)
 
     def make(tokens):
-        return torch.randn(1, tokens, args.heads, args.head_dim, device=device, dtype=torch.bfloat16,
-                           generator=generator).requires_grad_(True)
+        return torch.randn(
+            1, tokens, args.heads, args.head_dim, device=device, dtype=torch.bfloat16, generator=generator
+        ).requires_grad_(True)
 
     q, k, v = make(args.queries), make(args.keys), make(args.keys)
     grad = torch.randn_like(q)
@@ -67,8 +68,16 @@ def main(argv=None):
             torch.autograd.grad(attend(kernel, q, k, v), (q, k, v), grad)
 
         fwd, both = timed(forward, args.warmup, args.repeat, device), timed(step, args.warmup, args.repeat, device)
-        rows.append({"kernel": kernel, "fwd_ms": fwd, "step_ms": both, "fwd_tflops": flops / fwd / 1e9,
-                     "step_tflops": 3.5 * flops / both / 1e9, "rel_err_vs_cudnn": error})
+        rows.append(
+            {
+                "kernel": kernel,
+                "fwd_ms": fwd,
+                "step_ms": both,
+                "fwd_tflops": flops / fwd / 1e9,
+                "step_tflops": 3.5 * flops / both / 1e9,
+                "rel_err_vs_cudnn": error,
+            }
+        )
         print(rows[-1], flush=True)
     print(f"{'kernel':<10} {'fwd ms':>8} {'fwd+bwd ms':>11} {'vs cudnn':>9}")
     base = next((r["step_ms"] for r in rows if r["kernel"] == "cudnn" and "step_ms" in r), None)
@@ -76,8 +85,10 @@ def main(argv=None):
         if "error" in r:
             print(f"{r['kernel']:<10} unavailable: {r['error']}")
         else:
-            print(f"{r['kernel']:<10} {r['fwd_ms']:8.2f} {r['step_ms']:11.2f} "
-                  f"{(base / r['step_ms']) if base else float('nan'):9.2f}")
+            print(
+                f"{r['kernel']:<10} {r['fwd_ms']:8.2f} {r['step_ms']:11.2f} "
+                f"{(base / r['step_ms']) if base else float('nan'):9.2f}"
+            )
     write_report(args.out, rows, device, queries=args.queries, keys=args.keys)
 
 

@@ -30,8 +30,17 @@ from osp_megatron.models.text_encoder import ByteTokenizer, TextEncoder, tiny_um
 from osp_megatron.models.vae import VideoVAE, tiny_wan_vae  # noqa: E402
 
 # umT5-XXL, the text encoder of Wan2.1 (5.7B parameters in the encoder).
-UMT5_XXL = dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
-                feed_forward_proj="gated-gelu", dropout_rate=0.0, is_encoder_decoder=False)
+UMT5_XXL = dict(
+    vocab_size=256384,
+    d_model=4096,
+    d_kv=64,
+    d_ff=10240,
+    num_layers=24,
+    num_heads=64,
+    feed_forward_proj="gated-gelu",
+    dropout_rate=0.0,
+    is_encoder_decoder=False,
+)
 
 
 def full_size_encoders(device, dtype, text_layers):
@@ -49,8 +58,11 @@ def full_size_encoders(device, dtype, text_layers):
         for name, param in text_model.named_parameters():
             param.fill_(1.0) if "layer_norm" in name else param.normal_(0.0, 0.02, generator=generator)
     text = TextEncoder(text_model.to(dtype), ByteTokenizer(), 512, device)
-    return Encoders(VideoVAE(vae, device), text, {"vae": "AutoencoderKLWan() random", "text_encoder":
-                                                   f"umT5-XXL shape, {text_layers} layers, random"})
+    return Encoders(
+        VideoVAE(vae, device),
+        text,
+        {"vae": "AutoencoderKLWan() random", "text_encoder": f"umT5-XXL shape, {text_layers} layers, random"},
+    )
 
 
 def tiny_encoders(device):
@@ -84,10 +96,17 @@ def write_clip_folder(folder, clips, frames, height, width, fps):
     caption = "a slow drift of colour bands across the frame, filmed in soft daylight with a gentle camera pan"
     with webdataset.TarWriter(path) as writer:
         for i in range(clips):
-            writer.write({"__key__": f"clip{i:05d}", "mp4": encode_clip(moving_clip(frames, height, width, i), fps),
-                          "txt": caption.encode(), "json": json.dumps({"caption": caption}).encode()})
-    write_index(folder, [ShardInfo(path, clips, bucket.name)], format=CLIPS_FORMAT, fps=fps, frames=frames,
-                buckets=bucket.name)
+            writer.write(
+                {
+                    "__key__": f"clip{i:05d}",
+                    "mp4": encode_clip(moving_clip(frames, height, width, i), fps),
+                    "txt": caption.encode(),
+                    "json": json.dumps({"caption": caption}).encode(),
+                }
+            )
+    write_index(
+        folder, [ShardInfo(path, clips, bucket.name)], format=CLIPS_FORMAT, fps=fps, frames=frames, buckets=bucket.name
+    )
     return path
 
 
@@ -123,8 +142,15 @@ def batch_row(encoders, folder, batch_size, clip_bytes, args, device):
     shutil.rmtree(out, ignore_errors=True)
     reset_peak(device)
     tick = time.perf_counter()
-    report = encode_dataset(folder, out, batch_size=batch_size, progress=False, encoders=encoders,
-                            device=device.type, precision=args.precision)
+    report = encode_dataset(
+        folder,
+        out,
+        batch_size=batch_size,
+        progress=False,
+        encoders=encoders,
+        device=device.type,
+        precision=args.precision,
+    )
     elapsed = time.perf_counter() - tick
     row["end_to_end_s"] = round(elapsed, 2)
     row["end_to_end_peak_gib"] = peak_gib(device)
@@ -167,12 +193,16 @@ def main():
         if scratch:
             shutil.rmtree(args.workdir, ignore_errors=True)
     print(f"osp-data encode, {args.height}x{args.width} x {args.frames} frames, {args.precision}, {device}")
-    print(f"{'batch':>5} {'decode ms/clip':>14} {'VAE ms':>9} {'VAE GiB':>8} {'text ms':>8} {'text GiB':>8} "
-          f"{'e2e clips/s':>11} {'e2e GiB':>8}")
+    print(
+        f"{'batch':>5} {'decode ms/clip':>14} {'VAE ms':>9} {'VAE GiB':>8} {'text ms':>8} {'text GiB':>8} "
+        f"{'e2e clips/s':>11} {'e2e GiB':>8}"
+    )
     for row in rows:
-        print(f"{row['batch_size']:>5} {row['decode_ms_per_clip']:>14.1f} {row['vae_ms']:>9.1f} "
-              f"{row['vae_peak_gib']:>8.2f} {row['text_ms']:>8.1f} {row['text_peak_gib']:>8.2f} "
-              f"{row['clips_per_s']:>11.3f} {row['end_to_end_peak_gib']:>8.2f}")
+        print(
+            f"{row['batch_size']:>5} {row['decode_ms_per_clip']:>14.1f} {row['vae_ms']:>9.1f} "
+            f"{row['vae_peak_gib']:>8.2f} {row['text_ms']:>8.1f} {row['text_peak_gib']:>8.2f} "
+            f"{row['clips_per_s']:>11.3f} {row['end_to_end_peak_gib']:>8.2f}"
+        )
     write_report(args.out, rows, device, models=encoders.names)
 
 

@@ -37,10 +37,14 @@ def write_latent_folder(folder, samples, per_shard, latent_shape, text_shape):
         path = os.path.join(folder, f"bench-{first // per_shard:06d}.tar")
         with webdataset.TarWriter(path) as writer:
             for i in range(first, min(samples, first + per_shard)):
-                writer.write({"__key__": f"s{i:06d}", "latent.npy": npy_bytes(
-                    rng.standard_normal(latent_shape, np.float32), np.float16),
-                    "text.npy": npy_bytes(rng.standard_normal(text_shape, np.float32), np.float16),
-                    "txt": b"a caption"})
+                writer.write(
+                    {
+                        "__key__": f"s{i:06d}",
+                        "latent.npy": npy_bytes(rng.standard_normal(latent_shape, np.float32), np.float16),
+                        "text.npy": npy_bytes(rng.standard_normal(text_shape, np.float32), np.float16),
+                        "txt": b"a caption",
+                    }
+                )
         offsets = sample_offsets(path)
         shards.append(ShardInfo(path, len(offsets) - 1, "480x832", latent_shape, offsets))
     write_index(folder, shards, format="osp-latents-v1", text_dim=text_shape[1], text_len=512)
@@ -84,12 +88,16 @@ def main():
         if scratch:
             shutil.rmtree(args.workdir, ignore_errors=True)
     print(f"training loader, latents {list(latent_shape)} + text {list(text_shape)} float16, {os.cpu_count()} CPUs")
-    print(f"{'workers':>7} {'micro':>5} {'samples/s':>9} {'MB/s':>8} {'p50 ms':>8} {'p95 ms':>8} "
-          f"{'CPU ms/sample':>13} {'RSS GiB':>8}")
+    print(
+        f"{'workers':>7} {'micro':>5} {'samples/s':>9} {'MB/s':>8} {'p50 ms':>8} {'p95 ms':>8} "
+        f"{'CPU ms/sample':>13} {'RSS GiB':>8}"
+    )
     for row in rows:
-        print(f"{row['num_workers']:>7} {row['micro_batch_size']:>5} {row['samples_per_s']:>9.1f} "
-              f"{row['mb_per_s']:>8.1f} {row['batch_ms_p50']:>8.1f} {row['batch_ms_p95']:>8.1f} "
-              f"{row['cpu_ms_per_sample']:>13.1f} {row['peak_rss_gib']:>8.2f}")
+        print(
+            f"{row['num_workers']:>7} {row['micro_batch_size']:>5} {row['samples_per_s']:>9.1f} "
+            f"{row['mb_per_s']:>8.1f} {row['batch_ms_p50']:>8.1f} {row['batch_ms_p95']:>8.1f} "
+            f"{row['cpu_ms_per_sample']:>13.1f} {row['peak_rss_gib']:>8.2f}"
+        )
     write_report(args.out, rows, torch.device("cpu"), cpus=os.cpu_count())
 
 

@@ -61,8 +61,17 @@ def linear_rows(args, device, dtype):
             ms = timed(step, args.warmup, args.repeat, device)
             measured[f"{label}_ms"] = ms
             measured[f"{label}_tflops"] = 6 * tokens * fan_in * fan_out / ms / 1e9
-        rows.append({"bench": "linear", "gemm": name, "tokens": tokens, "in": fan_in, "out": fan_out, **measured,
-                     **{f"{r}_speedup": measured["bf16_ms"] / measured[f"{r}_ms"] for r in args.recipes}})
+        rows.append(
+            {
+                "bench": "linear",
+                "gemm": name,
+                "tokens": tokens,
+                "in": fan_in,
+                "out": fan_out,
+                **measured,
+                **{f"{r}_speedup": measured["bf16_ms"] / measured[f"{r}_ms"] for r in args.recipes},
+            }
+        )
     return rows
 
 
@@ -93,14 +102,16 @@ def step_rows(args, device, dtype):
             ms = timed(step, args.warmup, args.repeat, device)
             measured[f"{label}_ms"] = ms
             measured[f"{label}_model_tflops"] = 3 * forward_flops(config, grid, text_len) / ms / 1e9
-            del model
+            model = None  # free the weights before the next case
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         full = measured["full_bf16_block_ms"]
         row = {"bench": "training_step", "resolution": name, "blocks": args.blocks, **measured}
         for recipe in args.recipes:
             sparse, full_quantized = measured[f"sparse_{recipe}_block_ms"], measured[f"full_{recipe}_block_ms"]
-            row[f"{recipe}_hybrid_vs_full_bf16_model"] = measured["full_bf16_model_ms"] / measured[f"hybrid_{recipe}_model_ms"]
+            row[f"{recipe}_hybrid_vs_full_bf16_model"] = (
+                measured["full_bf16_model_ms"] / measured[f"hybrid_{recipe}_model_ms"]
+            )
             # 40 blocks of OSP-Next's layout (8 full + 32 sparse), all quantized, against 40 full bf16 blocks.
             row[f"{recipe}_projected_40_block_vs_full_bf16"] = 40 * full / (8 * full_quantized + 32 * sparse)
         rows.append(row)
@@ -115,8 +126,9 @@ def loss_rows(args, device, dtype):
     config = from_dict(ModelConfig, fields, "model")
     generator = torch.Generator(device=device).manual_seed(0)
     frames, size = (2, 8) if args.tiny else (4, 32)
-    x, target = (torch.randn(2, 16, frames, size, size, device=device, dtype=dtype, generator=generator)
-                 for _ in range(2))
+    x, target = (
+        torch.randn(2, 16, frames, size, size, device=device, dtype=dtype, generator=generator) for _ in range(2)
+    )
     text = torch.randn(2, config.text_len, config.text_dim, device=device, dtype=dtype, generator=generator)
     timestep = torch.tensor([300.0, 700.0], device=device)
     curves = {}
@@ -136,22 +148,36 @@ def loss_rows(args, device, dtype):
         curves[label] = losses
     tail = max(1, args.loss_steps // 10)
     final = {label: sum(losses[-tail:]) / tail for label, losses in curves.items()}
-    return [{"bench": "loss_curve", "steps": args.loss_steps, "final_loss": final,
-             "relative_to_bf16": {label: value / final["bf16"] - 1 for label, value in final.items()},
-             "curves": curves}]
+    return [
+        {
+            "bench": "loss_curve",
+            "steps": args.loss_steps,
+            "final_loss": final,
+            "relative_to_bf16": {label: value / final["bf16"] - 1 for label, value in final.items()},
+            "curves": curves,
+        }
+    ]
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="toy sizes on the CPU (for tests)")
-    parser.add_argument("--recipes", nargs="+", default=["fp8_hybrid", "hif8"],
-                        help="quant.recipe values to compare with bf16; append +attn for FP8 attention too")
+    parser.add_argument(
+        "--recipes",
+        nargs="+",
+        default=["fp8_hybrid", "hif8"],
+        help="quant.recipe values to compare with bf16; append +attn for FP8 attention too",
+    )
     parser.add_argument("--backend", default="auto", help="quant.backend (auto: real FP8 GEMMs on SM90)")
     parser.add_argument("--tokens", type=int, default=80640, help="GEMM rows (768P: 80640 tokens)")
     parser.add_argument("--resolutions", nargs="+", default=["768P", "720P"], choices=list(RESOLUTIONS))
     parser.add_argument("--blocks", type=int, default=5, help="blocks of the model step (1:4 full:sparse)")
-    parser.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=False,
-                        help="activation checkpointing on every block (default off: 5 blocks fit at 768P)")
+    parser.add_argument(
+        "--checkpointing",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="activation checkpointing on every block (default off: 5 blocks fit at 768P)",
+    )
     parser.add_argument("--heads", type=int, default=40)
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--warmup", type=int, default=2)

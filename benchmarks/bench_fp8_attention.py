@@ -18,10 +18,19 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import timed, write_report  # noqa: E402
 
 from osp_megatron.attention.dispatch import dot_product_attention  # noqa: E402
-from osp_megatron.quantization.fp8_attention import FP8AttentionState, _runner, fp8_attention_supported, fp8_dot_product_attention  # noqa: E402
+from osp_megatron.quantization.fp8_attention import (  # noqa: E402
+    FP8AttentionState,
+    _runner,
+    fp8_attention_supported,
+    fp8_dot_product_attention,
+)
 
-SHAPES = {"full_768P": (1, 80640), "sparse_768P": (4, 20160), "sparse_720P_packed": (4, 18900),
-          "full_720P_packed": (1, 75600)}
+SHAPES = {
+    "full_768P": (1, 80640),
+    "sparse_768P": (4, 20160),
+    "sparse_720P_packed": (4, 18900),
+    "full_720P_packed": (1, 75600),
+}
 
 
 def relative_error(value, reference):
@@ -31,15 +40,21 @@ def relative_error(value, reference):
 def shape_row(name, batch, tokens, args, device):
     heads, dim = args.heads, args.head_dim
     generator = torch.Generator(device=device).manual_seed(0)
-    q, k, v = (torch.randn(batch, tokens, heads, dim, device=device, dtype=torch.bfloat16, generator=generator)
-               .requires_grad_(True) for _ in range(3))
+    q, k, v = (
+        torch.randn(batch, tokens, heads, dim, device=device, dtype=torch.bfloat16, generator=generator).requires_grad_(
+            True
+        )
+        for _ in range(3)
+    )
     grad = torch.randn(batch, tokens, heads, dim, device=device, dtype=torch.bfloat16, generator=generator)
     flops = 4 * batch * tokens * tokens * heads * dim
     row = {"bench": "attention", "shape": name, "batch": batch, "tokens": tokens, "heads": heads, "head_dim": dim}
     results = {}
     state = FP8AttentionState()  # one layer's gradient scales, kept across calls as in a model
-    for label, fn in (("bf16", dot_product_attention),
-                      ("fp8", lambda a, b, c: fp8_dot_product_attention(a, b, c, args.gradient_format, state))):
+    for label, fn in (
+        ("bf16", dot_product_attention),
+        ("fp8", lambda a, b, c: fp8_dot_product_attention(a, b, c, args.gradient_format, state)),
+    ):
         out = fn(q, k, v)
         dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad)
         results[label] = [t.detach() for t in (out, dq, dk, dv)]
@@ -83,14 +98,20 @@ def main(argv=None):
         rows.append(shape_row(name, *SHAPES[name], args, device))
         print(rows[-1], flush=True)
     runner = _runner(device)
-    plans = {str(key): ("built" if plan is not None else runner.failures.get(key, "failed"))
-             for key, plan in runner.plans.items()}
-    print(f"{'shape':<20} {'bf16 fwd':>9} {'fp8 fwd':>9} {'x':>6} {'bf16 f+b':>9} {'fp8 f+b':>9} {'x':>6} "
-          f"{'err o':>7} {'err dq':>7} {'err dk':>7} {'err dv':>7}")
+    plans = {
+        str(key): ("built" if plan is not None else runner.failures.get(key, "failed"))
+        for key, plan in runner.plans.items()
+    }
+    print(
+        f"{'shape':<20} {'bf16 fwd':>9} {'fp8 fwd':>9} {'x':>6} {'bf16 f+b':>9} {'fp8 f+b':>9} {'x':>6} "
+        f"{'err o':>7} {'err dq':>7} {'err dk':>7} {'err dv':>7}"
+    )
     for r in rows:
-        print(f"{r['shape']:<20} {r['bf16_fwd_ms']:9.1f} {r['fp8_fwd_ms']:9.1f} {r['fwd_speedup']:6.2f} "
-              f"{r['bf16_step_ms']:9.1f} {r['fp8_step_ms']:9.1f} {r['step_speedup']:6.2f} {r['out_rel_err']:7.4f} "
-              f"{r['dq_rel_err']:7.4f} {r['dk_rel_err']:7.4f} {r['dv_rel_err']:7.4f}")
+        print(
+            f"{r['shape']:<20} {r['bf16_fwd_ms']:9.1f} {r['fp8_fwd_ms']:9.1f} {r['fwd_speedup']:6.2f} "
+            f"{r['bf16_step_ms']:9.1f} {r['fp8_step_ms']:9.1f} {r['step_speedup']:6.2f} {r['out_rel_err']:7.4f} "
+            f"{r['dq_rel_err']:7.4f} {r['dk_rel_err']:7.4f} {r['dv_rel_err']:7.4f}"
+        )
     for key, state in plans.items():
         print(f"plan {key}: {state}")
     write_report(args.out, rows, device, plans=plans, gradient_format=args.gradient_format)

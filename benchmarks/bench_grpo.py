@@ -21,12 +21,12 @@ from common import random_model, write_report  # noqa: E402
 
 from osp_megatron.config.loader import from_dict  # noqa: E402
 from osp_megatron.engine.config import TrainConfig  # noqa: E402
+from osp_megatron.engine.optim import build_optimizer  # noqa: E402
 from osp_megatron.models.config import ModelConfig  # noqa: E402
 from osp_megatron.parallel.state import ensure_single_rank_group  # noqa: E402
 from osp_megatron.rl.learner import transition_loss  # noqa: E402
 from osp_megatron.rl.rollout import rollout, seeded_generator  # noqa: E402
 from osp_megatron.rl.schedule import rollout_plan  # noqa: E402
-from osp_megatron.engine.optim import build_optimizer  # noqa: E402
 
 
 def peak_memory_gb(device) -> float:
@@ -50,8 +50,17 @@ def one_iteration(model, optimizer, plan, args, device, autocast):
     synchronize(device)
     tick = time.perf_counter()
     model.eval()
-    batch = rollout(model, noise, text, null, plan, 0.7, args.guidance, [seeded_generator(1, k) for k in range(args.group)],
-                    autocast)
+    batch = rollout(
+        model,
+        noise,
+        text,
+        null,
+        plan,
+        0.7,
+        args.guidance,
+        [seeded_generator(1, k) for k in range(args.group)],
+        autocast,
+    )
     synchronize(device)
     rollout_s = time.perf_counter() - tick
     advantages = torch.linspace(-1, 1, args.group, device=device)
@@ -61,8 +70,17 @@ def one_iteration(model, optimizer, plan, args, device, autocast):
     for first in range(0, args.group, args.micro_batch):
         rows = slice(first, first + args.micro_batch)
         for transition in batch.transitions:
-            step = transition_loss(model, transition.select(rows), text[rows], null, advantages[rows], 0.7,
-                                   args.guidance, 1e-4, autocast=autocast)
+            step = transition_loss(
+                model,
+                transition.select(rows),
+                text[rows],
+                null,
+                advantages[rows],
+                0.7,
+                args.guidance,
+                1e-4,
+                autocast=autocast,
+            )
             (step.loss / (len(batch.transitions) * args.group // args.micro_batch)).backward()
     optimizer.step()
     synchronize(device)
@@ -85,8 +103,12 @@ def main(argv=None):
     parser.add_argument("--guidance", type=float, default=5.0)
     parser.add_argument("--text-len", type=int, default=512)
     parser.add_argument("--shift", type=float, default=5.0)
-    parser.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=True,
-                        help="activation checkpointing in the learner (default on)")
+    parser.add_argument(
+        "--checkpointing",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="activation checkpointing in the learner (default on)",
+    )
     parser.add_argument("--out", default="grpo_bench.json")
     args = parser.parse_args(argv)
     if args.tiny:
@@ -101,10 +123,16 @@ def main(argv=None):
     def autocast():
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
-    modes = [("mixed (sliding window)", rollout_plan(args.num_steps, args.shift, args.window_start, args.window)),
-             ("mixed + flash", rollout_plan(args.num_steps, args.shift, args.window_start, args.window, flash=True,
-                                            flash_stride=args.flash_stride)),
-             ("all steps SDE", rollout_plan(args.num_steps, args.shift, 0, args.num_steps))]
+    modes = [
+        ("mixed (sliding window)", rollout_plan(args.num_steps, args.shift, args.window_start, args.window)),
+        (
+            "mixed + flash",
+            rollout_plan(
+                args.num_steps, args.shift, args.window_start, args.window, flash=True, flash_stride=args.flash_stride
+            ),
+        ),
+        ("all steps SDE", rollout_plan(args.num_steps, args.shift, 0, args.num_steps)),
+    ]
     warm = rollout_plan(2, args.shift, 0, 1)  # kernels, allocator and autotuning before anything is timed
     one_iteration(model, optimizer, warm, args, device, autocast)
     rows = []
@@ -113,23 +141,47 @@ def main(argv=None):
             torch.cuda.reset_peak_memory_stats()
         rollout_s, learner_s = one_iteration(model, optimizer, plan, args, device, autocast)
         guidance = 1 if args.guidance == 1.0 else 2
-        rows.append({"mode": name, "sde_steps": len(plan.sde_steps), "nfe_per_sample": plan.model_evaluations * guidance,
-                     "rollout_s": rollout_s, "learner_s": learner_s, "iteration_s": rollout_s + learner_s,
-                     "peak_mem_gb": peak_memory_gb(device)})
+        rows.append(
+            {
+                "mode": name,
+                "sde_steps": len(plan.sde_steps),
+                "nfe_per_sample": plan.model_evaluations * guidance,
+                "rollout_s": rollout_s,
+                "learner_s": learner_s,
+                "iteration_s": rollout_s + learner_s,
+                "peak_mem_gb": peak_memory_gb(device),
+            }
+        )
     baseline = rows[-1]["iteration_s"]
     for row in rows:
         row["speedup_vs_all_sde"] = baseline / row["iteration_s"]
         row["time_saved_pct"] = 100 * (1 - row["iteration_s"] / baseline)
-    print(f"{args.preset} {args.frames}x{args.height}x{args.width}, T={args.num_steps}, G={args.group}, "
-          f"guidance {args.guidance}, device {device}")
-    print(f"{'mode':24s} {'SDE':>4s} {'NFE':>5s} {'rollout s':>10s} {'learner s':>10s} {'total s':>9s} "
-          f"{'speed-up':>9s} {'saved':>7s} {'peak GB':>8s}")
+    print(
+        f"{args.preset} {args.frames}x{args.height}x{args.width}, T={args.num_steps}, G={args.group}, "
+        f"guidance {args.guidance}, device {device}"
+    )
+    print(
+        f"{'mode':24s} {'SDE':>4s} {'NFE':>5s} {'rollout s':>10s} {'learner s':>10s} {'total s':>9s} "
+        f"{'speed-up':>9s} {'saved':>7s} {'peak GB':>8s}"
+    )
     for row in rows:
-        print(f"{row['mode']:24s} {row['sde_steps']:4d} {row['nfe_per_sample']:5d} {row['rollout_s']:10.2f} "
-              f"{row['learner_s']:10.2f} {row['iteration_s']:9.2f} {row['speedup_vs_all_sde']:8.2f}x "
-              f"{row['time_saved_pct']:6.1f}% {row['peak_mem_gb']:8.2f}")
-    write_report(args.out, rows, device, preset=args.preset, frames=args.frames, height=args.height,
-                 width=args.width, num_steps=args.num_steps, group=args.group, window=args.window)
+        print(
+            f"{row['mode']:24s} {row['sde_steps']:4d} {row['nfe_per_sample']:5d} {row['rollout_s']:10.2f} "
+            f"{row['learner_s']:10.2f} {row['iteration_s']:9.2f} {row['speedup_vs_all_sde']:8.2f}x "
+            f"{row['time_saved_pct']:6.1f}% {row['peak_mem_gb']:8.2f}"
+        )
+    write_report(
+        args.out,
+        rows,
+        device,
+        preset=args.preset,
+        frames=args.frames,
+        height=args.height,
+        width=args.width,
+        num_steps=args.num_steps,
+        group=args.group,
+        window=args.window,
+    )
 
 
 if __name__ == "__main__":

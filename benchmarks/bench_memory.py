@@ -38,22 +38,43 @@ MODES = ("none", "selective", "full")
 RECIPES = ("none", "fp8_hybrid")
 # wan-1.3b hybrid at 480P, 81 frames; the tiny case keeps the structure (hybrid, padded grid) at toy size.
 SIZES = {
-    "wan-1.3b-480P": ["model.preset=wan-1.3b", "data.latent_frames=21", "data.latent_height=60",
-                      "data.latent_width=104"],
-    "tiny": ["model.preset=tiny", "data.latent_frames=2", "data.latent_height=12", "data.latent_width=16",
-             "train.device=cpu"],
+    "wan-1.3b-480P": [
+        "model.preset=wan-1.3b",
+        "data.latent_frames=21",
+        "data.latent_height=60",
+        "data.latent_width=104",
+    ],
+    "tiny": [
+        "model.preset=tiny",
+        "data.latent_frames=2",
+        "data.latent_height=12",
+        "data.latent_width=16",
+        "train.device=cpu",
+    ],
 }
 
 
 def case_overrides(args, size: str, mode: str, recipe: str, fsdp: bool, run_dir: str) -> list:
     overrides = SIZES[size] + [
-        f"run.dir={run_dir}", f"data.path={run_dir}/data", "data.synthetic=true",
-        f"data.synthetic_num_samples={4 * args.world}", f"data.synthetic_samples_per_shard={2 * args.world}",
-        "model.sparse_ratio=2", f"model.activation_checkpointing={mode}", f"quant.recipe={recipe}",
-        "train.micro_batch_size=1", f"train.global_batch_size={args.world // args.ssp}",
-        f"train.steps={args.steps}", "train.ema_decay=0.999", "train.progress=false", "train.sample_at_end=false",
-        "checkpoint.interval=0", "checkpoint.save_at_end=false", "checkpoint.resume=none",
-        f"parallel.ssp={args.ssp}", f"parallel.data={args.world // args.ssp}",
+        f"run.dir={run_dir}",
+        f"data.path={run_dir}/data",
+        "data.synthetic=true",
+        f"data.synthetic_num_samples={4 * args.world}",
+        f"data.synthetic_samples_per_shard={2 * args.world}",
+        "model.sparse_ratio=2",
+        f"model.activation_checkpointing={mode}",
+        f"quant.recipe={recipe}",
+        "train.micro_batch_size=1",
+        f"train.global_batch_size={args.world // args.ssp}",
+        f"train.steps={args.steps}",
+        "train.ema_decay=0.999",
+        "train.progress=false",
+        "train.sample_at_end=false",
+        "checkpoint.interval=0",
+        "checkpoint.save_at_end=false",
+        "checkpoint.resume=none",
+        f"parallel.ssp={args.ssp}",
+        f"parallel.data={args.world // args.ssp}",
     ]
     if fsdp:
         overrides.append("parallel.fsdp=true")
@@ -91,10 +112,19 @@ def run_case(args, size, mode, recipe, fsdp) -> dict:
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()
-    row = {"size": size, "checkpointing": mode, "recipe": recipe, "fsdp": fsdp, "ssp": args.ssp,
-           "world": args.world, "step_s": step_s, "loss": losses[-1] if losses else None,
-           "estimate_gib": predicted.peak_bytes / GIB, "estimate_phase": predicted.peak_phase,
-           "measured_peak_gib": None if measured is None else measured / GIB}
+    row = {
+        "size": size,
+        "checkpointing": mode,
+        "recipe": recipe,
+        "fsdp": fsdp,
+        "ssp": args.ssp,
+        "world": args.world,
+        "step_s": step_s,
+        "loss": losses[-1] if losses else None,
+        "estimate_gib": predicted.peak_bytes / GIB,
+        "estimate_phase": predicted.peak_phase,
+        "measured_peak_gib": None if measured is None else measured / GIB,
+    }
     if measured is not None:
         row["estimate_error"] = predicted.peak_bytes / measured - 1
     return row
@@ -106,8 +136,10 @@ def print_table(rows) -> None:
         name = f"{row['checkpointing']} {row['recipe']}{' fsdp' if row['fsdp'] else ''}"
         measured = "-" if row["measured_peak_gib"] is None else f"{row['measured_peak_gib']:.2f}"
         error = "-" if "estimate_error" not in row else f"{100 * row['estimate_error']:+.1f}%"
-        print(f"{name:<34} {row['step_s']:7.3f} {measured:>13} {row['estimate_gib']:13.2f} {error:>7}  "
-              f"{row['estimate_phase']}")
+        print(
+            f"{name:<34} {row['step_s']:7.3f} {measured:>13} {row['estimate_gib']:13.2f} {error:>7}  "
+            f"{row['estimate_phase']}"
+        )
 
 
 def main(argv=None) -> list:
@@ -115,8 +147,12 @@ def main(argv=None) -> list:
     parser.add_argument("--steps", type=int, default=3, help="steps per case; the first is not measured (default 3)")
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES, help="checkpointing modes")
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES), help="quant.recipe values (none = bf16)")
-    parser.add_argument("--fsdp", choices=("off", "on", "both"), default="off",
-                        help="FSDP cases: off (default), on, or both (on and both need parallel.fsdp in this checkout)")
+    parser.add_argument(
+        "--fsdp",
+        choices=("off", "on", "both"),
+        default="off",
+        help="FSDP cases: off (default), on, or both (on and both need parallel.fsdp in this checkout)",
+    )
     parser.add_argument("--ssp", type=int, default=1, help="parallel.ssp (the rest of the world is data parallel)")
     parser.add_argument("--tiny", action="store_true", help="the tiny model on the CPU (for tests)")
     parser.add_argument("--out", default=None, help="write the rows as JSON to this file (rank 0)")
@@ -130,8 +166,12 @@ def main(argv=None) -> list:
             raise SystemExit("--fsdp on: this checkout has no parallel.fsdp")
         fsdp_cases = [False]
     size = "tiny" if args.tiny else "wan-1.3b-480P"
-    rows = [run_case(args, size, mode, recipe, fsdp)
-            for fsdp in fsdp_cases for recipe in args.recipes for mode in args.modes]
+    rows = [
+        run_case(args, size, mode, recipe, fsdp)
+        for fsdp in fsdp_cases
+        for recipe in args.recipes
+        for mode in args.modes
+    ]
     if not dist.is_initialized() or dist.get_rank() == 0:
         print_table(rows)
         if args.out:

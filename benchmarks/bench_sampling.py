@@ -40,13 +40,14 @@ TINY_MODELS = {"tiny": dict(preset="tiny")}
 STEPS = 50
 GUIDANCE = 5.0
 # attention -> (sparse ratio, quant section of the sampling job or None)
-ATTENTION = {"full": (1, None), "hybrid": (2, None),
-             "hybrid_fp8": (2, {"recipe": "fp8_hybrid", "attention": True})}
+ATTENTION = {"full": (1, None), "hybrid": (2, None), "hybrid_fp8": (2, {"recipe": "fp8_hybrid", "attention": True})}
 # layout -> (ssp, cfg_parallel, gpus)
 LAYOUTS = {"1gpu": (1, False, 1), "sp2": (2, False, 2), "cfg2": (1, True, 2)}
-DESCRIPTIONS = {"1gpu": "one GPU, conditional + unconditional batched",
-                "sp2": "two GPUs, each video over SSP = 2 (full-only models: the same ranks run Ulysses)",
-                "cfg2": "two GPUs, conditional and unconditional passes on different GPUs (one exchange per step)"}
+DESCRIPTIONS = {
+    "1gpu": "one GPU, conditional + unconditional batched",
+    "sp2": "two GPUs, each video over SSP = 2 (full-only models: the same ranks run Ulysses)",
+    "cfg2": "two GPUs, conditional and unconditional passes on different GPUs (one exchange per step)",
+}
 
 
 def parse_args(argv=None):
@@ -55,19 +56,33 @@ def parse_args(argv=None):
         "of random-weight wan-1.3b / wan-14b models at 81 frames, full attention vs hybrid Skiparse (8 of 40 blocks "
         "full, P = 2), and the real-size Wan VAE decode; project to 50 steps. One process: one GPU; torchrun with 2 "
         "processes: SSP = 2 and CFG-parallel layouts.",
-        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
+    )
     parser.add_argument("--models", nargs="+", default=None, help=f"of {list(MODELS)} (default: both)")
     parser.add_argument("--resolutions", nargs="+", default=None, help=f"of {list(RESOLUTIONS)} (default: both)")
-    parser.add_argument("--attention", nargs="+", default=["full", "hybrid"], choices=list(ATTENTION),
-                        help="full: every block full attention, bf16; hybrid: 1:4 full:Skiparse; hybrid_fp8: hybrid "
-                        "with FP8 linears and FP8 attention (quant.recipe=fp8_hybrid, quant.attention=true; weights "
-                        "quantized once, as osp-sample does)")
+    parser.add_argument(
+        "--attention",
+        nargs="+",
+        default=["full", "hybrid"],
+        choices=list(ATTENTION),
+        help="full: every block full attention, bf16; hybrid: 1:4 full:Skiparse; hybrid_fp8: hybrid "
+        "with FP8 linears and FP8 attention (quant.recipe=fp8_hybrid, quant.attention=true; weights "
+        "quantized once, as osp-sample does)",
+    )
     parser.add_argument("--warmup", type=int, default=1, help="untimed denoising steps first (default 1)")
     parser.add_argument("--steps", type=int, default=1, help="timed denoising steps, median reported (default 1)")
-    parser.add_argument("--blocks", type=int, default=None,
-                        help="time a model of this many blocks and scale to the full depth (default: full depth)")
-    parser.add_argument("--compare", default=None, help="JSON of a one-GPU run: speed-ups over it, and its VAE "
-                        "times (the decode is not timed again)")
+    parser.add_argument(
+        "--blocks",
+        type=int,
+        default=None,
+        help="time a model of this many blocks and scale to the full depth (default: full depth)",
+    )
+    parser.add_argument(
+        "--compare",
+        default=None,
+        help="JSON of a one-GPU run: speed-ups over it, and its VAE times (the decode is not timed again)",
+    )
     parser.add_argument("--tiny", action="store_true", help="toy sizes on the CPU (for tests)")
     parser.add_argument("--out", default=None, help="write the results as JSON to this file (rank 0)")
     return parser.parse_args(argv)
@@ -105,8 +120,9 @@ def time_denoising_step(config, latent, layout, sampling, device, dtype, args, a
     _, cfg_parallel, _ = LAYOUTS[layout]
     reset_peak(device)
     quant = ATTENTION[attention][1]
-    model = random_model(config, device, dtype, role="inference",
-                         quant=from_dict(QuantConfig, quant, "quant") if quant else None).eval()
+    model = random_model(
+        config, device, dtype, role="inference", quant=from_dict(QuantConfig, quant, "quant") if quant else None
+    ).eval()
     generator = torch.Generator().manual_seed(1)  # identical on every rank
     latents = torch.randn(1, config.in_channels, *latent, generator=generator).to(device)
     text = torch.randn(2, config.text_len, config.text_dim, generator=generator).to(device, dtype)
@@ -116,13 +132,15 @@ def time_denoising_step(config, latent, layout, sampling, device, dtype, args, a
         return model(x.to(dtype), t, c)
 
     if cfg_parallel:
-        guided = ParallelGuidance(velocity, text[sampling.cfg_rank:sampling.cfg_rank + 1], GUIDANCE, sampling.cfg_group)
+        guided = ParallelGuidance(
+            velocity, text[sampling.cfg_rank : sampling.cfg_rank + 1], GUIDANCE, sampling.cfg_group
+        )
     else:
         guided = BatchedGuidance(velocity, text[:1], text[1:], GUIDANCE)
     with torch.no_grad():
         seconds = timed(lambda: guided(latents, timestep), args.warmup, args.steps, device) / 1e3
     memory = peak_gib(device)
-    del model, guided
+    model = guided = None  # free the weights before the next case
     reset_peak(device)
     return seconds, memory
 
@@ -153,16 +171,20 @@ def time_vae_decode(latent, device, dtype, tiny):
 
 
 def format_table(rows) -> str:
-    header = ("| model | resolution | attention | layout | GPUs | step s | peak GiB | 50 steps s | VAE s (GiB) | "
-              "video s | vs full | vs 1 GPU |")
+    header = (
+        "| model | resolution | attention | layout | GPUs | step s | peak GiB | 50 steps s | VAE s (GiB) | "
+        "video s | vs full | vs 1 GPU |"
+    )
     lines = [header, "|" + "---|" * 12]
     for r in rows:
         versus_one = f"{r['speedup_vs_1gpu']:.2f}x" if r.get("speedup_vs_1gpu") else "-"
         versus_full = f"{r['speedup_vs_full']:.2f}x" if r.get("speedup_vs_full") else "-"
-        lines.append(f"| {r['model']} | {r['resolution']} | {r['attention']} | {r['layout']} | {r['gpus']} | "
-                     f"{r['step_s']:.3f} | {r['step_peak_gib']:.1f} | {r['denoise_s']:.1f} | "
-                     f"{r['vae_s']:.1f} ({r['vae_peak_gib']:.1f}) | {r['video_s']:.1f} | {versus_full} | "
-                     f"{versus_one} |")
+        lines.append(
+            f"| {r['model']} | {r['resolution']} | {r['attention']} | {r['layout']} | {r['gpus']} | "
+            f"{r['step_s']:.3f} | {r['step_peak_gib']:.1f} | {r['denoise_s']:.1f} | "
+            f"{r['vae_s']:.1f} ({r['vae_peak_gib']:.1f}) | {r['video_s']:.1f} | {versus_full} | "
+            f"{versus_one} |"
+        )
     return "\n".join(lines)
 
 
@@ -199,32 +221,62 @@ def main(argv=None) -> dict:
                 for attention in args.attention:
                     config = model_config(model_name, attention, args.blocks, args.tiny)
                     depth = model_config(model_name, attention, None, args.tiny).num_layers
-                    step, memory = time_denoising_step(config, resolutions[name], layout, sampling, device, dtype,
-                                                       args, attention)
+                    step, memory = time_denoising_step(
+                        config, resolutions[name], layout, sampling, device, dtype, args, attention
+                    )
                     step *= depth / config.num_layers  # projection to the full depth when --blocks is given
-                    rows.append(dict(model=model_name, resolution=name, attention=attention, layout=layout,
-                                     gpus=world, blocks_timed=config.num_layers, blocks=depth, step_s=step,
-                                     step_peak_gib=memory, denoise_s=STEPS * step, vae_s=vae[name][0],
-                                     vae_peak_gib=vae[name][1], video_s=STEPS * step + vae[name][0]))
+                    rows.append(
+                        dict(
+                            model=model_name,
+                            resolution=name,
+                            attention=attention,
+                            layout=layout,
+                            gpus=world,
+                            blocks_timed=config.num_layers,
+                            blocks=depth,
+                            step_s=step,
+                            step_peak_gib=memory,
+                            denoise_s=STEPS * step,
+                            vae_s=vae[name][0],
+                            vae_peak_gib=vae[name][1],
+                            video_s=STEPS * step + vae[name][0],
+                        )
+                    )
     for row in rows:
-        full = next((r for r in rows if r["attention"] == "full" and all(
-            r[k] == row[k] for k in ("model", "resolution", "layout"))), None)
+        full = next(
+            (
+                r
+                for r in rows
+                if r["attention"] == "full" and all(r[k] == row[k] for k in ("model", "resolution", "layout"))
+            ),
+            None,
+        )
         if full is not None and row["attention"] != "full":
             row["speedup_vs_full"] = full["video_s"] / row["video_s"]
             row["step_speedup_vs_full"] = full["step_s"] / row["step_s"]
         if reference is not None:
-            one = next((r for r in reference["rows"] if all(
-                r[k] == row[k] for k in ("model", "resolution", "attention"))), None)
+            one = next(
+                (r for r in reference["rows"] if all(r[k] == row[k] for k in ("model", "resolution", "attention"))),
+                None,
+            )
             if one is not None:
                 row["speedup_vs_1gpu"] = one["video_s"] / row["video_s"]
                 row["step_speedup_vs_1gpu"] = one["step_s"] / row["step_s"]
     report = None
     if dist.get_rank() == 0:
-        print(f"[bench_sampling] {world} GPU(s); {STEPS} steps projected from {args.steps} timed after "
-              f"{args.warmup} warm-up; guidance {GUIDANCE}; text encoding not included")
+        print(
+            f"[bench_sampling] {world} GPU(s); {STEPS} steps projected from {args.steps} timed after "
+            f"{args.warmup} warm-up; guidance {GUIDANCE}; text encoding not included"
+        )
         print(format_table(rows))
-        report = {"benchmark": "sampling", "world_size": world, "steps": STEPS, "timed_steps": args.steps,
-                  "layouts": {k: DESCRIPTIONS[k] for k in layouts}, "rows": rows}
+        report = {
+            "benchmark": "sampling",
+            "world_size": world,
+            "steps": STEPS,
+            "timed_steps": args.steps,
+            "layouts": {k: DESCRIPTIONS[k] for k in layouts},
+            "rows": rows,
+        }
         if args.out:
             write_report(args.out, rows, device, **{k: v for k, v in report.items() if k != "rows"})
     state.destroy_distributed()

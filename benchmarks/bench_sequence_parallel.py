@@ -17,8 +17,8 @@ import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import hybrid_layout, random_model, timed  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+from common import hybrid_layout, random_model, timed  # noqa: E402
 
 from osp_megatron.utils.logging import quiet_third_party_warnings  # noqa: E402
 
@@ -49,20 +49,37 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description="Time forward+backward training steps of a wan-14b-wide DiT under three sequence-parallel "
         "layouts on every rank of torchrun (NCCL on GPUs, gloo on CPU), with the communication ledger; also "
-        "our Ulysses full layer against DeepSpeed's DistributedAttention when deepspeed imports.")
-    parser.add_argument("--blocks", type=int, default=10,
-                        help="DiT blocks, a multiple of 5; a fifth of them full attention (half at each end for "
-                        "multiples of 10, OSP-Next's 8:32), the rest Skiparse P=2 (default 10: 2 full + 8 sparse)")
-    parser.add_argument("--resolutions", nargs="+", default=None,
-                        help=f"which of {list(RESOLUTIONS)} to run (default all; --tiny: {list(TINY_RESOLUTIONS)})")
-    parser.add_argument("--layouts", nargs="*", default=list(LAYOUTS), choices=LAYOUTS,
-                        help="layouts to time (none: only the DeepSpeed comparison)")
+        "our Ulysses full layer against DeepSpeed's DistributedAttention when deepspeed imports."
+    )
+    parser.add_argument(
+        "--blocks",
+        type=int,
+        default=10,
+        help="DiT blocks, a multiple of 5; a fifth of them full attention (half at each end for "
+        "multiples of 10, OSP-Next's 8:32), the rest Skiparse P=2 (default 10: 2 full + 8 sparse)",
+    )
+    parser.add_argument(
+        "--resolutions",
+        nargs="+",
+        default=None,
+        help=f"which of {list(RESOLUTIONS)} to run (default all; --tiny: {list(TINY_RESOLUTIONS)})",
+    )
+    parser.add_argument(
+        "--layouts",
+        nargs="*",
+        default=list(LAYOUTS),
+        choices=LAYOUTS,
+        help="layouts to time (none: only the DeepSpeed comparison)",
+    )
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps; the median is reported (default 5)")
     parser.add_argument("--dtype", choices=("bf16", "fp32"), default=None, help="default bf16 on GPU, fp32 on CPU")
     parser.add_argument("--backend", default="auto", help="attention backend (osp_megatron.attention.dispatch)")
-    parser.add_argument("--no-activation-checkpointing", action="store_true",
-                        help="keep block activations instead of recomputing them (default: recompute)")
+    parser.add_argument(
+        "--no-activation-checkpointing",
+        action="store_true",
+        help="keep block activations instead of recomputing them (default: recompute)",
+    )
     parser.add_argument("--skip-deepspeed", action="store_true", help="skip the DeepSpeed comparison")
     parser.add_argument("--tiny", action="store_true", help="toy sizes on CPU with gloo (for tests)")
     parser.add_argument("--out", default=None, help="write the results as JSON to this file (rank 0)")
@@ -86,8 +103,13 @@ def configure(ssp: int, ulysses: int, backend: str):
 def model_config(args, layout: str, num_layers: int = None, sparse: bool = None) -> ModelConfig:
     blocks = num_layers or args.blocks
     hybrid = layout != "a_full_ulysses" if sparse is None else sparse
-    fields = dict(TINY if args.tiny else WAN_14B, num_layers=blocks, sparse_ratio=2 if hybrid else 1,
-                  attention_backend=args.backend, activation_checkpointing=not args.no_activation_checkpointing)
+    fields = dict(
+        TINY if args.tiny else WAN_14B,
+        num_layers=blocks,
+        sparse_ratio=2 if hybrid else 1,
+        attention_backend=args.backend,
+        activation_checkpointing=not args.no_activation_checkpointing,
+    )
     if hybrid:
         fields["block_layout"] = hybrid_layout(blocks) if blocks > 1 else ["token"]
     return from_dict(ModelConfig, fields, "model")
@@ -125,11 +147,18 @@ def time_layout(args, layout, latent, world, device, dtype):
     training_step(model, batch)  # one more step, counted by the ledger
     comm = {key: int(value) for key, value in ledger().scalars().items()}
     by_phase = {phase: ledger().total_bytes(phase=phase) for phase in ("forward", "backward", "recompute")}
-    result = dict(ssp=ssp, ulysses=ulysses, block_kinds=config.block_kinds(), step_ms=step_ms,
-                  tflops_per_gpu=training_flops(config, grid) / (step_ms / 1e3) / world / 1e12,
-                  peak_memory_gb=peak_memory_gb(device), comm_bytes_per_step=comm,
-                  comm_bytes_by_phase=by_phase, ledger=ledger().table())
-    del model, batch
+    result = dict(
+        ssp=ssp,
+        ulysses=ulysses,
+        block_kinds=config.block_kinds(),
+        step_ms=step_ms,
+        tflops_per_gpu=training_flops(config, grid) / (step_ms / 1e3) / world / 1e12,
+        peak_memory_gb=peak_memory_gb(device),
+        comm_bytes_per_step=comm,
+        comm_bytes_by_phase=by_phase,
+        ledger=ledger().table(),
+    )
+    model = batch = None  # free them before the next layout
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return result
@@ -162,12 +191,12 @@ def deepspeed_core(distributed_attention_class):
 
         def forward(self, q, k, v, context):
             if self.attention is None:
+
                 def local(q_, k_, v_, *unused, **unused_kw):
                     return dot_product_attention(q_, k_, v_, backend=context.backend)
 
                 # [B, N, heads, head_dim]: heads scattered (dim 2), sequence gathered (dim 1).
-                self.attention = distributed_attention_class(local, context.sequence_group, scatter_idx=2,
-                                                             gather_idx=1)
+                self.attention = distributed_attention_class(local, context.sequence_group, scatter_idx=2, gather_idx=1)
             if takes_batch_dim:
                 return self.attention(q, k, v, 0)
             return self.attention(q, k, v)
@@ -186,13 +215,18 @@ def compare_deepspeed(args, latent, world, device, dtype, backend):
     config = model_config(args, "a_full_ulysses", num_layers=1, sparse=False)
     batch = inputs(config, latent, device, dtype)
     times, outputs = {}, []
-    for name, spec in (("ours_ms", None), ("deepspeed_ms", wan_layer_spec(
-            self_attention_core=deepspeed_core(attention_class), cross_attn_norm=config.cross_attn_norm))):
+    for name, spec in (
+        ("ours_ms", None),
+        (
+            "deepspeed_ms",
+            wan_layer_spec(self_attention_core=deepspeed_core(attention_class), cross_attn_norm=config.cross_attn_norm),
+        ),
+    ):
         model = random_model(config, device, dtype, layer_spec=spec)  # same seed: the same weights
         times[name] = timed(lambda: training_step(model, batch), args.warmup, args.steps, device)
         with torch.no_grad():
             outputs.append(model(*batch[:3]).float())
-        del model
+        model = None  # free the weights before the next case
     times["deepspeed_over_ours"] = times["deepspeed_ms"] / times["ours_ms"]
     times["max_abs_output_difference"] = float((outputs[0] - outputs[1]).abs().max())
     return times
@@ -200,14 +234,18 @@ def compare_deepspeed(args, latent, world, device, dtype, backend):
 
 # -- report -------------------------------------------------------------------------------------------------------
 def table(results, deepspeed) -> str:
-    lines = [f"{'resolution':<10} {'layout':<18} {'ssp':>3} {'uly':>3} {'step ms':>10} {'TFLOP/s/GPU':>11} "
-             f"{'comm MiB/step':>13} {'peak GiB':>8}"]
+    lines = [
+        f"{'resolution':<10} {'layout':<18} {'ssp':>3} {'uly':>3} {'step ms':>10} {'TFLOP/s/GPU':>11} "
+        f"{'comm MiB/step':>13} {'peak GiB':>8}"
+    ]
     for row in results:
         for layout, result in row["layouts"].items():
             comm = result["comm_bytes_per_step"].get("comm/total_bytes", 0) / 2**20
-            lines.append(f"{row['resolution']:<10} {layout:<18} {result['ssp']:>3} {result['ulysses']:>3} "
-                         f"{result['step_ms']:>10.1f} {result['tflops_per_gpu']:>11.1f} {comm:>13.1f} "
-                         f"{result['peak_memory_gb']:>8.1f}")
+            lines.append(
+                f"{row['resolution']:<10} {layout:<18} {result['ssp']:>3} {result['ulysses']:>3} "
+                f"{result['step_ms']:>10.1f} {result['tflops_per_gpu']:>11.1f} {comm:>13.1f} "
+                f"{result['peak_memory_gb']:>8.1f}"
+            )
         ratios = ", ".join(f"{key} {value:.3f}" for key, value in row.items() if key.startswith("speedup"))
         if ratios:
             lines.append(f"{'':<10} {ratios}")
@@ -215,9 +253,11 @@ def table(results, deepspeed) -> str:
         if "skipped" in ds:
             lines.append(f"{'':<10} DeepSpeed comparison skipped: {ds['skipped']}")
         elif ds:
-            lines.append(f"{'':<10} one full layer: ours {ds['ours_ms']:.1f} ms, DeepSpeed DistributedAttention "
-                         f"{ds['deepspeed_ms']:.1f} ms (x{ds['deepspeed_over_ours']:.3f}); outputs differ by at "
-                         f"most {ds['max_abs_output_difference']:.2e}")
+            lines.append(
+                f"{'':<10} one full layer: ours {ds['ours_ms']:.1f} ms, DeepSpeed DistributedAttention "
+                f"{ds['deepspeed_ms']:.1f} ms (x{ds['deepspeed_over_ours']:.3f}); outputs differ by at "
+                f"most {ds['max_abs_output_difference']:.2e}"
+            )
     return "\n".join(lines)
 
 
@@ -250,17 +290,23 @@ def main(argv=None) -> dict:
                     row[key] = timed_layouts["c_hybrid_ssp"]["step_ms"] / timed_layouts[other]["step_ms"]
                     # speed-up of (c) over the other layout: its step time over (c)'s
                     row[key.replace("ratio_c_over", "speedup_c_vs")] = 1.0 / row[key]
-                    row[key.replace("ratio", "comm_ratio")] = (
-                        timed_layouts["c_hybrid_ssp"]["comm_bytes_per_step"].get("comm/total_bytes", 0)
-                        / max(1, timed_layouts[other]["comm_bytes_per_step"].get("comm/total_bytes", 0)))
+                    row[key.replace("ratio", "comm_ratio")] = timed_layouts["c_hybrid_ssp"]["comm_bytes_per_step"].get(
+                        "comm/total_bytes", 0
+                    ) / max(1, timed_layouts[other]["comm_bytes_per_step"].get("comm/total_bytes", 0))
         deepspeed[name] = compare_deepspeed(args, latent, world, device, dtype, backend)
         results.append(row)
     report = {
-        "benchmark": "sequence_parallel", "date": date.today().isoformat(), "world_size": world,
-        "device": torch.cuda.get_device_name(device) if use_cuda else "cpu", "dtype": str(dtype),
-        "blocks": args.blocks, "activation_checkpointing": not args.no_activation_checkpointing,
-        "nccl_nvls_enable": os.environ.get("NCCL_NVLS_ENABLE"), "layouts": DESCRIPTIONS,
-        "results": results, "deepspeed_full_layer": deepspeed,
+        "benchmark": "sequence_parallel",
+        "date": date.today().isoformat(),
+        "world_size": world,
+        "device": torch.cuda.get_device_name(device) if use_cuda else "cpu",
+        "dtype": str(dtype),
+        "blocks": args.blocks,
+        "activation_checkpointing": not args.no_activation_checkpointing,
+        "nccl_nvls_enable": os.environ.get("NCCL_NVLS_ENABLE"),
+        "layouts": DESCRIPTIONS,
+        "results": results,
+        "deepspeed_full_layer": deepspeed,
     }
     if dist.get_rank() == 0:
         print(table(results, deepspeed), flush=True)

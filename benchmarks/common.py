@@ -86,9 +86,14 @@ def random_model(config, device, dtype, layer_spec=None, role="train", quant=Non
 
 def write_report(path: str, rows, device, **extra) -> dict:
     """JSON with date, device, torch version, the command line and the rows; returns it."""
-    info = {"date": date.today().isoformat(),
-            "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-            "torch": torch.__version__, "command": " ".join(sys.argv), **extra, "rows": rows}
+    info = {
+        "date": date.today().isoformat(),
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "command": " ".join(sys.argv),
+        **extra,
+        "rows": rows,
+    }
     with open(path, "w") as handle:
         json.dump(info, handle, indent=2, default=str)
     return info

@@ -25,8 +25,14 @@ from osp_megatron.utils.logging import quiet_third_party_warnings  # noqa: E402
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="wan-1.3b", help="model.preset (default wan-1.3b)")
-    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="model.KEY=VALUE",
-                        help="further model settings, e.g. model.sparse_ratio=2 (repeatable)")
+    parser.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="model.KEY=VALUE",
+        help="further model settings, e.g. model.sparse_ratio=2 (repeatable)",
+    )
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
     parser.add_argument("--out", required=True, help="run folder to write checkpoints/step_00000000 into")
     args = parser.parse_args(argv)
@@ -42,11 +48,14 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     model = random_model(config.model, device, getattr(torch, args.dtype))
     built = time.perf_counter()
-    path = save_checkpoint(args.out, 0, model, metadata={"model_config": to_dict(config.model),
-                                                         "config": to_dict(config)})
+    path = save_checkpoint(
+        args.out, 0, model, metadata={"model_config": to_dict(config.model), "config": to_dict(config)}
+    )
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-    print(f"{args.preset} ({sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters, {args.dtype}) built in "
-          f"{built - started:.1f} s, written to {path} in {time.perf_counter() - built:.1f} s ({size / 2**30:.1f} GiB)")
+    print(
+        f"{args.preset} ({sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters, {args.dtype}) built in "
+        f"{built - started:.1f} s, written to {path} in {time.perf_counter() - built:.1f} s ({size / 2**30:.1f} GiB)"
+    )
     destroy_distributed()
     return 0
 

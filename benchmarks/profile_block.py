@@ -51,9 +51,15 @@ def profile(args, label, step, flops, device) -> str:
     with torch.profiler.profile(activities=activities) as prof:
         step()
         torch.cuda.synchronize()
-    title = f"== {label}: {ms:.1f} ms per step (event-timed median of {args.repeat}), {flops / ms / 1e9:.0f} model TFLOP/s =="
-    text = title + "\n" + prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows,
-                                                    max_name_column_width=70)
+    title = (
+        f"== {label}: {ms:.1f} ms per step (event-timed median of {args.repeat}), "
+        f"{flops / ms / 1e9:.0f} model TFLOP/s =="
+    )
+    text = (
+        title
+        + "\n"
+        + prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=70)
+    )
     if args.trace:
         os.makedirs(args.trace, exist_ok=True)
         path = os.path.join(args.trace, label.replace(" ", "_") + ".json")
@@ -70,8 +76,12 @@ def main():
     parser.add_argument("--repeat", type=int, default=5, help="event-timed steps before the profiled one")
     parser.add_argument("--trace", default=None, help="folder for Chrome traces + GPU idle-gap report")
     parser.add_argument("--reference", action="store_true", help="also profile a plain-PyTorch full block")
-    parser.add_argument("--model-blocks", type=int, default=0,
-                        help="also profile the hybrid model of this many blocks (1:4 full:sparse, no recompute)")
+    parser.add_argument(
+        "--model-blocks",
+        type=int,
+        default=0,
+        help="also profile the hybrid model of this many blocks (1:4 full:sparse, no recompute)",
+    )
     parser.add_argument("--skip-blocks", action="store_true", help="skip the single full and sparse blocks")
     parser.add_argument("--out", default="block_profile.txt")
     args = parser.parse_args()

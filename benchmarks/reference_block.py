@@ -24,8 +24,10 @@ class PlainAttention(torch.nn.Module):
         v = self.v(source).unflatten(-1, (self.heads, -1))
         if rope is not None:
             q, k = rotate(q, *rope), rotate(k, *rope)
-        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                          SDPBackend.MATH], set_priority=True):
+        with sdpa_kernel(
+            [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
+            set_priority=True,
+        ):
             out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         return self.o(out.transpose(1, 2).flatten(-2))
 
@@ -43,9 +45,11 @@ class PlainWanBlock(torch.nn.Module):
         self.self_attn = PlainAttention(dim, heads, device, dtype)
         self.cross_attn = PlainAttention(dim, heads, device, dtype)
         self.norm2 = torch.nn.LayerNorm(dim, eps=1e-6, device=device, dtype=torch.float32)
-        self.ffn = torch.nn.Sequential(torch.nn.Linear(dim, ffn_dim, device=device, dtype=dtype),
-                                       torch.nn.GELU(approximate="tanh"),
-                                       torch.nn.Linear(ffn_dim, dim, device=device, dtype=dtype))
+        self.ffn = torch.nn.Sequential(
+            torch.nn.Linear(dim, ffn_dim, device=device, dtype=dtype),
+            torch.nn.GELU(approximate="tanh"),
+            torch.nn.Linear(ffn_dim, dim, device=device, dtype=dtype),
+        )
         self.modulation = torch.nn.Parameter(torch.randn(1, 6, dim, device=device) / dim**0.5)
 
     def forward(self, x, text, modulation, rope):

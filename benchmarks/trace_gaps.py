@@ -45,9 +45,11 @@ def analyse(path: str, top: int = 12, min_gap_us: float = 200.0) -> str:
     span = busy[-1][1] - busy[0][0]
     busy_us = sum(end - start for start, end in busy)
     kernel_sum = sum(e["dur"] for e in gpu)
-    lines = [f"trace {path}",
-             f"GPU span {span / 1e3:9.1f} ms | busy {busy_us / 1e3:9.1f} ms | idle {(span - busy_us) / 1e3:8.1f} ms"
-             f" | kernel+copy sum {kernel_sum / 1e3:9.1f} ms ({len(gpu)} GPU events)"]
+    lines = [
+        f"trace {path}",
+        f"GPU span {span / 1e3:9.1f} ms | busy {busy_us / 1e3:9.1f} ms | idle {(span - busy_us) / 1e3:8.1f} ms"
+        f" | kernel+copy sum {kernel_sum / 1e3:9.1f} ms ({len(gpu)} GPU events)",
+    ]
 
     starts = [e["ts"] for e in gpu]
     gaps = []
@@ -67,8 +69,11 @@ def analyse(path: str, top: int = 12, min_gap_us: float = 200.0) -> str:
             launch_note = f" launched by {launch['name']} at {(launch['ts'] - end) / 1e3:+.2f} ms into the gap"
         # CPU operators that overlap the gap (outermost first), which is what the host was busy with.
         lo = bisect.bisect_left(op_starts, end - 5e6)
-        open_ops = [e for e in cpu_ops[lo:bisect.bisect_right(op_starts, start)]
-                    if e["ts"] < start and e["ts"] + e["dur"] > end]
+        open_ops = [
+            e
+            for e in cpu_ops[lo : bisect.bisect_right(op_starts, start)]
+            if e["ts"] < start and e["ts"] + e["dur"] > end
+        ]
         names = collections.OrderedDict()
         for e in sorted(open_ops, key=lambda e: -e["dur"])[:6]:
             names[e["name"][:60]] = None

@@ -13,13 +13,14 @@ import time
 import webdataset
 from tqdm import tqdm
 
-from .captions import CaptionEntry, list_videos, read_captions
-from .outputs import claim_output
-from .problems import ProblemLog
 from osp_megatron.config.errors import ConfigError
 from osp_megatron.data.buckets import parse_buckets
 from osp_megatron.data.shards import INDEX_NAME, ShardInfo, atomic_write_bytes, write_index
 from osp_megatron.data.video import VideoError, encode_clip, sample_clips
+
+from .captions import CaptionEntry, list_videos, read_captions
+from .outputs import claim_output
+from .problems import ProblemLog
 
 CLIPS_FORMAT = "osp-clips-v1"
 JOURNAL_NAME = "build_journal.jsonl"
@@ -29,24 +30,45 @@ REPORT_NAME = "build_report.json"
 
 def check_frames(frames: int, temporal_stride: int = 4) -> None:
     if frames < 1 or (frames - 1) % temporal_stride:
-        raise ConfigError(f"--frames must be 1 + a multiple of the VAE temporal stride {temporal_stride} "
-                          f"(e.g. 81 = 4 x 20 + 1), got {frames}")
+        raise ConfigError(
+            f"--frames must be 1 + a multiple of the VAE temporal stride {temporal_stride} "
+            f"(e.g. 81 = 4 x 20 + 1), got {frames}"
+        )
 
 
-def process_video(job: tuple[CaptionEntry, str, dict]) -> tuple[int, str | None, list[tuple[str, bytes, dict]],
-                                                              list[tuple[str, str]]]:
+def process_video(
+    job: tuple[CaptionEntry, str, dict],
+) -> tuple[int, str | None, list[tuple[str, bytes, dict]], list[tuple[str, str]]]:
     """Worker: one caption entry -> (line, bucket name, [(key, mp4 bytes, metadata)], [(kind, message)])."""
     entry, video_path, options = job
     clips, problems = [], []
     bucket_name = None
     try:
-        for number, (bucket, start, frames) in enumerate(sample_clips(
-                video_path, options["fps"], options["frames"], parse_buckets(options["buckets"]), entry.start,
-                entry.end, entry.fps, options["max_clips_per_video"])):
+        for number, (bucket, start, frames) in enumerate(
+            sample_clips(
+                video_path,
+                options["fps"],
+                options["frames"],
+                parse_buckets(options["buckets"]),
+                entry.start,
+                entry.end,
+                entry.fps,
+                options["max_clips_per_video"],
+            )
+        ):
             bucket_name = bucket.name
-            metadata = {"caption": entry.caption, "video": entry.path, "caption_line": entry.line, "clip": number,
-                        "start_s": round(start, 4), "fps": options["fps"], "frames": options["frames"],
-                        "height": bucket.height, "width": bucket.width, "bucket": bucket.name}
+            metadata = {
+                "caption": entry.caption,
+                "video": entry.path,
+                "caption_line": entry.line,
+                "clip": number,
+                "start_s": round(start, 4),
+                "fps": options["fps"],
+                "frames": options["frames"],
+                "height": bucket.height,
+                "width": bucket.width,
+                "bucket": bucket.name,
+            }
             clips.append((f"v{entry.line:08d}_c{number:04d}", encode_clip(frames, options["fps"]), metadata))
     except VideoError as exc:
         problems.append((exc.kind, str(exc)))
@@ -65,8 +87,14 @@ class _ShardWriter:
 
     def add_video(self, line, clips, problems):
         for key, mp4, metadata in clips:
-            self.writer.write({"__key__": key, "mp4": mp4, "txt": metadata["caption"].encode("utf-8"),
-                               "json": json.dumps(metadata).encode("utf-8")})
+            self.writer.write(
+                {
+                    "__key__": key,
+                    "mp4": mp4,
+                    "txt": metadata["caption"].encode("utf-8"),
+                    "json": json.dumps(metadata).encode("utf-8"),
+                }
+            )
         self.num_samples += len(clips)
         self.videos.append(line)
         self.problems.extend(problems)
@@ -116,9 +144,18 @@ def _sha256(path):
     return digest.hexdigest()
 
 
-def build_dataset(videos: str, captions: str, output: str, fps: float = 16.0, frames: int = 81, buckets: str = "480P",
-                  shard_size_mb: float = 512.0, workers: int = 0, max_clips_per_video: int = 0,
-                  progress: bool = True) -> dict:
+def build_dataset(
+    videos: str,
+    captions: str,
+    output: str,
+    fps: float = 16.0,
+    frames: int = 81,
+    buckets: str = "480P",
+    shard_size_mb: float = 512.0,
+    workers: int = 0,
+    max_clips_per_video: int = 0,
+    progress: bool = True,
+) -> dict:
     """Build (or resume building) the clip shards of `output`; returns the report dict (also in build_report.json)."""
     check_frames(frames)
     if fps <= 0:
@@ -126,9 +163,15 @@ def build_dataset(videos: str, captions: str, output: str, fps: float = 16.0, fr
     parse_buckets(buckets)
     if not os.path.isfile(captions):
         raise ConfigError(f"--captions {captions!r} does not exist")
-    options = {"format": CLIPS_FORMAT, "fps": float(fps), "frames": frames, "buckets": buckets,
-               "max_clips_per_video": max_clips_per_video, "videos": os.path.abspath(videos),
-               "captions_sha256": _sha256(captions)}
+    options = {
+        "format": CLIPS_FORMAT,
+        "fps": float(fps),
+        "frames": frames,
+        "buckets": buckets,
+        "max_clips_per_video": max_clips_per_video,
+        "videos": os.path.abspath(videos),
+        "captions_sha256": _sha256(captions),
+    }
     claim_output(output, os.path.join(output, OPTIONS_NAME), CLIPS_FORMAT, options)
     problems = ProblemLog("build")
     entries = read_captions(captions, problems)
@@ -139,8 +182,9 @@ def build_dataset(videos: str, captions: str, output: str, fps: float = 16.0, fr
         relative = os.path.relpath(entry.path, videos) if os.path.isabs(entry.path) else os.path.normpath(entry.path)
         captioned.add(relative)
         if relative not in present:
-            problems.report("absent video", f"{captions} line {entry.line}", f"names {entry.path!r}, which is not "
-                            f"under {videos}")
+            problems.report(
+                "absent video", f"{captions} line {entry.line}", f"names {entry.path!r}, which is not under {videos}"
+            )
         elif not entry.caption:
             problems.report("missing caption", entry.path, f"{captions} line {entry.line} has an empty caption")
         else:
@@ -170,8 +214,13 @@ def build_dataset(videos: str, captions: str, output: str, fps: float = 16.0, fr
     def close_shard(bucket):
         shard = open_shards.pop(bucket)
         shard.finish()
-        record = {"shard": shard.name, "bucket": bucket, "num_samples": shard.num_samples, "videos": shard.videos,
-                  "problems": shard.problems}
+        record = {
+            "shard": shard.name,
+            "bucket": bucket,
+            "num_samples": shard.num_samples,
+            "videos": shard.videos,
+            "problems": shard.problems,
+        }
         _append_journal(journal_path, record)
         shards.append(record)
 
@@ -196,8 +245,9 @@ def build_dataset(videos: str, captions: str, output: str, fps: float = 16.0, fr
                     close_shard(bucket)
             bar.update(1)
             elapsed = max(time.time() - started, 1e-9)
-            bar.set_postfix(clips=clips_written, clips_per_s=f"{clips_written / elapsed:.2f}",
-                            bad=len(problems.records))
+            bar.set_postfix(
+                clips=clips_written, clips_per_s=f"{clips_written / elapsed:.2f}", bad=len(problems.records)
+            )
         for bucket in sorted(open_shards):
             close_shard(bucket)
     finally:
@@ -212,18 +262,37 @@ def build_dataset(videos: str, captions: str, output: str, fps: float = 16.0, fr
     for info in infos:
         bucket_counts[info.bucket] = bucket_counts.get(info.bucket, 0) + info.num_samples
     elapsed = time.time() - started
-    report = {"format": CLIPS_FORMAT, "videos_captioned": len(entries), "videos_with_clips": len(
-        {line for r in shards for line in r["videos"]}), "clips": sum(bucket_counts.values()), "shards": len(infos),
-        "clips_per_bucket": dict(sorted(bucket_counts.items())), "clips_this_run": clips_written,
-        "seconds_this_run": round(elapsed, 2), "clips_per_s": round(clips_written / max(elapsed, 1e-9), 3),
-        "problems": problems.as_dict()}
+    report = {
+        "format": CLIPS_FORMAT,
+        "videos_captioned": len(entries),
+        "videos_with_clips": len({line for r in shards for line in r["videos"]}),
+        "clips": sum(bucket_counts.values()),
+        "shards": len(infos),
+        "clips_per_bucket": dict(sorted(bucket_counts.items())),
+        "clips_this_run": clips_written,
+        "seconds_this_run": round(elapsed, 2),
+        "clips_per_s": round(clips_written / max(elapsed, 1e-9), 3),
+        "problems": problems.as_dict(),
+    }
     atomic_write_bytes(os.path.join(output, REPORT_NAME), json.dumps(report, indent=1).encode())
     if not report["clips"]:  # no index: `osp-data encode` and the loader see no data set here
-        print(f"osp-data build: failed: no clip from the {len(entries)} captioned video(s) under {output}; "
-              f"{problems.summary()} (listed in {REPORT_NAME}); no {INDEX_NAME} written", file=sys.stderr)
+        print(
+            f"osp-data build: failed: no clip from the {len(entries)} captioned video(s) under {output}; "
+            f"{problems.summary()} (listed in {REPORT_NAME}); no {INDEX_NAME} written",
+            file=sys.stderr,
+        )
         return report
-    write_index(output, infos, format=CLIPS_FORMAT, fps=float(fps), frames=frames, buckets=buckets,
-                clips_per_bucket=report["clips_per_bucket"])
-    print(f"osp-data build: {report['clips']} clips from {report['videos_with_clips']} videos in {len(infos)} shards "
-          f"under {output} ({clips_written} clips this run, {report['clips_per_s']} clips/s); {problems.summary()}")
+    write_index(
+        output,
+        infos,
+        format=CLIPS_FORMAT,
+        fps=float(fps),
+        frames=frames,
+        buckets=buckets,
+        clips_per_bucket=report["clips_per_bucket"],
+    )
+    print(
+        f"osp-data build: {report['clips']} clips from {report['videos_with_clips']} videos in {len(infos)} shards "
+        f"under {output} ({clips_written} clips this run, {report['clips_per_s']} clips/s); {problems.summary()}"
+    )
     return report

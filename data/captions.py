@@ -8,8 +8,9 @@ import json
 import os
 from dataclasses import dataclass
 
-from .problems import ProblemLog
 from osp_megatron.config.errors import ConfigError
+
+from .problems import ProblemLog
 
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".mpg", ".mpeg", ".flv", ".ts")
 
@@ -59,20 +60,25 @@ def read_captions(path: str, problems: ProblemLog) -> list[CaptionEntry]:
     if not os.path.isfile(path):
         raise ConfigError(f"--captions {path!r} does not exist")
     if os.path.getsize(path) == 0:
-        raise ConfigError(f"--captions {path!r} is an empty file; expected one JSON object a line, or CSV with the "
-                          "header path,caption[,start,end,fps]")
+        raise ConfigError(
+            f"--captions {path!r} is an empty file; expected one JSON object a line, or CSV with the "
+            "header path,caption[,start,end,fps]"
+        )
     entries = []
     with open(path, encoding="utf-8", newline="") as handle:
         if path.lower().endswith(".csv"):
             reader = csv.DictReader(handle)
             missing = {"path", "caption"} - set(reader.fieldnames or [])
             if missing:
-                raise ConfigError(f"--captions {path}: the CSV header {reader.fieldnames} lacks the column(s) "
-                                  f"{sorted(missing)}; expected path,caption[,start,end,fps]")
+                raise ConfigError(
+                    f"--captions {path}: the CSV header {reader.fieldnames} lacks the column(s) "
+                    f"{sorted(missing)}; expected path,caption[,start,end,fps]"
+                )
             rows = ((number, row, f"{path} row {number}") for number, row in enumerate(reader, start=1))
         else:
-            rows = ((number, text, f"{path} line {number}") for number, text in enumerate(handle, start=1)
-                    if text.strip())
+            rows = (
+                (number, text, f"{path} line {number}") for number, text in enumerate(handle, start=1) if text.strip()
+            )
         for number, row, where in rows:
             try:
                 if isinstance(row, str):

@@ -15,15 +15,24 @@ import torch.distributed as dist
 import webdataset
 from tqdm import tqdm
 
-from .build import CLIPS_FORMAT
-from .outputs import claim_output
-from .problems import ProblemLog
 from osp_megatron.config.errors import ConfigError
-from osp_megatron.data.shards import (INDEX_NAME, ShardInfo, atomic_write_bytes, iter_raw_samples, npy_bytes,
-                                      read_index, sample_offsets, write_index)
+from osp_megatron.data.shards import (
+    INDEX_NAME,
+    ShardInfo,
+    atomic_write_bytes,
+    iter_raw_samples,
+    npy_bytes,
+    read_index,
+    sample_offsets,
+    write_index,
+)
 from osp_megatron.data.video import VideoError, decode_clip, to_model_input
 from osp_megatron.models.text_encoder import TextEncoder, build_text_encoder
 from osp_megatron.models.vae import VideoVAE, build_vae
+
+from .build import CLIPS_FORMAT
+from .outputs import claim_output
+from .problems import ProblemLog
 
 LATENTS_FORMAT = "osp-latents-v1"
 STATE_DIR = ".encode"  # per-shard records (sample offsets, problems) of finished shards
@@ -37,14 +46,24 @@ class Encoders:
         self.vae, self.text, self.names = vae, text, names
 
     @classmethod
-    def load(cls, vae_path: str | None, text_encoder_path: str | None, text_dim: int, text_len: int,
-             device: torch.device, dtype: torch.dtype) -> "Encoders":
+    def load(
+        cls,
+        vae_path: str | None,
+        text_encoder_path: str | None,
+        text_dim: int,
+        text_len: int,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> "Encoders":
         """From local model folders; tiny random-weight models (with a warning) for those not given."""
         if vae_path is None or text_encoder_path is None:
-            missing = [name for name, path in (("--vae", vae_path), ("--text-encoder", text_encoder_path))
-                       if path is None]
-            warnings.warn(f"no {' / '.join(missing)} given: using tiny random-weight models (for "
-                          "tests only; the latents and text states mean nothing to a real DiT)")
+            missing = [
+                name for name, path in (("--vae", vae_path), ("--text-encoder", text_encoder_path)) if path is None
+            ]
+            warnings.warn(
+                f"no {' / '.join(missing)} given: using tiny random-weight models (for "
+                "tests only; the latents and text states mean nothing to a real DiT)"
+            )
         vae = build_vae(vae_path, device=device, dtype=dtype)
         text = build_text_encoder(text_encoder_path, text_dim, text_len, device=device, dtype=dtype)
         if dtype != torch.float32:  # the tiny models are built in float32
@@ -60,8 +79,15 @@ class Encoders:
         return latents.numpy(), [states[i, : int(lengths[i])].numpy() for i in range(len(captions))]
 
 
-def encode_shard(in_path: str, out_path: str, expected: tuple[int, int, int, int], encoders: Encoders,
-                 batch_size: int, latent_dtype: str, problems: ProblemLog) -> dict:
+def encode_shard(
+    in_path: str,
+    out_path: str,
+    expected: tuple[int, int, int, int],
+    encoders: Encoders,
+    batch_size: int,
+    latent_dtype: str,
+    problems: ProblemLog,
+) -> dict:
     """Encode one clip shard into `out_path` (atomically); returns its record (samples, offsets, problems)."""
     tmp = os.path.join(os.path.dirname(out_path), f".{os.path.basename(out_path)}.tmp")
     start = len(problems.records)
@@ -77,9 +103,15 @@ def encode_shard(in_path: str, out_path: str, expected: tuple[int, int, int, int
             for (key, _, caption, metadata), latent, text in zip(batch, latents, texts):
                 latent_shape = list(latent.shape)
                 metadata = dict(metadata, latent_shape=latent_shape, text_length=int(text.shape[0]))
-                writer.write({"__key__": key, "latent.npy": npy_bytes(latent, latent_dtype),
-                              "text.npy": npy_bytes(text, latent_dtype), "txt": caption.encode("utf-8"),
-                              "json": json.dumps(metadata).encode("utf-8")})
+                writer.write(
+                    {
+                        "__key__": key,
+                        "latent.npy": npy_bytes(latent, latent_dtype),
+                        "text.npy": npy_bytes(text, latent_dtype),
+                        "txt": caption.encode("utf-8"),
+                        "json": json.dumps(metadata).encode("utf-8"),
+                    }
+                )
             count += len(batch)
             batch.clear()
 
@@ -103,8 +135,13 @@ def encode_shard(in_path: str, out_path: str, expected: tuple[int, int, int, int
         except ConfigError as exc:
             problems.report("unreadable shard", in_path, f"{exc}; the clips read before the damage are kept")
         flush()
-    record = {"name": os.path.basename(out_path), "num_samples": count, "latent_shape": latent_shape,
-              "offsets": list(sample_offsets(tmp)) if count else None, "problems": problems.records[start:]}
+    record = {
+        "name": os.path.basename(out_path),
+        "num_samples": count,
+        "latent_shape": latent_shape,
+        "offsets": list(sample_offsets(tmp)) if count else None,
+        "problems": problems.records[start:],
+    }
     record_path = os.path.join(os.path.dirname(out_path), STATE_DIR, os.path.basename(out_path) + ".json")
     atomic_write_bytes(record_path, json.dumps(record).encode())
     if count:
@@ -132,10 +169,20 @@ def _pick_device(name):
     return torch.device("cpu")
 
 
-def encode_dataset(input_dir: str, output: str, vae_path: str | None = None, text_encoder_path: str | None = None,
-                   text_dim: int = 4096, text_len: int = 512, batch_size: int = 2, latent_dtype: str = "float16",
-                   device: str = "auto", precision: str = "auto", progress: bool = True,
-                   encoders: Encoders | None = None) -> dict | None:
+def encode_dataset(
+    input_dir: str,
+    output: str,
+    vae_path: str | None = None,
+    text_encoder_path: str | None = None,
+    text_dim: int = 4096,
+    text_len: int = 512,
+    batch_size: int = 2,
+    latent_dtype: str = "float16",
+    device: str = "auto",
+    precision: str = "auto",
+    progress: bool = True,
+    encoders: Encoders | None = None,
+) -> dict | None:
     """Encode (or resume encoding) every clip shard of `input_dir`; rank 0 writes the index and the report.
 
     encoders: ready Encoders (benchmarks pass random-weight full-size models); default: loaded from the paths.
@@ -143,8 +190,9 @@ def encode_dataset(input_dir: str, output: str, vae_path: str | None = None, tex
     """
     index = read_index(input_dir)
     if index is None or index.get("format") != CLIPS_FORMAT:
-        raise ConfigError(f"--input {input_dir}: holds no `osp-data build` output ({INDEX_NAME} of format "
-                          f"{CLIPS_FORMAT!r})")
+        raise ConfigError(
+            f"--input {input_dir}: holds no `osp-data build` output ({INDEX_NAME} of format {CLIPS_FORMAT!r})"
+        )
     device = _pick_device(device)
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" else "fp32"
@@ -152,9 +200,16 @@ def encode_dataset(input_dir: str, output: str, vae_path: str | None = None, tex
     rank, world = _init_distributed(device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    options = {"format": LATENTS_FORMAT, "input": os.path.abspath(input_dir), "vae": vae_path,
-               "text_encoder": text_encoder_path, "text_dim": text_dim, "text_len": text_len,
-               "latent_dtype": latent_dtype, "precision": precision}
+    options = {
+        "format": LATENTS_FORMAT,
+        "input": os.path.abspath(input_dir),
+        "vae": vae_path,
+        "text_encoder": text_encoder_path,
+        "text_dim": text_dim,
+        "text_len": text_len,
+        "latent_dtype": latent_dtype,
+        "precision": precision,
+    }
     state_dir = os.path.join(output, STATE_DIR)
     if rank == 0:
         _prepare_output(output, state_dir, options)
@@ -166,16 +221,24 @@ def encode_dataset(input_dir: str, output: str, vae_path: str | None = None, tex
     entries = index["shards"]
     mine = entries[rank::world]
     started, clips = time.time(), 0
-    bar = tqdm(total=len(mine), unit="shard", disable=not progress or rank != 0, desc="osp-data encode",
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=len(mine), unit="shard", disable=not progress or rank != 0, desc="osp-data encode", dynamic_ncols=True
+    )
     for entry in mine:
         out_path = os.path.join(output, entry["name"])
         record_path = os.path.join(state_dir, entry["name"] + ".json")
         if not _finished(record_path, out_path):
             frames = index["frames"]
             height, width = (int(s) for s in entry["bucket"].split("x"))
-            record = encode_shard(os.path.join(input_dir, entry["name"]), out_path, (frames, height, width, 3),
-                                  encoders, batch_size, latent_dtype, problems)
+            record = encode_shard(
+                os.path.join(input_dir, entry["name"]),
+                out_path,
+                (frames, height, width, 3),
+                encoders,
+                batch_size,
+                latent_dtype,
+                problems,
+            )
             clips += record["num_samples"]
         bar.update(1)
         elapsed = max(time.time() - started, 1e-9)
@@ -188,8 +251,9 @@ def encode_dataset(input_dir: str, output: str, vae_path: str | None = None, tex
         dist.barrier()
     report = None
     if rank == 0:
-        report = _write_index_and_report(input_dir, output, index, options, encoders.names,
-                                         int(totals[0]), float(totals[1]) / world)
+        report = _write_index_and_report(
+            input_dir, output, index, options, encoders.names, int(totals[0]), float(totals[1]) / world
+        )
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
@@ -219,24 +283,51 @@ def _write_index_and_report(input_dir, output, index, options, names, clips, sec
             record = json.load(handle)
         problems.extend(record["problems"])
         if record["num_samples"]:
-            infos.append(ShardInfo(os.path.join(output, entry["name"]), record["num_samples"], entry["bucket"],
-                                   tuple(record["latent_shape"]), tuple(record["offsets"])))
+            infos.append(
+                ShardInfo(
+                    os.path.join(output, entry["name"]),
+                    record["num_samples"],
+                    entry["bucket"],
+                    tuple(record["latent_shape"]),
+                    tuple(record["offsets"]),
+                )
+            )
     per_bucket = {}
     for info in infos:
         per_bucket[info.bucket] = per_bucket.get(info.bucket, 0) + info.num_samples
-    report = {"format": LATENTS_FORMAT, "samples": sum(per_bucket.values()), "shards": len(infos),
-              "samples_per_bucket": dict(sorted(per_bucket.items())), "clips_this_run": clips,
-              "seconds_this_run": round(seconds, 2), "clips_per_s": round(clips / max(seconds, 1e-9), 3),
-              "problems": problems.as_dict()}
+    report = {
+        "format": LATENTS_FORMAT,
+        "samples": sum(per_bucket.values()),
+        "shards": len(infos),
+        "samples_per_bucket": dict(sorted(per_bucket.items())),
+        "clips_this_run": clips,
+        "seconds_this_run": round(seconds, 2),
+        "clips_per_s": round(clips / max(seconds, 1e-9), 3),
+        "problems": problems.as_dict(),
+    }
     atomic_write_bytes(os.path.join(output, REPORT_NAME), json.dumps(report, indent=1).encode())
     if not infos:  # no index: the loader sees no data set here
-        print(f"osp-data encode: failed: no sample encoded under {output}; {problems.summary()} (listed in "
-              f"{REPORT_NAME}); no {INDEX_NAME} written", file=sys.stderr)
+        print(
+            f"osp-data encode: failed: no sample encoded under {output}; {problems.summary()} (listed in "
+            f"{REPORT_NAME}); no {INDEX_NAME} written",
+            file=sys.stderr,
+        )
         return report
-    write_index(output, infos, format=LATENTS_FORMAT, fps=index["fps"], frames=index["frames"],
-                text_dim=options["text_dim"], text_len=options["text_len"], latent_dtype=options["latent_dtype"],
-                vae=names["vae"], text_encoder=names["text_encoder"],
-                samples_per_bucket=dict(sorted(per_bucket.items())))
-    print(f"osp-data encode: {report['samples']} samples in {len(infos)} shards under {output} ({clips} clips this "
-          f"run, {report['clips_per_s']} clips/s); {problems.summary()}")
+    write_index(
+        output,
+        infos,
+        format=LATENTS_FORMAT,
+        fps=index["fps"],
+        frames=index["frames"],
+        text_dim=options["text_dim"],
+        text_len=options["text_len"],
+        latent_dtype=options["latent_dtype"],
+        vae=names["vae"],
+        text_encoder=names["text_encoder"],
+        samples_per_bucket=dict(sorted(per_bucket.items())),
+    )
+    print(
+        f"osp-data encode: {report['samples']} samples in {len(infos)} shards under {output} ({clips} clips this "
+        f"run, {report['clips_per_s']} clips/s); {problems.summary()}"
+    )
     return report

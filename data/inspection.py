@@ -63,20 +63,29 @@ def inspect_folder(folder: str, check: bool = False, out: Callable[[str], None] 
         row = buckets.setdefault(name, {"samples": 0, "shards": 0, "latent_shape": shard.latent_shape})
         row["samples"] += shard.num_samples
         row["shards"] += 1
-    out(f"{folder}: {kind} shards, index format {index.get('format', 'none')}, {len(shards)} shards, "
-        f"{sum(s.num_samples for s in shards)} samples")
+    out(
+        f"{folder}: {kind} shards, index format {index.get('format', 'none')}, {len(shards)} shards, "
+        f"{sum(s.num_samples for s in shards)} samples"
+    )
     out(f"{'bucket':>12} {'samples':>9} {'shards':>7}  latent shape / first sample")
     first = {}
     for shard in shards:
         name = shard.bucket or (latent_bucket_name(shard.latent_shape) if shard.latent_shape else "?")
         if name not in first:
             raw = next(iter_raw_samples(shard.path), None)
-            first[name] = ", ".join(_describe_entry(k, v) for k, v in sorted(raw.items())
-                                    if not k.startswith("__")) if raw else "(empty shard)"
+            first[name] = (
+                ", ".join(_describe_entry(k, v) for k, v in sorted(raw.items()) if not k.startswith("__"))
+                if raw
+                else "(empty shard)"
+            )
     for name, row in sorted(buckets.items()):
         out(f"{name:>12} {row['samples']:>9} {row['shards']:>7}  {first[name]}")
-    summary = {"kind": kind, "shards": len(shards), "samples": sum(s.num_samples for s in shards),
-               "buckets": {n: {"samples": r["samples"], "shards": r["shards"]} for n, r in buckets.items()}}
+    summary = {
+        "kind": kind,
+        "shards": len(shards),
+        "samples": sum(s.num_samples for s in shards),
+        "buckets": {n: {"samples": r["samples"], "shards": r["shards"]} for n, r in buckets.items()},
+    }
     for report_name in REPORT_FILES:
         path = os.path.join(folder, report_name)
         if os.path.isfile(path):

@@ -27,8 +27,11 @@ class ProblemLog:
         if printed < PRINTED_PER_KIND:
             tqdm.write(f"osp-data {self.job}: warning: skipping {item}: {kind}: {message}", file=sys.stderr)
         elif printed == PRINTED_PER_KIND:
-            tqdm.write(f"osp-data {self.job}: warning: more '{kind}' problems; only counting them now (all are "
-                       "listed in the report file)", file=sys.stderr)
+            tqdm.write(
+                f"osp-data {self.job}: warning: more '{kind}' problems; only counting them now (all are "
+                "listed in the report file)",
+                file=sys.stderr,
+            )
 
     def extend(self, records: list[dict]) -> None:
         """Add records met earlier (a resumed job's, or another process's) without printing them again."""

@@ -26,7 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .jobs import JOB_MODULES
 
     parser = argparse.ArgumentParser(
-        prog="osp-launch", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
+        prog="osp-launch",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EXAMPLES,
         description="Run an osp job on a Slurm cluster (one task per GPU through srun, rendezvous on the first "
         "node, a stop signal before the time limit, requeue and resume) or, with --local, under torchrun here.",
     )
@@ -51,18 +53,34 @@ def build_parser() -> argparse.ArgumentParser:
     slurm.add_argument("--container-image", help="pyxis/enroot image for every task (srun --container-image)")
     slurm.add_argument("--container-mounts", help="pyxis mounts, e.g. /lustre:/lustre")
     slurm.add_argument("--python", help="Python interpreter on the compute nodes (default: this one)")
-    slurm.add_argument("--setup", action="append", metavar="LINE",
-                       help="shell line before srun, e.g. 'source /opt/venv/bin/activate' (repeatable)")
+    slurm.add_argument(
+        "--setup",
+        action="append",
+        metavar="LINE",
+        help="shell line before srun, e.g. 'source /opt/venv/bin/activate' (repeatable)",
+    )
     slurm.add_argument("--env", action="append", metavar="NAME=VALUE", help="environment variable (repeatable)")
-    slurm.add_argument("--sbatch", action="append", metavar="OPTION", dest="sbatch_lines",
-                       help="extra sbatch option, e.g. --sbatch=--constraint=h200 (repeatable)")
-    slurm.add_argument("--srun", action="append", metavar="OPTION", dest="srun_args",
-                       help="extra srun option (repeatable)")
+    slurm.add_argument(
+        "--sbatch",
+        action="append",
+        metavar="OPTION",
+        dest="sbatch_lines",
+        help="extra sbatch option, e.g. --sbatch=--constraint=h200 (repeatable)",
+    )
+    slurm.add_argument(
+        "--srun", action="append", metavar="OPTION", dest="srun_args", help="extra srun option (repeatable)"
+    )
     slurm.add_argument("--stop-signal", choices=["USR1", "TERM"], help="signal Slurm sends before the time limit")
-    slurm.add_argument("--stop-warning-seconds", type=int,
-                       help="how long before the time limit the stop signal comes (default 300)")
-    slurm.add_argument("--no-requeue", dest="requeue", action="store_false", default=None,
-                       help="after a stop signal, save and end instead of requeueing")
+    slurm.add_argument(
+        "--stop-warning-seconds", type=int, help="how long before the time limit the stop signal comes (default 300)"
+    )
+    slurm.add_argument(
+        "--no-requeue",
+        dest="requeue",
+        action="store_false",
+        default=None,
+        help="after a stop signal, save and end instead of requeueing",
+    )
     return parser
 
 
@@ -97,9 +115,28 @@ def main(argv=None) -> int:
         from .cluster import load_cluster_config
         from .slurm import Submission
 
-        names = ("nodes", "gpus_per_node", "tasks_per_node", "cpus_per_task", "mem", "partition", "account", "qos",
-                 "time", "job_name", "log_dir", "container_image", "container_mounts", "python", "setup",
-                 "sbatch_lines", "srun_args", "stop_signal", "stop_warning_seconds", "requeue")
+        names = (
+            "nodes",
+            "gpus_per_node",
+            "tasks_per_node",
+            "cpus_per_task",
+            "mem",
+            "partition",
+            "account",
+            "qos",
+            "time",
+            "job_name",
+            "log_dir",
+            "container_image",
+            "container_mounts",
+            "python",
+            "setup",
+            "sbatch_lines",
+            "srun_args",
+            "stop_signal",
+            "stop_warning_seconds",
+            "requeue",
+        )
         flags = {name: getattr(args, name) for name in names}
         flags["env"] = _environment_flags(args.env)
         submission = Submission(args.job, module, args.arguments, load_cluster_config(args.cluster, flags))
@@ -111,8 +148,10 @@ def main(argv=None) -> int:
         print(f"osp-launch: error: {err}", file=sys.stderr)
         return 2
     folder = submission.folder.parent / str(job.job_id)
-    print(f"[osp-launch] submitted {args.job} as Slurm job {job.job_id} "
-          f"({submission.cluster.world_size} tasks on {submission.cluster.nodes} node(s))")
+    print(
+        f"[osp-launch] submitted {args.job} as Slurm job {job.job_id} "
+        f"({submission.cluster.world_size} tasks on {submission.cluster.nodes} node(s))"
+    )
     print(f"[osp-launch] logs: {folder}/{job.job_id}_0_log.out (rank 0), {folder}/{job.job_id}_<task>_log.err")
     print(f"[osp-launch] follow: tail -f {folder}/{job.job_id}_0_log.out; cancel: scancel {job.job_id}")
     return 0

@@ -6,7 +6,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 from osp_megatron.config.errors import ConfigError
 from osp_megatron.config.loader import from_dict, load_yaml
@@ -43,21 +43,21 @@ class ClusterConfig:
 
     nodes: int = 1
     gpus_per_node: int = 8
-    tasks_per_node: Optional[int] = None  # null: one task per GPU (one per node without GPUs)
-    cpus_per_task: Optional[int] = None
-    mem: Optional[str] = None  # per node, e.g. "0" (all of it) or "500G"
-    partition: Optional[str] = None
-    account: Optional[str] = None
-    qos: Optional[str] = None
+    tasks_per_node: int | None = None  # null: one task per GPU (one per node without GPUs)
+    cpus_per_task: int | None = None
+    mem: str | None = None  # per node, e.g. "0" (all of it) or "500G"
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
     time: str = "04:00:00"
-    job_name: Optional[str] = None  # null: the job's name (osp-train, ...)
+    job_name: str | None = None  # null: the job's name (osp-train, ...)
     exclusive: bool = False
     log_dir: str = "slurm_logs"  # one folder per job id: scripts, per-task logs, flight-recorder dumps
-    python: Optional[str] = None  # interpreter on the compute nodes; null: this one (or `python` in a container)
+    python: str | None = None  # interpreter on the compute nodes; null: this one (or `python` in a container)
     setup: list[str] = field(default_factory=list)  # shell lines before srun: module load, venv/conda activation
     env: dict = field(default_factory=dict)  # extra environment variables of every task
-    container_image: Optional[str] = None  # pyxis/enroot image for srun --container-image
-    container_mounts: Optional[str] = None
+    container_image: str | None = None  # pyxis/enroot image for srun --container-image
+    container_mounts: str | None = None
     sbatch_lines: list[str] = field(default_factory=list)  # extra sbatch options, e.g. "--constraint=h200"
     srun_args: list[str] = field(default_factory=list)  # extra srun options
     # Slurm sends stop_signal this many seconds before the time limit; the job saves and, with requeue, comes back.
@@ -69,8 +69,9 @@ class ClusterConfig:
     def validate(self, prefix: str = "cluster") -> None:
         for name in ("nodes", "max_requeues"):
             if getattr(self, name) < (1 if name == "nodes" else 0):
-                raise ConfigError(f"{prefix}.{name}: must be >= {1 if name == 'nodes' else 0}, "
-                                  f"got {getattr(self, name)}")
+                raise ConfigError(
+                    f"{prefix}.{name}: must be >= {1 if name == 'nodes' else 0}, got {getattr(self, name)}"
+                )
         if self.gpus_per_node < 0:
             raise ConfigError(f"{prefix}.gpus_per_node: must be >= 0, got {self.gpus_per_node}")
         for name in ("tasks_per_node", "cpus_per_task"):
@@ -78,8 +79,10 @@ class ClusterConfig:
                 raise ConfigError(f"{prefix}.{name}: must be >= 1 or null, got {getattr(self, name)}")
         limit = time_limit_minutes(self.time, f"{prefix}.time")
         if not 0 < self.stop_warning_seconds < limit * 60:
-            raise ConfigError(f"{prefix}.stop_warning_seconds: must be between 0 and the time limit "
-                              f"({limit * 60} s), got {self.stop_warning_seconds}")
+            raise ConfigError(
+                f"{prefix}.stop_warning_seconds: must be between 0 and the time limit "
+                f"({limit * 60} s), got {self.stop_warning_seconds}"
+            )
         for name, value in self.env.items():
             if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", str(name)):
                 raise ConfigError(f"{prefix}.env: {name!r} is not an environment variable name")
@@ -101,14 +104,14 @@ def sbatch_option(line: str, key: str = "cluster.sbatch_lines") -> tuple[str, ob
     """'--constraint=h200' -> ('constraint', 'h200'); '#SBATCH --exclusive' -> ('exclusive', True)."""
     text = line.strip()
     if text.startswith("#SBATCH"):
-        text = text[len("#SBATCH"):].strip()
+        text = text[len("#SBATCH") :].strip()
     match = re.match(r"^--([A-Za-z][A-Za-z0-9-]*)(?:[= ](.+))?$", text)
     if match is None:
         raise ConfigError(f"{key}: {line!r} is not a long sbatch option such as --constraint=h200")
     return match.group(1), (match.group(2).strip() if match.group(2) else True)
 
 
-def load_cluster_config(path: Optional[str] = None, flags: Optional[dict] = None) -> ClusterConfig:
+def load_cluster_config(path: str | None = None, flags: dict | None = None) -> ClusterConfig:
     """The cluster file (`path`, else $OSP_CLUSTER_CONFIG, else built-in defaults) with `flags` applied on top.
 
     `flags` maps field names to values given on the command line; list fields are appended to the file's.

@@ -25,6 +25,8 @@ def job_module(job: str) -> str:
     except ModuleNotFoundError:
         found = False
     if not found:
-        raise ConfigError(f"job {job} runs module {module}, which is not installed here; "
-                          f"reinstall the checkout that provides it (pip install -e .)")
+        raise ConfigError(
+            f"job {job} runs module {module}, which is not installed here; "
+            f"reinstall the checkout that provides it (pip install -e .)"
+        )
     return module

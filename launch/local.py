@@ -13,8 +13,19 @@ from .supervisor import run_supervised
 
 def torchrun_command(module: str, arguments: list[str], ranks: int) -> list[str]:
     # --standalone: a rendezvous on a free local port, so several local jobs never collide.
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
-            "--nproc-per-node", str(ranks), "-m", module, *arguments]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nnodes",
+        "1",
+        "--nproc-per-node",
+        str(ranks),
+        "-m",
+        module,
+        *arguments,
+    ]
 
 
 def _signal_ranks(torchrun: subprocess.Popen, signum: int) -> None:
@@ -43,4 +54,3 @@ def run_local(job: str, module: str, arguments: list[str], ranks: int) -> int:
     if received:
         print(f"[osp-launch] {job} ended after {', '.join(received)} with status {returncode}", flush=True)
     return returncode if returncode >= 0 else 128 - returncode
-

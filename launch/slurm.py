@@ -8,11 +8,12 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .cluster import ClusterConfig, sbatch_option, time_limit_minutes
-from .task import JobTask
 from osp_megatron.config.errors import ConfigError
 from osp_megatron.parallel.diagnostics import COMMUNICATION_DEFAULTS, FLIGHT_RECORDER_FILE
 from osp_megatron.parallel.rendezvous import RENDEZVOUS_PORT_BASE, RENDEZVOUS_PORT_SPAN
+
+from .cluster import ClusterConfig, sbatch_option, time_limit_minutes
+from .task import JobTask
 
 
 @dataclass
@@ -34,8 +35,14 @@ class Submission:
         return "python" if self.cluster.container_image else shlex.quote(sys.executable)
 
     def task(self) -> JobTask:
-        return JobTask(job=self.job, module=self.module, arguments=list(self.arguments),
-                       requeue=self.cluster.requeue, max_requeues=self.cluster.max_requeues, folder=str(self.folder))
+        return JobTask(
+            job=self.job,
+            module=self.module,
+            arguments=list(self.arguments),
+            requeue=self.cluster.requeue,
+            max_requeues=self.cluster.max_requeues,
+            folder=str(self.folder),
+        )
 
     def setup_lines(self) -> list[str]:
         """Shell lines of the batch script before srun; tasks inherit the environment they export."""
@@ -43,14 +50,21 @@ class Submission:
         lines = list(cluster.setup)
         lines += [f"export {name}={shlex.quote(str(value))}" for name, value in cluster.env.items()]
         # Defaults the job also applies itself; exported here so the script shows them and the setup can override.
-        lines += [f"export {name}=${{{name}:-{value}}}" for name, value in COMMUNICATION_DEFAULTS.items()
-                  if name not in cluster.env]
+        lines += [
+            f"export {name}=${{{name}:-{value}}}"
+            for name, value in COMMUNICATION_DEFAULTS.items()
+            if name not in cluster.env
+        ]
         # Flight-recorder dumps of a hung collective land next to the task logs, one file per rank and one folder
         # per run of the job (a requeued job runs again under the same id).
-        recorder = (shlex.quote(str(self.folder.parent))
-                    + "/${SLURM_JOB_ID}/flight_recorder/restart_${SLURM_RESTART_COUNT:-0}")
-        lines += [f"mkdir -p {recorder}", f"export {FLIGHT_RECORDER_FILE}={recorder}/rank_",
-                  "export PYTHONUNBUFFERED=1"]
+        recorder = (
+            shlex.quote(str(self.folder.parent)) + "/${SLURM_JOB_ID}/flight_recorder/restart_${SLURM_RESTART_COUNT:-0}"
+        )
+        lines += [
+            f"mkdir -p {recorder}",
+            f"export {FLIGHT_RECORDER_FILE}={recorder}/rank_",
+            "export PYTHONUNBUFFERED=1",
+        ]
         return lines
 
     def srun_arguments(self) -> list[str]:
@@ -74,13 +88,24 @@ class Submission:
         extra["signal"] = f"{cluster.stop_signal}@{cluster.stop_warning_seconds}"
         extra["requeue" if cluster.requeue else "no-requeue"] = True
         parameters = dict(
-            job_name=cluster.job_name or self.job, nodes=cluster.nodes, ntasks_per_node=cluster.tasks,
-            time=time_limit_minutes(cluster.time), setup=self.setup_lines(), srun_args=self.srun_arguments(),
-            wckey=None, additional_parameters=extra,
+            job_name=cluster.job_name or self.job,
+            nodes=cluster.nodes,
+            ntasks_per_node=cluster.tasks,
+            time=time_limit_minutes(cluster.time),
+            setup=self.setup_lines(),
+            srun_args=self.srun_arguments(),
+            wckey=None,
+            additional_parameters=extra,
         )
-        optional = dict(gpus_per_node=cluster.gpus_per_node or None, cpus_per_task=cluster.cpus_per_task,
-                        mem=cluster.mem, partition=cluster.partition, account=cluster.account, qos=cluster.qos,
-                        exclusive=cluster.exclusive or None)
+        optional = dict(
+            gpus_per_node=cluster.gpus_per_node or None,
+            cpus_per_task=cluster.cpus_per_task,
+            mem=cluster.mem,
+            partition=cluster.partition,
+            account=cluster.account,
+            qos=cluster.qos,
+            exclusive=cluster.exclusive or None,
+        )
         parameters.update({name: value for name, value in optional.items() if value is not None})
         return parameters
 

@@ -4,14 +4,17 @@ after the job saved and exited, whether it was stopped early (and should come ba
 
 import signal
 import subprocess
-from typing import Callable, Optional
+from collections.abc import Callable
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)  # those the jobs turn into "save and exit 0"
 
 
-def run_supervised(command: list[str], env: Optional[dict] = None,
-                   forward: Optional[Callable[[subprocess.Popen, int], None]] = None,
-                   new_session: bool = False) -> tuple[int, list[str]]:
+def run_supervised(
+    command: list[str],
+    env: dict | None = None,
+    forward: Callable[[subprocess.Popen, int], None] | None = None,
+    new_session: bool = False,
+) -> tuple[int, list[str]]:
     """Run `command` to its end; returns (exit status, names of the stop signals received meanwhile).
 
     `forward(child, signum)` passes each signal on; without it the child is expected to get the signal itself
@@ -19,7 +22,7 @@ def run_supervised(command: list[str], env: Optional[dict] = None,
     never ends this process in between.
     """
     received: list[str] = []
-    child: Optional[subprocess.Popen] = None
+    child: subprocess.Popen | None = None
 
     def note(signum, frame):
         received.append(signal.Signals(signum).name)

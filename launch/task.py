@@ -17,10 +17,10 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+
+from osp_megatron.parallel.rendezvous import expand_nodelist, rendezvous_port
 
 from .supervisor import run_supervised, stopped_by
-from osp_megatron.parallel.rendezvous import expand_nodelist, rendezvous_port
 
 # Slurm job states in which Slurm itself has already decided the job's fate (cancelled, timed out, preempted,
 # requeued): a requeue from rank 0 then would undo a user's scancel or requeue a job twice.
@@ -34,8 +34,11 @@ def task_environment(environ: dict) -> dict:
     world = int(env["SLURM_NTASKS"])
     nodes = int(env.get("SLURM_JOB_NUM_NODES") or env.get("SLURM_NNODES") or 1)
     env.update(
-        RANK=env["SLURM_PROCID"], WORLD_SIZE=str(world), LOCAL_RANK=env.get("SLURM_LOCALID", "0"),
-        LOCAL_WORLD_SIZE=str(world // nodes), GROUP_RANK=env.get("SLURM_NODEID", "0"),
+        RANK=env["SLURM_PROCID"],
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=env.get("SLURM_LOCALID", "0"),
+        LOCAL_WORLD_SIZE=str(world // nodes),
+        GROUP_RANK=env.get("SLURM_NODEID", "0"),
     )
     env.setdefault("MASTER_ADDR", expand_nodelist(env["SLURM_JOB_NODELIST"])[0])
     env.setdefault("MASTER_PORT", str(rendezvous_port(env["SLURM_JOB_ID"])))
@@ -96,8 +99,8 @@ def read_notes(folder: Path, kind: str, restart: int) -> dict[int, dict]:
     """Rank -> the note it wrote, for every rank that wrote one."""
     notes = {}
     for path in (folder / kind / f"restart_{restart}").glob("rank_*"):
-        if path.name[len("rank_"):].isdigit():
-            notes[int(path.name[len("rank_"):])] = json.loads(path.read_text())
+        if path.name[len("rank_") :].isdigit():
+            notes[int(path.name[len("rank_") :])] = json.loads(path.read_text())
     return notes
 
 
@@ -111,20 +114,19 @@ def wait_for_ranks(folder: Path, restart: int, world: int, timeout: float) -> li
         time.sleep(0.2)
 
 
-def slurm_job_state(job_id: str) -> Optional[str]:
+def slurm_job_state(job_id: str) -> str | None:
     """The job's state as Slurm sees it now (RUNNING, CANCELLED, ...), or None when Slurm does not answer."""
     try:
-        result = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True,
-                                timeout=60)
+        result = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired):
         return None
     for item in result.stdout.split():
         if item.startswith("JobState="):
-            return item[len("JobState="):]
+            return item[len("JobState=") :]
     return None
 
 
-def requeue_job(job_id: str, restarts: int, max_requeues: int) -> Optional[str]:
+def requeue_job(job_id: str, restarts: int, max_requeues: int) -> str | None:
     """Put this job back in the queue (it keeps its id, logs append); None when done, else why it was not."""
     if restarts >= max_requeues:
         return f"it already restarted {restarts} times (cluster.max_requeues={max_requeues})"
@@ -167,8 +169,7 @@ class JobTask:
         write_note(folder, "started", restart, rank, host=host, local_rank=int(env["LOCAL_RANK"]), pid=os.getpid())
         say(f"rank {rank} (local rank {env['LOCAL_RANK']}) on {host}, restart {restart}")
         if rank == 0:
-            say(f"{self.job} on {world} tasks, rendezvous {env['MASTER_ADDR']}:{env['MASTER_PORT']}, "
-                f"restart {restart}")
+            say(f"{self.job} on {world} tasks, rendezvous {env['MASTER_ADDR']}:{env['MASTER_PORT']}, restart {restart}")
             nodelist = env.get("SLURM_STEP_NODELIST") or env["SLURM_JOB_NODELIST"]
             counts = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE")
             if counts:
@@ -178,10 +179,16 @@ class JobTask:
         ended_well = stopped_by(received, returncode) if received else returncode == 0
         if not ended_well:
             missing = wait_for_ranks(folder, restart, world, self.failure_wait_seconds)
-            raise RuntimeError(f"{self.job} (python -m {self.module}) on rank {rank} exited with status {returncode}"
-                               f" on {host}" + (f" after {', '.join(received)}" if received else "")
-                               + (f"; rank(s) {rank_ranges(missing)} had not ended {self.failure_wait_seconds:g} s "
-                                  "later" if missing else ""))
+            raise RuntimeError(
+                f"{self.job} (python -m {self.module}) on rank {rank} exited with status {returncode}"
+                f" on {host}"
+                + (f" after {', '.join(received)}" if received else "")
+                + (
+                    f"; rank(s) {rank_ranges(missing)} had not ended {self.failure_wait_seconds:g} s later"
+                    if missing
+                    else ""
+                )
+            )
         if rank != 0:
             return 0
         return self._decide(folder, env["SLURM_JOB_ID"], restart, world)
@@ -190,8 +197,10 @@ class JobTask:
         """Rank 0, its own job ended well: finished (0), or stopped early on some rank, then requeued or raised."""
         missing = wait_for_ranks(folder, restart, world, self.end_wait_seconds)
         if missing:
-            say(f"rank(s) {rank_ranges(missing)} had not ended {self.end_wait_seconds:g} s after rank 0; deciding "
-                "all the same")
+            say(
+                f"rank(s) {rank_ranges(missing)} had not ended {self.end_wait_seconds:g} s after rank 0; deciding "
+                "all the same"
+            )
         signals = sorted({name for note in read_notes(folder, "ended", restart).values() for name in note["signals"]})
         if not signals:
             return 0
@@ -199,5 +208,7 @@ class JobTask:
         reason = "cluster.requeue is off" if not self.requeue else requeue_job(job_id, restart, self.max_requeues)
         if reason is None:
             return 0
-        raise StoppedBeforeItsEnd(f"{self.job} stopped after {', '.join(signals)} and saved, but was not requeued: "
-                                  f"{reason}; submit the same command again to continue from its checkpoint")
+        raise StoppedBeforeItsEnd(
+            f"{self.job} stopped after {', '.join(signals)} and saved, but was not requeued: "
+            f"{reason}; submit the same command again to continue from its checkpoint"
+        )

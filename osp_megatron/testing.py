@@ -36,8 +36,17 @@ def gathered_gradients(model: torch.nn.Module, world_size: int, include=lambda n
 
 
 # A tiny Wan2.1 transformer: 2 heads of 12 channels (3D RoPE splits 12 as 4/4/4), 2 blocks, 4 latent channels.
-TINY_DIFFUSERS_WAN = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4,
-                          out_channels=4, text_dim=16, freq_dim=32, ffn_dim=40, num_layers=2)
+TINY_DIFFUSERS_WAN = dict(
+    patch_size=(1, 2, 2),
+    num_attention_heads=2,
+    attention_head_dim=12,
+    in_channels=4,
+    out_channels=4,
+    text_dim=16,
+    freq_dim=32,
+    ffn_dim=40,
+    num_layers=2,
+)
 
 
 def random_diffusers_wan(seed: int = 0, **overrides):
@@ -64,8 +73,8 @@ TINY_SAMPLING = {"num_frames": 5, "height": 64, "width": 64, "num_steps": 3, "fp
 
 def tiny_sampling_config(**parallel):
     """JobConfig of the tiny sampling model and settings, with `parallel` degrees."""
-    from osp_megatron.engine.config import JobConfig
     from osp_megatron.config.loader import from_dict
+    from osp_megatron.engine.config import JobConfig
 
     return from_dict(JobConfig, {"model": TINY_SAMPLING_MODEL, "sample": TINY_SAMPLING, "parallel": parallel})
 
@@ -94,20 +103,45 @@ def save_tiny_sampling_checkpoint(run_dir) -> None:
 
     ensure_single_rank_group()
     config = tiny_sampling_config()
-    save_checkpoint(run_dir, 1, random_sampling_model(config),
-                    metadata={"model_config": to_dict(config.model), "config": to_dict(config)})
+    save_checkpoint(
+        run_dir,
+        1,
+        random_sampling_model(config),
+        metadata={"model_config": to_dict(config.model), "config": to_dict(config)},
+    )
     destroy_distributed()
 
 
 def tiny_grpo_overrides(run_dir, steps: int = 2, extra=()) -> list[str]:
     """osp-grpo overrides for a run of a few seconds: 2-block model, 5 x 32 x 32 videos through the random tiny
     VAE, 4 rollout steps; torch's threads left as they are (the tests run in the test process)."""
-    return [f"run.dir={run_dir}", f"train.steps={steps}", "train.progress=false", "train.sample_at_end=false",
-            "train.lr=1e-3", "train.min_lr=1e-3", "train.micro_batch_size=2", "model.num_layers=2",
-            "model.vae=tiny-random", "checkpoint.load=null", "checkpoint.interval=0", "grpo.num_steps=4",
-            "grpo.window_size=2", "grpo.window_mode=sliding", "grpo.group_size=2", "grpo.prompts_per_iteration=2",
-            "grpo.rewards=[{name: temporal_flicker}]", "grpo.pretrain_if_missing=null", "grpo.eval_interval=0",
-            "grpo.decode_batch_size=2", "train.cpu_threads=0",
-            "prompts.synthetic=false", "prompts.prompts=[a red circle moving left, a blue square moving up, "
-            "a green wide bar staying still]", "sample.num_frames=5", "sample.height=32", "sample.width=32",
-            "sample.guidance_scale=2.0", *extra]
+    return [
+        f"run.dir={run_dir}",
+        f"train.steps={steps}",
+        "train.progress=false",
+        "train.sample_at_end=false",
+        "train.lr=1e-3",
+        "train.min_lr=1e-3",
+        "train.micro_batch_size=2",
+        "model.num_layers=2",
+        "model.vae=tiny-random",
+        "checkpoint.load=null",
+        "checkpoint.interval=0",
+        "grpo.num_steps=4",
+        "grpo.window_size=2",
+        "grpo.window_mode=sliding",
+        "grpo.group_size=2",
+        "grpo.prompts_per_iteration=2",
+        "grpo.rewards=[{name: temporal_flicker}]",
+        "grpo.pretrain_if_missing=null",
+        "grpo.eval_interval=0",
+        "grpo.decode_batch_size=2",
+        "train.cpu_threads=0",
+        "prompts.synthetic=false",
+        "prompts.prompts=[a red circle moving left, a blue square moving up, a green wide bar staying still]",
+        "sample.num_frames=5",
+        "sample.height=32",
+        "sample.width=32",
+        "sample.guidance_scale=2.0",
+        *extra,
+    ]

@@ -21,8 +21,11 @@ def test_referenced_docs_exist_and_no_unshipped_design_reference():
     missing, design = [], []
     for path in _files():
         text = path.read_text(encoding="utf-8")
-        missing += [f"{path.relative_to(ROOT)}: {name}" for name in re.findall(r"docs/[\w.-]+\.md", text)
-                    if not (ROOT / name).is_file()]
+        missing += [
+            f"{path.relative_to(ROOT)}: {name}"
+            for name in re.findall(r"docs/[\w.-]+\.md", text)
+            if not (ROOT / name).is_file()
+        ]
         if "DESIGN.md" in text:
             design.append(str(path.relative_to(ROOT)))
     assert not missing and not design, (missing, design)

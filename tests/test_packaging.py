@@ -31,9 +31,11 @@ def test_every_installed_package_has_a_name_of_its_own(monkeypatch):
 def test_outside_the_repository_generic_names_are_free():
     """In the installed environment (a folder other than the checkout), `data` and `launch` are not importable,
     and the tools are, under their own names."""
-    code = ("import importlib.util as u\n"
-            "assert u.find_spec('data') is None and u.find_spec('launch') is None\n"
-            "assert u.find_spec('checkpoints_tools') is None\n"
-            "import osp_data.cli, osp_launch.cli, osp_ckpt.cli\n")
+    code = (
+        "import importlib.util as u\n"
+        "assert u.find_spec('data') is None and u.find_spec('launch') is None\n"
+        "assert u.find_spec('checkpoints_tools') is None\n"
+        "import osp_data.cli, osp_launch.cli, osp_ckpt.cli\n"
+    )
     result = subprocess.run([sys.executable, "-c", code], cwd="/", capture_output=True, text=True)
     assert result.returncode == 0, result.stderr

@@ -5,7 +5,6 @@ Token layouts (parallel/layout.py, parallel/ssp.py) produce an AttentionContext;
 
 import functools
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -22,11 +21,11 @@ class AttentionContext:
     """
 
     subsequences: int = 1
-    key_runs: Optional[list] = None  # real_key_runs() of the padded layout; None when nothing is padded
+    key_runs: list | None = None  # real_key_runs() of the padded layout; None when nothing is padded
     backend: str = "auto"
     # Packed layout (no padding tokens): the token counts of the consecutive subsequences of a sample, which
     # then may differ; None when all subsequences have N / subsequences tokens.
-    lengths: Optional[tuple] = None
+    lengths: tuple | None = None
 
 
 def equal_length_groups(lengths) -> list:
@@ -73,6 +72,7 @@ def attend_in_layout(q, k, v, context: AttentionContext, kernel=None):
     split = [q.shape[0] * count, q.shape[1] // count, *q.shape[2:]]
     if context.key_runs is None:
         return attend(q.reshape(split), k.reshape(split), v.reshape(split)).reshape(q.shape)
-    out = skiparse_attention_sparse_layout(q.reshape(split), k.reshape(split), v.reshape(split),
-                                           backend=context.backend, key_runs=context.key_runs)
+    out = skiparse_attention_sparse_layout(
+        q.reshape(split), k.reshape(split), v.reshape(split), backend=context.backend, key_runs=context.key_runs
+    )
     return out.reshape(q.shape)

@@ -33,7 +33,7 @@ class AttentionBackendUnavailableError(RuntimeError):
     """The requested attention backend cannot run here; the message says what to install or use."""
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _import_flash_attn():
     """The flash_attn module, or None; cached because a failing import searches the file system each time."""
     try:
@@ -42,7 +42,7 @@ def _import_flash_attn():
         return None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _import_torch_npu():
     """The torch_npu module, or None."""
     try:
@@ -85,8 +85,10 @@ def _check_inputs(q, k, v, key_padding_mask):
     if key_padding_mask is not None:
         if key_padding_mask.dtype != torch.bool:
             raise ValueError(f"key_padding_mask must be bool (True = attendable), got {key_padding_mask.dtype}")
-        if key_padding_mask.dim() != 2 or key_padding_mask.shape[0] not in (1, q.shape[0]) or (
-            key_padding_mask.shape[1] != k.shape[1]
+        if (
+            key_padding_mask.dim() != 2
+            or key_padding_mask.shape[0] not in (1, q.shape[0])
+            or (key_padding_mask.shape[1] != k.shape[1])
         ):
             raise ValueError(
                 f"key_padding_mask must be [{q.shape[0]} or 1, {k.shape[1]}], got {tuple(key_padding_mask.shape)}"

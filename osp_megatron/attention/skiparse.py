@@ -184,7 +184,8 @@ def real_key_runs(key_mask):
         if runs:
             start, stop, previous = runs[-1]
             same = (previous is None and index is None) or (
-                previous is not None and index is not None and torch.equal(previous, index))
+                previous is not None and index is not None and torch.equal(previous, index)
+            )
             if same:
                 runs[-1] = (start, row + 1, previous)
                 continue

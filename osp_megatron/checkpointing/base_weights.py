@@ -8,7 +8,6 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -30,8 +29,11 @@ class BaseWeights:
 def _weight_files(path: Path) -> list[Path]:
     if path.is_file():
         return [path]
-    return sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".json", ".pth",
-                                                                             ".pt", ".bin", ".ckpt"))
+    return sorted(
+        p
+        for p in path.rglob("*")
+        if p.is_file() and p.suffix in (".safetensors", ".json", ".pth", ".pt", ".bin", ".ckpt")
+    )
 
 
 def weights_fingerprint(path: str | Path) -> str:
@@ -43,8 +45,9 @@ def weights_fingerprint(path: str | Path) -> str:
         digest.update((path / MANIFEST).read_bytes())
         return "manifest:" + digest.hexdigest()[:32]
     for file in _weight_files(path):
-        digest.update(json.dumps([str(file.relative_to(path)) if path.is_dir() else file.name,
-                                  file_digest(file)]).encode())
+        digest.update(
+            json.dumps([str(file.relative_to(path)) if path.is_dir() else file.name, file_digest(file)]).encode()
+        )
     return "files:" + digest.hexdigest()[:32]
 
 
@@ -55,19 +58,21 @@ def reference_to(path: str | Path, which: str = "model") -> BaseWeights:
     return BaseWeights(str(path.resolve()), weights_fingerprint(path), which)
 
 
-def lora_metadata(checkpoint: str | Path) -> Optional[dict]:
+def lora_metadata(checkpoint: str | Path) -> dict | None:
     """{'lora': LoraConfig fields, 'base_weights': BaseWeights fields} of a LoRA checkpoint, else None."""
     metadata = read_metadata(checkpoint)
     if not metadata.get(LORA_KEY):
         return None
     if not isinstance(metadata[LORA_KEY], dict) or BASE_KEY not in metadata:
-        raise ConfigError(f"checkpoint {str(checkpoint)!r} holds LoRA adapters but no reference to their base "
-                          "weights (written by an older version, which stored the base inside); merge it with "
-                          "the version that wrote it")
+        raise ConfigError(
+            f"checkpoint {str(checkpoint)!r} holds LoRA adapters but no reference to their base "
+            "weights (written by an older version, which stored the base inside); merge it with "
+            "the version that wrote it"
+        )
     return {LORA_KEY: metadata[LORA_KEY], BASE_KEY: metadata[BASE_KEY]}
 
 
-def resolve_base(checkpoint: str | Path, given: Optional[str | Path] = None) -> BaseWeights:
+def resolve_base(checkpoint: str | Path, given: str | Path | None = None) -> BaseWeights:
     """The base weights of a LoRA checkpoint, checked against its fingerprint: at `given` (e.g. checkpoint.load)
     when set, else where the checkpoint says. A base that changed is an error naming both fingerprints."""
     info = lora_metadata(checkpoint)
@@ -76,12 +81,16 @@ def resolve_base(checkpoint: str | Path, given: Optional[str | Path] = None) -> 
     recorded = BaseWeights(**info[BASE_KEY])
     path = Path(given) if given is not None else Path(recorded.path)
     if not path.exists():
-        raise ConfigError(f"the base weights of LoRA checkpoint {str(checkpoint)!r} are not at {str(path)!r} "
-                          f"anymore; pass their new place (checkpoint.load=... or --base PATH)")
+        raise ConfigError(
+            f"the base weights of LoRA checkpoint {str(checkpoint)!r} are not at {str(path)!r} "
+            f"anymore; pass their new place (checkpoint.load=... or --base PATH)"
+        )
     found = weights_fingerprint(path)
     if found != recorded.fingerprint:
-        raise ConfigError(f"the base weights at {str(path)!r} are not those LoRA checkpoint {str(checkpoint)!r} "
-                          f"was trained on (fingerprint {found} instead of {recorded.fingerprint})")
+        raise ConfigError(
+            f"the base weights at {str(path)!r} are not those LoRA checkpoint {str(checkpoint)!r} "
+            f"was trained on (fingerprint {found} instead of {recorded.fingerprint})"
+        )
     return BaseWeights(str(path), found, recorded.which)
 
 

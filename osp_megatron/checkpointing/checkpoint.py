@@ -7,7 +7,6 @@ the unfinished one ignored. Loading reshards to the current layout and checks th
 """
 
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -42,12 +41,15 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     root = checkpoint_dir(run_dir)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and not p.name.endswith(".tmp")
-             and is_complete(p)]
+    found = [
+        p
+        for p in root.iterdir()
+        if p.is_dir() and p.name.startswith("step_") and not p.name.endswith(".tmp") and is_complete(p)
+    ]
     return sorted(found, key=lambda p: int(p.name.split("_")[1]))
 
 
-def latest_checkpoint(run_dir: str | Path) -> Optional[Path]:
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
     """Newest complete checkpoint of a run (via `latest`, else by scanning), or None."""
     root = checkpoint_dir(run_dir)
     pointer = root / "latest"
@@ -75,15 +77,16 @@ def weights_path(path: str | Path, key: str = "checkpoint.load") -> Path:
     return weights
 
 
-def checkpoint_writer(run_dir: str | Path, keep_last: Optional[int] = None, asynchronous: bool = False):
+def checkpoint_writer(run_dir: str | Path, keep_last: int | None = None, asynchronous: bool = False):
     """The writer of a run's checkpoints (asynchronous: written in the background, one at a time)."""
     from osp_megatron.checkpointing.writer import CheckpointWriter
 
-    return CheckpointWriter(checkpoint_dir(run_dir), keep_last, asynchronous,
-                            complete_checkpoints=lambda: list_checkpoints(run_dir))
+    return CheckpointWriter(
+        checkpoint_dir(run_dir), keep_last, asynchronous, complete_checkpoints=lambda: list_checkpoints(run_dir)
+    )
 
 
-def checkpoint_metadata(step: int, fsdp: bool, metadata: Optional[dict] = None) -> dict:
+def checkpoint_metadata(step: int, fsdp: bool, metadata: dict | None = None) -> dict:
     """What metadata.json records besides the caller's entries: step and parallel layout."""
     info = dict(metadata or {})
     layout = current_layout(fsdp)
@@ -91,9 +94,18 @@ def checkpoint_metadata(step: int, fsdp: bool, metadata: Optional[dict] = None) 
     return info
 
 
-def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, optimizer=None, ema=None,
-                    rank_state: Optional[dict] = None, metadata: Optional[dict] = None,
-                    keep_last: Optional[int] = None, writer=None, parameters: Optional[list[str]] = None) -> Path:
+def save_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer=None,
+    ema=None,
+    rank_state: dict | None = None,
+    metadata: dict | None = None,
+    keep_last: int | None = None,
+    writer=None,
+    parameters: list[str] | None = None,
+) -> Path:
     """Collective: every rank calls it. Returns the checkpoint folder (published on return unless `writer`
     writes asynchronously; then once writer.wait() returns). `parameters`: the weights stored (default all)."""
     from osp_megatron.checkpointing.distributed import training_tensors
@@ -101,12 +113,18 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, opti
 
     writer = writer or checkpoint_writer(run_dir, keep_last)
     tensors = training_tensors(model, optimizer, ema, parameters=parameters)
-    return writer.save(step_dir_name(step), tensors, rank_state or {},
-                       checkpoint_metadata(step, is_fsdp_model(model), metadata))
+    return writer.save(
+        step_dir_name(step), tensors, rank_state or {}, checkpoint_metadata(step, is_fsdp_model(model), metadata)
+    )
 
 
-def load_model_weights(path: str | Path, model: torch.nn.Module, which: str = "model", strict: bool = True,
-                       names: Optional[dict[str, str]] = None):
+def load_model_weights(
+    path: str | Path,
+    model: torch.nn.Module,
+    which: str = "model",
+    strict: bool = True,
+    names: dict[str, str] | None = None,
+):
     """Load weights (or EMA weights with which='ema') into `model` under its own layout; returns (missing,
     unexpected) names. `names`: model parameter name -> stored name (default: all, unchanged)."""
     from osp_megatron.checkpointing.training_state import load_weights
@@ -114,8 +132,9 @@ def load_model_weights(path: str | Path, model: torch.nn.Module, which: str = "m
     return load_weights(path, model, which, strict, names)
 
 
-def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer=None, ema=None,
-                    parameters: Optional[list[str]] = None) -> tuple[dict, dict]:
+def load_checkpoint(
+    path: str | Path, model: torch.nn.Module, optimizer=None, ema=None, parameters: list[str] | None = None
+) -> tuple[dict, dict]:
     """Restore everything a training step depends on, resharded to this run's layout; returns (metadata, the
     saved per-rank state: this rank's under the same layout, else rank 0's). `parameters` as in save_checkpoint."""
     from osp_megatron.checkpointing.training_state import load_training_state
@@ -142,7 +161,7 @@ def checkpoint_problems(path: str | Path) -> list[str]:
     return found
 
 
-def resumable_checkpoint(run_dir: str | Path, say=print) -> Optional[Path]:
+def resumable_checkpoint(run_dir: str | Path, say=print) -> Path | None:
     """Collective: the newest intact checkpoint of a run, skipping damaged newer ones with a warning.
 
     None when the run has no checkpoint; an error naming every damaged one when none is intact.
@@ -157,7 +176,8 @@ def resumable_checkpoint(run_dir: str | Path, say=print) -> Optional[Path]:
     if damaged:
         raise CheckpointCorruptError(
             f"every checkpoint of {str(checkpoint_dir(run_dir))!r} is damaged: {', '.join(damaged)}; start fresh "
-            "with checkpoint.resume=none (or another run.dir), or repair the files")
+            "with checkpoint.resume=none (or another run.dir), or repair the files"
+        )
     return None
 
 
@@ -172,7 +192,7 @@ def verify_resume_path(path: str | Path) -> Path:
     return path
 
 
-def resume_target(resume: str, run_dir: str | Path, fsdp: bool = False, say=print) -> Optional[Path]:
+def resume_target(resume: str, run_dir: str | Path, fsdp: bool = False, say=print) -> Path | None:
     """Collective: the checkpoint a job continues from (checkpoint.resume: 'auto', 'none' or a path), checked
     for damage before any work; None for a fresh start. A checkpoint of another parallel layout is resharded
     as it loads: both layouts are named."""
@@ -185,6 +205,8 @@ def resume_target(resume: str, run_dir: str | Path, fsdp: bool = False, say=prin
     if saved != now:
         # Every tensor is read back as the pieces this layout holds; the per-rank state (data position,
         # quantization scales) comes from rank 0.
-        say(f"checkpoint {path} was saved with {describe_layout(saved)}; resharding it to this run's "
-            f"{describe_layout(now)}")
+        say(
+            f"checkpoint {path} was saved with {describe_layout(saved)}; resharding it to this run's "
+            f"{describe_layout(now)}"
+        )
     return path

@@ -7,7 +7,6 @@ exactly the pieces it holds.
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -41,7 +40,7 @@ class StoredTensor:
 
     local: torch.Tensor
     shape: tuple
-    partition_dim: Optional[int]
+    partition_dim: int | None
     fsdp_sharded: bool
 
 
@@ -50,8 +49,14 @@ def stored_like(param: torch.Tensor, tensor: torch.Tensor) -> StoredTensor:
     return StoredTensor(local_tensor(tensor), tuple(param.shape), partition_dim(param), is_fully_sharded(param))
 
 
-def training_tensors(model: torch.nn.Module, optimizer=None, ema=None, which: tuple = (MODEL, EMA, OPTIMIZER),
-                     create_optimizer_state: bool = False, parameters: Optional[list[str]] = None) -> dict:
+def training_tensors(
+    model: torch.nn.Module,
+    optimizer=None,
+    ema=None,
+    which: tuple = (MODEL, EMA, OPTIMIZER),
+    create_optimizer_state: bool = False,
+    parameters: list[str] | None = None,
+) -> dict:
     """Keyed StoredTensors of the model weights, EMA and AdamW moments (plus the moments' step counts as plain
     tensors). `create_optimizer_state` allocates moments the optimizer has not created yet (to load into).
     `parameters`: the weights stored (default all; a LoRA model stores its adapters, not the frozen base)."""
@@ -114,8 +119,12 @@ def tensor_by_data_context_mesh(device_type: str) -> DeviceMesh:
     tensor_group = sorted(dist.get_process_group_ranks(state.tensor_parallel_group()))
     if ranks[:, column].tolist() != tensor_group:
         raise RuntimeError(f"tensor-parallel group {tensor_group} does not follow rank order tp-cp-ep-dp-pp")
-    return DeviceMesh.from_group([state.tensor_parallel_group(), state.gradient_reduction_group()], device_type,
-                                 mesh=ranks, mesh_dim_names=("tensor", "data_context"))
+    return DeviceMesh.from_group(
+        [state.tensor_parallel_group(), state.gradient_reduction_group()],
+        device_type,
+        mesh=ranks,
+        mesh_dim_names=("tensor", "data_context"),
+    )
 
 
 def as_global(stored: StoredTensor, meshes: dict) -> DTensor:
@@ -126,16 +135,25 @@ def as_global(stored: StoredTensor, meshes: dict) -> DTensor:
     if mesh is None:
         mesh = meshes[local.device.type] = tensor_by_data_context_mesh(local.device.type)
     shape = full_shape(stored, mesh.size(0))
-    placements = (Shard(stored.partition_dim) if stored.partition_dim is not None else Replicate(),
-                  Shard(0) if stored.fsdp_sharded else Replicate())
-    return DTensor.from_local(local, mesh, placements, run_check=False, shape=torch.Size(shape),
-                              stride=torch.empty(shape, device="meta").stride())
+    placements = (
+        Shard(stored.partition_dim) if stored.partition_dim is not None else Replicate(),
+        Shard(0) if stored.fsdp_sharded else Replicate(),
+    )
+    return DTensor.from_local(
+        local,
+        mesh,
+        placements,
+        run_check=False,
+        shape=torch.Size(shape),
+        stride=torch.empty(shape, device="meta").stride(),
+    )
 
 
 def global_state_dict(tensors: dict) -> dict:
     meshes = {}
-    return {key: as_global(value, meshes) if isinstance(value, StoredTensor) else value
-            for key, value in tensors.items()}
+    return {
+        key: as_global(value, meshes) if isinstance(value, StoredTensor) else value for key, value in tensors.items()
+    }
 
 
 def save_tensors(folder: Path, tensors: dict, process_group=None, asynchronous: bool = False):
@@ -155,13 +173,17 @@ def check_compatible(folder: Path, tensors: dict, tensor_parallel: int) -> None:
     index = stored_index(folder)
     missing = sorted(key for key in tensors if key not in index)
     if missing:
-        raise ConfigError(f"checkpoint {str(folder.parent)!r} lacks {len(missing)} tensors this run needs: "
-                          f"{missing[:8]}{'...' if len(missing) > 8 else ''}")
+        raise ConfigError(
+            f"checkpoint {str(folder.parent)!r} lacks {len(missing)} tensors this run needs: "
+            f"{missing[:8]}{'...' if len(missing) > 8 else ''}"
+        )
     for key, value in tensors.items():
         expected = full_shape(value, tensor_parallel) if isinstance(value, StoredTensor) else tuple(value.shape)
         if tuple(index[key].size) != expected:
-            raise ConfigError(f"checkpoint {str(folder.parent)!r} stores {key!r} with shape {tuple(index[key].size)}; "
-                              f"this model holds {expected} (a different model configuration?)")
+            raise ConfigError(
+                f"checkpoint {str(folder.parent)!r} stores {key!r} with shape {tuple(index[key].size)}; "
+                f"this model holds {expected} (a different model configuration?)"
+            )
 
 
 def load_tensors(folder: Path, tensors: dict) -> None:
@@ -171,5 +193,7 @@ def load_tensors(folder: Path, tensors: dict) -> None:
         dcp.load(global_state_dict(tensors), storage_reader=FileSystemReader(str(folder)))
     except Exception as exc:  # DCP wraps each rank's read failure (truncated or unreadable pieces)
         reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-        raise CheckpointCorruptError(f"{folder}: its tensors cannot be read ({reason}); the checkpoint is "
-                                     "damaged (osp-ckpt verify names the file)") from exc
+        raise CheckpointCorruptError(
+            f"{folder}: its tensors cannot be read ({reason}); the checkpoint is "
+            "damaged (osp-ckpt verify names the file)"
+        ) from exc

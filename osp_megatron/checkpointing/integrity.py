@@ -6,8 +6,8 @@ A truncated, missing or bit-flipped file is reported by name before any tensor i
 import json
 import os
 import zlib
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable, Optional
 
 from osp_megatron.config.errors import ConfigError
 
@@ -45,7 +45,7 @@ def digest_files(folder: str | Path, names: Iterable[str]) -> dict[str, dict]:
     return {name: file_digest(folder / name) for name in names}
 
 
-def write_manifest(folder: str | Path, digests: Optional[dict[str, dict]] = None) -> dict:
+def write_manifest(folder: str | Path, digests: dict[str, dict] | None = None) -> dict:
     """Write folder/manifest.json (fsynced) from per-file digests; computes them when not given."""
     folder = Path(folder)
     if digests is None:
@@ -60,7 +60,7 @@ def write_manifest(folder: str | Path, digests: Optional[dict[str, dict]] = None
     return manifest
 
 
-def read_manifest(folder: str | Path) -> Optional[dict]:
+def read_manifest(folder: str | Path) -> dict | None:
     path = Path(folder) / MANIFEST
     if not path.is_file():
         return None
@@ -83,7 +83,7 @@ def _stat_key(path: Path):
     return (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
 
 
-def file_problem(folder: Path, name: str, expected: dict, check_content: bool = True) -> Optional[str]:
+def file_problem(folder: Path, name: str, expected: dict, check_content: bool = True) -> str | None:
     """What is wrong with one file against its manifest entry, or None."""
     path = Path(folder) / name
     if not path.is_file():
@@ -126,8 +126,9 @@ def verify_file(path: str | Path, check_content: bool = True, levels: int = 2) -
         folder = folder.parent
 
 
-def find_problems(folder: str | Path, names: Optional[Iterable[str]] = None, check_content: bool = True,
-                  require_manifest: bool = False) -> list[str]:
+def find_problems(
+    folder: str | Path, names: Iterable[str] | None = None, check_content: bool = True, require_manifest: bool = False
+) -> list[str]:
     """Problems of the listed files (default: all in the manifest); [] when the checkpoint is intact.
 
     A checkpoint written before manifests existed has none: it passes unless `require_manifest`.
@@ -146,7 +147,7 @@ def find_problems(folder: str | Path, names: Optional[Iterable[str]] = None, che
     return problems
 
 
-def verify_checkpoint(folder: str | Path, names: Optional[Iterable[str]] = None, check_content: bool = True) -> None:
+def verify_checkpoint(folder: str | Path, names: Iterable[str] | None = None, check_content: bool = True) -> None:
     """Raise CheckpointCorruptError naming every damaged file of `folder` (or of `names` in it)."""
     problems = find_problems(folder, names, check_content)
     if problems:

@@ -4,8 +4,8 @@ Behind `osp-ckpt merge-lora` and the run.dir/merged folder of a LoRA job; the ba
 the checkpoint's reference (checkpointing/base_weights.py). Memory holds one tensor, never the whole model.
 """
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 import torch
 
@@ -27,8 +27,11 @@ def _base_reader(base: BaseWeights) -> tuple[dict[str, tuple[tuple, torch.dtype]
     from osp_megatron.checkpointing.wan_convert import open_source
 
     source = open_source(base.path)
-    shapes = {name: (tuple(info.shape), source.files.get(source.prefix + source.pieces[name].source).dtype)
-              for name, info in source.expected.items() if name in source.pieces}
+    shapes = {
+        name: (tuple(info.shape), source.files.get(source.prefix + source.pieces[name].source).dtype)
+        for name, info in source.expected.items()
+        if name in source.pieces
+    }
     return shapes, source.tensor
 
 
@@ -37,9 +40,14 @@ def adapted_linears(adapter_shapes: dict) -> list[str]:
     return sorted(name[: -len(ADAPTER_A)] for name in adapter_shapes if name.endswith(ADAPTER_A))
 
 
-def merge_lora_checkpoint(checkpoint: str | Path, output: str | Path, base: Optional[str | Path] = None,
-                          dtype: Optional[torch.dtype] = None, overwrite: bool = False,
-                          log: Callable[[str], None] = silent) -> Path:
+def merge_lora_checkpoint(
+    checkpoint: str | Path,
+    output: str | Path,
+    base: str | Path | None = None,
+    dtype: torch.dtype | None = None,
+    overwrite: bool = False,
+    log: Callable[[str], None] = silent,
+) -> Path:
     """Write base + scaling B A of every adapted linear of a LoRA checkpoint to `output` (model weights from
     its raw adapters, EMA weights from its EMA adapters when it has them). `base`: where the base weights are
     now, when they moved (checked against the checkpoint's fingerprint)."""
@@ -56,8 +64,9 @@ def merge_lora_checkpoint(checkpoint: str | Path, output: str | Path, base: Opti
     for kind in kinds:
         unknown = [name for name in linears[kind] if f"{name}.weight" not in shapes]
         if unknown:
-            raise ConfigError(f"LoRA checkpoint {str(checkpoint)!r} adapts linears its base does not have: "
-                              f"{unknown[:8]}")
+            raise ConfigError(
+                f"LoRA checkpoint {str(checkpoint)!r} adapts linears its base does not have: {unknown[:8]}"
+            )
     specs = {f"{kind}/{name}": (shape, dtype or stored) for kind in kinds for name, (shape, stored) in shapes.items()}
     adapter_of = {kind: {f"{name}.weight": name for name in linears[kind]} for kind in kinds}
 
@@ -66,13 +75,20 @@ def merge_lora_checkpoint(checkpoint: str | Path, output: str | Path, base: Opti
         tensor = read_base(name)
         linear = adapter_of[kind].get(name)
         if linear is not None:
-            tensor = merged_tensor(tensor, read_checkpoint_tensor(checkpoint, kind, linear + ADAPTER_A),
-                                   read_checkpoint_tensor(checkpoint, kind, linear + ADAPTER_B), scaling)
+            tensor = merged_tensor(
+                tensor,
+                read_checkpoint_tensor(checkpoint, kind, linear + ADAPTER_A),
+                read_checkpoint_tensor(checkpoint, kind, linear + ADAPTER_B),
+                scaling,
+            )
         return tensor.to(specs[key][1])
 
     metadata = read_metadata(checkpoint)
-    kept = {"step": int(metadata.get("step", 0)), "model_config": metadata.get("model_config"),
-            "merged_from": {"lora": str(checkpoint), "base": reference.path}}
+    kept = {
+        "step": int(metadata.get("step", 0)),
+        "model_config": metadata.get("model_config"),
+        "merged_from": {"lora": str(checkpoint), "base": reference.path},
+    }
     if metadata.get("config"):
         config = dict(metadata["config"])
         config.pop("lora", None)
@@ -80,4 +96,3 @@ def merge_lora_checkpoint(checkpoint: str | Path, output: str | Path, base: Opti
     write_weights_checkpoint(Path(output), specs, produce, kept, overwrite)
     log(f"merged {len(linears[kinds[0]])} adapted linears of {checkpoint} into {reference.path}'s weights: {output}")
     return Path(output)
-

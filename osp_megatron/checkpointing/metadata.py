@@ -26,8 +26,10 @@ def read_metadata(path: str | Path) -> dict:
     if not path.exists():
         raise ConfigError(f"checkpoint {str(path)!r} does not exist")
     if not is_complete(path):
-        raise ConfigError(f"{str(path)!r} is not a complete checkpoint (no {METADATA}); an interrupted save "
-                          "leaves a '.tmp' folder that is never loaded")
+        raise ConfigError(
+            f"{str(path)!r} is not a complete checkpoint (no {METADATA}); an interrupted save "
+            "leaves a '.tmp' folder that is never loaded"
+        )
     return json.loads((path / METADATA).read_text())
 
 
@@ -45,8 +47,14 @@ def current_layout(fsdp: bool = False) -> dict:
     from osp_megatron.parallel import state
 
     world = dist.get_world_size() if dist.is_initialized() else 1
-    return {"world_size": world, "tensor": state.tensor_parallel_size(), "data": state.data_parallel_size(),
-            "ssp": state.ssp_size(), "ulysses": state.ulysses_size(), "fsdp": bool(fsdp)}
+    return {
+        "world_size": world,
+        "tensor": state.tensor_parallel_size(),
+        "data": state.data_parallel_size(),
+        "ssp": state.ssp_size(),
+        "ulysses": state.ulysses_size(),
+        "fsdp": bool(fsdp),
+    }
 
 
 def saved_layout(metadata: dict) -> dict:
@@ -58,8 +66,10 @@ def saved_layout(metadata: dict) -> dict:
 
 
 def describe_layout(layout: dict) -> str:
-    return (f"tensor={layout['tensor']} data={layout['data']} ssp={layout['ssp']} ulysses={layout['ulysses']} "
-            f"fsdp={str(bool(layout.get('fsdp'))).lower()} (world size {layout['world_size']})")
+    return (
+        f"tensor={layout['tensor']} data={layout['data']} ssp={layout['ssp']} ulysses={layout['ulysses']} "
+        f"fsdp={str(bool(layout.get('fsdp'))).lower()} (world size {layout['world_size']})"
+    )
 
 
 def same_layout(metadata: dict, fsdp: bool = False) -> bool:

@@ -6,8 +6,8 @@ Used by osp-ckpt (inspect, export, average, import) and tests; free of megatron-
 import contextlib
 import json
 import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator, Optional
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -21,8 +21,14 @@ from osp_megatron.checkpointing.sharded import iter_full_tensors, open_shard, re
 from osp_megatron.config.errors import ConfigError
 
 KINDS = ("model", "ema", "optimizer")
-_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64,
-                       "I64": torch.int64, "I32": torch.int32}
+_SAFETENSORS_DTYPES = {
+    "F32": torch.float32,
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "F64": torch.float64,
+    "I64": torch.int64,
+    "I32": torch.int32,
+}
 
 
 # -- torch.distributed.checkpoint folders -------------------------------------------------------------------
@@ -34,18 +40,18 @@ def _one_process():
         yield
 
 
-
 def stored_index(folder: Path) -> dict[str, TensorStorageMetadata]:
     """key -> storage metadata (full size, dtype, stored pieces) of every tensor of a DCP folder."""
     try:
         metadata = FileSystemReader(str(folder)).read_metadata()
     except (OSError, EOFError, RuntimeError, ValueError) as exc:
         raise ConfigError(f"{str(folder)!r} is not a readable torch.distributed.checkpoint folder ({exc})") from exc
-    return {key: value for key, value in metadata.state_dict_metadata.items()
-            if isinstance(value, TensorStorageMetadata)}
+    return {
+        key: value for key, value in metadata.state_dict_metadata.items() if isinstance(value, TensorStorageMetadata)
+    }
 
 
-def read_tensor(folder: Path, key: str, index: Optional[dict] = None) -> torch.Tensor:
+def read_tensor(folder: Path, key: str, index: dict | None = None) -> torch.Tensor:
     """One whole tensor of a DCP folder, assembled from its stored pieces (reads only those bytes)."""
     index = index if index is not None else stored_index(folder)
     if key not in index:
@@ -71,14 +77,16 @@ class _ProducingSavePlanner(DefaultSavePlanner):
         return self.produce(index.fqn).contiguous()
 
 
-def write_tensors_streaming(folder: Path, specs: dict[str, tuple[tuple, torch.dtype]],
-                            produce: Callable[[str], torch.Tensor]) -> None:
+def write_tensors_streaming(
+    folder: Path, specs: dict[str, tuple[tuple, torch.dtype]], produce: Callable[[str], torch.Tensor]
+) -> None:
     """Write a one-process DCP folder of whole tensors `specs` (key -> (shape, dtype)), calling produce(key)
     for one tensor at a time as it is written: memory holds one tensor, never the whole checkpoint."""
     planned = {key: torch.empty(shape, dtype=dtype, device="meta") for key, (shape, dtype) in specs.items()}
     with _one_process():
-        dcp.save(planned, storage_writer=FileSystemWriter(str(folder)), planner=_ProducingSavePlanner(produce),
-                 no_dist=True)
+        dcp.save(
+            planned, storage_writer=FileSystemWriter(str(folder)), planner=_ProducingSavePlanner(produce), no_dist=True
+        )
 
 
 def check_state_files(path: Path) -> None:
@@ -100,8 +108,11 @@ def stored_shapes(path: str | Path, which: str) -> dict[str, tuple[tuple[int, ..
     if is_distributed_format(metadata):
         check_state_files(path)
         prefix = which + "/"
-        return {key[len(prefix):]: (tuple(meta.size), meta.properties.dtype)
-                for key, meta in stored_index(path / STATE).items() if key.startswith(prefix)}
+        return {
+            key[len(prefix) :]: (tuple(meta.size), meta.properties.dtype)
+            for key, meta in stored_index(path / STATE).items()
+            if key.startswith(prefix)
+        }
     if not (path / which).is_dir():
         return {}
     tp_size, paths, partition = source_layout(path / which, check_content=False)
@@ -133,7 +144,7 @@ def iter_checkpoint_tensors(path: str | Path, which: str = "model") -> Iterator[
         prefix = which + "/"
         for key in sorted(index):
             if key.startswith(prefix):
-                yield key[len(prefix):], read_tensor(path / STATE, key, index)
+                yield key[len(prefix) :], read_tensor(path / STATE, key, index)
         return
     if not (path / which).is_dir():
         return

@@ -4,7 +4,6 @@ Works in a plain Python process (it sets up a one-rank process group) and inside
 """
 
 from pathlib import Path
-from typing import Optional
 
 import torch
 from megatron.core import parallel_state
@@ -48,8 +47,16 @@ def pretrained_model_config(path: str | Path, **overrides) -> ModelConfig:
     return open_source(path, overrides).model_config
 
 
-def load_pretrained(path: str | Path, *, dtype=None, device: str | torch.device = "cpu", which: str = "model",
-                    allow_missing: bool = False, allow_unexpected: bool = False, **overrides) -> WanDiT:
+def load_pretrained(
+    path: str | Path,
+    *,
+    dtype=None,
+    device: str | torch.device = "cpu",
+    which: str = "model",
+    allow_missing: bool = False,
+    allow_unexpected: bool = False,
+    **overrides,
+) -> WanDiT:
     """The DiT holding the weights at `path`, split for the current tensor-parallel size.
 
     `path`: an osp_megatron checkpoint (its metadata's model_config describes the model), a diffusers
@@ -84,9 +91,14 @@ def load_pretrained(path: str | Path, *, dtype=None, device: str | torch.device 
     return model
 
 
-def load_pretrained_weights(model: torch.nn.Module, path: str | Path, which: str = "model",
-                            allow_missing: bool = False, allow_unexpected: bool = False,
-                            names: Optional[dict[str, str]] = None) -> None:
+def load_pretrained_weights(
+    model: torch.nn.Module,
+    path: str | Path,
+    which: str = "model",
+    allow_missing: bool = False,
+    allow_unexpected: bool = False,
+    names: dict[str, str] | None = None,
+) -> None:
     """Copy the weights at `path` (any layout `load_pretrained` reads) into an already built model, sharded or
     not; `names` maps the model's parameter names to the plain DiT's (default: all, unchanged; a LoRA model
     passes its base weights)."""
@@ -110,8 +122,13 @@ def _check(what: str, missing: list[str], unexpected: list[str], allow_missing: 
         raise ConfigError(f"{what} do not match the model: " + "; ".join(problems))
 
 
-def load_source_into(source: WeightSource, model: torch.nn.Module, allow_missing: bool = False,
-                     allow_unexpected: bool = False, names: Optional[dict[str, str]] = None) -> None:
+def load_source_into(
+    source: WeightSource,
+    model: torch.nn.Module,
+    allow_missing: bool = False,
+    allow_unexpected: bool = False,
+    names: dict[str, str] | None = None,
+) -> None:
     """Copy a published checkpoint into `model`, keeping this tensor-parallel rank's slice of each tensor (and of
     that, this rank's FSDP shard); `names` as in load_pretrained_weights."""
     source.check_keys(allow_missing, allow_unexpected)
@@ -129,7 +146,9 @@ def load_source_into(source: WeightSource, model: torch.nn.Module, allow_missing
         dim = source.expected[plain].partition_dim
         local = full if dim is None else full.chunk(size, dim=dim)[rank]
         if local.shape != param.shape:
-            raise ConfigError(f"{plain!r}: {source.layout} checkpoint {str(source.path)!r} gives shape "
-                              f"{tuple(local.shape)} on tensor-parallel rank {rank} of {size}, the model holds "
-                              f"{tuple(param.shape)}")
+            raise ConfigError(
+                f"{plain!r}: {source.layout} checkpoint {str(source.path)!r} gives shape "
+                f"{tuple(local.shape)} on tensor-parallel rank {rank} of {size}, the model holds "
+                f"{tuple(param.shape)}"
+            )
         copy_slice_into(param, local)

@@ -8,8 +8,8 @@ time, never holding more than that tensor beyond its own shard.
 import contextlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Optional
 
 import torch
 from safetensors import safe_open
@@ -30,13 +30,15 @@ def open_shard(path: Path, check_content: bool = True):
         handle = safe_open(str(path), framework="pt")
     except Exception as exc:  # safetensors raises its own error type for every malformed file
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise CheckpointCorruptError(f"{path}: not a readable safetensors file ({reason}); the file is truncated, "
-                                     "damaged or not a checkpoint shard") from exc
+        raise CheckpointCorruptError(
+            f"{path}: not a readable safetensors file ({reason}); the file is truncated, "
+            "damaged or not a checkpoint shard"
+        ) from exc
     with handle:
         yield handle
 
 
-def partition_dim(param: torch.Tensor) -> Optional[int]:
+def partition_dim(param: torch.Tensor) -> int | None:
     """The dimension megatron-core split this parameter along, or None if every TP rank holds it whole."""
     if getattr(param, "tensor_model_parallel", False):
         return int(param.partition_dim)
@@ -47,8 +49,9 @@ def shard_file(directory: Path, tp_rank: int, tp_size: int) -> Path:
     return Path(directory) / f"tp{tp_rank:02d}-of-{tp_size:02d}.safetensors"
 
 
-def save_shard(directory: Path, tensors: dict[str, torch.Tensor], partition: dict[str, Optional[int]],
-               tp_rank: int, tp_size: int) -> Path:
+def save_shard(
+    directory: Path, tensors: dict[str, torch.Tensor], partition: dict[str, int | None], tp_rank: int, tp_size: int
+) -> Path:
     """Write this rank's tensors (fsynced) with their partition dims in the file header."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -63,7 +66,7 @@ def save_shard(directory: Path, tensors: dict[str, torch.Tensor], partition: dic
     return path
 
 
-def source_layout(directory: Path, check_content: bool = True) -> tuple[int, list[Path], dict[str, Optional[int]]]:
+def source_layout(directory: Path, check_content: bool = True) -> tuple[int, list[Path], dict[str, int | None]]:
     """(tp_size, shard paths in rank order, partition dims) of a sharded folder (reads one header)."""
     directory = Path(directory)
     files = sorted(directory.glob("tp*-of-*.safetensors"))
@@ -79,7 +82,7 @@ def source_layout(directory: Path, check_content: bool = True) -> tuple[int, lis
     return tp_size, expected, partition
 
 
-def read_full_tensor(paths: list[Path], name: str, dim: Optional[int]) -> torch.Tensor:
+def read_full_tensor(paths: list[Path], name: str, dim: int | None) -> torch.Tensor:
     """One tensor reassembled from all source shards (concatenated along its split dim)."""
     if dim is None:
         with open_shard(paths[0]) as handle:
@@ -91,7 +94,7 @@ def read_full_tensor(paths: list[Path], name: str, dim: Optional[int]) -> torch.
     return torch.cat(pieces, dim=dim)
 
 
-def read_local_tensor(paths: list[Path], name: str, dim: Optional[int], tp_rank: int, tp_size: int):
+def read_local_tensor(paths: list[Path], name: str, dim: int | None, tp_rank: int, tp_size: int):
     """This rank's piece of a tensor for a target tensor-parallel size, whatever the source size was."""
     if dim is None:
         return read_full_tensor(paths, name, None)
@@ -100,8 +103,10 @@ def read_local_tensor(paths: list[Path], name: str, dim: Optional[int], tp_rank:
             return handle.get_tensor(name)
     full = read_full_tensor(paths, name, dim)
     if full.shape[dim] % tp_size:
-        raise ConfigError(f"tensor {name!r} of size {full.shape[dim]} along dim {dim} cannot be split into "
-                          f"{tp_size} tensor-parallel shards")
+        raise ConfigError(
+            f"tensor {name!r} of size {full.shape[dim]} along dim {dim} cannot be split into "
+            f"{tp_size} tensor-parallel shards"
+        )
     return full.chunk(tp_size, dim=dim)[tp_rank].clone()
 
 
@@ -112,8 +117,14 @@ def iter_full_tensors(directory: Path) -> Iterator[tuple[str, torch.Tensor]]:
         yield name, read_full_tensor(paths, name, partition[name])
 
 
-def load_shard_into(directory: Path, targets: dict[str, torch.Tensor], tp_rank: int, tp_size: int,
-                    strict: bool = True, what: str = "model") -> tuple[list[str], list[str]]:
+def load_shard_into(
+    directory: Path,
+    targets: dict[str, torch.Tensor],
+    tp_rank: int,
+    tp_size: int,
+    strict: bool = True,
+    what: str = "model",
+) -> tuple[list[str], list[str]]:
     """Copy stored tensors into `targets` (this rank's local tensors), resharding as needed.
 
     Returns (missing, unexpected) names; with strict=True either is an error naming them.
@@ -131,8 +142,10 @@ def load_shard_into(directory: Path, targets: dict[str, torch.Tensor], tp_rank: 
             continue
         local = read_local_tensor(paths, name, partition[name], tp_rank, tp_size)
         if local.shape != target.shape:
-            raise ConfigError(f"{what} tensor {name!r}: stored shard has shape {tuple(local.shape)} but this "
-                              f"model expects {tuple(target.shape)}")
+            raise ConfigError(
+                f"{what} tensor {name!r}: stored shard has shape {tuple(local.shape)} but this "
+                f"model expects {tuple(target.shape)}"
+            )
         with torch.no_grad():
             target.copy_(local.to(target.dtype))
     return missing, unexpected

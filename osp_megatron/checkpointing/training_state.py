@@ -7,7 +7,6 @@ checkpoints (format 1) are re-split for tensor parallelism and FSDP here.
 import json
 import warnings
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -16,14 +15,14 @@ from osp_megatron.checkpointing.distributed import (
     EMA,
     MODEL,
     OPTIMIZER,
-    local_piece,
     load_tensors,
+    local_piece,
     stored_like,
     training_tensors,
 )
 from osp_megatron.checkpointing.integrity import CheckpointCorruptError, verify_file
-from osp_megatron.checkpointing.offline import stored_kinds, stored_shapes
 from osp_megatron.checkpointing.metadata import STATE, is_distributed_format, read_metadata, same_layout
+from osp_megatron.checkpointing.offline import stored_kinds, stored_shapes
 from osp_megatron.checkpointing.sharded import read_local_tensor, source_layout
 from osp_megatron.checkpointing.writer import rank_file
 from osp_megatron.config.errors import ConfigError
@@ -31,8 +30,14 @@ from osp_megatron.parallel import state
 from osp_megatron.parallel.fsdp import is_fsdp_model
 
 
-def load_training_state(path: str | Path, model: torch.nn.Module, optimizer=None, ema=None,
-                        which: Optional[tuple] = None, parameters: Optional[list[str]] = None) -> tuple[dict, dict]:
+def load_training_state(
+    path: str | Path,
+    model: torch.nn.Module,
+    optimizer=None,
+    ema=None,
+    which: tuple | None = None,
+    parameters: list[str] | None = None,
+) -> tuple[dict, dict]:
     """Collective: restore model weights, EMA and AdamW state into this rank's pieces; returns (metadata, the
     per-rank state: this rank's under an unchanged layout, else rank 0's).
 
@@ -53,10 +58,13 @@ def load_training_state(path: str | Path, model: torch.nn.Module, optimizer=None
         if kind in kinds:
             selected.add(kind)
         else:
-            warnings.warn(f"checkpoint {path} holds no {kind} state: "
-                          f"{'the EMA restarts from the loaded weights' if kind == EMA else 'AdamW starts afresh'}")
-    tensors = training_tensors(model, optimizer, ema, which=tuple(selected), create_optimizer_state=True,
-                               parameters=parameters)
+            warnings.warn(
+                f"checkpoint {path} holds no {kind} state: "
+                f"{'the EMA restarts from the loaded weights' if kind == EMA else 'AdamW starts afresh'}"
+            )
+    tensors = training_tensors(
+        model, optimizer, ema, which=tuple(selected), create_optimizer_state=True, parameters=parameters
+    )
     if is_distributed_format(metadata):
         load_tensors(path / STATE, tensors)
     else:
@@ -66,8 +74,13 @@ def load_training_state(path: str | Path, model: torch.nn.Module, optimizer=None
     return metadata, read_rank_state(path, metadata, is_fsdp_model(model))
 
 
-def load_weights(path: str | Path, model: torch.nn.Module, which: str = MODEL, strict: bool = True,
-                 names: Optional[dict[str, str]] = None) -> tuple[list[str], list[str]]:
+def load_weights(
+    path: str | Path,
+    model: torch.nn.Module,
+    which: str = MODEL,
+    strict: bool = True,
+    names: dict[str, str] | None = None,
+) -> tuple[list[str], list[str]]:
     """Collective: copy a checkpoint's model (or, which="ema", EMA) weights into `model`, any format, any
     layout. `names` maps the model's parameter names to the stored ones (default: the same, every parameter),
     e.g. a LoRA model's base weights. Returns (missing, unexpected) stored names; strict makes either an error."""
@@ -80,10 +93,15 @@ def load_weights(path: str | Path, model: torch.nn.Module, which: str = MODEL, s
     names = names if names is not None else {name: name for name in params}
     missing, unexpected = sorted(set(names.values()) - stored), sorted(stored - set(names.values()))
     if strict and (missing or unexpected):
-        raise ConfigError(f"{which} weights of {str(path)!r} do not match the model: missing {missing[:8]}, "
-                          f"unexpected {unexpected[:8]}")
-    tensors = {f"{which}/{stored_name}": stored_like(params[name], params[name])
-               for name, stored_name in names.items() if stored_name in stored}
+        raise ConfigError(
+            f"{which} weights of {str(path)!r} do not match the model: missing {missing[:8]}, "
+            f"unexpected {unexpected[:8]}"
+        )
+    tensors = {
+        f"{which}/{stored_name}": stored_like(params[name], params[name])
+        for name, stored_name in names.items()
+        if stored_name in stored
+    }
     if is_distributed_format(metadata):
         load_tensors(path / STATE, tensors)
     else:
@@ -119,12 +137,16 @@ def load_tensor_parallel_safetensors(path: Path, tensors: dict) -> None:
         moments = {name: value for name, value in targets.items() if not name.startswith("step/")}
         missing = sorted(set(moments) - set(partition))
         if missing:
-            raise ConfigError(f"{kind} checkpoint {str(folder)!r} lacks {missing[:8]}{'...' if len(missing) > 8 else ''}")
+            raise ConfigError(
+                f"{kind} checkpoint {str(folder)!r} lacks {missing[:8]}{'...' if len(missing) > 8 else ''}"
+            )
         for name, stored in moments.items():
             piece = local_piece(read_local_tensor(paths, name, partition[name], tp_rank, tp_size), stored)
             if piece.shape != stored.local.shape:
-                raise ConfigError(f"{kind} tensor {name!r} of {str(path)!r} gives shape {tuple(piece.shape)} here; "
-                                  f"this model holds {tuple(stored.local.shape)}")
+                raise ConfigError(
+                    f"{kind} tensor {name!r} of {str(path)!r} gives shape {tuple(piece.shape)} here; "
+                    f"this model holds {tuple(stored.local.shape)}"
+                )
             with torch.no_grad():
                 stored.local.copy_(piece.to(stored.local.dtype))
         steps = {name: value for name, value in targets.items() if name.startswith("step/")}

@@ -6,38 +6,60 @@ Resharding, which runs the jobs' own model building, load and save, lives in osp
 
 import json
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable, Optional
 
 import torch
 
 from osp_megatron.checkpointing.integrity import write_manifest
 from osp_megatron.checkpointing.metadata import DISTRIBUTED_FORMAT, METADATA, STATE, read_metadata
-from osp_megatron.checkpointing.offline import read_checkpoint_tensor, stored_kinds, stored_shapes, write_tensors_streaming
+from osp_megatron.checkpointing.offline import (
+    read_checkpoint_tensor,
+    stored_kinds,
+    stored_shapes,
+    write_tensors_streaming,
+)
 from osp_megatron.checkpointing.wan_convert import DTYPES, prepare_output, publish_output, silent
 from osp_megatron.config.errors import ConfigError
 
 ONE_RANK = {"world_size": 1, "tensor": 1, "data": 1, "ssp": 1, "ulysses": 1, "fsdp": False}
 
 
-def write_weights_checkpoint(output: Path, specs: dict[str, tuple[tuple, torch.dtype]],
-                             produce: Callable[[str], torch.Tensor], metadata: dict, overwrite: bool = False) -> Path:
+def write_weights_checkpoint(
+    output: Path,
+    specs: dict[str, tuple[tuple, torch.dtype]],
+    produce: Callable[[str], torch.Tensor],
+    metadata: dict,
+    overwrite: bool = False,
+) -> Path:
     """A complete checkpoint (state/, manifest, metadata.json) of whole tensors `specs` ('model/<name>' or
     'ema/<name>' -> (shape, dtype)), produced one at a time; it appears under `output` only once complete."""
     output = Path(output)
     tmp = prepare_output(output, overwrite)
     write_tensors_streaming(tmp / STATE, specs, produce)
     write_manifest(tmp)
-    info = {"format": DISTRIBUTED_FORMAT, "step": 0, "layout": ONE_RANK, "tensor_parallel": 1, "world_size": 1,
-            "saved_at": time.time(), **metadata}
+    info = {
+        "format": DISTRIBUTED_FORMAT,
+        "step": 0,
+        "layout": ONE_RANK,
+        "tensor_parallel": 1,
+        "world_size": 1,
+        "saved_at": time.time(),
+        **metadata,
+    }
     (tmp / METADATA).write_text(json.dumps(info, indent=2, default=str))
     publish_output(tmp, output)
     return output
 
 
-def average_checkpoints(paths: Iterable[str | Path], output: str | Path, kinds: tuple = ("model", "ema"),
-                        dtype: Optional[str] = None, overwrite: bool = False,
-                        log: Callable[[str], None] = silent) -> Path:
+def average_checkpoints(
+    paths: Iterable[str | Path],
+    output: str | Path,
+    kinds: tuple = ("model", "ema"),
+    dtype: str | None = None,
+    overwrite: bool = False,
+    log: Callable[[str], None] = silent,
+) -> Path:
     """The element-wise mean of the model (and EMA) weights of several checkpoints of one model, as a
     weights-only checkpoint (step: the newest input's). Means are taken in float64, one tensor at a time."""
     paths = [Path(p) for p in paths]
@@ -54,8 +76,10 @@ def average_checkpoints(paths: Iterable[str | Path], output: str | Path, kinds: 
         for path in paths[1:]:
             other = stored_shapes(path, kind)
             if {k: v[0] for k, v in other.items()} != {k: v[0] for k, v in shapes.items()}:
-                raise ConfigError(f"{path} and {first} hold different {kind} tensors (another model?); only "
-                                  "checkpoints of one model can be averaged")
+                raise ConfigError(
+                    f"{path} and {first} hold different {kind} tensors (another model?); only "
+                    "checkpoints of one model can be averaged"
+                )
         for name, (shape, stored_dtype) in shapes.items():
             specs[f"{kind}/{name}"] = (shape, DTYPES[dtype] if dtype else stored_dtype)
 
@@ -65,8 +89,11 @@ def average_checkpoints(paths: Iterable[str | Path], output: str | Path, kinds: 
         return (total / len(paths)).to(specs[key][1])
 
     newest = max(int(m.get("step", 0)) for m in metadata)
-    info = {"step": newest, "averaged_from": [str(p) for p in paths],
-            "model_config": metadata[0].get("model_config") or (metadata[0].get("config") or {}).get("model")}
+    info = {
+        "step": newest,
+        "averaged_from": [str(p) for p in paths],
+        "model_config": metadata[0].get("model_config") or (metadata[0].get("config") or {}).get("model"),
+    }
     write_weights_checkpoint(Path(output), specs, mean, info, overwrite)
     log(f"averaged {', '.join(kinds)} weights of {len(paths)} checkpoints into {output} (step {newest})")
     return Path(output)

@@ -3,8 +3,6 @@
 Where no config file exists, the dimensions are read off the weight shapes (all but the head count).
 """
 
-from typing import Optional
-
 from osp_megatron.config.errors import ConfigError
 from osp_megatron.config.loader import from_dict
 from osp_megatron.models.config import PRESETS, ModelConfig
@@ -24,7 +22,7 @@ _DIFFUSERS_UNSUPPORTED = {
 _DIFFUSERS_IGNORED = {"_class_name", "_diffusers_version", "_name_or_path", "rope_max_seq_len"}
 
 
-def config_kind(config: dict) -> Optional[str]:
+def config_kind(config: dict) -> str | None:
     """'diffusers' or 'original' for a Wan transformer config.json; None for anything else."""
     name = config.get("_class_name")
     if name == DIFFUSERS_CLASS or (name is None and "num_attention_heads" in config):
@@ -41,28 +39,52 @@ def fields_from_diffusers(config: dict, source: str) -> dict:
         raise ConfigError(f"{source}: _class_name {name!r} is not supported; only {DIFFUSERS_CLASS} (text-to-video)")
     for key, what in _DIFFUSERS_UNSUPPORTED.items():
         if config.get(key) is not None:
-            raise ConfigError(f"{source}: {key}={config[key]!r} means {what}, which this text-to-video model "
-                              "does not support")
+            raise ConfigError(
+                f"{source}: {key}={config[key]!r} means {what}, which this text-to-video model does not support"
+            )
     qk_norm = config.get("qk_norm", "rms_norm_across_heads")
     if qk_norm != "rms_norm_across_heads":
-        raise ConfigError(f"{source}: qk_norm={qk_norm!r} is not supported; the model normalises q and k with "
-                          "'rms_norm_across_heads'")
+        raise ConfigError(
+            f"{source}: qk_norm={qk_norm!r} is not supported; the model normalises q and k with 'rms_norm_across_heads'"
+        )
     heads, head_dim = config.get("num_attention_heads", 40), config.get("attention_head_dim", WAN_HEAD_DIM)
     fields = dict(
-        dim=heads * head_dim, num_heads=heads, num_layers=config.get("num_layers", 40),
-        ffn_dim=config.get("ffn_dim", 13824), in_channels=config.get("in_channels", 16),
+        dim=heads * head_dim,
+        num_heads=heads,
+        num_layers=config.get("num_layers", 40),
+        ffn_dim=config.get("ffn_dim", 13824),
+        in_channels=config.get("in_channels", 16),
         out_channels=config.get("out_channels") or config.get("in_channels", 16),
-        patch_size=list(config.get("patch_size", [1, 2, 2])), text_dim=config.get("text_dim", 4096),
-        text_len=WAN_TEXT_LEN, freq_dim=config.get("freq_dim", 256), eps=config.get("eps", 1e-6),
+        patch_size=list(config.get("patch_size", [1, 2, 2])),
+        text_dim=config.get("text_dim", 4096),
+        text_len=WAN_TEXT_LEN,
+        freq_dim=config.get("freq_dim", 256),
+        eps=config.get("eps", 1e-6),
         cross_attn_norm=config.get("cross_attn_norm", True),
     )
-    known = set(_DIFFUSERS_UNSUPPORTED) | _DIFFUSERS_IGNORED | {
-        "num_attention_heads", "attention_head_dim", "num_layers", "ffn_dim", "in_channels", "out_channels",
-        "patch_size", "text_dim", "freq_dim", "eps", "cross_attn_norm", "qk_norm"}
+    known = (
+        set(_DIFFUSERS_UNSUPPORTED)
+        | _DIFFUSERS_IGNORED
+        | {
+            "num_attention_heads",
+            "attention_head_dim",
+            "num_layers",
+            "ffn_dim",
+            "in_channels",
+            "out_channels",
+            "patch_size",
+            "text_dim",
+            "freq_dim",
+            "eps",
+            "cross_attn_norm",
+            "qk_norm",
+        }
+    )
     unknown = sorted(set(config) - known)
     if unknown:
-        raise ConfigError(f"{source}: unknown {DIFFUSERS_CLASS} options {unknown}; this converter does not know "
-                          "what they change")
+        raise ConfigError(
+            f"{source}: unknown {DIFFUSERS_CLASS} options {unknown}; this converter does not know what they change"
+        )
     return fields
 
 
@@ -76,10 +98,20 @@ def fields_from_original(config: dict, source: str) -> dict:
     window = list(config.get("window_size", [-1, -1]))
     if window != [-1, -1]:
         raise ConfigError(f"{source}: window_size={window} (local attention) is not supported")
-    renames = {"dim": "dim", "num_heads": "num_heads", "num_layers": "num_layers", "ffn_dim": "ffn_dim",
-               "in_dim": "in_channels", "out_dim": "out_channels", "patch_size": "patch_size",
-               "text_dim": "text_dim", "text_len": "text_len", "freq_dim": "freq_dim", "eps": "eps",
-               "cross_attn_norm": "cross_attn_norm"}
+    renames = {
+        "dim": "dim",
+        "num_heads": "num_heads",
+        "num_layers": "num_layers",
+        "ffn_dim": "ffn_dim",
+        "in_dim": "in_channels",
+        "out_dim": "out_channels",
+        "patch_size": "patch_size",
+        "text_dim": "text_dim",
+        "text_len": "text_len",
+        "freq_dim": "freq_dim",
+        "eps": "eps",
+        "cross_attn_norm": "cross_attn_norm",
+    }
     fields = {ours: config[theirs] for theirs, ours in renames.items() if theirs in config}
     if "patch_size" in fields:
         fields["patch_size"] = list(fields["patch_size"])
@@ -92,16 +124,22 @@ def fields_from_shapes(shapes: dict[str, tuple[int, ...]]) -> dict:
     try:
         dim, in_channels, *patch = shapes["patch_embedding.weight"]
         fields = dict(
-            dim=dim, in_channels=in_channels, patch_size=list(patch),
-            text_dim=shapes["text_embedding.0.weight"][1], freq_dim=shapes["time_embedding.0.weight"][1],
+            dim=dim,
+            in_channels=in_channels,
+            patch_size=list(patch),
+            text_dim=shapes["text_embedding.0.weight"][1],
+            freq_dim=shapes["time_embedding.0.weight"][1],
             num_layers=len({name.split(".")[1] for name in shapes if name.startswith("blocks.")}),
             ffn_dim=shapes["blocks.0.mlp.linear_fc1.weight"][0],
-            cross_attn_norm="blocks.0.norm2.weight" in shapes, text_len=WAN_TEXT_LEN,
+            cross_attn_norm="blocks.0.norm2.weight" in shapes,
+            text_len=WAN_TEXT_LEN,
         )
         outputs = shapes["proj_out.weight"][0]
     except (KeyError, ValueError):
-        raise ConfigError("the weights lack the tensors that determine the model size (patch_embedding, "
-                          "text_embedding.0, time_embedding.0, blocks.0.ffn / mlp, head.head / proj_out)") from None
+        raise ConfigError(
+            "the weights lack the tensors that determine the model size (patch_embedding, "
+            "text_embedding.0, time_embedding.0, blocks.0.ffn / mlp, head.head / proj_out)"
+        ) from None
     volume = patch[0] * patch[1] * patch[2]
     if outputs % volume:
         raise ConfigError(f"output projection has {outputs} rows, not a multiple of the patch volume {volume}")
@@ -109,7 +147,7 @@ def fields_from_shapes(shapes: dict[str, tuple[int, ...]]) -> dict:
     return fields
 
 
-def default_num_heads(dim: int) -> Optional[int]:
+def default_num_heads(dim: int) -> int | None:
     """Wan's head count for a width: a preset's when one matches, else head_dim 128 when it divides."""
     for preset in PRESETS.values():
         if preset["dim"] == dim:
@@ -117,15 +155,17 @@ def default_num_heads(dim: int) -> Optional[int]:
     return dim // WAN_HEAD_DIM if dim % WAN_HEAD_DIM == 0 else None
 
 
-def make_model_config(fields: dict, overrides: Optional[dict] = None, source: str = "") -> ModelConfig:
+def make_model_config(fields: dict, overrides: dict | None = None, source: str = "") -> ModelConfig:
     """A validated ModelConfig from converted fields plus user overrides (any ModelConfig field)."""
     data = dict(fields)
     data.update(overrides or {})
     if "num_heads" not in data:
         heads = default_num_heads(data.get("dim", 0))
         if heads is None:
-            raise ConfigError(f"{source}: the weights do not say how many attention heads dim={data.get('dim')} "
-                              "is split into and there is no config.json; set num_heads explicitly")
+            raise ConfigError(
+                f"{source}: the weights do not say how many attention heads dim={data.get('dim')} "
+                "is split into and there is no config.json; set num_heads explicitly"
+            )
         data["num_heads"] = heads
     if "preset" not in data:
         data["preset"] = _closest_preset(data)
@@ -166,8 +206,21 @@ def diffusers_config(config: ModelConfig, diffusers_version: str) -> dict:
 
 def original_config(config: ModelConfig) -> dict:
     """config.json of Wan2.1's own WanModel (text-to-video) holding the same weights."""
-    return {"_class_name": ORIGINAL_CLASS, "model_type": "t2v", "patch_size": list(config.patch_size),
-            "text_len": config.text_len, "in_dim": config.in_channels, "dim": config.dim, "ffn_dim": config.ffn_dim,
-            "freq_dim": config.freq_dim, "text_dim": config.text_dim, "out_dim": config.out_channels,
-            "num_heads": config.num_heads, "num_layers": config.num_layers, "window_size": [-1, -1],
-            "qk_norm": True, "cross_attn_norm": config.cross_attn_norm, "eps": config.eps}
+    return {
+        "_class_name": ORIGINAL_CLASS,
+        "model_type": "t2v",
+        "patch_size": list(config.patch_size),
+        "text_len": config.text_len,
+        "in_dim": config.in_channels,
+        "dim": config.dim,
+        "ffn_dim": config.ffn_dim,
+        "freq_dim": config.freq_dim,
+        "text_dim": config.text_dim,
+        "out_dim": config.out_channels,
+        "num_heads": config.num_heads,
+        "num_layers": config.num_layers,
+        "window_size": [-1, -1],
+        "qk_norm": True,
+        "cross_attn_norm": config.cross_attn_norm,
+        "eps": config.eps,
+    }

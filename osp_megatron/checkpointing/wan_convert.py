@@ -7,9 +7,9 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
 
 import torch
 
@@ -36,8 +36,7 @@ from osp_megatron.checkpointing.wan_keys import (
 from osp_megatron.checkpointing.weight_files import TensorFiles, find_weight_file, open_weights
 from osp_megatron.config.errors import ConfigError
 from osp_megatron.config.loader import to_dict
-from osp_megatron.models.config import ModelConfig
-from osp_megatron.models.config import PARAMS_DTYPES, torch_dtype
+from osp_megatron.models.config import PARAMS_DTYPES, ModelConfig, torch_dtype
 
 DTYPES = {name: torch_dtype(name) for name in PARAMS_DTYPES}
 
@@ -74,26 +73,35 @@ class WeightSource:
         value = self.files.get(stored)
         if piece.parts > 1:
             if value.shape[0] % piece.parts:
-                raise ConfigError(f"fused tensor {stored!r} in {self.files.file_of(stored)!r} has {value.shape[0]} "
-                                  f"rows, not divisible into {piece.parts} projections")
+                raise ConfigError(
+                    f"fused tensor {stored!r} in {self.files.file_of(stored)!r} has {value.shape[0]} "
+                    f"rows, not divisible into {piece.parts} projections"
+                )
             value = value.chunk(piece.parts, dim=0)[piece.index]
         expected = self.expected[name].shape
         if tuple(value.shape) != expected:
-            raise ConfigError(f"tensor {stored!r} in {self.files.file_of(stored)!r} has shape {tuple(value.shape)}, "
-                              f"but a model with {describe_config(self.model_config)} needs {expected} for {name!r}")
+            raise ConfigError(
+                f"tensor {stored!r} in {self.files.file_of(stored)!r} has shape {tuple(value.shape)}, "
+                f"but a model with {describe_config(self.model_config)} needs {expected} for {name!r}"
+            )
         return value
 
     def check_keys(self, allow_missing: bool = False, allow_unexpected: bool = False) -> None:
         problems = []
         if self.missing and not allow_missing:
-            problems.append(f"missing {len(self.missing)} parameters {shorten_list(self.missing)} "
-                            "(allow with --allow-missing, or allow_missing=True: they keep their fresh initialisation)")
+            problems.append(
+                f"missing {len(self.missing)} parameters {shorten_list(self.missing)} "
+                "(allow with --allow-missing, or allow_missing=True: they keep their fresh initialisation)"
+            )
         if self.unexpected and not allow_unexpected:
-            problems.append(f"{len(self.unexpected)} unexpected tensors {shorten_list(self.unexpected)} "
-                            "(allow with --allow-unexpected, or allow_unexpected=True: they are dropped)")
+            problems.append(
+                f"{len(self.unexpected)} unexpected tensors {shorten_list(self.unexpected)} "
+                "(allow with --allow-unexpected, or allow_unexpected=True: they are dropped)"
+            )
         if problems:
-            raise ConfigError(f"{self.layout} checkpoint {str(self.path)!r} does not match the model: "
-                              + "; ".join(problems))
+            raise ConfigError(
+                f"{self.layout} checkpoint {str(self.path)!r} does not match the model: " + "; ".join(problems)
+            )
 
 
 def shorten_list(names: list[str], limit: int = 8) -> str:
@@ -101,11 +109,13 @@ def shorten_list(names: list[str], limit: int = 8) -> str:
 
 
 def describe_config(config: ModelConfig) -> str:
-    return (f"dim={config.dim}, num_layers={config.num_layers}, num_heads={config.num_heads}, "
-            f"ffn_dim={config.ffn_dim}, patch_size={list(config.patch_size)}, text_dim={config.text_dim}")
+    return (
+        f"dim={config.dim}, num_layers={config.num_layers}, num_heads={config.num_heads}, "
+        f"ffn_dim={config.ffn_dim}, patch_size={list(config.patch_size)}, text_dim={config.text_dim}"
+    )
 
 
-def open_source(path: str | Path, overrides: Optional[dict] = None, state_key: Optional[str] = None) -> WeightSource:
+def open_source(path: str | Path, overrides: dict | None = None, state_key: str | None = None) -> WeightSource:
     """Open an original-layout or diffusers-layout Wan2.1 DiT checkpoint and plan its conversion.
 
     The model's dimensions come from the config.json beside the weights, else from the weight shapes;
@@ -130,13 +140,16 @@ def _plan(path: Path, files: TensorFiles, config_dir: Path, overrides: dict) -> 
     keys = files.keys()
     prefix = find_prefix(keys)
     if prefix is None:
-        raise ConfigError(f"{files.description!r} has no tensor named '{ANCHOR}', so it is no Wan2.1 DiT; "
-                          f"{EXPECTED_LAYOUTS}")
-    names = [key[len(prefix):] for key in keys if key.startswith(prefix)]
+        raise ConfigError(
+            f"{files.description!r} has no tensor named '{ANCHOR}', so it is no Wan2.1 DiT; {EXPECTED_LAYOUTS}"
+        )
+    names = [key[len(prefix) :] for key in keys if key.startswith(prefix)]
     layout = detect_layout(names)
     if layout is None:
-        raise ConfigError(f"{files.description!r}: parameter names follow neither Wan's original layout nor "
-                          f"diffusers'; {EXPECTED_LAYOUTS}")
+        raise ConfigError(
+            f"{files.description!r}: parameter names follow neither Wan's original layout nor "
+            f"diffusers'; {EXPECTED_LAYOUTS}"
+        )
     config_file = config_dir / "config.json"
     config = json.loads(config_file.read_text()) if config_file.is_file() else {}
     kind = config_kind(config)
@@ -178,8 +191,9 @@ def check_tensor_parallel(config: ModelConfig, tensor_parallel: int) -> None:
         raise ConfigError(f"tensor-parallel size must be >= 1, got {tensor_parallel}")
     for name in ("num_heads", "ffn_dim"):
         if getattr(config, name) % tensor_parallel:
-            raise ConfigError(f"model.{name}={getattr(config, name)} is not divisible by tensor-parallel size "
-                              f"{tensor_parallel}")
+            raise ConfigError(
+                f"model.{name}={getattr(config, name)} is not divisible by tensor-parallel size {tensor_parallel}"
+            )
 
 
 def prepare_output(output: Path, overwrite: bool) -> Path:
@@ -202,10 +216,18 @@ def publish_output(tmp: Path, output: Path) -> None:
     os.replace(tmp, output)
 
 
-def import_checkpoint(source: str | Path, output: str | Path, tensor_parallel: int = 1, dtype: str = "float32",
-                      allow_missing: bool = False, allow_unexpected: bool = False,
-                      overrides: Optional[dict] = None, state_key: Optional[str] = None,
-                      overwrite: bool = False, log: Callable[[str], None] = silent) -> ImportSummary:
+def import_checkpoint(
+    source: str | Path,
+    output: str | Path,
+    tensor_parallel: int = 1,
+    dtype: str = "float32",
+    allow_missing: bool = False,
+    allow_unexpected: bool = False,
+    overrides: dict | None = None,
+    state_key: str | None = None,
+    overwrite: bool = False,
+    log: Callable[[str], None] = silent,
+) -> ImportSummary:
     """Write an osp_megatron checkpoint (step 0, weights only) at `tensor_parallel` shards from a Wan2.1 DiT.
 
     Each shard is assembled one tensor at a time: read a tensor, keep this rank's slice, drop the rest. The
@@ -240,14 +262,34 @@ def import_checkpoint(source: str | Path, output: str | Path, tensor_parallel: i
         log(f"wrote tensor-parallel shard {rank + 1}/{tensor_parallel}")
         del shard
     metadata = {
-        "format": FORMAT, "step": 0, "tensor_parallel": tensor_parallel, "world_size": tensor_parallel,
-        "saved_at": time.time(), "model_config": to_dict(config), "dtype": dtype,
-        "imported_from": {"path": str(weights.path), "layout": weights.layout,
-                          "missing": weights.missing, "unexpected": weights.unexpected},
+        "format": FORMAT,
+        "step": 0,
+        "tensor_parallel": tensor_parallel,
+        "world_size": tensor_parallel,
+        "saved_at": time.time(),
+        "model_config": to_dict(config),
+        "dtype": dtype,
+        "imported_from": {
+            "path": str(weights.path),
+            "layout": weights.layout,
+            "missing": weights.missing,
+            "unexpected": weights.unexpected,
+        },
     }
     (tmp / METADATA).write_text(json.dumps(metadata, indent=2))
     publish_output(tmp, output)
-    log(f"imported {parameters:,} parameters ({len(present)} tensors) as {dtype} into {output} "
-        f"(tensor parallel {tensor_parallel})")
-    return ImportSummary(output, weights.layout, config, tensor_parallel, dtype, parameters, len(present),
-                         weights.missing, weights.unexpected)
+    log(
+        f"imported {parameters:,} parameters ({len(present)} tensors) as {dtype} into {output} "
+        f"(tensor parallel {tensor_parallel})"
+    )
+    return ImportSummary(
+        output,
+        weights.layout,
+        config,
+        tensor_parallel,
+        dtype,
+        parameters,
+        len(present),
+        weights.missing,
+        weights.unexpected,
+    )

@@ -6,8 +6,8 @@ one file's worth.
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 import torch
 from safetensors.torch import save_file
@@ -38,8 +38,9 @@ from osp_megatron.models.config import ModelConfig
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model"
 
 
-def checkpoint_model_config(path: str | Path, overrides: Optional[dict] = None,
-                            metadata: Optional[dict] = None) -> ModelConfig:
+def checkpoint_model_config(
+    path: str | Path, overrides: dict | None = None, metadata: dict | None = None
+) -> ModelConfig:
     """The ModelConfig of a framework checkpoint: its metadata's model_config (or the training config's model
     section), else read off the stored shapes; `overrides` (ModelConfig fields) win."""
     path = Path(path)
@@ -57,9 +58,16 @@ def checkpoint_model_config(path: str | Path, overrides: Optional[dict] = None,
 EXPORT_FORMATS = {"diffusers": DIFFUSERS, "original": ORIGINAL}
 
 
-def export_diffusers(checkpoint: str | Path, output: str | Path, which: str = "model", dtype: Optional[str] = None,
-                     max_shard_bytes: int = 10 * 2**30, overwrite: bool = False,
-                     log: Callable[[str], None] = silent, format: str = "diffusers") -> Path:
+def export_diffusers(
+    checkpoint: str | Path,
+    output: str | Path,
+    which: str = "model",
+    dtype: str | None = None,
+    max_shard_bytes: int = 10 * 2**30,
+    overwrite: bool = False,
+    log: Callable[[str], None] = silent,
+    format: str = "diffusers",
+) -> Path:
     """Write a framework checkpoint's model or EMA weights as one consolidated set of safetensors files.
 
     format "diffusers": a WanTransformer3DModel folder (diffusers names and config); "original": Wan2.1's own
@@ -82,20 +90,26 @@ def export_diffusers(checkpoint: str | Path, output: str | Path, which: str = "m
     missing = sorted(set(expected) - set(stored))
     unexpected = sorted(set(stored) - set(expected))
     if missing or unexpected:
-        raise ConfigError(f"{which} weights in {str(checkpoint)!r} do not match their model_config "
-                          f"({describe_config(config)}): missing {shorten_list(missing)}, "
-                          f"unexpected {shorten_list(unexpected)}")
+        raise ConfigError(
+            f"{which} weights in {str(checkpoint)!r} do not match their model_config "
+            f"({describe_config(config)}): missing {shorten_list(missing)}, "
+            f"unexpected {shorten_list(unexpected)}"
+        )
     if config.sparse_ratio > 1:
-        log(f"note: this model was trained with Skiparse attention (sparse_ratio={config.sparse_ratio}); {format} "
-            "code runs full attention in every block, so its outputs differ from this framework's")
+        log(
+            f"note: this model was trained with Skiparse attention (sparse_ratio={config.sparse_ratio}); {format} "
+            "code runs full attention in every block, so its outputs differ from this framework's"
+        )
 
     output = Path(output)
     tmp = prepare_output(output, overwrite)
     files, current, size = [], {}, 0
     for name, tensor in iter_checkpoint_tensors(checkpoint, which):
         if tuple(tensor.shape) != expected[name].shape:
-            raise ConfigError(f"{which} tensor {name!r} of {str(checkpoint)!r} has shape {tuple(tensor.shape)} but "
-                              f"model_config needs {expected[name].shape}")
+            raise ConfigError(
+                f"{which} tensor {name!r} of {str(checkpoint)!r} has shape {tuple(tensor.shape)} but "
+                f"model_config needs {expected[name].shape}"
+            )
         if dtype is not None:
             tensor = tensor.to(DTYPES[dtype])
         nbytes = tensor.numel() * tensor.element_size()
@@ -108,8 +122,10 @@ def export_diffusers(checkpoint: str | Path, output: str | Path, which: str = "m
     _name_parts(tmp, files)
     (tmp / "config.json").write_text(json.dumps(_exported_config(config, format), indent=2))
     publish_output(tmp, output)
-    log(f"exported {which} weights of {checkpoint} ({describe_config(config)}) to {output} "
-        f"in {len(files)} file(s), {format} layout")
+    log(
+        f"exported {which} weights of {checkpoint} ({describe_config(config)}) to {output} "
+        f"in {len(files)} file(s), {format} layout"
+    )
     return output
 
 
@@ -146,7 +162,7 @@ def _name_parts(folder: Path, parts: list[tuple[Path, dict[str, int]]]) -> None:
     (folder / f"{DIFFUSERS_WEIGHTS}.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
-def describe(path: Path, overrides: Optional[dict] = None, tensors: bool = False) -> list[str]:
+def describe(path: Path, overrides: dict | None = None, tensors: bool = False) -> list[str]:
     """Human-readable summary of a framework checkpoint (format, step, layout that wrote it, model config,
     what it holds; with `tensors` every tensor's shape and dtype) or of a published Wan2.1 checkpoint."""
     path = Path(path)
@@ -163,10 +179,16 @@ def describe(path: Path, overrides: Optional[dict] = None, tensors: bool = False
             f"unexpected ({len(weights.unexpected)}): {shorten_list(weights.unexpected)}",
         ]
     metadata = read_metadata(path)
-    lines = [f"{path}: {metadata.get('format', 'unknown format')}", f"step: {metadata.get('step')}",
-             f"written under: {describe_layout(saved_layout(metadata))}"]
-    for key, what in (("imported_from", "imported from"), ("averaged_from", "average of"),
-                      ("resharded_from", "resharded from")):
+    lines = [
+        f"{path}: {metadata.get('format', 'unknown format')}",
+        f"step: {metadata.get('step')}",
+        f"written under: {describe_layout(saved_layout(metadata))}",
+    ]
+    for key, what in (
+        ("imported_from", "imported from"),
+        ("averaged_from", "average of"),
+        ("resharded_from", "resharded from"),
+    ):
         if key in metadata:
             lines.append(f"{what}: {metadata[key]}")
     try:
@@ -182,6 +204,8 @@ def describe(path: Path, overrides: Optional[dict] = None, tensors: bool = False
         dtypes = sorted({str(dtype).replace("torch.", "") for _, dtype in shapes.values()})
         lines.append(f"{which}: {count:,} values in {len(shapes)} tensors, dtype {'/'.join(dtypes)}")
         if tensors:
-            lines.extend(f"  {name}  {list(shape)}  {str(dtype).replace('torch.', '')}"
-                         for name, (shape, dtype) in sorted(shapes.items()))
+            lines.extend(
+                f"  {name}  {list(shape)}  {str(dtype).replace('torch.', '')}"
+                for name, (shape, dtype) in sorted(shapes.items())
+            )
     return lines

@@ -4,9 +4,9 @@ Also the full shape and tensor-parallel split dim of each of our parameters, so 
 """
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from math import prod
-from typing import Iterable, Optional
 
 from osp_megatron.models.config import ModelConfig
 
@@ -47,13 +47,24 @@ _BLOCK = [
     ("mlp.linear_fc2.weight", "ffn.2.weight", "ffn.net.2.weight", ROW),
     ("mlp.linear_fc2.bias", "ffn.2.bias", "ffn.net.2.bias", REPLICATED),
 ]
-for _ours, _original, _diffusers in [("self_attention", "self_attn", "attn1"),
-                                     ("cross_attention", "cross_attn", "attn2")]:
-    for _our_linear, _original_linear, _diffusers_linear in [("linear_q", "q", "to_q"), ("linear_k", "k", "to_k"),
-                                                             ("linear_v", "v", "to_v")]:
+for _ours, _original, _diffusers in [
+    ("self_attention", "self_attn", "attn1"),
+    ("cross_attention", "cross_attn", "attn2"),
+]:
+    for _our_linear, _original_linear, _diffusers_linear in [
+        ("linear_q", "q", "to_q"),
+        ("linear_k", "k", "to_k"),
+        ("linear_v", "v", "to_v"),
+    ]:
         for _kind in ("weight", "bias"):
-            _BLOCK.append((f"{_ours}.{_our_linear}.{_kind}", f"{_original}.{_original_linear}.{_kind}",
-                           f"{_diffusers}.{_diffusers_linear}.{_kind}", COLUMN))
+            _BLOCK.append(
+                (
+                    f"{_ours}.{_our_linear}.{_kind}",
+                    f"{_original}.{_original_linear}.{_kind}",
+                    f"{_diffusers}.{_diffusers_linear}.{_kind}",
+                    COLUMN,
+                )
+            )
     _BLOCK += [
         (f"{_ours}.q_norm.weight", f"{_original}.norm_q.weight", f"{_diffusers}.norm_q.weight", COLUMN),
         (f"{_ours}.k_norm.weight", f"{_original}.norm_k.weight", f"{_diffusers}.norm_k.weight", COLUMN),
@@ -82,7 +93,7 @@ class ParameterInfo:
     """Full (unsharded) shape of one of our parameters and the dim tensor parallelism splits it along."""
 
     shape: tuple[int, ...]
-    partition_dim: Optional[int]
+    partition_dim: int | None
 
 
 @dataclass(frozen=True)
@@ -94,7 +105,7 @@ class Piece:
     parts: int = 1
 
 
-def _table(name: str, source: int, target: int) -> Optional[str]:
+def _table(name: str, source: int, target: int) -> str | None:
     match = _BLOCK_NAME.match(name)
     if match:
         block, rest = match.groups()
@@ -108,7 +119,7 @@ def _table(name: str, source: int, target: int) -> Optional[str]:
     return None
 
 
-def rename(name: str, source_layout: str, target_layout: str) -> Optional[str]:
+def rename(name: str, source_layout: str, target_layout: str) -> str | None:
     """A parameter's name in `target_layout`, or None when `name` is no parameter of `source_layout`."""
     return _table(name, _COLUMNS[source_layout], _COLUMNS[target_layout])
 
@@ -142,8 +153,14 @@ def parameter_layout(config: ModelConfig) -> dict[str, ParameterInfo]:
         block_shapes[f"{attention}.linear_proj.bias"] = (dim,)
         if attention == "self_attention" and config.cross_attn_norm:
             block_shapes["norm2.weight"] = block_shapes["norm2.bias"] = (dim,)
-    block_shapes.update({"mlp.linear_fc1.weight": (ffn, dim), "mlp.linear_fc1.bias": (ffn,),
-                         "mlp.linear_fc2.weight": (dim, ffn), "mlp.linear_fc2.bias": (dim,)})
+    block_shapes.update(
+        {
+            "mlp.linear_fc1.weight": (ffn, dim),
+            "mlp.linear_fc1.bias": (ffn,),
+            "mlp.linear_fc2.weight": (dim, ffn),
+            "mlp.linear_fc2.bias": (dim,),
+        }
+    )
     for block in range(config.num_layers):
         for rest, shape in block_shapes.items():
             shapes[f"blocks.{block}.{rest}"] = shape
@@ -152,7 +169,7 @@ def parameter_layout(config: ModelConfig) -> dict[str, ParameterInfo]:
     return {name: ParameterInfo(shape, partition_dim_of(name)) for name, shape in shapes.items()}
 
 
-def partition_dim_of(name: str) -> Optional[int]:
+def partition_dim_of(name: str) -> int | None:
     """The dim megatron-core splits our parameter `name` along (None: replicated)."""
     match = _BLOCK_NAME.match(name)
     rows = _BLOCK if match else _GLOBAL
@@ -163,13 +180,13 @@ def partition_dim_of(name: str) -> Optional[int]:
     raise KeyError(f"{name!r} is not a parameter of the Wan DiT")
 
 
-def find_prefix(keys: Iterable[str]) -> Optional[str]:
+def find_prefix(keys: Iterable[str]) -> str | None:
     """The prefix wrapping a state dict's parameter names (often '' or 'model.diffusion_model.'), or None."""
     candidates = sorted((key[: -len(ANCHOR)] for key in keys if key.endswith(ANCHOR)), key=len)
     return candidates[0] if candidates else None
 
 
-def detect_layout(keys: Iterable[str]) -> Optional[str]:
+def detect_layout(keys: Iterable[str]) -> str | None:
     """Which naming a set of (prefix-free) parameter names follows, or None when it is no Wan DiT at all."""
     keys = set(keys)
     if any(key.startswith("condition_embedder.") for key in keys) or "scale_shift_table" in keys:
@@ -213,12 +230,12 @@ def _split_block(name: str) -> tuple[str, str]:
     return (f"blocks.{match.group(1)}.", match.group(2)) if match else ("", name)
 
 
-def _fused_piece(source: str, source_keys: set[str]) -> Optional[Piece]:
+def _fused_piece(source: str, source_keys: set[str]) -> Piece | None:
     prefix, rest = _split_block(source)
     for fused, members in _DIFFUSERS_FUSED.items():
         for index, member in enumerate(members):
             if rest.startswith(member + "."):
-                candidate = prefix + fused + rest[len(member):]
+                candidate = prefix + fused + rest[len(member) :]
                 if candidate in source_keys:
                     return Piece(candidate, index, len(members))
     return None
@@ -229,6 +246,6 @@ def _is_redundant_fused(key: str, used: set[str]) -> bool:
     prefix, rest = _split_block(key)
     for fused, members in _DIFFUSERS_FUSED.items():
         if rest.startswith(fused + "."):
-            suffix = rest[len(fused):]
+            suffix = rest[len(fused) :]
             return all(prefix + member + suffix in used for member in members)
     return False

@@ -5,7 +5,6 @@ Tensors are read one at a time by name, so converting a 14B checkpoint never hol
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import torch
 from safetensors import safe_open
@@ -22,9 +21,13 @@ WRAPPER_KEYS = ("state_dict", "model", "module", "ema", "model_state_dict", "net
 class TensorFiles:
     """Named tensors spread over one or more files; `get(name)` reads only that tensor."""
 
-    def __init__(self, description: str, locations: Optional[dict[str, Path]] = None,
-                 shapes: Optional[dict[str, tuple[int, ...]]] = None,
-                 in_memory: Optional[dict[str, torch.Tensor]] = None):
+    def __init__(
+        self,
+        description: str,
+        locations: dict[str, Path] | None = None,
+        shapes: dict[str, tuple[int, ...]] | None = None,
+        in_memory: dict[str, torch.Tensor] | None = None,
+    ):
         self.description = description
         self._locations = locations or {}
         self._shapes = shapes or {}
@@ -92,7 +95,7 @@ def open_safetensors_index(index: Path) -> TensorFiles:
     return files
 
 
-def open_torch_file(path: Path, state_key: Optional[str] = None) -> TensorFiles:
+def open_torch_file(path: Path, state_key: str | None = None) -> TensorFiles:
     """A torch.save'd state dict; memory-mapped when the file allows it, so tensors are paged in on use."""
     _require_file(path, "weight file")
     try:
@@ -107,7 +110,7 @@ def open_torch_file(path: Path, state_key: Optional[str] = None) -> TensorFiles:
     return TensorFiles(str(path), in_memory=state)
 
 
-def _unwrap_state_dict(data, path: Path, state_key: Optional[str]) -> dict[str, torch.Tensor]:
+def _unwrap_state_dict(data, path: Path, state_key: str | None) -> dict[str, torch.Tensor]:
     if not isinstance(data, dict):
         raise ConfigError(f"{str(path)!r} holds a {type(data).__name__}, not a state dict")
     if state_key is not None:
@@ -118,13 +121,18 @@ def _unwrap_state_dict(data, path: Path, state_key: Optional[str]) -> dict[str, 
         return _tensors_only(data, path)
     if any(torch.is_tensor(value) for value in data.values()):
         return _tensors_only(data, path)
-    candidates = [key for key in WRAPPER_KEYS if isinstance(data.get(key), dict)
-                  and any(torch.is_tensor(value) for value in data[key].values())]
+    candidates = [
+        key
+        for key in WRAPPER_KEYS
+        if isinstance(data.get(key), dict) and any(torch.is_tensor(value) for value in data[key].values())
+    ]
     if len(candidates) == 1:
         return _tensors_only(data[candidates[0]], path)
     if not candidates:
-        raise ConfigError(f"{str(path)!r} holds no tensors at top level nor under any of {list(WRAPPER_KEYS)}; "
-                          "pass the key that holds the weights (--state-key)")
+        raise ConfigError(
+            f"{str(path)!r} holds no tensors at top level nor under any of {list(WRAPPER_KEYS)}; "
+            "pass the key that holds the weights (--state-key)"
+        )
     raise ConfigError(f"{str(path)!r} holds weights under several keys {candidates}; choose one with --state-key")
 
 
@@ -134,7 +142,7 @@ def _tensors_only(data: dict, path: Path) -> dict[str, torch.Tensor]:
     return {name: value for name, value in data.items() if torch.is_tensor(value)}
 
 
-def open_weights(path: Path, state_key: Optional[str] = None) -> TensorFiles:
+def open_weights(path: Path, state_key: str | None = None) -> TensorFiles:
     """The state dict of one weight file (.safetensors, *.safetensors.index.json, .pth/.pt/.bin/.ckpt)."""
     name = path.name
     if name.endswith(INDEX_SUFFIX):
@@ -143,8 +151,10 @@ def open_weights(path: Path, state_key: Optional[str] = None) -> TensorFiles:
         return open_safetensors([path])
     if name.endswith(TORCH_SUFFIXES):
         return open_torch_file(path, state_key)
-    raise ConfigError(f"{str(path)!r}: unknown weight file type; expected .safetensors, "
-                      f"*{INDEX_SUFFIX} or one of {', '.join(TORCH_SUFFIXES)}")
+    raise ConfigError(
+        f"{str(path)!r}: unknown weight file type; expected .safetensors, "
+        f"*{INDEX_SUFFIX} or one of {', '.join(TORCH_SUFFIXES)}"
+    )
 
 
 def find_weight_file(directory: Path) -> Path:
@@ -153,19 +163,25 @@ def find_weight_file(directory: Path) -> Path:
     if len(indexes) == 1:
         return indexes[0]
     if len(indexes) > 1:
-        raise ConfigError(f"{str(directory)!r} holds several safetensors indexes {[p.name for p in indexes]}; "
-                          "name the one to use")
+        raise ConfigError(
+            f"{str(directory)!r} holds several safetensors indexes {[p.name for p in indexes]}; name the one to use"
+        )
     safetensors = sorted(directory.glob(f"*{SAFETENSORS}"))
     if len(safetensors) == 1:
         return safetensors[0]
     if len(safetensors) > 1:
-        raise ConfigError(f"{str(directory)!r} holds several safetensors files but no *{INDEX_SUFFIX} saying "
-                          "which tensors each one holds; name the file to use")
+        raise ConfigError(
+            f"{str(directory)!r} holds several safetensors files but no *{INDEX_SUFFIX} saying "
+            "which tensors each one holds; name the file to use"
+        )
     pickles = sorted(p for suffix in TORCH_SUFFIXES for p in directory.glob(f"*{suffix}"))
     if len(pickles) == 1:
         return pickles[0]
     if len(pickles) > 1:
-        raise ConfigError(f"{str(directory)!r} holds several torch checkpoints {[p.name for p in pickles]}; "
-                          "name the file to use")
-    raise ConfigError(f"{str(directory)!r} holds no weight file (*.safetensors, *{INDEX_SUFFIX}, "
-                      f"{', '.join('*' + s for s in TORCH_SUFFIXES)})")
+        raise ConfigError(
+            f"{str(directory)!r} holds several torch checkpoints {[p.name for p in pickles]}; name the file to use"
+        )
+    raise ConfigError(
+        f"{str(directory)!r} holds no weight file (*.safetensors, *{INDEX_SUFFIX}, "
+        f"{', '.join('*' + s for s in TORCH_SUFFIXES)})"
+    )

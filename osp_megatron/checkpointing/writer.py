@@ -11,7 +11,6 @@ import shutil
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -54,8 +53,15 @@ def files_written_by(folder: Path, rank: int) -> list[str]:
     return names
 
 
-def publish(tmp: Path, final: Path, digests: dict, metadata: dict, keep_last: Optional[int],
-            complete_checkpoints, update_latest: bool = True) -> None:
+def publish(
+    tmp: Path,
+    final: Path,
+    digests: dict,
+    metadata: dict,
+    keep_last: int | None,
+    complete_checkpoints,
+    update_latest: bool = True,
+) -> None:
     """Rank 0: manifest, metadata.json (the completion mark), rename into place, point `latest` at it, rotate.
 
     A crash before the rename leaves only the .tmp folder, which nothing loads; a crash between the renames
@@ -88,16 +94,22 @@ class CheckpointWriter:
     over its own gloo group, so it never interleaves with the training's collectives.
     """
 
-    def __init__(self, root: Path, keep_last: Optional[int] = None, asynchronous: bool = False,
-                 complete_checkpoints=None, update_latest: bool = True):
+    def __init__(
+        self,
+        root: Path,
+        keep_last: int | None = None,
+        asynchronous: bool = False,
+        complete_checkpoints=None,
+        update_latest: bool = True,
+    ):
         self.root = Path(root)
         self.update_latest = update_latest
         self.keep_last = keep_last
         self.asynchronous = asynchronous
         self.complete_checkpoints = complete_checkpoints or (lambda: [])
         self._group = None
-        self._worker: Optional[ThreadPoolExecutor] = None
-        self._pending: Optional[Future] = None
+        self._worker: ThreadPoolExecutor | None = None
+        self._pending: Future | None = None
 
     def save(self, name: str, tensors: dict, rank_state: dict, metadata: dict) -> Path:
         """Write checkpoint `name` (a step folder name); returns its final path (published on return, or,
@@ -125,7 +137,7 @@ class CheckpointWriter:
         self._pending = self._worker.submit(self._finish, written, tmp, final, info, self._group)
         return final
 
-    def _finish(self, written: Optional[Future], tmp: Path, final: Path, metadata: dict, group) -> None:
+    def _finish(self, written: Future | None, tmp: Path, final: Path, metadata: dict, group) -> None:
         if written is not None:
             written.result()
         rank = dist.get_rank()

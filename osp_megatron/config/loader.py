@@ -120,6 +120,7 @@ def from_dict(cls, data: dict, prefix: str = ""):
 
 def to_dict(instance) -> dict:
     """Plain nested dict of a config dataclass (YAML-serialisable)."""
+
     def _plain(value):
         if dataclasses.is_dataclass(value):
             return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}

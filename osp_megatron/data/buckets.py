@@ -40,12 +40,15 @@ def parse_buckets(spec: str | list[str], where: str = "--buckets") -> list[Bucke
             continue
         parts = name.lower().split("x")
         if len(parts) != 2 or not all(p.isdigit() for p in parts):
-            raise ConfigError(f"{where}: bucket {name!r} is neither one of {sorted(RESOLUTION_CLASSES)} nor HxW "
-                              "(e.g. 480x832)")
+            raise ConfigError(
+                f"{where}: bucket {name!r} is neither one of {sorted(RESOLUTION_CLASSES)} nor HxW (e.g. 480x832)"
+            )
         height, width = int(parts[0]), int(parts[1])
         if height < SIZE_MULTIPLE or width < SIZE_MULTIPLE or height % SIZE_MULTIPLE or width % SIZE_MULTIPLE:
-            raise ConfigError(f"{where}: bucket {name!r} must have height and width that are positive multiples of "
-                              f"{SIZE_MULTIPLE} (VAE stride 8 x patch 2)")
+            raise ConfigError(
+                f"{where}: bucket {name!r} must have height and width that are positive multiples of "
+                f"{SIZE_MULTIPLE} (VAE stride 8 x patch 2)"
+            )
         buckets.add(Bucket(height, width))
     if not buckets:
         raise ConfigError(f"{where}: name at least one bucket")
@@ -55,6 +58,7 @@ def parse_buckets(spec: str | list[str], where: str = "--buckets") -> list[Bucke
 def choose_bucket(buckets: list[Bucket], height: int, width: int) -> Bucket:
     """The bucket a height x width video goes to: among those it covers without upscaling, the nearest aspect
     ratio (ties: the largest); when it covers none, the one needing the least upscaling (ties: nearest aspect)."""
+
     def aspect_distance(bucket):
         return abs(math.log(bucket.aspect) - math.log(width / height))
 

@@ -4,7 +4,7 @@ Built from the `data:` section of a YAML file; `validate()` names the dotted key
 """
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal
 
 from osp_megatron.config.errors import ConfigError
 
@@ -44,8 +44,11 @@ class BucketBatchSize:
     def validate(self, prefix: str = "data.bucket_batch_sizes[]") -> "BucketBatchSize":
         if not isinstance(self.bucket, str) or not self.bucket:
             raise ConfigError(f"{prefix}.bucket must name a bucket (e.g. 480x832), got {self.bucket!r}")
-        if isinstance(self.micro_batch_size, bool) or not isinstance(self.micro_batch_size, int) \
-                or self.micro_batch_size < 1:
+        if (
+            isinstance(self.micro_batch_size, bool)
+            or not isinstance(self.micro_batch_size, int)
+            or self.micro_batch_size < 1
+        ):
             raise ConfigError(f"{prefix}.micro_batch_size must be a positive integer, got {self.micro_batch_size!r}")
         return self
 
@@ -64,7 +67,7 @@ class DataConfig:
     tokens_per_micro_batch: int = 0
     # Held-out shards for train.eval_interval (a folder or globs that training does not read). With `synthetic`
     # and train.eval_interval set, a held-out synthetic set of train.eval_samples is generated into this folder.
-    eval_path: Optional[str | list[str]] = None
+    eval_path: str | list[str] | None = None
     # Generate a learnable synthetic data set into `path` when it holds no complete one yet.
     synthetic: bool = False
     synthetic_num_samples: int = 1024
@@ -105,11 +108,15 @@ class DataConfig:
         if self.synthetic and not isinstance(self.path, str):
             raise ConfigError(f"{prefix}.path must be a single folder when {prefix}.synthetic is true, got a list")
         if self.synthetic and self.eval_path is not None and self.eval_path == self.path:
-            raise ConfigError(f"{prefix}.eval_path must differ from {prefix}.path: the held-out set is generated "
-                              f"into a folder of its own")
+            raise ConfigError(
+                f"{prefix}.eval_path must differ from {prefix}.path: the held-out set is generated "
+                f"into a folder of its own"
+            )
         if self.synthetic and self.sources:
-            raise ConfigError(f"{prefix}.sources cannot be combined with {prefix}.synthetic (synthetic data is "
-                              f"written to {prefix}.path)")
+            raise ConfigError(
+                f"{prefix}.sources cannot be combined with {prefix}.synthetic (synthetic data is "
+                f"written to {prefix}.path)"
+            )
         for i, source in enumerate(self.sources):
             source.validate(f"{prefix}.sources[{i}]")
         for i, entry in enumerate(self.bucket_batch_sizes):
@@ -117,8 +124,17 @@ class DataConfig:
         for key in ("synthetic", "shuffle"):
             if not isinstance(getattr(self, key), bool):
                 raise ConfigError(f"{prefix}.{key} must be true or false, got {getattr(self, key)!r}")
-        positive = ("synthetic_num_samples", "synthetic_samples_per_shard", "latent_channels", "latent_frames",
-                    "latent_height", "latent_width", "text_len", "text_dim", "max_bad_in_a_row")
+        positive = (
+            "synthetic_num_samples",
+            "synthetic_samples_per_shard",
+            "latent_channels",
+            "latent_frames",
+            "latent_height",
+            "latent_width",
+            "text_len",
+            "text_dim",
+            "max_bad_in_a_row",
+        )
         for key in positive:
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

@@ -15,10 +15,23 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from osp_megatron.config.errors import ConfigError
 from osp_megatron.data.config import DataConfig
-from osp_megatron.data.mixing import (GlobalStream, LatentBucket, SourcePlan, StreamPosition,
-                                      bucket_micro_batch_size, latent_bucket_name)
-from osp_megatron.data.shards import (SampleError, ShardInfo, check_text_states, decode_sample, read_sample_at,
-                                      resolve_shards, sample_offsets)
+from osp_megatron.data.mixing import (
+    GlobalStream,
+    LatentBucket,
+    SourcePlan,
+    StreamPosition,
+    bucket_micro_batch_size,
+    latent_bucket_name,
+)
+from osp_megatron.data.shards import (
+    SampleError,
+    ShardInfo,
+    check_text_states,
+    decode_sample,
+    read_sample_at,
+    resolve_shards,
+    sample_offsets,
+)
 
 STATE_FORMAT = "osp-loader-v2"
 
@@ -60,14 +73,17 @@ class MicroBatchReader:
         except ConfigError as exc:
             raise SampleError(str(exc)) from exc
 
-    def read(self, source: int, row: np.ndarray, latent_shape: tuple[int, ...],
-             handles: dict[str, BinaryIO]) -> tuple[tuple, str, int]:
+    def read(
+        self, source: int, row: np.ndarray, latent_shape: tuple[int, ...], handles: dict[str, BinaryIO]
+    ) -> tuple[tuple, str, int]:
         shard = self.sources[source][int(row[0])]
         offsets = self.offsets(shard)
         sample = int(row[1])
         if sample + 1 >= len(offsets):
-            raise SampleError(f"shard {shard.path}: holds {max(len(offsets) - 1, 0)} samples, fewer than the "
-                              f"{shard.num_samples} its index lists; the shard is truncated or the index is stale")
+            raise SampleError(
+                f"shard {shard.path}: holds {max(len(offsets) - 1, 0)} samples, fewer than the "
+                f"{shard.num_samples} its index lists; the shard is truncated or the index is stale"
+            )
         if shard.path not in handles:
             try:
                 handles[shard.path] = open(shard.path, "rb")
@@ -98,7 +114,8 @@ class MicroBatchReader:
                             raise ConfigError(
                                 f"data source {task.source}: {len(task.spares)} bad samples in a row in bucket "
                                 f"{task.bucket.name} (last: {exc}); the data set is broken, see `osp-data inspect "
-                                "--check`") from exc
+                                "--check`"
+                            ) from exc
                 samples.append((decoded, key))
                 bytes_read += size
         finally:
@@ -147,8 +164,16 @@ class WebDatasetLoader:
     source index, bad_samples (bad entries replaced in this batch) and bytes_read.
     """
 
-    def __init__(self, config: DataConfig, micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1, seed: int = 0,
-                 global_batch_size: int | None = None, patch_size: tuple[int, int, int] = (1, 2, 2)):
+    def __init__(
+        self,
+        config: DataConfig,
+        micro_batch_size: int,
+        dp_rank: int = 0,
+        dp_size: int = 1,
+        seed: int = 0,
+        global_batch_size: int | None = None,
+        patch_size: tuple[int, int, int] = (1, 2, 2),
+    ):
         config.validate()
         global_batch_size = global_batch_size or micro_batch_size * dp_size
         if micro_batch_size < 1:
@@ -157,8 +182,10 @@ class WebDatasetLoader:
             raise ConfigError(f"dp_rank must be in [0, dp_size={dp_size}), got {dp_rank}")
         micro_batches = global_batch_size // micro_batch_size
         if global_batch_size % micro_batch_size or micro_batches % dp_size:
-            raise ConfigError(f"train.global_batch_size={global_batch_size} must be a multiple of "
-                              f"train.micro_batch_size x data-parallel size = {micro_batch_size} x {dp_size}")
+            raise ConfigError(
+                f"train.global_batch_size={global_batch_size} must be a multiple of "
+                f"train.micro_batch_size x data-parallel size = {micro_batch_size} x {dp_size}"
+            )
         self.config, self.seed = config, seed
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.micro_batches, self.accumulation = micro_batches, micro_batches // dp_size
@@ -178,8 +205,10 @@ class WebDatasetLoader:
             ordered = (latent_bucket_name(shape), *sorted(bucket_names - {latent_bucket_name(shape)}))
             micro = bucket_micro_batch_size(shape, ordered, config, micro_batch_size, patch_size)
             self.buckets[shape] = LatentBucket(shape, ordered, micro, micro * micro_batches)
-        plans = [SourcePlan(i, shards, s, self.buckets, seed, config.shuffle)
-                 for i, (shards, s) in enumerate(zip(self.sources, shapes))]
+        plans = [
+            SourcePlan(i, shards, s, self.buckets, seed, config.shuffle)
+            for i, (shards, s) in enumerate(zip(self.sources, shapes))
+        ]
         self.stream = GlobalStream(plans, [w for _, w in config.source_list()])
         self.num_samples = sum(s.num_samples for shards in self.sources for s in shards)
         self.position, self.micro_batch = self.stream.start(), 0
@@ -204,15 +233,27 @@ class WebDatasetLoader:
                 j = self.dp_rank * self.accumulation + a
                 last = a == self.accumulation - 1
                 state = dict((after if last else before).as_dict(), micro_batch=0 if last else a + 1)
-                yield MicroBatchTask(batch.source, batch.bucket, batch.members[j * size:(j + 1) * size],
-                                     batch.spares(self.config.max_bad_in_a_row),
-                                     before.global_samples + j * size + np.arange(size, dtype=np.int64), state)
+                yield MicroBatchTask(
+                    batch.source,
+                    batch.bucket,
+                    batch.members[j * size : (j + 1) * size],
+                    batch.spares(self.config.max_bad_in_a_row),
+                    before.global_samples + j * size + np.arange(size, dtype=np.int64),
+                    state,
+                )
             micro_batch = 0
 
     def state_dict(self) -> dict:
         """The position in the global stream; it names the same samples under any data-parallel layout."""
-        return {"format": STATE_FORMAT, "seed": self.seed, **self.position.as_dict(), "micro_batch": self.micro_batch,
-                "dp_size": self.dp_size, "accumulation": self.accumulation, "num_samples": self.num_samples}
+        return {
+            "format": STATE_FORMAT,
+            "seed": self.seed,
+            **self.position.as_dict(),
+            "micro_batch": self.micro_batch,
+            "dp_size": self.dp_size,
+            "accumulation": self.accumulation,
+            "num_samples": self.num_samples,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from a saved position; the next batches equal those the saved loader would have given."""
@@ -223,8 +264,10 @@ class WebDatasetLoader:
         if state.get("seed", self.seed) != self.seed:
             warnings.warn(f"data loader state was saved with seed {state['seed']}, resuming with seed {self.seed}")
         if state.get("num_samples", self.num_samples) != self.num_samples:
-            warnings.warn(f"the data set held {state['num_samples']} samples when the loader state was saved and "
-                          f"holds {self.num_samples} now; the saved position names different samples")
+            warnings.warn(
+                f"the data set held {state['num_samples']} samples when the loader state was saved and "
+                f"holds {self.num_samples} now; the saved position names different samples"
+            )
         try:
             sources = [[int(v) for v in place] for place in state["sources"]]
             position = StreamPosition(int(state["global_batches"]), int(state["global_samples"]), sources)
@@ -235,8 +278,10 @@ class WebDatasetLoader:
             raise ConfigError(f"data loader state has {len(sources)} sources, data.sources has {len(self.sources)}")
         if micro_batch and (state.get("dp_size"), state.get("accumulation")) != (self.dp_size, self.accumulation):
             # A global batch half consumed under another layout: its remaining micro-batches are not this rank's.
-            warnings.warn("data loader state was saved in the middle of a global batch under another data-parallel "
-                          "layout; resuming at the next global batch")
+            warnings.warn(
+                "data loader state was saved in the middle of a global batch under another data-parallel "
+                "layout; resuming at the next global batch"
+            )
             _, _, position = next(self.stream.batches(position))
             micro_batch = 0
         self.position, self.micro_batch = self.stream.normalised(position), micro_batch
@@ -245,10 +290,13 @@ class WebDatasetLoader:
         try:
             epoch = int(state["epoch"])
         except (KeyError, TypeError, ValueError) as exc:
-            raise ConfigError(f"data loader state must be an '{STATE_FORMAT}' state or hold an integer 'epoch', "
-                              f"got {state!r}") from exc
-        warnings.warn(f"data loader state was saved by an earlier version (per-rank positions); resuming at the "
-                      f"start of epoch {epoch + 1} of the first source")
+            raise ConfigError(
+                f"data loader state must be an '{STATE_FORMAT}' state or hold an integer 'epoch', got {state!r}"
+            ) from exc
+        warnings.warn(
+            f"data loader state was saved by an earlier version (per-rank positions); resuming at the "
+            f"start of epoch {epoch + 1} of the first source"
+        )
         position = self.stream.start()
         plan = self.stream.plans[0]
         position.sources[0] = [epoch + 1, 0, 0]
@@ -272,8 +320,11 @@ class WebDatasetLoader:
 
     def _generate(self):
         stream = MicroBatchStream(self, self.position, self.micro_batch)
-        source = iter(stream) if self.config.num_workers == 0 else iter(
-            DataLoader(stream, batch_size=None, num_workers=self.config.num_workers, prefetch_factor=2))
+        source = (
+            iter(stream)
+            if self.config.num_workers == 0
+            else iter(DataLoader(stream, batch_size=None, num_workers=self.config.num_workers, prefetch_factor=2))
+        )
         try:
             for batch in source:
                 position = batch.pop("_position")
@@ -285,9 +336,15 @@ class WebDatasetLoader:
             source = None
 
 
-def build_data_loader(config: DataConfig, micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1, seed: int = 0,
-                      global_batch_size: int | None = None,
-                      patch_size: tuple[int, int, int] = (1, 2, 2)) -> WebDatasetLoader:
+def build_data_loader(
+    config: DataConfig,
+    micro_batch_size: int,
+    dp_rank: int = 0,
+    dp_size: int = 1,
+    seed: int = 0,
+    global_batch_size: int | None = None,
+    patch_size: tuple[int, int, int] = (1, 2, 2),
+) -> WebDatasetLoader:
     """Validate the config and return the loader (a synthetic set must exist already:
     osp_megatron.engine.data.ensure_synthetic_data writes it)."""
     config.validate()

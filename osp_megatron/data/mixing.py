@@ -34,8 +34,13 @@ class LatentBucket:
         return self.names[-1]
 
 
-def bucket_micro_batch_size(latent_shape: tuple[int, ...], names: tuple[str, ...], config: DataConfig, default: int,
-                            patch_size: tuple[int, int, int]) -> int:
+def bucket_micro_batch_size(
+    latent_shape: tuple[int, ...],
+    names: tuple[str, ...],
+    config: DataConfig,
+    default: int,
+    patch_size: tuple[int, int, int],
+) -> int:
     """data.bucket_batch_sizes entry, else data.tokens_per_micro_batch // DiT tokens, else `default`."""
     for entry in config.bucket_batch_sizes:
         if entry.bucket in names:
@@ -68,16 +73,24 @@ class SourcePlan:
     """The endless batch sequence of one source: each epoch shuffles every bucket's samples, cuts them into
     one-bucket global batches (an incomplete last batch waits for another epoch), and shuffles the batches."""
 
-    def __init__(self, index: int, shards: list[ShardInfo], shapes: list[tuple[int, ...]],
-                 buckets: dict[tuple[int, ...], LatentBucket], seed: int, shuffle: bool):
+    def __init__(
+        self,
+        index: int,
+        shards: list[ShardInfo],
+        shapes: list[tuple[int, ...]],
+        buckets: dict[tuple[int, ...], LatentBucket],
+        seed: int,
+        shuffle: bool,
+    ):
         self.index, self.seed, self.shuffle = index, seed, shuffle
         self.buckets = buckets
         rows = {}
         for shard_index, (shard, shape) in enumerate(zip(shards, shapes)):
             rows.setdefault(shape, []).extend((shard_index, i) for i in range(shard.num_samples))
         self.members = {shape: np.array(r, dtype=np.int64).reshape(-1, 2) for shape, r in sorted(rows.items())}
-        self.batches_per_epoch = sum(len(members) // buckets[shape].global_batch_size
-                                     for shape, members in self.members.items())
+        self.batches_per_epoch = sum(
+            len(members) // buckets[shape].global_batch_size for shape, members in self.members.items()
+        )
         self._cached = (None, None)
 
     def warn_unused_buckets(self) -> None:
@@ -85,14 +98,18 @@ class SourcePlan:
         for shape, members in self.members.items():
             size = self.buckets[shape].global_batch_size
             if len(members) < size:
-                warnings.warn(f"data source {self.index}: bucket {self.buckets[shape].name} holds {len(members)} "
-                              f"samples, fewer than its global batch of {size}; its samples are not used (every "
-                              "global batch is one bucket)")
+                warnings.warn(
+                    f"data source {self.index}: bucket {self.buckets[shape].name} holds {len(members)} "
+                    f"samples, fewer than its global batch of {size}; its samples are not used (every "
+                    "global batch is one bucket)"
+                )
 
     def bucket_fill(self) -> str:
         """'64x64: 2 of 8, 64x96: 3 of 8': each bucket's samples against its global batch size."""
-        return ", ".join(f"{self.buckets[shape].name}: {len(members)} of {self.buckets[shape].global_batch_size}"
-                         for shape, members in self.members.items())
+        return ", ".join(
+            f"{self.buckets[shape].name}: {len(members)} of {self.buckets[shape].global_batch_size}"
+            for shape, members in self.members.items()
+        )
 
     def epoch(self, epoch: int) -> list[GlobalBatch]:
         """The epoch's GlobalBatches in order."""
@@ -106,7 +123,9 @@ class SourcePlan:
                 order = members[rng.permutation(len(members))]
             size = self.buckets[shape].global_batch_size
             for offset in range(0, len(order) - size + 1, size):
-                batches.append(GlobalBatch(self.index, self.buckets[shape], order[offset:offset + size], order, offset))
+                batches.append(
+                    GlobalBatch(self.index, self.buckets[shape], order[offset : offset + size], order, offset)
+                )
         if self.shuffle:
             permutation = np.random.default_rng([self.seed, self.index, epoch]).permutation(len(batches))
             batches = [batches[i] for i in permutation]
@@ -128,8 +147,11 @@ class StreamPosition:
         return StreamPosition(self.global_batches, self.global_samples, [list(s) for s in self.sources])
 
     def as_dict(self) -> dict:
-        return {"global_batches": self.global_batches, "global_samples": self.global_samples,
-                "sources": [list(s) for s in self.sources]}
+        return {
+            "global_batches": self.global_batches,
+            "global_samples": self.global_samples,
+            "sources": [list(s) for s in self.sources],
+        }
 
 
 class GlobalStream:
@@ -144,9 +166,11 @@ class GlobalStream:
             if plan.batches_per_epoch:
                 plan.warn_unused_buckets()
             else:
-                raise ConfigError(f"data source {plan.index} holds no bucket with a full global batch of samples "
-                                  f"(samples per bucket: {plan.bucket_fill()}); every global batch is one bucket, so "
-                                  "add data or lower train.global_batch_size (docs/data.md, 'How much data')")
+                raise ConfigError(
+                    f"data source {plan.index} holds no bucket with a full global batch of samples "
+                    f"(samples per bucket: {plan.bucket_fill()}); every global batch is one bucket, so "
+                    "add data or lower train.global_batch_size (docs/data.md, 'How much data')"
+                )
         self.plans, self.weights = plans, [float(w) for w in weights]
 
     def start(self) -> StreamPosition:

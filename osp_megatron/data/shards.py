@@ -108,8 +108,9 @@ def iter_raw_samples(shard_path: str) -> Iterator[dict]:
     except Exception as exc:
         # webdataset appends the stream and url to the exception's args; the first one is the reason.
         reason = str(exc.args[0]).split(" @ ")[0] if exc.args else type(exc).__name__
-        raise ConfigError(f"shard {shard_path}: cannot read the tar file ({reason}); the shard is corrupt or "
-                          "truncated") from exc
+        raise ConfigError(
+            f"shard {shard_path}: cannot read the tar file ({reason}); the shard is corrupt or truncated"
+        ) from exc
 
 
 def count_samples(shard_path: str) -> int:
@@ -131,8 +132,9 @@ def sample_offsets(shard_path: str) -> tuple[int, ...]:
                 blocks = (member.size + tarfile.BLOCKSIZE - 1) // tarfile.BLOCKSIZE
                 end = member.offset_data + blocks * tarfile.BLOCKSIZE
     except (tarfile.TarError, OSError) as exc:
-        raise ConfigError(f"shard {shard_path}: cannot read the tar file ({exc}); the shard is corrupt or "
-                          "truncated") from exc
+        raise ConfigError(
+            f"shard {shard_path}: cannot read the tar file ({exc}); the shard is corrupt or truncated"
+        ) from exc
     return tuple(offsets + [end]) if offsets else ()
 
 
@@ -141,8 +143,10 @@ def read_sample_at(handle: BinaryIO, start: int, end: int, shard_path: str) -> d
     handle.seek(start)
     data = handle.read(end - start)
     if len(data) != end - start:
-        raise SampleError(f"shard {shard_path}: ends at byte {start + len(data)}, before the sample at bytes "
-                          f"[{start}, {end}); the shard is truncated or the index is stale")
+        raise SampleError(
+            f"shard {shard_path}: ends at byte {start + len(data)}, before the sample at bytes "
+            f"[{start}, {end}); the shard is truncated or the index is stale"
+        )
     raw = {}
     try:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
@@ -204,15 +208,23 @@ def resolve_shards(path: str | list[str]) -> list[ShardInfo]:
         name = os.path.basename(shard_path)
         entry = next((e for e in index["shards"] if e["name"] == name), None) if index is not None else None
         if entry is None:
-            shards.append(ShardInfo(shard_path, count_samples(shard_path),
-                                    latent_shape=_first_latent_shape(shard_path)))
+            shards.append(
+                ShardInfo(shard_path, count_samples(shard_path), latent_shape=_first_latent_shape(shard_path))
+            )
             continue
         shape = entry.get("latent_shape", index.get("latent_shape"))
         offsets = entry.get("offsets")
-        shards.append(ShardInfo(shard_path, int(entry["num_samples"]), entry.get("bucket"),
-                                tuple(shape) if shape is not None else None,
-                                tuple(offsets) if offsets is not None else None,
-                                index.get("text_dim"), index.get("text_len")))
+        shards.append(
+            ShardInfo(
+                shard_path,
+                int(entry["num_samples"]),
+                entry.get("bucket"),
+                tuple(shape) if shape is not None else None,
+                tuple(offsets) if offsets is not None else None,
+                index.get("text_dim"),
+                index.get("text_len"),
+            )
+        )
     return shards
 
 
@@ -226,13 +238,15 @@ def check_text_states(shards: list[ShardInfo], text_len: int, text_dim: int, whe
                 f"{where}: its shards hold text states of width {shard.text_dim} ({INDEX_NAME} text_dim, from "
                 f"`osp-data encode`), but data.text_dim is {text_dim} (it follows model.text_dim); encode them "
                 f"again with `osp-data encode --config` of this training config (or --text-dim {text_dim}), or "
-                f"train a model with model.text_dim={shard.text_dim}")
+                f"train a model with model.text_dim={shard.text_dim}"
+            )
         if shard.text_len is not None and shard.text_len > text_len:
             raise ConfigError(
                 f"{where}: its shards hold up to {shard.text_len} text tokens a sample ({INDEX_NAME} text_len, from "
                 f"`osp-data encode`), but data.text_len is {text_len} (it follows model.text_len); encode them "
                 f"again with `osp-data encode --config` of this training config (or --text-len {text_len}), or "
-                f"train a model with model.text_len={shard.text_len}")
+                f"train a model with model.text_len={shard.text_len}"
+            )
 
 
 def _load_npy(raw, name, shard_path):
@@ -242,11 +256,13 @@ def _load_npy(raw, name, shard_path):
         return np.load(io.BytesIO(raw[name]), allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:
         raise SampleError(
-            f"shard {shard_path}, sample {raw['__key__']!r}: '{name}' is not a valid .npy ({exc})") from exc
+            f"shard {shard_path}, sample {raw['__key__']!r}: '{name}' is not a valid .npy ({exc})"
+        ) from exc
 
 
-def decode_sample(raw: dict, shard_path: str, latent_shape: tuple[int, ...], text_len: int,
-                  text_dim: int) -> tuple[torch.Tensor, torch.Tensor, int, str]:
+def decode_sample(
+    raw: dict, shard_path: str, latent_shape: tuple[int, ...], text_len: int, text_dim: int
+) -> tuple[torch.Tensor, torch.Tensor, int, str]:
     """Raw sample -> (latent [C,T,H,W] float32, text states [text_len, text_dim] zero-padded, length, caption).
 
     Raises SampleError, naming the shard and sample key, for a missing or mis-shaped entry.
@@ -254,18 +270,22 @@ def decode_sample(raw: dict, shard_path: str, latent_shape: tuple[int, ...], tex
     key = raw["__key__"]
     latent = _load_npy(raw, "latent.npy", shard_path)
     if tuple(latent.shape) != tuple(latent_shape):
-        raise SampleError(f"shard {shard_path}, sample {key!r}: latent.npy has shape {tuple(latent.shape)}, expected "
-                          f"{tuple(latent_shape)} (the shape of its shard's bucket)")
+        raise SampleError(
+            f"shard {shard_path}, sample {key!r}: latent.npy has shape {tuple(latent.shape)}, expected "
+            f"{tuple(latent_shape)} (the shape of its shard's bucket)"
+        )
     text = _load_npy(raw, "text.npy", shard_path)
     if text.ndim != 2 or text.shape[1] != text_dim or not 1 <= text.shape[0] <= text_len:
-        raise SampleError(f"shard {shard_path}, sample {key!r}: text.npy has shape {tuple(text.shape)}, expected "
-                          f"[length <= data.text_len={text_len}, data.text_dim={text_dim}]")
+        raise SampleError(
+            f"shard {shard_path}, sample {key!r}: text.npy has shape {tuple(text.shape)}, expected "
+            f"[length <= data.text_len={text_len}, data.text_dim={text_dim}]"
+        )
     latent = torch.from_numpy(latent).float()
     # One reduction instead of an element-wise mask: any NaN or infinity makes the sum non-finite.
     if not math.isfinite(float(latent.sum())):
         raise SampleError(f"shard {shard_path}, sample {key!r}: latent.npy holds NaN or infinite values")
     states = torch.empty(text_len, text_dim)
     states[: text.shape[0]] = torch.from_numpy(text)  # converts to float32 while copying
-    states[text.shape[0]:] = 0
+    states[text.shape[0] :] = 0
     caption = raw["txt"].decode("utf-8", errors="replace") if "txt" in raw else ""
     return latent, states, text.shape[0], caption

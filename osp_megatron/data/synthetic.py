@@ -28,8 +28,13 @@ SHAPES = ("circle", "square", "wide bar", "tall bar")
 MOTIONS = ("moving left", "moving right", "moving up", "moving down", "staying still")
 # Per latent frame the blob travels this fraction of the frame; the start is chosen so it stays inside.
 _TRAVEL = 0.4
-_VELOCITY = {"moving left": (-1, 0), "moving right": (1, 0), "moving up": (0, -1), "moving down": (0, 1),
-             "staying still": (0, 0)}
+_VELOCITY = {
+    "moving left": (-1, 0),
+    "moving right": (1, 0),
+    "moving up": (0, -1),
+    "moving down": (0, 1),
+    "staying still": (0, 0),
+}
 NOISE_STD = 0.05
 BLOB_AMPLITUDE = 2.0
 
@@ -37,8 +42,12 @@ BLOB_AMPLITUDE = 2.0
 # The palette: every colour word's pixel value, on a dark background that every colour stands out from (white
 # included). Reward models and tests judge rendered and generated videos against these values.
 COLOUR_RGB: dict[str, tuple[int, int, int]] = {
-    "red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 80, 235), "yellow": (235, 215, 40),
-    "purple": (160, 50, 210), "white": (235, 235, 235),
+    "red": (220, 40, 40),
+    "green": (40, 200, 60),
+    "blue": (50, 80, 235),
+    "yellow": (235, 215, 40),
+    "purple": (160, 50, 210),
+    "white": (235, 235, 235),
 }
 # The background's colour at the frame's centre. Its red rises by BACKGROUND_SHADE from the left edge to the right
 # and its blue from the top edge to the bottom, like the sky and ground of real footage: the DiT's 3D RoPE is
@@ -67,8 +76,7 @@ class CaptionVideoEncoder(Protocol):
 
 
 # Half extents (x, y) of each shape as fractions of the frame width and height.
-_SHAPE_HALF_SIZE = {"circle": (0.15, 0.15), "square": (0.14, 0.14), "wide bar": (0.28, 0.08),
-                    "tall bar": (0.08, 0.28)}
+_SHAPE_HALF_SIZE = {"circle": (0.15, 0.15), "square": (0.14, 0.14), "wide bar": (0.28, 0.08), "tall bar": (0.08, 0.28)}
 
 
 def blob_centres(motion: str, num_frames: int) -> np.ndarray:
@@ -90,13 +98,12 @@ def background_image(height: int, width: int) -> np.ndarray:
     return image
 
 
-def render_caption_video(colour: str, shape: str, motion: str, num_frames: int, height: int,
-                         width: int) -> np.ndarray:
+def render_caption_video(colour: str, shape: str, motion: str, num_frames: int, height: int, width: int) -> np.ndarray:
     """The pixel video a caption describes, uint8 [num_frames, height, width, 3].
 
-    A shape of the palette colour over the shaded background (background_image) whose centre travels _TRAVEL of the frame from the first
-    to the last frame in the motion's direction (centred for "staying still"); edges are anti-aliased over
-    one pixel so that a small VAE can reproduce them.
+    A shape of the palette colour over the shaded background (background_image) whose centre travels _TRAVEL of
+    the frame from the first to the last frame in the motion's direction (centred for "staying still"); edges are
+    anti-aliased over one pixel so that a small VAE can reproduce them.
     """
     for word, allowed in ((colour, COLOUR_RGB), (shape, _SHAPE_HALF_SIZE), (motion, _VELOCITY)):
         if word not in allowed:
@@ -116,7 +123,7 @@ def render_caption_video(colour: str, shape: str, motion: str, num_frames: int, 
         radius = np.sqrt((dx / half_x) ** 2 + (dy / half_y) ** 2)
         coverage = np.clip(0.5 + (1 - radius) * min(half_x, half_y), 0, 1)
     else:
-        coverage = (np.clip(0.5 + half_x - np.abs(dx), 0, 1) * np.clip(0.5 + half_y - np.abs(dy), 0, 1))
+        coverage = np.clip(0.5 + half_x - np.abs(dx), 0, 1) * np.clip(0.5 + half_y - np.abs(dy), 0, 1)
     background = background_image(height, width)[None]
     foreground = np.array(COLOUR_RGB[colour], dtype=np.float64)
     video = background + coverage[..., None] * (foreground - background)
@@ -202,8 +209,12 @@ def blob_latent(colour: str, shape: str, motion: str, latent_shape: tuple[int, i
     ys = (np.arange(height) + 0.5) / height
     xs = (np.arange(width) + 0.5) / width
     yy, xx = np.meshgrid(ys, xs, indexing="ij")
-    sigma_x, sigma_y = {"circle": (0.15, 0.15), "square": (0.15, 0.15), "wide bar": (0.3, 0.08),
-                        "tall bar": (0.08, 0.3)}[shape]
+    sigma_x, sigma_y = {
+        "circle": (0.15, 0.15),
+        "square": (0.15, 0.15),
+        "wide bar": (0.3, 0.08),
+        "tall bar": (0.08, 0.3),
+    }[shape]
     latent = np.zeros(latent_shape, dtype=np.float32)
     pattern = colour_pattern(colour, channels)[:, None, None]
     for t, (cx, cy) in enumerate(blob_centres(motion, frames)):
@@ -224,9 +235,16 @@ def _npy_bytes(array):
 
 
 def _expected_index(num_samples, samples_per_shard, latent_shape, text_len, text_dim, seed, vae, held_out):
-    expected = {"format": INDEX_FORMAT, "num_samples": num_samples, "samples_per_shard": samples_per_shard,
-                "latent_shape": list(latent_shape), "text_len": text_len, "text_dim": text_dim, "seed": seed,
-                "vae": vae}
+    expected = {
+        "format": INDEX_FORMAT,
+        "num_samples": num_samples,
+        "samples_per_shard": samples_per_shard,
+        "latent_shape": list(latent_shape),
+        "text_len": text_len,
+        "text_dim": text_dim,
+        "seed": seed,
+        "vae": vae,
+    }
     if held_out:
         expected["held_out"] = True
     return expected
@@ -234,8 +252,11 @@ def _expected_index(num_samples, samples_per_shard, latent_shape, text_len, text
 
 def _is_own_temporary(name):
     """Files atomic_write_bytes leaves behind when a generator is killed mid-write."""
-    return name.startswith(".") and ".tmp-" in name and (name[1:].startswith("shard-") or name[1:].startswith(
-        INDEX_NAME) or name[1:].startswith(MARKER_NAME))
+    return (
+        name.startswith(".")
+        and ".tmp-" in name
+        and (name[1:].startswith("shard-") or name[1:].startswith(INDEX_NAME) or name[1:].startswith(MARKER_NAME))
+    )
 
 
 def _read_marker(out_dir, key):
@@ -244,8 +265,10 @@ def _read_marker(out_dir, key):
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"{path}: unreadable synthetic data marker ({exc}); delete the folder {out_dir} (it "
-                          f"holds generated data only) or choose another {key}") from exc
+        raise ConfigError(
+            f"{path}: unreadable synthetic data marker ({exc}); delete the folder {out_dir} (it "
+            f"holds generated data only) or choose another {key}"
+        ) from exc
 
 
 def _claim_folder(out_dir, expected, key="data.path"):
@@ -255,8 +278,7 @@ def _claim_folder(out_dir, expected, key="data.path"):
     very set; anything else, however valid as data, is refused without touching a file.
     """
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise ConfigError(f"{key} {out_dir!r} is a file, not a folder; choose another {key} for the "
-                          "synthetic data set")
+        raise ConfigError(f"{key} {out_dir!r} is a file, not a folder; choose another {key} for the synthetic data set")
     entries = sorted(os.listdir(out_dir)) if os.path.isdir(out_dir) else []
     if MARKER_NAME not in entries:
         if entries:
@@ -293,12 +315,13 @@ def _pixel_latents(words, latent_shape, vae):
     """Latents [C, T, H, W] of each caption's rendered video, encoded by `vae` (the tiny block VAE, normalised)."""
     channels, frames, height, width = latent_shape
     if channels != vae.latent_channels:
-        raise ConfigError(f"data.latent_channels={channels}: the tiny block VAE has {vae.latent_channels} latent "
-                          "channels")
+        raise ConfigError(
+            f"data.latent_channels={channels}: the tiny block VAE has {vae.latent_channels} latent channels"
+        )
     size = (1 + vae.temporal_stride * (frames - 1), height * vae.spatial_stride, width * vae.spatial_stride)
     latents = {}
     for start in range(0, len(words), _ENCODE_BATCH):
-        chunk = words[start:start + _ENCODE_BATCH]
+        chunk = words[start : start + _ENCODE_BATCH]
         videos = np.stack([render_caption_video(*w, *size) for w in chunk])
         pixels = torch.from_numpy(videos).permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0
         for w, latent in zip(chunk, vae.encode(pixels).numpy()):
@@ -306,10 +329,20 @@ def _pixel_latents(words, latent_shape, vae):
     return latents
 
 
-def write_synthetic_shards(out_dir: str, num_samples: int, samples_per_shard: int,
-                           latent_shape: tuple[int, int, int, int], text_len: int, text_dim: int, seed: int,
-                           text_encoder: CaptionTextEncoder, encoder_name: str, vae: str = "tiny-random",
-                           video_vae: CaptionVideoEncoder | None = None, held_out: bool = False) -> list[ShardInfo]:
+def write_synthetic_shards(
+    out_dir: str,
+    num_samples: int,
+    samples_per_shard: int,
+    latent_shape: tuple[int, int, int, int],
+    text_len: int,
+    text_dim: int,
+    seed: int,
+    text_encoder: CaptionTextEncoder,
+    encoder_name: str,
+    vae: str = "tiny-random",
+    video_vae: CaptionVideoEncoder | None = None,
+    held_out: bool = False,
+) -> list[ShardInfo]:
     """Write shard-000000.tar ... and index.json into out_dir; return the list of ShardInfo.
 
     vae: "tiny-random" writes analytic latent blobs (no VAE involved: fast, for tests); "tiny-block" renders
@@ -325,21 +358,23 @@ def write_synthetic_shards(out_dir: str, num_samples: int, samples_per_shard: in
     if len(latent_shape) != 4 or min(latent_shape) < 1:
         raise ConfigError(f"synthetic latent_shape must be four positive sizes (C, T, H, W), got {latent_shape}")
     if num_samples < 1 or samples_per_shard < 1:
-        raise ConfigError(f"synthetic num_samples and samples_per_shard must be positive, got "
-                          f"{num_samples} and {samples_per_shard}")
+        raise ConfigError(
+            f"synthetic num_samples and samples_per_shard must be positive, got {num_samples} and {samples_per_shard}"
+        )
     if vae not in SYNTHETIC_VAES:
         raise ConfigError(f"data.synthetic_vae: unknown VAE {vae!r}; choose one of {', '.join(SYNTHETIC_VAES)}")
     if vae == "tiny-block" and video_vae is None:
-        raise ConfigError("synthetic data with data.synthetic_vae=tiny-block needs the tiny block VAE to encode "
-                          "its videos")
-    expected = _expected_index(num_samples, samples_per_shard, latent_shape, text_len, text_dim, seed, vae,
-                               held_out)
+        raise ConfigError(
+            "synthetic data with data.synthetic_vae=tiny-block needs the tiny block VAE to encode its videos"
+        )
+    expected = _expected_index(num_samples, samples_per_shard, latent_shape, text_len, text_dim, seed, vae, held_out)
     existing = _claim_folder(out_dir, expected, "data.eval_path" if held_out else "data.path")
     if existing is not None:
         return existing
     if text_encoder.text_dim != text_dim:
-        raise ConfigError(f"synthetic data: the text encoder gives {text_encoder.text_dim}-d states, "
-                          f"expected text_dim={text_dim}")
+        raise ConfigError(
+            f"synthetic data: the text encoder gives {text_encoder.text_dim}-d states, expected text_dim={text_dim}"
+        )
     captions = all_captions()
     states, lengths = text_encoder.encode(captions)
     text_by_caption = {c: states[i, : min(int(lengths[i]), text_len)].numpy() for i, c in enumerate(captions)}
@@ -362,11 +397,23 @@ def write_synthetic_shards(out_dir: str, num_samples: int, samples_per_shard: in
                 caption = caption_of(colour, shape, motion)
                 latent = clean[drawn[i]] + NOISE_STD * rng.standard_normal(latent_shape).astype(np.float32)
                 text = text_by_caption[caption]
-                metadata = {"caption": caption, "colour": colour, "shape": shape, "motion": motion,
-                            "latent_shape": list(latent_shape), "text_length": int(text.shape[0])}
-                writer.write({"__key__": f"sample{i:08d}", "latent.npy": _npy_bytes(latent),
-                              "text.npy": _npy_bytes(text), "txt": caption.encode("utf-8"),
-                              "json": json.dumps(metadata).encode("utf-8")})
+                metadata = {
+                    "caption": caption,
+                    "colour": colour,
+                    "shape": shape,
+                    "motion": motion,
+                    "latent_shape": list(latent_shape),
+                    "text_length": int(text.shape[0]),
+                }
+                writer.write(
+                    {
+                        "__key__": f"sample{i:08d}",
+                        "latent.npy": _npy_bytes(latent),
+                        "text.npy": _npy_bytes(text),
+                        "txt": caption.encode("utf-8"),
+                        "json": json.dumps(metadata).encode("utf-8"),
+                    }
+                )
         path = os.path.join(out_dir, f"shard-{shard_index:06d}.tar")
         atomic_write_bytes(path, buffer.getvalue())
         shards.append(ShardInfo(path, count))

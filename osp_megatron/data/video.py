@@ -59,9 +59,10 @@ class _FrameResizer:
         if self._last[0] is frame:  # a frame chosen for several grid times (source fps below the target)
             return self._last[1]
         scaled_height, scaled_width = self.scaled
-        pixels = frame.reformat(width=scaled_width, height=scaled_height, format="rgb24",
-                                interpolation="AREA").to_ndarray()
-        out = pixels[self.top:self.top + self.bucket.height, self.left:self.left + self.bucket.width]
+        pixels = frame.reformat(
+            width=scaled_width, height=scaled_height, format="rgb24", interpolation="AREA"
+        ).to_ndarray()
+        out = pixels[self.top : self.top + self.bucket.height, self.left : self.left + self.bucket.width]
         self._last = (frame, np.ascontiguousarray(out))
         return self._last[1]
 
@@ -75,8 +76,7 @@ def _grid_frames(decoded, fps, start, end, native_fps, frame_duration, grid):
     previous = None  # (time, frame) of the last decoded frame
     k = 0
     for index, frame in enumerate(decoded):
-        time = index / native_fps if native_fps else (frame.time if frame.time is not None
-                                                       else index * frame_duration)
+        time = index / native_fps if native_fps else (frame.time if frame.time is not None else index * frame_duration)
         if start is None:
             start = time
         grid["start"], grid["seen"] = start, time + frame_duration - start
@@ -88,15 +88,25 @@ def _grid_frames(decoded, fps, start, end, native_fps, frame_duration, grid):
             return
         previous = (time, frame)
     # The last frame is shown until one frame duration after its timestamp.
-    while previous is not None and start + k / fps < previous[0] + frame_duration and (
-            end is None or start + k / fps < end):
+    while (
+        previous is not None
+        and start + k / fps < previous[0] + frame_duration
+        and (end is None or start + k / fps < end)
+    ):
         yield previous[1]
         k += 1
 
 
-def sample_clips(path: str, fps: float, num_frames: int, buckets: list[Bucket], start: float | None = None,
-                 end: float | None = None, native_fps: float | None = None,
-                 max_clips: int = 0) -> Iterator[tuple[Bucket, float, np.ndarray]]:
+def sample_clips(
+    path: str,
+    fps: float,
+    num_frames: int,
+    buckets: list[Bucket],
+    start: float | None = None,
+    end: float | None = None,
+    native_fps: float | None = None,
+    max_clips: int = 0,
+) -> Iterator[tuple[Bucket, float, np.ndarray]]:
     """Yield (bucket, clip start in seconds, uint8 frames [num_frames, H, W, 3]) for consecutive clips.
 
     Frames sit on the grid start + k / fps (k = 0, 1, ...; start defaults to the first frame's time); each
@@ -123,11 +133,17 @@ def sample_clips(path: str, fps: float, num_frames: int, buckets: list[Bucket], 
                     if max_clips and done >= max_clips:
                         return
     except av.error.FFmpegError as exc:
-        raise VideoError(f"decoding failed after {done} clip(s) ({_reason(exc)}); the file is truncated or corrupt",
-                         "truncated video" if done else "unreadable video", done) from exc
+        raise VideoError(
+            f"decoding failed after {done} clip(s) ({_reason(exc)}); the file is truncated or corrupt",
+            "truncated video" if done else "unreadable video",
+            done,
+        ) from exc
     if done == 0:
-        raise VideoError(f"{grid['seen']:.2f} s of video from the clip start, a clip needs "
-                         f"{num_frames} frames at {fps:g} fps = {num_frames / fps:.2f} s", "too short")
+        raise VideoError(
+            f"{grid['seen']:.2f} s of video from the clip start, a clip needs "
+            f"{num_frames} frames at {fps:g} fps = {num_frames / fps:.2f} s",
+            "too short",
+        )
 
 
 def _pick_codec():

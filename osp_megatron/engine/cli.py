@@ -9,17 +9,23 @@ import argparse
 import dataclasses
 import sys
 import textwrap
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
 
 from osp_megatron.config.errors import ConfigError
 from osp_megatron.config.loader import apply_override_layer, from_dict, load_yaml, to_dict
 
-
 # Sampling settings only osp-sample and osp-eval read: the training jobs' sample videos render sample.prompt in
 # the training precision, one video per prompt.
-SAMPLE_RUN_ONLY = ("sample.precision", "sample.output_dir", "sample.prompt_file", "sample.videos_per_prompt",
-                   "sample.batch_size", "sample.cfg_parallel", "sample.frames")
+SAMPLE_RUN_ONLY = (
+    "sample.precision",
+    "sample.output_dir",
+    "sample.prompt_file",
+    "sample.videos_per_prompt",
+    "sample.batch_size",
+    "sample.cfg_parallel",
+    "sample.frames",
+)
 
 
 @dataclass(frozen=True)
@@ -37,8 +43,8 @@ class JobSpec:
     examples: str
     default_config: str  # file name under osp_megatron/configs
     ignored: tuple[str, ...] = ()
-    build: Optional[Callable] = None
-    summary: Optional[Callable] = None
+    build: Callable | None = None
+    summary: Callable | None = None
     extra_arguments: tuple = field(default_factory=tuple)
 
     def is_ignored(self, dotted: str) -> bool:
@@ -88,8 +94,10 @@ def check_ignored_settings(raw: dict, config, spec: JobSpec) -> None:
     resolved = to_dict(config)
     for dotted, _ in _leaves(raw):
         if spec.is_ignored(dotted) and _lookup(resolved, dotted) != _lookup(reference, dotted):
-            raise ConfigError(f"{dotted}: {spec.name} does not use this setting (it would be ignored); remove it "
-                              f"or leave it at its default ({_as_written(_lookup(reference, dotted))})")
+            raise ConfigError(
+                f"{dotted}: {spec.name} does not use this setting (it would be ignored); remove it "
+                f"or leave it at its default ({_as_written(_lookup(reference, dotted))})"
+            )
 
 
 def _as_written(value) -> str:
@@ -120,10 +128,14 @@ def config_sections_help(spec: JobSpec) -> str:
         if spec.is_ignored(section.name):
             continue
         section_type = _dataclass_of(section.type)
-        keys = ", ".join(f.name for f in dataclasses.fields(section_type)
-                         if f.init and not spec.is_ignored(f"{section.name}.{f.name}"))
-        lines.extend(textwrap.wrap(f"{section.name}: {keys}", width=108, initial_indent="  ",
-                                   subsequent_indent="      "))
+        keys = ", ".join(
+            f.name
+            for f in dataclasses.fields(section_type)
+            if f.init and not spec.is_ignored(f"{section.name}.{f.name}")
+        )
+        lines.extend(
+            textwrap.wrap(f"{section.name}: {keys}", width=108, initial_indent="  ", subsequent_indent="      ")
+        )
     return "\n".join(lines)
 
 
@@ -142,22 +154,29 @@ def _dataclass_of(annotation):
 def build_parser(spec: JobSpec) -> argparse.ArgumentParser:
     """--config, --print-config, dotted overrides, and the job's own flags (spec.extra_arguments)."""
     parser = argparse.ArgumentParser(
-        prog=spec.name, description=spec.description,
+        prog=spec.name,
+        description=spec.description,
         epilog=config_sections_help(spec) + "\n\n" + spec.examples,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--config", "-c", default=None,
-                        help=f"YAML config file (default: the packaged example, examples/{spec.default_config})")
-    parser.add_argument("--print-config", action="store_true",
-                        help="print the fully resolved config (after overrides; the keys this job uses) as YAML "
-                        "and exit")
+    parser.add_argument(
+        "--config",
+        "-c",
+        default=None,
+        help=f"YAML config file (default: the packaged example, examples/{spec.default_config})",
+    )
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the fully resolved config (after overrides; the keys this job uses) as YAML and exit",
+    )
     for flags, options in spec.extra_arguments:
         parser.add_argument(*flags, **options)
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     return parser
 
 
-def job_main(spec: JobSpec, argv=None, actions: Optional[dict] = None) -> int:
+def job_main(spec: JobSpec, argv=None, actions: dict | None = None) -> int:
     """Parse, load and check the config (before torch is imported), then print it, run one of `actions`
     ({flag attribute: action(config) -> exit status}, e.g. --estimate-memory) or run the job."""
     parser = build_parser(spec)

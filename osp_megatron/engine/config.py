@@ -4,7 +4,7 @@ Built from a YAML file plus dotted overrides by `load_job_config`; cross-section
 """
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal
 
 from osp_megatron.config.errors import ConfigError
 from osp_megatron.config.loader import load_config
@@ -96,8 +96,10 @@ class TrainConfig:
         if self.grad_clip < 0:
             raise ConfigError(f"{prefix}.grad_clip must be >= 0 (0 disables clipping), got {self.grad_clip}")
         if self.global_batch_size % self.micro_batch_size:
-            raise ConfigError(f"{prefix}.global_batch_size={self.global_batch_size} is not a multiple of "
-                              f"{prefix}.micro_batch_size={self.micro_batch_size}")
+            raise ConfigError(
+                f"{prefix}.global_batch_size={self.global_batch_size} is not a multiple of "
+                f"{prefix}.micro_batch_size={self.micro_batch_size}"
+            )
 
 
 @dataclass
@@ -108,7 +110,7 @@ class CheckpointConfig:
     resume: str = "auto"
     # Initialise weights only: a framework checkpoint (e.g. from `osp-ckpt import`), a diffusers transformer
     # folder, or an original Wan2.1 / OSP-Next weight file.
-    load: Optional[str] = None
+    load: str | None = None
     load_ema: bool = False  # with `load`: take the EMA weights instead of the raw ones
     keep_last: int = 0  # keep only the newest N checkpoints (0 keeps all)
     save_at_end: bool = True
@@ -158,7 +160,7 @@ class JobConfig:
     sample: SampleConfig = field(default_factory=SampleConfig)
     # Low-rank adapters on the named linears with the base weights frozen (checkpoint.load gives the base);
     # null trains every weight.
-    lora: Optional[LoraConfig] = None
+    lora: LoraConfig | None = None
 
     @classmethod
     def resolve_defaults(cls, data: dict, prefix: str) -> dict:
@@ -167,22 +169,29 @@ class JobConfig:
         if isinstance(model, dict) and isinstance(data.get("data", {}), dict):
             resolved = ModelConfig.resolve_defaults(dict(model), "model")
             section = dict(data.get("data") or {})
-            for data_key, model_key in (("text_dim", "text_dim"), ("text_len", "text_len"),
-                                        ("latent_channels", "in_channels"), ("synthetic_vae", "vae")):
+            for data_key, model_key in (
+                ("text_dim", "text_dim"),
+                ("text_len", "text_len"),
+                ("latent_channels", "in_channels"),
+                ("synthetic_vae", "vae"),
+            ):
                 if data_key not in section:
                     section[data_key] = resolved.get(model_key, getattr(ModelConfig, model_key))
             data["data"] = section
         return data
 
     def validate(self, prefix: str = "") -> None:
-        pairs = [("data.text_dim", self.data.text_dim, "model.text_dim", self.model.text_dim),
-                 ("data.text_len", self.data.text_len, "model.text_len", self.model.text_len),
-                 ("data.latent_channels", self.data.latent_channels, "model.in_channels", self.model.in_channels),
-                 ("data.synthetic_vae", self.data.synthetic_vae, "model.vae", self.model.vae)]
+        pairs = [
+            ("data.text_dim", self.data.text_dim, "model.text_dim", self.model.text_dim),
+            ("data.text_len", self.data.text_len, "model.text_len", self.model.text_len),
+            ("data.latent_channels", self.data.latent_channels, "model.in_channels", self.model.in_channels),
+            ("data.synthetic_vae", self.data.synthetic_vae, "model.vae", self.model.vae),
+        ]
         for key_a, a, key_b, b in pairs:
             if a != b:
-                raise ConfigError(f"{key_a}={a} does not match {key_b}={b}; leave {key_a} out (it follows {key_b}) "
-                                  "or set both")
+                raise ConfigError(
+                    f"{key_a}={a} does not match {key_b}={b}; leave {key_a} out (it follows {key_b}) or set both"
+                )
         patch = self.model.patch_size
         latent = (self.data.latent_frames, self.data.latent_height, self.data.latent_width)
         for axis, size, step in zip(("latent_frames", "latent_height", "latent_width"), latent, patch):

@@ -9,7 +9,6 @@ import abc
 import contextlib
 import time
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
@@ -58,13 +57,13 @@ class TrainingJob(abc.ABC):
         if self.precision == "auto":
             self.precision = "bf16" if self.device.type == "cuda" else "fp32"
         # Which checkpoint to continue from is settled before any work, so a refusal costs nothing.
-        self.resume_path = resume_target(config.checkpoint.resume, self.run_dir, fsdp=config.parallel.fsdp,
-                                         say=self.say)
-        self.writer = checkpoint_writer(self.run_dir, config.checkpoint.keep_last or None,
-                                        config.checkpoint.async_save)
+        self.resume_path = resume_target(
+            config.checkpoint.resume, self.run_dir, fsdp=config.parallel.fsdp, say=self.say
+        )
+        self.writer = checkpoint_writer(self.run_dir, config.checkpoint.keep_last or None, config.checkpoint.async_save)
         self.step = 0
-        self.built: Optional[JobModel] = None  # the model with what the engine applied to it
-        self.model: Optional[torch.nn.Module] = None
+        self.built: JobModel | None = None  # the model with what the engine applied to it
+        self.model: torch.nn.Module | None = None
         self.optimizer = self.ema = None
         self.saved_step, self.saved_path, self.logger = None, None, None
 
@@ -73,7 +72,7 @@ class TrainingJob(abc.ABC):
         if self.logging_rank:
             print(f"[{self.name}] {text}", flush=True)
 
-    def build_trained_model(self, initial_weights: Optional[str | Path] = None, which: str = "model") -> None:
+    def build_trained_model(self, initial_weights: str | Path | None = None, which: str = "model") -> None:
         """The trained model with its optimizer and EMA: fresh from train.seed, from `initial_weights` (the
         frozen base under LoRA), or allocated for the resume to fill (a LoRA model's base read first)."""
         config = self.config
@@ -96,14 +95,21 @@ class TrainingJob(abc.ABC):
         saved = (lora_metadata(self.resume_path) or {}).get("lora")
         wanted = self.config.lora
         if saved is None and wanted is not None:
-            raise ConfigError(f"checkpoint {self.resume_path} trained every weight (no LoRA) but lora is set; resume "
-                              "it with lora=null, or start a LoRA run elsewhere (run.dir, or checkpoint.resume=none)")
-        if saved is not None and (wanted is None or (saved["rank"], saved["alpha"], list(saved["target_modules"]))
-                                  != (wanted.rank, wanted.alpha, list(wanted.target_modules))):
-            raise ConfigError(f"checkpoint {self.resume_path} holds LoRA adapters of rank {saved['rank']}, alpha "
-                              f"{saved['alpha']} on {saved['target_modules']}; resume it with those lora settings")
+            raise ConfigError(
+                f"checkpoint {self.resume_path} trained every weight (no LoRA) but lora is set; resume "
+                "it with lora=null, or start a LoRA run elsewhere (run.dir, or checkpoint.resume=none)"
+            )
+        if saved is not None and (
+            wanted is None
+            or (saved["rank"], saved["alpha"], list(saved["target_modules"]))
+            != (wanted.rank, wanted.alpha, list(wanted.target_modules))
+        ):
+            raise ConfigError(
+                f"checkpoint {self.resume_path} holds LoRA adapters of rank {saved['rank']}, alpha "
+                f"{saved['alpha']} on {saved['target_modules']}; resume it with those lora settings"
+            )
 
-    def _moved_base(self, configured: Optional[str | Path]) -> Optional[Path]:
+    def _moved_base(self, configured: str | Path | None) -> Path | None:
         """checkpoint.load when the base a LoRA checkpoint names is not where it was (moved weights)."""
         recorded = Path((lora_metadata(self.resume_path) or {}).get("base_weights", {}).get("path", ""))
         return None if recorded.exists() or configured is None else weights_path(configured)
@@ -112,8 +118,9 @@ class TrainingJob(abc.ABC):
         """Restore the trained weights, optimizer, EMA, step and per-rank state from resume_path, if any."""
         if self.resume_path is None:
             return
-        _, rank_state = load_checkpoint(self.resume_path, self.model, self.optimizer, self.ema,
-                                        parameters=self.built.stored_parameters())
+        _, rank_state = load_checkpoint(
+            self.resume_path, self.model, self.optimizer, self.ema, parameters=self.built.stored_parameters()
+        )
         self.step = int(rank_state["step"])
         set_rng_state(rank_state["rng"])
         if self.built.parallelized.quantized and "quant" in rank_state:
@@ -135,7 +142,7 @@ class TrainingJob(abc.ABC):
     def evaluate(self) -> dict:
         return {}
 
-    def evaluate_before_training(self) -> Optional[dict]:
+    def evaluate_before_training(self) -> dict | None:
         """Scalars to log at step 0 of a fresh run (e.g. the reward before any update), or None."""
         return None
 
@@ -143,17 +150,19 @@ class TrainingJob(abc.ABC):
         return {}
 
     def load_extra_rank_state(self, rank_state: dict) -> None:
-        pass
+        """Restore what extra_rank_state saved (nothing, unless the job saves something)."""
+        return None
 
     def describe(self) -> str:
         """The start-up line after the model line: data, batch, layout specifics of the job."""
         return ""
 
-    def finish_message(self, result: dict) -> Optional[str]:
+    def finish_message(self, result: dict) -> str | None:
         return None
 
     def close(self) -> None:
-        pass
+        """Release what the job holds beyond the model (e.g. its reward ranks) when its loop ends."""
+        return None
 
     def autocast(self):
         if self.precision == "bf16":
@@ -182,15 +191,22 @@ class TrainingJob(abc.ABC):
         published when the write ends, which the next save, a stop and the end of the run wait for)."""
         if self.saved_step != self.step:
             self.saved_path = save_checkpoint(
-                self.run_dir, self.step, self.model, self.optimizer, self.ema, rank_state=self.rank_state(),
-                metadata=self.checkpoint_metadata(), writer=self.writer,
-                parameters=self.built.stored_parameters())
+                self.run_dir,
+                self.step,
+                self.model,
+                self.optimizer,
+                self.ema,
+                rank_state=self.rank_state(),
+                metadata=self.checkpoint_metadata(),
+                writer=self.writer,
+                parameters=self.built.stored_parameters(),
+            )
             self.saved_step = self.step
             how = "writing checkpoint (in the background)" if self.writer.asynchronous else "saved checkpoint"
             self.message(f"{how} {self.saved_path}")
         return self.saved_path
 
-    def export_merged(self) -> Optional[Path]:
+    def export_merged(self) -> Path | None:
         """A LoRA job's final adapters folded into its base, as a plain checkpoint under run.dir/merged (what
         osp-sample and checkpoint.load read); written by rank 0 from the final checkpoint."""
         if self.built.lora is None or self.saved_path is None:
@@ -214,8 +230,11 @@ class TrainingJob(abc.ABC):
             yield
             return
         module = self.model
-        backup = {name: local_tensor(param).detach().to("cpu", copy=True) for name, param in module.named_parameters()
-                  if name in self.ema.shadow}
+        backup = {
+            name: local_tensor(param).detach().to("cpu", copy=True)
+            for name, param in module.named_parameters()
+            if name in self.ema.shadow
+        }
         self.ema.copy_to(module)
         try:
             yield
@@ -264,8 +283,11 @@ class TrainingJob(abc.ABC):
     def memory_scalars(self) -> dict:
         """Device memory in GiB, maximum over ranks (collective); the peak is reset for the next step."""
         if self.device.type == "cuda":
-            values = torch.tensor([torch.cuda.memory_allocated(), torch.cuda.memory_reserved(),
-                                   torch.cuda.max_memory_allocated()], dtype=torch.float64, device=self.device)
+            values = torch.tensor(
+                [torch.cuda.memory_allocated(), torch.cuda.memory_reserved(), torch.cuda.max_memory_allocated()],
+                dtype=torch.float64,
+                device=self.device,
+            )
             torch.cuda.reset_peak_memory_stats()
             names = ("mem_allocated_gib", "mem_reserved_gib", "mem_peak_gib")
         else:
@@ -282,23 +304,38 @@ class TrainingJob(abc.ABC):
         module = self.model
         total = sum(p.numel() for p in module.parameters())
         trained = self.built.trainable_parameters()
-        what = (f"LoRA rank {self.built.lora.rank} on {len(self.built.parallelized.adapted)} linears, "
-                f"{trained / 1e6:.3f}M trainable" if self.built.lora is not None else "full training")
-        layout = (f"world {dist.get_world_size()} (dp {self.dp_size}, tp {state.tensor_parallel_size()}, "
-                  f"ssp {state.ssp_size()}, ulysses {state.ulysses_size()}, fsdp "
-                  f"{'on: weights, gradients, optimizer state and EMA sharded over ' + str(self._fsdp_ranks()) + ' ranks' if self.built.fsdp else 'off'})")
-        quant = (f"; quant {self.config.quant.recipe} on {len(self.built.parallelized.quantized)} layers"
-                 if self.built.parallelized.quantized else "")
+        what = (
+            f"LoRA rank {self.built.lora.rank} on {len(self.built.parallelized.adapted)} linears, "
+            f"{trained / 1e6:.3f}M trainable"
+            if self.built.lora is not None
+            else "full training"
+        )
+        sharding = (
+            f"on: weights, gradients, optimizer state and EMA sharded over {self._fsdp_ranks()} ranks"
+            if self.built.fsdp
+            else "off"
+        )
+        layout = (
+            f"world {dist.get_world_size()} (dp {self.dp_size}, tp {state.tensor_parallel_size()}, "
+            f"ssp {state.ssp_size()}, ulysses {state.ulysses_size()}, fsdp {sharding})"
+        )
+        quant = (
+            f"; quant {self.config.quant.recipe} on {len(self.built.parallelized.quantized)} layers"
+            if self.built.parallelized.quantized
+            else ""
+        )
         extra = self.describe()
-        return (f"model: {total / 1e6:.2f}M parameters per tensor-parallel rank, blocks {module.block_kinds}; {what}; "
-                f"{layout}; device {self.device}; precision {self.precision}{quant}" + (f"; {extra}" if extra else ""))
+        return (
+            f"model: {total / 1e6:.2f}M parameters per tensor-parallel rank, blocks {module.block_kinds}; {what}; "
+            f"{layout}; device {self.device}; precision {self.precision}{quant}" + (f"; {extra}" if extra else "")
+        )
 
     @staticmethod
     def _fsdp_ranks() -> int:
         return dist.get_world_size(state.gradient_reduction_group())
 
     # -- the loop ----------------------------------------------------------------------------------------
-    def train(self, stop: Optional[GracefulStop] = None) -> dict:
+    def train(self, stop: GracefulStop | None = None) -> dict:
         """Run to train.steps; returns {'step', 'status': finished | already_finished | exit_interval | stopped,
         the last step's scalars}. Stop signals are handled by `stop` when given (the CLI installs it before
         start-up), else here."""
@@ -324,9 +361,16 @@ class TrainingJob(abc.ABC):
         if stop.agreed():
             self.say(f"stopped by {stop.signal_name} before the first {self.unit}; nothing to save")
             return {"step": self.step, "status": "stopped"}
-        self.logger = logger = MetricsLogger(self.run_dir, cfg.steps, self.step, self.logging_rank, cfg.progress,
-                                             desc=self.name.removeprefix("osp-"), progress_keys=self.progress_keys,
-                                             log_interval=cfg.log_interval)
+        self.logger = logger = MetricsLogger(
+            self.run_dir,
+            cfg.steps,
+            self.step,
+            self.logging_rank,
+            cfg.progress,
+            desc=self.name.removeprefix("osp-"),
+            progress_keys=self.progress_keys,
+            log_interval=cfg.log_interval,
+        )
         started, first_step = time.time(), self.step
         status, last = "finished", {}
         try:
@@ -341,9 +385,11 @@ class TrainingJob(abc.ABC):
                 self.step += 1
                 elapsed = max(time.time() - tick, 1e-9)
                 scalars.update(self._throughput(scalars, elapsed))
-                scalars.update(step_time_s=elapsed,
-                               eta_s=(time.time() - started) / (self.step - first_step) * (cfg.steps - self.step),
-                               **self.memory_scalars())
+                scalars.update(
+                    step_time_s=elapsed,
+                    eta_s=(time.time() - started) / (self.step - first_step) * (cfg.steps - self.step),
+                    **self.memory_scalars(),
+                )
                 if self.evaluation_due(self.step):
                     scalars.update(self.evaluate())
                     reshard(self.model)  # forward-only: FSDP's root would keep its gathered parameters
@@ -355,14 +401,18 @@ class TrainingJob(abc.ABC):
                     self.save()
                 if stop.agreed():
                     path = self.save()
-                    self.message(f"stopped by {stop.signal_name} at {self.unit} {self.step}; checkpoint {path}; "
-                                 "run the same command again to resume")
+                    self.message(
+                        f"stopped by {stop.signal_name} at {self.unit} {self.step}; checkpoint {path}; "
+                        "run the same command again to resume"
+                    )
                     status = "stopped"
                     break
                 if cfg.exit_interval and self.step % cfg.exit_interval == 0 and self.step < cfg.steps:
                     path = self.save()
-                    self.message(f"exit interval reached at {self.unit} {self.step}; checkpoint {path}; run the "
-                                 "same command again to continue")
+                    self.message(
+                        f"exit interval reached at {self.unit} {self.step}; checkpoint {path}; run the "
+                        "same command again to continue"
+                    )
                     status = "exit_interval"
                     break
             if status == "finished":

@@ -7,7 +7,6 @@ tensor-parallel size and FSDP sharding starts from the same adapters (docs/engin
 
 import contextlib
 import dataclasses
-from typing import Optional
 
 import torch
 from megatron.core import tensor_parallel
@@ -32,8 +31,15 @@ def _lora_parallel_linear_class():
 
         def __init__(self, base_layer, adapter_name, config, **kwargs):
             megatron_config = dataclasses.replace(base_layer.config, perform_initialization=False)
-            super().__init__(base_layer, adapter_name, config=config, backend=tensor_parallel, r=kwargs["r"],
-                             lora_alpha=kwargs["lora_alpha"], megatron_config=megatron_config)
+            super().__init__(
+                base_layer,
+                adapter_name,
+                config=config,
+                backend=tensor_parallel,
+                r=kwargs["r"],
+                lora_alpha=kwargs["lora_alpha"],
+                megatron_config=megatron_config,
+            )
 
         def update_layer(self, adapter_name, *args, **kwargs):
             self.lora_bias[adapter_name] = False  # megatron-wrapped adapters carry no bias
@@ -66,8 +72,9 @@ def _lora_parallel_linear_class():
     return MegatronLoraLinear
 
 
-def apply_lora(model: torch.nn.Module, rank: int, alpha: float, target_modules: list[str],
-               seed: Optional[int] = 0) -> list[str]:
+def apply_lora(
+    model: torch.nn.Module, rank: int, alpha: float, target_modules: list[str], seed: int | None = 0
+) -> list[str]:
     """Inject adapters into `model` in place (base weights frozen, adapters trainable); returns the adapted
     module names. Raises ConfigError when `target_modules` matches no linear.
 

@@ -61,16 +61,29 @@ def duration(seconds: float) -> str:
 
 def progress_line(desc: str, step: int, total_steps: int, scalars: dict, elapsed: float, eta: float) -> str:
     """One line of plain text with the step and every number TensorBoard gets for it (no carriage returns)."""
-    numbers = " ".join(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}"
-                       for key, value in scalars.items()
-                       if isinstance(value, (int, float)) and not isinstance(value, bool))
-    return (f"[{desc}] step {step}/{total_steps} ({100 * step / total_steps:.0f}%) elapsed {duration(elapsed)} "
-            f"eta {duration(eta)} {numbers}").rstrip()
+    numbers = " ".join(
+        f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}"
+        for key, value in scalars.items()
+        if isinstance(value, (int, float)) and not isinstance(value, bool)
+    )
+    return (
+        f"[{desc}] step {step}/{total_steps} ({100 * step / total_steps:.0f}%) elapsed {duration(elapsed)} "
+        f"eta {duration(eta)} {numbers}"
+    ).rstrip()
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: str | Path, total_steps: int, start_step: int, enabled: bool, progress: bool,
-                 desc: str = "train", progress_keys: tuple = ("loss", "samples_per_s"), log_interval: int = 10):
+    def __init__(
+        self,
+        run_dir: str | Path,
+        total_steps: int,
+        start_step: int,
+        enabled: bool,
+        progress: bool,
+        desc: str = "train",
+        progress_keys: tuple = ("loss", "samples_per_s"),
+        log_interval: int = 10,
+    ):
         self.enabled = enabled
         self.progress_keys = progress_keys  # the scalars the progress bar shows
         self.bar = None
@@ -103,8 +116,9 @@ class MetricsLogger:
                 self.writer.add_scalar(key if "/" in key else f"train/{key}", value, step)
         if self.bar is not None:
             shown = {key: scalars[key] for key in self.progress_keys if key in scalars}
-            self.bar.set_postfix({key.replace("_per_", "/"): f"{value:.4g}" for key, value in shown.items()},
-                                 refresh=False)
+            self.bar.set_postfix(
+                {key.replace("_per_", "/"): f"{value:.4g}" for key, value in shown.items()}, refresh=False
+            )
             self.bar.update(step - self.bar.n)
         elif self.plain_lines and (step % self.log_interval == 0 or step == self.total_steps):
             elapsed = time.time() - self.started

@@ -6,7 +6,6 @@ shard), so no rank ever holds the whole model; a fresh model is initialised from
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -29,14 +28,14 @@ class JobModel:
     module: WanDiT
     role: str
     parallelized: Parallelized
-    lora: Optional[object] = None  # the LoraConfig of an adapted model
-    base: Optional[BaseWeights] = None  # the frozen base of an adapted model
+    lora: object | None = None  # the LoraConfig of an adapted model
+    base: BaseWeights | None = None  # the frozen base of an adapted model
 
     @property
     def fsdp(self) -> bool:
         return self.parallelized.fsdp
 
-    def stored_parameters(self) -> Optional[list[str]]:
+    def stored_parameters(self) -> list[str] | None:
         """The weights a checkpoint of this model stores: the adapters of a LoRA model, else all (None)."""
         return adapter_names(self.module) if self.lora is not None else None
 
@@ -52,8 +51,10 @@ def lora_seed(config) -> int:
 def materialize(model: torch.nn.Module, device: torch.device) -> None:
     """Allocate a model built on the meta device (sharded or not) on `device`, uninitialised, keeping the
     tensor-parallel attributes megatron set on its parameters (to_empty makes new parameters)."""
-    marks = {name: {key: getattr(param, key) for key in TENSOR_PARALLEL_ATTRIBUTES if hasattr(param, key)}
-             for name, param in model.named_parameters()}
+    marks = {
+        name: {key: getattr(param, key) for key in TENSOR_PARALLEL_ATTRIBUTES if hasattr(param, key)}
+        for name, param in model.named_parameters()
+    }
     model.to_empty(device=device)
     for name, param in model.named_parameters():
         for key, value in marks[name].items():
@@ -71,7 +72,7 @@ def _dtype(role: Role, config, device: torch.device) -> torch.dtype:
     return torch_dtype(config.model.params_dtype)
 
 
-def compute_dtype(config, device: torch.device) -> Optional[torch.dtype]:
+def compute_dtype(config, device: torch.device) -> torch.dtype | None:
     """The dtype FSDP gathers blocks in: bfloat16 under bf16 training, else the stored dtype (None)."""
     precision = config.train.precision
     if precision == "auto":
@@ -79,8 +80,15 @@ def compute_dtype(config, device: torch.device) -> Optional[torch.dtype]:
     return torch.bfloat16 if precision == "bf16" else None
 
 
-def build_job_model(config, device: torch.device, role: Role = "train", *, weights: Optional[str | Path] = None,
-                    which: str = "model", adapters: bool = True) -> JobModel:
+def build_job_model(
+    config,
+    device: torch.device,
+    role: Role = "train",
+    *,
+    weights: str | Path | None = None,
+    which: str = "model",
+    adapters: bool = True,
+) -> JobModel:
     """The DiT of `config` (a JobConfig) for `role`, parallelized by parallelize_dit, on `device`.
 
     weights: where its weights come from (a framework checkpoint, diffusers folder or Wan2.1 file), read into
@@ -91,12 +99,14 @@ def build_job_model(config, device: torch.device, role: Role = "train", *, weigh
     """
     lora = config.lora if role == "train" and adapters else None
     if lora is not None and weights is None:
-        raise ConfigError("lora adapts a trained model: set checkpoint.load to its base weights (a checkpoint, "
-                          "diffusers folder or Wan2.1 file)")
+        raise ConfigError(
+            "lora adapts a trained model: set checkpoint.load to its base weights (a checkpoint, "
+            "diffusers folder or Wan2.1 file)"
+        )
     return _build(config, device, role, weights, which, lora, initialize=weights is None)
 
 
-def build_resumable_model(config, device: torch.device, base: Optional[BaseWeights] = None) -> JobModel:
+def build_resumable_model(config, device: torch.device, base: BaseWeights | None = None) -> JobModel:
     """A training model whose weights a checkpoint will overwrite: allocated, not initialised (for a LoRA model
     its frozen base is read from `base`, and a checkpoint then restores the adapters)."""
     if config.lora is not None:
@@ -118,9 +128,16 @@ def _build(config, device, role, weights, which, lora, initialize: bool) -> JobM
         # every layout. Under FSDP it stays in host memory until sharding moves each rank's shards.
         module = build_model(config.model, "cpu" if parallel.fsdp else device)
     parallelized = parallelize_dit(
-        module, role, parallel=parallel, quant=config.quant, lora=lora,
-        lora_seed=None if on_meta else lora_seed(config), compile=config.model.compile,
-        compute_dtype=compute_dtype(config, device) if role != "inference" else None, device=device)
+        module,
+        role,
+        parallel=parallel,
+        quant=config.quant,
+        lora=lora,
+        lora_seed=None if on_meta else lora_seed(config),
+        compile=config.model.compile,
+        compute_dtype=compute_dtype(config, device) if role != "inference" else None,
+        device=device,
+    )
     if on_meta:
         materialize(module, device)
         if weights is not None:
@@ -157,13 +174,15 @@ def load_for_inference(config, weights: str | Path, which: str, device: torch.de
     plain = replace(config, quant=replace(config.quant, recipe="none", attention=False))
     built = _build(plain, device, "train", base.path, base.which, lora, initialize=False)
     module = built.module
-    missing, _ = load_model_weights(weights, module, which=which, strict=False,
-                                    names={name: name for name in adapter_names(module)})
+    missing, _ = load_model_weights(
+        weights, module, which=which, strict=False, names={name: name for name in adapter_names(module)}
+    )
     if missing:
         raise ConfigError(f"LoRA checkpoint {str(weights)!r} lacks adapters {missing[:8]}")
     merge_lora(module)
     module.requires_grad_(False)
-    parallelized = parallelize_dit(module, "inference", parallel=config.parallel, quant=config.quant,
-                                   compile=config.model.compile, device=device)
+    parallelized = parallelize_dit(
+        module, "inference", parallel=config.parallel, quant=config.quant, compile=config.model.compile, device=device
+    )
     module.to(_dtype("inference", config, device))
     return JobModel(module.eval(), "inference", parallelized, None, None)

@@ -5,7 +5,6 @@ Gradient norms count FSDP and tensor-parallel shards once each and replicated pa
 
 import math
 from concurrent.futures import ThreadPoolExecutor
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -23,11 +22,15 @@ def build_optimizer(model: torch.nn.Module, train_config) -> torch.optim.Optimiz
         if not param.requires_grad:
             continue
         (no_decay if param.dim() < 2 or "norm" in name or "modulation" in name else decay).append(param)
-    groups = [{"params": decay, "weight_decay": train_config.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": train_config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     fused = all(p.is_cuda for p in decay + no_decay) and len(decay + no_decay) > 0
-    return torch.optim.AdamW(groups, lr=train_config.lr, betas=(train_config.adam_beta1, train_config.adam_beta2),
-                             eps=train_config.adam_eps, fused=fused or None)
+    return torch.optim.AdamW(
+        groups,
+        lr=train_config.lr,
+        betas=(train_config.adam_beta1, train_config.adam_beta2),
+        eps=train_config.adam_eps,
+        fused=fused or None,
+    )
 
 
 def lr_at(step: int, train_config) -> float:
@@ -69,8 +72,13 @@ def gradient_buckets(grads, bucket_bytes: int = GRADIENT_BUCKET_BYTES) -> list:
     return buckets
 
 
-def average_gradients(model: torch.nn.Module, group, world: int, group_name: str = "data_context",
-                      bucket_bytes: int = GRADIENT_BUCKET_BYTES) -> None:
+def average_gradients(
+    model: torch.nn.Module,
+    group,
+    world: int,
+    group_name: str = "data_context",
+    bucket_bytes: int = GRADIENT_BUCKET_BYTES,
+) -> None:
     """Average gradients over `group` (data x context parallel ranks), one flat all-reduce per bucket.
 
     Why the mean over context ranks too: every context (SSP x Ulysses) rank computes the same loss from the
@@ -145,7 +153,7 @@ class EMA:
     blends them in while the next step computes. `synchronize()` waits for it; reading the average does too.
     """
 
-    def __init__(self, model: torch.nn.Module, decay: float, device: Optional[str | torch.device] = None):
+    def __init__(self, model: torch.nn.Module, decay: float, device: str | torch.device | None = None):
         self.decay = decay
         self.device = None if device is None else torch.device(device)
         self.shadow = {}
@@ -160,8 +168,7 @@ class EMA:
             self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ema")
 
     def _trained(self, model: torch.nn.Module):
-        return [(name, param) for name, param in model.named_parameters()
-                if param.requires_grad or name in self.shadow]
+        return [(name, param) for name, param in model.named_parameters() if param.requires_grad or name in self.shadow]
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:

@@ -7,7 +7,7 @@ come through parallelize_dit (docs/engine.md).
 
 import functools
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal
 
 import torch
 from megatron.core import parallel_state
@@ -47,8 +47,14 @@ def apply_token_layout(model: WanDiT) -> bool:
         return False
     config = model.model_config
     kinds = config.block_kinds()
-    check_heads(config.num_heads, state.tensor_parallel_size(), groups.ssp_size, groups.ulysses_size,
-                full_layers="full" in kinds, sparse_layers=uses_sparse_order(config.sparse_ratio, kinds))
+    check_heads(
+        config.num_heads,
+        state.tensor_parallel_size(),
+        groups.ssp_size,
+        groups.ulysses_size,
+        full_layers="full" in kinds,
+        sparse_layers=uses_sparse_order(config.sparse_ratio, kinds),
+    )
     model.layout_factory = functools.partial(SequenceParallelTokenLayout, groups=groups, block_kinds=tuple(kinds))
     for block in model.blocks:
         # The local core becomes the Ulysses core; a core of the caller's own (a layer spec's) is kept.
@@ -59,8 +65,10 @@ def apply_token_layout(model: WanDiT) -> bool:
 
 def check_fsdp_role(role: Role) -> None:
     if role == "inference":
-        raise ConfigError("parallel.fsdp shards a model for training; sampling holds whole replicas "
-                          "(parallel.tensor / ssp / ulysses split a model for sampling): set parallel.fsdp=false")
+        raise ConfigError(
+            "parallel.fsdp shards a model for training; sampling holds whole replicas "
+            "(parallel.tensor / ssp / ulysses split a model for sampling): set parallel.fsdp=false"
+        )
 
 
 def apply_compilation(model: WanDiT) -> None:
@@ -69,11 +77,19 @@ def apply_compilation(model: WanDiT) -> None:
         block.compile()
 
 
-def parallelize_dit(model: WanDiT, role: Role = "train", *, parallel: Optional[ParallelConfig] = None,
-                    quant: Optional[QuantConfig] = None, lora=None, lora_seed: Optional[int] = 0,
-                    activation_checkpointing: Optional[str] = None, compile: bool = False,
-                    compute_dtype: Optional[torch.dtype] = None, device: Optional[torch.device] = None
-                    ) -> Parallelized:
+def parallelize_dit(
+    model: WanDiT,
+    role: Role = "train",
+    *,
+    parallel: ParallelConfig | None = None,
+    quant: QuantConfig | None = None,
+    lora=None,
+    lora_seed: int | None = 0,
+    activation_checkpointing: str | None = None,
+    compile: bool = False,
+    compute_dtype: torch.dtype | None = None,
+    device: torch.device | None = None,
+) -> Parallelized:
     """Turn a built DiT (real or on the meta device) into the model a job runs, in place.
 
     In order: the token layout of the current SSP x Ulysses groups; quantization of the selected linears and

@@ -39,8 +39,9 @@ def _worker(rank, world_size, port, path, name, args, queue, environ, cwd):
     os.environ.clear()
     os.environ.update(environ)
     os.chdir(cwd)
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     torch.set_num_threads(1)
     try:
         # Plain pickle copies tensors into the message; the queue's own pickler would share their memory,
@@ -72,9 +73,10 @@ def run_on_ranks(fn, world_size: int, *args, timeout: float = 300.0) -> list:
     port = free_port()
     path = inspect.getfile(fn)
     environ, cwd = dict(os.environ), os.getcwd()
-    processes = [context.Process(target=_worker,
-                                 args=(r, world_size, port, path, fn.__name__, args, queue, environ, cwd))
-                 for r in range(world_size)]
+    processes = [
+        context.Process(target=_worker, args=(r, world_size, port, path, fn.__name__, args, queue, environ, cwd))
+        for r in range(world_size)
+    ]
     for process in processes:
         process.start()
     results, errors = {}, []

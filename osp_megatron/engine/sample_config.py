@@ -4,7 +4,7 @@ Defaults follow Wan2.1 480P sampling: 81 frames at 16 fps, 50 UniPC steps, shift
 """
 
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal
 
 from osp_megatron.config.errors import ConfigError
 
@@ -31,10 +31,10 @@ class SampleConfig:
     # Where the video goes (a PNG strip of its frames is written beside it). With several prompts, files are
     # written as <stem>-000.mp4, <stem>-001.mp4, ... Unset: training writes run.dir/samples/step_N.mp4,
     # osp-sample writes outputs/sample.mp4.
-    output: Optional[str] = None
+    output: str | None = None
     # osp-sample over many prompts: a folder of <index>-<prompt>.mp4 with a .json record and a .png strip each
-    output_dir: Optional[str] = None
-    prompt_file: Optional[str] = None  # .txt (one prompt a line) or .jsonl (see docs/inference.md)
+    output_dir: str | None = None
+    prompt_file: str | None = None  # .txt (one prompt a line) or .jsonl (see docs/inference.md)
     videos_per_prompt: int = 1
     batch_size: int = 1  # videos denoised together on one model replica
     cfg_parallel: bool = False  # conditional and unconditional passes on two data-parallel ranks
@@ -56,19 +56,24 @@ class SampleConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{prefix}.{key} must be a positive integer, got {value!r}")
         if (self.num_frames - 1) % 4:
-            raise ConfigError(f"{prefix}.num_frames must be 1 + a multiple of 4 (the VAE's temporal stride), "
-                              f"e.g. 81, got {self.num_frames}")
+            raise ConfigError(
+                f"{prefix}.num_frames must be 1 + a multiple of 4 (the VAE's temporal stride), "
+                f"e.g. 81, got {self.num_frames}"
+            )
         for key in ("height", "width"):
             if getattr(self, key) % 8:
-                raise ConfigError(f"{prefix}.{key} must be a multiple of 8 (the VAE's spatial stride; 16 with a "
-                                  f"2x2 patch), got {getattr(self, key)}")
+                raise ConfigError(
+                    f"{prefix}.{key} must be a multiple of 8 (the VAE's spatial stride; 16 with a "
+                    f"2x2 patch), got {getattr(self, key)}"
+                )
         for key in ("shift", "fps"):
             value = getattr(self, key)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"{prefix}.{key} must be a positive number, got {value!r}")
         if not isinstance(self.guidance_scale, (int, float)) or self.guidance_scale < 0:
-            raise ConfigError(f"{prefix}.guidance_scale must be a number >= 0 (1 disables guidance), "
-                              f"got {self.guidance_scale!r}")
+            raise ConfigError(
+                f"{prefix}.guidance_scale must be a number >= 0 (1 disables guidance), got {self.guidance_scale!r}"
+            )
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise ConfigError(f"{prefix}.seed must be a non-negative integer, got {self.seed!r}")
         if self.sampler not in SAMPLERS:

@@ -7,7 +7,6 @@ import os
 import signal
 import sys
 import threading
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -30,7 +29,7 @@ class GracefulStop:
         self.job = job
         self.signals = tuple(signals)
         self.announce = announce
-        self.signal_name: Optional[str] = None
+        self.signal_name: str | None = None
         self._previous = {}
 
     @property
@@ -70,13 +69,16 @@ class GracefulStop:
         if not self.requested:
             self.signal_name = name
 
-    def agreed(self, device: Optional[torch.device] = None) -> bool:
+    def agreed(self, device: torch.device | None = None) -> bool:
         """True on every rank when any rank was asked to stop (collective over the default group)."""
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return self.requested
         if device is None:
-            device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" \
+            device = (
+                torch.device("cuda", torch.cuda.current_device())
+                if dist.get_backend() == "nccl"
                 else torch.device("cpu")
+            )
         flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if flag.item() > 0 and not self.requested:

@@ -32,36 +32,64 @@ def build_parser() -> argparse.ArgumentParser:
     from osp_megatron.eval.vbench_suite import VIDEOS_PER_PROMPT
     from osp_megatron.inference.cli import add_model_arguments, add_sampler_arguments
 
-    parser = argparse.ArgumentParser(prog="osp-eval", description="Evaluate text-to-video models.",
-                                     epilog="examples: osp-eval vbench --help")
+    parser = argparse.ArgumentParser(
+        prog="osp-eval", description="Evaluate text-to-video models.", epilog="examples: osp-eval vbench --help"
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     vbench = commands.add_parser(
-        "vbench", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
+        "vbench",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EXAMPLES,
         help="VBench: render the prompt suite, score its dimensions, Quality / Semantic / Total",
         description="Render VBench's prompt suite with a checkpoint (--checkpoint; torchrun for several GPUs, "
         "resumable like osp-sample), score the dimensions: temporal_flickering directly, the others with the "
         "`vbench` package and its model weights from --vbench-cache, plus any --results you give; then normalise "
         "and combine them as VBench publishes (docs/evaluation.md). Writes OUTPUT_DIR/vbench_scores.json and "
-        "TensorBoard scalars under OUTPUT_DIR/tensorboard.")
+        "TensorBoard scalars under OUTPUT_DIR/tensorboard.",
+    )
     add_model_arguments(vbench, required=False)
     add_sampler_arguments(vbench)
     vbench.add_argument("--output-dir", required=True, help="videos/, records/, vbench/ results, scores")
-    vbench.add_argument("--dimensions", nargs="+", default=list(DIMENSIONS), metavar="DIM",
-                        help=f"dimensions to evaluate (default: all 16): {', '.join(DIMENSIONS)}")
-    vbench.add_argument("--results", action="append", default=[], metavar="PATH",
-                        help="per-dimension raw scores to include: VBench *_eval_results.json, a JSON of "
-                        "dimension -> score, or a folder of them (repeatable)")
-    vbench.add_argument("--videos", default=None, help="score videos rendered before (a folder of <prompt>-<k>.mp4)"
-                        " instead of rendering (default: OUTPUT_DIR/videos)")
+    vbench.add_argument(
+        "--dimensions",
+        nargs="+",
+        default=list(DIMENSIONS),
+        metavar="DIM",
+        help=f"dimensions to evaluate (default: all 16): {', '.join(DIMENSIONS)}",
+    )
+    vbench.add_argument(
+        "--results",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="per-dimension raw scores to include: VBench *_eval_results.json, a JSON of "
+        "dimension -> score, or a folder of them (repeatable)",
+    )
+    vbench.add_argument(
+        "--videos",
+        default=None,
+        help="score videos rendered before (a folder of <prompt>-<k>.mp4)"
+        " instead of rendering (default: OUTPUT_DIR/videos)",
+    )
     vbench.add_argument("--full-info", default=None, help="VBench_full_info.json (default: the vbench package's)")
     vbench.add_argument("--max-prompts", type=int, default=None, help="at most this many prompts per dimension")
-    vbench.add_argument("--videos-per-prompt", type=int, default=VIDEOS_PER_PROMPT,
-                        help=f"videos of each prompt (VBench's standard suite: {VIDEOS_PER_PROMPT})")
-    vbench.add_argument("--vbench-python", default=sys.executable,
-                        help="Python of an environment with `pip install vbench` (default: this one)")
-    vbench.add_argument("--vbench-cache", default=None,
-                        help="VBench's model weights (VBENCH_CACHE_DIR); dimensions whose files are missing are "
-                        "skipped, never downloaded")
+    vbench.add_argument(
+        "--videos-per-prompt",
+        type=int,
+        default=VIDEOS_PER_PROMPT,
+        help=f"videos of each prompt (VBench's standard suite: {VIDEOS_PER_PROMPT})",
+    )
+    vbench.add_argument(
+        "--vbench-python",
+        default=sys.executable,
+        help="Python of an environment with `pip install vbench` (default: this one)",
+    )
+    vbench.add_argument(
+        "--vbench-cache",
+        default=None,
+        help="VBench's model weights (VBENCH_CACHE_DIR); dimensions whose files are missing are "
+        "skipped, never downloaded",
+    )
     vbench.add_argument("--device", default="cuda", help="device VBench evaluates on (default cuda)")
     vbench.add_argument("--step", type=int, default=0, help="TensorBoard step of the scalars (e.g. training step)")
     return parser
@@ -109,16 +137,19 @@ def score_videos(args, dimensions, videos: Path, out: Path) -> tuple[dict, list[
             raw["temporal_flickering"] = score
             (out / "vbench").mkdir(parents=True, exist_ok=True)
             (out / "vbench" / "temporal_flickering_eval_results.json").write_text(
-                json.dumps({"temporal_flickering": [score, per_video]}, indent=2))
+                json.dumps({"temporal_flickering": [score, per_video]}, indent=2)
+            )
         else:
             notes.append(f"temporal_flickering: no videos of its prompts in {videos}")
     others = [d for d in dimensions if d not in WITHOUT_WEIGHTS]
     if not others:
         return raw, notes
     if vbench_location(args.vbench_python) is None:
-        notes.append(f"{', '.join(others)}: not evaluated, the `vbench` package is not importable by "
-                     f"{args.vbench_python} (pip install vbench in its own environment and pass --vbench-python; or "
-                     "give their scores with --results)")
+        notes.append(
+            f"{', '.join(others)}: not evaluated, the `vbench` package is not importable by "
+            f"{args.vbench_python} (pip install vbench in its own environment and pass --vbench-python; or "
+            "give their scores with --results)"
+        )
         return raw, notes
     if args.vbench_cache is None:
         notes.append(f"{', '.join(others)}: not evaluated, --vbench-cache (VBench's model weights) is not given")
@@ -131,8 +162,9 @@ def score_videos(args, dimensions, videos: Path, out: Path) -> tuple[dict, list[
         else:
             ready.append(dimension)
     if ready:
-        results = run_vbench(args.vbench_python, videos, ready, suite, out / "vbench", args.vbench_cache, args.device,
-                             name="osp_eval")
+        results = run_vbench(
+            args.vbench_python, videos, ready, suite, out / "vbench", args.vbench_cache, args.device, name="osp_eval"
+        )
         raw.update(read_results(results))
     return raw, notes
 
@@ -159,8 +191,10 @@ def format_report(report: dict) -> str:
         lines.append(f"{dimension:<24} {report['raw'][dimension]:>8.4f} {100 * value:>10.2f}%")
     for key in ("quality", "semantic", "total"):
         value = report[key]
-        lines.append(f"{key.capitalize() + ' score':<24} {'':>8} " +
-                     (f"{100 * value:>10.2f}%" if value is not None else f"{'n/a':>11}"))
+        lines.append(
+            f"{key.capitalize() + ' score':<24} {'':>8} "
+            + (f"{100 * value:>10.2f}%" if value is not None else f"{'n/a':>11}")
+        )
     if report["missing"]:
         lines.append(f"missing dimensions: {', '.join(report['missing'])}")
     return "\n".join(lines)
@@ -188,8 +222,10 @@ def run_vbench_command(args) -> int:
         measured, notes = score_videos(args, [d for d in dimensions if d not in raw], videos, out)
         raw.update(measured)
     if not raw:
-        raise ConfigError("nothing to score: give --results, or --checkpoint / --videos with dimensions that could "
-                          "be evaluated" + (f" ({'; '.join(notes)})" if notes else ""))
+        raise ConfigError(
+            "nothing to score: give --results, or --checkpoint / --videos with dimensions that could "
+            "be evaluated" + (f" ({'; '.join(notes)})" if notes else "")
+        )
     report = vbench_report(raw)
     write_report(report, out, args.step, notes)
     for note in notes:

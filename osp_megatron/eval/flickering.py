@@ -24,6 +24,8 @@ def temporal_flickering(video_paths) -> tuple[float, list[dict]]:
     """(mean score, [{video_path, video_results}]) over decoded videos, in VBench's result layout."""
     if not video_paths:
         raise ConfigError("temporal flickering needs at least one video")
-    per_video = [{"video_path": str(path), "video_results": frame_flicker_score(read_video(str(path)).numpy())}
-                 for path in video_paths]
+    per_video = [
+        {"video_path": str(path), "video_results": frame_flicker_score(read_video(str(path)).numpy())}
+        for path in video_paths
+    ]
     return float(np.mean([item["video_results"] for item in per_video])), per_video

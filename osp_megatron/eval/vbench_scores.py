@@ -29,10 +29,26 @@ NORMALIZATION = {
     "overall_consistency": (0.0, 0.364),
 }
 DIMENSIONS = tuple(NORMALIZATION)
-QUALITY_DIMENSIONS = ("subject_consistency", "background_consistency", "temporal_flickering", "motion_smoothness",
-                      "aesthetic_quality", "imaging_quality", "dynamic_degree")
-SEMANTIC_DIMENSIONS = ("object_class", "multiple_objects", "human_action", "color", "spatial_relationship", "scene",
-                       "appearance_style", "temporal_style", "overall_consistency")
+QUALITY_DIMENSIONS = (
+    "subject_consistency",
+    "background_consistency",
+    "temporal_flickering",
+    "motion_smoothness",
+    "aesthetic_quality",
+    "imaging_quality",
+    "dynamic_degree",
+)
+SEMANTIC_DIMENSIONS = (
+    "object_class",
+    "multiple_objects",
+    "human_action",
+    "color",
+    "spatial_relationship",
+    "scene",
+    "appearance_style",
+    "temporal_style",
+    "overall_consistency",
+)
 WEIGHTS = {dimension: 0.5 if dimension == "dynamic_degree" else 1.0 for dimension in DIMENSIONS}
 QUALITY_WEIGHT, SEMANTIC_WEIGHT = 4.0, 1.0
 
@@ -62,10 +78,14 @@ def vbench_report(raw: dict) -> dict:
     total = None
     if quality is not None and semantic is not None:
         total = (QUALITY_WEIGHT * quality + SEMANTIC_WEIGHT * semantic) / (QUALITY_WEIGHT + SEMANTIC_WEIGHT)
-    return {"raw": {d: float(raw[d]) for d in DIMENSIONS if d in raw},
-            "normalized": {d: scores[d] for d in DIMENSIONS if d in scores},
-            "quality": quality, "semantic": semantic, "total": total,
-            "missing": [d for d in DIMENSIONS if d not in raw]}
+    return {
+        "raw": {d: float(raw[d]) for d in DIMENSIONS if d in raw},
+        "normalized": {d: scores[d] for d in DIMENSIONS if d in scores},
+        "quality": quality,
+        "semantic": semantic,
+        "total": total,
+        "missing": [d for d in DIMENSIONS if d not in raw],
+    }
 
 
 def _dimension_key(key: str) -> str:

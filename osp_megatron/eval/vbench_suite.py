@@ -55,8 +55,12 @@ def vbench_location(python: str) -> Path | None:
         spec = importlib.util.find_spec("vbench")
         return Path(spec.origin).parent if spec is not None and spec.origin else None
     try:
-        out = subprocess.run([python, "-c", "import os, vbench; print(os.path.dirname(vbench.__file__))"],
-                             capture_output=True, text=True, timeout=300)
+        out = subprocess.run(
+            [python, "-c", "import os, vbench; print(os.path.dirname(vbench.__file__))"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     return Path(out.stdout.strip()) if out.returncode == 0 and out.stdout.strip() else None
@@ -73,7 +77,8 @@ def find_suite(full_info=None, python: str = sys.executable) -> Path:
         raise ConfigError(
             f"the VBench prompt suite ({SUITE_FILE}) was not found: the `vbench` package is not importable by "
             f"{python}. Install it (pip install vbench, best in its own virtual environment, then pass "
-            "--vbench-python ENV/bin/python) or pass --full-info PATH to the suite file")
+            "--vbench-python ENV/bin/python) or pass --full-info PATH to the suite file"
+        )
     return package / SUITE_FILE
 
 
@@ -115,8 +120,9 @@ def glob_escape(text: str) -> str:
 
 
 def missing_weights(dimension: str, cache_dir) -> list[str]:
-    return [str(Path(cache_dir) / name) for name in DIMENSION_WEIGHTS[dimension]
-            if not (Path(cache_dir) / name).exists()]
+    return [
+        str(Path(cache_dir) / name) for name in DIMENSION_WEIGHTS[dimension] if not (Path(cache_dir) / name).exists()
+    ]
 
 
 _RUN_VBENCH = """
@@ -136,13 +142,20 @@ def run_vbench(python: str, videos_dir, dimensions, full_info, output_dir, cache
     Returns the *_eval_results.json VBench wrote; raises ConfigError with VBench's own output when it fails.
     """
     os.makedirs(output_dir, exist_ok=True)
-    arguments = {"device": device, "full_info": str(full_info), "output": str(output_dir), "videos": str(videos_dir),
-                 "dimensions": list(dimensions), "name": name}
+    arguments = {
+        "device": device,
+        "full_info": str(full_info),
+        "output": str(output_dir),
+        "videos": str(videos_dir),
+        "dimensions": list(dimensions),
+        "name": name,
+    }
     env = dict(os.environ, VBENCH_CACHE_DIR=str(cache_dir))
-    done = subprocess.run([python, "-c", _RUN_VBENCH, json.dumps(arguments)], env=env, capture_output=True,
-                          text=True)
+    done = subprocess.run([python, "-c", _RUN_VBENCH, json.dumps(arguments)], env=env, capture_output=True, text=True)
     results = Path(output_dir) / f"{name}_eval_results.json"
     if done.returncode != 0 or not results.is_file():
-        raise ConfigError(f"VBench's evaluation of {list(dimensions)} failed (exit {done.returncode}):\n"
-                          f"{(done.stdout + done.stderr)[-4000:]}")
+        raise ConfigError(
+            f"VBench's evaluation of {list(dimensions)} failed (exit {done.returncode}):\n"
+            f"{(done.stdout + done.stderr)[-4000:]}"
+        )
     return results

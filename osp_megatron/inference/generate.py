@@ -54,8 +54,9 @@ class SamplingProgress:
 
         self.enabled, self.replicas, self.total, self.done = enabled, replicas, total, 0
         self.started = time.time()
-        self.logger = MetricsLogger(log_dir, total_steps=total, start_step=0,
-                                    enabled=enabled and log_dir is not None, progress=False)
+        self.logger = MetricsLogger(
+            log_dir, total_steps=total, start_step=0, enabled=enabled and log_dir is not None, progress=False
+        )
         self.bar = None
         if not enabled:
             return
@@ -71,8 +72,9 @@ class SamplingProgress:
         elapsed = time.time() - self.started
         rate = self.done * self.replicas / max(elapsed, 1e-9)
         eta = elapsed / self.done * (self.total - self.done)
-        self.logger.log(self.done, {"sample/videos_per_s": rate, "sample/seconds_per_video": seconds / videos,
-                                    "sample/eta_s": eta})
+        self.logger.log(
+            self.done, {"sample/videos_per_s": rate, "sample/seconds_per_video": seconds / videos, "sample/eta_s": eta}
+        )
         if self.bar is not None:
             self.bar.set_postfix(all_replicas=f"{rate:.3g} video/s", refresh=False)
             self.bar.update(videos)
@@ -99,26 +101,45 @@ def generate_videos(pipeline, jobs, sample, layout: SamplingLayout, weights: str
     """
     todo = pending_jobs(jobs, sample, weights)
     batches = batches_of(todo, sample.batch_size)
-    mine = batches[layout.replica::layout.replicas]
+    mine = batches[layout.replica :: layout.replicas]
     logging_rank = not dist.is_initialized() or dist.get_rank() == 0
     tracker = SamplingProgress(log_dir, sum(len(b) for b in mine), layout.replicas, logging_rank, progress)
     if logging_rank and len(todo) < len(jobs):
-        print(f"[osp-sample] {len(jobs) - len(todo)} of {len(jobs)} videos are done already; rendering "
-              f"{len(todo)} over {layout.replicas} model replica(s)")
+        print(
+            f"[osp-sample] {len(jobs) - len(todo)} of {len(jobs)} videos are done already; rendering "
+            f"{len(todo)} over {layout.replicas} model replica(s)"
+        )
     try:
         for batch in mine:
             tick = time.time()
             num_frames, height, width = batch[0].size
             latents = pipeline.sample_latents(
-                [job.prompt for job in batch], [job.negative_prompt for job in batch], [job.seed for job in batch],
-                num_frames, height, width, sample.num_steps, sample.shift, sample.guidance_scale, sample.sampler,
-                progress=progress and logging_rank, cfg_group=layout.cfg_group)
+                [job.prompt for job in batch],
+                [job.negative_prompt for job in batch],
+                [job.seed for job in batch],
+                num_frames,
+                height,
+                width,
+                sample.num_steps,
+                sample.shift,
+                sample.guidance_scale,
+                sample.sampler,
+                progress=progress and logging_rank,
+                cfg_group=layout.cfg_group,
+            )
             if layout.writer:
                 videos = pipeline.vae.decode(latents)
                 seconds = time.time() - tick
                 for job, video in zip(batch, videos):
-                    write_outputs(job, video, sample, job.settings(sample, weights),
-                                  seconds=seconds / len(batch), batch=len(batch), replicas=layout.replicas)
+                    write_outputs(
+                        job,
+                        video,
+                        sample,
+                        job.settings(sample, weights),
+                        seconds=seconds / len(batch),
+                        batch=len(batch),
+                        replicas=layout.replicas,
+                    )
             tracker.update(len(batch), time.time() - tick)
     finally:
         tracker.close()

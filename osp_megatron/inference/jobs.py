@@ -9,15 +9,26 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 from osp_megatron.config.errors import ConfigError
 from osp_megatron.inference.prompts import PromptSpec
 
 DEFAULT_OUTPUT = "outputs/sample.mp4"  # osp-sample's single video when sample.output is unset
 # The settings a record must repeat for its video to count as done for this run.
-SETTINGS = ("prompt", "negative_prompt", "seed", "num_frames", "height", "width", "fps", "sampler", "num_steps",
-            "shift", "guidance_scale", "weights")
+SETTINGS = (
+    "prompt",
+    "negative_prompt",
+    "seed",
+    "num_frames",
+    "height",
+    "width",
+    "fps",
+    "sampler",
+    "num_steps",
+    "shift",
+    "guidance_scale",
+    "weights",
+)
 
 
 @dataclass(frozen=True)
@@ -41,10 +52,20 @@ class VideoJob:
 
     def settings(self, sample, weights: str) -> dict:
         """The record's settings: this video's own plus the run's sampler settings and weights."""
-        return {"prompt": self.prompt, "negative_prompt": self.negative_prompt, "seed": self.seed,
-                "num_frames": self.num_frames, "height": self.height, "width": self.width, "fps": sample.fps,
-                "sampler": sample.sampler, "num_steps": sample.num_steps, "shift": float(sample.shift),
-                "guidance_scale": float(sample.guidance_scale), "weights": weights}
+        return {
+            "prompt": self.prompt,
+            "negative_prompt": self.negative_prompt,
+            "seed": self.seed,
+            "num_frames": self.num_frames,
+            "height": self.height,
+            "width": self.width,
+            "fps": sample.fps,
+            "sampler": sample.sampler,
+            "num_steps": sample.num_steps,
+            "shift": float(sample.shift),
+            "guidance_scale": float(sample.guidance_scale),
+            "weights": weights,
+        }
 
 
 def slug(text: str, limit: int = 48) -> str:
@@ -53,8 +74,9 @@ def slug(text: str, limit: int = 48) -> str:
     return cleaned[:limit].rstrip("_") or "prompt"
 
 
-def plan_jobs(specs: list[PromptSpec], sample, output_dir: Optional[str] = None,
-              record_dir: Optional[str] = None) -> list[VideoJob]:
+def plan_jobs(
+    specs: list[PromptSpec], sample, output_dir: str | None = None, record_dir: str | None = None
+) -> list[VideoJob]:
     """One VideoJob per prompt and video index, in prompt order.
 
     Names: in `output_dir`, <index>-<prompt slug>[-<k>] (or the prompt's own "name"); without it, a single video
@@ -72,18 +94,31 @@ def plan_jobs(specs: list[PromptSpec], sample, output_dir: Optional[str] = None,
                 video = Path(output_dir) / (f"{stem}-{k}.mp4" if count > 1 else f"{stem}.mp4")
             else:
                 output = sample.output or DEFAULT_OUTPUT
-                video = Path(output if total == 1 else f"{output[:-len('.mp4')]}-{index:03d}.mp4")
+                video = Path(output if total == 1 else f"{output[: -len('.mp4')]}-{index:03d}.mp4")
             side = Path(record_dir) / video.stem if record_dir is not None else video.with_suffix("")
             seed = spec.seed + k if spec.seed is not None else sample.seed + index
-            jobs.append(VideoJob(
-                index=index, prompt=spec.prompt,
-                negative_prompt=spec.negative_prompt if spec.negative_prompt is not None else sample.negative_prompt,
-                seed=seed, num_frames=spec.num_frames or sample.num_frames, height=spec.height or sample.height,
-                width=spec.width or sample.width, video=str(video), strip=f"{side}.png", record=f"{side}.json"))
+            jobs.append(
+                VideoJob(
+                    index=index,
+                    prompt=spec.prompt,
+                    negative_prompt=spec.negative_prompt
+                    if spec.negative_prompt is not None
+                    else sample.negative_prompt,
+                    seed=seed,
+                    num_frames=spec.num_frames or sample.num_frames,
+                    height=spec.height or sample.height,
+                    width=spec.width or sample.width,
+                    video=str(video),
+                    strip=f"{side}.png",
+                    record=f"{side}.json",
+                )
+            )
     duplicates = len(jobs) - len({job.video for job in jobs})
     if duplicates:
-        raise ConfigError(f"{duplicates} videos of this run would share a file name; give the prompts distinct "
-                          f"\"name\"s (or drop the repeated ones)")
+        raise ConfigError(
+            f"{duplicates} videos of this run would share a file name; give the prompts distinct "
+            f'"name"s (or drop the repeated ones)'
+        )
     return jobs
 
 
@@ -98,9 +133,11 @@ def is_done(job: VideoJob, settings: dict) -> bool:
         return False  # unreadable: render again (the record is only ever replaced whole)
     changed = [key for key in SETTINGS if recorded.get(key) != settings.get(key)]
     if changed:
-        raise ConfigError(f"{job.video} was rendered with other settings ({', '.join(changed)}: "
-                          f"{[recorded.get(k) for k in changed]} there, {[settings.get(k) for k in changed]} now); "
-                          "write this run to another output folder or delete the old videos")
+        raise ConfigError(
+            f"{job.video} was rendered with other settings ({', '.join(changed)}: "
+            f"{[recorded.get(k) for k in changed]} there, {[settings.get(k) for k in changed]} now); "
+            "write this run to another output folder or delete the old videos"
+        )
     return True
 
 
@@ -121,8 +158,16 @@ def write_json_atomically(path: str, data: dict) -> None:
 
 def write_record(job: VideoJob, settings: dict, **extra) -> None:
     """Mark `job` done: its settings, file names and whatever `extra` holds (render time, parallel layout)."""
-    write_json_atomically(job.record, {"settings": settings, "video": os.path.basename(job.video),
-                                       "strip": os.path.basename(job.strip), "index": job.index, **extra})
+    write_json_atomically(
+        job.record,
+        {
+            "settings": settings,
+            "video": os.path.basename(job.video),
+            "strip": os.path.basename(job.strip),
+            "index": job.index,
+            **extra,
+        },
+    )
 
 
 def remove_stale_temporaries(jobs: list[VideoJob]) -> int:

@@ -11,8 +11,8 @@ import torch
 from osp_megatron.checkpointing.checkpoint import weights_path
 from osp_megatron.checkpointing.metadata import is_complete, read_metadata
 from osp_megatron.config.errors import ConfigError
-from osp_megatron.engine.config import JobConfig
 from osp_megatron.config.loader import apply_overrides, from_dict, load_yaml, to_dict
+from osp_megatron.engine.config import JobConfig
 
 # Sections of a training checkpoint's config that say how it was trained, not how to sample from it: its
 # quantization too (a model trained in HiF8 or FP8 samples in 16 bits unless the quant section asks otherwise),
@@ -21,8 +21,18 @@ _TRAINING_SECTIONS = ("run", "train", "checkpoint", "parallel", "quant", "lora")
 
 # What osp-sample and osp-eval read of a job config; a setting outside these is refused (it would be ignored).
 # data.synthetic_seed seeds the tiny text encoder and VAE a tiny model was trained with.
-SAMPLING_SECTIONS = ("model", "sample", "quant", "data.synthetic_seed", "parallel.tensor", "parallel.data",
-                     "parallel.ssp", "parallel.ulysses", "parallel.backend", "parallel.timeout_minutes")
+SAMPLING_SECTIONS = (
+    "model",
+    "sample",
+    "quant",
+    "data.synthetic_seed",
+    "parallel.tensor",
+    "parallel.data",
+    "parallel.ssp",
+    "parallel.ulysses",
+    "parallel.backend",
+    "parallel.timeout_minutes",
+)
 
 
 def resolve_weights(path: str) -> Path:
@@ -58,8 +68,10 @@ def check_sampling_settings(user: dict, job: str = "osp-sample") -> None:
     """Refuse settings (from the YAML file, flags or overrides) that sampling does not read."""
     for dotted in _dotted_keys(user):
         if not any(dotted == allowed or dotted.startswith(allowed + ".") for allowed in SAMPLING_SECTIONS):
-            raise ConfigError(f"{dotted}: {job} does not use this setting (it would be ignored); it reads "
-                              f"{', '.join(SAMPLING_SECTIONS)}")
+            raise ConfigError(
+                f"{dotted}: {job} does not use this setting (it would be ignored); it reads "
+                f"{', '.join(SAMPLING_SECTIONS)}"
+            )
 
 
 def _dotted_keys(data: dict, prefix: str = ""):
@@ -105,7 +117,8 @@ def sampling_config(weights: Path, config_path=None, overrides=(), settings=None
             raise ConfigError(
                 f"{str(weights)!r} holds only the DiT; set {' and '.join('model.' + k for k in missing)} (or --vae / "
                 "--text-encoder) to local folders of the Wan VAE and umT5, e.g. those of a Wan2.1 diffusers "
-                "download; without them videos would come from tiny random encoders")
+                "download; without them videos would come from tiny random encoders"
+            )
     return config
 
 

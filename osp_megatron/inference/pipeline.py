@@ -22,8 +22,9 @@ class TextToVideoPipeline:
 
     def __init__(self, model, vae, text_encoder, latent_channels=16, patch_size=(1, 2, 2), device=None):
         if latent_channels != vae.latent_channels:
-            raise ConfigError(f"the model's latent_channels ({latent_channels}) differ from the VAE's "
-                              f"({vae.latent_channels})")
+            raise ConfigError(
+                f"the model's latent_channels ({latent_channels}) differ from the VAE's ({vae.latent_channels})"
+            )
         if isinstance(patch_size, int):
             patch_size = (1, patch_size, patch_size)
         self.model = model
@@ -50,20 +51,36 @@ class TextToVideoPipeline:
             ("width", width, latent_width, patch_w, vae_s),
         ):
             if latent_size % patch:
-                raise ConfigError(f"sample: {name}={size} gives {latent_size} latent positions, not a multiple of "
-                                  f"the patch size {patch} (VAE stride {stride})")
+                raise ConfigError(
+                    f"sample: {name}={size} gives {latent_size} latent positions, not a multiple of "
+                    f"the patch size {patch} (VAE stride {stride})"
+                )
         return self.latent_channels, frames, latent_height, latent_width
 
     def velocity(self, latents, timestep, text_states):
-        return self.model(latents.to(self.device, self.dtype), timestep.to(self.device),
-                          text_states.to(self.device, self.dtype))
+        return self.model(
+            latents.to(self.device, self.dtype), timestep.to(self.device), text_states.to(self.device, self.dtype)
+        )
 
     def _encode(self, prompts):
         return self.text_encoder.encode(list(prompts))[0].to(self.device)
 
     @torch.no_grad()
-    def sample_latents(self, prompts, negative_prompts="", seeds=0, num_frames=81, height=480, width=832,
-                       num_steps=50, shift=5.0, guidance_scale=5.0, sampler="unipc", progress=False, cfg_group=None):
+    def sample_latents(
+        self,
+        prompts,
+        negative_prompts="",
+        seeds=0,
+        num_frames=81,
+        height=480,
+        width=832,
+        num_steps=50,
+        shift=5.0,
+        guidance_scale=5.0,
+        sampler="unipc",
+        progress=False,
+        cfg_group=None,
+    ):
         """Normalised latents [B, C, T, h, w] (float32) of one video per prompt.
 
         negative_prompts: one string for all or one per prompt; seeds: an int (video i gets seed + i) or one per
@@ -74,8 +91,9 @@ class TextToVideoPipeline:
         negatives = [negative_prompts] * len(prompts) if isinstance(negative_prompts, str) else list(negative_prompts)
         seeds = [seeds + i for i in range(len(prompts))] if isinstance(seeds, int) else list(seeds)
         if not (len(prompts) == len(negatives) == len(seeds)):
-            raise ConfigError(f"{len(prompts)} prompts need as many negative prompts and seeds, got "
-                              f"{len(negatives)} and {len(seeds)}")
+            raise ConfigError(
+                f"{len(prompts)} prompts need as many negative prompts and seeds, got {len(negatives)} and {len(seeds)}"
+            )
         shape = self.latent_shape(num_frames, height, width)
         guided = check_guidance_scale(guidance_scale) != 1.0
         was_training = getattr(self.model, "training", False)
@@ -89,27 +107,61 @@ class TextToVideoPipeline:
                 own = negatives if dist.get_rank(cfg_group) == 1 else prompts
                 velocity = ParallelGuidance(self.velocity, self._encode(own), guidance_scale, cfg_group)
             else:
-                velocity = BatchedGuidance(self.velocity, self._encode(prompts),
-                                           self._encode(negatives) if guided else None, guidance_scale)
+                velocity = BatchedGuidance(
+                    self.velocity, self._encode(prompts), self._encode(negatives) if guided else None, guidance_scale
+                )
             return denoise(velocity, noise, num_steps, shift, sampler, progress)
         finally:
             if was_training:
                 self.model.train()
 
     @torch.no_grad()
-    def __call__(self, prompts, negative_prompt="", num_frames=81, height=480, width=832, num_steps=50, shift=5.0,
-                 guidance_scale=5.0, seed=0, sampler="unipc", progress=False):
+    def __call__(
+        self,
+        prompts,
+        negative_prompt="",
+        num_frames=81,
+        height=480,
+        width=832,
+        num_steps=50,
+        shift=5.0,
+        guidance_scale=5.0,
+        seed=0,
+        sampler="unipc",
+        progress=False,
+    ):
         """Generate one video per prompt (video i from seed + i) -> float32 [B, 3, F, H, W] in [-1, 1]."""
-        latents = self.sample_latents(prompts, negative_prompt, seed, num_frames, height, width, num_steps, shift,
-                                      guidance_scale, sampler, progress)
+        latents = self.sample_latents(
+            prompts,
+            negative_prompt,
+            seed,
+            num_frames,
+            height,
+            width,
+            num_steps,
+            shift,
+            guidance_scale,
+            sampler,
+            progress,
+        )
         return self.vae.decode(latents)
 
     def generate(self, config, progress=True):
         """Run a validated SampleConfig and write one .mp4 per prompt; return the written paths."""
         config.validate()
-        videos = self(config.prompts, config.negative_prompt, config.num_frames, config.height, config.width,
-                      config.num_steps, config.shift, config.guidance_scale, config.seed, config.sampler,
-                      progress=progress)
+        videos = self(
+            config.prompts,
+            config.negative_prompt,
+            config.num_frames,
+            config.height,
+            config.width,
+            config.num_steps,
+            config.shift,
+            config.guidance_scale,
+            config.seed,
+            config.sampler,
+            progress=progress,
+        )
         paths = config.output_paths()
         for video, path in zip(videos, paths):
             write_video(path, video, fps=config.fps)

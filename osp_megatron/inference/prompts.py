@@ -1,4 +1,4 @@
-"""Prompt lists for osp-sample: from the command line, a text file (one prompt a line) or JSONL with per-prompt settings.
+"""Prompt lists for osp-sample: the command line, a text file (one prompt a line) or JSONL with per-prompt settings.
 
 A JSONL line: {"prompt": "...", "negative_prompt": "...", "seed": 7, "num_frames": 81, "height": 480, "width": 832,
 "name": "file-stem"}; only "prompt" is required, the rest default to the sample section's settings.
@@ -7,7 +7,6 @@ A JSONL line: {"prompt": "...", "negative_prompt": "...", "seed": 7, "num_frames
 import json
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Optional
 
 from osp_megatron.config.errors import ConfigError
 
@@ -17,12 +16,12 @@ class PromptSpec:
     """One prompt and the settings it overrides (None: the run's `sample.*` value)."""
 
     prompt: str
-    negative_prompt: Optional[str] = None
-    seed: Optional[int] = None
-    num_frames: Optional[int] = None
-    height: Optional[int] = None
-    width: Optional[int] = None
-    name: Optional[str] = None  # file stem of its video(s); default: index and prompt
+    negative_prompt: str | None = None
+    seed: int | None = None
+    num_frames: int | None = None
+    height: int | None = None
+    width: int | None = None
+    name: str | None = None  # file stem of its video(s); default: index and prompt
 
 
 _KEYS = tuple(f.name for f in fields(PromptSpec))
@@ -32,21 +31,21 @@ _INTEGER_KEYS = ("seed", "num_frames", "height", "width")
 def spec_from_dict(data, where: str) -> PromptSpec:
     """A PromptSpec from one JSON object; `where` (file:line) names the culprit in errors."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a JSON object with a \"prompt\", got {data!r}")
+        raise ConfigError(f'{where}: expected a JSON object with a "prompt", got {data!r}')
     unknown = sorted(set(data) - set(_KEYS))
     if unknown:
         raise ConfigError(f"{where}: unknown keys {unknown}; allowed: {', '.join(_KEYS)}")
     prompt = data.get("prompt")
     if not isinstance(prompt, str) or not prompt.strip():
-        raise ConfigError(f"{where}: \"prompt\" must be a non-empty string, got {prompt!r}")
+        raise ConfigError(f'{where}: "prompt" must be a non-empty string, got {prompt!r}')
     for key in _INTEGER_KEYS:
         value = data.get(key)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
-            raise ConfigError(f"{where}: \"{key}\" must be a non-negative integer, got {value!r}")
+            raise ConfigError(f'{where}: "{key}" must be a non-negative integer, got {value!r}')
     for key in ("negative_prompt", "name"):
         value = data.get(key)
         if value is not None and not isinstance(value, str):
-            raise ConfigError(f"{where}: \"{key}\" must be a string, got {value!r}")
+            raise ConfigError(f'{where}: "{key}" must be a string, got {value!r}')
     name = data.get("name")
     if name is not None and (not name or "/" in name or name.startswith(".")):
         raise ConfigError(f"{where}: \"name\" must be a file stem without '/' and not starting with '.', got {name!r}")
@@ -59,8 +58,9 @@ def read_prompt_file(path) -> list[PromptSpec]:
     if not path.is_file():
         raise ConfigError(f"prompt file {str(path)!r} does not exist")
     if path.suffix not in (".txt", ".jsonl"):
-        raise ConfigError(f"prompt file {str(path)!r}: use a .txt file (one prompt a line) or .jsonl (one JSON "
-                          f"object a line)")
+        raise ConfigError(
+            f"prompt file {str(path)!r}: use a .txt file (one prompt a line) or .jsonl (one JSON object a line)"
+        )
     lines = path.read_text(encoding="utf-8").splitlines()
     specs = []
     for number, line in enumerate(lines, start=1):

@@ -5,7 +5,6 @@ of every (tensor, context) position form a pair, so a replica is tensor x contex
 """
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch.distributed as dist
 
@@ -24,7 +23,7 @@ class SamplingLayout:
 
     replicas: int = 1
     replica: int = 0
-    cfg_group: Optional[object] = None
+    cfg_group: object | None = None
     cfg_rank: int = 0
     writer: bool = True
 
@@ -39,7 +38,8 @@ def build_sampling_layout(cfg_parallel: bool) -> SamplingLayout:
         raise ConfigError(
             f"sample.cfg_parallel needs an even number of data-parallel ranks to pair, got {data} (world size "
             f"{dist.get_world_size()} / (parallel.tensor x parallel.ssp x parallel.ulysses)); use an even world "
-            "size per model replica or turn CFG parallelism off")
+            "size per model replica or turn CFG parallelism off"
+        )
     # Every rank learns every rank's (position in the model, data-parallel index), then all build all pairs.
     position = (state.tensor_parallel_rank(), state.sequence_parallel_groups().context_rank)
     everyone = [None] * dist.get_world_size()
@@ -50,5 +50,10 @@ def build_sampling_layout(cfg_parallel: bool) -> SamplingLayout:
         pairs += [[column[d][1], column[d + 1][1]] for d in range(0, len(column), 2)]
     group, _ = dist.new_subgroups_by_enumeration(pairs)
     cfg_rank = data_rank % 2
-    return SamplingLayout(replicas=data // 2, replica=data_rank // 2, cfg_group=group, cfg_rank=cfg_rank,
-                          writer=model_leader and cfg_rank == 0)
+    return SamplingLayout(
+        replicas=data // 2,
+        replica=data_rank // 2,
+        cfg_group=group,
+        cfg_rank=cfg_rank,
+        writer=model_leader and cfg_rank == 0,
+    )

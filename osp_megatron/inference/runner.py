@@ -17,8 +17,13 @@ from osp_megatron.models.vae import build_vae
 def job_text_encoder(job_config, device="cpu"):
     """The text encoder of `model.text_encoder_path`, or (unset) the tiny random one seeded like the synthetic
     data set's, so prompts map to the states the model was trained on."""
-    return build_text_encoder(job_config.model.text_encoder_path, job_config.model.text_dim,
-                              job_config.model.text_len, seed=job_config.data.synthetic_seed, device=device)
+    return build_text_encoder(
+        job_config.model.text_encoder_path,
+        job_config.model.text_dim,
+        job_config.model.text_len,
+        seed=job_config.data.synthetic_seed,
+        device=device,
+    )
 
 
 def build_pipeline(model, job_config, device) -> TextToVideoPipeline:
@@ -28,11 +33,17 @@ def build_pipeline(model, job_config, device) -> TextToVideoPipeline:
     The tiny random encoders are seeded like the synthetic data set's, so prompts map to the states the
     model was trained on.
     """
-    vae = build_vae(job_config.model.vae_path, seed=job_config.data.synthetic_seed, device=device,
-                    tiny=job_config.model.vae)
-    return TextToVideoPipeline(model, vae, job_text_encoder(job_config, device),
-                               latent_channels=job_config.model.in_channels,
-                               patch_size=tuple(job_config.model.patch_size), device=device)
+    vae = build_vae(
+        job_config.model.vae_path, seed=job_config.data.synthetic_seed, device=device, tiny=job_config.model.vae
+    )
+    return TextToVideoPipeline(
+        model,
+        vae,
+        job_text_encoder(job_config, device),
+        latent_channels=job_config.model.in_channels,
+        patch_size=tuple(job_config.model.patch_size),
+        device=device,
+    )
 
 
 @torch.no_grad()
@@ -45,9 +56,19 @@ def render_sample(model, job_config, device, output=None, write: bool = True, pr
     sample.validate()
     model.eval()
     pipeline = build_pipeline(model, job_config, device)
-    videos = pipeline(sample.prompts, sample.negative_prompt, sample.num_frames, sample.height, sample.width,
-                      sample.num_steps, sample.shift, sample.guidance_scale, sample.seed, sample.sampler,
-                      progress=progress)
+    videos = pipeline(
+        sample.prompts,
+        sample.negative_prompt,
+        sample.num_frames,
+        sample.height,
+        sample.width,
+        sample.num_steps,
+        sample.shift,
+        sample.guidance_scale,
+        sample.seed,
+        sample.sampler,
+        progress=progress,
+    )
     paths = [Path(p) for p in sample.output_paths()]
     if write:
         for video, path in zip(videos, paths):

@@ -42,8 +42,13 @@ def make_scheduler(sampler: str, shift: float):
     if sampler == "euler":
         return FlowMatchEulerDiscreteScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, shift=float(shift))
     if sampler == "unipc":
-        return UniPCMultistepScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, prediction_type="flow_prediction",
-                                       use_flow_sigmas=True, flow_shift=float(shift), solver_order=2)
+        return UniPCMultistepScheduler(
+            num_train_timesteps=NUM_TRAIN_TIMESTEPS,
+            prediction_type="flow_prediction",
+            use_flow_sigmas=True,
+            flow_shift=float(shift),
+            solver_order=2,
+        )
     raise ConfigError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
 
 
@@ -73,8 +78,17 @@ def denoise(velocity, noise, num_steps=50, shift=5.0, sampler="unipc", progress=
     return latents.float()
 
 
-def sample_flow(velocity_fn, noise, text_states, null_text_states=None, num_steps=50, shift=5.0, guidance_scale=5.0,
-                sampler="unipc", progress=False):
+def sample_flow(
+    velocity_fn,
+    noise,
+    text_states,
+    null_text_states=None,
+    num_steps=50,
+    shift=5.0,
+    guidance_scale=5.0,
+    sampler="unipc",
+    progress=False,
+):
     """denoise() with classifier-free guidance batched into one model call per step.
 
     velocity_fn(latents, timestep [B], text_states [B, L, D]) -> v; null_text_states: [B or 1, L, D] states of

@@ -26,8 +26,9 @@ class SamplingSession:
     layout: SamplingLayout
 
     @classmethod
-    def open(cls, checkpoint: str, config_path=None, overrides=(), which: str = "ema", settings=None,
-             job: str = "osp-sample"):
+    def open(
+        cls, checkpoint: str, config_path=None, overrides=(), which: str = "ema", settings=None, job: str = "osp-sample"
+    ):
         """Resolve the weights, build the config, start the process groups, load the model and the encoders."""
         from osp_megatron.checkpointing.metadata import is_complete
         from osp_megatron.checkpointing.offline import stored_kinds

@@ -92,7 +92,7 @@ def frame_strip(frames, max_frames=9, gap=2):
     height, width = frames.shape[1:3]
     strip = np.full((height, count * width + (count - 1) * gap, 3), 255, dtype=np.uint8)
     for slot, index in enumerate(picks):
-        strip[:, slot * (width + gap): slot * (width + gap) + width] = frames[index]
+        strip[:, slot * (width + gap) : slot * (width + gap) + width] = frames[index]
     return strip
 
 
@@ -112,7 +112,6 @@ def write_frame_strip(path, frames, max_frames=9):
     return path
 
 
-
 def write_frames(folder, frames):
     """Every frame as <folder>/00000.png, 00001.png, ...; returns the folder."""
     from PIL import Image
@@ -121,6 +120,7 @@ def write_frames(folder, frames):
     for index, frame in enumerate(to_uint8_frames(frames)):
         Image.fromarray(frame).save(os.path.join(folder, f"{index:05d}.png"), format="PNG")
     return folder
+
 
 def read_video(path):
     """Decode every frame of a video file -> uint8 tensor [F, H, W, 3] (RGB)."""

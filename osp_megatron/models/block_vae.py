@@ -65,8 +65,9 @@ class BlockVideoVAE(VideoShapes):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Normalised latents [B, 16, T, h, w] -> video [B, 3, 1 + 4 (T-1), 8 h, 8 w] float32 in [-1, 1]."""
         if latents.ndim != 5 or latents.shape[1] != LATENT_CHANNELS:
-            raise ConfigError(f"VAE decode expects latents [B, {LATENT_CHANNELS}, T, h, w], got shape "
-                              f"{tuple(latents.shape)}")
+            raise ConfigError(
+                f"VAE decode expects latents [B, {LATENT_CHANNELS}, T, h, w], got shape {tuple(latents.shape)}"
+            )
         return decode_raw(latents.float().cpu() * self.latents_std + self.latents_mean)
 
 
@@ -76,9 +77,11 @@ def encode_raw(video: torch.Tensor) -> torch.Tensor:
         raise ConfigError(f"VAE encode expects video [B, 3, F, H, W], got shape {tuple(video.shape)}")
     frames, height, width = video.shape[2:]
     if (frames - 1) % TEMPORAL_STRIDE or height % SPATIAL_STRIDE or width % SPATIAL_STRIDE:
-        raise ConfigError(f"VAE encode: a {frames} x {height} x {width} video does not fit the strides "
-                          f"({TEMPORAL_STRIDE}, {SPATIAL_STRIDE}, {SPATIAL_STRIDE}); use 1 + 4k frames and "
-                          "multiples of 8 pixels")
+        raise ConfigError(
+            f"VAE encode: a {frames} x {height} x {width} video does not fit the strides "
+            f"({TEMPORAL_STRIDE}, {SPATIAL_STRIDE}, {SPATIAL_STRIDE}); use 1 + 4k frames and "
+            "multiples of 8 pixels"
+        )
     groups = _frame_groups(video.float().cpu())  # [B, 3, T, 4, H, W]
     batch, _, cells_t = groups.shape[:3]
     half = SPATIAL_STRIDE // 2

@@ -35,8 +35,14 @@ def mark_tensor_parallel_weights(model: torch.nn.Module) -> None:
             set_tensor_model_parallel_attributes(weight, True, 1, 1)
 
 
-def build_model(model_config: ModelConfig, device: torch.device | str = "cpu", meta: bool = False,
-                layout_factory=None, layer_spec=None, initialize: bool = True) -> WanDiT:
+def build_model(
+    model_config: ModelConfig,
+    device: torch.device | str = "cpu",
+    meta: bool = False,
+    layout_factory=None,
+    layer_spec=None,
+    initialize: bool = True,
+) -> WanDiT:
     """The plain DiT for the current tensor-parallel size on `device` with fp32 (or model.params_dtype) weights;
     `meta=True` allocates nothing. Sequence parallelism, quantization, LoRA and FSDP are applied from outside
     (osp_megatron.engine.parallelize).
@@ -47,8 +53,9 @@ def build_model(model_config: ModelConfig, device: torch.device | str = "cpu", m
     initialized = parallel_state.model_parallel_is_initialized()
     tp = parallel_state.get_tensor_model_parallel_world_size() if initialized else 1
     perform_initialization = initialize and not meta
-    config = build_transformer_config(model_config, tp, cpu_initialization=True,
-                                      perform_initialization=perform_initialization)
+    config = build_transformer_config(
+        model_config, tp, cpu_initialization=True, perform_initialization=perform_initialization
+    )
     # Without initialisation nothing needs the CPU: allocate where the model will live.
     target = torch.device("meta") if meta else torch.device(device) if not initialize else None
     with target if target is not None else contextlib.nullcontext():

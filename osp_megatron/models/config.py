@@ -4,7 +4,7 @@ Also decides the per-block attention layout of the hybrid full/Skiparse model (O
 """
 
 from dataclasses import dataclass, field, fields
-from typing import Literal, Optional, Union
+from typing import Literal
 
 from osp_megatron.config.errors import ConfigError
 
@@ -17,18 +17,37 @@ def torch_dtype(name: str):
 
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
 
-# Published Wan2.1 dimensions (docs/training.md, "Configs and presets"); "tiny" is a CPU test model whose head count (4) admits
-# every sequence-parallel layout the tests use (TP x Ulysses x SSP up to 4) and whose head_dim keeps 3D RoPE
-# splittable.
+
+# Published Wan2.1 dimensions (docs/training.md, "Configs and presets"); "tiny" is a CPU test model whose head
+# count (4) admits every sequence-parallel layout the tests use (TP x Ulysses x SSP up to 4) and whose head_dim keeps
+# 3D RoPE splittable.
 PRESETS: dict[str, dict] = {
     "tiny": dict(
-        dim=64, num_layers=4, num_heads=4, ffn_dim=128, text_dim=32, text_len=32, full_blocks=1,
+        dim=64,
+        num_layers=4,
+        num_heads=4,
+        ffn_dim=128,
+        text_dim=32,
+        text_len=32,
+        full_blocks=1,
     ),
     "wan-1.3b": dict(
-        dim=1536, num_layers=30, num_heads=12, ffn_dim=8960, text_dim=4096, text_len=512, full_blocks=4,
+        dim=1536,
+        num_layers=30,
+        num_heads=12,
+        ffn_dim=8960,
+        text_dim=4096,
+        text_len=512,
+        full_blocks=4,
     ),
     "wan-14b": dict(
-        dim=5120, num_layers=40, num_heads=40, ffn_dim=13824, text_dim=4096, text_len=512, full_blocks=4,
+        dim=5120,
+        num_layers=40,
+        num_heads=40,
+        ffn_dim=13824,
+        text_dim=4096,
+        text_len=512,
+        full_blocks=4,
     ),
 }
 
@@ -71,16 +90,16 @@ class ModelConfig:
     # `block_layout` overrides that with an explicit list of "full" / "token" / "group".
     sparse_ratio: int = 1
     full_blocks: int = 4
-    block_layout: Optional[list[str]] = None
+    block_layout: list[str] | None = None
     attention_backend: str = "auto"
     # none | full | selective (true and false mean full and none); see CHECKPOINTING_MODES and docs/memory.md
-    activation_checkpointing: Union[Literal["none", "full", "selective"], bool] = "none"
+    activation_checkpointing: Literal["none", "full", "selective"] | bool = "none"
     params_dtype: Literal["float32", "bfloat16"] = "float32"
     # torch.compile every block (one graph per block kind and shape), in every job that runs the model.
     compile: bool = False
     # Local directories of the frozen encoders; null builds tiny random-weight ones (tests, CPU demo).
-    vae_path: Optional[str] = None
-    text_encoder_path: Optional[str] = None
+    vae_path: str | None = None
+    text_encoder_path: str | None = None
     # The built-in VAE when vae_path is null: "tiny-random" (random weights, for tests) or "tiny-block" (a
     # closed-form block codec that reconstructs the synthetic caption videos; the synthetic set then holds the
     # latents of rendered pixel videos).
@@ -113,32 +132,66 @@ class ModelConfig:
             if not ok:
                 raise ConfigError(f"{prefix}.{key}: {message}")
 
-        for name in ("dim", "num_layers", "num_heads", "ffn_dim", "in_channels", "out_channels", "text_dim",
-                     "text_len", "freq_dim", "sparse_ratio"):
+        for name in (
+            "dim",
+            "num_layers",
+            "num_heads",
+            "ffn_dim",
+            "in_channels",
+            "out_channels",
+            "text_dim",
+            "text_len",
+            "freq_dim",
+            "sparse_ratio",
+        ):
             need(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
-        need(self.dim % self.num_heads == 0, "num_heads",
-             f"dim {self.dim} is not divisible by num_heads {self.num_heads}")
-        need(self.head_dim % 2 == 0 and self.head_dim >= 6, "dim",
-             f"head_dim = dim / num_heads = {self.head_dim} must be even and >= 6 for 3D RoPE")
+        need(
+            self.dim % self.num_heads == 0,
+            "num_heads",
+            f"dim {self.dim} is not divisible by num_heads {self.num_heads}",
+        )
+        need(
+            self.head_dim % 2 == 0 and self.head_dim >= 6,
+            "dim",
+            f"head_dim = dim / num_heads = {self.head_dim} must be even and >= 6 for 3D RoPE",
+        )
         need(self.freq_dim % 2 == 0, "freq_dim", f"must be even, got {self.freq_dim}")
-        need(self.vae_path is None or self.vae == "tiny-random", "vae",
-             f"{self.vae} is a built-in VAE and cannot be combined with {prefix}.vae_path={self.vae_path!r}; "
-             "set one of them")
-        need(self.vae != "tiny-block" or self.in_channels == self.out_channels == 16, "vae",
-             f"tiny-block has 16 latent channels, but {prefix}.in_channels={self.in_channels} and "
-             f"{prefix}.out_channels={self.out_channels}; set {prefix}.vae=tiny-random for other channel counts")
-        need(len(self.patch_size) == 3 and all(p >= 1 for p in self.patch_size), "patch_size",
-             f"must be three positive integers (t, h, w), got {self.patch_size}")
-        need(self.activation_checkpointing in CHECKPOINTING_MODES, "activation_checkpointing",
-             f"got {self.activation_checkpointing!r}; allowed: {', '.join(CHECKPOINTING_MODES)} (or true / false)")
+        need(
+            self.vae_path is None or self.vae == "tiny-random",
+            "vae",
+            f"{self.vae} is a built-in VAE and cannot be combined with {prefix}.vae_path={self.vae_path!r}; "
+            "set one of them",
+        )
+        need(
+            self.vae != "tiny-block" or self.in_channels == self.out_channels == 16,
+            "vae",
+            f"tiny-block has 16 latent channels, but {prefix}.in_channels={self.in_channels} and "
+            f"{prefix}.out_channels={self.out_channels}; set {prefix}.vae=tiny-random for other channel counts",
+        )
+        need(
+            len(self.patch_size) == 3 and all(p >= 1 for p in self.patch_size),
+            "patch_size",
+            f"must be three positive integers (t, h, w), got {self.patch_size}",
+        )
+        need(
+            self.activation_checkpointing in CHECKPOINTING_MODES,
+            "activation_checkpointing",
+            f"got {self.activation_checkpointing!r}; allowed: {', '.join(CHECKPOINTING_MODES)} (or true / false)",
+        )
         need(self.full_blocks >= 0, "full_blocks", f"must be >= 0, got {self.full_blocks}")
         if self.block_layout is not None:
-            need(len(self.block_layout) == self.num_layers, "block_layout",
-                 f"has {len(self.block_layout)} entries but num_layers is {self.num_layers}")
+            need(
+                len(self.block_layout) == self.num_layers,
+                "block_layout",
+                f"has {len(self.block_layout)} entries but num_layers is {self.num_layers}",
+            )
             bad = [kind for kind in self.block_layout if kind not in BLOCK_KINDS]
             need(not bad, "block_layout", f"unknown block kinds {bad}; allowed: {', '.join(BLOCK_KINDS)}")
-            need(self.sparse_ratio > 1 or all(k == "full" for k in self.block_layout), "block_layout",
-                 "sparse blocks need model.sparse_ratio > 1")
+            need(
+                self.sparse_ratio > 1 or all(k == "full" for k in self.block_layout),
+                "block_layout",
+                "sparse blocks need model.sparse_ratio > 1",
+            )
 
     def block_kinds(self) -> list[str]:
         """Attention kind of every block: 'full', 'token' or 'group'."""

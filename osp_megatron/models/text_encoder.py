@@ -19,8 +19,12 @@ EOS_ID = 1
 BYTE_OFFSET = 3  # ids 0..2 are pad, eos and unk, as in the T5 family
 TINY_VOCAB_SIZE = 320
 
-_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                 "pytorch_model.bin.index.json")
+_WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 _TOKENIZER_FILES = ("tokenizer.json", "spiece.model", "tokenizer_config.json")
 _EXPECTED_LAYOUT = (
     "a directory with config.json, model weights (model.safetensors[.index.json] or pytorch_model.bin) "
@@ -50,8 +54,9 @@ class ByteTokenizer:
 
     def __call__(self, prompts, max_length):
         """Return (input_ids [B, N], attention_mask [B, N]) with N = longest prompt, ending in EOS."""
-        return _padded([[byte + BYTE_OFFSET for byte in prompt.encode("utf-8")][: max_length - 1] + [EOS_ID]
-                        for prompt in prompts])
+        return _padded(
+            [[byte + BYTE_OFFSET for byte in prompt.encode("utf-8")][: max_length - 1] + [EOS_ID] for prompt in prompts]
+        )
 
 
 class WordTokenizer:
@@ -61,8 +66,12 @@ class WordTokenizer:
 
     def __call__(self, prompts, max_length):
         """Return (input_ids [B, N], attention_mask [B, N]) with N = longest prompt, ending in EOS."""
-        return _padded([[word_id(word) for word in re.findall(r"\w+|[^\w\s]", prompt)][: max_length - 1]
-                        + [EOS_ID] for prompt in prompts])
+        return _padded(
+            [
+                [word_id(word) for word in re.findall(r"\w+|[^\w\s]", prompt)][: max_length - 1] + [EOS_ID]
+                for prompt in prompts
+            ]
+        )
 
 
 def word_id(word: str) -> int:

@@ -12,8 +12,11 @@ from osp_megatron.config.errors import ConfigError
 from osp_megatron.models.block_vae import tiny_block_vae
 from osp_megatron.models.video_shapes import VideoShapes
 
-_WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json",
-                 "diffusion_pytorch_model.bin")
+_WEIGHT_FILES = (
+    "diffusion_pytorch_model.safetensors",
+    "diffusion_pytorch_model.safetensors.index.json",
+    "diffusion_pytorch_model.bin",
+)
 _EXPECTED_LAYOUT = (
     "a diffusers AutoencoderKLWan folder with config.json and diffusion_pytorch_model.safetensors "
     "(or a diffusers model folder holding it in vae/)"

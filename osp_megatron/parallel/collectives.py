@@ -24,8 +24,9 @@ def _sequence_to_heads(x, group, runs):
     received = torch.empty_like(send)
     dist.all_to_all_single(received, send, group=group)
     # received[j]: rank j's chunk of every run, for this rank's head slice; chunks of a run go in rank order.
-    return received.permute(1, 2, 0, 3, 4, 5).reshape(batch, runs * size * (tokens // runs), heads // size,
-                                                      head_dim), send
+    return received.permute(1, 2, 0, 3, 4, 5).reshape(
+        batch, runs * size * (tokens // runs), heads // size, head_dim
+    ), send
 
 
 def _heads_to_sequence(y, group, runs):
@@ -132,7 +133,7 @@ class _GatherReplicatedOutput(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        own = grad[ctx.rank * ctx.block:(ctx.rank + 1) * ctx.block]
+        own = grad[ctx.rank * ctx.block : (ctx.rank + 1) * ctx.block]
         return own * ctx.size, None, None, None
 
 

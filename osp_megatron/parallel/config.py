@@ -4,7 +4,7 @@ The degrees multiply to the world size; osp_megatron.parallel.state builds the p
 """
 
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal
 
 from osp_megatron.config.errors import ConfigError
 
@@ -14,10 +14,10 @@ class ParallelConfig:
     """Parallel degrees; their product must equal the world size (`data: null` derives it)."""
 
     tensor: int = 1
-    data: Optional[int] = None
+    data: int | None = None
     ssp: int = 1
     ulysses: int = 1
-    backend: Optional[str] = None  # null: nccl on CUDA, gloo on CPU
+    backend: str | None = None  # null: nccl on CUDA, gloo on CPU
     timeout_minutes: float = 30  # how long a collective waits for a missing rank; fractions for tests (0.5)
     # FSDP2: shard weights, gradients, optimizer state and EMA over the data x SSP x Ulysses ranks of each
     # tensor-parallel rank (docs/sharding.md); offload keeps those shards in CPU memory.

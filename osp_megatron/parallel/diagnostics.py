@@ -11,7 +11,6 @@ import threading
 import time
 import traceback
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -46,8 +45,11 @@ def apply_communication_defaults(environ=os.environ) -> dict:
 
 def flight_recorder_prefix() -> str:
     """Where this job's flight-recorder dumps go: one file per rank, `<prefix><rank>`."""
-    return os.environ.get(FLIGHT_RECORDER_FILE) or os.environ.get("TORCH_NCCL_DEBUG_INFO_TEMP_FILE") \
+    return (
+        os.environ.get(FLIGHT_RECORDER_FILE)
+        or os.environ.get("TORCH_NCCL_DEBUG_INFO_TEMP_FILE")
         or DEFAULT_FLIGHT_RECORDER_PREFIX
+    )
 
 
 def _last_collectives(trace: dict, count: int = 3) -> list[dict]:
@@ -57,8 +59,10 @@ def _last_collectives(trace: dict, count: int = 3) -> list[dict]:
 def _describe(entry: dict) -> str:
     group = entry.get("process_group", ("?", "?"))
     sizes = entry.get("input_sizes")
-    return (f"#{entry.get('collective_seq_id')} {entry.get('profiling_name')} on group {group[1]} (id {group[0]}), "
-            f"input sizes {sizes}, state {entry.get('state')}")
+    return (
+        f"#{entry.get('collective_seq_id')} {entry.get('profiling_name')} on group {group[1]} (id {group[0]}), "
+        f"input sizes {sizes}, state {entry.get('state')}"
+    )
 
 
 def world_rank() -> tuple[int, int]:
@@ -71,7 +75,7 @@ def world_rank() -> tuple[int, int]:
     return 0, 1
 
 
-def _flight_recorder_trace() -> Optional[bytes]:
+def _flight_recorder_trace() -> bytes | None:
     dump = getattr(torch._C._distributed_c10d, "_dump_fr_trace", None)
     return dump() if dump is not None else None
 
@@ -82,7 +86,7 @@ def stack_file(path: Path) -> Path:
     return path.with_name(f"stack_{path.name}.json")
 
 
-def dump_flight_recorder(error: Optional[BaseException] = None) -> Optional[Path]:
+def dump_flight_recorder(error: BaseException | None = None) -> Path | None:
     """Write this rank's flight-recorder buffer where NCCL's own timeout dump would go (kept if already there),
     and beside it where this process stood: host, the error and its traceback, the stack of every thread.
 
@@ -99,17 +103,24 @@ def dump_flight_recorder(error: Optional[BaseException] = None) -> Optional[Path
         path.write_bytes(trace)
     names = {thread.ident: thread.name for thread in threading.enumerate()}
     where = {
-        "rank": rank, "world_size": world, "host": socket.gethostname(), "pid": os.getpid(), "time": time.time(),
+        "rank": rank,
+        "world_size": world,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "time": time.time(),
         "error": None if error is None else f"{type(error).__name__}: {str(error).strip()}",
         "traceback": [] if error is None else traceback.format_exception(type(error), error, error.__traceback__),
-        "threads": {names.get(ident, str(ident)): traceback.format_stack(frame)
-                    for ident, frame in sys._current_frames().items() if ident != threading.get_ident()},
+        "threads": {
+            names.get(ident, str(ident)): traceback.format_stack(frame)
+            for ident, frame in sys._current_frames().items()
+            if ident != threading.get_ident()
+        },
     }
     stack_file(path).write_text(json.dumps(where, indent=1))
     return path
 
 
-def collective_failure_report(error: BaseException) -> Optional[str]:
+def collective_failure_report(error: BaseException) -> str | None:
     """The lines a rank prints when `error` came out of a collective (a timeout or a lost peer); None otherwise.
 
     They name the rank, its host and the last collectives it entered (the one it waited in is the newest), and
@@ -117,8 +128,11 @@ def collective_failure_report(error: BaseException) -> Optional[str]:
     waited for (`torchfrtrace <folder>` reads the NCCL dumps too).
     """
     message = str(error).lower()
-    distributed_error = isinstance(error, getattr(dist, "DistError", ())) or "timed out" in message \
+    distributed_error = (
+        isinstance(error, getattr(dist, "DistError", ()))
+        or "timed out" in message
         or any(phrase in message for phrase in ("monitoredbarrier", "closed by peer"))
+    )
     if not distributed_error:
         return None
     # The job's clean-up may have destroyed the process group before the error reaches the hook; the flight
@@ -134,8 +148,10 @@ def collective_failure_report(error: BaseException) -> Optional[str]:
         if entries:
             lines.append(f"[rank {rank}] waiting in collective " + _describe(entries[-1]))
             lines += [f"[rank {rank}]   before it: " + _describe(entry) for entry in reversed(entries[:-1])]
-        lines.append(f"[rank {rank}] flight recorder dump: {path}, stacks in {stack_file(path).name} (which rank "
-                     f"the others waited for: python -m osp_launch.hang {path.parent})")
+        lines.append(
+            f"[rank {rank}] flight recorder dump: {path}, stacks in {stack_file(path).name} (which rank "
+            f"the others waited for: python -m osp_launch.hang {path.parent})"
+        )
     return "\n".join(lines)
 
 

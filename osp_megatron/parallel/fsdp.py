@@ -3,8 +3,6 @@
 Each tensor-parallel rank shards its own slices over the data x SSP x Ulysses ranks that hold replicas of them.
 """
 
-from typing import Optional
-
 import torch
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
@@ -68,12 +66,19 @@ def data_context_mesh(device_type: str) -> DeviceMesh:
 
 
 def _tensor_parallel_marks(model: torch.nn.Module) -> dict[str, dict]:
-    return {name: {key: getattr(param, key) for key in TENSOR_PARALLEL_ATTRIBUTES if hasattr(param, key)}
-            for name, param in model.named_parameters()}
+    return {
+        name: {key: getattr(param, key) for key in TENSOR_PARALLEL_ATTRIBUTES if hasattr(param, key)}
+        for name, param in model.named_parameters()
+    }
 
 
-def apply_fsdp(model: torch.nn.Module, reduce_dtype: str = "float32", compute_dtype: Optional[torch.dtype] = None,
-               offload: bool = False, device: Optional[torch.device] = None) -> torch.nn.Module:
+def apply_fsdp(
+    model: torch.nn.Module,
+    reduce_dtype: str = "float32",
+    compute_dtype: torch.dtype | None = None,
+    offload: bool = False,
+    device: torch.device | None = None,
+) -> torch.nn.Module:
     """Shard `model` (a WanDiT) with fully_shard per block plus the root; returns it (changed in place).
 
     compute_dtype: the dtype blocks all-gather and compute in (bfloat16 under bf16 training), from the float32
@@ -99,13 +104,20 @@ def apply_fsdp(model: torch.nn.Module, reduce_dtype: str = "float32", compute_dt
     mesh = data_context_mesh(device.type)
     offload_policy = CPUOffloadPolicy(pin_memory=device.type == "cuda") if offload else OffloadPolicy()
     # Inputs are left as they come: autocast picks GEMM dtypes, and RoPE tables and timesteps keep float32.
-    block_policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=REDUCE_DTYPES[reduce_dtype],
-                                        cast_forward_inputs=False)
-    root_policy = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=REDUCE_DTYPES[reduce_dtype],
-                                       cast_forward_inputs=False)
+    block_policy = MixedPrecisionPolicy(
+        param_dtype=compute_dtype, reduce_dtype=REDUCE_DTYPES[reduce_dtype], cast_forward_inputs=False
+    )
+    root_policy = MixedPrecisionPolicy(
+        param_dtype=None, reduce_dtype=REDUCE_DTYPES[reduce_dtype], cast_forward_inputs=False
+    )
     for index, block in enumerate(blocks):
-        fully_shard(block, mesh=mesh, reshard_after_forward=index < len(blocks) - 1, mp_policy=block_policy,
-                    offload_policy=offload_policy)
+        fully_shard(
+            block,
+            mesh=mesh,
+            reshard_after_forward=index < len(blocks) - 1,
+            mp_policy=block_policy,
+            offload_policy=offload_policy,
+        )
     fully_shard(model, mesh=mesh, reshard_after_forward=False, mp_policy=root_policy, offload_policy=offload_policy)
     for current, following in zip(blocks, blocks[1:]):
         current.set_modules_to_forward_prefetch([following])

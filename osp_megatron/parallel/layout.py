@@ -9,6 +9,8 @@ import math
 
 import torch
 
+from osp_megatron.attention.context import AttentionContext
+from osp_megatron.attention.rope import rope_tables
 from osp_megatron.attention.skiparse import (
     from_sparse_layout,
     padded_grid,
@@ -16,9 +18,7 @@ from osp_megatron.attention.skiparse import (
     switch_sparse_pattern,
     to_sparse_layout,
 )
-from osp_megatron.attention.rope import rope_tables
 from osp_megatron.utils.compile import accelerator_compiled
-from osp_megatron.attention.context import AttentionContext
 
 SPARSE_KINDS = ("token", "group")
 
@@ -33,8 +33,9 @@ def key_runs_on(key_mask: torch.Tensor, device):
     """real_key_runs of a bool [subsequences, L] key mask with indices on `device`; None when none is padded."""
     if bool(key_mask.all()):
         return None
-    return [(start, stop, None if index is None else index.to(device))
-            for start, stop, index in real_key_runs(key_mask)]
+    return [
+        (start, stop, None if index is None else index.to(device)) for start, stop, index in real_key_runs(key_mask)
+    ]
 
 
 @functools.lru_cache(maxsize=16)
@@ -152,8 +153,10 @@ class LocalTokenLayout:
             return x
         if from_kind in SPARSE_KINDS and to_kind in SPARSE_KINDS:
             if self.packed:
-                return PermuteTokens.apply(x, *_packed_switch(self.grid, self.ratio, self.head_dim, self.theta,
-                                                              self.device, from_kind, to_kind))
+                return PermuteTokens.apply(
+                    x,
+                    *_packed_switch(self.grid, self.ratio, self.head_dim, self.theta, self.device, from_kind, to_kind),
+                )
             count = self.ratio**2
             sparse = x.reshape(x.shape[0] * count, -1, *x.shape[2:])
             return _switch_sparse(sparse, self.grid, self.ratio).reshape(x.shape)

@@ -151,7 +151,8 @@ def watch_tensor_parallel_linears(model: torch.nn.Module) -> int:
         if torch.is_grad_enabled() and source.requires_grad and not _inside_backward():
             nbytes = tensor_bytes(source)
             source.register_hook(
-                lambda grad: record_all_reduce("tensor", nbytes, size, "column_parallel_input_grad", "backward"))
+                lambda grad: record_all_reduce("tensor", nbytes, size, "column_parallel_input_grad", "backward")
+            )
 
     watched = 0
     for module in model.modules():

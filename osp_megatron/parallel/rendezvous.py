@@ -23,7 +23,7 @@ def _expand_bracket_name(name: str) -> list[str]:
     match = re.search(r"\[([^\]]*)\]", name)
     if match is None:
         return [name]
-    head, tail = name[:match.start()], name[match.end():]
+    head, tail = name[: match.start()], name[match.end() :]
     hosts = []
     for part in match.group(1).split(","):
         if "-" in part:

@@ -5,15 +5,14 @@
 
 import functools
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
+from osp_megatron.attention.context import AttentionContext
+from osp_megatron.attention.rope import rope_tables
 from osp_megatron.attention.skiparse import padded_grid, sparse_key_mask, to_sparse_layout
 from osp_megatron.config.errors import ConfigError
-from osp_megatron.attention.rope import rope_tables
-from osp_megatron.attention.context import AttentionContext
 from osp_megatron.parallel.collectives import all_to_all_rows, gather_replicated_output
 from osp_megatron.parallel.layout import SPARSE_KINDS, key_runs_on
 
@@ -83,8 +82,9 @@ def uses_sparse_order(sparse_ratio: int, block_kinds) -> bool:
     return sparse_ratio > 1 and (block_kinds is None or any(kind != "full" for kind in block_kinds))
 
 
-def check_sequence_parallel_layout(model_config, grid, tensor: int, ssp: int, ulysses: int,
-                                   source: str = "token grid") -> None:
+def check_sequence_parallel_layout(
+    model_config, grid, tensor: int, ssp: int, ulysses: int, source: str = "token grid"
+) -> None:
     """Everything a (tensor, ssp, ulysses) layout needs from the model and the token grid, as ConfigErrors."""
     kinds = model_config.block_kinds()
     sparse = uses_sparse_order(model_config.sparse_ratio, kinds)
@@ -128,15 +128,15 @@ class OrderTables:
     holds_padding: bool  # whether local_index points at the padding row T*H*W
     exit_index: torch.Tensor  # [T*H*W] position of each row-major token among all ranks' tokens in rank order
     rope: tuple  # (cos, sin) [1, n, 1, head_dim] of the local tokens
-    full_key_runs: Optional[list]  # full layers over all ranks' tokens: the real keys, None when unpadded
-    sparse_key_runs: Optional[list]  # the local subsequences' real keys (sparse orders), None when unpadded
+    full_key_runs: list | None  # full layers over all ranks' tokens: the real keys, None when unpadded
+    sparse_key_runs: list | None  # the local subsequences' real keys (sparse orders), None when unpadded
 
 
 @dataclass
 class SwitchPlan:
     """One redistribution between two orders: rows to send per peer, then the order of the received rows."""
 
-    group_name: Optional[str]  # "ssp", "ulysses", "context", or None when every token stays on its rank
+    group_name: str | None  # "ssp", "ulysses", "context", or None when every token stays on its rank
     send_index: torch.Tensor
     send_sizes: tuple
     receive_sizes: tuple
@@ -173,12 +173,20 @@ class SequencePlan:
             count = self.ratio**2
             held = count // self.ssp
             first = (self.rank // self.ulysses) * held
-            sparse_key_runs = key_runs_on(sparse_key_mask(self.grid, self.ratio, order)[first:first + held],
-                                          self.device)
+            sparse_key_runs = key_runs_on(
+                sparse_key_mask(self.grid, self.ratio, order)[first : first + held], self.device
+            )
         cos, sin = rope_tables(self.grid, self.head_dim, self.theta)
         rope = tuple(F.pad(t, (0, 0, 0, 0, 0, 1)).index_select(1, local_index).to(self.device) for t in (cos, sin))
-        return OrderTables(ids, local_index.to(self.device), bool((local_index == tokens).any()),
-                           exit_index.to(self.device), rope, full_key_runs, sparse_key_runs)
+        return OrderTables(
+            ids,
+            local_index.to(self.device),
+            bool((local_index == tokens).any()),
+            exit_index.to(self.device),
+            rope,
+            full_key_runs,
+            sparse_key_runs,
+        )
 
     def switch(self, source: str, target: str) -> SwitchPlan:
         if (source, target) not in self._switches:
@@ -219,8 +227,13 @@ class SequencePlan:
             positions.append(from_peer)
             receive_sizes.append(int(from_peer.numel()))
         receive_order = torch.argsort(torch.cat(positions))
-        return SwitchPlan(name, torch.cat(send_index).to(self.device), tuple(send_sizes), tuple(receive_sizes),
-                          receive_order.to(self.device))
+        return SwitchPlan(
+            name,
+            torch.cat(send_index).to(self.device),
+            tuple(send_sizes),
+            tuple(receive_sizes),
+            receive_order.to(self.device),
+        )
 
 
 @functools.lru_cache(maxsize=16)
@@ -240,14 +253,25 @@ class SequenceParallelTokenLayout:
     `enter` takes this rank's tokens of the (replicated) patch embedding; `exit` all-gathers the output.
     """
 
-    def __init__(self, grid, sparse_ratio: int, head_dim: int, rope_theta: float, device, backend="auto", *,
-                 groups, block_kinds=None):
+    def __init__(
+        self,
+        grid,
+        sparse_ratio: int,
+        head_dim: int,
+        rope_theta: float,
+        device,
+        backend="auto",
+        *,
+        groups,
+        block_kinds=None,
+    ):
         self.grid, self.ratio, self.backend, self.groups = tuple(grid), sparse_ratio, backend, groups
         ssp, ulysses = groups.ssp_size, groups.ulysses_size
         self.sparse = uses_sparse_order(sparse_ratio, block_kinds)
         check_grid(self.grid, sparse_ratio, ssp, ulysses, self.sparse)
-        self.plan = sequence_plan(self.grid, sparse_ratio, ssp, ulysses, groups.context_rank, head_dim, rope_theta,
-                                  torch.device(device))
+        self.plan = sequence_plan(
+            self.grid, sparse_ratio, ssp, ulysses, groups.context_rank, head_dim, rope_theta, torch.device(device)
+        )
         first_sparse = next((kind for kind in block_kinds or () if kind in SPARSE_KINDS), SPARSE_KINDS[0])
         # Full layers of a hybrid model run in the order of the neighbouring sparse layers, so the switch
         # between them is free; the first full layers take the order of the first sparse layer.
@@ -279,8 +303,9 @@ class SequenceParallelTokenLayout:
         rows = x.movedim(1, 0).index_select(0, plan.send_index)
         if plan.group_name is not None:
             group = {"ssp": self.groups.ssp, "ulysses": self.groups.ulysses, "context": self.groups.context}
-            rows = all_to_all_rows(rows, group[plan.group_name], plan.group_name, plan.send_sizes,
-                                   plan.receive_sizes, tag="switch")
+            rows = all_to_all_rows(
+                rows, group[plan.group_name], plan.group_name, plan.send_sizes, plan.receive_sizes, tag="switch"
+            )
         return rows.index_select(0, plan.receive_order).movedim(0, 1)
 
     def exit(self, x: torch.Tensor, kind: str) -> torch.Tensor:
@@ -298,8 +323,17 @@ class SequenceParallelTokenLayout:
     def attention_context(self, kind: str) -> SequenceParallelContext:
         tables = self.plan.tables(self._order(kind))
         if kind == "full":
-            return SequenceParallelContext(subsequences=1, key_runs=tables.full_key_runs, backend=self.backend,
-                                           sequence_group=self.groups.context, group_name="context")
-        return SequenceParallelContext(subsequences=self.ratio**2 // self.groups.ssp_size,
-                                       key_runs=tables.sparse_key_runs, backend=self.backend,
-                                       sequence_group=self.groups.ulysses, group_name="ulysses")
+            return SequenceParallelContext(
+                subsequences=1,
+                key_runs=tables.full_key_runs,
+                backend=self.backend,
+                sequence_group=self.groups.context,
+                group_name="context",
+            )
+        return SequenceParallelContext(
+            subsequences=self.ratio**2 // self.groups.ssp_size,
+            key_runs=tables.sparse_key_runs,
+            backend=self.backend,
+            sequence_group=self.groups.ulysses,
+            group_name="ulysses",
+        )

@@ -58,14 +58,21 @@ def _init_split_world(backend: str, rank: int, world: int, reserved: int, timeou
     store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world, timeout=timeout))
     served = world - reserved
     part, part_rank, part_size = ("served", rank, served) if rank < served else ("reserved", rank - served, reserved)
-    dist.init_process_group(backend, store=dist.PrefixStore(f"{part}/", store), rank=part_rank, world_size=part_size,
-                            timeout=timeout, device_id=device if backend == "nccl" else None)
+    dist.init_process_group(
+        backend,
+        store=dist.PrefixStore(f"{part}/", store),
+        rank=part_rank,
+        world_size=part_size,
+        timeout=timeout,
+        device_id=device if backend == "nccl" else None,
+    )
     bridge = dist.ProcessGroupGloo(dist.PrefixStore("bridge/", store), rank, world, timeout)
     _WORLD_SPLIT = WorldSplit(rank, world, reserved, bridge)
 
 
-def init_distributed(config: ParallelConfig, reserved_ranks: int = 0,
-                     reserved_key: str = "grpo.reward_ranks") -> torch.device:
+def init_distributed(
+    config: ParallelConfig, reserved_ranks: int = 0, reserved_key: str = "grpo.reward_ranks"
+) -> torch.device:
     """Start torch.distributed (if needed), megatron-core's groups and the SSP / Ulysses groups.
 
     reserved_ranks > 0 keeps the last ranks of the world out of the layout (see WorldSplit): the layout is
@@ -79,8 +86,10 @@ def init_distributed(config: ParallelConfig, reserved_ranks: int = 0,
     """
     rank, world, local_rank = launcher_environment()
     if reserved_ranks and not 0 < reserved_ranks < world:
-        raise ConfigError(f"{reserved_key}={reserved_ranks} must leave ranks for the model: it must be smaller than "
-                          f"the world size {world} (launch more ranks, or set {reserved_key}=0)")
+        raise ConfigError(
+            f"{reserved_key}={reserved_ranks} must leave ranks for the model: it must be smaller than "
+            f"the world size {world} (launch more ranks, or set {reserved_key}=0)"
+        )
     use_cuda = torch.cuda.is_available()
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
@@ -91,15 +100,19 @@ def init_distributed(config: ParallelConfig, reserved_ranks: int = 0,
         apply_communication_defaults()
         install_collective_failure_report()
         if reserved_ranks:
-            _init_split_world(backend, rank, world, reserved_ranks, datetime.timedelta(minutes=config.timeout_minutes),
-                              device)
+            _init_split_world(
+                backend, rank, world, reserved_ranks, datetime.timedelta(minutes=config.timeout_minutes), device
+            )
         else:
             if world == 1 and "MASTER_ADDR" not in os.environ:
                 init_method = f"tcp://127.0.0.1:{_free_port()}"
             else:
                 init_method = "env://"
             dist.init_process_group(
-                backend, init_method=init_method, rank=rank, world_size=world,
+                backend,
+                init_method=init_method,
+                rank=rank,
+                world_size=world,
                 timeout=datetime.timedelta(minutes=config.timeout_minutes),
                 # Binds the group to this rank's GPU (NCCL communicators start eagerly; no device-guessing warning).
                 device_id=device if backend == "nccl" else None,
@@ -150,8 +163,11 @@ _SEQUENCE_GROUPS = SequenceParallelGroups()
 
 def context_parallel_groups_of_world(tensor: int, context: int, world: int) -> list[list[int]]:
     """Global ranks of every context-parallel group, each in context-rank order, for order tp-cp-ep-dp-pp."""
-    return [[t + tensor * c + tensor * context * rest for c in range(context)]
-            for rest in range(world // (tensor * context)) for t in range(tensor)]
+    return [
+        [t + tensor * c + tensor * context * rest for c in range(context)]
+        for rest in range(world // (tensor * context))
+        for t in range(tensor)
+    ]
 
 
 def _build_sequence_parallel_groups(ssp: int, ulysses: int, timeout_minutes: int) -> None:
@@ -162,8 +178,9 @@ def _build_sequence_parallel_groups(ssp: int, ulysses: int, timeout_minutes: int
         _SEQUENCE_GROUPS = SequenceParallelGroups()
         return
     mine = list(parallel_state.get_context_parallel_global_ranks())
-    all_groups = context_parallel_groups_of_world(parallel_state.get_tensor_model_parallel_world_size(), context,
-                                                  dist.get_world_size())
+    all_groups = context_parallel_groups_of_world(
+        parallel_state.get_tensor_model_parallel_world_size(), context, dist.get_world_size()
+    )
     if mine not in all_groups:
         raise RuntimeError(f"megatron-core's context-parallel group {mine} does not follow order tp-cp-ep-dp-pp")
     timeout = datetime.timedelta(minutes=timeout_minutes)
@@ -189,8 +206,13 @@ def _build_sequence_parallel_groups(ssp: int, ulysses: int, timeout_minutes: int
                 ulysses_group = group
     context_rank = mine.index(dist.get_rank())
     _SEQUENCE_GROUPS = SequenceParallelGroups(
-        ssp_size=ssp, ulysses_size=ulysses, ssp_rank=context_rank // ulysses, ulysses_rank=context_rank % ulysses,
-        context=context_group, ssp=ssp_group, ulysses=ulysses_group,
+        ssp_size=ssp,
+        ulysses_size=ulysses,
+        ssp_rank=context_rank // ulysses,
+        ulysses_rank=context_rank % ulysses,
+        context=context_group,
+        ssp=ssp_group,
+        ulysses=ulysses_group,
     )
 
 

@@ -5,8 +5,8 @@ Swapped into `wan_layer_spec(self_attention_core=UlyssesAttention)`; the layout'
 
 import torch
 
-from osp_megatron.attention.skiparse import skiparse_attention_sparse_layout
 from osp_megatron.attention.context import AttentionContext, attend_in_layout
+from osp_megatron.attention.skiparse import skiparse_attention_sparse_layout
 from osp_megatron.parallel.collectives import heads_to_sequence, sequence_to_heads
 from osp_megatron.quantization.attention import attention_kernel
 

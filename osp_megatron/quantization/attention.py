@@ -6,7 +6,8 @@ an AttentionQuantizationState; the core asks ``attention_kernel(self)`` for the 
 """
 
 import functools
-from typing import Any, Callable, Dict, Optional
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -36,14 +37,14 @@ class AttentionQuantizationState:
             recipe = frames[-1].recipe or recipe
         return recipe.format in FP8_ATTENTION_FORMATS
 
-    def state_dict(self) -> Dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         return {"fp8_attention": self.fp8.state_dict()}
 
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.fp8.load_state_dict(state["fp8_attention"])
 
 
-def attention_kernel(module: torch.nn.Module) -> Optional[Callable]:
+def attention_kernel(module: torch.nn.Module) -> Callable | None:
     """The attention function ``(q, k, v) -> out`` a core should run now, or None for its 16-bit default."""
     state = module.__dict__.get(ATTENTION_STATE_ATTRIBUTE)
     if state is None or not state.active():
@@ -51,10 +52,13 @@ def attention_kernel(module: torch.nn.Module) -> Optional[Callable]:
     return functools.partial(fp8_dot_product_attention, state=state.fp8)
 
 
-def quantized_attention_modules(model: torch.nn.Module) -> Dict[str, AttentionQuantizationState]:
+def quantized_attention_modules(model: torch.nn.Module) -> dict[str, AttentionQuantizationState]:
     """Qualified name -> FP8 attention state of every self-attention core running FP8 attention."""
-    return {name: module.__dict__[ATTENTION_STATE_ATTRIBUTE] for name, module in model.named_modules()
-            if ATTENTION_STATE_ATTRIBUTE in module.__dict__}
+    return {
+        name: module.__dict__[ATTENTION_STATE_ATTRIBUTE]
+        for name, module in model.named_modules()
+        if ATTENTION_STATE_ATTRIBUTE in module.__dict__
+    }
 
 
 def is_self_attention_core(name: str) -> bool:

@@ -6,7 +6,6 @@ A thread-local stack of frames; the innermost frame decides, as with torch.autoc
 import contextlib
 import threading
 from dataclasses import dataclass
-from typing import List, Optional
 
 import torch.distributed as dist
 
@@ -16,14 +15,14 @@ from osp_megatron.quantization.recipes import Recipe
 @dataclass
 class _AutocastFrame:
     enabled: bool
-    recipe: Optional[Recipe]
-    group: Optional[dist.ProcessGroup]
+    recipe: Recipe | None
+    group: dist.ProcessGroup | None
 
 
 _autocast_frames = threading.local()
 
 
-def autocast_frames() -> List[_AutocastFrame]:
+def autocast_frames() -> list[_AutocastFrame]:
     if not hasattr(_autocast_frames, "stack"):
         _autocast_frames.stack = []
     return _autocast_frames.stack
@@ -32,8 +31,8 @@ def autocast_frames() -> List[_AutocastFrame]:
 @contextlib.contextmanager
 def quantized_autocast(
     enabled: bool = True,
-    recipe: Optional[Recipe] = None,
-    amax_reduction_group: Optional[dist.ProcessGroup] = None,
+    recipe: Recipe | None = None,
+    amax_reduction_group: dist.ProcessGroup | None = None,
 ):
     """Choose how layers prepared by ``apply_quantization`` run their GEMMs inside the block.
 

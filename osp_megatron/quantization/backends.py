@@ -3,7 +3,7 @@
 Each is optional: callers ask whether it applies and fall back to quantize-dequantize emulation.
 """
 
-from typing import Callable, Dict, Optional
+from collections.abc import Callable
 
 import torch
 
@@ -73,11 +73,11 @@ class TransformerEngineGemm:
             return self.linear(x)
 
 
-_npu_cast: Optional[Dict[str, Callable]] = None
+_npu_cast: dict[str, Callable] | None = None
 _npu_cast_checked = False
 
 
-def _load_npu_hif8_cast() -> Optional[Dict[str, Callable]]:
+def _load_npu_hif8_cast() -> dict[str, Callable] | None:
     global _npu_cast, _npu_cast_checked
     if not _npu_cast_checked:
         _npu_cast_checked = True
@@ -89,16 +89,14 @@ def _load_npu_hif8_cast() -> Optional[Dict[str, Callable]]:
             extension = torch_npu._C._cd
             _npu_cast = {
                 "to": lambda t: extension.cast_to_fp8(t, extension.DType.hifloat8),
-                "from": lambda t: extension.cast_from_fp8(
-                    t, extension.DType.hifloat8, extension.DType.float32
-                ),
+                "from": lambda t: extension.cast_from_fp8(t, extension.DType.hifloat8, extension.DType.float32),
             }
         except (ImportError, AttributeError, RuntimeError):
             _npu_cast = None
     return _npu_cast
 
 
-def npu_native_hif8_round(x: torch.Tensor) -> Optional[torch.Tensor]:
+def npu_native_hif8_round(x: torch.Tensor) -> torch.Tensor | None:
     """HiF8 round trip through torch_npu's native hifloat8 cast, or None where that is unavailable.
 
     Not hardware-tested: written against torch_npu's HiFloat8 tensor utilities; its rounding of

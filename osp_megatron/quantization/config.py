@@ -4,7 +4,6 @@
 """
 
 from dataclasses import dataclass, field
-from typing import List
 
 from osp_megatron.config.errors import ConfigError
 from osp_megatron.quantization.options import (
@@ -36,8 +35,8 @@ class ModulesConfig:
     the defaults keep embeddings, norms and the output head in high precision.
     """
 
-    include: List[str] = field(default_factory=lambda: ["blocks.*"])
-    exclude: List[str] = field(default_factory=lambda: ["*embed*", "*norm*", "head*"])
+    include: list[str] = field(default_factory=lambda: ["blocks.*"])
+    exclude: list[str] = field(default_factory=lambda: ["*embed*", "*norm*", "head*"])
 
 
 @dataclass
@@ -84,18 +83,12 @@ class QuantConfig:
         for name in ("include", "exclude"):
             patterns = getattr(self.modules, name)
             if not isinstance(patterns, (list, tuple)) or not all(isinstance(p, str) for p in patterns):
-                raise ConfigError(
-                    f"{prefix}.modules.{name}: got {patterns!r}; allowed: a list of fnmatch patterns"
-                )
+                raise ConfigError(f"{prefix}.modules.{name}: got {patterns!r}; allowed: a list of fnmatch patterns")
         recipe_format, _ = RECIPES[self.recipe]
         if recipe_format is not None:
-            check_recipe_combination(
-                recipe_format, self.stochastic_grad_rounding, self.backend, prefix
-            )
+            check_recipe_combination(recipe_format, self.stochastic_grad_rounding, self.backend, prefix)
         elif self.stochastic_grad_rounding:
-            raise ConfigError(
-                f"{prefix}.stochastic_grad_rounding: needs a HiF8 recipe, got recipe 'none'"
-            )
+            raise ConfigError(f"{prefix}.stochastic_grad_rounding: needs a HiF8 recipe, got recipe 'none'")
 
     def build_recipe(self):
         """The recipe this config describes (validated), or None for recipe "none"."""

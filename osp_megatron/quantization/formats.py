@@ -4,7 +4,6 @@ Each is a ``Format`` whose ``qdq`` rounds an already scaled tensor onto the form
 """
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -41,7 +40,7 @@ class Format:
         self,
         x_scaled: torch.Tensor,
         stochastic: bool = False,
-        generator: Optional[torch.Generator] = None,
+        generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """Round ``x_scaled`` onto the format (saturating at +-max_value); result in its dtype."""
         raise NotImplementedError
@@ -51,7 +50,7 @@ class Format:
         tensor: torch.Tensor,
         scale: torch.Tensor,
         stochastic: bool = False,
-        generator: Optional[torch.Generator] = None,
+        generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """``qdq(tensor * scale) * (1 / scale)`` in ``tensor``'s dtype (float32 arithmetic or wider).
 
@@ -97,7 +96,7 @@ def _fp8_scaled_qdq(tensor, scale, inverse_scale, max_value: float, fp8_dtype: t
 
 
 @fused_on_cuda
-def _hif8_scaled_qdq(tensor, scale, inverse_scale, random: Optional[torch.Tensor]):
+def _hif8_scaled_qdq(tensor, scale, inverse_scale, random: torch.Tensor | None):
     work = tensor.to(torch.promote_types(tensor.dtype, torch.float32))
     rounded = hif8.hif8_round_core(work * scale, random, saturate=True)
     return (rounded * inverse_scale).to(tensor.dtype)

@@ -18,7 +18,6 @@ import math
 import threading
 import warnings
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -84,7 +83,7 @@ def _amax(tensor: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(tensor, ord=math.inf).float()  # one pass, no |tensor| materialised
 
 
-def quantization_scales(amax: torch.Tensor, max_value: float) -> Tuple[torch.Tensor, torch.Tensor]:
+def quantization_scales(amax: torch.Tensor, max_value: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale, descale) = (max_value / amax, amax / max_value), float32 with the shape of ``amax``.
 
     An all-zero tensor (amax 0) gets a finite scale; its codes are all zero either way.
@@ -93,8 +92,9 @@ def quantization_scales(amax: torch.Tensor, max_value: float) -> Tuple[torch.Ten
     return max_value / amax, amax / max_value
 
 
-def gradient_product_descale(amax_grad_out: torch.Tensor, amax_v: torch.Tensor, head_dim: int,
-                             max_value: float) -> Tuple[torch.Tensor, torch.Tensor]:
+def gradient_product_descale(
+    amax_grad_out: torch.Tensor, amax_v: torch.Tensor, head_dim: int, max_value: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale, descale) of dP = dO V^T from its bound |dP| <= head_dim * amax(dO) * amax(V)."""
     return quantization_scales(amax_grad_out.float() * amax_v.float() * head_dim, max_value)
 
@@ -103,7 +103,7 @@ def _scalar(value: torch.Tensor) -> torch.Tensor:
     return value.float().reshape(1, 1, 1, 1).contiguous()
 
 
-def cudnn_bhsd(t: torch.Tensor) -> Tuple[list, list]:
+def cudnn_bhsd(t: torch.Tensor) -> tuple[list, list]:
     """cuDNN dims [B, H, S, D] and strides of a [B, S, H, D] tensor (no copy: cuDNN reads the strides)."""
     b, s, h, d = t.shape
     return [b, h, s, d], [t.stride(0), t.stride(2), t.stride(1), t.stride(3)]
@@ -112,7 +112,7 @@ def cudnn_bhsd(t: torch.Tensor) -> Tuple[list, list]:
 @dataclass
 class _Plan:
     graph: object
-    tensors: Dict[str, object]
+    tensors: dict[str, object]
     workspace_bytes: int
 
 
@@ -128,8 +128,8 @@ class CudnnFP8Attention:
         self.device = device
         with torch.cuda.device(device):
             self.handle = self.cudnn.create_handle()
-        self.plans: Dict[tuple, Optional[_Plan]] = {}
-        self.failures: Dict[tuple, str] = {}
+        self.plans: dict[tuple, _Plan | None] = {}
+        self.failures: dict[tuple, str] = {}
 
     def _bind_stream(self) -> None:
         self.cudnn.set_stream(self.handle, torch.cuda.current_stream(self.device).cuda_stream)
@@ -160,7 +160,7 @@ class CudnnFP8Attention:
         graph.check_support()
         graph.build_plans()
 
-    def _plan(self, key: tuple, build) -> Optional[_Plan]:
+    def _plan(self, key: tuple, build) -> _Plan | None:
         if key not in self.plans:
             try:
                 graph, tensors = build()
@@ -171,33 +171,47 @@ class CudnnFP8Attention:
                 self.failures[key] = f"{type(error).__name__}: {error}"
         return self.plans[key]
 
-    def _execute(self, plan: _Plan, buffers: Dict[str, torch.Tensor]) -> None:
+    def _execute(self, plan: _Plan, buffers: dict[str, torch.Tensor]) -> None:
         self._bind_stream()
         workspace = torch.empty(max(plan.workspace_bytes, 1), dtype=torch.uint8, device=self.device)
-        plan.graph.execute({plan.tensors[name]: buffer for name, buffer in buffers.items()}, workspace,
-                           handle=self.handle)
+        plan.graph.execute(
+            {plan.tensors[name]: buffer for name, buffer in buffers.items()}, workspace, handle=self.handle
+        )
 
-    def _scalars(self, graph, names) -> Dict[str, object]:
+    def _scalars(self, graph, names) -> dict[str, object]:
         types = self.cudnn.data_type
-        return {name: graph.tensor(name=name, dim=[1, 1, 1, 1], stride=[1, 1, 1, 1], data_type=types.FLOAT)
-                for name in names}
+        return {
+            name: graph.tensor(name=name, dim=[1, 1, 1, 1], stride=[1, 1, 1, 1], data_type=types.FLOAT)
+            for name in names
+        }
 
-    def forward_plan(self, q8: torch.Tensor, out_dtype: torch.dtype) -> Optional[_Plan]:
+    def forward_plan(self, q8: torch.Tensor, out_dtype: torch.dtype) -> _Plan | None:
         dims, strides = cudnn_bhsd(q8)
         key = ("fwd", tuple(dims), tuple(strides), out_dtype)
 
         def build():
             types = self.cudnn.data_type
             graph = self._new_graph()
-            tensors = {name: graph.tensor(name=name, dim=dims, stride=strides, data_type=types.FP8_E4M3)
-                       for name in ("q", "k", "v")}
-            tensors.update(self._scalars(graph, ("descale_q", "descale_k", "descale_v", "descale_s", "scale_s",
-                                                 "scale_o")))
+            tensors = {
+                name: graph.tensor(name=name, dim=dims, stride=strides, data_type=types.FP8_E4M3)
+                for name in ("q", "k", "v")
+            }
+            tensors.update(
+                self._scalars(graph, ("descale_q", "descale_k", "descale_v", "descale_s", "scale_s", "scale_o"))
+            )
             o, stats, amax_s, amax_o = graph.sdpa_fp8(
-                q=tensors["q"], k=tensors["k"], v=tensors["v"],
-                descale_q=tensors["descale_q"], descale_k=tensors["descale_k"], descale_v=tensors["descale_v"],
-                descale_s=tensors["descale_s"], scale_s=tensors["scale_s"], scale_o=tensors["scale_o"],
-                generate_stats=True, attn_scale=1.0 / math.sqrt(dims[3]), use_causal_mask=False,
+                q=tensors["q"],
+                k=tensors["k"],
+                v=tensors["v"],
+                descale_q=tensors["descale_q"],
+                descale_k=tensors["descale_k"],
+                descale_v=tensors["descale_v"],
+                descale_s=tensors["descale_s"],
+                scale_s=tensors["scale_s"],
+                scale_o=tensors["scale_o"],
+                generate_stats=True,
+                attn_scale=1.0 / math.sqrt(dims[3]),
+                use_causal_mask=False,
             )
             o.set_output(True).set_dim(dims).set_stride(strides).set_data_type(self._dtype(out_dtype))
             stats.set_output(True).set_data_type(types.FLOAT)
@@ -208,31 +222,64 @@ class CudnnFP8Attention:
 
         return self._plan(key, build)
 
-    def backward_plan(self, q8: torch.Tensor, o: torch.Tensor, grad8: torch.Tensor,
-                      grad_dtype: torch.dtype) -> Optional[_Plan]:
+    def backward_plan(
+        self, q8: torch.Tensor, o: torch.Tensor, grad8: torch.Tensor, grad_dtype: torch.dtype
+    ) -> _Plan | None:
         dims, strides = cudnn_bhsd(q8)
         key = ("bwd", tuple(dims), tuple(strides), o.dtype, grad8.dtype, grad_dtype)
 
         def build():
             types = self.cudnn.data_type
             graph = self._new_graph()
-            tensors = {name: graph.tensor(name=name, dim=dims, stride=strides, data_type=types.FP8_E4M3)
-                       for name in ("q", "k", "v")}
+            tensors = {
+                name: graph.tensor(name=name, dim=dims, stride=strides, data_type=types.FP8_E4M3)
+                for name in ("q", "k", "v")
+            }
             tensors["o"] = graph.tensor(name="o", dim=dims, stride=strides, data_type=self._dtype(o.dtype))
             tensors["dO"] = graph.tensor(name="dO", dim=dims, stride=strides, data_type=self._dtype(grad8.dtype))
-            tensors["stats"] = graph.tensor(name="stats", dim=dims[:3] + [1], stride=[dims[1] * dims[2], dims[2], 1, 1],
-                                            data_type=types.FLOAT)
-            tensors.update(self._scalars(graph, (
-                "descale_q", "descale_k", "descale_v", "descale_o", "descale_dO", "descale_s", "descale_dP",
-                "scale_s", "scale_dQ", "scale_dK", "scale_dV", "scale_dP")))
+            tensors["stats"] = graph.tensor(
+                name="stats", dim=dims[:3] + [1], stride=[dims[1] * dims[2], dims[2], 1, 1], data_type=types.FLOAT
+            )
+            tensors.update(
+                self._scalars(
+                    graph,
+                    (
+                        "descale_q",
+                        "descale_k",
+                        "descale_v",
+                        "descale_o",
+                        "descale_dO",
+                        "descale_s",
+                        "descale_dP",
+                        "scale_s",
+                        "scale_dQ",
+                        "scale_dK",
+                        "scale_dV",
+                        "scale_dP",
+                    ),
+                )
+            )
             dq, dk, dv, amax_dq, amax_dk, amax_dv, amax_dp = graph.sdpa_fp8_backward(
-                q=tensors["q"], k=tensors["k"], v=tensors["v"], o=tensors["o"], dO=tensors["dO"],
+                q=tensors["q"],
+                k=tensors["k"],
+                v=tensors["v"],
+                o=tensors["o"],
+                dO=tensors["dO"],
                 stats=tensors["stats"],
-                descale_q=tensors["descale_q"], descale_k=tensors["descale_k"], descale_v=tensors["descale_v"],
-                descale_o=tensors["descale_o"], descale_dO=tensors["descale_dO"], descale_s=tensors["descale_s"],
-                descale_dP=tensors["descale_dP"], scale_s=tensors["scale_s"], scale_dQ=tensors["scale_dQ"],
-                scale_dK=tensors["scale_dK"], scale_dV=tensors["scale_dV"], scale_dP=tensors["scale_dP"],
-                attn_scale=1.0 / math.sqrt(dims[3]), use_causal_mask=False,
+                descale_q=tensors["descale_q"],
+                descale_k=tensors["descale_k"],
+                descale_v=tensors["descale_v"],
+                descale_o=tensors["descale_o"],
+                descale_dO=tensors["descale_dO"],
+                descale_s=tensors["descale_s"],
+                descale_dP=tensors["descale_dP"],
+                scale_s=tensors["scale_s"],
+                scale_dQ=tensors["scale_dQ"],
+                scale_dK=tensors["scale_dK"],
+                scale_dV=tensors["scale_dV"],
+                scale_dP=tensors["scale_dP"],
+                attn_scale=1.0 / math.sqrt(dims[3]),
+                use_causal_mask=False,
             )
             for grad in (dq, dk, dv):
                 grad.set_output(True).set_dim(dims).set_stride(strides).set_data_type(self._dtype(grad_dtype))
@@ -248,12 +295,24 @@ class CudnnFP8Attention:
         out = torch.empty(q8.shape, dtype=out_dtype, device=q8.device)
         stats = torch.empty(b, h, s, 1, dtype=torch.float32, device=q8.device)
         amax_s, amax_o = (torch.empty(1, 1, 1, 1, dtype=torch.float32, device=q8.device) for _ in range(2))
-        self._execute(plan, dict(
-            q=q8, k=k8, v=v8, descale_q=_scalar(descales[0]), descale_k=_scalar(descales[1]),
-            descale_v=_scalar(descales[2]), descale_s=_scalar(torch.full_like(descales[0], 1 / PROBABILITY_SCALE)),
-            scale_s=_scalar(torch.full_like(descales[0], PROBABILITY_SCALE)), scale_o=_scalar(output_scale),
-            o=out, stats=stats, amax_s=amax_s, amax_o=amax_o,
-        ))
+        self._execute(
+            plan,
+            dict(
+                q=q8,
+                k=k8,
+                v=v8,
+                descale_q=_scalar(descales[0]),
+                descale_k=_scalar(descales[1]),
+                descale_v=_scalar(descales[2]),
+                descale_s=_scalar(torch.full_like(descales[0], 1 / PROBABILITY_SCALE)),
+                scale_s=_scalar(torch.full_like(descales[0], PROBABILITY_SCALE)),
+                scale_o=_scalar(output_scale),
+                o=out,
+                stats=stats,
+                amax_s=amax_s,
+                amax_o=amax_o,
+            ),
+        )
         return out, stats
 
     def run_backward(self, plan: _Plan, saved, grad8, scalars, grad_scales, grad_dtype):
@@ -262,16 +321,32 @@ class CudnnFP8Attention:
         grads = [torch.empty(q8.shape, dtype=grad_dtype, device=q8.device) for _ in range(3)]
         amaxes = torch.empty(4, dtype=torch.float32, device=q8.device)
         probability = torch.full((1, 1, 1, 1), PROBABILITY_SCALE, dtype=torch.float32, device=q8.device)
-        buffers = dict(q=q8, k=k8, v=v8, o=o, dO=grad8, stats=stats, dQ=grads[0], dK=grads[1], dV=grads[2],
-                       amax_dQ=amaxes[0:1], amax_dK=amaxes[1:2], amax_dV=amaxes[2:3], amax_dP=amaxes[3:4],
-                       scale_dQ=_scalar(grad_scales[0]), scale_dK=_scalar(grad_scales[1]),
-                       scale_dV=_scalar(grad_scales[2]), descale_s=probability.reciprocal(), scale_s=probability)
+        buffers = dict(
+            q=q8,
+            k=k8,
+            v=v8,
+            o=o,
+            dO=grad8,
+            stats=stats,
+            dQ=grads[0],
+            dK=grads[1],
+            dV=grads[2],
+            amax_dQ=amaxes[0:1],
+            amax_dK=amaxes[1:2],
+            amax_dV=amaxes[2:3],
+            amax_dP=amaxes[3:4],
+            scale_dQ=_scalar(grad_scales[0]),
+            scale_dK=_scalar(grad_scales[1]),
+            scale_dV=_scalar(grad_scales[2]),
+            descale_s=probability.reciprocal(),
+            scale_s=probability,
+        )
         buffers.update({name: _scalar(value) for name, value in scalars.items()})
         self._execute(plan, buffers)
         return grads, amaxes[:3]
 
 
-_runners: Dict[int, CudnnFP8Attention] = {}
+_runners: dict[int, CudnnFP8Attention] = {}
 _runners_lock = threading.Lock()
 _reported: set = set()
 
@@ -288,8 +363,9 @@ def _report_fallback(runner: CudnnFP8Attention, what: str) -> None:
     failed = [key for key in runner.failures if key not in _reported]
     for key in failed:
         _reported.add(key)
-        warnings.warn(f"cuDNN has no FP8 {what} kernel for {key}; that attention runs in 16-bit "
-                      f"({runner.failures[key]})")
+        warnings.warn(
+            f"cuDNN has no FP8 {what} kernel for {key}; that attention runs in 16-bit ({runner.failures[key]})"
+        )
 
 
 class FP8AttentionState:
@@ -304,10 +380,10 @@ class FP8AttentionState:
 
     def __init__(self, history_len: int = 16, margin: int = 1):
         self.history_len, self.margin = history_len, margin
-        self.amax_history: Optional[torch.Tensor] = None  # [history_len, 3]
+        self.amax_history: torch.Tensor | None = None  # [history_len, 3]
         self.reruns = 0
 
-    def scales(self, max_value: float, device) -> Optional[torch.Tensor]:
+    def scales(self, max_value: float, device) -> torch.Tensor | None:
         """Scales [3] for dQ, dK, dV, or None before the first call (nothing recorded yet)."""
         if self.amax_history is None:
             return None
@@ -321,11 +397,11 @@ class FP8AttentionState:
         else:
             self.amax_history = torch.cat([amax, self.amax_history[:-1].to(amax.device)])
 
-    def state_dict(self) -> Dict[str, object]:
+    def state_dict(self) -> dict[str, object]:
         history = None if self.amax_history is None else self.amax_history.detach().cpu().clone()
         return {"amax_history": history, "history_len": self.history_len, "margin": self.margin}
 
-    def load_state_dict(self, state: Dict[str, object]) -> None:
+    def load_state_dict(self, state: dict[str, object]) -> None:
         history = state.get("amax_history")
         if history is not None:
             history = history.float()[: self.history_len]
@@ -342,8 +418,10 @@ class _FP8AttentionFunction(torch.autograd.Function):
         amax = _amax3(q, k, v)
         scales, descales = quantization_scales(amax, E4M3.max_value)
         # The casts read strided views (v of a fused q/k/v GEMM) directly; cuDNN gets dense 8-bit copies.
-        q8, k8, v8 = (_scaled_cast(t, scales[i], E4M3.max_value, torch.float8_e4m3fn).contiguous()
-                      for i, t in enumerate((q, k, v)))
+        q8, k8, v8 = (
+            _scaled_cast(t, scales[i], E4M3.max_value, torch.float8_e4m3fn).contiguous()
+            for i, t in enumerate((q, k, v))
+        )
         plan = runner.forward_plan(q8, torch.float8_e4m3fn)
         if plan is None:
             _report_fallback(runner, "forward")
@@ -364,13 +442,21 @@ class _FP8AttentionFunction(torch.autograd.Function):
         grad_scale, grad_descale = quantization_scales(grad_amax, fmt.max_value)
         grad8 = _scaled_cast(grad_out, grad_scale, fmt.max_value, fmt.torch_dtype)
         dp_scale, dp_descale = gradient_product_descale(grad_amax, amax[2], q8.shape[-1], fmt.max_value)
-        scalars = dict(descale_q=descales[0], descale_k=descales[1], descale_v=descales[2], descale_o=descales[2],
-                       descale_dO=grad_descale, descale_dP=dp_descale, scale_dP=dp_scale)
+        scalars = dict(
+            descale_q=descales[0],
+            descale_k=descales[1],
+            descale_v=descales[2],
+            descale_o=descales[2],
+            descale_dO=grad_descale,
+            descale_dP=dp_descale,
+            scale_dP=dp_scale,
+        )
         plan = runner.backward_plan(q8, o8, grad8, fmt.torch_dtype)
         if plan is None:
             _report_fallback(runner, "backward")
-            raise RuntimeError(f"cuDNN has no FP8 attention backward for q {tuple(q8.shape)}: "
-                               f"{list(runner.failures.values())[-1]}")
+            raise RuntimeError(
+                f"cuDNN has no FP8 attention backward for q {tuple(q8.shape)}: {list(runner.failures.values())[-1]}"
+            )
 
         def run(grad_scales):
             return runner.run_backward(plan, (q8, k8, v8, o8, stats), grad8, scalars, grad_scales, fmt.torch_dtype)
@@ -391,7 +477,7 @@ class _Unsupported(Exception):
     pass
 
 
-def fp8_dot_product_attention(q, k, v, gradient_format: str = "hybrid", state: Optional[FP8AttentionState] = None):
+def fp8_dot_product_attention(q, k, v, gradient_format: str = "hybrid", state: FP8AttentionState | None = None):
     """softmax(q k^T / sqrt(d)) v in FP8 on cuDNN; q, k, v [B, N, heads, head_dim] in bf16/fp16.
 
     gradient_format: "hybrid" (E5M2 gradients; the only one, see the module docstring). ``state``

@@ -42,8 +42,9 @@ class QuantizedLinearFunction(torch.autograd.Function):
             out = torch._scaled_mm(x_codes, w_codes.t(), scale_a=x_inverse, scale_b=w_inverse, out_dtype=out_dtype)
         else:
             decode = scalers["input"].format.decode
-            out = F.linear(decode(x_codes, x_inverse, out_dtype),
-                           scalers["weight"].format.decode(w_codes, w_inverse, out_dtype))
+            out = F.linear(
+                decode(x_codes, x_inverse, out_dtype), scalers["weight"].format.decode(w_codes, w_inverse, out_dtype)
+            )
         ctx.save_for_backward(x_codes, w_codes, x_inverse, w_inverse)
         ctx.scalers, ctx.group, ctx.on_scaled_mm = scalers, group, on_scaled_mm
         ctx.input_dtype, ctx.weight_dtype = x2d.dtype, weight.dtype
@@ -57,11 +58,21 @@ class QuantizedLinearFunction(torch.autograd.Function):
         if ctx.on_scaled_mm:
             grad_codes, grad_inverse = grad_scaler.encode(grad_out.contiguous(), ctx.group)
             if ctx.needs_input_grad[0]:
-                grad_input = torch._scaled_mm(grad_codes, _column_major(w_codes), scale_a=grad_inverse,
-                                              scale_b=w_inverse, out_dtype=ctx.input_dtype)
+                grad_input = torch._scaled_mm(
+                    grad_codes,
+                    _column_major(w_codes),
+                    scale_a=grad_inverse,
+                    scale_b=w_inverse,
+                    out_dtype=ctx.input_dtype,
+                )
             if ctx.needs_input_grad[1]:
-                grad_weight = torch._scaled_mm(grad_codes.t().contiguous(), _column_major(x_codes),
-                                               scale_a=grad_inverse, scale_b=x_inverse, out_dtype=ctx.weight_dtype)
+                grad_weight = torch._scaled_mm(
+                    grad_codes.t().contiguous(),
+                    _column_major(x_codes),
+                    scale_a=grad_inverse,
+                    scale_b=x_inverse,
+                    out_dtype=ctx.weight_dtype,
+                )
             return grad_input, grad_weight, None, None, None, None
         grad = grad_scaler.quantize_dequantize(grad_out, ctx.group)
         if ctx.needs_input_grad[0]:

@@ -33,7 +33,6 @@ within 6.25 % and adds no variance.
 """
 
 import math
-from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -93,7 +92,7 @@ _POSITIVE = sorted((value, code) for code, value in enumerate(_DECODE_LIST) if 0
 _POSITIVE_VALUES = [value for value, _ in _POSITIVE]
 _POSITIVE_CODES = [code for _, code in _POSITIVE]
 
-_table_cache: Dict[Tuple[str, torch.device, torch.dtype], torch.Tensor] = {}
+_table_cache: dict[tuple[str, torch.device, torch.dtype], torch.Tensor] = {}
 
 
 def _table(name: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -115,7 +114,7 @@ def hif8_stochastic_band_mask(magnitude: torch.Tensor) -> torch.Tensor:
     return ((magnitude >= 16.0) | (magnitude < 0.125)) & (magnitude < HIF8_MAX)
 
 
-def hif8_round_core(x: torch.Tensor, random: Optional[torch.Tensor], saturate: bool) -> torch.Tensor:
+def hif8_round_core(x: torch.Tensor, random: torch.Tensor | None, saturate: bool) -> torch.Tensor:
     """Round every element of x to HiF8 in x's dtype; ``random`` in [0, 1) enables hybrid rounding.
 
     Only elementwise exact operations, so a compiler may fuse them without changing any result.
@@ -167,7 +166,7 @@ def hif8_round(x: torch.Tensor, saturate: bool = False) -> torch.Tensor:
 
 
 def hif8_round_stochastic(
-    x: torch.Tensor, generator: Optional[torch.Generator] = None, saturate: bool = False
+    x: torch.Tensor, generator: torch.Generator | None = None, saturate: bool = False
 ) -> torch.Tensor:
     """Hybrid rounding to HiF8: stochastic in the low-precision bands, nearest elsewhere.
 

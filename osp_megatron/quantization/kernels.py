@@ -5,7 +5,7 @@ An eager HiF8 quantize-dequantize is ~20 passes over memory; compiled it is a si
 
 import functools
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

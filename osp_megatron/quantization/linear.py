@@ -7,19 +7,19 @@ import fnmatch
 import sys
 import types
 import warnings
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from osp_megatron.config.errors import ConfigError
-from osp_megatron.quantization.autocast import autocast_frames
 from osp_megatron.quantization.attention import (
     ATTENTION_STATE_ATTRIBUTE,
     AttentionQuantizationState,
     is_self_attention_core,
     quantized_attention_modules,
 )
+from osp_megatron.quantization.autocast import autocast_frames
 from osp_megatron.quantization.backends import (
     TransformerEngineGemm,
     load_transformer_engine,
@@ -35,17 +35,18 @@ _STATE_ATTRIBUTE = "_quantization_state"
 class LinearQuantizationState:
     """Recipe, amax reduction group and per-role scalers of one quantized linear layer."""
 
-    def __init__(self, recipe: Recipe, group: Optional[dist.ProcessGroup], patched: str, previous: Any,
-                 inference: bool = False):
+    def __init__(
+        self, recipe: Recipe, group: dist.ProcessGroup | None, patched: str, previous: Any, inference: bool = False
+    ):
         self.group = group
         # Inference form: the weight is quantized once, on first use, and kept as codes; no backward.
         self.inference = inference
-        self.weight_cache: Optional[Tuple[Tuple[int, int], torch.Tensor, torch.Tensor]] = None
+        self.weight_cache: tuple[tuple[int, int], torch.Tensor, torch.Tensor] | None = None
         self.patched = patched  # the instance attribute replaced: "forward" or "_forward_impl"
         self.previous = previous  # an instance attribute that was there before, restored on removal
         self.recipe = recipe
-        self.scalers: Dict[str, TensorScaler] = {role: recipe.make_scaler(role) for role in ROLES}
-        self.te_gemm: Optional[TransformerEngineGemm] = None
+        self.scalers: dict[str, TensorScaler] = {role: recipe.make_scaler(role) for role in ROLES}
+        self.te_gemm: TransformerEngineGemm | None = None
         self.warned_fallback = False
 
     def use_recipe(self, recipe: Recipe) -> None:
@@ -55,7 +56,7 @@ class LinearQuantizationState:
             self.scalers = {role: recipe.make_scaler(role) for role in ROLES}
             self.te_gemm = None
 
-    def active(self) -> Optional[Tuple[Recipe, Optional[dist.ProcessGroup]]]:
+    def active(self) -> tuple[Recipe, dist.ProcessGroup | None] | None:
         """(recipe, group) to quantize this call with, or None to run in high precision."""
         frames = autocast_frames()
         if not frames:
@@ -67,10 +68,10 @@ class LinearQuantizationState:
             self.use_recipe(frame.recipe)
         return self.recipe, frame.group if frame.group is not None else self.group
 
-    def state_dict(self) -> Dict[str, Dict[str, Any]]:
+    def state_dict(self) -> dict[str, dict[str, Any]]:
         return {role: scaler.state_dict() for role, scaler in self.scalers.items()}
 
-    def load_state_dict(self, state: Dict[str, Dict[str, Any]]) -> None:
+    def load_state_dict(self, state: dict[str, dict[str, Any]]) -> None:
         for role, scaler in self.scalers.items():
             scaler.load_state_dict(state[role])
 
@@ -80,7 +81,7 @@ def quantized_matmul(
     weight: torch.Tensor,
     state: LinearQuantizationState,
     recipe: Recipe,
-    group: Optional[dist.ProcessGroup] = None,
+    group: dist.ProcessGroup | None = None,
 ) -> torch.Tensor:
     """``x @ weight.T`` (no bias) quantized by ``recipe`` with the scalers of ``state``.
 
@@ -105,13 +106,13 @@ def quantized_matmul(
         )
     if on_scaled_mm:
         x2d = x2d.contiguous()
-    out = QuantizedLinearFunction.apply(x2d, weight, state.scalers, group, linear_output_dtype(x, weight),
-                                        on_scaled_mm)
+    out = QuantizedLinearFunction.apply(x2d, weight, state.scalers, group, linear_output_dtype(x, weight), on_scaled_mm)
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
-def _cached_weight(weight: torch.Tensor, state: LinearQuantizationState, group, out_dtype: torch.dtype,
-                   on_scaled_mm: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+def _cached_weight(
+    weight: torch.Tensor, state: LinearQuantizationState, group, out_dtype: torch.dtype, on_scaled_mm: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The weight's 8-bit codes and inverse scale (scaled_mm), or its dequantized values in the output dtype
     (emulation), computed once and again only when the weight itself changes (a load, an EMA swap)."""
     key = (weight.data_ptr(), weight._version)
@@ -124,12 +125,19 @@ def _cached_weight(weight: torch.Tensor, state: LinearQuantizationState, group, 
     return state.weight_cache[1], state.weight_cache[2]
 
 
-def _inference_matmul(x: torch.Tensor, weight: torch.Tensor, state: LinearQuantizationState, recipe: Recipe,
-                      group: Optional[dist.ProcessGroup]) -> torch.Tensor:
+def _inference_matmul(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    state: LinearQuantizationState,
+    recipe: Recipe,
+    group: dist.ProcessGroup | None,
+) -> torch.Tensor:
     """``x @ weight.T`` of the inference form: x quantized per call, the weight's codes reused; no backward."""
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        raise RuntimeError("this linear is quantized in its inference form (weights quantized once), which has no "
-                           "backward; quantize with the training form to train")
+        raise RuntimeError(
+            "this linear is quantized in its inference form (weights quantized once), which has no "
+            "backward; quantize with the training form to train"
+        )
     x2d = x.reshape(-1, x.shape[-1])
     out_dtype = linear_output_dtype(x, weight)
     on_scaled_mm = recipe.backend in ("auto", "scaled_mm") and scaled_mm_applies(recipe.format, x2d, weight)
@@ -142,7 +150,7 @@ def _inference_matmul(x: torch.Tensor, weight: torch.Tensor, state: LinearQuanti
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
-def _add_bias(out: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+def _add_bias(out: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """out + bias in out's dtype (a float32 bias would promote a bf16 output to float32)."""
     return out if bias is None else out + bias.to(out.dtype)
 
@@ -166,13 +174,13 @@ def _quantized_megatron_forward_impl(
     self,
     input: torch.Tensor,
     weight: torch.Tensor,
-    bias: Optional[torch.Tensor] = None,
+    bias: torch.Tensor | None = None,
     gradient_accumulation_fusion: bool = False,
     allreduce_dgrad: bool = False,
     sequence_parallel: bool = False,
-    grad_output_buffer: Optional[list] = None,
-    wgrad_deferral_limit: Optional[int] = None,
-    tp_group: Optional[dist.ProcessGroup] = None,
+    grad_output_buffer: list | None = None,
+    wgrad_deferral_limit: int | None = None,
+    tp_group: dist.ProcessGroup | None = None,
     **kwargs,
 ) -> torch.Tensor:
     """Drop-in ``_forward_impl``: megatron's own TP mappings around a quantized local GEMM.
@@ -185,11 +193,16 @@ def _quantized_megatron_forward_impl(
     active = state.active()
     if active is None:
         return _original(self, state)(
-            input=input, weight=weight, bias=bias,
+            input=input,
+            weight=weight,
+            bias=bias,
             gradient_accumulation_fusion=gradient_accumulation_fusion,
-            allreduce_dgrad=allreduce_dgrad, sequence_parallel=sequence_parallel,
-            grad_output_buffer=grad_output_buffer, wgrad_deferral_limit=wgrad_deferral_limit,
-            tp_group=tp_group, **kwargs,
+            allreduce_dgrad=allreduce_dgrad,
+            sequence_parallel=sequence_parallel,
+            grad_output_buffer=grad_output_buffer,
+            wgrad_deferral_limit=wgrad_deferral_limit,
+            tp_group=tp_group,
+            **kwargs,
         )
     if grad_output_buffer is not None:
         raise RuntimeError(
@@ -215,7 +228,7 @@ def _megatron_linear_types() -> tuple:
     return (layers.ColumnParallelLinear, layers.RowParallelLinear)
 
 
-def _patch_target(module: torch.nn.Module) -> Optional[Tuple[str, Any]]:
+def _patch_target(module: torch.nn.Module) -> tuple[str, Any] | None:
     """(attribute to replace, replacement function) for a supported linear layer, else None."""
     megatron_types = _megatron_linear_types()
     if megatron_types and isinstance(module, megatron_types):
@@ -225,7 +238,7 @@ def _patch_target(module: torch.nn.Module) -> Optional[Tuple[str, Any]]:
     return None
 
 
-def module_is_selected(name: str, include: List[str], exclude: List[str]) -> bool:
+def module_is_selected(name: str, include: list[str], exclude: list[str]) -> bool:
     """True when ``name`` matches an include pattern and no exclude pattern (fnmatch, case-sensitive)."""
     included = any(fnmatch.fnmatchcase(name, pattern) for pattern in include)
     return included and not any(fnmatch.fnmatchcase(name, pattern) for pattern in exclude)
@@ -234,9 +247,9 @@ def module_is_selected(name: str, include: List[str], exclude: List[str]) -> boo
 def apply_quantization(
     model: torch.nn.Module,
     quant_config: QuantConfig,
-    amax_reduction_group: Optional[dist.ProcessGroup] = None,
+    amax_reduction_group: dist.ProcessGroup | None = None,
     inference: bool = False,
-) -> List[str]:
+) -> list[str]:
     """Quantize the GEMMs of the selected linear layers of ``model`` in place.
 
     ``amax_reduction_group`` is the group whose ranks must agree on each scale (the tensor- and
@@ -265,13 +278,14 @@ def apply_quantization(
     if quant_config.attention:
         for name, module in model.named_modules():
             if is_self_attention_core(name) and module_is_selected(
-                    name, quant_config.modules.include, quant_config.modules.exclude):
+                name, quant_config.modules.include, quant_config.modules.exclude
+            ):
                 module.__dict__[ATTENTION_STATE_ATTRIBUTE] = AttentionQuantizationState(recipe)
                 quantized.append(name)
     return quantized
 
 
-def quantized_modules(model: torch.nn.Module) -> Dict[str, LinearQuantizationState]:
+def quantized_modules(model: torch.nn.Module) -> dict[str, LinearQuantizationState]:
     """Qualified name -> quantization state of every quantized layer of ``model``."""
     return {
         name: module.__dict__[_STATE_ATTRIBUTE]
@@ -280,7 +294,7 @@ def quantized_modules(model: torch.nn.Module) -> Dict[str, LinearQuantizationSta
     }
 
 
-def remove_quantization(model: torch.nn.Module) -> List[str]:
+def remove_quantization(model: torch.nn.Module) -> list[str]:
     """Restore the original GEMMs of every quantized layer; returns their names."""
     removed = []
     for name, state in quantized_modules(model).items():
@@ -296,7 +310,7 @@ def remove_quantization(model: torch.nn.Module) -> List[str]:
     return removed
 
 
-def quantization_state_dict(model: torch.nn.Module) -> Dict[str, Dict[str, Dict[str, Any]]]:
+def quantization_state_dict(model: torch.nn.Module) -> dict[str, dict[str, dict[str, Any]]]:
     """Amax histories and scales of every quantized layer, keyed by layer name and role (FP8 attention
     cores: their gradient amax history under "fp8_attention")."""
     states = {name: state.state_dict() for name, state in quantized_modules(model).items()}
@@ -305,15 +319,13 @@ def quantization_state_dict(model: torch.nn.Module) -> Dict[str, Dict[str, Dict[
 
 
 def load_quantization_state_dict(
-    model: torch.nn.Module, state_dict: Dict[str, Dict[str, Dict[str, Any]]], strict: bool = True
+    model: torch.nn.Module, state_dict: dict[str, dict[str, dict[str, Any]]], strict: bool = True
 ) -> None:
     """Restore ``quantization_state_dict`` output; ``strict`` requires the same set of layers."""
     states = {**quantized_modules(model), **quantized_attention_modules(model)}
     if strict and set(states) != set(state_dict):
         missing, unexpected = sorted(set(states) - set(state_dict)), sorted(set(state_dict) - set(states))
-        raise ConfigError(
-            f"quantization state: layers missing from the checkpoint {missing}, unexpected {unexpected}"
-        )
+        raise ConfigError(f"quantization state: layers missing from the checkpoint {missing}, unexpected {unexpected}")
     for name, state in states.items():
         if name in state_dict:
             state.load_state_dict(state_dict[name])

@@ -3,7 +3,8 @@
 Shared by the config (validation at load time) and the recipes (validation when built in code).
 """
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from osp_megatron.config.errors import ConfigError
 
@@ -39,6 +40,4 @@ def check_recipe_combination(recipe_format: str, stochastic: bool, backend: str,
             f"{prefix}.stochastic_grad_rounding: only allowed with the HiF8 format, got format {recipe_format!r}"
         )
     if backend in ("scaled_mm", "transformer_engine") and recipe_format == "hif8":
-        raise ConfigError(
-            f"{prefix}.backend: {backend!r} runs FP8 only; allowed with HiF8: 'auto', 'emulate'"
-        )
+        raise ConfigError(f"{prefix}.backend: {backend!r} runs FP8 only; allowed with HiF8: 'auto', 'emulate'")

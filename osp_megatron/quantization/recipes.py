@@ -6,7 +6,7 @@ history and scale of one operand role of one linear layer and can be checkpointe
 
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar, Dict, Optional, Tuple
+from typing import Any, ClassVar
 
 import torch
 import torch.distributed as dist
@@ -30,6 +30,8 @@ FORMAT_PAIRS = {
     "hybrid": (E4M3, E5M2),
     "hif8": (HIF8, HIF8),
 }
+
+
 @dataclass(frozen=True, kw_only=True)
 class Recipe:
     """Per-tensor scaling recipe; subclasses choose when the scale is computed.
@@ -44,8 +46,8 @@ class Recipe:
 
     format: str = "hybrid"
     margin: int = 0
-    forward_target: Optional[float] = None
-    backward_target: Optional[float] = None
+    forward_target: float | None = None
+    backward_target: float | None = None
     stochastic_grad_rounding: bool = False
     backend: str = "auto"
 
@@ -175,9 +177,7 @@ class TensorScaler:
         usable = (amax > 0) & torch.isfinite(amax)
         return torch.where(usable, scale, self.scale)
 
-    def compute_scale(
-        self, tensor: torch.Tensor, group: Optional[dist.ProcessGroup] = None
-    ) -> torch.Tensor:
+    def compute_scale(self, tensor: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
         """Scale to quantize ``tensor`` with now; records its amax and updates the next scale."""
         self._to_device(tensor.device)
         if tensor.numel() == 0:
@@ -205,28 +205,26 @@ class TensorScaler:
     def quantize_dequantize(
         self,
         tensor: torch.Tensor,
-        group: Optional[dist.ProcessGroup] = None,
-        generator: Optional[torch.Generator] = None,
+        group: dist.ProcessGroup | None = None,
+        generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """``qdq(tensor * scale) / scale`` in ``tensor``'s dtype, with the scale from ``compute_scale``."""
         scale = self.compute_scale(tensor, group)
         return self.format.scaled_qdq(tensor, scale, stochastic=self.stochastic, generator=generator)
 
-    def encode(
-        self, tensor: torch.Tensor, group: Optional[dist.ProcessGroup] = None
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
+    def encode(self, tensor: torch.Tensor, group: dist.ProcessGroup | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(codes of ``tensor`` in the format, 1 / scale) with the scale from ``compute_scale``."""
         scale = self.compute_scale(tensor, group)
         return self.format.encode(tensor, scale), scale.reciprocal()
 
-    def state_dict(self) -> Dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         return {
             "amax_history": self.amax_history.detach().cpu().clone(),
             "scale": self.scale.detach().cpu().clone(),
             "num_updates": self.num_updates,
         }
 
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a checkpoint; a different history length keeps the most recent entries."""
         device = self.scale.device
         saved = state["amax_history"].to(device=device, dtype=torch.float32)

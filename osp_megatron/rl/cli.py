@@ -8,9 +8,10 @@ import sys
 
 from osp_megatron.engine.cli import SAMPLE_RUN_ONLY, JobSpec, job_main
 
-
-DESCRIPTION = ("Post-train a text-to-video DiT with Mix-GRPO: grouped rollouts whose sliding window of SDE steps "
-               "is trained against rewards. Launch under torchrun or srun for several ranks.")
+DESCRIPTION = (
+    "Post-train a text-to-video DiT with Mix-GRPO: grouped rollouts whose sliding window of SDE steps "
+    "is trained against rewards. Launch under torchrun or srun for several ranks."
+)
 EXAMPLES = """\
 main sections:
   grpo       group_size, prompts_per_iteration, num_steps, eta, window_size, window_mode (sliding|fixed),
@@ -78,10 +79,25 @@ def grpo_spec() -> JobSpec:
     # data.synthetic_seed seeds the tiny text encoder and VAE the policy was trained with; the rest of `data`
     # describes a training set.
     data = tuple(f"data.{f.name}" for f in dataclasses.fields(DataConfig) if f.name != "synthetic_seed")
-    loss = ("train.timestep_shift", "train.logit_mean", "train.logit_std", "train.text_dropout",
-            "train.eval_interval", "train.eval_samples", "train.peak_tflops")
-    return JobSpec("osp-grpo", GRPOJobConfig, DESCRIPTION, EXAMPLES, "grpo_tiny.yaml",
-                   ignored=data + loss + SAMPLE_RUN_ONLY, build=build_trainer, summary=summary)
+    loss = (
+        "train.timestep_shift",
+        "train.logit_mean",
+        "train.logit_std",
+        "train.text_dropout",
+        "train.eval_interval",
+        "train.eval_samples",
+        "train.peak_tflops",
+    )
+    return JobSpec(
+        "osp-grpo",
+        GRPOJobConfig,
+        DESCRIPTION,
+        EXAMPLES,
+        "grpo_tiny.yaml",
+        ignored=data + loss + SAMPLE_RUN_ONLY,
+        build=build_trainer,
+        summary=summary,
+    )
 
 
 def main(argv=None) -> int:

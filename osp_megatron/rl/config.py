@@ -4,11 +4,12 @@ Rollout videos take their size, shift, guidance and negative prompt from the `sa
 """
 
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal, Optional
+from typing import ClassVar, Literal
 
 from osp_megatron.config.errors import ConfigError
-from osp_megatron.engine.config import JobConfig
 from osp_megatron.config.loader import load_config
+from osp_megatron.engine.config import JobConfig
+
 
 @dataclass
 class GRPOConfig:
@@ -45,11 +46,20 @@ class GRPOConfig:
     reward_ranks: int = 0
     # When checkpoint.load does not exist yet: run `osp-train` with this config first ("tiny": the packaged
     # tiny pretraining) so that it does. null: a missing checkpoint.load is an error.
-    pretrain_if_missing: Optional[str] = None
+    pretrain_if_missing: str | None = None
 
     def validate(self, prefix: str = "grpo") -> None:
-        for key in ("group_size", "prompts_per_iteration", "num_steps", "window_size", "window_shift_interval",
-                    "window_stride", "flash_stride", "updates_per_iteration", "decode_batch_size"):
+        for key in (
+            "group_size",
+            "prompts_per_iteration",
+            "num_steps",
+            "window_size",
+            "window_shift_interval",
+            "window_stride",
+            "flash_stride",
+            "updates_per_iteration",
+            "decode_batch_size",
+        ):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{prefix}.{key} must be >= 1, got {getattr(self, key)}")
         if self.group_size < 2:
@@ -64,8 +74,9 @@ class GRPOConfig:
             if getattr(self, key) <= 0:
                 raise ConfigError(f"{prefix}.{key} must be > 0, got {getattr(self, key)}")
         if self.reward_ranks < 0:
-            raise ConfigError(f"{prefix}.reward_ranks must be >= 0 (0: rewards on the policy ranks), got "
-                              f"{self.reward_ranks}")
+            raise ConfigError(
+                f"{prefix}.reward_ranks must be >= 0 (0: rewards on the policy ranks), got {self.reward_ranks}"
+            )
         if self.kl_coef < 0:
             raise ConfigError(f"{prefix}.kl_coef must be >= 0, got {self.kl_coef}")
         if not self.rewards:
@@ -80,7 +91,7 @@ class PromptConfig:
     """Where rollout prompts come from: a text file (one per line), a JSONL file, webdataset shards with
     pre-encoded text states (latent.npy / text.npy / txt / json), inline prompts, or the synthetic captions."""
 
-    path: Optional[str | list[str]] = None  # file, shard folder, or list of shard globs
+    path: str | list[str] | None = None  # file, shard folder, or list of shard globs
     format: Literal["auto", "text", "jsonl", "shards"] = "auto"
     jsonl_key: str = "prompt"  # field of each JSONL record holding the prompt
     prompts: list[str] = field(default_factory=list)  # used when path is null
@@ -90,8 +101,9 @@ class PromptConfig:
     def validate(self, prefix: str = "prompts") -> None:
         sources = sum([self.path is not None, bool(self.prompts), self.synthetic])
         if sources != 1:
-            raise ConfigError(f"set exactly one of {prefix}.path, {prefix}.prompts or {prefix}.synthetic=true "
-                              f"(got {sources})")
+            raise ConfigError(
+                f"set exactly one of {prefix}.path, {prefix}.prompts or {prefix}.synthetic=true (got {sources})"
+            )
         if self.max_prompts < 1:
             raise ConfigError(f"{prefix}.max_prompts must be >= 1")
 
@@ -107,18 +119,22 @@ class GRPOJobConfig(JobConfig):
         data = super().resolve_defaults(data, prefix)
         grpo, train = data.get("grpo") or {}, data.get("train") or {}
         if isinstance(grpo, dict) and isinstance(train, dict) and "global_batch_size" not in train:
-            samples = grpo.get("prompts_per_iteration", GRPOConfig.prompts_per_iteration) * \
-                grpo.get("group_size", GRPOConfig.group_size)
-            data["train"] = dict(train, global_batch_size=samples,
-                                 micro_batch_size=min(train.get("micro_batch_size", samples), samples))
+            samples = grpo.get("prompts_per_iteration", GRPOConfig.prompts_per_iteration) * grpo.get(
+                "group_size", GRPOConfig.group_size
+            )
+            data["train"] = dict(
+                train, global_batch_size=samples, micro_batch_size=min(train.get("micro_batch_size", samples), samples)
+            )
         return data
 
     def validate(self, prefix: str = "") -> None:
         super().validate(prefix)
         samples = self.grpo.prompts_per_iteration * self.grpo.group_size
         if self.train.global_batch_size != samples:
-            raise ConfigError(f"train.global_batch_size={self.train.global_batch_size} must equal "
-                              f"grpo.prompts_per_iteration x grpo.group_size = {samples} (or be left out)")
+            raise ConfigError(
+                f"train.global_batch_size={self.train.global_batch_size} must equal "
+                f"grpo.prompts_per_iteration x grpo.group_size = {samples} (or be left out)"
+            )
         if self.sample.guidance_scale < 0:
             raise ConfigError("sample.guidance_scale must be >= 0")
 

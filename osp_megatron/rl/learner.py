@@ -44,9 +44,19 @@ class StepLoss:
     kl: torch.Tensor  # [B], detached
 
 
-def transition_loss(velocity_fn, transition: Transition, text_states, null_states, advantages, eta: float,
-                    guidance_scale: float, clip_range: float, kl_coef: float = 0.0, reference_velocity_fn=None,
-                    autocast=None) -> StepLoss:
+def transition_loss(
+    velocity_fn,
+    transition: Transition,
+    text_states,
+    null_states,
+    advantages,
+    eta: float,
+    guidance_scale: float,
+    clip_range: float,
+    kl_coef: float = 0.0,
+    reference_velocity_fn=None,
+    autocast=None,
+) -> StepLoss:
     """The clipped-ratio loss (plus kl_coef x KL) of one recorded transition under the current policy."""
     context = autocast or contextlib.nullcontext
     latents = transition.latents
@@ -64,7 +74,8 @@ def transition_loss(velocity_fn, transition: Transition, text_states, null_state
     if kl_coef > 0 and reference_velocity_fn is not None:
         with torch.no_grad(), context():
             reference = BatchedGuidance(reference_velocity_fn, text_states, null_states, guidance_scale)(
-                latents, t).float()
+                latents, t
+            ).float()
         reference_mean, _ = sde_mean_and_std(latents, reference, transition.sigma, transition.sigma_next, eta)
         kl = sde_kl(mean, reference_mean, std)
         loss = loss + kl_coef * kl.mean()

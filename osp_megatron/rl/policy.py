@@ -9,7 +9,6 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Optional
 
 import torch.distributed as dist
 
@@ -18,8 +17,17 @@ from osp_megatron.checkpointing.metadata import is_complete, read_metadata
 from osp_megatron.config.errors import ConfigError
 
 # Launcher variables a child osp-train must not inherit: it is a one-rank job of its own.
-_LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                       "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")
+_LAUNCHER_VARIABLES = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "SLURM_PROCID",
+    "SLURM_NTASKS",
+    "SLURM_LOCALID",
+)
 
 
 def _saved_setting(saved: dict, dotted: str, default):
@@ -44,8 +52,10 @@ def check_encoders_match(config, weights: Path) -> None:
     metadata = read_metadata(weights)
     saved = metadata.get("config") or {"model": metadata.get("model_config") or {}}
     problems = []
-    for path_key, builtin_key, default in (("model.vae_path", "model.vae", "tiny-random"),
-                                           ("model.text_encoder_path", "data.synthetic_seed", 0)):
+    for path_key, builtin_key, default in (
+        ("model.vae_path", "model.vae", "tiny-random"),
+        ("model.text_encoder_path", "data.synthetic_seed", 0),
+    ):
         ours, theirs = _setting(config, path_key), _saved_setting(saved, path_key, None)
         if (ours is None) != (theirs is None):
             problems.append((path_key, ours, theirs))
@@ -59,9 +69,11 @@ def check_encoders_match(config, weights: Path) -> None:
     if problems:
         dotted, ours, theirs = problems[0]
         ours, theirs = _as_written(ours), _as_written(theirs)
-        raise ConfigError(f"{dotted}={ours} but the policy in checkpoint.load={str(weights)!r} was trained with "
-                          f"{dotted}={theirs}; set {dotted}={theirs} so that rollouts are made like its "
-                          "training data")
+        raise ConfigError(
+            f"{dotted}={ours} but the policy in checkpoint.load={str(weights)!r} was trained with "
+            f"{dotted}={theirs}; set {dotted}={theirs} so that rollouts are made like its "
+            "training data"
+        )
 
 
 def _as_written(value) -> str:
@@ -75,9 +87,12 @@ def run_pretraining(config_name: str, run_dir: str) -> None:
 
     config_path = str(packaged_config("tiny_t2v.yaml")) if config_name == "tiny" else config_name
     command = [sys.executable, "-m", "osp_megatron.training.cli", "--config", config_path, f"run.dir={run_dir}"]
-    print(f"[osp-grpo] checkpoint.load={run_dir!r} holds no checkpoint yet (grpo.pretrain_if_missing={config_name!r}): "
-          f"pretraining it first with `osp-train --config {config_path} run.dir={run_dir}`; GRPO starts when it "
-          "ends", flush=True)
+    print(
+        f"[osp-grpo] checkpoint.load={run_dir!r} holds no checkpoint yet (grpo.pretrain_if_missing={config_name!r}): "
+        f"pretraining it first with `osp-train --config {config_path} run.dir={run_dir}`; GRPO starts when it "
+        "ends",
+        flush=True,
+    )
     environment = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARIABLES}
     result = subprocess.run(command, env=environment)
     if result.returncode != 0:
@@ -98,7 +113,7 @@ def _needs_pretraining(path: Path) -> bool:
     return not any(p.suffix in weight_suffixes for p in path.rglob("*") if "checkpoints" not in p.parts)
 
 
-def initial_policy_weights(config) -> Optional[Path]:
+def initial_policy_weights(config) -> Path | None:
     """checkpoint.load resolved to the weights to start from, pretraining them first when
     grpo.pretrain_if_missing says so and there is nothing there yet; None without checkpoint.load."""
     load = config.checkpoint.load
@@ -108,8 +123,10 @@ def initial_policy_weights(config) -> Optional[Path]:
         recipe = config.grpo.pretrain_if_missing
         if recipe is None:
             what = "does not exist" if not Path(load).exists() else "holds no checkpoint or weight file"
-            raise ConfigError(f"checkpoint.load={load!r} {what}; point it at a pretraining run or checkpoint, or "
-                              "set grpo.pretrain_if_missing=tiny to create it")
+            raise ConfigError(
+                f"checkpoint.load={load!r} {what}; point it at a pretraining run or checkpoint, or "
+                "set grpo.pretrain_if_missing=tiny to create it"
+            )
         if dist.get_rank() == 0:
             run_pretraining(recipe, load)
         dist.barrier()

@@ -29,8 +29,9 @@ def _read_jsonl(path: str, key: str) -> list[str]:
             except json.JSONDecodeError as err:
                 raise ConfigError(f"prompts.path {path!r} line {number}: not valid JSON ({err})") from None
             if not isinstance(record, dict) or not isinstance(record.get(key), str):
-                raise ConfigError(f"prompts.path {path!r} line {number}: no string field {key!r} "
-                                  f"(set prompts.jsonl_key)")
+                raise ConfigError(
+                    f"prompts.path {path!r} line {number}: no string field {key!r} (set prompts.jsonl_key)"
+                )
             prompts.append(record[key])
     return prompts
 
@@ -44,9 +45,11 @@ def _read_shards(path, text_len: int, text_dim: int, limit: int) -> tuple[list[s
         for raw in iter_raw_samples(shard.path):
             text = _load_npy(raw, "text.npy", shard.path)
             if text.ndim != 2 or text.shape[1] != text_dim or not 1 <= text.shape[0] <= text_len:
-                raise ConfigError(f"shard {shard.path}, sample {raw['__key__']!r}: text.npy has shape "
-                                  f"{tuple(text.shape)}, expected [length <= model.text_len={text_len}, "
-                                  f"model.text_dim={text_dim}]")
+                raise ConfigError(
+                    f"shard {shard.path}, sample {raw['__key__']!r}: text.npy has shape "
+                    f"{tuple(text.shape)}, expected [length <= model.text_len={text_len}, "
+                    f"model.text_dim={text_dim}]"
+                )
             if "txt" not in raw:
                 raise ConfigError(f"shard {shard.path}, sample {raw['__key__']!r}: no 'txt' caption")
             prompts.append(raw["txt"].decode("utf-8"))

@@ -76,8 +76,11 @@ class RewardServer:
 
         split = state.world_split()
         local_rank = split.world_rank - split.served_size
-        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() and \
-            config.train.device != "cpu" else torch.device("cpu")
+        self.device = (
+            torch.device("cuda", torch.cuda.current_device())
+            if torch.cuda.is_available() and config.train.device != "cpu"
+            else torch.device("cpu")
+        )
         self.rewards = build_rewards(config.grpo.rewards, self.device, video_fps=config.sample.fps)
 
         def no_text_encoder():

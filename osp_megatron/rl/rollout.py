@@ -32,8 +32,9 @@ class Transition:
     log_prob: torch.Tensor  # [B] under the rollout (old) policy
 
     def select(self, rows) -> "Transition":
-        return Transition(self.step, self.sigma, self.sigma_next, self.latents[rows], self.next_latents[rows],
-                          self.log_prob[rows])
+        return Transition(
+            self.step, self.sigma, self.sigma_next, self.latents[rows], self.next_latents[rows], self.log_prob[rows]
+        )
 
 
 @dataclass
@@ -43,19 +44,28 @@ class RolloutBatch:
     transitions: list[Transition] = field(default_factory=list)
 
     def select(self, rows) -> "RolloutBatch":
-        return RolloutBatch(self.final_latents[rows], self.text_states[rows], [t.select(rows) for t in self.transitions])
+        return RolloutBatch(
+            self.final_latents[rows], self.text_states[rows], [t.select(rows) for t in self.transitions]
+        )
 
     @staticmethod
     def concatenate(batches: list["RolloutBatch"]) -> "RolloutBatch":
         transitions = []
         for parts in zip(*(b.transitions for b in batches)):
             first = parts[0]
-            transitions.append(Transition(first.step, first.sigma, first.sigma_next,
-                                          torch.cat([p.latents for p in parts]),
-                                          torch.cat([p.next_latents for p in parts]),
-                                          torch.cat([p.log_prob for p in parts])))
-        return RolloutBatch(torch.cat([b.final_latents for b in batches]),
-                            torch.cat([b.text_states for b in batches]), transitions)
+            transitions.append(
+                Transition(
+                    first.step,
+                    first.sigma,
+                    first.sigma_next,
+                    torch.cat([p.latents for p in parts]),
+                    torch.cat([p.next_latents for p in parts]),
+                    torch.cat([p.log_prob for p in parts]),
+                )
+            )
+        return RolloutBatch(
+            torch.cat([b.final_latents for b in batches]), torch.cat([b.text_states for b in batches]), transitions
+        )
 
 
 def timesteps(sigma: float, batch: int, device) -> torch.Tensor:
@@ -63,8 +73,17 @@ def timesteps(sigma: float, batch: int, device) -> torch.Tensor:
 
 
 @torch.no_grad()
-def rollout(velocity_fn, noise: torch.Tensor, text_states: torch.Tensor, null_states, plan: RolloutPlan, eta: float,
-            guidance_scale: float, sde_generators: list[torch.Generator], autocast=None) -> RolloutBatch:
+def rollout(
+    velocity_fn,
+    noise: torch.Tensor,
+    text_states: torch.Tensor,
+    null_states,
+    plan: RolloutPlan,
+    eta: float,
+    guidance_scale: float,
+    sde_generators: list[torch.Generator],
+    autocast=None,
+) -> RolloutBatch:
     """Integrate from `noise` (s = 1) to s = 0 along `plan`; velocity_fn(latents, timestep, text) is the policy.
 
     sde_generators: one per sample, drawing that sample's SDE noise, so a sample's trajectory does not

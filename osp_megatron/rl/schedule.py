@@ -13,8 +13,9 @@ from osp_megatron.config.errors import ConfigError
 from osp_megatron.inference.sampler import flow_timesteps
 
 
-def window_start(iteration: int, num_steps: int, window_size: int, mode: str = "sliding", shift_interval: int = 1,
-                 stride: int = 1) -> int:
+def window_start(
+    iteration: int, num_steps: int, window_size: int, mode: str = "sliding", shift_interval: int = 1, stride: int = 1
+) -> int:
     """First SDE step l of the window at `iteration`: 0, stride, 2 stride, ... up to num_steps - window_size,
     each held `shift_interval` iterations, then back to 0 ("fixed": always 0)."""
     if not 1 <= window_size <= num_steps:
@@ -48,8 +49,9 @@ class RolloutPlan:
         return len(self.kinds)
 
 
-def rollout_plan(num_steps: int, shift: float, start: int, window_size: int, flash: bool = False,
-                 flash_stride: int = 2) -> RolloutPlan:
+def rollout_plan(
+    num_steps: int, shift: float, start: int, window_size: int, flash: bool = False, flash_stride: int = 2
+) -> RolloutPlan:
     """The plan for a window [start, start + window_size) of a `num_steps`-step shifted grid."""
     grid = flow_timesteps(num_steps, shift)
     end = start + window_size

@@ -40,8 +40,11 @@ def sde_mean_and_std(latents, velocity, sigma, sigma_next, eta):
 def gaussian_log_prob(next_latents, mean, std) -> torch.Tensor:
     """log N(next_latents; mean, std^2) averaged over all non-batch elements -> [B] float32."""
     x = next_latents.float()
-    log_density = -((x - mean) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * torch.log(
-        torch.tensor(2 * torch.pi, device=x.device))
+    log_density = (
+        -((x - mean) ** 2) / (2 * std**2)
+        - torch.log(std)
+        - 0.5 * torch.log(torch.tensor(2 * torch.pi, device=x.device))
+    )
     return log_density.flatten(1).mean(dim=1)
 
 

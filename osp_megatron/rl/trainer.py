@@ -6,7 +6,6 @@ checkpoints, resume, stops, samples and telemetry come from the engine's job loo
 """
 
 import time
-from typing import Optional
 
 import numpy as np
 import torch
@@ -14,12 +13,11 @@ import torch.distributed as dist
 
 from osp_megatron.config.errors import ConfigError
 from osp_megatron.engine.loop import TrainingJob
-from osp_megatron.inference.runner import render_sample
 from osp_megatron.engine.lora import adapters_disabled
 from osp_megatron.engine.model import build_job_model
 from osp_megatron.engine.optim import average_gradients, clip_gradients, lr_at, set_lr
 from osp_megatron.engine.rng import seed_everything
-from osp_megatron.inference.runner import build_pipeline
+from osp_megatron.inference.runner import build_pipeline, render_sample
 from osp_megatron.parallel import state
 from osp_megatron.parallel.fsdp import reshard
 from osp_megatron.parallel.ssp import check_sequence_parallel_layout
@@ -52,7 +50,8 @@ class GRPOTrainer(TrainingJob):
             raise ConfigError(
                 f"grpo.prompts_per_iteration x grpo.group_size = {self.samples_per_iteration} samples must divide "
                 f"evenly over {self.dp_size} data-parallel ranks x grpo.updates_per_iteration="
-                f"{grpo.updates_per_iteration} minibatches")
+                f"{grpo.updates_per_iteration} minibatches"
+            )
         self.local_samples = self.samples_per_iteration // self.dp_size
         which = "ema" if config.checkpoint.load_ema else "model"
         # A resumed checkpoint holds every trained weight; the initial policy is still needed as the frozen
@@ -76,8 +75,14 @@ class GRPOTrainer(TrainingJob):
         sample = config.sample
         self.latent_shape = self.pipeline.latent_shape(sample.num_frames, sample.height, sample.width)
         grid = tuple(size // patch for size, patch in zip(self.latent_shape[1:], config.model.patch_size))
-        check_sequence_parallel_layout(config.model, grid, config.parallel.tensor, config.parallel.ssp,
-                                       config.parallel.ulysses, source="token grid of sample.num_frames/height/width")
+        check_sequence_parallel_layout(
+            config.model,
+            grid,
+            config.parallel.tensor,
+            config.parallel.ssp,
+            config.parallel.ulysses,
+            source="token grid of sample.num_frames/height/width",
+        )
         self.prompts = build_prompt_set(config.prompts, config.model, lambda: self.pipeline.text_encoder)
         self.reward_client = None
         if grpo.reward_ranks:
@@ -104,10 +109,17 @@ class GRPOTrainer(TrainingJob):
     # -- one iteration ---------------------------------------------------------------------------------
     def plan(self, iteration: int):
         grpo = self.config.grpo
-        start = window_start(iteration, grpo.num_steps, grpo.window_size, grpo.window_mode,
-                             grpo.window_shift_interval, grpo.window_stride)
-        return rollout_plan(grpo.num_steps, self.config.sample.shift, start, grpo.window_size, grpo.flash,
-                            grpo.flash_stride)
+        start = window_start(
+            iteration,
+            grpo.num_steps,
+            grpo.window_size,
+            grpo.window_mode,
+            grpo.window_shift_interval,
+            grpo.window_stride,
+        )
+        return rollout_plan(
+            grpo.num_steps, self.config.sample.shift, start, grpo.window_size, grpo.flash, grpo.flash_stride
+        )
 
     def local_sample_ids(self) -> range:
         return range(self.dp_rank * self.local_samples, (self.dp_rank + 1) * self.local_samples)
@@ -123,12 +135,24 @@ class GRPOTrainer(TrainingJob):
         micro = cfg.train.micro_batch_size
         for first in range(0, len(prompt_ids), micro):
             rows = range(first, min(first + micro, len(prompt_ids)))
-            noise = torch.stack([torch.randn(self.latent_shape, generator=seeded_generator(*noise_keys[j]))
-                                 for j in rows]).to(self.device)
+            noise = torch.stack(
+                [torch.randn(self.latent_shape, generator=seeded_generator(*noise_keys[j])) for j in rows]
+            ).to(self.device)
             text = self.prompts.states([prompt_ids[j] for j in rows]).to(self.device)
             generators = [seeded_generator(*sde_keys[j]) for j in rows]
-            batches.append(rollout(self.velocity, noise, text, null, plan, cfg.grpo.eta,
-                                   cfg.sample.guidance_scale, generators, self.autocast))
+            batches.append(
+                rollout(
+                    self.velocity,
+                    noise,
+                    text,
+                    null,
+                    plan,
+                    cfg.grpo.eta,
+                    cfg.sample.guidance_scale,
+                    generators,
+                    self.autocast,
+                )
+            )
         return RolloutBatch.concatenate(batches)
 
     def collect(self, iteration: int, plan) -> tuple[RolloutBatch, list[int]]:
@@ -138,8 +162,9 @@ class GRPOTrainer(TrainingJob):
         slot_prompts = self.prompts.indices_for_iteration(iteration, self.config.grpo.prompts_per_iteration, seed)
         ids = list(self.local_sample_ids())
         prompt_ids = [slot_prompts[k // group] for k in ids]
-        batch = self.roll_out(prompt_ids, [(seed, iteration, k // group) for k in ids],
-                              [(seed, iteration, k, 1) for k in ids], plan)
+        batch = self.roll_out(
+            prompt_ids, [(seed, iteration, k // group) for k in ids], [(seed, iteration, k, 1) for k in ids], plan
+        )
         return batch, prompt_ids
 
     @torch.no_grad()
@@ -158,8 +183,12 @@ class GRPOTrainer(TrainingJob):
         sums = torch.zeros(len(self.rewards) + 1, dtype=torch.float64)
         if mine:
             plan = ode_plan(cfg.grpo.num_steps, cfg.sample.shift)
-            batch = self.roll_out([chosen[j] for j in mine], [(seed, EVAL_STREAM, j) for j in mine],
-                                  [(seed, EVAL_STREAM, j, 1) for j in mine], plan)
+            batch = self.roll_out(
+                [chosen[j] for j in mine],
+                [(seed, EVAL_STREAM, j) for j in mine],
+                [(seed, EVAL_STREAM, j, 1) for j in mine],
+                plan,
+            )
             scores = self.score(batch, [chosen[j] for j in mine]).double()[:real]
             sums[:-1], sums[-1] = scores.sum(dim=0), real
         elif self.reward_client is not None:
@@ -179,8 +208,12 @@ class GRPOTrainer(TrainingJob):
         """Rewards [local samples, rewards]: decode grpo.decode_batch_size videos at a time, score them together
         here or on the reward ranks."""
         size = self.config.grpo.decode_batch_size
-        videos = torch.cat([to_uint8_frames(self.pipeline.vae.decode(batch.final_latents[first:first + size]))
-                            for first in range(0, len(batch.final_latents), size)])
+        videos = torch.cat(
+            [
+                to_uint8_frames(self.pipeline.vae.decode(batch.final_latents[first : first + size]))
+                for first in range(0, len(batch.final_latents), size)
+            ]
+        )
         if self.reward_client is not None:
             return self.reward_client.score(videos, prompt_ids)
         return score_videos(self.rewards, videos, [self.prompts.prompts[i] for i in prompt_ids])
@@ -211,14 +244,26 @@ class GRPOTrainer(TrainingJob):
         ratios, clipped, kls, losses, norms = [], [], [], [], []
         for start in range(0, self.local_samples, minibatch):
             optimizer.zero_grad(set_to_none=True)
-            pieces = [(first, min(first + micro, start + minibatch)) for first in range(start, start + minibatch, micro)]
+            pieces = [
+                (first, min(first + micro, start + minibatch)) for first in range(start, start + minibatch, micro)
+            ]
             scale = len(batch.transitions) * minibatch
             for first, last in pieces:
                 rows = slice(first, last)
                 for transition in batch.transitions:
-                    step = transition_loss(self.velocity, transition.select(rows), batch.text_states[rows],
-                                           null, advantages[rows], grpo.eta, cfg.sample.guidance_scale,
-                                           grpo.clip_range, grpo.kl_coef, reference, self.autocast)
+                    step = transition_loss(
+                        self.velocity,
+                        transition.select(rows),
+                        batch.text_states[rows],
+                        null,
+                        advantages[rows],
+                        grpo.eta,
+                        cfg.sample.guidance_scale,
+                        grpo.clip_range,
+                        grpo.kl_coef,
+                        reference,
+                        self.autocast,
+                    )
                     # Mean over this minibatch's samples and window steps, whatever the micro-batch size.
                     (step.loss * (last - first) / scale).backward()
                     losses.append(float(step.loss.detach()) * (last - first) / scale)
@@ -226,15 +271,22 @@ class GRPOTrainer(TrainingJob):
                     clipped.append(step.clipped)
                     kls.append(step.kl)
             if not self.built.fsdp:  # FSDP's reduce-scatter over the same ranks takes this mean
-                average_gradients(module, state.gradient_reduction_group(),
-                                  dist.get_world_size(state.gradient_reduction_group()))
+                average_gradients(
+                    module, state.gradient_reduction_group(), dist.get_world_size(state.gradient_reduction_group())
+                )
             norms.append(float(clip_gradients(module, cfg.train.grad_clip)))
             optimizer.step()
             if self.ema is not None:
                 self.ema.update(module)
         ratio, clip_hits, kl = torch.cat(ratios), torch.cat(clipped).float(), torch.cat(kls)
-        means = torch.stack([ratio.mean(), clip_hits.mean(), kl.mean(),
-                             torch.tensor(sum(losses) / grpo.updates_per_iteration, device=ratio.device)])
+        means = torch.stack(
+            [
+                ratio.mean(),
+                clip_hits.mean(),
+                kl.mean(),
+                torch.tensor(sum(losses) / grpo.updates_per_iteration, device=ratio.device),
+            ]
+        )
         means, deviation = means.to(self.device), (ratio - 1).abs().max().to(self.device)
         if self.dp_size > 1:
             dist.all_reduce(means, group=state.data_parallel_group())
@@ -242,8 +294,15 @@ class GRPOTrainer(TrainingJob):
             dist.all_reduce(deviation, op=dist.ReduceOp.MAX, group=state.data_parallel_group())
         ratio_mean, clip_fraction, kl_mean, loss = means.tolist()
         ratio_deviation = float(deviation)
-        return {"loss": loss, "lr": lr, "grad_norm": sum(norms) / len(norms), "policy_ratio": ratio_mean,
-                "policy_ratio_max_deviation": ratio_deviation, "clip_fraction": clip_fraction, "kl": kl_mean}
+        return {
+            "loss": loss,
+            "lr": lr,
+            "grad_norm": sum(norms) / len(norms),
+            "policy_ratio": ratio_mean,
+            "policy_ratio_max_deviation": ratio_deviation,
+            "clip_fraction": clip_fraction,
+            "kl": kl_mean,
+        }
 
     def train_iteration(self) -> dict:
         grpo = self.config.grpo
@@ -257,17 +316,20 @@ class GRPOTrainer(TrainingJob):
         scores = self.gather_scores(local_scores)
         weights = [reward.weight for reward in self.rewards]
         advantages = group_advantages(scores, grpo.group_size, weights, grpo.advantage_clip)
-        local_advantages = advantages[self.local_sample_ids().start:self.local_sample_ids().stop].to(self.device)
+        local_advantages = advantages[self.local_sample_ids().start : self.local_sample_ids().stop].to(self.device)
         tick = time.time()
         metrics = self.learn(batch, local_advantages)
         learner_seconds = time.time() - tick
         guidance_factor = 1 if self.config.sample.guidance_scale == 1.0 else 2
         metrics.update(
             reward=float((scores * torch.tensor(weights)).sum(dim=1).mean()),
-            advantage_mean=float(advantages.mean()), advantage_std=float(advantages.std(unbiased=False)),
+            advantage_mean=float(advantages.mean()),
+            advantage_std=float(advantages.std(unbiased=False)),
             advantage_abs_max=float(advantages.abs().max()),
-            nfe_per_sample=plan.model_evaluations * guidance_factor, window_start=plan.sde_steps[0],
-            rollout_s=rollout_seconds, learner_s=learner_seconds,
+            nfe_per_sample=plan.model_evaluations * guidance_factor,
+            window_start=plan.sde_steps[0],
+            rollout_s=rollout_seconds,
+            learner_s=learner_seconds,
         )
         for column, reward in enumerate(self.rewards):
             metrics[f"reward/{reward.name}_mean"] = float(scores[:, column].mean())
@@ -284,7 +346,7 @@ class GRPOTrainer(TrainingJob):
         every = self.config.grpo.eval_interval
         return bool(every) and (step % every == 0 or step == self.config.train.steps)
 
-    def evaluate_before_training(self) -> Optional[dict]:
+    def evaluate_before_training(self) -> dict | None:
         if not self.config.grpo.eval_interval:
             return None
         initial = self.evaluate()
@@ -293,10 +355,12 @@ class GRPOTrainer(TrainingJob):
         return initial
 
     def describe(self) -> str:
-        return (f"{len(self.prompts)} prompts; {self.samples_per_iteration} samples per iteration over "
-                f"{self.dp_size} data-parallel ranks")
+        return (
+            f"{len(self.prompts)} prompts; {self.samples_per_iteration} samples per iteration over "
+            f"{self.dp_size} data-parallel ranks"
+        )
 
-    def finish_message(self, result: dict) -> Optional[str]:
+    def finish_message(self, result: dict) -> str | None:
         if "eval_reward" not in result:
             return None
         before = f"{self.initial_eval_reward:.4f} -> " if self.initial_eval_reward is not None else ""

@@ -18,9 +18,19 @@ SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "activation_p
 
 
 # The code that decides what a block saves; profiles record a fingerprint of it to tell when they are stale.
-SOURCE_FILES = ("models/wan/layers.py", "models/wan/model.py", "models/wan/fused.py", "models/wan/spec.py",
-                "attention/dispatch.py", "attention/skiparse.py", "parallel/layout.py", "quantization/gemm.py",
-                "quantization/formats.py", "quantization/linear.py", "training/flow_matching.py")
+SOURCE_FILES = (
+    "models/wan/layers.py",
+    "models/wan/model.py",
+    "models/wan/fused.py",
+    "models/wan/spec.py",
+    "attention/dispatch.py",
+    "attention/skiparse.py",
+    "parallel/layout.py",
+    "quantization/gemm.py",
+    "quantization/formats.py",
+    "quantization/linear.py",
+    "training/flow_matching.py",
+)
 SOURCE_KEY = "source"
 
 
@@ -56,8 +66,12 @@ def measure_in_subprocess(requests) -> list:
             continue
         env = {**os.environ, "OSP_MEGATRON_COMPILE": "partition" if compiled else "0"}
         argument = json.dumps([asdict(request) for request in batch])
-        result = subprocess.run([sys.executable, "-m", "osp_megatron.training.activation_profile", argument],
-                                env=env, capture_output=True, text=True)
+        result = subprocess.run(
+            [sys.executable, "-m", "osp_megatron.training.activation_profile", argument],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
         if result.returncode != 0:
             raise RuntimeError(f"measuring activation bytes failed:\n{result.stderr[-3000:]}")
         profiles.extend(zip(batch, json.loads(result.stdout.strip().splitlines()[-1])))
@@ -74,14 +88,20 @@ def load_profiles(requests, measure_missing: bool = True) -> tuple:
         cached = {SOURCE_KEY: fingerprint}
     found = {request.key(): shipped.get(request.key()) or cached.get(request.key()) for request in requests}
     if any(request.key() in shipped for request in requests) and shipped.get(SOURCE_KEY) != fingerprint:
-        notes.append("the stored activation profiles were measured on other block code; re-measure them with "
-                     "python -m osp_megatron.training.memory_table --measure-presets")
+        notes.append(
+            "the stored activation profiles were measured on other block code; re-measure them with "
+            "python -m osp_megatron.training.memory_table --measure-presets"
+        )
     missing = [request for request in requests if found[request.key()] is None]
     if missing and not measure_missing:
         raise KeyError(f"no stored activation profile for {[request.key() for request in missing]}")
     if missing:
-        print(f"[osp-train] measuring activation bytes of {len(missing)} block configuration(s) on the CPU "
-              f"(once; cached in {cache_path()})", file=sys.stderr, flush=True)
+        print(
+            f"[osp-train] measuring activation bytes of {len(missing)} block configuration(s) on the CPU "
+            f"(once; cached in {cache_path()})",
+            file=sys.stderr,
+            flush=True,
+        )
         for request, profile in zip(missing, measure_in_subprocess(missing)):
             found[request.key()] = cached[request.key()] = profile
         os.makedirs(os.path.dirname(cache_path()), exist_ok=True)
@@ -96,8 +116,11 @@ def run_requests(run, compiled: bool = True) -> dict:
     kinds = {"full" if kind == "full" else "sparse" for kind in run.model.block_kinds()}
     tensors = (1, 2) if run.layout.tensor > 1 else (1,)
     recipe = run.recipe if run.recipe else "none"
-    return {(kind, tensor): request_for(run.model, kind, run.needs_padding, tensor, run.precision, recipe, compiled)
-            for kind in kinds for tensor in tensors}
+    return {
+        (kind, tensor): request_for(run.model, kind, run.needs_padding, tensor, run.precision, recipe, compiled)
+        for kind in kinds
+        for tensor in tensors
+    }
 
 
 def _at_tensor(values: dict, tensor: int) -> float:
@@ -140,6 +163,8 @@ def activation_bytes(run, profiles=None, compiled: bool = True) -> dict:
     any_kind = next(kind for kind, _ in requests)
     result["outside"] = {"kept": value(any_kind, "outside", whole), "rise": value(any_kind, "rise_outside", whole)}
     if run.fp8_attention:
-        result["notes"].append("quant.attention: FP8 attention keeps q, k, v, o in 8 bits; counted here as the "
-                               "16-bit kernel's bytes (an upper bound)")
+        result["notes"].append(
+            "quant.attention: FP8 attention keeps q, k, v, o in 8 bits; counted here as the "
+            "16-bit kernel's bytes (an upper bound)"
+        )
     return result

@@ -63,16 +63,35 @@ class ProfileRequest:
         return json.dumps(asdict(self), sort_keys=True)
 
 
-def request_for(model_config, kind: str, padded: bool, tensor: int, precision: str, recipe: str,
-                compiled: bool = True) -> ProfileRequest:
-    fields = {name: getattr(model_config, name) for name in (
-        "dim", "num_heads", "ffn_dim", "text_dim", "text_len", "in_channels", "out_channels", "freq_dim",
-        "cross_attn_norm")}
+def request_for(
+    model_config, kind: str, padded: bool, tensor: int, precision: str, recipe: str, compiled: bool = True
+) -> ProfileRequest:
+    fields = {
+        name: getattr(model_config, name)
+        for name in (
+            "dim",
+            "num_heads",
+            "ffn_dim",
+            "text_dim",
+            "text_len",
+            "in_channels",
+            "out_channels",
+            "freq_dim",
+            "cross_attn_norm",
+        )
+    }
     sparse = kind != "full"
-    return ProfileRequest(**fields, patch_size=tuple(model_config.patch_size),
-                          sparse_ratio=model_config.sparse_ratio if sparse else 1, kind="token" if sparse else "full",
-                          padded=padded and sparse, tensor=tensor, precision=precision, recipe=recipe,
-                          compiled=compiled)
+    return ProfileRequest(
+        **fields,
+        patch_size=tuple(model_config.patch_size),
+        sparse_ratio=model_config.sparse_ratio if sparse else 1,
+        kind="token" if sparse else "full",
+        padded=padded and sparse,
+        tensor=tensor,
+        precision=precision,
+        recipe=recipe,
+        compiled=compiled,
+    )
 
 
 # -- counting ----------------------------------------------------------------------------------------------
@@ -147,15 +166,21 @@ class SavedTensorCensus:
         # A storage freed during the forward (its graph branch dropped) may leave its address to a new one.
         if key not in self.parameter_storages and (known is None or known[1].expired()):
             region = "block" if self.in_block else "outside"
-            self.entries[key] = [tensor.untyped_storage().nbytes(), _weak_storage(tensor), region,
-                                 self.in_block and _from_parameters_only(tensor, self.block_parameters)]
+            self.entries[key] = [
+                tensor.untyped_storage().nbytes(),
+                _weak_storage(tensor),
+                region,
+                self.in_block and _from_parameters_only(tensor, self.block_parameters),
+            ]
         return tensor
 
     @contextlib.contextmanager
     def recording(self):
         """Count what the forward inside this block saves (the backward may run after it)."""
-        handles = [self.block.register_forward_pre_hook(self._enter, with_kwargs=True),
-                   self.block.register_forward_hook(self._leave, with_kwargs=True)]
+        handles = [
+            self.block.register_forward_pre_hook(self._enter, with_kwargs=True),
+            self.block.register_forward_hook(self._leave, with_kwargs=True),
+        ]
         try:
             with torch.autograd.graph.saved_tensors_hooks(self.pack, lambda tensor: tensor):
                 yield self
@@ -253,15 +278,21 @@ class BackwardCensus:
     def rises(self) -> dict:
         """Levels over the start, sample by sample: "block" over the level at the block's first node (its
         samples only), "outside" over the level when the backward starts (the samples outside the block)."""
+
         def live(sample):
             _, saved, alive, workspace = sample
-            return saved + workspace + sum(self.gradients[index][0] for index in alive
-                                           if index not in self.parameter_gradients)
+            return (
+                saved
+                + workspace
+                + sum(self.gradients[index][0] for index in alive if index not in self.parameter_gradients)
+            )
 
         levels = [(sample[0], live(sample)) for sample in self.samples]
         first_block = next(level for in_block, level in levels if in_block)
-        return {"block": [level - first_block for in_block, level in levels if in_block],
-                "outside": [level - levels[0][1] for in_block, level in levels if not in_block]}
+        return {
+            "block": [level - first_block for in_block, level in levels if in_block],
+            "outside": [level - levels[0][1] for in_block, level in levels if not in_block],
+        }
 
 
 # -- one measurement -----------------------------------------------------------------------------------------
@@ -275,8 +306,9 @@ def _start_fake_tensor_parallel(tensor: int) -> None:
     except ImportError as error:  # a torch build without its testing package
         raise RuntimeError("measuring activation bytes needs torch.testing (torch's fake process group)") from error
     dist.init_process_group("fake", rank=0, world_size=tensor, store=FakeStore())
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor, order="tp-cp-ep-dp-pp",
-                                             create_gloo_process_groups=False)
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tensor, order="tp-cp-ep-dp-pp", create_gloo_process_groups=False
+    )
 
 
 def _stop_fake_tensor_parallel() -> None:
@@ -291,11 +323,32 @@ def _measurement_model(request: ProfileRequest):
     from osp_megatron.models.config import ModelConfig
     from osp_megatron.quantization import QuantConfig, apply_quantization
 
-    fields = {name: getattr(request, name) for name in (
-        "dim", "num_heads", "ffn_dim", "text_dim", "text_len", "in_channels", "out_channels", "freq_dim",
-        "cross_attn_norm", "sparse_ratio")}
-    config = from_dict(ModelConfig, {**fields, "patch_size": list(request.patch_size), "num_layers": 1,
-                                     "block_layout": [request.kind], "full_blocks": 0}, "model")
+    fields = {
+        name: getattr(request, name)
+        for name in (
+            "dim",
+            "num_heads",
+            "ffn_dim",
+            "text_dim",
+            "text_len",
+            "in_channels",
+            "out_channels",
+            "freq_dim",
+            "cross_attn_norm",
+            "sparse_ratio",
+        )
+    }
+    config = from_dict(
+        ModelConfig,
+        {
+            **fields,
+            "patch_size": list(request.patch_size),
+            "num_layers": 1,
+            "block_layout": [request.kind],
+            "full_blocks": 0,
+        },
+        "model",
+    )
     torch.manual_seed(0)
     model = build_model(config, meta=True).to_empty(device="cpu")
     with torch.no_grad():
@@ -323,7 +376,8 @@ def _run(model, request: ProfileRequest, grid, mode: str) -> dict:
     inputs = []
     # The autograd nodes that made the block's inputs (held as nodes: the tensors' Python objects may go).
     handle = block.register_forward_pre_hook(
-        lambda module, args: inputs.extend(t.grad_fn for t in _tensors_in(args) if t.grad_fn is not None))
+        lambda module, args: inputs.extend(t.grad_fn for t in _tensors_in(args) if t.grad_fn is not None)
+    )
     latent = [size * patch for size, patch in zip(grid, request.patch_size)]
     generator = torch.Generator().manual_seed(0)
     latents = torch.randn(1, request.in_channels, *latent, generator=generator)
@@ -395,8 +449,10 @@ def measure(request: ProfileRequest) -> dict:
 
 def main(argv=None) -> int:
     """`python -m osp_megatron.training.activation_profile REQUESTS_JSON`: print the profiles as JSON."""
-    requests = [ProfileRequest(**{**fields, "patch_size": tuple(fields["patch_size"])})
-                for fields in json.loads((argv or sys.argv[1:])[0])]
+    requests = [
+        ProfileRequest(**{**fields, "patch_size": tuple(fields["patch_size"])})
+        for fields in json.loads((argv or sys.argv[1:])[0])
+    ]
     print(json.dumps([measure(request) for request in requests]))
     return 0
 

@@ -8,8 +8,10 @@ import sys
 from osp_megatron.config.errors import ConfigError
 from osp_megatron.engine.cli import SAMPLE_RUN_ONLY, JobSpec, job_main
 
-TRAIN_DESCRIPTION = ("Train a Wan2.1-style text-to-video DiT with rectified flow on pre-encoded latent shards. "
-                     "Launch under torchrun or srun for several ranks; a plain process runs one rank.")
+TRAIN_DESCRIPTION = (
+    "Train a Wan2.1-style text-to-video DiT with rectified flow on pre-encoded latent shards. "
+    "Launch under torchrun or srun for several ranks; a plain process runs one rank."
+)
 EXAMPLES = """\
 examples:
   osp-train --config examples/tiny_t2v.yaml                       # the CPU demo: data, 600 steps, sample video
@@ -39,11 +41,24 @@ def build_trainer(config):
 def train_spec() -> JobSpec:
     from osp_megatron.engine.config import JobConfig
 
-    estimate = (("--estimate-memory",), dict(
-        action="store_true", help="print the memory each GPU needs for this config (bytes per parameter, "
-        "activations per block, peak) and exit; needs no GPU and starts no process group (docs/memory.md)"))
-    return JobSpec("osp-train", JobConfig, TRAIN_DESCRIPTION, EXAMPLES, "tiny_t2v.yaml", ignored=SAMPLE_RUN_ONLY,
-                   build=build_trainer, extra_arguments=(estimate,))
+    estimate = (
+        ("--estimate-memory",),
+        dict(
+            action="store_true",
+            help="print the memory each GPU needs for this config (bytes per parameter, "
+            "activations per block, peak) and exit; needs no GPU and starts no process group (docs/memory.md)",
+        ),
+    )
+    return JobSpec(
+        "osp-train",
+        JobConfig,
+        TRAIN_DESCRIPTION,
+        EXAMPLES,
+        "tiny_t2v.yaml",
+        ignored=SAMPLE_RUN_ONLY,
+        build=build_trainer,
+        extra_arguments=(estimate,),
+    )
 
 
 def main(argv=None) -> int:

@@ -10,8 +10,7 @@ import torch
 import torch.distributed as dist
 
 from osp_megatron.config.errors import ConfigError
-from osp_megatron.data.shards import (SampleError, check_text_states, decode_sample, iter_raw_samples,
-                                      resolve_shards)
+from osp_megatron.data.shards import SampleError, check_text_states, decode_sample, iter_raw_samples, resolve_shards
 from osp_megatron.training.flow_matching import PerSampleNoise, flow_matching_losses
 
 # Offset of the evaluation noise stream from the training seed, so they never coincide.
@@ -36,23 +35,30 @@ def load_held_out(data_config, path, num_samples: int, dp_rank: int, dp_size: in
             if position in wanted:
                 # Real shards carry their bucket's shape in the index; data.latent_* describe synthetic data.
                 try:
-                    latent, text, _, _ = decode_sample(raw, shard.path, shard.latent_shape or data_config.latent_shape,
-                                                       data_config.text_len, data_config.text_dim)
+                    latent, text, _, _ = decode_sample(
+                        raw,
+                        shard.path,
+                        shard.latent_shape or data_config.latent_shape,
+                        data_config.text_len,
+                        data_config.text_dim,
+                    )
                 except SampleError as exc:
                     raise ConfigError(f"data.eval_path: {exc}") from exc
                 samples.append((latent, text, position))
             position += 1
             if position >= wanted.stop:
                 return samples
-    raise ConfigError(f"data.eval_path {path!r} holds {position} samples; train.eval_samples={num_samples} asks "
-                      "for more")
+    raise ConfigError(
+        f"data.eval_path {path!r} holds {position} samples; train.eval_samples={num_samples} asks for more"
+    )
 
 
 class HeldOutLoss:
     """Callable: model -> mean held-out loss over all data-parallel ranks (collective)."""
 
-    def __init__(self, samples: list[tuple], micro_batch_size: int, seed: int, train_config, device,
-                 group=None, dp_size: int = 1):
+    def __init__(
+        self, samples: list[tuple], micro_batch_size: int, seed: int, train_config, device, group=None, dp_size: int = 1
+    ):
         # Micro-batches of one latent shape each (a data set may hold several resolutions).
         by_shape = defaultdict(list)
         for sample in samples:
@@ -60,9 +66,14 @@ class HeldOutLoss:
         self.batches = []
         for same in by_shape.values():
             for start in range(0, len(same), micro_batch_size):
-                chunk = same[start:start + micro_batch_size]
-                self.batches.append((torch.stack([c[0] for c in chunk]), torch.stack([c[1] for c in chunk]),
-                                     torch.tensor([c[2] for c in chunk], dtype=torch.int64)))
+                chunk = same[start : start + micro_batch_size]
+                self.batches.append(
+                    (
+                        torch.stack([c[0] for c in chunk]),
+                        torch.stack([c[1] for c in chunk]),
+                        torch.tensor([c[2] for c in chunk], dtype=torch.int64),
+                    )
+                )
         self.count = len(samples)
         self.seed = seed + EVAL_SEED_OFFSET
         self.train_config = train_config
@@ -78,9 +89,15 @@ class HeldOutLoss:
         try:
             for latents, text, positions in self.batches:
                 with autocast():
-                    losses, _ = flow_matching_losses(model, latents.to(self.device), text.to(self.device),
-                                                     PerSampleNoise(self.seed, positions), cfg.timestep_shift,
-                                                     cfg.logit_mean, cfg.logit_std)
+                    losses, _ = flow_matching_losses(
+                        model,
+                        latents.to(self.device),
+                        text.to(self.device),
+                        PerSampleNoise(self.seed, positions),
+                        cfg.timestep_shift,
+                        cfg.logit_mean,
+                        cfg.logit_std,
+                    )
                 total += losses.double().sum()
         finally:
             model.train(was_training)

@@ -4,7 +4,6 @@ x_s = (1 - s) x0 + s eps, target v = eps - x0, loss = MSE(model(x_s, 1000 s, tex
 """
 
 from dataclasses import dataclass
-from typing import Union
 
 import numpy as np
 import torch
@@ -15,8 +14,14 @@ def shift_sigma(s: torch.Tensor, shift: float) -> torch.Tensor:
     return shift * s / (1 + (shift - 1) * s)
 
 
-def sample_sigmas(batch: int, generator: torch.Generator, shift: float = 1.0, logit_mean: float = 0.0,
-                  logit_std: float = 1.0, device=None) -> torch.Tensor:
+def sample_sigmas(
+    batch: int,
+    generator: torch.Generator,
+    shift: float = 1.0,
+    logit_mean: float = 0.0,
+    logit_std: float = 1.0,
+    device=None,
+) -> torch.Tensor:
     """Logit-normal noise levels s in (0, 1), shifted; drawn on the CPU generator for reproducibility."""
     normal = torch.randn(batch, generator=generator) * logit_std + logit_mean
     return shift_sigma(torch.sigmoid(normal), shift).to(device)
@@ -54,8 +59,9 @@ class PerSampleNoise:
         return torch.stack(noises).to(latents.dtype), sigmas
 
 
-def draw_noise(source: Union[torch.Generator, PerSampleNoise], latents: torch.Tensor, shift: float,
-               logit_mean: float, logit_std: float):
+def draw_noise(
+    source: torch.Generator | PerSampleNoise, latents: torch.Tensor, shift: float, logit_mean: float, logit_std: float
+):
     """(noise, sigmas) for a micro-batch from per-sample generators, or from one CPU generator's stream."""
     if isinstance(source, PerSampleNoise):
         return source.draw(latents, shift, logit_mean, logit_std)
@@ -64,9 +70,15 @@ def draw_noise(source: Union[torch.Generator, PerSampleNoise], latents: torch.Te
     return noise, sigmas
 
 
-def flow_matching_losses(model, latents: torch.Tensor, text_states: torch.Tensor,
-                         noise_source: Union[torch.Generator, PerSampleNoise], shift: float = 1.0,
-                         logit_mean: float = 0.0, logit_std: float = 1.0):
+def flow_matching_losses(
+    model,
+    latents: torch.Tensor,
+    text_states: torch.Tensor,
+    noise_source: torch.Generator | PerSampleNoise,
+    shift: float = 1.0,
+    logit_mean: float = 0.0,
+    logit_std: float = 1.0,
+):
     """(per-sample mean squared velocity error [B], noise levels s [B]) of one micro-batch; noise and
     timesteps come from `noise_source`."""
     noise, sigmas = draw_noise(noise_source, latents, shift, logit_mean, logit_std)
@@ -78,9 +90,15 @@ def flow_matching_losses(model, latents: torch.Tensor, text_states: torch.Tensor
     return errors.flatten(1).mean(dim=1), sigmas
 
 
-def flow_matching_loss(model, latents: torch.Tensor, text_states: torch.Tensor,
-                       noise_source: Union[torch.Generator, PerSampleNoise], shift: float = 1.0,
-                       logit_mean: float = 0.0, logit_std: float = 1.0):
+def flow_matching_loss(
+    model,
+    latents: torch.Tensor,
+    text_states: torch.Tensor,
+    noise_source: torch.Generator | PerSampleNoise,
+    shift: float = 1.0,
+    logit_mean: float = 0.0,
+    logit_std: float = 1.0,
+):
     """Mean squared velocity error of one micro-batch (every sample has the same size, so the mean of the
     per-sample means)."""
     losses, _ = flow_matching_losses(model, latents, text_states, noise_source, shift, logit_mean, logit_std)

@@ -10,7 +10,6 @@ import json
 import math
 from dataclasses import dataclass, field
 
-
 GIB = 2**30
 # AdamW keeps two moments per parameter; the trainer's gradient all-reduce flattens buckets of this size.
 ADAM_MOMENTS = 2
@@ -48,8 +47,9 @@ def _parameter_table(model_fields: str) -> tuple:
 
     model = build_model(from_dict(ModelConfig, json.loads(model_fields), "model"), meta=True)
     owner = {id(p): index for index, block in enumerate(model.blocks) for p in block.parameters()}
-    return tuple((owner.get(id(p), -1), p.numel(), bool(getattr(p, "tensor_model_parallel", False)))
-                 for p in model.parameters())
+    return tuple(
+        (owner.get(id(p), -1), p.numel(), bool(getattr(p, "tensor_model_parallel", False))) for p in model.parameters()
+    )
 
 
 def _count_parameters(model_fields: str, tensor: int) -> ParameterCounts:
@@ -90,8 +90,10 @@ class Layout:
         return self.data * self.context if self.fsdp else 1
 
     def describe(self) -> str:
-        text = (f"{self.world} GPU{'s' if self.world > 1 else ''} = tensor {self.tensor} x ssp {self.ssp} x "
-                f"ulysses {self.ulysses} x data {self.data}")
+        text = (
+            f"{self.world} GPU{'s' if self.world > 1 else ''} = tensor {self.tensor} x ssp {self.ssp} x "
+            f"ulysses {self.ulysses} x data {self.data}"
+        )
         if self.fsdp:
             text += f"; FSDP over {self.shards} ranks (bf16 weights in compute, {self.reduce_dtype} reduction)"
             if self.fsdp_offload:
@@ -142,19 +144,31 @@ class Run:
 def run_from_config(config) -> Run:
     """The Run of a JobConfig; keys added by FSDP (parallel.fsdp*, train.ema_device) are optional."""
     parallel, train = config.parallel, config.train
-    layout = Layout(tensor=parallel.tensor, data=parallel.data or 1, ssp=parallel.ssp, ulysses=parallel.ulysses,
-                    fsdp=bool(getattr(parallel, "fsdp", False)), fsdp_offload=bool(getattr(parallel, "fsdp_offload", False)),
-                    reduce_dtype=getattr(parallel, "fsdp_reduce_dtype", "float32"),
-                    ema_on_cpu=getattr(train, "ema_device", "auto") == "cpu")
+    layout = Layout(
+        tensor=parallel.tensor,
+        data=parallel.data or 1,
+        ssp=parallel.ssp,
+        ulysses=parallel.ulysses,
+        fsdp=bool(getattr(parallel, "fsdp", False)),
+        fsdp_offload=bool(getattr(parallel, "fsdp_offload", False)),
+        reduce_dtype=getattr(parallel, "fsdp_reduce_dtype", "float32"),
+        ema_on_cpu=getattr(train, "ema_device", "auto") == "cpu",
+    )
     # "auto" is bf16 autocast on accelerators: the estimate is for GPUs unless the config pins the CPU.
     cpu = train.device == "cpu"
     precision = "fp32" if train.precision == "fp32" or (train.precision == "auto" and cpu) else "bf16"
     accumulation = max(1, train.global_batch_size // (train.micro_batch_size * layout.data))
-    return Run(model=config.model, latent=(config.data.latent_frames, config.data.latent_height,
-                                           config.data.latent_width),
-               micro_batch=train.micro_batch_size, accumulation=accumulation, precision=precision,
-               recipe=config.quant.recipe,
-               fp8_attention=config.quant.attention, ema=train.ema_decay > 0, layout=layout)
+    return Run(
+        model=config.model,
+        latent=(config.data.latent_frames, config.data.latent_height, config.data.latent_width),
+        micro_batch=train.micro_batch_size,
+        accumulation=accumulation,
+        precision=precision,
+        recipe=config.quant.recipe,
+        fp8_attention=config.quant.attention,
+        ema=train.ema_decay > 0,
+        layout=layout,
+    )
 
 
 # -- the estimate ------------------------------------------------------------------------------------------
@@ -231,8 +245,9 @@ def estimate(run: Run, profiles=None) -> Estimate:
     # With gradient accumulation the previous micro-batches' gradients are allocated all along.
     held = all_grads if run.accumulation > 1 else 0
     phases = {"forward": state_bytes + inflight_forward + held + outside_kept + sum(kept) + rebuilt[-1] - kept[-1]}
-    phases["backward (head)"] = (state_bytes + inflight_backward + max(held, grads_outside) + outside_kept
-                                 + sum(kept) + outside_rise)
+    phases["backward (head)"] = (
+        state_bytes + inflight_backward + max(held, grads_outside) + outside_kept + sum(kept) + outside_rise
+    )
     blocks_peak = 0
     for index in range(len(kinds)):
         grads = max(held, grads_outside + grads_block * (len(kinds) - index))
@@ -248,13 +263,23 @@ def estimate(run: Run, profiles=None) -> Estimate:
         lines.append(Line("model state", "FSDP gathered weights and block gradients", inflight_backward / GIB))
     for kind in sorted(set(kinds), reverse=False):
         count = kinds.count(kind)
-        lines.append(Line("activations", f"{kind} block, kept ({mode}; {count} blocks), each",
-                          activations[kind]["kept"][mode] / GIB))
+        lines.append(
+            Line(
+                "activations",
+                f"{kind} block, kept ({mode}; {count} blocks), each",
+                activations[kind]["kept"][mode] / GIB,
+            )
+        )
     lines.append(Line("activations", "embeddings, output head, loss: kept", outside_kept / GIB))
     lines.append(Line("activations", "all kept at the end of the forward", (outside_kept + sum(kept)) / GIB))
     worst = max(range(len(kinds)), key=lambda i: rebuilt[i] + rises[i] - kept[i])
-    lines.append(Line("activations", "one block's backward (rebuilt + in flight)",
-                      (rebuilt[worst] - kept[worst] + rises[worst]) / GIB))
+    lines.append(
+        Line(
+            "activations",
+            "one block's backward (rebuilt + in flight)",
+            (rebuilt[worst] - kept[worst] + rises[worst]) / GIB,
+        )
+    )
     notes = activations["notes"]
     model_parameters = counts.total if run.layout.tensor == 1 else count_parameters(run.model).total
     return Estimate(run, counts, model_parameters, lines, phases, notes)
@@ -273,13 +298,17 @@ def format_estimate(result: Estimate, gpu_gib: float = None) -> str:
     grid, padded = run.grid, run.padded_grid
     tokens = math.prod(grid)
     rank = f", {counts.total / 1e9:.2f} B on each tensor-parallel rank" if layout.tensor > 1 else ""
-    out = [f"memory per GPU: {run.model.preset} ({result.model_parameters / 1e9:.2f} B parameters{rank}), "
-           f"{run.precision}, quant {run.recipe}, activation checkpointing {run.model.activation_checkpointing}"]
+    out = [
+        f"memory per GPU: {run.model.preset} ({result.model_parameters / 1e9:.2f} B parameters{rank}), "
+        f"{run.precision}, quant {run.recipe}, activation checkpointing {run.model.activation_checkpointing}"
+    ]
     grid_text = f"latent {'x'.join(map(str, run.latent))} -> tokens {'x'.join(map(str, grid))} = {tokens:,}"
     if padded != grid:
         grid_text += f" (Skiparse-padded {'x'.join(map(str, padded))} = {math.prod(padded):,})"
-    out.append(f"  {grid_text}; {run.local_tokens:,} tokens per GPU per sample, micro-batch {run.micro_batch}"
-               f"{f', accumulation {run.accumulation}' if run.accumulation > 1 else ''}")
+    out.append(
+        f"  {grid_text}; {run.local_tokens:,} tokens per GPU per sample, micro-batch {run.micro_batch}"
+        f"{f', accumulation {run.accumulation}' if run.accumulation > 1 else ''}"
+    )
     out.append(f"  layout: {layout.describe()}")
     width = max(len(line.name) for line in result.lines) + 2
     section = None
@@ -296,8 +325,10 @@ def format_estimate(result: Estimate, gpu_gib: float = None) -> str:
         out.append(_row(phase, None, value / GIB, width) + marker)
     if gpu_gib:
         verdict = "fits" if result.peak_bytes / GIB <= gpu_gib * 0.92 else "does NOT fit"
-        out.append(f"peak {result.peak_bytes / GIB:.1f} GiB {verdict} a {gpu_gib:g} GiB GPU (allowing 8 % for the "
-                   f"CUDA context and allocator fragmentation)")
+        out.append(
+            f"peak {result.peak_bytes / GIB:.1f} GiB {verdict} a {gpu_gib:g} GiB GPU (allowing 8 % for the "
+            f"CUDA context and allocator fragmentation)"
+        )
     out.extend(f"note: {note}" for note in result.notes)
     return "\n".join(out)
 

@@ -43,9 +43,12 @@ def layouts(model, latent, gpus: int) -> list:
     """(name, Layout) rows for `gpus` GPUs: FSDP with the most sequence parallelism that fits a node, FSDP
     alone over data parallel ranks, and tensor parallelism with replicated data parallelism."""
     rows = []
-    context_options = [(ssp, ulysses) for ssp in (4, 2, 1) for ulysses in (8, 4, 2, 1)
-                       if ssp * ulysses <= min(gpus, NODE) and gpus % (ssp * ulysses) == 0
-                       and _valid(model, latent, 1, ssp, ulysses)]
+    context_options = [
+        (ssp, ulysses)
+        for ssp in (4, 2, 1)
+        for ulysses in (8, 4, 2, 1)
+        if ssp * ulysses <= min(gpus, NODE) and gpus % (ssp * ulysses) == 0 and _valid(model, latent, 1, ssp, ulysses)
+    ]
     ssp, ulysses = max(context_options, key=lambda option: (option[0] * option[1], option[0]))
     if ssp * ulysses > 1:
         rows.append(("FSDP + SP", Layout(data=gpus // (ssp * ulysses), ssp=ssp, ulysses=ulysses, fsdp=True)))
@@ -63,8 +66,14 @@ def planning_runs():
             for gpus in GPU_COUNTS:
                 for layout_name, layout in layouts(preset_model(name), latent, gpus):
                     for mode in MODES:
-                        yield name, resolution, gpus, layout_name, mode, Run(
-                            model=preset_model(name, mode), latent=latent, layout=layout)
+                        yield (
+                            name,
+                            resolution,
+                            gpus,
+                            layout_name,
+                            mode,
+                            Run(model=preset_model(name, mode), latent=latent, layout=layout),
+                        )
 
 
 def _cell(peak_gib: float, gpu_gib: float) -> str:
@@ -94,8 +103,11 @@ def planning_table(gpu_gib: float = 139.0, profiles=None) -> str:
                     parts += [f"ulysses {layout.ulysses}"] if layout.ulysses > 1 else []
                     parts += [f"data {layout.data}"] if layout.data > 1 else []
                     detail = f" ({' x '.join(parts)})" if parts else ""
-                    out.append(f"| {gpus} | {layout_name}{detail} | {run.local_tokens:,} | {state:.0f} | "
-                               + " | ".join(cells) + " |")
+                    out.append(
+                        f"| {gpus} | {layout_name}{detail} | {run.local_tokens:,} | {state:.0f} | "
+                        + " | ".join(cells)
+                        + " |"
+                    )
     return "\n".join(out) + "\n"
 
 
@@ -116,8 +128,10 @@ def bench_requests(compiled: bool = True) -> list:
     and fp8_hybrid; the tiny hybrid model in float32 (bench --tiny on the CPU); examples/tiny_t2v.yaml."""
     from osp_megatron.training.activation_bytes import run_requests
 
-    runs = [Run(model=preset_model("wan-1.3b"), latent=RESOLUTIONS["480P"], recipe=recipe)
-            for recipe in ("none", "fp8_hybrid")]
+    runs = [
+        Run(model=preset_model("wan-1.3b"), latent=RESOLUTIONS["480P"], recipe=recipe)
+        for recipe in ("none", "fp8_hybrid")
+    ]
     runs.append(Run(model=preset_model("tiny"), latent=(2, 12, 16), precision="fp32"))
     runs.append(Run(model=from_dict(ModelConfig, {"preset": "tiny"}, "model"), latent=(3, 16, 16)))
     return [request for run in runs for request in run_requests(run, compiled).values()]
@@ -134,8 +148,10 @@ def _measure_presets() -> int:
     missing = [request for key, request in requests.items() if key not in stored]
     # One process per width shares the compiled graphs; a wan-14b-wide block (weights and gradients: a few GiB
     # of CPU memory) gets a process of its own.
-    batches = [[request for request in missing if request.dim == dim]
-               for dim in sorted({request.dim for request in missing if request.dim < 4096})]
+    batches = [
+        [request for request in missing if request.dim == dim]
+        for dim in sorted({request.dim for request in missing if request.dim < 4096})
+    ]
     batches += [[request] for request in missing if request.dim >= 4096]
     for batch in batches:
         print(f"measuring {len(batch)} profile(s) of width {batch[0].dim}", file=sys.stderr, flush=True)
@@ -154,11 +170,18 @@ def main(argv=None) -> int:
         "For one config: osp-train --config my.yaml --estimate-memory",
     )
     parser.add_argument("--table", action="store_true", help="print the planning table (markdown)")
-    parser.add_argument("--measure-presets", action="store_true",
-                        help="measure the activation profiles of wan-1.3b and wan-14b blocks that the table and "
-                        "benchmarks/bench_memory.py need and store them with the package (CPU, up to an hour)")
-    parser.add_argument("--gpu-memory-gib", type=float, default=139.0,
-                        help="GPU memory the table's strike-through marks compare with (default 139: an H200)")
+    parser.add_argument(
+        "--measure-presets",
+        action="store_true",
+        help="measure the activation profiles of wan-1.3b and wan-14b blocks that the table and "
+        "benchmarks/bench_memory.py need and store them with the package (CPU, up to an hour)",
+    )
+    parser.add_argument(
+        "--gpu-memory-gib",
+        type=float,
+        default=139.0,
+        help="GPU memory the table's strike-through marks compare with (default 139: an H200)",
+    )
     args = parser.parse_args(argv)
     if not (args.table or args.measure_presets):
         parser.error("choose --table or --measure-presets")

@@ -15,8 +15,8 @@ from osp_megatron.checkpointing.checkpoint import weights_path
 from osp_megatron.config.errors import ConfigError
 from osp_megatron.engine.config import JobConfig
 from osp_megatron.engine.loop import TrainingJob
-from osp_megatron.inference.runner import render_sample
 from osp_megatron.engine.optim import average_gradients, clip_gradients, lr_at, set_lr
+from osp_megatron.inference.runner import render_sample
 from osp_megatron.models.flops import training_flops
 from osp_megatron.parallel import state
 from osp_megatron.parallel.ledger import ledger
@@ -54,8 +54,10 @@ class Trainer(TrainingJob):
             initial = weights_path(initial)
         self.build_trained_model(initial, "ema" if config.checkpoint.load_ema else "model")
         if self.resume_path is None and config.checkpoint.load:
-            self.say(f"initialised {'the LoRA base' if config.lora else 'the weights'} from {config.checkpoint.load}"
-                     f"{' (EMA)' if config.checkpoint.load_ema else ''}")
+            self.say(
+                f"initialised {'the LoRA base' if config.lora else 'the weights'} from {config.checkpoint.load}"
+                f"{' (EMA)' if config.checkpoint.load_ema else ''}"
+            )
         self.loader = self._build_loader()
         self.held_out = self._build_held_out()
         # Text states of sample.negative_prompt, which train.text_dropout swaps in.
@@ -64,8 +66,14 @@ class Trainer(TrainingJob):
         self.flops_per_sample, self.tokens_per_sample = {}, {}
         for shape in self.loader.latent_shapes:
             grid = tuple(size // patch for size, patch in zip(shape[1:], config.model.patch_size))
-            check_sequence_parallel_layout(config.model, grid, config.parallel.tensor, config.parallel.ssp,
-                                           config.parallel.ulysses, source=f"token grid of data bucket {shape}")
+            check_sequence_parallel_layout(
+                config.model,
+                grid,
+                config.parallel.tensor,
+                config.parallel.ssp,
+                config.parallel.ulysses,
+                source=f"token grid of data bucket {shape}",
+            )
             self.flops_per_sample[tuple(shape)] = training_flops(config.model, grid)
             self.tokens_per_sample[tuple(shape)] = math.prod(grid)
         self.resume()
@@ -80,23 +88,37 @@ class Trainer(TrainingJob):
                 train = self.config.train
                 ensure_synthetic_data(self.config.data, train.eval_samples if train.eval_interval else 0)
             dist.barrier()
-        return build_data_loader(self.config.data, micro_batch_size=self.config.train.micro_batch_size,
-                                  dp_rank=self.dp_rank, dp_size=self.dp_size, seed=self.config.train.seed,
-                                  global_batch_size=self.config.train.global_batch_size,
-                                  patch_size=self.config.model.patch_size)
+        return build_data_loader(
+            self.config.data,
+            micro_batch_size=self.config.train.micro_batch_size,
+            dp_rank=self.dp_rank,
+            dp_size=self.dp_size,
+            seed=self.config.train.seed,
+            global_batch_size=self.config.train.global_batch_size,
+            patch_size=self.config.model.patch_size,
+        )
 
     def _build_held_out(self):
         cfg = self.config
         if not cfg.train.eval_interval:
             return None
         if cfg.data.eval_path is None:
-            raise ConfigError("train.eval_interval is set but data.eval_path names no held-out shards; set "
-                              "data.eval_path to a folder of shards that training does not read")
+            raise ConfigError(
+                "train.eval_interval is set but data.eval_path names no held-out shards; set "
+                "data.eval_path to a folder of shards that training does not read"
+            )
         from osp_megatron.training.evaluation import HeldOutLoss, load_held_out
 
         samples = load_held_out(cfg.data, cfg.data.eval_path, cfg.train.eval_samples, self.dp_rank, self.dp_size)
-        return HeldOutLoss(samples, cfg.train.micro_batch_size, cfg.train.seed, cfg.train, self.device,
-                           group=state.data_parallel_group(), dp_size=self.dp_size)
+        return HeldOutLoss(
+            samples,
+            cfg.train.micro_batch_size,
+            cfg.train.seed,
+            cfg.train,
+            self.device,
+            group=state.data_parallel_group(),
+            dp_size=self.dp_size,
+        )
 
     # -- one optimizer step ----------------------------------------------------------------------------
     def train_step(self) -> dict:
@@ -122,13 +144,16 @@ class Trainer(TrainingJob):
             if cfg.text_dropout:
                 text = self._drop_text(text, indices)
             with self.autocast():
-                losses, sigmas = flow_matching_losses(self.model, latents, text, noise, cfg.timestep_shift,
-                                                      cfg.logit_mean, cfg.logit_std)
+                losses, sigmas = flow_matching_losses(
+                    self.model, latents, text, noise, cfg.timestep_shift, cfg.logit_mean, cfg.logit_std
+                )
                 loss = losses.mean()
             (loss / self.accumulation).backward()
             sums[0] += loss.detach().double() / self.accumulation
-            bucket = torch.bucketize(sigmas.detach().double(), torch.tensor(TIMESTEP_BUCKETS[1:-1], dtype=torch.float64,
-                                                                            device=sigmas.device))
+            bucket = torch.bucketize(
+                sigmas.detach().double(),
+                torch.tensor(TIMESTEP_BUCKETS[1:-1], dtype=torch.float64, device=sigmas.device),
+            )
             per_sample = losses.detach().double()
             for index in range(len(TIMESTEP_BUCKETS) - 1):
                 chosen = bucket == index
@@ -137,8 +162,9 @@ class Trainer(TrainingJob):
         if not self.built.fsdp:
             # Mean over data x context ranks: each context rank's gradient is CP x its share
             # (optim.average_gradients); FSDP's reduce-scatter over the same ranks already took that mean.
-            average_gradients(self.model, state.gradient_reduction_group(),
-                              dist.get_world_size(state.gradient_reduction_group()))
+            average_gradients(
+                self.model, state.gradient_reduction_group(), dist.get_world_size(state.gradient_reduction_group())
+            )
         grad_norm = clip_gradients(self.model, cfg.grad_clip)
         self.optimizer.step()
         if self.ema is not None:
@@ -147,10 +173,16 @@ class Trainer(TrainingJob):
             dist.all_reduce(sums, group=state.data_parallel_group())
         # A global batch is one data bucket: every micro-batch of the step has this shape and size.
         shape, samples = tuple(batch["latents"].shape[1:]), len(batch["keys"]) * self.accumulation * self.dp_size
-        scalars = {"loss": float(sums[0]) / self.dp_size, "lr": lr, "grad_norm": float(grad_norm),
-                   "data_wait_s": data_wait, "data_bad_samples": int(sums[-1]), "samples": samples,
-                   "tokens": samples * self.tokens_per_sample[shape],
-                   "flops": samples * self.flops_per_sample[shape]}
+        scalars = {
+            "loss": float(sums[0]) / self.dp_size,
+            "lr": lr,
+            "grad_norm": float(grad_norm),
+            "data_wait_s": data_wait,
+            "data_bad_samples": int(sums[-1]),
+            "samples": samples,
+            "tokens": samples * self.tokens_per_sample[shape],
+            "flops": samples * self.flops_per_sample[shape],
+        }
         for index, name in enumerate(bucket_names()):
             count = float(sums[2 + 2 * index])
             if count:
@@ -168,8 +200,10 @@ class Trainer(TrainingJob):
         """The micro-batch's text states with train.text_dropout of the samples (chosen by (seed, sample index))
         replaced by the states of sample.negative_prompt, which guidance's unconditional branch uses."""
         cfg = self.config
-        dropped = [np.random.default_rng([cfg.train.seed, int(i), 1]).random() < cfg.train.text_dropout
-                   for i in indices.tolist()]
+        dropped = [
+            np.random.default_rng([cfg.train.seed, int(i), 1]).random() < cfg.train.text_dropout
+            for i in indices.tolist()
+        ]
         if not any(dropped):
             return text
         mask = torch.tensor(dropped, device=text.device).view(-1, 1, 1)
@@ -181,8 +215,7 @@ class Trainer(TrainingJob):
         if "sample_indices" in batch:
             return batch["sample_indices"]
         micro = self.config.train.micro_batch_size
-        first = (self.step * self.config.train.global_batch_size
-                 + (micro_batch * self.dp_size + self.dp_rank) * micro)
+        first = self.step * self.config.train.global_batch_size + (micro_batch * self.dp_size + self.dp_rank) * micro
         return torch.arange(first, first + micro)
 
     # -- what the job loop asks ---------------------------------------------------------------------------

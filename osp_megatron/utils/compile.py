@@ -29,9 +29,14 @@ def accelerator_compiled(fn):
                 # limit of 8 would silently fall back to eager after a few resolutions.
                 torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
                 torch._dynamo.config.accumulated_cache_size_limit = max(
-                    torch._dynamo.config.accumulated_cache_size_limit, 512)
-                compiled = torch.compile(fn, fullgraph=True, dynamic=_PARTITION_ONLY,
-                                         backend="aot_eager_decomp_partition" if _PARTITION_ONLY else "inductor")
+                    torch._dynamo.config.accumulated_cache_size_limit, 512
+                )
+                compiled = torch.compile(
+                    fn,
+                    fullgraph=True,
+                    dynamic=_PARTITION_ONLY,
+                    backend="aot_eager_decomp_partition" if _PARTITION_ONLY else "inductor",
+                )
             return compiled(*args)
         return fn(*args)
 

@@ -88,8 +88,9 @@ def test_flash_attn_backend_without_package_names_the_gpu_extra():
     with pytest.raises(AttentionBackendUnavailableError, match=r"pip install osp-megatron\[gpu\]"):
         dot_product_attention(q, q, q, backend="flash_attn")
     with pytest.raises(AttentionBackendUnavailableError, match=r"osp-megatron\[gpu\]"):
-        dot_product_attention_varlen(q[0], q[0], q[0], torch.tensor([0, 4]), torch.tensor([0, 4]), 4, 4,
-                                     backend="flash_attn")
+        dot_product_attention_varlen(
+            q[0], q[0], q[0], torch.tensor([0, 4]), torch.tensor([0, 4]), 4, 4, backend="flash_attn"
+        )
 
 
 @pytest.mark.skipif(dispatch._import_torch_npu() is not None, reason="torch_npu is installed here")

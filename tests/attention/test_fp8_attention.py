@@ -7,13 +7,6 @@ import pytest
 import torch
 
 from osp_megatron.attention.dispatch import dot_product_attention
-from osp_megatron.quantization.fp8_attention import (
-    FP8AttentionState,
-    fp8_attention_supported,
-    fp8_dot_product_attention,
-    gradient_product_descale,
-    quantization_scales,
-)
 from osp_megatron.config.errors import ConfigError
 from osp_megatron.config.loader import from_dict
 from osp_megatron.models.builder import build_model
@@ -28,6 +21,13 @@ from osp_megatron.quantization import (
     remove_quantization,
 )
 from osp_megatron.quantization.attention import attention_kernel, quantized_attention_modules
+from osp_megatron.quantization.fp8_attention import (
+    FP8AttentionState,
+    fp8_attention_supported,
+    fp8_dot_product_attention,
+    gradient_product_descale,
+    quantization_scales,
+)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -103,8 +103,10 @@ def test_apply_quantization_puts_fp8_attention_on_self_attention_cores_only():
     other = tiny_model()
     apply_quantization(other, quant(recipe="fp8_hybrid", attention=True))
     load_quantization_state_dict(other, saved)
-    torch.testing.assert_close(quantized_attention_modules(other)[cores[0]].fp8.amax_history,
-                               quantized_attention_modules(model)[cores[0]].fp8.amax_history)
+    torch.testing.assert_close(
+        quantized_attention_modules(other)[cores[0]].fp8.amax_history,
+        quantized_attention_modules(model)[cores[0]].fp8.amax_history,
+    )
     assert set(remove_quantization(model)) >= set(cores)
     assert not quantized_attention_modules(model) and attention_kernel(core) is None
     plain = tiny_model()
@@ -161,8 +163,19 @@ def test_cudnn_fp8_attention_matches_float64_reference(batch, tokens):
 @needs_fp8_attention
 def test_training_with_fp8_attention_tracks_bf16():
     """A head-dim-128 hybrid DiT trained 40 steps with FP8 linears and attention ends within 5 % of bf16."""
-    config = from_dict(ModelConfig, {"preset": "tiny", "dim": 256, "num_heads": 2, "ffn_dim": 512,
-                                     "sparse_ratio": 2, "full_blocks": 1, "num_layers": 3}, "model")
+    config = from_dict(
+        ModelConfig,
+        {
+            "preset": "tiny",
+            "dim": 256,
+            "num_heads": 2,
+            "ffn_dim": 512,
+            "sparse_ratio": 2,
+            "full_blocks": 1,
+            "num_layers": 3,
+        },
+        "model",
+    )
     generator = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(2, 16, 4, 32, 32, device="cuda", generator=generator, dtype=torch.bfloat16)
     target = torch.randn(2, 16, 4, 32, 32, device="cuda", generator=generator, dtype=torch.bfloat16)

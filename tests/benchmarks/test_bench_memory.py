@@ -17,9 +17,27 @@ def test_memory_benchmark_tiny(tmp_path):
     """One checkpointing mode and recipe of the tiny hybrid model: a finite loss, a step time, an estimate."""
     out = tmp_path / "memory.json"
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_memory.py"), "--tiny", "--modes",
-                             "selective", "--recipes", "fp8_hybrid", "--fsdp", "off", "--steps", "2", "--out",
-                             str(out)], capture_output=True, text=True, timeout=900, env=env)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "bench_memory.py"),
+            "--tiny",
+            "--modes",
+            "selective",
+            "--recipes",
+            "fp8_hybrid",
+            "--fsdp",
+            "off",
+            "--steps",
+            "2",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     (row,) = json.loads(out.read_text())["rows"]
     assert row["checkpointing"] == "selective" and row["recipe"] == "fp8_hybrid"

@@ -13,8 +13,12 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _run(script, *args, out):
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--tiny", *args, "--out", str(out)],
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), "--tiny", *args, "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     return json.loads(out.read_text())
 
@@ -36,8 +40,18 @@ def test_fp8_benchmark_tiny(tmp_path):
 
 def test_fp8_benchmark_loss_curves_tiny(tmp_path):
     """bench_fp8.py --tiny records a loss curve per recipe, FP8 attention included, next to bf16's."""
-    report = _run("bench_fp8.py", "--skip", "linear", "--skip", "step", "--recipes", "fp8_hybrid+attn",
-                  "--loss-steps", "3", out=tmp_path / "fp8.json")
+    report = _run(
+        "bench_fp8.py",
+        "--skip",
+        "linear",
+        "--skip",
+        "step",
+        "--recipes",
+        "fp8_hybrid+attn",
+        "--loss-steps",
+        "3",
+        out=tmp_path / "fp8.json",
+    )
     (row,) = report["rows"]
     assert set(row["curves"]) == {"bf16", "fp8_hybrid+attn"} and all(len(c) == 3 for c in row["curves"].values())
     assert row["relative_to_bf16"]["bf16"] == 0.0
@@ -46,8 +60,16 @@ def test_fp8_benchmark_loss_curves_tiny(tmp_path):
 def test_fsdp_benchmark_tiny(tmp_path):
     """bench_fsdp.py --tiny runs osp-train under torchrun (two CPU ranks, FSDP with SSP=2) and reports step
     time, throughput, memory and finite losses."""
-    report = _run("bench_fsdp.py", "--cases", "wan13b_480p_fsdp_ssp2", "--warmup", "1",
-                  "--work", str(tmp_path / "work"), out=tmp_path / "fsdp.json")
+    report = _run(
+        "bench_fsdp.py",
+        "--cases",
+        "wan13b_480p_fsdp_ssp2",
+        "--warmup",
+        "1",
+        "--work",
+        str(tmp_path / "work"),
+        out=tmp_path / "fsdp.json",
+    )
     (row,) = report["rows"]
     assert "error" not in row, row.get("error")
     assert row["gpus"] == 2 and "parallel.fsdp=true" in row["command"] and "parallel.ssp=2" in row["command"]
@@ -73,9 +95,21 @@ def test_sampling_benchmark_tiny_on_one_and_two_ranks(tmp_path):
     assert {(r["attention"], r["layout"]) for r in rows} == {("full", "1gpu"), ("hybrid", "1gpu")}
     assert all(r["video_s"] == pytest.approx(50 * r["step_s"] + r["vae_s"]) and "step_peak_gib" in r for r in rows)
     assert next(r for r in rows if r["attention"] == "hybrid")["speedup_vs_full"] > 0
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-               str(ROOT / "benchmarks" / "bench_sampling.py"), "--tiny", "--attention", "hybrid",
-               "--compare", str(tmp_path / "one.json"), "--out", str(tmp_path / "two.json")]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        str(ROOT / "benchmarks" / "bench_sampling.py"),
+        "--tiny",
+        "--attention",
+        "hybrid",
+        "--compare",
+        str(tmp_path / "one.json"),
+        "--out",
+        str(tmp_path / "two.json"),
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     two = json.loads((tmp_path / "two.json").read_text())["rows"]

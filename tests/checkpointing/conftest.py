@@ -39,20 +39,34 @@ def random_inputs(model, grid, text_len: int = 7, batch: int = 2, seed: int = 1)
 
 def original_state_dict(model) -> dict[str, torch.Tensor]:
     """The diffusers model's weights under Wan's original parameter names."""
-    return {rename(rename(name, DIFFUSERS, OURS), OURS, ORIGINAL): tensor.detach().clone()
-            for name, tensor in model.state_dict().items()}
+    return {
+        rename(rename(name, DIFFUSERS, OURS), OURS, ORIGINAL): tensor.detach().clone()
+        for name, tensor in model.state_dict().items()
+    }
 
 
 def original_config(model) -> dict:
     """config.json as Wan's original repository writes it for a WanModel."""
     config = model.config
-    return {"_class_name": "WanModel", "_diffusers_version": "0.30.0", "model_type": "t2v",
-            "patch_size": list(config.patch_size), "text_len": 512,
-            "in_dim": config.in_channels, "dim": config.num_attention_heads * config.attention_head_dim,
-            "ffn_dim": config.ffn_dim, "freq_dim": config.freq_dim, "text_dim": config.text_dim,
-            "out_dim": config.out_channels, "num_heads": config.num_attention_heads,
-            "num_layers": config.num_layers, "window_size": [-1, -1], "qk_norm": True, "cross_attn_norm": True,
-            "eps": 1e-6}
+    return {
+        "_class_name": "WanModel",
+        "_diffusers_version": "0.30.0",
+        "model_type": "t2v",
+        "patch_size": list(config.patch_size),
+        "text_len": 512,
+        "in_dim": config.in_channels,
+        "dim": config.num_attention_heads * config.attention_head_dim,
+        "ffn_dim": config.ffn_dim,
+        "freq_dim": config.freq_dim,
+        "text_dim": config.text_dim,
+        "out_dim": config.out_channels,
+        "num_heads": config.num_attention_heads,
+        "num_layers": config.num_layers,
+        "window_size": [-1, -1],
+        "qk_norm": True,
+        "cross_attn_norm": True,
+        "eps": 1e-6,
+    }
 
 
 def save_sharded_safetensors(state: dict[str, torch.Tensor], folder: Path, parts: int = 3) -> Path:
@@ -107,7 +121,10 @@ def tiny_diffusers(tmp_path_factory):
 def wan():
     """The helpers above, for test modules (conftest itself is not importable under importlib mode)."""
     return SimpleNamespace(
-        random_diffusers_model=random_diffusers_model, diffusers_output=diffusers_output,
-        random_inputs=random_inputs, original_state_dict=original_state_dict, original_config=original_config,
+        random_diffusers_model=random_diffusers_model,
+        diffusers_output=diffusers_output,
+        random_inputs=random_inputs,
+        original_state_dict=original_state_dict,
+        original_config=original_config,
         save_sharded_safetensors=save_sharded_safetensors,
     )

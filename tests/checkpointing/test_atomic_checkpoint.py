@@ -6,12 +6,12 @@ import torch
 from osp_megatron.checkpointing import checkpoint as ckpt
 from osp_megatron.checkpointing import writer
 from osp_megatron.config.errors import ConfigError
-from osp_megatron.engine.config import TrainConfig
 from osp_megatron.config.loader import from_dict
+from osp_megatron.engine.config import TrainConfig
+from osp_megatron.engine.optim import build_optimizer
 from osp_megatron.models.builder import build_model
 from osp_megatron.models.config import ModelConfig
 from osp_megatron.parallel.state import ensure_single_rank_group
-from osp_megatron.engine.optim import build_optimizer
 
 
 def _model_and_optimizer():

@@ -11,20 +11,29 @@ from osp_ckpt.cli import main
 from osp_megatron.checkpointing.offline import read_checkpoint_tensors
 from osp_megatron.checkpointing.wan_keys import DIFFUSERS, ORIGINAL, OURS, rename
 
-MODEL = {"preset": "tiny", "num_layers": 2, "dim": 24, "num_heads": 2, "ffn_dim": 40, "text_dim": 16,
-         "freq_dim": 32, "in_channels": 4, "out_channels": 4}
+MODEL = {
+    "preset": "tiny",
+    "num_layers": 2,
+    "dim": 24,
+    "num_heads": 2,
+    "ffn_dim": 40,
+    "text_dim": 16,
+    "freq_dim": 32,
+    "in_channels": 4,
+    "out_channels": 4,
+}
 
 
 @pytest.fixture(scope="module")
 def two_checkpoints(tmp_path_factory):
     """Checkpoints of steps 1 and 2 of one tiny run (weights, EMA, AdamW state), saved in this process."""
     from osp_megatron.checkpointing.checkpoint import save_checkpoint
-    from osp_megatron.engine.config import TrainConfig
     from osp_megatron.config.loader import from_dict, to_dict
+    from osp_megatron.engine.config import TrainConfig
+    from osp_megatron.engine.optim import EMA, build_optimizer
     from osp_megatron.models.builder import build_model
     from osp_megatron.models.config import ModelConfig
     from osp_megatron.parallel.state import ensure_single_rank_group
-    from osp_megatron.engine.optim import EMA, build_optimizer
 
     ensure_single_rank_group()
     torch.manual_seed(0)
@@ -38,8 +47,17 @@ def two_checkpoints(tmp_path_factory):
         out.square().mean().backward()
         optimizer.step()
         ema.update(model)
-        paths.append(save_checkpoint(run_dir, step, model, optimizer, ema, rank_state={"step": step},
-                                     metadata={"model_config": to_dict(config)}))
+        paths.append(
+            save_checkpoint(
+                run_dir,
+                step,
+                model,
+                optimizer,
+                ema,
+                rank_state={"step": step},
+                metadata={"model_config": to_dict(config)},
+            )
+        )
     return paths
 
 
@@ -76,8 +94,7 @@ def test_export_ema_in_both_layouts(two_checkpoints, tmp_path):
 
     checkpoint = two_checkpoints[1]
     ema = read_checkpoint_tensors(checkpoint, "ema")
-    assert main(["export", str(checkpoint), str(tmp_path / "diffusers"), "--which", "ema", "--dtype",
-                 "bfloat16"]) == 0
+    assert main(["export", str(checkpoint), str(tmp_path / "diffusers"), "--which", "ema", "--dtype", "bfloat16"]) == 0
     exported = load_file(str(tmp_path / "diffusers" / "diffusion_pytorch_model.safetensors"))
     assert exported.keys() == {rename(name, OURS, DIFFUSERS) for name in ema}
     for name, tensor in ema.items():

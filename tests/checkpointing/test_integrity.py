@@ -35,12 +35,15 @@ def test_manifest_lists_every_file_but_itself_and_metadata(folder):
     verify_checkpoint(folder)
 
 
-@pytest.mark.parametrize("damage, words", [
-    (lambda p: p.write_bytes(p.read_bytes()[:1000]), "truncated (1000 bytes on disk, 25600 written)"),
-    (lambda p: p.write_bytes(p.read_bytes() + b"x"), "longer than written"),
-    (lambda p: p.write_bytes(b"\xff" + p.read_bytes()[1:]), "content changed"),
-    (lambda p: p.unlink(), "missing"),
-])
+@pytest.mark.parametrize(
+    "damage, words",
+    [
+        (lambda p: p.write_bytes(p.read_bytes()[:1000]), "truncated (1000 bytes on disk, 25600 written)"),
+        (lambda p: p.write_bytes(p.read_bytes() + b"x"), "longer than written"),
+        (lambda p: p.write_bytes(b"\xff" + p.read_bytes()[1:]), "content changed"),
+        (lambda p: p.unlink(), "missing"),
+    ],
+)
 def test_damage_is_named(folder, damage, words):
     """Truncation, growth, a changed byte and a missing file each give an error naming the file."""
     damage(folder / "model" / "tp00-of-01.safetensors")

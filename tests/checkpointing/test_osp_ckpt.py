@@ -13,9 +13,9 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
 from osp_ckpt.cli import main
+from osp_megatron.checkpointing.pretrained import load_pretrained
 from osp_megatron.checkpointing.sharded import iter_full_tensors
 from osp_megatron.config.errors import ConfigError
-from osp_megatron.checkpointing.pretrained import load_pretrained
 from osp_megatron.parallel.state import ParallelConfig, destroy_distributed, init_distributed
 
 GRID = (3, 5, 3)
@@ -33,8 +33,11 @@ def assert_same_state(got: dict, expected: dict) -> None:
 
 def architecture(config) -> dict:
     """A diffusers config without its bookkeeping entries, tuples as lists."""
-    return {key: list(value) if isinstance(value, tuple) else value for key, value in config.items()
-            if not key.startswith("_")}
+    return {
+        key: list(value) if isinstance(value, tuple) else value
+        for key, value in config.items()
+        if not key.startswith("_")
+    }
 
 
 def test_export_then_reimport_is_bit_exact(tiny_diffusers, diffusers_loader, tmp_path):
@@ -44,8 +47,9 @@ def test_export_then_reimport_is_bit_exact(tiny_diffusers, diffusers_loader, tmp
     assert main(["export", str(tmp_path / "first"), str(tmp_path / "exported")]) == 0
     assert main(["import", str(tmp_path / "exported"), str(tmp_path / "second")]) == 0
     assert_same_state(read_checkpoint(tmp_path / "second"), read_checkpoint(tmp_path / "first"))
-    assert_same_state(load_file(str(tmp_path / "exported" / "diffusion_pytorch_model.safetensors")),
-                      reference.state_dict())
+    assert_same_state(
+        load_file(str(tmp_path / "exported" / "diffusion_pytorch_model.safetensors")), reference.state_dict()
+    )
     reloaded = diffusers_loader(tmp_path / "exported")
     assert architecture(reloaded.config) == architecture(reference.config)
 
@@ -55,8 +59,10 @@ def test_tp2_import_then_sharded_export_reproduces_original(tiny_diffusers, diff
     original tensor bit for bit, and diffusers loads the result."""
     reference, folder = tiny_diffusers
     assert main(["import", str(folder), str(tmp_path / "tp2"), "--tensor-parallel", "2"]) == 0
-    assert sorted(p.name for p in (tmp_path / "tp2" / "model").iterdir()) == ["tp00-of-02.safetensors",
-                                                                               "tp01-of-02.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "tp2" / "model").iterdir()) == [
+        "tp00-of-02.safetensors",
+        "tp01-of-02.safetensors",
+    ]
     metadata = json.loads((tmp_path / "tp2" / "metadata.json").read_text())
     assert metadata["step"] == 0 and metadata["tensor_parallel"] == 2 and "format" in metadata
     assert metadata["model_config"]["dim"] == 24 and metadata["model_config"]["num_heads"] == 2
@@ -167,7 +173,8 @@ def test_wrong_paths_and_unsupported_models_error_clearly(tiny_diffusers, tmp_pa
     config = json.loads((folder / "config.json").read_text()) | {"image_dim": 1280, "added_kv_proj_dim": 24}
     (image / "config.json").write_text(json.dumps(config))
     (image / "diffusion_pytorch_model.safetensors").write_bytes(
-        (folder / "diffusion_pytorch_model.safetensors").read_bytes())
+        (folder / "diffusion_pytorch_model.safetensors").read_bytes()
+    )
     with pytest.raises(ConfigError, match="image conditioning"):
         load_pretrained(image)
 

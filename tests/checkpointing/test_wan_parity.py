@@ -9,11 +9,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from osp_megatron.checkpointing.pretrained import load_pretrained
 from osp_megatron.checkpointing.sharded import iter_full_tensors, partition_dim
 from osp_megatron.checkpointing.wan_convert import import_checkpoint
 from osp_megatron.checkpointing.wan_keys import parameter_layout
 from osp_megatron.config.errors import ConfigError
-from osp_megatron.checkpointing.pretrained import load_pretrained
 from osp_megatron.models.builder import build_model
 from osp_megatron.models.config import ModelConfig
 from osp_megatron.parallel.state import ensure_single_rank_group
@@ -38,8 +38,9 @@ CASES = [
 @pytest.mark.parametrize("patch,heads,head_dim,text_len,grid", CASES)
 def test_forward_matches_diffusers(patch, heads, head_dim, text_len, grid, tmp_path, wan):
     """A diffusers folder loaded with load_pretrained gives diffusers' output within 1e-5 relative error (fp32)."""
-    reference = wan.random_diffusers_model(seed=heads, patch_size=patch, num_attention_heads=heads,
-                                           attention_head_dim=head_dim)
+    reference = wan.random_diffusers_model(
+        seed=heads, patch_size=patch, num_attention_heads=heads, attention_head_dim=head_dim
+    )
     reference.save_pretrained(tmp_path)
     model = load_pretrained(tmp_path)
     inputs = wan.random_inputs(reference, grid, text_len=text_len, seed=heads)
@@ -68,8 +69,17 @@ def test_parity_check_can_fail(tiny_diffusers, wan):
 def test_parameter_layout_matches_the_model(cross_attn_norm):
     """wan_keys.parameter_layout lists exactly the model's parameters, full shapes and megatron split dims."""
     ensure_single_rank_group()
-    config = ModelConfig(dim=24, num_heads=2, num_layers=2, ffn_dim=40, in_channels=4, out_channels=4,
-                         text_dim=16, freq_dim=32, cross_attn_norm=cross_attn_norm)
+    config = ModelConfig(
+        dim=24,
+        num_heads=2,
+        num_layers=2,
+        ffn_dim=40,
+        in_channels=4,
+        out_channels=4,
+        text_dim=16,
+        freq_dim=32,
+        cross_attn_norm=cross_attn_norm,
+    )
     layout = parameter_layout(config)
     params = dict(build_model(config).named_parameters())
     assert list(params) == list(layout)
@@ -107,9 +117,13 @@ def test_original_layouts_import_like_diffusers(tiny_diffusers, wan, tmp_path):
     prefixed = tmp_path / "prefixed.safetensors"  # ComfyUI-style wrapping prefix
     save_file({f"model.diffusion_model.{k}": v for k, v in original.items()}, str(prefixed))
 
-    sources = [(tmp_path / "wrapped.pth", {"num_heads": 2}), (single / "diffusion_pytorch_model.safetensors", {}),
-               (sharded, {}), (sharded / "diffusion_pytorch_model.safetensors.index.json", {}),
-               (prefixed, {"num_heads": 2})]
+    sources = [
+        (tmp_path / "wrapped.pth", {"num_heads": 2}),
+        (single / "diffusion_pytorch_model.safetensors", {}),
+        (sharded, {}),
+        (sharded / "diffusion_pytorch_model.safetensors.index.json", {}),
+        (prefixed, {"num_heads": 2}),
+    ]
     for number, (source, overrides) in enumerate(sources):
         summary = import_checkpoint(source, tmp_path / f"ours{number}", overrides=overrides)
         assert summary.source_layout == "original" and not summary.missing and not summary.unexpected
@@ -135,8 +149,15 @@ def test_fused_diffusers_projections_import(tiny_diffusers, wan, tmp_path):
     fused = wan.random_diffusers_model(seed=3)
     fused.fuse_qkv_projections()
     state = {name: tensor.contiguous() for name, tensor in fused.state_dict().items()}
-    separate = [name for name in state if ".attn1.to_q." in name or ".attn1.to_k." in name
-                or ".attn1.to_v." in name or ".attn2.to_k." in name or ".attn2.to_v." in name]
+    separate = [
+        name
+        for name in state
+        if ".attn1.to_q." in name
+        or ".attn1.to_k." in name
+        or ".attn1.to_v." in name
+        or ".attn2.to_k." in name
+        or ".attn2.to_v." in name
+    ]
     assert any(".to_qkv." in name for name in state) and separate
     for label, tensors in [("both", state), ("fused_only", {k: v for k, v in state.items() if k not in separate})]:
         target = tmp_path / label
@@ -159,10 +180,24 @@ def test_published_sizes_map_one_to_one(preset, heads, ffn_dim, layers):
     from osp_megatron.checkpointing.wan_keys import plan_sources
     from osp_megatron.models.config import PRESETS
 
-    published = dict(_class_name="WanTransformer3DModel", patch_size=[1, 2, 2], num_attention_heads=heads,
-                     attention_head_dim=128, in_channels=16, out_channels=16, text_dim=4096, freq_dim=256,
-                     ffn_dim=ffn_dim, num_layers=layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
-                     eps=1e-6, image_dim=None, added_kv_proj_dim=None, rope_max_seq_len=1024)
+    published = dict(
+        _class_name="WanTransformer3DModel",
+        patch_size=[1, 2, 2],
+        num_attention_heads=heads,
+        attention_head_dim=128,
+        in_channels=16,
+        out_channels=16,
+        text_dim=4096,
+        freq_dim=256,
+        ffn_dim=ffn_dim,
+        num_layers=layers,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        eps=1e-6,
+        image_dim=None,
+        added_kv_proj_dim=None,
+        rope_max_seq_len=1024,
+    )
     config = make_model_config(fields_from_diffusers(published, "config.json"))
     assert config.preset == preset
     assert all(getattr(config, key) == value for key, value in PRESETS[preset].items() if key != "full_blocks")

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 
 from osp_megatron.config.errors import ConfigError
-from osp_megatron.engine.config import JobConfig, load_job_config
 from osp_megatron.config.loader import from_dict, parse_override
+from osp_megatron.engine.config import JobConfig, load_job_config
 from osp_megatron.models.config import PRESETS, ModelConfig
 
 EXAMPLE = "examples/tiny_t2v.yaml"
@@ -20,20 +20,23 @@ def test_example_config_loads_with_overrides():
     assert config.run.dir == "/tmp/x" and config.model.dim == 128 and config.model.num_heads == 4
 
 
-@pytest.mark.parametrize("override, named", [
-    ("train.stepz=3", "train.stepz"),
-    ("model.preset=wan-7b", "model.preset"),
-    ("train.steps=three", "train.steps"),
-    ("train.micro_batch_size=0", "train.micro_batch_size"),
-    ("parallel.tensor=0", "parallel.tensor"),
-    ("model.num_heads=5", "model.num_heads"),
-    ("bogus.key=1", "bogus"),
-    ("train.global_batch_size=7", "train.global_batch_size"),
-    ("data.text_dim=48", "data.text_dim"),
-    ("model.block_layout=[full,sparse,full,full]", "model.block_layout"),
-    ("checkpoint.interval=-1", "checkpoint.interval"),
-    ("train.precision=fp16", "train.precision"),
-])
+@pytest.mark.parametrize(
+    "override, named",
+    [
+        ("train.stepz=3", "train.stepz"),
+        ("model.preset=wan-7b", "model.preset"),
+        ("train.steps=three", "train.steps"),
+        ("train.micro_batch_size=0", "train.micro_batch_size"),
+        ("parallel.tensor=0", "parallel.tensor"),
+        ("model.num_heads=5", "model.num_heads"),
+        ("bogus.key=1", "bogus"),
+        ("train.global_batch_size=7", "train.global_batch_size"),
+        ("data.text_dim=48", "data.text_dim"),
+        ("model.block_layout=[full,sparse,full,full]", "model.block_layout"),
+        ("checkpoint.interval=-1", "checkpoint.interval"),
+        ("train.precision=fp16", "train.precision"),
+    ],
+)
 def test_bad_keys_and_values_name_the_key(override, named):
     """Unknown keys, wrong types and out-of-range values raise ConfigError naming the dotted key."""
     with pytest.raises(ConfigError, match=named.replace("[", r"\[")):
@@ -75,8 +78,11 @@ def test_preset_on_the_command_line_gives_its_architecture(preset):
     resets what a preset decides: the preset's dimensions, and the tiny example's choices back to defaults."""
     config = load_job_config(EXAMPLE, [f"model.preset={preset}"])
     assert {key: getattr(config.model, key) for key in PRESETS[preset]} == PRESETS[preset]
-    assert (config.model.vae, config.model.absolute_positions, config.model.block_layout) == ("tiny-random", False,
-                                                                                              None)
+    assert (config.model.vae, config.model.absolute_positions, config.model.block_layout) == (
+        "tiny-random",
+        False,
+        None,
+    )
     assert (config.data.text_dim, config.data.synthetic_vae) == (PRESETS[preset]["text_dim"], "tiny-random")
     assert config.model.sparse_ratio == 1 and config.train.steps == 600  # keys no preset decides are kept
 
@@ -96,8 +102,9 @@ def test_preset_switch_against_a_pinned_data_key_names_both(tmp_path):
     path = tmp_path / "pinned.yaml"
     path.write_text("model: {preset: wan-1.3b}\ndata: {text_dim: 4096}\n")
     assert load_job_config(str(path)).model.text_dim == 4096
-    with pytest.raises(ConfigError, match="data.text_dim=4096 does not match model.text_dim=32; leave data.text_dim "
-                                          "out"):
+    with pytest.raises(
+        ConfigError, match="data.text_dim=4096 does not match model.text_dim=32; leave data.text_dim out"
+    ):
         load_job_config(str(path), ["model.preset=tiny"])
 
 
@@ -117,9 +124,14 @@ def test_defaults_build_without_a_file():
 def test_docs_preset_table_matches_the_presets():
     """docs/training.md's table of presets shows the dimensions model.preset fills."""
     text = open("docs/training.md", encoding="utf-8").read()
-    header, _, *rows = [line for line in text.splitlines() if line.startswith("| `model.preset`")
-                        or line.startswith("|---|---|---|---|---|---|---|---|") or line.startswith("| `tiny`")
-                        or line.startswith("| `wan-")]
+    header, _, *rows = [
+        line
+        for line in text.splitlines()
+        if line.startswith("| `model.preset`")
+        or line.startswith("|---|---|---|---|---|---|---|---|")
+        or line.startswith("| `tiny`")
+        or line.startswith("| `wan-")
+    ]
     keys = [cell.strip(" `") for cell in header.strip("|").split("|")][1:]
     table = {}
     for row in rows:

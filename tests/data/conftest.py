@@ -13,8 +13,8 @@ import webdataset
 
 from osp_megatron.data.config import DataConfig
 from osp_megatron.engine.data import make_synthetic_shards
-from osp_megatron.inference.video_io import write_video
 from osp_megatron.engine.ranks import run_on_ranks
+from osp_megatron.inference.video_io import write_video
 
 LATENT_SHAPE = (16, 2, 4, 6)
 TEXT_LEN = 32
@@ -27,9 +27,18 @@ def make_config():
 
     def build(path, **overrides):
         c, t, h, w = LATENT_SHAPE
-        fields = dict(path=path if isinstance(path, list) else str(path), latent_channels=c, latent_frames=t,
-                      latent_height=h, latent_width=w, text_len=TEXT_LEN, text_dim=TEXT_DIM, num_workers=0,
-                      shuffle=True, synthetic_seed=3)
+        fields = dict(
+            path=path if isinstance(path, list) else str(path),
+            latent_channels=c,
+            latent_frames=t,
+            latent_height=h,
+            latent_width=w,
+            text_len=TEXT_LEN,
+            text_dim=TEXT_DIM,
+            num_workers=0,
+            shuffle=True,
+            synthetic_seed=3,
+        )
         fields.update(overrides)
         return DataConfig(**fields)
 
@@ -60,7 +69,7 @@ def moving_square_video(num_frames, height, width, seed):
     for t in range(num_frames):
         frames[t] = 4 * t % 100  # background level = frame number, so tests can tell which frame was kept
         x = (width - 16) * t // max(num_frames - 1, 1)
-        frames[t, height // 2 - 8:height // 2 + 8, x:x + 16] = colour
+        frames[t, height // 2 - 8 : height // 2 + 8, x : x + 16] = colour
     return frames
 
 
@@ -89,8 +98,15 @@ def raw_videos(tmp_path_factory):
 def build_clips(raw, output, **options):
     from osp_data.build import build_dataset
 
-    settings = dict(fps=CLIP_FPS, frames=CLIP_FRAMES, buckets=BUCKETS, shard_size_mb=0.002, workers=0,
-                    max_clips_per_video=2, progress=False)
+    settings = dict(
+        fps=CLIP_FPS,
+        frames=CLIP_FRAMES,
+        buckets=BUCKETS,
+        shard_size_mb=0.002,
+        workers=0,
+        max_clips_per_video=2,
+        progress=False,
+    )
     settings.update(options)
     return build_dataset(str(raw), str(raw / "captions.jsonl"), str(output), **settings)
 
@@ -113,8 +129,9 @@ def encode_on_rank(rank, world_size, clip_folder, output):
     """`osp-data encode` with the tests' settings; under run_on_ranks each rank takes its share of the shards."""
     from osp_data.encode import encode_dataset
 
-    return encode_dataset(clip_folder, output, text_dim=TEXT_DIM_REAL, text_len=32, batch_size=2,
-                          latent_dtype="float16", progress=False)
+    return encode_dataset(
+        clip_folder, output, text_dim=TEXT_DIM_REAL, text_len=32, batch_size=2, latent_dtype="float16", progress=False
+    )
 
 
 @pytest.fixture(scope="session")
@@ -157,9 +174,14 @@ def write_latent_shards(folder, counts, samples_per_shard=4, text_len=TEXT_LEN, 
             with webdataset.TarWriter(path) as writer:
                 for _ in range(first, min(count, first + samples_per_shard)):
                     text = np.ones((3, text_dim), np.float32)
-                    writer.write({"__key__": f"{prefix}{number:05d}", "latent.npy": npy_bytes(
-                        np.full(shape, number, np.float32), "float16"), "text.npy": npy_bytes(text, "float16"),
-                        "txt": f"{prefix} sample {number}".encode()})
+                    writer.write(
+                        {
+                            "__key__": f"{prefix}{number:05d}",
+                            "latent.npy": npy_bytes(np.full(shape, number, np.float32), "float16"),
+                            "text.npy": npy_bytes(text, "float16"),
+                            "txt": f"{prefix} sample {number}".encode(),
+                        }
+                    )
                     number += 1
             offsets = sample_offsets(path)
             shards.append(ShardInfo(path, len(offsets) - 1, name, tuple(shape), offsets))

@@ -184,11 +184,11 @@ def test_bad_samples_are_replaced_counted_and_warned(bucket_dir, make_config, tm
     victim = sorted(copy.glob("s-2x4x6-0000.tar"))[0]
     data = bytearray(victim.read_bytes())
     start = data.find(b"\x93NUMPY")
-    data[start:start + 6] = b"broken"  # the first sample's latent.npy is no longer a .npy
+    data[start : start + 6] = b"broken"  # the first sample's latent.npy is no longer a .npy
     victim.write_bytes(bytes(data))
     truncated = copy / "s-2x6x4-0000.tar"
     second_sample = json.loads((copy / "index.json").read_text())["shards"][6]["offsets"][1]
-    truncated.write_bytes(truncated.read_bytes()[:second_sample + 600])
+    truncated.write_bytes(truncated.read_bytes()[: second_sample + 600])
     loader = WebDatasetLoader(make_config(copy, shuffle=False), 4, seed=0)
     with pytest.warns(UserWarning, match="skipping a bad sample"):
         batches = _take(loader, 10)  # one epoch
@@ -233,8 +233,11 @@ def test_too_little_data_for_a_global_batch_is_a_config_error(shard_dir, make_co
     global batch and the setting to lower, in one message (no warning per bucket before it)."""
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        with pytest.raises(ConfigError, match=r"\(samples per bucket: 2x4x6: 50 of 64\).*lower "
-                                              r"train.global_batch_size"):
+        with pytest.raises(
+            ConfigError,
+            match=r"\(samples per bucket: 2x4x6: 50 of 64\).*lower "
+            r"train.global_batch_size",
+        ):
             WebDatasetLoader(make_config(shard_dir), 8, dp_rank=0, dp_size=8)
 
 
@@ -249,8 +252,11 @@ def test_shards_encoded_for_another_text_encoder_are_refused_at_start(tmp_path, 
     """Text states wider than data.text_dim, or longer than data.text_len, per the shards' index: one error
     naming the source's key, both settings and the shards' value, before any sample is read."""
     wide = latent_shard_writer(tmp_path / "wide", {SHAPE_A: 4}, text_dim=4096, text_len=512)
-    with pytest.raises(ConfigError, match=r"data.path '.*wide': its shards hold text states of width 4096 .*"
-                                          r"data.text_dim is 16 \(it follows model.text_dim\).*--config"):
+    with pytest.raises(
+        ConfigError,
+        match=r"data.path '.*wide': its shards hold text states of width 4096 .*"
+        r"data.text_dim is 16 \(it follows model.text_dim\).*--config",
+    ):
         WebDatasetLoader(make_config(wide), 1)
     mixed = make_config("unused", sources=[DataSource(str(tmp_path / "wide"), 1.0)], text_dim=4096)
     with pytest.raises(ConfigError, match=r"data.sources\[0\].path .*up to 512 text tokens.*data.text_len is 32"):
@@ -301,8 +307,10 @@ def test_sources_load_from_yaml_with_dotted_errors(tmp_path):
     from osp_megatron.engine.config import load_job_config
 
     path = tmp_path / "job.yaml"
-    path.write_text("data:\n  sources:\n    - {path: a, weight: 2}\n    - {path: [b/*.tar], weight: 1}\n"
-                    "  bucket_batch_sizes:\n    - {bucket: 480x832, micro_batch_size: 2}\n")
+    path.write_text(
+        "data:\n  sources:\n    - {path: a, weight: 2}\n    - {path: [b/*.tar], weight: 1}\n"
+        "  bucket_batch_sizes:\n    - {bucket: 480x832, micro_batch_size: 2}\n"
+    )
     config = load_job_config(path).data
     assert config.source_list() == [("a", 2.0), (["b/*.tar"], 1.0)]
     assert config.bucket_batch_sizes[0].micro_batch_size == 2

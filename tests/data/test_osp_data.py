@@ -33,8 +33,10 @@ def _shard_keys(folder):
 
 
 def _latents(shard):
-    return {raw["__key__"]: np.load(io.BytesIO(raw["latent.npy"])).astype(np.float32)
-            for raw in iter_raw_samples(str(shard))}
+    return {
+        raw["__key__"]: np.load(io.BytesIO(raw["latent.npy"])).astype(np.float32)
+        for raw in iter_raw_samples(str(shard))
+    }
 
 
 def _encode(clips, output):
@@ -46,8 +48,12 @@ def test_build_writes_bucketed_clips_and_counts_every_bad_input(clip_dir):
     report = json.loads((clip_dir / "build_report.json").read_text())
     assert report["clips_per_bucket"] == CLIPS_PER_BUCKET and report["videos_with_clips"] == 5
     assert report["problems"]["counts"] == BAD_INPUT
-    assert {item["item"] for item in report["problems"]["items"]} >= {"corrupt.mp4", "empty.mp4", "short.mp4",
-                                                                       "uncaptioned.mp4"}
+    assert {item["item"] for item in report["problems"]["items"]} >= {
+        "corrupt.mp4",
+        "empty.mp4",
+        "short.mp4",
+        "uncaptioned.mp4",
+    }
     index = read_index(str(clip_dir))
     assert index["format"] == "osp-clips-v1" and len(index["shards"]) > 3  # small shards: buckets span several
     for entry in index["shards"]:
@@ -154,8 +160,9 @@ def test_killed_encode_resumes_only_unfinished_shards(clip_dir, latent_dir, tmp_
         np.testing.assert_allclose(redone[key], original[key], atol=2e-3, rtol=2e-3)
     assert {p.name: p.stat().st_mtime_ns for p in copy.glob("*.tar") if p.name != victim} == kept
     assert not list(copy.glob(".*.tmp"))
-    assert [(e["name"], e["num_samples"]) for e in read_index(str(copy))["shards"]] == \
-        [(e["name"], e["num_samples"]) for e in read_index(str(latent_dir))["shards"]]
+    assert [(e["name"], e["num_samples"]) for e in read_index(str(copy))["shards"]] == [
+        (e["name"], e["num_samples"]) for e in read_index(str(latent_dir))["shards"]
+    ]
 
 
 def test_encode_skips_bad_clips_and_writes_no_empty_shard(clip_dir, tmp_path):
@@ -200,12 +207,14 @@ def test_inspect_and_bench_report_on_the_shards(latent_dir, clip_dir, tmp_path, 
     shard = copy / read_index(str(copy))["shards"][0]["name"]
     data = bytearray(shard.read_bytes())
     start = data.find(b"\x93NUMPY")
-    data[start:start + 6] = b"broken"
+    data[start : start + 6] = b"broken"
     shard.write_bytes(bytes(data))
     assert main(["inspect", str(copy), "--check"]) == 0
     assert "checked every sample: 1 bad" in capsys.readouterr().out
-    assert main(["bench", str(latent_dir), "--batches", "6", "--num-workers", "0", "--json",
-                 str(tmp_path / "bench.json")]) == 0
+    assert (
+        main(["bench", str(latent_dir), "--batches", "6", "--num-workers", "0", "--json", str(tmp_path / "bench.json")])
+        == 0
+    )
     result = json.loads((tmp_path / "bench.json").read_text())
     assert result["samples"] == 6 and result["samples_per_s"] > 0 and result["mb_per_s"] > 0
 
@@ -223,8 +232,21 @@ def test_every_subcommand_has_help_with_examples(command, capsys):
 def test_argument_errors_exit_with_status_2(tmp_path, capsys):
     """A missing caption file is reported as an error naming the flag, exit status 2."""
     (tmp_path / "videos").mkdir()
-    assert main(["build", "--videos", str(tmp_path / "videos"), "--captions", str(tmp_path / "none.jsonl"),
-                 "--output", str(tmp_path / "out"), "--no-progress"]) == 2
+    assert (
+        main(
+            [
+                "build",
+                "--videos",
+                str(tmp_path / "videos"),
+                "--captions",
+                str(tmp_path / "none.jsonl"),
+                "--output",
+                str(tmp_path / "out"),
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     assert "--captions" in capsys.readouterr().err
 
 
@@ -235,11 +257,31 @@ def test_build_with_nothing_usable_fails_and_writes_no_index(tmp_path, capsys):
     videos.mkdir()
     (videos / "empty.mp4").write_bytes(b"")
     (videos / "corrupt.mp4").write_bytes(np.random.default_rng(0).bytes(4000))
-    (videos / "captions.jsonl").write_text('{"path": "empty.mp4", "caption": "a"}\n'
-                                           '{"path": "corrupt.mp4", "caption": "b"}\n')
+    (videos / "captions.jsonl").write_text(
+        '{"path": "empty.mp4", "caption": "a"}\n{"path": "corrupt.mp4", "caption": "b"}\n'
+    )
     output = tmp_path / "clips"
-    assert main(["build", "--videos", str(videos), "--captions", str(videos / "captions.jsonl"), "--output",
-                 str(output), "--frames", "5", "--buckets", "64x64", "--workers", "0", "--no-progress"]) == 1
+    assert (
+        main(
+            [
+                "build",
+                "--videos",
+                str(videos),
+                "--captions",
+                str(videos / "captions.jsonl"),
+                "--output",
+                str(output),
+                "--frames",
+                "5",
+                "--buckets",
+                "64x64",
+                "--workers",
+                "0",
+                "--no-progress",
+            ]
+        )
+        == 1
+    )
     err = capsys.readouterr().err
     assert "osp-data build: warning: skipping empty.mp4: unreadable video: is an empty file (0 bytes)\n" in err
     assert "osp-data build: warning: skipping corrupt.mp4: unreadable video: cannot be opened" in err
@@ -253,8 +295,21 @@ def test_empty_caption_file_is_its_own_usage_error(tmp_path, capsys):
     """A zero-byte caption file is named as empty (exit 2), not read as a file without rows."""
     (tmp_path / "videos").mkdir()
     (tmp_path / "captions.jsonl").write_bytes(b"")
-    assert main(["build", "--videos", str(tmp_path / "videos"), "--captions", str(tmp_path / "captions.jsonl"),
-                 "--output", str(tmp_path / "out"), "--no-progress"]) == 2
+    assert (
+        main(
+            [
+                "build",
+                "--videos",
+                str(tmp_path / "videos"),
+                "--captions",
+                str(tmp_path / "captions.jsonl"),
+                "--output",
+                str(tmp_path / "out"),
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     assert "captions.jsonl' is an empty file" in capsys.readouterr().err
 
 
@@ -271,8 +326,23 @@ def test_encode_with_no_usable_clip_fails_and_writes_no_index(clip_dir, tmp_path
         for raw in samples:
             writer.write({"__key__": raw["__key__"], "mp4": b"garbage", "txt": raw["txt"], "json": raw["json"]})
     output = tmp_path / "latents"
-    assert main(["encode", "--input", str(copy), "--output", str(output), "--text-dim", "32", "--text-len", "32",
-                 "--no-progress"]) == 1
+    assert (
+        main(
+            [
+                "encode",
+                "--input",
+                str(copy),
+                "--output",
+                str(output),
+                "--text-dim",
+                "32",
+                "--text-len",
+                "32",
+                "--no-progress",
+            ]
+        )
+        == 1
+    )
     assert "osp-data encode: failed: no sample encoded" in capsys.readouterr().err
     assert (output / "encode_report.json").is_file() and not (output / "index.json").exists()
 
@@ -289,8 +359,10 @@ def test_bench_reads_the_training_config_with_its_overrides(latent_dir, tmp_path
     assert main(["bench", "--config", str(config), "train.global_batch_size=4", "data.num_workers=0", *common]) == 0
     captured = capsys.readouterr()
     assert "global batch 4" in captured.out and "UserWarning" not in captured.err
-    assert ("osp-data bench: warning: data source 0: bucket 64x64 holds 2 samples, fewer than its global batch of "
-            "4; its samples are not used (every global batch is one bucket)\n") in captured.err
+    assert (
+        "osp-data bench: warning: data source 0: bucket 64x64 holds 2 samples, fewer than its global batch of "
+        "4; its samples are not used (every global batch is one bucket)\n"
+    ) in captured.err
     assert json.loads(result_file.read_text())["samples"] == 4
     # FOLDER first, overrides after the options: the folder replaces data.path
     assert main(["bench", str(latent_dir), "--config", str(config), "train.global_batch_size=2", *common]) == 0

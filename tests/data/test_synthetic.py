@@ -16,8 +16,8 @@ import webdataset
 
 from osp_megatron.config.errors import ConfigError
 from osp_megatron.data import synthetic
-from osp_megatron.engine import data as engine_data
 from osp_megatron.data.shards import iter_raw_samples
+from osp_megatron.engine import data as engine_data
 from osp_megatron.engine.data import make_synthetic_shards
 from osp_megatron.models.text_encoder import build_text_encoder
 
@@ -66,8 +66,14 @@ def test_latent_is_a_function_of_the_caption_plus_small_noise(shard_dir):
     assert repeated, "the vocabulary is small enough that 50 samples repeat a caption"
     same = np.std(repeated[0][0] - repeated[0][1])
     assert same < 2 * synthetic.NOISE_STD
-    clean = [synthetic.blob_latent(*words, (16, 2, 4, 6)) for words in
-             [("red", "circle", "moving left"), ("blue", "circle", "moving left"), ("red", "tall bar", "moving up")]]
+    clean = [
+        synthetic.blob_latent(*words, (16, 2, 4, 6))
+        for words in [
+            ("red", "circle", "moving left"),
+            ("blue", "circle", "moving left"),
+            ("red", "tall bar", "moving up"),
+        ]
+    ]
     assert np.std(clean[0] - clean[1]) > 5 * synthetic.NOISE_STD
     assert np.std(clean[0] - clean[2]) > 5 * synthetic.NOISE_STD
 
@@ -82,8 +88,11 @@ def test_motion_moves_the_blob_in_the_named_direction():
 
 def _checksums(folder):
     """sha256 of every file under folder, by relative path: what a refusal must leave exactly as it was."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _user_folder(tmp_path, shard_dir, kind):
@@ -95,8 +104,16 @@ def _user_folder(tmp_path, shard_dir, kind):
         for shard in sorted(shard_dir.glob("shard-*.tar"))[:2]:
             shutil.copy(shard, folder / shard.name)
     if kind == "real shards":
-        (folder / "index.json").write_text(json.dumps({"shards": [{"name": "shard-000000.tar", "num_samples": 8},
-                                                                  {"name": "shard-000001.tar", "num_samples": 8}]}))
+        (folder / "index.json").write_text(
+            json.dumps(
+                {
+                    "shards": [
+                        {"name": "shard-000000.tar", "num_samples": 8},
+                        {"name": "shard-000001.tar", "num_samples": 8},
+                    ]
+                }
+            )
+        )
     if kind == "foreign":
         (folder / "index.json").write_text('{"shards": [], "owner": "another tool"}')
         (folder / "notes.txt").write_text("my experiment")
@@ -159,7 +176,8 @@ def test_own_partial_set_is_completed(tmp_path):
         # Tar headers carry write times, so the samples are compared, not the files' bytes.
         expected, found = (
             [{k: v for k, v in sample.items() if k != "__url__"} for sample in iter_raw_samples(str(path))]
-            for path in (shard, partial / shard.name))
+            for path in (shard, partial / shard.name)
+        )
         assert found == expected
 
 
@@ -184,16 +202,46 @@ def test_generation_is_deterministic(tmp_path):
 def test_console_entry_writes_shards_and_documents_every_flag(tmp_path, capsys):
     """osp-make-synthetic writes a data set, and --help describes each of its flags."""
     out = tmp_path / "cli"
-    assert engine_data.main(["--out", str(out), "--num-samples", "3", "--samples-per-shard", "2", "--latent-frames",
-                           "1", "--latent-height", "2", "--latent-width", "2", "--text-dim", "8"]) == 0
+    assert (
+        engine_data.main(
+            [
+                "--out",
+                str(out),
+                "--num-samples",
+                "3",
+                "--samples-per-shard",
+                "2",
+                "--latent-frames",
+                "1",
+                "--latent-height",
+                "2",
+                "--latent-width",
+                "2",
+                "--text-dim",
+                "8",
+            ]
+        )
+        == 0
+    )
     assert len(_read_all(out)) == 3
     with pytest.raises(SystemExit) as exit_info:
         engine_data.main(["--help"])
     assert exit_info.value.code == 0
     help_text = capsys.readouterr().out
-    for flag in ("--out", "--num-samples", "--samples-per-shard", "--latent-channels", "--latent-frames",
-                 "--latent-height", "--latent-width", "--text-len", "--text-dim", "--seed", "--text-encoder",
-                 "--vae"):
+    for flag in (
+        "--out",
+        "--num-samples",
+        "--samples-per-shard",
+        "--latent-channels",
+        "--latent-frames",
+        "--latent-height",
+        "--latent-width",
+        "--text-len",
+        "--text-dim",
+        "--seed",
+        "--text-encoder",
+        "--vae",
+    ):
         assert flag in help_text
 
 
@@ -206,10 +254,16 @@ def test_npy_entries_decode_without_pickle(shard_dir):
         np.load(io.BytesIO(tar.extractfile(member).read()), allow_pickle=False)
 
 
-@pytest.mark.parametrize("colour, shape, motion", [("red", "circle", "moving up"), ("blue", "square", "moving left"),
-                                                   ("white", "wide bar", "moving right"),
-                                                   ("purple", "tall bar", "moving down"),
-                                                   ("yellow", "circle", "staying still")])
+@pytest.mark.parametrize(
+    "colour, shape, motion",
+    [
+        ("red", "circle", "moving up"),
+        ("blue", "square", "moving left"),
+        ("white", "wide bar", "moving right"),
+        ("purple", "tall bar", "moving down"),
+        ("yellow", "circle", "staying still"),
+    ],
+)
 def test_rendered_video_shows_its_caption(colour, shape, motion):
     """The renderer paints the palette colour over the background and moves it the named way."""
     video = synthetic.render_caption_video(colour, shape, motion, 9, 64, 48)
@@ -239,6 +293,7 @@ def test_background_shading_tells_position():
 
 def test_shapes_differ_in_their_extents():
     """A wide bar is wider than tall, a tall bar taller than wide, and a square fills more than a circle."""
+
     def extent(shape):
         mask = np.any(synthetic.render_caption_video("green", shape, "staying still", 1, 64, 64)[0] > 100, axis=-1)
         return mask.any(axis=0).sum(), mask.any(axis=1).sum(), mask.sum()
@@ -259,10 +314,19 @@ def test_held_out_set_shares_the_text_encoder_but_no_samples(tmp_path):
     and cannot be mistaken for the training set in either folder; ensure_synthetic_data makes both."""
     from osp_megatron.engine.config import load_job_config
 
-    config = load_job_config(None, ["data.synthetic=true", f"data.path={tmp_path / 'train'}",
-                                    f"data.eval_path={tmp_path / 'eval'}", "data.synthetic_num_samples=16",
-                                    "data.synthetic_samples_per_shard=16", "data.latent_frames=1",
-                                    "data.latent_height=2", "data.latent_width=2"]).data
+    config = load_job_config(
+        None,
+        [
+            "data.synthetic=true",
+            f"data.path={tmp_path / 'train'}",
+            f"data.eval_path={tmp_path / 'eval'}",
+            "data.synthetic_num_samples=16",
+            "data.synthetic_samples_per_shard=16",
+            "data.latent_frames=1",
+            "data.latent_height=2",
+            "data.latent_width=2",
+        ],
+    ).data
     engine_data.ensure_synthetic_data(config, held_out_samples=8)
     train, held_out = _read_all(tmp_path / "train"), _read_all(tmp_path / "eval")
     assert (len(train), len(held_out)) == (16, 8)

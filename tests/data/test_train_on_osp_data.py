@@ -15,9 +15,19 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _train(run_dir, latent_dir, *overrides):
-    args = ["--config", str(ROOT / "examples" / "train_osp_data.yaml"), f"run.dir={run_dir}",
-            f"data.path={latent_dir}", "train.eval_interval=0", "data.num_workers=0", "train.micro_batch_size=1", "train.global_batch_size=2",
-            "train.progress=false", "checkpoint.interval=0", *overrides]
+    args = [
+        "--config",
+        str(ROOT / "examples" / "train_osp_data.yaml"),
+        f"run.dir={run_dir}",
+        f"data.path={latent_dir}",
+        "train.eval_interval=0",
+        "data.num_workers=0",
+        "train.micro_batch_size=1",
+        "train.global_batch_size=2",
+        "train.progress=false",
+        "checkpoint.interval=0",
+        *overrides,
+    ]
     assert train_main(args) == 0
 
 

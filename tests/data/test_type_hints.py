@@ -14,8 +14,9 @@ def _unannotated(path: Path) -> list[str]:
         for child in ast.iter_child_nodes(node):
             if isinstance(child, ast.ClassDef) and not child.name.startswith("_"):
                 visit(child, f"{prefix}{child.name}.")
-            elif isinstance(child, ast.FunctionDef) and (not child.name.startswith("_")
-                                                         or child.name in ("__init__", "__call__")):
+            elif isinstance(child, ast.FunctionDef) and (
+                not child.name.startswith("_") or child.name in ("__init__", "__call__")
+            ):
                 arguments = child.args.posonlyargs + child.args.args + child.args.kwonlyargs
                 bare = [a.arg for a in arguments if a.annotation is None and a.arg not in ("self", "cls")]
                 if child.returns is None and child.name != "__init__":

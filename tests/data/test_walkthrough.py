@@ -20,8 +20,14 @@ ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 # Six videos a user might have: landscape, portrait and square, 1.5 to 4 s at 24 or 30 fps.
-VIDEOS = [((180, 320), 24, 72), ((320, 180), 30, 60), ((240, 240), 24, 48), ((360, 640), 30, 120),
-          ((180, 320), 24, 36), ((320, 240), 24, 96)]
+VIDEOS = [
+    ((180, 320), 24, 72),
+    ((320, 180), 30, 60),
+    ((240, 240), 24, 48),
+    ((360, 640), 30, 120),
+    ((180, 320), 24, 36),
+    ((320, 240), 24, 96),
+]
 
 
 def walkthrough_commands(page: Path = ROOT / "docs" / "data.md") -> list[str]:
@@ -36,8 +42,7 @@ def make_videos(folder: Path) -> None:
     folder.mkdir()
     with open(folder / "captions.jsonl", "w") as handle:
         for number, ((height, width), fps, frames) in enumerate(VIDEOS):
-            write_video(str(folder / f"video{number}.mp4"), moving_square_video(frames, height, width, number),
-                        fps=fps)
+            write_video(str(folder / f"video{number}.mp4"), moving_square_video(frames, height, width, number), fps=fps)
             handle.write(json.dumps({"path": f"video{number}.mp4", "caption": f"a square {number} sliding"}) + "\n")
 
 
@@ -46,16 +51,23 @@ def test_walkthrough_runs_as_written_on_six_videos(tmp_path):
     one plain line each, and the run trains to its last step."""
     make_videos(tmp_path / "my_videos")
     (tmp_path / "examples").symlink_to(ROOT / "examples")
-    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1",
-               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(ROOT),
+        PYTHONUNBUFFERED="1",
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    )
     commands = walkthrough_commands()
     assert [command.split()[:2] for command in commands] == [
-        ["osp-data", "build"], ["osp-data", "encode"], ["osp-data", "inspect"], ["osp-data", "bench"],
-        ["osp-train", "--config"]]
+        ["osp-data", "build"],
+        ["osp-data", "encode"],
+        ["osp-data", "inspect"],
+        ["osp-data", "bench"],
+        ["osp-train", "--config"],
+    ]
     outputs = []
     for command in commands:
-        result = subprocess.run(command, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True,
-                                timeout=600)
+        result = subprocess.run(command, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, f"{command}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
         assert "Warning:" not in result.stderr and "warnings.warn" not in result.stderr, result.stderr
         outputs.append(result.stdout)

@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from osp_megatron.data.synthetic import COLOUR_RGB, COLOURS, MOTIONS, SHAPES, all_captions, caption_of, measure_blob
 from osp_megatron.engine.config import load_job_config
-from osp_megatron.data.synthetic import (COLOURS, COLOUR_RGB, MOTIONS, SHAPES, all_captions, caption_of,
-                                         measure_blob)
 from osp_megatron.inference.video_io import read_video
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "tiny_t2v.yaml"
@@ -20,7 +19,7 @@ def _strip_frames(path, width, gap=2):
     """Cut a PNG frame strip (frames side by side, `gap` white columns between them) back into frames."""
     strip = np.asarray(Image.open(path).convert("RGB"))
     count = (strip.shape[1] + gap) // (width + gap)
-    return np.stack([strip[:, i * (width + gap): i * (width + gap) + width] for i in range(count)])
+    return np.stack([strip[:, i * (width + gap) : i * (width + gap) + width] for i in range(count)])
 
 
 def test_example_prompt_is_in_the_synthetic_set():
@@ -31,10 +30,20 @@ def test_example_prompt_is_in_the_synthetic_set():
 
 
 # Twelve prompts that cover every colour twice, every shape three times and every motion at least twice.
-PROMPTS = ["a red square moving right", "a green circle moving up", "a blue square moving left",
-           "a yellow circle moving down", "a purple square moving right", "a white circle moving left",
-           "a red wide bar moving down", "a green tall bar moving left", "a blue circle staying still",
-           "a yellow tall bar moving up", "a purple wide bar moving left", "a white square moving down"]
+PROMPTS = [
+    "a red square moving right",
+    "a green circle moving up",
+    "a blue square moving left",
+    "a yellow circle moving down",
+    "a purple square moving right",
+    "a white circle moving left",
+    "a red wide bar moving down",
+    "a green tall bar moving left",
+    "a blue circle staying still",
+    "a yellow tall bar moving up",
+    "a purple wide bar moving left",
+    "a white square moving down",
+]
 
 
 def _words(prompt):
@@ -59,10 +68,21 @@ def test_first_run_sample_shows_the_prompt(main_job, run_python_module, tmp_path
     assert measure_blob(read_video(str(sample.with_suffix(".mp4")))).colour == colour
 
     (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
-    run_python_module(["osp_megatron.inference.cli", "--checkpoint", str(run_dir), "--prompt-file",
-                       str(tmp_path / "prompts.txt"), "--output-dir", str(tmp_path / "videos"), "--no-progress",
-                       "--batch-size", str(len(PROMPTS))],
-                      cwd=tmp_path)
+    run_python_module(
+        [
+            "osp_megatron.inference.cli",
+            "--checkpoint",
+            str(run_dir),
+            "--prompt-file",
+            str(tmp_path / "prompts.txt"),
+            "--output-dir",
+            str(tmp_path / "videos"),
+            "--no-progress",
+            "--batch-size",
+            str(len(PROMPTS)),
+        ],
+        cwd=tmp_path,
+    )
     videos = sorted((tmp_path / "videos").glob("*.mp4"))
     assert len(videos) == len(PROMPTS)
     drawn = [measure_blob(read_video(str(video))) for video in videos]

@@ -38,8 +38,20 @@ def test_tiny_default_trains_checkpoints_logs_and_samples(main_job, run_python_m
     assert (run_dir / "samples" / f"step_{steps:08d}.png").is_file()
 
     out = tmp_path / "prompted.mp4"
-    run_python_module(["osp_megatron.inference.cli", "--checkpoint", str(run_dir), "--prompt", "a blue circle moving up",
-                "--steps", "3", "--output", str(out)], cwd=tmp_path)
+    run_python_module(
+        [
+            "osp_megatron.inference.cli",
+            "--checkpoint",
+            str(run_dir),
+            "--prompt",
+            "a blue circle moving up",
+            "--steps",
+            "3",
+            "--output",
+            str(out),
+        ],
+        cwd=tmp_path,
+    )
     assert read_video(str(out)).shape == video.shape
     assert out.with_suffix(".png").is_file()
 
@@ -47,6 +59,11 @@ def test_tiny_default_trains_checkpoints_logs_and_samples(main_job, run_python_m
 @pytest.mark.slow
 def test_train_cli_rejects_unknown_key(tmp_path):
     """A misspelt override stops osp-train before any work, with the key in the message and exit code 2."""
-    result = subprocess.run([sys.executable, "-m", "osp_megatron.training.cli", "--config", str(EXAMPLE),
-                             "train.stepz=3"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "osp_megatron.training.cli", "--config", str(EXAMPLE), "train.stepz=3"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 2 and "train.stepz" in result.stderr

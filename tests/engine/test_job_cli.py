@@ -9,15 +9,18 @@ from osp_megatron.rl.cli import main as grpo_main
 from osp_megatron.training.cli import main as train_main
 
 
-@pytest.mark.parametrize("job, override", [
-    (train_main, "sample.frames=true"),
-    (train_main, "sample.cfg_parallel=true"),
-    (grpo_main, "train.text_dropout=0.1"),
-    (grpo_main, "train.timestep_shift=3"),
-    (grpo_main, "train.logit_mean=1"),
-    (grpo_main, "data.path=elsewhere"),
-    (grpo_main, "train.eval_interval=5"),
-])
+@pytest.mark.parametrize(
+    "job, override",
+    [
+        (train_main, "sample.frames=true"),
+        (train_main, "sample.cfg_parallel=true"),
+        (grpo_main, "train.text_dropout=0.1"),
+        (grpo_main, "train.timestep_shift=3"),
+        (grpo_main, "train.logit_mean=1"),
+        (grpo_main, "data.path=elsewhere"),
+        (grpo_main, "train.eval_interval=5"),
+    ],
+)
 def test_training_jobs_refuse_settings_they_ignore(job, override, capsys):
     assert job([override]) == 2
     key = override.split("=")[0]
@@ -33,8 +36,20 @@ def test_a_moved_key_says_where_it_went(override, capsys):
 def test_honoured_settings_at_any_value_and_ignored_ones_at_their_default_pass(capsys):
     """osp-grpo honours the EMA placement, asynchronous saves, FSDP, quantization and LoRA (settings it
     used to accept and ignore or refuse); an ignored key given its default value is accepted."""
-    assert grpo_main(["--print-config", "train.ema_device=cpu", "checkpoint.async_save=true", "parallel.fsdp=true",
-                      "quant.recipe=hif8", "lora.rank=8", "train.text_dropout=0.0"]) == 0
+    assert (
+        grpo_main(
+            [
+                "--print-config",
+                "train.ema_device=cpu",
+                "checkpoint.async_save=true",
+                "parallel.fsdp=true",
+                "quant.recipe=hif8",
+                "lora.rank=8",
+                "train.text_dropout=0.0",
+            ]
+        )
+        == 0
+    )
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["train"]["ema_device"] == "cpu" and printed["lora"]["rank"] == 8
     assert printed["quant"]["recipe"] == "hif8" and printed["parallel"]["fsdp"] is True
@@ -74,4 +89,6 @@ def test_osp_eval_names_itself_when_refusing(tiny_checkpoint):
     weights = resolve_weights(str(tiny_checkpoint))
     with pytest.raises(ConfigError, match="train.steps: osp-eval does not use this setting"):
         sampling_config(weights, None, ["train.steps=3"], job="osp-eval")
-    assert sampling_config(weights, None, ["quant.recipe=hif8", "parallel.ssp=1"], job="osp-eval").quant.recipe == "hif8"
+    assert (
+        sampling_config(weights, None, ["quant.recipe=hif8", "parallel.ssp=1"], job="osp-eval").quant.recipe == "hif8"
+    )

@@ -28,12 +28,26 @@ class StopDuringStep:
 
 
 def _overrides(job: str, run_dir: Path, extra=()) -> list[str]:
-    common = [f"run.dir={run_dir}", f"train.steps={STEPS}", "train.progress=false", "train.sample_at_end=false",
-              "model.num_layers=2", "train.ema_decay=0.9", "checkpoint.interval=0", "train.cpu_threads=0", *extra]
+    common = [
+        f"run.dir={run_dir}",
+        f"train.steps={STEPS}",
+        "train.progress=false",
+        "train.sample_at_end=false",
+        "model.num_layers=2",
+        "train.ema_decay=0.9",
+        "checkpoint.interval=0",
+        "train.cpu_threads=0",
+        *extra,
+    ]
     if job == "osp-train":
-        return common + [f"data.path={run_dir.parent / 'data'}", "train.eval_interval=0",
-                         "data.synthetic_num_samples=32", "data.synthetic_samples_per_shard=16",
-                         "train.micro_batch_size=4", "train.global_batch_size=4"]
+        return common + [
+            f"data.path={run_dir.parent / 'data'}",
+            "train.eval_interval=0",
+            "data.synthetic_num_samples=32",
+            "data.synthetic_samples_per_shard=16",
+            "train.micro_batch_size=4",
+            "train.global_batch_size=4",
+        ]
     from osp_megatron.testing import tiny_grpo_overrides
 
     return tiny_grpo_overrides(run_dir, STEPS, [*common[1:], "grpo.window_shift_interval=1"])
@@ -50,8 +64,9 @@ def _run(rank, world_size, job, run_dir, stop_at=None, extra=()):
         from osp_megatron.rl.config import load_grpo_config
         from osp_megatron.rl.trainer import GRPOTrainer
 
-        trainer = GRPOTrainer(load_grpo_config(str(ROOT / "examples" / "grpo_tiny.yaml"),
-                                               _overrides(job, run_dir, extra)))
+        trainer = GRPOTrainer(
+            load_grpo_config(str(ROOT / "examples" / "grpo_tiny.yaml"), _overrides(job, run_dir, extra))
+        )
     result = trainer.train(StopDuringStep(stop_at) if stop_at else None)
     return result, {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
 
@@ -82,4 +97,3 @@ def test_stop_exit_interval_and_resume_behave_alike_in_both_jobs(tmp_path, job):
         torch.testing.assert_close(weights[name], weight, rtol=0, atol=0)
     again = run_on_ranks(_run, 1, job, run_dir)[0][0]
     assert (again["status"], again["step"]) == ("already_finished", STEPS)
-

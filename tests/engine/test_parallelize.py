@@ -33,7 +33,8 @@ def test_roles():
     assert done.quantized and done.adapted and not done.fsdp
     assert trained.activation_checkpointing == "full"
     assert {name for name, p in trained.named_parameters() if p.requires_grad} == {
-        name for name, _ in trained.named_parameters() if "lora_" in name}
+        name for name, _ in trained.named_parameters() if "lora_" in name
+    }
     # Quantization comes before LoRA: the base linears are quantized, the adapters are not.
     names = set(done.quantized)
     assert "blocks.0.self_attention.linear_q" in names and not any("lora_" in name for name in names)
@@ -47,7 +48,11 @@ def test_roles():
     with pytest.raises(ConfigError, match="parallel.fsdp shards a model for training"):
         parallelize_dit(_model(), "inference", parallel=ParallelConfig(fsdp=True))
     with pytest.raises(ConfigError, match="selects no linear layer"):
-        parallelize_dit(_model(), "train", quant=from_dict(QuantConfig, {"recipe": "hif8", "modules": {"include": ["nothing*"]}}, "quant"))
+        parallelize_dit(
+            _model(),
+            "train",
+            quant=from_dict(QuantConfig, {"recipe": "hif8", "modules": {"include": ["nothing*"]}}, "quant"),
+        )
 
 
 def test_compilation_compiles_every_block():

@@ -23,18 +23,42 @@ from osp_megatron.eval.vbench_scores import (
 
 # VBench's scripts/constant.py (NORMALIZE_DIC, DIM_WEIGHT, QUALITY_LIST, SEMANTIC_LIST), with its spaced names.
 PUBLISHED_MIN_MAX = {
-    "subject consistency": (0.1462, 1.0), "background consistency": (0.2615, 1.0),
-    "temporal flickering": (0.6293, 1.0), "motion smoothness": (0.706, 0.9975), "dynamic degree": (0.0, 1.0),
-    "aesthetic quality": (0.0, 1.0), "imaging quality": (0.0, 1.0), "object class": (0.0, 1.0),
-    "multiple objects": (0.0, 1.0), "human action": (0.0, 1.0), "color": (0.0, 1.0),
-    "spatial relationship": (0.0, 1.0), "scene": (0.0, 0.8222), "appearance style": (0.0009, 0.2855),
-    "temporal style": (0.0, 0.364), "overall consistency": (0.0, 0.364),
+    "subject consistency": (0.1462, 1.0),
+    "background consistency": (0.2615, 1.0),
+    "temporal flickering": (0.6293, 1.0),
+    "motion smoothness": (0.706, 0.9975),
+    "dynamic degree": (0.0, 1.0),
+    "aesthetic quality": (0.0, 1.0),
+    "imaging quality": (0.0, 1.0),
+    "object class": (0.0, 1.0),
+    "multiple objects": (0.0, 1.0),
+    "human action": (0.0, 1.0),
+    "color": (0.0, 1.0),
+    "spatial relationship": (0.0, 1.0),
+    "scene": (0.0, 0.8222),
+    "appearance style": (0.0009, 0.2855),
+    "temporal style": (0.0, 0.364),
+    "overall consistency": (0.0, 0.364),
 }
 # The worked example of docs/evaluation.md.
-EXAMPLE = dict(subject_consistency=0.95, background_consistency=0.96, temporal_flickering=0.98,
-               motion_smoothness=0.98, dynamic_degree=0.60, aesthetic_quality=0.60, imaging_quality=0.65,
-               object_class=0.85, multiple_objects=0.60, human_action=0.95, color=0.85, spatial_relationship=0.70,
-               scene=0.45, appearance_style=0.22, temporal_style=0.24, overall_consistency=0.26)
+EXAMPLE = dict(
+    subject_consistency=0.95,
+    background_consistency=0.96,
+    temporal_flickering=0.98,
+    motion_smoothness=0.98,
+    dynamic_degree=0.60,
+    aesthetic_quality=0.60,
+    imaging_quality=0.65,
+    object_class=0.85,
+    multiple_objects=0.60,
+    human_action=0.95,
+    color=0.85,
+    spatial_relationship=0.70,
+    scene=0.45,
+    appearance_style=0.22,
+    temporal_style=0.24,
+    overall_consistency=0.26,
+)
 
 
 def test_constants_are_vbenchs_published_ones():
@@ -54,7 +78,9 @@ def test_worked_example_and_bounds():
     assert report["normalized"]["subject_consistency"] == pytest.approx(0.8038 / 0.8538)
     assert report["normalized"]["appearance_style"] == pytest.approx((0.22 - 0.0009) / (0.2855 - 0.0009))
     quality_sum = sum(report["normalized"][d] for d in QUALITY_DIMENSIONS if d != "dynamic_degree") + 0.5 * 0.6
-    assert report["quality"] == pytest.approx(quality_sum / 6.5) and report["quality"] == pytest.approx(0.81897, abs=1e-5)
+    assert report["quality"] == pytest.approx(quality_sum / 6.5) and report["quality"] == pytest.approx(
+        0.81897, abs=1e-5
+    )
     assert report["semantic"] == pytest.approx(0.73787, abs=1e-5)
     assert report["total"] == pytest.approx((4 * report["quality"] + report["semantic"]) / 5)
     assert report["total"] == pytest.approx(0.80275, abs=1e-5) and report["missing"] == []
@@ -133,28 +159,49 @@ def test_vbench_command_renders_the_suite_and_scores_temporal_flickering(tmp_pat
     from osp_megatron.inference.video_io import read_video
 
     suite = tmp_path / "VBench_full_info.json"
-    suite.write_text(json.dumps([
-        {"prompt_en": "In a still frame, a red cup", "dimension": ["temporal_flickering"]},
-        {"prompt_en": "a dog running", "dimension": ["subject_consistency", "dynamic_degree"]},
-        {"prompt_en": "a quiet lake", "dimension": ["temporal_flickering", "subject_consistency"]},
-    ]))
+    suite.write_text(
+        json.dumps(
+            [
+                {"prompt_en": "In a still frame, a red cup", "dimension": ["temporal_flickering"]},
+                {"prompt_en": "a dog running", "dimension": ["subject_consistency", "dynamic_degree"]},
+                {"prompt_en": "a quiet lake", "dimension": ["temporal_flickering", "subject_consistency"]},
+            ]
+        )
+    )
     out = tmp_path / "eval"
-    args = ["vbench", "--checkpoint", str(tiny_checkpoint), "--full-info", str(suite), "--output-dir", str(out),
-            "--dimensions", "temporal_flickering", "subject_consistency", "--videos-per-prompt", "2", "--no-progress",
-            "--vbench-python", str(tmp_path / "no-python")]
+    args = [
+        "vbench",
+        "--checkpoint",
+        str(tiny_checkpoint),
+        "--full-info",
+        str(suite),
+        "--output-dir",
+        str(out),
+        "--dimensions",
+        "temporal_flickering",
+        "subject_consistency",
+        "--videos-per-prompt",
+        "2",
+        "--no-progress",
+        "--vbench-python",
+        str(tmp_path / "no-python"),
+    ]
     assert main(args) == 0
     videos = sorted(p.name for p in (out / "videos").iterdir())
-    assert videos == [f"{p}-{k}.mp4" for p in ("In a still frame, a red cup", "a dog running", "a quiet lake")
-                      for k in range(2)]
+    assert videos == [
+        f"{p}-{k}.mp4" for p in ("In a still frame, a red cup", "a dog running", "a quiet lake") for k in range(2)
+    ]
     report = json.loads((out / "vbench_scores.json").read_text())
-    flicker_videos = [out / "videos" / f"{p}-{k}.mp4" for p in ("In a still frame, a red cup", "a quiet lake")
-                      for k in range(2)]
+    flicker_videos = [
+        out / "videos" / f"{p}-{k}.mp4" for p in ("In a still frame, a red cup", "a quiet lake") for k in range(2)
+    ]
     expected = np.mean([frame_flicker_score(read_video(str(p)).numpy()) for p in flicker_videos])
     assert report["raw"]["temporal_flickering"] == pytest.approx(expected)
     assert report["normalized"]["temporal_flickering"] == pytest.approx((expected - 0.6293) / (1 - 0.6293))
     assert "subject_consistency" in report["missing"] and report["total"] is None
-    assert any("subject_consistency: not evaluated, the `vbench` package is not importable" in n
-               for n in report["notes"])
+    assert any(
+        "subject_consistency: not evaluated, the `vbench` package is not importable" in n for n in report["notes"]
+    )
     assert len(list((out / "records").glob("*.json"))) == 6
     capsys.readouterr()
     assert main(args) == 0

@@ -46,8 +46,15 @@ def test_tiny_tokenizer_keeps_words_whole():
     from osp_megatron.models.text_encoder import EOS_ID, WordTokenizer, word_id
 
     ids, mask = WordTokenizer()(["a Red circle, moving up", "red"], 16)
-    assert ids[0, :7].tolist() == [word_id("a"), word_id("red"), word_id("circle"), word_id(","),
-                                   word_id("moving"), word_id("up"), EOS_ID]
+    assert ids[0, :7].tolist() == [
+        word_id("a"),
+        word_id("red"),
+        word_id("circle"),
+        word_id(","),
+        word_id("moving"),
+        word_id("up"),
+        EOS_ID,
+    ]
     assert ids[1, 0] == ids[0, 1] and mask.sum(1).tolist() == [7, 2]
     vocabulary = {word for phrase in (*COLOURS, *SHAPES, *MOTIONS, "a") for word in phrase.split()}
     assert len({word_id(word) for word in vocabulary}) == len(vocabulary)
@@ -68,8 +75,9 @@ def test_text_encoder_loads_from_a_local_folder(tmp_path):
     backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     backend.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>",
-                            unk_token="<unk>").save_pretrained(tmp_path)
+    PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
+    ).save_pretrained(tmp_path)
     UMT5EncoderModel(tiny_umt5_config(16)).save_pretrained(tmp_path)
     states, lengths = build_text_encoder(str(tmp_path), 16, 10).encode(["a red circle", "red"])
     assert states.shape == (2, 10, 16) and lengths.tolist() == [4, 2]

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from osp_megatron.config.errors import ConfigError
-from osp_megatron.inference.cli import build_parser, main
 from osp_megatron.engine.sample_config import SampleConfig
+from osp_megatron.inference.cli import build_parser, main
 from osp_megatron.inference.jobs import plan_jobs
 from osp_megatron.inference.prompts import PromptSpec, read_prompt_file
 from osp_megatron.testing import random_sampling_model, tiny_sampling_config
@@ -48,8 +48,12 @@ def test_plan_names_seeds_and_sizes():
     sample = SampleConfig(seed=10, videos_per_prompt=2, output="o/x.mp4")
     specs = [PromptSpec("A Red circle!"), PromptSpec("dog", seed=3, num_frames=9, name="dog")]
     jobs = plan_jobs(specs, sample, "out")
-    assert [Path(j.video).name for j in jobs] == ["00000-a_red_circle-0.mp4", "00000-a_red_circle-1.mp4",
-                                                  "dog-0.mp4", "dog-1.mp4"]
+    assert [Path(j.video).name for j in jobs] == [
+        "00000-a_red_circle-0.mp4",
+        "00000-a_red_circle-1.mp4",
+        "dog-0.mp4",
+        "dog-1.mp4",
+    ]
     assert [j.seed for j in jobs] == [10, 11, 3, 4] and [j.num_frames for j in jobs] == [81, 81, 9, 9]
     assert jobs[0].record == "out/00000-a_red_circle-0.json" and jobs[0].strip == "out/00000-a_red_circle-0.png"
     single = plan_jobs([PromptSpec("x")], SampleConfig(output="o/x.mp4"))
@@ -60,8 +64,8 @@ def test_plan_names_seeds_and_sizes():
 
 def test_example_configs_and_prompt_files_load():
     """examples/sample_*.yaml are valid job configs and examples/prompts/* valid prompt files."""
-    from osp_megatron.engine.config import JobConfig
     from osp_megatron.config.loader import from_dict, load_yaml
+    from osp_megatron.engine.config import JobConfig
 
     for path in sorted((ROOT / "examples").glob("sample_*.yaml")):
         from_dict(JobConfig, load_yaml(path)).sample.validate()
@@ -90,8 +94,19 @@ def test_prompt_file_writes_records_and_a_rerun_renders_only_what_is_missing(tin
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\na blue square\na green bar\n")
     out = tmp_path / "out"
-    args = ["--checkpoint", str(tiny_checkpoint), "--prompt-file", str(prompts), "--output-dir", str(out),
-            "--batch-size", "2", "--no-progress", "--seed", "5"]
+    args = [
+        "--checkpoint",
+        str(tiny_checkpoint),
+        "--prompt-file",
+        str(prompts),
+        "--output-dir",
+        str(out),
+        "--batch-size",
+        "2",
+        "--no-progress",
+        "--seed",
+        "5",
+    ]
     assert main(args + ["--frames"]) == 0
     records = _records(out)
     assert len(records) == 3 and len(list(out.glob("*.png"))) == 3
@@ -127,9 +142,19 @@ def _rank_latents(rank, world):
         layout = build_sampling_layout(cfg_parallel=phase == "cfg")
         pipeline = build_pipeline(random_sampling_model(config), config, device)
         sample = config.sample
-        latents = pipeline.sample_latents(["a red circle", "a blue square"], ["blurry", ""], [3, 4],
-                                          sample.num_frames, sample.height, sample.width, sample.num_steps,
-                                          sample.shift, sample.guidance_scale, "unipc", cfg_group=layout.cfg_group)
+        latents = pipeline.sample_latents(
+            ["a red circle", "a blue square"],
+            ["blurry", ""],
+            [3, 4],
+            sample.num_frames,
+            sample.height,
+            sample.width,
+            sample.num_steps,
+            sample.shift,
+            sample.guidance_scale,
+            "unipc",
+            cfg_group=layout.cfg_group,
+        )
         results[phase] = (latents, layout.writer, layout.replicas)
         destroy_model_parallel()
     return results
@@ -152,8 +177,18 @@ def test_sequence_and_cfg_parallel_sampling_equal_one_rank():
 
 
 def _torchrun(args):
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(_free_port()), "-m", "osp_megatron.inference.cli", *args]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "osp_megatron.inference.cli",
+        *args,
+    ]
     return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -170,8 +205,16 @@ def test_prompt_file_over_two_ranks_resumes_after_a_kill(tiny_checkpoint, tmp_pa
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("".join(f"shape number {i} moving\n" for i in range(8)))
     out = tmp_path / "out"
-    args = ["--checkpoint", str(tiny_checkpoint), "--prompt-file", str(prompts), "--output-dir", str(out),
-            "--no-progress", "sample.num_steps=6"]
+    args = [
+        "--checkpoint",
+        str(tiny_checkpoint),
+        "--prompt-file",
+        str(prompts),
+        "--output-dir",
+        str(out),
+        "--no-progress",
+        "sample.num_steps=6",
+    ]
     job = _torchrun(args)
     deadline = time.time() + 240
     while len(_records(out)) < 2 and job.poll() is None and time.time() < deadline:

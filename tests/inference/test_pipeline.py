@@ -29,15 +29,27 @@ class TextDrivenVelocity(torch.nn.Module):
 
 @pytest.fixture(scope="module")
 def pipeline():
-    return TextToVideoPipeline(TextDrivenVelocity(), build_vae(None, seed=0), build_text_encoder(None, 16, 32),
-                               latent_channels=16, patch_size=(1, 2, 2))
+    return TextToVideoPipeline(
+        TextDrivenVelocity(),
+        build_vae(None, seed=0),
+        build_text_encoder(None, 16, 32),
+        latent_channels=16,
+        patch_size=(1, 2, 2),
+    )
 
 
 def test_pipeline_generates_videos_of_the_requested_size(pipeline):
     """Two prompts give a float video [2, 3, F, H, W] in [-1, 1]; the model sees [2B] batches with guidance."""
     pipeline.model.calls.clear()
-    video = pipeline(["a red circle moving left", "a blue square"], num_frames=9, height=32, width=32, num_steps=3,
-                     guidance_scale=4.0, seed=1)
+    video = pipeline(
+        ["a red circle moving left", "a blue square"],
+        num_frames=9,
+        height=32,
+        width=32,
+        num_steps=3,
+        guidance_scale=4.0,
+        seed=1,
+    )
     assert video.shape == (2, 3, 9, 32, 32) and video.dtype == torch.float32
     assert video.min() >= -1 and video.max() <= 1
     assert pipeline.model.calls == [((4, 16, 3, 4, 4), (4,), (4, 32, 16))] * 3
@@ -67,8 +79,15 @@ def test_latent_channels_must_match_the_vae():
 
 def test_generate_writes_one_mp4_per_prompt(pipeline, tmp_path):
     """generate(SampleConfig) writes readable .mp4 files with the requested frame count and size."""
-    config = SampleConfig(prompt=["a red circle", "a green square"], num_steps=2, num_frames=5, height=32, width=48,
-                          fps=8, output=str(tmp_path / "out" / "clip.mp4"))
+    config = SampleConfig(
+        prompt=["a red circle", "a green square"],
+        num_steps=2,
+        num_frames=5,
+        height=32,
+        width=48,
+        fps=8,
+        output=str(tmp_path / "out" / "clip.mp4"),
+    )
     paths = pipeline.generate(config, progress=False)
     assert [p.rsplit("/", 1)[1] for p in paths] == ["clip-000.mp4", "clip-001.mp4"]
     for path in paths:

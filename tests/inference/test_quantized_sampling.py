@@ -11,8 +11,18 @@ from osp_megatron.quantization.linear import quantized_modules
 
 def _latents(session, prompts=("a red circle moving left", "a blue square moving up")):
     sample = session.config.sample
-    return session.pipeline.sample_latents(list(prompts), "", 0, sample.num_frames, sample.height, sample.width,
-                                           sample.num_steps, sample.shift, sample.guidance_scale, sample.sampler)
+    return session.pipeline.sample_latents(
+        list(prompts),
+        "",
+        0,
+        sample.num_frames,
+        sample.height,
+        sample.width,
+        sample.num_steps,
+        sample.shift,
+        sample.guidance_scale,
+        sample.sampler,
+    )
 
 
 def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -24,8 +34,10 @@ def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.fixture(scope="module")
 def sessions(tiny_checkpoint):
     opened = {}
-    for name, overrides in (("bf16", ["sample.precision=bf16"]),
-                            ("hif8", ["sample.precision=bf16", "quant.recipe=hif8"])):
+    for name, overrides in (
+        ("bf16", ["sample.precision=bf16"]),
+        ("hif8", ["sample.precision=bf16", "quant.recipe=hif8"]),
+    ):
         opened[name] = SamplingSession.open(str(tiny_checkpoint), overrides=overrides)
     yield opened
     for session in opened.values():

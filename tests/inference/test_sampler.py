@@ -134,12 +134,26 @@ def _pipeline_latents(reference, sampler, noise, text, null, steps, shift, guida
 
     from osp_megatron.models.vae import tiny_wan_vae
 
-    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=tiny_wan_vae(), scheduler=make_scheduler(sampler, shift),
-                       transformer=reference.to(dtype))
+    pipe = WanPipeline(
+        tokenizer=None,
+        text_encoder=None,
+        vae=tiny_wan_vae(),
+        scheduler=make_scheduler(sampler, shift),
+        transformer=reference.to(dtype),
+    )
     pipe.set_progress_bar_config(disable=True)
-    out = pipe(prompt_embeds=text.to(dtype), negative_prompt_embeds=null.to(dtype), height=8 * noise.shape[3],
-               width=8 * noise.shape[4], num_frames=4 * noise.shape[2] - 3, num_inference_steps=steps,
-               guidance_scale=guidance, latents=noise.clone(), output_type="latent", return_dict=False)[0]
+    out = pipe(
+        prompt_embeds=text.to(dtype),
+        negative_prompt_embeds=null.to(dtype),
+        height=8 * noise.shape[3],
+        width=8 * noise.shape[4],
+        num_frames=4 * noise.shape[2] - 3,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        latents=noise.clone(),
+        output_type="latent",
+        return_dict=False,
+    )[0]
     return out.float()
 
 

@@ -11,10 +11,18 @@ from osp_launch.task import write_note
 
 
 def _entry(record, sequence, group=("0", "default_pg"), caller="trainer.py"):
-    return {"record_id": record, "collective_seq_id": sequence, "profiling_name": "gloo:all_reduce",
-            "process_group": group, "input_sizes": [[4]], "state": "scheduled",
-            "frames": [{"name": "all_reduce", "filename": "/venv/torch/distributed/distributed_c10d.py", "line": 1},
-                       {"name": "train_step", "filename": f"/src/{caller}", "line": 42}]}
+    return {
+        "record_id": record,
+        "collective_seq_id": sequence,
+        "profiling_name": "gloo:all_reduce",
+        "process_group": group,
+        "input_sizes": [[4]],
+        "state": "scheduled",
+        "frames": [
+            {"name": "all_reduce", "filename": "/venv/torch/distributed/distributed_c10d.py", "line": 1},
+            {"name": "train_step", "filename": f"/src/{caller}", "line": 42},
+        ],
+    }
 
 
 def _dump(folder, rank, sequences, world=4, host="osp-node1", groups=None, extra=(), moment=None):
@@ -24,9 +32,17 @@ def _dump(folder, rank, sequences, world=4, host="osp-node1", groups=None, extra
     config = groups or {"0": {"name": "0", "desc": "default_pg", "ranks": str(list(range(world)))}}
     entries = [_entry(index, sequence) for index, sequence in enumerate(sequences)] + list(extra)
     (folder / f"rank_{rank}").write_bytes(pickle.dumps({"version": "2.10", "pg_config": config, "entries": entries}))
-    (folder / f"stack_rank_{rank}.json").write_text(json.dumps({
-        "rank": rank, "world_size": world, "host": host, "error": "RuntimeError: Timed out waiting 30000ms",
-        "time": moment}))
+    (folder / f"stack_rank_{rank}.json").write_text(
+        json.dumps(
+            {
+                "rank": rank,
+                "world_size": world,
+                "host": host,
+                "error": "RuntimeError: Timed out waiting 30000ms",
+                "time": moment,
+            }
+        )
+    )
 
 
 @pytest.fixture
@@ -45,8 +61,10 @@ def test_the_rank_without_a_dump_is_the_one_waited_for(job, capsys):
     _dump(job / "flight_recorder" / "restart_0", 0, [1])  # an earlier run of the job: not this hang
     report = diagnose(job)
     assert report.splitlines()[0] == "4 ranks; dumps from 3 (restart 1)"
-    assert ("rank 2 on osp-node2: waiting in #7 gloo:all_reduce on group default_pg (id 0) (input sizes [[4]]), "
-            "called from /src/trainer.py:42 (train_step)") in report
+    assert (
+        "rank 2 on osp-node2: waiting in #7 gloo:all_reduce on group default_pg (id 0) (input sizes [[4]]), "
+        "called from /src/trainer.py:42 (train_step)"
+    ) in report
     assert "rank 3 on osp-node2: no dump" in report
     assert report.splitlines()[-1].startswith("=> the others waited for rank(s) 3 on osp-node2: they never reached")
     assert main([str(job / "flight_recorder" / "restart_1")]) == 0
@@ -74,10 +92,12 @@ def test_every_rank_dumped_the_one_that_waited_for_nobody_is_named(tmp_path):
     data = {0: ("1", 46), 1: ("3", 46), 2: ("1", 45), 3: ("3", 45)}
     for rank in range(4):
         data_after_tensor = rank < 2  # ranks 0-1 finished the tensor all_reduce and went on
-        entries = [_entry(2 if data_after_tensor else 1, data[rank][1],
-                          group=(data[rank][0], "DATA_PARALLEL_GROUP_WITH_CP")),
-                   _entry(1 if data_after_tensor else 2, tensor[rank][1],
-                          group=(tensor[rank][0], "TENSOR_MODEL_PARALLEL_GROUP"))]
+        entries = [
+            _entry(2 if data_after_tensor else 1, data[rank][1], group=(data[rank][0], "DATA_PARALLEL_GROUP_WITH_CP")),
+            _entry(
+                1 if data_after_tensor else 2, tensor[rank][1], group=(tensor[rank][0], "TENSOR_MODEL_PARALLEL_GROUP")
+            ),
+        ]
         _dump(folder, rank, [], groups={}, extra=entries, host=f"osp-node{rank // 2 + 1}")
     report = diagnose(folder)
     assert "rank 0 on osp-node1: waiting in #46 gloo:all_reduce on group DATA_PARALLEL_GROUP_WITH_CP (id 1)" in report

@@ -19,17 +19,50 @@ STEPS = 12
 
 def test_torchrun_command():
     assert torchrun_command("osp_megatron.training.cli", ["--config", "x.yaml"], 4)[1:] == [
-        "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc-per-node", "4",
-        "-m", "osp_megatron.training.cli", "--config", "x.yaml"]
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nnodes",
+        "1",
+        "--nproc-per-node",
+        "4",
+        "-m",
+        "osp_megatron.training.cli",
+        "--config",
+        "x.yaml",
+    ]
 
 
 def launch(run_dir: Path, data_dir: Path) -> subprocess.Popen:
-    command = [sys.executable, "-m", "osp_launch.cli", "--local", "2", "osp-train", "--config", "examples/tiny_t2v.yaml",
-               f"run.dir={run_dir}", f"data.path={data_dir}", "train.eval_interval=0", f"train.steps={STEPS}", "checkpoint.interval=100",
-               "train.sample_at_end=false", "train.progress=false", "train.device=cpu", "train.micro_batch_size=4",
-               "data.synthetic_num_samples=64", "data.synthetic_samples_per_shard=32"]
-    return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    command = [
+        sys.executable,
+        "-m",
+        "osp_launch.cli",
+        "--local",
+        "2",
+        "osp-train",
+        "--config",
+        "examples/tiny_t2v.yaml",
+        f"run.dir={run_dir}",
+        f"data.path={data_dir}",
+        "train.eval_interval=0",
+        f"train.steps={STEPS}",
+        "checkpoint.interval=100",
+        "train.sample_at_end=false",
+        "train.progress=false",
+        "train.device=cpu",
+        "train.micro_batch_size=4",
+        "data.synthetic_num_samples=64",
+        "data.synthetic_samples_per_shard=32",
+    ]
+    return subprocess.Popen(
+        command,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+    )
 
 
 def losses(run_dir: Path) -> dict:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from launch import jobs
+from osp_launch import jobs
 from osp_launch.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -26,39 +26,73 @@ def sbatch_options(script: str) -> dict:
 def test_multi_node_layout_one_task_per_gpu(capsys, nodes):
     """N nodes x 8 GPUs: N x 8 ranks, one srun task per GPU, the stop signal 300 s before the time limit,
     requeue on, the job's module and arguments in every task, logs per job id and task."""
-    out = dry_run(capsys, "--nodes", str(nodes), "--partition", "h200", "--account", "proj", "--qos", "high",
-                  "--time", "1-00:00:00", "osp-train", *TINY)
+    out = dry_run(
+        capsys,
+        "--nodes",
+        str(nodes),
+        "--partition",
+        "h200",
+        "--account",
+        "proj",
+        "--qos",
+        "high",
+        "--time",
+        "1-00:00:00",
+        "osp-train",
+        *TINY,
+    )
     options = sbatch_options(out)
     assert options["nodes"] == str(nodes) and options["ntasks-per-node"] == "8" and options["gpus-per-node"] == "8"
     assert (options["partition"], options["account"], options["qos"]) == ("h200", "proj", "high")
     assert options["time"] == "1440" and options["signal"] == "USR1@300" and "requeue" in options
     assert options["job-name"] == "osp-train" and "wckey" not in options
     assert f"{nodes} node(s) x 8 task(s) = {nodes * 8} ranks" in out
-    assert "every task runs: python -m osp_megatron.training.cli --config examples/tiny_t2v.yaml parallel.tensor=2" \
-        in out
+    assert (
+        "every task runs: python -m osp_megatron.training.cli --config examples/tiny_t2v.yaml parallel.tensor=2" in out
+    )
     srun = next(line for line in out.splitlines() if line.startswith("srun "))
     assert "--kill-on-bad-exit=1" in srun and "-m submitit.core._submit" in srun and "%j_%t_log.out" in srun
     assert "export NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-0}" in out
     # One dump folder per run of the job: a requeued run keeps the job id but not the earlier run's dumps.
-    assert re.search(r"export TORCH_(FR_DUMP_TEMP_FILE|NCCL_DEBUG_INFO_TEMP_FILE)=.*/\$\{SLURM_JOB_ID\}/"
-                     r"flight_recorder/restart_\$\{SLURM_RESTART_COUNT:-0\}/rank_", out)
+    assert re.search(
+        r"export TORCH_(FR_DUMP_TEMP_FILE|NCCL_DEBUG_INFO_TEMP_FILE)=.*/\$\{SLURM_JOB_ID\}/"
+        r"flight_recorder/restart_\$\{SLURM_RESTART_COUNT:-0\}/rank_",
+        out,
+    )
 
 
 def test_cluster_file_and_flags(capsys, tmp_path):
     """The cluster file gives defaults; flags win; --env and --sbatch add to the file's lists; setup lines and
     environment come before srun in the script."""
     cluster = tmp_path / "cluster.yaml"
-    cluster.write_text("nodes: 4\npartition: batch\nsetup: ['source /opt/osp/bin/activate']\n"
-                       "env: {NCCL_IB_HCA: mlx5}\nsbatch_lines: ['--constraint=h200']\nstop_warning_seconds: 600\n")
-    out = dry_run(capsys, "--cluster", str(cluster), "--nodes", "2", "--env", "NCCL_NVLS_ENABLE=1",
-                  "--sbatch=--mail-type=END", "--no-requeue", "osp-train", *TINY)
+    cluster.write_text(
+        "nodes: 4\npartition: batch\nsetup: ['source /opt/osp/bin/activate']\n"
+        "env: {NCCL_IB_HCA: mlx5}\nsbatch_lines: ['--constraint=h200']\nstop_warning_seconds: 600\n"
+    )
+    out = dry_run(
+        capsys,
+        "--cluster",
+        str(cluster),
+        "--nodes",
+        "2",
+        "--env",
+        "NCCL_NVLS_ENABLE=1",
+        "--sbatch=--mail-type=END",
+        "--no-requeue",
+        "osp-train",
+        *TINY,
+    )
     options = sbatch_options(out)
     assert options["nodes"] == "2" and options["partition"] == "batch"
     assert options["constraint"] == "h200" and options["mail-type"] == "END" and options["signal"] == "USR1@600"
     assert "no-requeue" in options and "requeue" not in options and "rank 0 requeues" not in out
     lines = out.splitlines()
     setup = lines.index("source /opt/osp/bin/activate")
-    assert setup < lines.index("export NCCL_IB_HCA=mlx5") < next(i for i, l in enumerate(lines) if l.startswith("srun"))
+    assert (
+        setup
+        < lines.index("export NCCL_IB_HCA=mlx5")
+        < next(i for i, line in enumerate(lines) if line.startswith("srun"))
+    )
     assert "export NCCL_NVLS_ENABLE=1" in lines and "export NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-0}" not in lines
 
 
@@ -71,8 +105,21 @@ def every_job_installed(monkeypatch):
 def test_cpu_tasks_and_container(capsys, every_job_installed):
     """Without GPUs the task count is explicit and no GPUs are requested; a container image runs every task in
     pyxis with the container's python."""
-    out = dry_run(capsys, "--gpus-per-node", "0", "--tasks-per-node", "2", "--container-image", "nvcr.io#osp:1",
-                  "--container-mounts", "/lustre:/lustre", "osp-data", "encode", "--config", "encode.yaml")
+    out = dry_run(
+        capsys,
+        "--gpus-per-node",
+        "0",
+        "--tasks-per-node",
+        "2",
+        "--container-image",
+        "nvcr.io#osp:1",
+        "--container-mounts",
+        "/lustre:/lustre",
+        "osp-data",
+        "encode",
+        "--config",
+        "encode.yaml",
+    )
     options = sbatch_options(out)
     assert options["ntasks-per-node"] == "2" and "gpus-per-node" not in options
     srun = next(line for line in out.splitlines() if line.startswith("srun "))
@@ -81,13 +128,16 @@ def test_cpu_tasks_and_container(capsys, every_job_installed):
     assert "python -m osp_data.cli encode --config encode.yaml" in out
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--time", "soon"], "cluster.time: 'soon' is not a Slurm time"),
-    (["--time", "00:04:00"], "cluster.stop_warning_seconds: must be between 0 and the time limit (240 s)"),
-    (["--nodes", "0"], "cluster.nodes: must be >= 1"),
-    (["--env", "NOVALUE"], "--env 'NOVALUE': expected NAME=VALUE"),
-    (["--sbatch=constraint=h200"], "is not a long sbatch option"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--time", "soon"], "cluster.time: 'soon' is not a Slurm time"),
+        (["--time", "00:04:00"], "cluster.stop_warning_seconds: must be between 0 and the time limit (240 s)"),
+        (["--nodes", "0"], "cluster.nodes: must be >= 1"),
+        (["--env", "NOVALUE"], "--env 'NOVALUE': expected NAME=VALUE"),
+        (["--sbatch=constraint=h200"], "is not a long sbatch option"),
+    ],
+)
 def test_bad_settings_are_named(capsys, args, message):
     assert main(["--dry-run", *args, "osp-train", *TINY]) == 2
     assert message in capsys.readouterr().err

@@ -15,15 +15,27 @@ from osp_launch.supervisor import stopped_by
 from osp_launch.task import JobTask, StoppedBeforeItsEnd, host_layout, read_notes, task_environment, write_note
 from osp_megatron.parallel.rendezvous import rendezvous_port
 
-SLURM_TASK = {"SLURM_PROCID": "9", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1", "SLURM_NODEID": "1",
-              "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_NODELIST": "gpu[041-042]", "SLURM_JOB_ID": "5150"}
+SLURM_TASK = {
+    "SLURM_PROCID": "9",
+    "SLURM_NTASKS": "16",
+    "SLURM_LOCALID": "1",
+    "SLURM_NODEID": "1",
+    "SLURM_JOB_NUM_NODES": "2",
+    "SLURM_JOB_NODELIST": "gpu[041-042]",
+    "SLURM_JOB_ID": "5150",
+}
 
 
 def test_task_environment_is_torchrun_style():
     """Task 9 of 2 x 8: RANK 9, LOCAL_RANK 1, 8 per node, node 1; the rendezvous is gpu041 at the job's port."""
     env = task_environment(SLURM_TASK)
-    assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"], env["LOCAL_WORLD_SIZE"], env["GROUP_RANK"]) == \
-        ("9", "16", "1", "8", "1")
+    assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"], env["LOCAL_WORLD_SIZE"], env["GROUP_RANK"]) == (
+        "9",
+        "16",
+        "1",
+        "8",
+        "1",
+    )
     assert (env["MASTER_ADDR"], env["MASTER_PORT"]) == ("gpu041", str(rendezvous_port(5150)))
 
 
@@ -52,22 +64,30 @@ def slurm_task(tmp_path, monkeypatch):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     scontrol = bin_dir / "scontrol"
-    scontrol.write_text("#!/bin/sh\n"
-                        "if [ \"$1\" = show ]; then\n"
-                        "    echo \"JobId=5150 JobState=${FAKE_JOB_STATE:-RUNNING}\"; exit 0\n"
-                        "fi\n"
-                        f"echo \"$@\" >> {tmp_path / 'scontrol.log'}\n")
+    scontrol.write_text(
+        "#!/bin/sh\n"
+        'if [ "$1" = show ]; then\n'
+        '    echo "JobId=5150 JobState=${FAKE_JOB_STATE:-RUNNING}"; exit 0\n'
+        "fi\n"
+        f'echo "$@" >> {tmp_path / "scontrol.log"}\n'
+    )
     scontrol.chmod(scontrol.stat().st_mode | stat.S_IEXEC)
     (tmp_path / "fake_job.py").write_text(
         "import os, signal, sys\n"
         "if sys.argv[1] != 'none':\n"
         "    os.kill(os.getppid(), getattr(signal, sys.argv[1]))\n"
-        "sys.exit(int(sys.argv[2]))\n")
+        "sys.exit(int(sys.argv[2]))\n"
+    )
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))
     one_node = {"SLURM_NTASKS": "2", "SLURM_JOB_NUM_NODES": "1", "SLURM_JOB_NODELIST": "gpu041"}
-    for name, value in {**SLURM_TASK, **one_node, "SLURM_PROCID": "0", "SLURM_LOCALID": "0",
-                        "SLURM_NODEID": "0"}.items():
+    for name, value in {
+        **SLURM_TASK,
+        **one_node,
+        "SLURM_PROCID": "0",
+        "SLURM_LOCALID": "0",
+        "SLURM_NODEID": "0",
+    }.items():
         monkeypatch.setenv(name, value)
     monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
     folder = tmp_path / "logs" / "5150"
@@ -75,14 +95,26 @@ def slurm_task(tmp_path, monkeypatch):
     def run(sent, status, other_rank_ended=True, other_rank_signals=(), **settings):
         if other_rank_ended:
             note_end(1, signals=list(other_rank_signals))
-        task = JobTask(job="osp-train", module="fake_job", arguments=[sent, str(status)],
-                       folder=str(tmp_path / "logs" / "%j"), **settings)
+        task = JobTask(
+            job="osp-train",
+            module="fake_job",
+            arguments=[sent, str(status)],
+            folder=str(tmp_path / "logs" / "%j"),
+            **settings,
+        )
         result = task()
         return result, requeues()
 
     def note_end(rank, signals=()):
-        write_note(folder, "ended", int(os.environ.get("SLURM_RESTART_COUNT", "0")), rank, returncode=0,
-                   signals=list(signals), host="gpu041")
+        write_note(
+            folder,
+            "ended",
+            int(os.environ.get("SLURM_RESTART_COUNT", "0")),
+            rank,
+            returncode=0,
+            signals=list(signals),
+            host="gpu041",
+        )
 
     def requeues():
         log = tmp_path / "scontrol.log"
@@ -102,6 +134,7 @@ def test_rank0_requeues_after_the_stop_signal(slurm_task, capsys):
 
 def test_rank0_requeues_only_once_every_task_has_ended(slurm_task):
     """The requeue cancels the whole step: rank 0 waits until rank 1 has noted the end of its job."""
+
     def rank1_ends_later():
         time.sleep(1.0)
         slurm_task.note_end(1)
@@ -133,8 +166,11 @@ def test_a_stopped_job_that_is_not_requeued_never_succeeds(slurm_task, monkeypat
     (CANCELLED) or with requeue off it is not requeued, and the task fails instead of reporting a completion."""
     assert slurm_task("SIGTERM", 0) == (0, ["requeue 5150"])
     monkeypatch.setenv("FAKE_JOB_STATE", "CANCELLED")
-    with pytest.raises(StoppedBeforeItsEnd, match=r"after SIGTERM and saved, but was not requeued: Slurm has "
-                                                  r"already ended it \(CANCELLED\)"):
+    with pytest.raises(
+        StoppedBeforeItsEnd,
+        match=r"after SIGTERM and saved, but was not requeued: Slurm has "
+        r"already ended it \(CANCELLED\)",
+    ):
         slurm_task("SIGTERM", 0)
     monkeypatch.setenv("FAKE_JOB_STATE", "RUNNING")
     with pytest.raises(StoppedBeforeItsEnd, match="cluster.requeue is off"):

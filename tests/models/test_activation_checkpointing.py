@@ -6,11 +6,11 @@ import torch
 
 from osp_megatron.config.errors import ConfigError
 from osp_megatron.config.loader import from_dict
+from osp_megatron.engine.optim import average_gradients
+from osp_megatron.engine.ranks import run_on_ranks
 from osp_megatron.models.builder import build_model
 from osp_megatron.models.config import ModelConfig
 from osp_megatron.parallel.state import ParallelConfig, ensure_single_rank_group, init_distributed
-from osp_megatron.engine.optim import average_gradients
-from osp_megatron.engine.ranks import run_on_ranks
 
 # (model fields, latent [T, H, W]): the hybrid model (full first and last blocks) on a grid Skiparse needs no
 # padding for, and on a grid that needs padding (the packed layout) with consecutive sparse blocks.
@@ -85,8 +85,13 @@ def test_checkpointing_modes_under_sequence_parallelism_equal_single_rank():
             torch.testing.assert_close(loss, reference[0], rtol=1e-5, atol=0, msg=f"rank {rank} {mode}: loss")
             for name, grad in grads.items():
                 scale = float(reference[1][name].abs().max())
-                torch.testing.assert_close(grad, reference[1][name], rtol=1e-4, atol=1e-5 * scale,
-                                           msg=f"rank {rank} {mode}: gradient of {name}")
+                torch.testing.assert_close(
+                    grad,
+                    reference[1][name],
+                    rtol=1e-4,
+                    atol=1e-5 * scale,
+                    msg=f"rank {rank} {mode}: gradient of {name}",
+                )
 
 
 def test_true_and_false_mean_full_and_none():
@@ -94,8 +99,10 @@ def test_true_and_false_mean_full_and_none():
     assert from_dict(ModelConfig, {"activation_checkpointing": True}, "model").activation_checkpointing == "full"
     assert from_dict(ModelConfig, {"activation_checkpointing": False}, "model").activation_checkpointing == "none"
     assert ModelConfig(activation_checkpointing=True).activation_checkpointing == "full"
-    assert from_dict(ModelConfig, {"activation_checkpointing": "selective"}, "model").activation_checkpointing \
+    assert (
+        from_dict(ModelConfig, {"activation_checkpointing": "selective"}, "model").activation_checkpointing
         == "selective"
+    )
     with pytest.raises(ConfigError, match="model.activation_checkpointing"):
         from_dict(ModelConfig, {"activation_checkpointing": "some"}, "model")
 

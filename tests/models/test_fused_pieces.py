@@ -10,15 +10,15 @@ import torch.nn.functional as F
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.spec_utils import build_module
 
-from osp_megatron.utils import compile as compile_module
+from osp_megatron.attention.context import AttentionContext, attend_packed, equal_length_groups
 from osp_megatron.attention.dispatch import dot_product_attention
+from osp_megatron.attention.rope import apply_rope, rope_tables
 from osp_megatron.attention.skiparse import skiparse_dense_mask, sparse_key_mask, to_sparse_layout
 from osp_megatron.config.loader import from_dict
+from osp_megatron.engine.ranks import run_on_ranks
 from osp_megatron.models.builder import build_model
 from osp_megatron.models.config import ModelConfig
-from osp_megatron.attention.rope import apply_rope, rope_tables
 from osp_megatron.models.wan import fused, layers
-from osp_megatron.attention.context import AttentionContext, attend_packed, equal_length_groups
 from osp_megatron.models.wan.layers import FusedBiasColumnParallelLinear, WanMLP, WanMLPSubmodules
 from osp_megatron.models.wan.model import build_transformer_config
 from osp_megatron.models.wan.spec import attention_spec, wan_layer_spec
@@ -30,7 +30,7 @@ from osp_megatron.parallel.state import (
     init_distributed,
     tensor_parallel_group,
 )
-from osp_megatron.engine.ranks import run_on_ranks
+from osp_megatron.utils import compile as compile_module
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -45,10 +45,12 @@ def tiny_config(**fields):
 def test_fused_bias_column_linear_equals_megatron_linear():
     config = build_transformer_config(tiny_config())
     torch.manual_seed(0)
-    ours = FusedBiasColumnParallelLinear(64, 96, config=config, init_method=torch.nn.init.normal_, bias=True,
-                                         gather_output=False)
-    theirs = ColumnParallelLinear(64, 96, config=config, init_method=torch.nn.init.normal_, bias=True,
-                                  gather_output=False)
+    ours = FusedBiasColumnParallelLinear(
+        64, 96, config=config, init_method=torch.nn.init.normal_, bias=True, gather_output=False
+    )
+    theirs = ColumnParallelLinear(
+        64, 96, config=config, init_method=torch.nn.init.normal_, bias=True, gather_output=False
+    )
     theirs.load_state_dict(ours.state_dict())
     x = torch.randn(2, 7, 64, requires_grad=True)
     x_ref = x.detach().clone().requires_grad_(True)
@@ -129,7 +131,7 @@ def test_packed_layout_holds_only_real_tokens_in_subsequence_order(grid, kind):
     allowed = skiparse_dense_mask(grid, 2, kind)
     start = 0
     for length in lengths:
-        members = packed[start:start + length]
+        members = packed[start : start + length]
         assert allowed[members][:, members].all()  # one subsequence attends within itself ...
         start += length
     assert allowed.sum() == sum(length * length for length in lengths)  # ... and nowhere else
@@ -157,6 +159,7 @@ def test_uninitialised_build_marks_the_same_tensor_parallel_weights():
 
 # -- fused element-wise passes and the one q/k/v GEMM ------------------------------------------------------------
 
+
 def _leaves(*tensors):
     return [None if t is None else t.detach().clone().requires_grad_(t.is_floating_point()) for t in tensors]
 
@@ -168,8 +171,9 @@ def _values_and_gradients(fn, inputs, seed=0):
     outputs = fn(*inputs)
     outputs = outputs if isinstance(outputs, tuple) else (outputs,)
     generator = torch.Generator().manual_seed(seed)
-    loss = sum((out.double() * torch.randn(out.shape, generator=generator, dtype=torch.float64)).sum()
-               for out in outputs)
+    loss = sum(
+        (out.double() * torch.randn(out.shape, generator=generator, dtype=torch.float64)).sum() for out in outputs
+    )
     loss.backward()
     return [out.detach() for out in outputs], [t.grad for t in inputs if t is not None and t.requires_grad]
 
@@ -199,13 +203,20 @@ def _piece_cases(batch, dtype=torch.float64, with_bias=True):
 
     return {
         "gated_residual_affine_norm": (
-            lambda *a: fused.gated_residual_affine_norm(*a, eps), gated_norm_pieces,
-            (x, update, gate, bias, weight, norm_bias)),
+            lambda *a: fused.gated_residual_affine_norm(*a, eps),
+            gated_norm_pieces,
+            (x, update, gate, bias, weight, norm_bias),
+        ),
         "residual_modulated_norm": (
-            lambda *a: fused.residual_modulated_norm(*a, eps), modulated_norm_pieces, (x, update, bias, shift, scale)),
+            lambda *a: fused.residual_modulated_norm(*a, eps),
+            modulated_norm_pieces,
+            (x, update, bias, shift, scale),
+        ),
         "rms_norm": (
             lambda x, w: fused.rms_norm(x, w, eps),
-            lambda x, w: fused.rms_scale(x, fused.square_sum(x), w, dim, eps), (x, weight)),
+            lambda x, w: fused.rms_scale(x, fused.square_sum(x), w, dim, eps),
+            (x, weight),
+        ),
     }
 
 
@@ -220,8 +231,9 @@ def test_fused_pass_equals_its_pieces(name, batch, with_bias):
         assert out.dtype == reference.dtype and torch.equal(out, reference)
 
 
-@pytest.mark.parametrize("name, batch", [("gated_residual_affine_norm", 1), ("residual_modulated_norm", 2),
-                                         ("rms_norm", 2)])
+@pytest.mark.parametrize(
+    "name, batch", [("gated_residual_affine_norm", 1), ("residual_modulated_norm", 2), ("rms_norm", 2)]
+)
 @pytest.mark.slow
 def test_compiled_fused_pass_equals_eager_pieces(name, batch, monkeypatch):
     """With OSP_MEGATRON_COMPILE=force the fused passes run as torch.compile graphs on the CPU: values and the
@@ -257,8 +269,9 @@ def piecewise_block(layer, hidden, text_states, modulation, rope, context):
     normed = fused.modulated_layer_norm(hidden, shift, scale, layer.eps)
     attended, bias = piecewise_attention(layer.self_attention, normed, context, rope=rope)
     hidden = fused.gated_residual(hidden, attended, gate, bias)
-    crossed, bias = piecewise_attention(layer.cross_attention, layer.norm2(hidden), AttentionContext(),
-                                        text_states=text_states)
+    crossed, bias = piecewise_attention(
+        layer.cross_attention, layer.norm2(hidden), AttentionContext(), text_states=text_states
+    )
     hidden = fused.residual(hidden, crossed, bias)
     ffn_out, ffn_bias = layer.mlp(fused.modulated_layer_norm(hidden, ffn_shift, ffn_scale, layer.eps))
     return fused.gated_residual(hidden, ffn_out, ffn_gate, ffn_bias)
@@ -316,8 +329,12 @@ def test_fused_block_equals_its_pieces(cross_attn_norm, kind, batch, monkeypatch
     hidden = torch.randn(batch, math.prod(grid), config.hidden_size, dtype=torch.float64)
     text, modulation = torch.randn(batch, 5, config.hidden_size, dtype=torch.float64), torch.randn(batch, 6, 64)
     fused_projections = _count_fused_projections(monkeypatch)
-    _compare_module_runs(layer, lambda m, h, t, mod: m(h, t, mod, rope, context),
-                         lambda m, h, t, mod: piecewise_block(m, h, t, mod, rope, context), (hidden, text, modulation))
+    _compare_module_runs(
+        layer,
+        lambda m, h, t, mod: m(h, t, mod, rope, context),
+        lambda m, h, t, mod: piecewise_block(m, h, t, mod, rope, context),
+        (hidden, text, modulation),
+    )
     assert fused_projections == [True]  # self-attention only; cross-attention's text projections stay apart
 
 
@@ -351,8 +368,10 @@ def test_quantized_or_hooked_linears_keep_their_own_gemms(monkeypatch):
     def watch(module, args):
         seen.append(args[0])
 
-    handles = [linear.register_forward_pre_hook(watch)
-               for linear in (attention.linear_q, attention.linear_k, attention.linear_v)]
+    handles = [
+        linear.register_forward_pre_hook(watch)
+        for linear in (attention.linear_q, attention.linear_k, attention.linear_v)
+    ]
     torch.testing.assert_close(run(attention, hidden), plain, rtol=0, atol=0)
     assert fused_projections[-1] and len(seen) == 1 and seen[0] is hidden
     handles.append(attention.linear_k.register_forward_hook(lambda module, args, output: seen.append(output)))
@@ -400,14 +419,17 @@ def _tensor_parallel_attention(rank, world_size):
     layout = LocalTokenLayout((1, 4, 4), 2, attention.head_dim, 10000.0, "cpu")
     rope, context = tuple(t.double() for t in layout.rope("token")), layout.attention_context("token")
     runs = []
-    for fn in (lambda x: attention(x, context, rope=rope)[0],
-               lambda x: piecewise_attention(attention, x, context, rope)[0]):
+    for fn in (
+        lambda x: attention(x, context, rope=rope)[0],
+        lambda x: piecewise_attention(attention, x, context, rope)[0],
+    ):
         attention.zero_grad(set_to_none=True)
         with recording() as ledger:
             outputs, grads = _values_and_gradients(fn, (hidden,))
             reduces = sum(entry.calls for entry in ledger.entries() if entry.tag == "column_parallel_input_grad")
-        runs.append((outputs + grads + [param.grad for param in attention.parameters() if param.grad is not None],
-                     reduces))
+        runs.append(
+            (outputs + grads + [param.grad for param in attention.parameters() if param.grad is not None], reduces)
+        )
     (values, reduces), (expected, expected_reduces) = runs
     return max(float((a - b).abs().max()) for a, b in zip(values, expected, strict=True)), reduces, expected_reduces
 

@@ -5,15 +5,15 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from osp_megatron.utils import compile as compile_module
+from osp_megatron.attention.context import AttentionContext
 from osp_megatron.attention.skiparse import skiparse_dense_mask
 from osp_megatron.config.loader import from_dict
 from osp_megatron.models.builder import build_model
 from osp_megatron.models.config import ModelConfig
-from osp_megatron.attention.context import AttentionContext
 from osp_megatron.models.wan.spec import wan_layer_spec
 from osp_megatron.parallel.layout import LocalTokenLayout
 from osp_megatron.parallel.state import ensure_single_rank_group
+from osp_megatron.utils import compile as compile_module
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -65,8 +65,9 @@ def model_and_masked_reference(config):
     """The model with random weights, and the same weights run row-major with dense masks."""
     torch.manual_seed(0)
     model = build_model(config)
-    reference = build_model(config, layer_spec=wan_layer_spec(self_attention_core=DenseMaskCore),
-                            layout_factory=DenseMaskLayout)
+    reference = build_model(
+        config, layer_spec=wan_layer_spec(self_attention_core=DenseMaskCore), layout_factory=DenseMaskLayout
+    )
     for param in model.parameters():
         torch.nn.init.normal_(param, std=0.1)
     reference.load_state_dict(model.state_dict())

@@ -67,7 +67,7 @@ def test_sincos_positions_tell_every_token_apart():
     t_dim, h_dim, _ = rope_split(64)
     grid = table.view(3, 4, 5, 64)
     torch.testing.assert_close(grid[:, 2, 3, :t_dim], grid[:, 0, 0, :t_dim])  # time channels follow t only
-    row = grid[0, 1, 0, t_dim:t_dim + h_dim]
+    row = grid[0, 1, 0, t_dim : t_dim + h_dim]
     frequencies = 10000.0 ** (-torch.arange(0, h_dim, 2, dtype=torch.float64) / h_dim)
     torch.testing.assert_close(row, torch.cat([frequencies.sin(), frequencies.cos()]).float())
     assert torch.equal(grid[0, 0, 0, t_dim:], torch.cat([torch.zeros(h_dim // 2), torch.ones(h_dim // 2)] * 2))

@@ -9,14 +9,19 @@ import pytest
 import torch
 
 from osp_megatron.config.errors import ConfigError
-from osp_megatron.engine.config import load_job_config
 from osp_megatron.data import synthetic
+from osp_megatron.engine.config import load_job_config
 from osp_megatron.models import block_vae
 from osp_megatron.models.vae import build_vae
 
-CAPTIONS = [("red", "circle", "moving up"), ("blue", "square", "moving left"), ("white", "wide bar", "moving right"),
-            ("purple", "tall bar", "moving down"), ("green", "circle", "staying still"),
-            ("yellow", "square", "moving down")]
+CAPTIONS = [
+    ("red", "circle", "moving up"),
+    ("blue", "square", "moving left"),
+    ("white", "wide bar", "moving right"),
+    ("purple", "tall bar", "moving down"),
+    ("green", "circle", "staying still"),
+    ("yellow", "square", "moving down"),
+]
 
 
 def _pixels(videos):
@@ -55,8 +60,7 @@ def test_block_codec_is_exact_on_what_it_represents():
     ramp = flat.clone()
     ramp[:, :, 1:5] += torch.tensor([-0.15, -0.05, 0.05, 0.15]).view(1, 1, 4, 1, 1)
     np.testing.assert_allclose(block_vae.decode_raw(block_vae.encode_raw(ramp)).numpy(), ramp.numpy(), atol=1e-6)
-    np.testing.assert_allclose(block_vae.encode_raw(block_vae.decode_raw(latents)).numpy(), latents.numpy(),
-                               atol=1e-6)
+    np.testing.assert_allclose(block_vae.encode_raw(block_vae.decode_raw(latents)).numpy(), latents.numpy(), atol=1e-6)
 
 
 def test_block_latents_are_normalised_and_sizes_checked():
@@ -78,8 +82,12 @@ def measure_shape_scale() -> float:
     """One scale for all channels such that the cells a shape covers in the synthetic caption videos (every
     caption rendered 9 x 128 x 128) have an RMS of SHAPE_RMS around the background, as the blobs of the analytic
     synthetic latents do: a flow-matching DiT then sees signal and noise on the same scale."""
-    videos = np.stack([synthetic.render_caption_video(*words, 9, 128, 128)
-                       for words in itertools.product(synthetic.COLOURS, synthetic.SHAPES, synthetic.MOTIONS)])
+    videos = np.stack(
+        [
+            synthetic.render_caption_video(*words, 9, 128, 128)
+            for words in itertools.product(synthetic.COLOURS, synthetic.SHAPES, synthetic.MOTIONS)
+        ]
+    )
     latents = block_vae.encode_raw(torch.from_numpy(videos).permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0)
     plain = torch.from_numpy(synthetic.background_image(128, 128)).float().permute(2, 0, 1) / 127.5 - 1.0
     deviation = latents - block_vae.encode_raw(plain[None, :, None].expand(1, 3, 9, 128, 128))

@@ -29,8 +29,7 @@ def test_benchmark_tiny_on_two_gloo_ranks(tmp_path):
     """--tiny on 2 ranks: (a), (b), (c) timed, (c) as SSP over both ranks moving fewer bytes than (b), and the
     ratios, ledger bytes and DeepSpeed note (or times) in the JSON written by rank 0."""
     out = tmp_path / "sp.json"
-    argv = ["--tiny", "--blocks", "5", "--warmup", "0", "--steps", "1", "--resolutions", "tiny-odd",
-            "--out", str(out)]
+    argv = ["--tiny", "--blocks", "5", "--warmup", "0", "--steps", "1", "--resolutions", "tiny-odd", "--out", str(out)]
     run_on_ranks(_run_benchmark, 2, argv)
     report = json.loads(out.read_text())
     assert report["world_size"] == 2 and report["nccl_nvls_enable"] == "0"

@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from osp_megatron.engine.ranks import run_on_ranks
 from osp_megatron.parallel.diagnostics import (
     COMMUNICATION_DEFAULTS,
     FLIGHT_RECORDER_BUFFER,
@@ -22,7 +23,6 @@ from osp_megatron.parallel.diagnostics import (
     collective_failure_report,
     install_collective_failure_report,
 )
-from osp_megatron.engine.ranks import run_on_ranks
 
 
 def test_defaults_fill_gaps_and_never_override():
@@ -102,8 +102,13 @@ def test_nccl_group_knows_its_device_and_a_hang_leaves_a_flight_recorder_dump(tm
     prefix = tmp_path / "recorder" / "rank_"
     prefix.parent.mkdir()
     env = dict(os.environ, **{FLIGHT_RECORDER_FILE: str(prefix)})
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                             str(script)], env=env, capture_output=True, text=True, timeout=400)
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     log = result.stdout + result.stderr
     assert result.returncode != 0, log[-3000:]
     assert "currently unknown" not in log, log[-3000:]
@@ -111,5 +116,6 @@ def test_nccl_group_knows_its_device_and_a_hang_leaves_a_flight_recorder_dump(tm
     dumps = sorted((tmp_path / "recorder").glob("rank_0*"))  # newer torch may add a suffix to the name
     assert dumps, log[-3000:]
     trace = pickle.loads(dumps[0].read_bytes())
-    assert any("all_reduce" in entry["profiling_name"] and entry["input_sizes"] == [[3, 5]]
-               for entry in trace["entries"]), trace["entries"]
+    assert any(
+        "all_reduce" in entry["profiling_name"] and entry["input_sizes"] == [[3, 5]] for entry in trace["entries"]
+    ), trace["entries"]

@@ -32,33 +32,35 @@ def _train(rank, world_size, layout, fsdp, steps, save_at=(), options=None):
 
     from osp_megatron.checkpointing.distributed import training_tensors
     from osp_megatron.checkpointing.metadata import current_layout
-    from osp_megatron.checkpointing.writer import CheckpointWriter
     from osp_megatron.checkpointing.sharded import partition_dim
-    from osp_megatron.engine.config import TrainConfig
+    from osp_megatron.checkpointing.writer import CheckpointWriter
     from osp_megatron.config.loader import from_dict
+    from osp_megatron.engine.config import TrainConfig
+    from osp_megatron.engine.optim import EMA, average_gradients, build_optimizer, clip_gradients
+    from osp_megatron.engine.parallelize import parallelize_dit
     from osp_megatron.models.builder import build_model
     from osp_megatron.models.config import ModelConfig
     from osp_megatron.parallel import state
-    from osp_megatron.engine.parallelize import parallelize_dit
     from osp_megatron.parallel.state import ParallelConfig, init_distributed
     from osp_megatron.quantization.config import QuantConfig
     from osp_megatron.training.flow_matching import PerSampleNoise, flow_matching_loss
-    from osp_megatron.engine.optim import EMA, average_gradients, build_optimizer, clip_gradients
 
     options = options or {}
     tensor, ssp, data = layout
     init_distributed(ParallelConfig(tensor=tensor, ssp=ssp))
     torch.manual_seed(7)
-    model = build_model(from_dict(ModelConfig, {**MODEL, "activation_checkpointing": options.get("recompute", False)},
-                                  "model"))
+    model = build_model(
+        from_dict(ModelConfig, {**MODEL, "activation_checkpointing": options.get("recompute", False)}, "model")
+    )
     torch.manual_seed(8)
     for param in model.parameters():  # every weight matters (the output head starts at zero)
         if partition_dim(param) is None:
             torch.nn.init.normal_(param, std=0.05)
     # The engine's parallelize_dit applies the token layout, quantization and FSDP, as every job does.
     quant = from_dict(QuantConfig, {"recipe": options["quant"]}, "quant") if "quant" in options else None
-    parallelize_dit(model, parallel=ParallelConfig(tensor=tensor, ssp=ssp, fsdp=fsdp), quant=quant,
-                    device=torch.device("cpu"))
+    parallelize_dit(
+        model, parallel=ParallelConfig(tensor=tensor, ssp=ssp, fsdp=fsdp), quant=quant, device=torch.device("cpu")
+    )
     # AdamW's eps sits far below the real gradients here but far above rounding noise, which Adam would
     # otherwise scale up to full-size steps on gradients that are zero in exact arithmetic (the key bias's).
     optimizer = build_optimizer(model, TrainConfig(lr=2e-3, adam_eps=1e-6))
@@ -84,8 +86,9 @@ def _train(rank, world_size, layout, fsdp, steps, save_at=(), options=None):
         losses.append(float(total) / data)
         if step + 1 in save_at[1:]:
             tensors = training_tensors(model, optimizer, ema)
-            writer.save(f"step_{step + 1:08d}", tensors, {"step": step + 1},
-                        {"step": step + 1, "layout": current_layout(fsdp)})
+            writer.save(
+                f"step_{step + 1:08d}", tensors, {"step": step + 1}, {"step": step + 1, "layout": current_layout(fsdp)}
+            )
     if writer is not None:
         writer.close()
     return losses, norms
@@ -109,8 +112,9 @@ def test_fsdp_at_data2_equals_single_rank(reference, tmp_path):
     gathered blocks) and the EMA in host memory (blended by its background thread), gives the single-rank
     losses and gradient norms, and the same weights, EMA and optimizer state after the last step (1e-5)."""
     root, losses, norms = reference
-    results = run_on_ranks(_train, 2, (1, 1, 2), True, STEPS, (tmp_path, STEPS),
-                           {"recompute": True, "ema_device": "cpu"})
+    results = run_on_ranks(
+        _train, 2, (1, 1, 2), True, STEPS, (tmp_path, STEPS), {"recompute": True, "ema_device": "cpu"}
+    )
     for rank_losses, rank_norms in results:
         _close(rank_losses, losses, "data2 loss")
         _close(rank_norms, norms, "data2 grad norm")

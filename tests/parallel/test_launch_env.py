@@ -14,8 +14,18 @@ from osp_megatron.parallel.rendezvous import (
     rendezvous_port,
 )
 
-LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID",
-                    "SLURM_JOB_NODELIST", "SLURM_JOB_ID", "MASTER_ADDR", "MASTER_PORT")
+LAUNCH_VARIABLES = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "SLURM_PROCID",
+    "SLURM_NTASKS",
+    "SLURM_LOCALID",
+    "SLURM_JOB_NODELIST",
+    "SLURM_JOB_ID",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+)
 
 
 @pytest.fixture
@@ -36,8 +46,13 @@ def test_torchrun_variables(clean_env):
 def test_slurm_variables_derive_the_rendezvous(clean_env):
     """Under plain srun the rank comes from SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID, the rendezvous address
     is the allocation's first node and the port is the job's."""
-    for name, value in (("SLURM_PROCID", "9"), ("SLURM_NTASKS", "16"), ("SLURM_LOCALID", "1"),
-                        ("SLURM_JOB_NODELIST", "gpu[007-008]"), ("SLURM_JOB_ID", "123456")):
+    for name, value in (
+        ("SLURM_PROCID", "9"),
+        ("SLURM_NTASKS", "16"),
+        ("SLURM_LOCALID", "1"),
+        ("SLURM_JOB_NODELIST", "gpu[007-008]"),
+        ("SLURM_JOB_ID", "123456"),
+    ):
         clean_env.setenv(name, value)
     assert launcher_environment() == (9, 16, 1)
     assert os.environ["MASTER_ADDR"] == "gpu007"
@@ -46,8 +61,14 @@ def test_slurm_variables_derive_the_rendezvous(clean_env):
 
 def test_slurm_keeps_an_exported_rendezvous(clean_env):
     """MASTER_ADDR / MASTER_PORT exported by the batch script win over the derived ones."""
-    for name, value in (("SLURM_PROCID", "0"), ("SLURM_NTASKS", "2"), ("SLURM_JOB_NODELIST", "a1,a2"),
-                        ("SLURM_JOB_ID", "7"), ("MASTER_ADDR", "login3"), ("MASTER_PORT", "31000")):
+    for name, value in (
+        ("SLURM_PROCID", "0"),
+        ("SLURM_NTASKS", "2"),
+        ("SLURM_JOB_NODELIST", "a1,a2"),
+        ("SLURM_JOB_ID", "7"),
+        ("MASTER_ADDR", "login3"),
+        ("MASTER_PORT", "31000"),
+    ):
         clean_env.setenv(name, value)
     launcher_environment()
     assert (os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]) == ("login3", "31000")
@@ -65,13 +86,16 @@ def test_plain_process_is_one_rank(clean_env):
     assert launcher_environment() == (0, 1, 0)
 
 
-@pytest.mark.parametrize("nodelist, hosts", [
-    ("node001", ["node001"]),
-    ("node[001-003,007]", ["node001", "node002", "node003", "node007"]),
-    ("gpu[9-11],login2", ["gpu9", "gpu10", "gpu11", "login2"]),
-    ("rack[1-2]-n[01-02]", ["rack1-n01", "rack1-n02", "rack2-n01", "rack2-n02"]),
-    ("a[08-10]b,c", ["a08b", "a09b", "a10b", "c"]),
-])
+@pytest.mark.parametrize(
+    "nodelist, hosts",
+    [
+        ("node001", ["node001"]),
+        ("node[001-003,007]", ["node001", "node002", "node003", "node007"]),
+        ("gpu[9-11],login2", ["gpu9", "gpu10", "gpu11", "login2"]),
+        ("rack[1-2]-n[01-02]", ["rack1-n01", "rack1-n02", "rack2-n01", "rack2-n02"]),
+        ("a[08-10]b,c", ["a08b", "a09b", "a10b", "c"]),
+    ],
+)
 def test_expand_nodelist(nodelist, hosts):
     """Slurm's compact host lists expand like `scontrol show hostnames`, zero padding kept."""
     assert expand_nodelist(nodelist) == hosts

@@ -8,11 +8,11 @@ import torch
 
 from osp_megatron.config.loader import from_dict
 from osp_megatron.engine.parallelize import parallelize_dit
+from osp_megatron.engine.ranks import run_on_ranks
 from osp_megatron.models.builder import build_model
 from osp_megatron.models.config import ModelConfig
 from osp_megatron.parallel.ledger import CommLedger, recording
 from osp_megatron.parallel.state import ParallelConfig, init_distributed
-from osp_megatron.engine.ranks import run_on_ranks
 
 BLOCKS = ["full", "token", "group", "token", "full"]  # two pattern switches, three sparse and two full layers
 BATCH, DIM, GRID = 2, 64, (3, 8, 8)  # tiny preset, latent 16x3x16x16
@@ -27,8 +27,12 @@ def test_ledger_counts_tables_and_scalars():
     ledger.record("all_to_all", "ulysses", 40, "attention")
     ledger.record("all_reduce", "tensor", 8, "sum")
     assert ledger.calls(op="all_to_all") == 3 and ledger.total_bytes(group="ssp") == 200
-    assert ledger.scalars() == {"comm/ssp/all_to_all_bytes": 200, "comm/ulysses/all_to_all_bytes": 40,
-                                "comm/tensor/all_reduce_bytes": 8, "comm/total_bytes": 248}
+    assert ledger.scalars() == {
+        "comm/ssp/all_to_all_bytes": 200,
+        "comm/ulysses/all_to_all_bytes": 40,
+        "comm/tensor/all_reduce_bytes": 8,
+        "comm/total_bytes": 248,
+    }
     table = ledger.table()
     assert "switch" in table and "backward" in table and table.splitlines()[0].split()[:3] == ["phase", "op", "group"]
     with pytest.raises(ValueError, match="op must be one of"):
@@ -39,8 +43,9 @@ def test_ledger_counts_tables_and_scalars():
 
 def _forward_backward_ledger(rank, world_size, tensor, ssp, ulysses):
     init_distributed(ParallelConfig(tensor=tensor, ssp=ssp, ulysses=ulysses))
-    config = from_dict(ModelConfig, {"preset": "tiny", "sparse_ratio": 2, "num_layers": len(BLOCKS),
-                                     "block_layout": BLOCKS}, "model")
+    config = from_dict(
+        ModelConfig, {"preset": "tiny", "sparse_ratio": 2, "num_layers": len(BLOCKS), "block_layout": BLOCKS}, "model"
+    )
     torch.manual_seed(0)
     model = build_model(config)
     parallelize_dit(model)  # the token layout of these SSP x Ulysses groups
@@ -76,11 +81,16 @@ def test_ledger_matches_the_design_formulas(tensor, ssp, ulysses):
     assert (calls, nbytes) == ((switches, switches * switch) if ssp > 1 else (0, 0))
     assert _by(entries, phase="backward", tag="switch") == (calls, nbytes)
     assert _by(entries, phase="forward", group="context", tag="attention") == (
-        4 * full_layers, full_layers * ulysses_layer(context))
+        4 * full_layers,
+        full_layers * ulysses_layer(context),
+    )
     assert _by(entries, phase="forward", group="ulysses", tag="attention") == (
-        (4 * sparse_layers, sparse_layers * ulysses_layer(ulysses, tokens // ssp)) if ulysses > 1 else (0, 0))
+        (4 * sparse_layers, sparse_layers * ulysses_layer(ulysses, tokens // ssp)) if ulysses > 1 else (0, 0)
+    )
     assert _by(entries, phase="forward", op="all_gather", group="context") == (
-        1, BATCH * tokens // context * DIM * BYTES * (context - 1))
+        1,
+        BATCH * tokens // context * DIM * BYTES * (context - 1),
+    )
     if ssp == 4 and ulysses == 1 and tensor == 1:
         # SSP's point (docs/parallelism.md): a pattern switch moves a quarter of a Ulysses layer's bytes.
         assert nbytes / switches == ulysses_layer(context) / 4

@@ -20,24 +20,30 @@ from megatron.core import parallel_state
 from osp_megatron.checkpointing.offline import read_checkpoint_tensors
 from osp_megatron.checkpointing.sharded import partition_dim
 from osp_megatron.config.errors import ConfigError
-from osp_megatron.engine.config import load_job_config
 from osp_megatron.config.loader import from_dict
+from osp_megatron.engine.config import load_job_config
 from osp_megatron.engine.data import ensure_synthetic_data
+from osp_megatron.engine.optim import average_gradients
 from osp_megatron.engine.parallelize import parallelize_dit
+from osp_megatron.engine.ranks import free_port, run_on_ranks
 from osp_megatron.models.builder import build_model
 from osp_megatron.models.config import ModelConfig
 from osp_megatron.parallel import state
 from osp_megatron.parallel.ssp import check_sequence_parallel_layout
 from osp_megatron.parallel.state import ParallelConfig, init_distributed
-from osp_megatron.engine.optim import average_gradients
-from osp_megatron.engine.ranks import free_port, run_on_ranks
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "tiny_t2v.yaml"
 
 # (tensor, ssp, ulysses, data): the layouts the tiny example with model.sparse_ratio=2 must admit.
-LAYOUTS = {"S2": (1, 2, 1, 1), "S4": (1, 4, 1, 1), "U2": (1, 1, 2, 1), "S2U2": (1, 2, 2, 1),
-           "TP2S2": (2, 2, 1, 1), "DP2S2": (1, 2, 1, 2)}
+LAYOUTS = {
+    "S2": (1, 2, 1, 1),
+    "S4": (1, 4, 1, 1),
+    "U2": (1, 1, 2, 1),
+    "S2U2": (1, 2, 2, 1),
+    "TP2S2": (2, 2, 1, 1),
+    "DP2S2": (1, 2, 1, 2),
+}
 
 # Model cases of the direct test: the tiny hybrid on the example's grid, a padded grid whose Ulysses chunks
 # do not align with the pattern switch (T*Hp/P^2 = 1), consecutive full blocks after a group block and
@@ -45,8 +51,15 @@ LAYOUTS = {"S2": (1, 2, 1, 1), "S4": (1, 4, 1, 1), "U2": (1, 1, 2, 1), "S2U2": (
 # full-only model, and a sparse-ratio model whose blocks are all full (row-major order, unpadded grid).
 CASES = [
     ({"sparse_ratio": 2}, (3, 16, 16)),
-    ({"sparse_ratio": 2, "num_layers": 4, "block_layout": ["token", "group", "full", "full"],
-      "absolute_positions": True}, (1, 6, 8)),
+    (
+        {
+            "sparse_ratio": 2,
+            "num_layers": 4,
+            "block_layout": ["token", "group", "full", "full"],
+            "absolute_positions": True,
+        },
+        (1, 6, 8),
+    ),
     ({"sparse_ratio": 1}, (3, 16, 16)),
     ({"sparse_ratio": 2, "num_layers": 2, "block_layout": ["full", "full"]}, (1, 8, 12)),
 ]
@@ -112,24 +125,51 @@ def test_forward_and_gradients_equal_single_rank(name, single_rank_reference):
         for rank, results in enumerate(ranks):
             outputs, _ = results[case]
             replica = (rank // (tensor * ssp * ulysses)) if data > 1 else 0
-            np.testing.assert_allclose(outputs[0], expected_outputs[replica], rtol=1e-5, atol=1e-5,
-                                       err_msg=f"{name} case {case} rank {rank} output")
+            np.testing.assert_allclose(
+                outputs[0],
+                expected_outputs[replica],
+                rtol=1e-5,
+                atol=1e-5,
+                err_msg=f"{name} case {case} rank {rank} output",
+            )
         grads = ranks[0][case][1]
         assert grads.keys() == expected_grads.keys()
         for param_name, expected in expected_grads.items():
             scale = max(float(np.abs(expected).max()), 1e-3)
-            np.testing.assert_allclose(grads[param_name], expected, rtol=1e-4, atol=1e-5 * scale,
-                                       err_msg=f"{name} case {case} gradient of {param_name}")
+            np.testing.assert_allclose(
+                grads[param_name],
+                expected,
+                rtol=1e-4,
+                atol=1e-5 * scale,
+                err_msg=f"{name} case {case} gradient of {param_name}",
+            )
 
 
 # -- through osp-train --------------------------------------------------------------------------------------
 def _train_overrides(data_dir, run_dir, layout):
     tensor, ssp, ulysses, _ = layout
-    return ["--config", str(EXAMPLE), "model.sparse_ratio=2", "train.steps=2", "checkpoint.interval=1",
-            "checkpoint.resume=none", "train.sample_at_end=false", "train.progress=false", "train.device=cpu",
-            "train.micro_batch_size=2", "train.global_batch_size=4", "train.lr=1e-3",
-            f"data.path={data_dir}", "train.eval_interval=0", "data.synthetic_num_samples=8", "data.synthetic_samples_per_shard=8",
-            f"run.dir={run_dir}", f"parallel.tensor={tensor}", f"parallel.ssp={ssp}", f"parallel.ulysses={ulysses}"]
+    return [
+        "--config",
+        str(EXAMPLE),
+        "model.sparse_ratio=2",
+        "train.steps=2",
+        "checkpoint.interval=1",
+        "checkpoint.resume=none",
+        "train.sample_at_end=false",
+        "train.progress=false",
+        "train.device=cpu",
+        "train.micro_batch_size=2",
+        "train.global_batch_size=4",
+        "train.lr=1e-3",
+        f"data.path={data_dir}",
+        "train.eval_interval=0",
+        "data.synthetic_num_samples=8",
+        "data.synthetic_samples_per_shard=8",
+        f"run.dir={run_dir}",
+        f"parallel.tensor={tensor}",
+        f"parallel.ssp={ssp}",
+        f"parallel.ulysses={ulysses}",
+    ]
 
 
 def _osp_train(rank, world_size, argv):
@@ -177,8 +217,10 @@ def train_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("sequence_parallel_train")
     data_dir = root / "data"
     ensure_synthetic_data(load_job_config(EXAMPLE, _train_overrides(data_dir, root, (1, 1, 1, 1))[2:]).data)
-    references = {1: _run_train(data_dir, root / "reference", (1, 1, 1, 1)),
-                  2: _run_train(data_dir, root / "reference_dp2", (1, 1, 1, 2))}
+    references = {
+        1: _run_train(data_dir, root / "reference", (1, 1, 1, 1)),
+        2: _run_train(data_dir, root / "reference_dp2", (1, 1, 1, 2)),
+    }
     return root, data_dir, references
 
 
@@ -203,9 +245,18 @@ def test_torchrun_launch_equals_single_rank(train_runs):
     """`torchrun --nproc_per_node 2 -m osp_megatron.training.cli ... parallel.ssp=2` equals the single-rank run."""
     root, data_dir, references = train_runs
     run_dir = root / "torchrun_S2"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(free_port()), "-m",
-               "osp_megatron.training.cli", *_train_overrides(data_dir, run_dir, LAYOUTS["S2"])]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        "-m",
+        "osp_megatron.training.cli",
+        *_train_overrides(data_dir, run_dir, LAYOUTS["S2"]),
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     result = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -217,13 +268,16 @@ def _tiny(**fields):
     return from_dict(ModelConfig, {"preset": "tiny", "sparse_ratio": 2, **fields}, "model")
 
 
-@pytest.mark.parametrize("model_fields, grid, layout, message", [
-    ({}, (3, 8, 8), (1, 3, 1), "parallel.ssp=3 must divide model.sparse_ratio^2 = 4"),
-    ({}, (3, 8, 8), (1, 1, 8), "model.num_heads=4 is not divisible by parallel.tensor x parallel.ulysses = 1 x 8"),
-    ({}, (3, 8, 8), (2, 4, 1), "parallel.tensor x parallel.ssp x parallel.ulysses = 2 x 4 x 1 = 8"),
-    ({"num_heads": 8, "dim": 128}, (1, 2, 2), (1, 1, 8), "subsequences of 4 tokens, which parallel.ulysses=8"),
-    ({"sparse_ratio": 1}, (3, 5, 7), (1, 2, 1), "3x5x7 = 105 tokens cannot be split evenly"),
-])
+@pytest.mark.parametrize(
+    "model_fields, grid, layout, message",
+    [
+        ({}, (3, 8, 8), (1, 3, 1), "parallel.ssp=3 must divide model.sparse_ratio^2 = 4"),
+        ({}, (3, 8, 8), (1, 1, 8), "model.num_heads=4 is not divisible by parallel.tensor x parallel.ulysses = 1 x 8"),
+        ({}, (3, 8, 8), (2, 4, 1), "parallel.tensor x parallel.ssp x parallel.ulysses = 2 x 4 x 1 = 8"),
+        ({"num_heads": 8, "dim": 128}, (1, 2, 2), (1, 1, 8), "subsequences of 4 tokens, which parallel.ulysses=8"),
+        ({"sparse_ratio": 1}, (3, 5, 7), (1, 2, 1), "3x5x7 = 105 tokens cannot be split evenly"),
+    ],
+)
 def test_unworkable_layouts_are_refused(model_fields, grid, layout, message):
     """A layout that cannot work is a ConfigError naming the wrong number and what would work."""
     tensor, ssp, ulysses = layout
@@ -236,6 +290,6 @@ def test_unworkable_layouts_are_refused(model_fields, grid, layout, message):
 def test_osp_train_refuses_unworkable_layout_at_start_up(tmp_path):
     """osp-train exits with status 2 and the reason, before any work, when full layers cannot split the heads."""
     argv = _train_overrides(tmp_path / "data", tmp_path / "run", (2, 4, 1, 1))
-    (code, stderr), = run_on_ranks(_osp_train, 1, argv)
+    ((code, stderr),) = run_on_ranks(_osp_train, 1, argv)
     assert code == 2 and "parallel.tensor x parallel.ssp x parallel.ulysses = 2 x 4 x 1 = 8" in stderr
     assert not (tmp_path / "data").exists()

@@ -5,12 +5,12 @@ import torch
 
 from osp_megatron.checkpointing.sharded import partition_dim
 from osp_megatron.config.loader import from_dict
+from osp_megatron.engine.ranks import run_on_ranks
 from osp_megatron.models.builder import build_model
 from osp_megatron.models.config import ModelConfig
 from osp_megatron.parallel.state import ParallelConfig, init_distributed
-from osp_megatron.training.flow_matching import flow_matching_loss
-from osp_megatron.engine.ranks import run_on_ranks
 from osp_megatron.testing import gathered_gradients
+from osp_megatron.training.flow_matching import flow_matching_loss
 
 pytestmark = pytest.mark.slow  # every test starts gloo ranks (run_on_ranks)
 
@@ -31,7 +31,7 @@ def _loss_and_full_grads(rank, world_size, model_overrides):
 def test_tensor_parallel_two_ranks_equals_one_rank():
     """TP=2 gives the same loss and the same (gathered) gradient of every parameter as TP=1."""
     # Replicated weights are re-drawn after building, from the same seed on every rank, so both runs agree.
-    (loss_1, grads_1), = run_on_ranks(_loss_and_full_grads, 1, {})
+    ((loss_1, grads_1),) = run_on_ranks(_loss_and_full_grads, 1, {})
     loss_2a, grads_2 = run_on_ranks(_loss_and_full_grads, 2, {})[0]
     assert abs(loss_1 - loss_2a) < 1e-6 * max(1.0, abs(loss_1))
     assert grads_1.keys() == grads_2.keys()

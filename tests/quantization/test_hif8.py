@@ -143,9 +143,7 @@ def test_encode_gives_the_code_of_the_nearest_value():
 
 def test_special_values_zero_overflow_and_saturation():
     """No -0; |x| < 2^-23 -> 0; 40960 and Inf overflow to Inf, or to 2^15 when saturating; NaN stays."""
-    x = torch.tensor(
-        [-0.0, -1e-30, 2.0**-23 * 0.999, 2.0**-23, -40959.0, 40960.0, math.inf, -math.inf, math.nan]
-    )
+    x = torch.tensor([-0.0, -1e-30, 2.0**-23 * 0.999, 2.0**-23, -40959.0, 40960.0, math.inf, -math.inf, math.nan])
     got = hif8_round(x)
     expected = [0.0, 0.0, 0.0, 2.0**-22, -32768.0, math.inf, math.inf, -math.inf]
     assert got[:8].tolist() == expected and torch.isnan(got[8])

@@ -1,12 +1,11 @@
 """Formats, recipes, per-tensor scale bookkeeping, checkpoints of scales and QuantConfig validation."""
 
-
 import pytest
 import torch
 import torch.distributed as dist
 
-
 from osp_megatron.config.errors import ConfigError
+from osp_megatron.engine.ranks import run_on_ranks
 from osp_megatron.quantization import (
     E4M3,
     E5M2,
@@ -19,7 +18,6 @@ from osp_megatron.quantization import (
     TensorScaler,
     hif8_round,
 )
-from osp_megatron.engine.ranks import run_on_ranks
 
 
 def test_fp8_formats_round_like_torch_float8_and_saturate():

@@ -9,8 +9,9 @@ pytestmark = pytest.mark.slow  # osp-grpo runs in subprocesses
 
 
 def _run(*args):
-    return subprocess.run([sys.executable, "-m", "osp_megatron.rl.cli", *args], capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "osp_megatron.rl.cli", *args], capture_output=True, text=True, timeout=120
+    )
 
 
 def test_help_print_config_and_errors():

@@ -84,8 +84,16 @@ def test_clipped_ratio_loss():
 
     x = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
-        batch = rollout(velocity, x, torch.zeros(2, 1, 1), None, rollout_plan(2, 1.0, 0, 1), 0.7, 1.0,
-                        [seeded_generator(5, k) for k in range(2)])
+        batch = rollout(
+            velocity,
+            x,
+            torch.zeros(2, 1, 1),
+            None,
+            rollout_plan(2, 1.0, 0, 1),
+            0.7,
+            1.0,
+            [seeded_generator(5, k) for k in range(2)],
+        )
     transition = batch.transitions[0]
     advantages = torch.tensor([1.0, -1.0])
     step = transition_loss(velocity, transition, None, None, advantages, 0.7, 1.0, clip_range=1e-3)
@@ -94,7 +102,7 @@ def test_clipped_ratio_loss():
     transition.log_prob = transition.log_prob - 0.1  # the old policy liked these transitions less: ratio e^0.1
     positive = transition_loss(velocity, transition.select([0]), None, None, advantages[:1], 0.7, 1.0, 1e-3)
     assert positive.clipped.all()
-    grad, = torch.autograd.grad(positive.loss, weight)
+    (grad,) = torch.autograd.grad(positive.loss, weight)
     assert grad == 0
     negative = transition_loss(velocity, transition.select([1]), None, None, advantages[1:], 0.7, 1.0, 1e-3)
     assert not negative.clipped.any() and torch.autograd.grad(negative.loss, weight)[0] != 0
@@ -107,8 +115,9 @@ def test_kl_is_zero_against_itself_and_positive_otherwise(tiny_model):
     args = (batch.transitions[0], text, null, torch.ones(2), 0.7, 2.0, 1e-4)
     same = transition_loss(tiny_model, *args, kl_coef=0.1, reference_velocity_fn=tiny_model)
     assert same.kl.abs().max() < 1e-10
-    other = transition_loss(tiny_model, *args, kl_coef=0.1,
-                            reference_velocity_fn=lambda x, t, c: tiny_model(x, t, c) + 0.1)
+    other = transition_loss(
+        tiny_model, *args, kl_coef=0.1, reference_velocity_fn=lambda x, t, c: tiny_model(x, t, c) + 0.1
+    )
     assert (other.kl > 0).all() and other.loss > same.loss
 
 
@@ -136,6 +145,10 @@ def test_first_update_is_on_policy_and_a_step_follows_the_advantage(make_tiny_mo
                 if p.grad is not None:
                     p -= 1e-2 * p.grad
         with torch.no_grad():
-            log_ratio = torch.stack([transition_loss(model, t, text[:1], null, advantage, 0.7, 3.0, 1e-3).ratio.log()
-                                     for t in sample.transitions]).mean()
+            log_ratio = torch.stack(
+                [
+                    transition_loss(model, t, text[:1], null, advantage, 0.7, 3.0, 1e-3).ratio.log()
+                    for t in sample.transitions
+                ]
+            ).mean()
         assert sign * log_ratio > 1e-6, (sign, float(log_ratio))

@@ -13,8 +13,11 @@ TARGETS = ["linear_q", "linear_k", "linear_v", "linear_proj"]
 
 def _inputs():
     generator = torch.Generator().manual_seed(7)
-    return (torch.randn(2, 16, 2, 4, 4, generator=generator), torch.tensor([300.0, 800.0]),
-            torch.randn(2, 32, 32, generator=generator))
+    return (
+        torch.randn(2, 16, 2, 4, 4, generator=generator),
+        torch.tensor([300.0, 800.0]),
+        torch.randn(2, 32, 32, generator=generator),
+    )
 
 
 def test_lora_starts_as_base_and_reference_is_the_base(tiny_model, make_tiny_model):
@@ -74,7 +77,7 @@ def _lora_output_and_grads(rank, world_size):
     apply_lora(model, rank=3, alpha=6.0, target_modules=TARGETS)
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():  # every weight (B too) drawn at full size and sliced like its layer splits it
-        for name, param in model.named_parameters():
+        for param in model.parameters():
             dim = partition_dim(param)
             shape = list(param.shape)
             if dim is not None:
@@ -90,7 +93,7 @@ def _lora_output_and_grads(rank, world_size):
 def test_lora_under_tensor_parallelism_equals_one_rank():
     """TP=2 LoRA (A or B split like its megatron layer, adapters initialised at full size and sliced) gives
     the TP=1 output and the same gathered adapter gradients."""
-    (out_1, grads_1), = run_on_ranks(_lora_output_and_grads, 1)
+    ((out_1, grads_1),) = run_on_ranks(_lora_output_and_grads, 1)
     out_2, grads_2 = run_on_ranks(_lora_output_and_grads, 2)[0]
     torch.testing.assert_close(out_2, out_1, rtol=1e-4, atol=1e-6)
     assert grads_1.keys() == grads_2.keys() and grads_1

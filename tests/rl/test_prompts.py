@@ -60,8 +60,9 @@ def test_shards_give_captions_and_pre_encoded_states_without_an_encoder(tmp_path
             text = np.full((2 + i, MODEL.text_dim), i + 1, dtype=np.float32)
             npy = io.BytesIO()
             np.save(npy, text)
-            writer.write({"__key__": f"s{i}", "text.npy": npy.getvalue(), "txt": f"caption {i}".encode(),
-                          "json": b"{}"})
+            writer.write(
+                {"__key__": f"s{i}", "text.npy": npy.getvalue(), "txt": f"caption {i}".encode(), "json": b"{}"}
+            )
     (tmp_path / "shard-000000.tar").write_bytes(buffer.getvalue())
     prompts = _prompt_set(None, path=str(tmp_path))
     assert prompts.prompts == ["caption 0", "caption 1", "caption 2"]

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from osp_megatron.config.errors import ConfigError
-from osp_megatron.rl.config import load_grpo_config
 from osp_megatron.engine.ranks import run_on_ranks
+from osp_megatron.rl.config import load_grpo_config
 
 EXAMPLE = "examples/grpo_tiny.yaml"
 
@@ -28,8 +28,11 @@ def _job(rank, world_size, overrides):
 def test_reward_ranks_give_the_local_rewards_update(tmp_path, grpo_overrides):
     """Two rewards, two iterations of 2 x 2 samples over 2 data-parallel policy ranks, and an evaluation whose
     single prompt leaves the second replica nothing to score: the same metrics and weights either way."""
-    extra = ["grpo.rewards=[{name: temporal_flicker}, {name: synthetic_caption, weight: 0.5}]",
-             "grpo.eval_interval=2", "grpo.eval_prompts=1"]
+    extra = [
+        "grpo.rewards=[{name: temporal_flicker}, {name: synthetic_caption, weight: 0.5}]",
+        "grpo.eval_interval=2",
+        "grpo.eval_prompts=1",
+    ]
     local = run_on_ranks(_job, 2, grpo_overrides(tmp_path / "local", steps=2, extra=extra))
     remote = run_on_ranks(_job, 3, grpo_overrides(tmp_path / "remote", steps=2, extra=[*extra, "grpo.reward_ranks=1"]))
     assert [r[0] for r in remote] == ["policy", "policy", "reward"]

@@ -32,8 +32,14 @@ def test_synthetic_caption_reward_checks_colour_and_motion():
         return torch.from_numpy(render_caption_video(colour, "circle", motion, 9, 64, 64))
 
     reward = build_rewards([{"name": "synthetic_caption"}])
-    videos = torch.stack([video("red", "moving left"), video("blue", "moving left"), video("red", "moving up"),
-                          video("red", "staying still")])
+    videos = torch.stack(
+        [
+            video("red", "moving left"),
+            video("blue", "moving left"),
+            video("red", "moving up"),
+            video("red", "staying still"),
+        ]
+    )
     prompt = "a red circle moving left"
     scores = score_videos(reward, videos, [prompt] * 4)[:, 0]
     assert scores[0] > 0.95
@@ -71,12 +77,27 @@ def _tiny_clip_folder(folder):
     PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>").save_pretrained(folder)
     torch.manual_seed(0)
     config = CLIPConfig(
-        text_config=dict(vocab_size=len(words), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=16, pad_token_id=0, bos_token_id=0,
-                         eos_token_id=0),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=32, patch_size=8),
-        projection_dim=16)
+        text_config=dict(
+            vocab_size=len(words),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=16,
+            pad_token_id=0,
+            bos_token_id=0,
+            eos_token_id=0,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        ),
+        projection_dim=16,
+    )
     CLIPModel(config).save_pretrained(folder)
 
 

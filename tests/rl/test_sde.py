@@ -43,9 +43,9 @@ def test_per_sample_sigmas_and_scoring_sibling():
     sigma, sigma_next = torch.tensor([0.9, 0.5]), torch.tensor([0.8, 0.3])
     nxt, log_prob = sde_step(x, v, sigma, sigma_next, 0.5, noise)
     for b in range(2):
-        one, one_lp = sde_step(x[b:b + 1], v[b:b + 1], float(sigma[b]), float(sigma_next[b]), 0.5, noise[b:b + 1])
-        torch.testing.assert_close(nxt[b:b + 1], one)
-        torch.testing.assert_close(log_prob[b:b + 1], one_lp)
+        one, one_lp = sde_step(x[b : b + 1], v[b : b + 1], float(sigma[b]), float(sigma_next[b]), 0.5, noise[b : b + 1])
+        torch.testing.assert_close(nxt[b : b + 1], one)
+        torch.testing.assert_close(log_prob[b : b + 1], one_lp)
     torch.testing.assert_close(sde_log_prob(x, v, nxt, sigma, sigma_next, 0.5), log_prob)
     assert (sde_log_prob(x, v + 1.0, nxt, sigma, sigma_next, 0.5) < log_prob).all()
 

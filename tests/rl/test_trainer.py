@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from osp_megatron.config.errors import ConfigError
-from osp_megatron.rl.config import load_grpo_config
 from osp_megatron.engine.ranks import run_on_ranks
+from osp_megatron.rl.config import load_grpo_config
 
 EXAMPLE = "examples/grpo_tiny.yaml"
 
@@ -33,10 +33,13 @@ def _train(rank, world_size, overrides, stop=None):
 
     trainer = GRPOTrainer(load_grpo_config(EXAMPLE, overrides))
     result = trainer.train(stop)
-    weights = {name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
-               for name, p in trainer.model.named_parameters()}
-    result["local_weight_elements"] = sum((p.to_local() if isinstance(p, DTensor) else p).numel()
-                                          for p in trainer.model.parameters())
+    weights = {
+        name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
+        for name, p in trainer.model.named_parameters()
+    }
+    result["local_weight_elements"] = sum(
+        (p.to_local() if isinstance(p, DTensor) else p).numel() for p in trainer.model.parameters()
+    )
     return result, weights
 
 
@@ -70,8 +73,14 @@ def test_two_ranks_give_the_one_rank_update(tmp_path, grpo_overrides, layout):
     """Data parallel: one group of four samples split over 2 gloo ranks (two each), the group's statistics
     gathered and gradients averaged. Ulysses: every sample's tokens split over the 2 ranks. Either way the
     weights after two iterations equal one rank's."""
-    extra = ["grpo.group_size=4", "grpo.prompts_per_iteration=1", "train.micro_batch_size=1",
-             "grpo.eval_interval=2", "grpo.eval_prompts=3", "grpo.window_shift_interval=2"]
+    extra = [
+        "grpo.group_size=4",
+        "grpo.prompts_per_iteration=1",
+        "train.micro_batch_size=1",
+        "grpo.eval_interval=2",
+        "grpo.eval_prompts=3",
+        "grpo.window_shift_interval=2",
+    ]
     one = run_on_ranks(_train, 1, grpo_overrides(tmp_path / "one", steps=2, extra=extra))[0]
     two = run_on_ranks(_train, 2, grpo_overrides(tmp_path / "two", steps=2, extra=[*extra, layout]))
     assert one[0]["reward"] == pytest.approx(two[0][0]["reward"], rel=1e-6)
@@ -84,8 +93,15 @@ def test_two_ranks_give_the_one_rank_update(tmp_path, grpo_overrides, layout):
             torch.testing.assert_close(two[rank][1][name], weight, rtol=1e-4, atol=1e-5)
 
 
-SHARDED = ["grpo.group_size=4", "grpo.prompts_per_iteration=1", "train.micro_batch_size=1", "grpo.eval_interval=1",
-           "grpo.eval_prompts=3", "grpo.window_shift_interval=2", "train.ema_decay=0.5"]
+SHARDED = [
+    "grpo.group_size=4",
+    "grpo.prompts_per_iteration=1",
+    "train.micro_batch_size=1",
+    "grpo.eval_interval=1",
+    "grpo.eval_prompts=3",
+    "grpo.window_shift_interval=2",
+    "train.ema_decay=0.5",
+]
 
 
 @pytest.mark.slow
@@ -97,8 +113,9 @@ def test_fsdp_iteration_gives_the_one_rank_update(tmp_path, grpo_overrides, layo
     weights."""
     extra = [*SHARDED, "model.sparse_ratio=2", "model.full_blocks=1", "model.num_layers=4"]
     one = run_on_ranks(_train, 1, grpo_overrides(tmp_path / "one", steps=1, extra=extra))[0]
-    two = run_on_ranks(_train, 2, grpo_overrides(tmp_path / "two", steps=1,
-                                                 extra=[*extra, layout, "parallel.fsdp=true"]))
+    two = run_on_ranks(
+        _train, 2, grpo_overrides(tmp_path / "two", steps=1, extra=[*extra, layout, "parallel.fsdp=true"])
+    )
     for key in ("reward", "eval_reward", "loss", "grad_norm"):
         # (The loss is ~1e-8 at the first update: the advantages of a group sum to zero at ratio 1.)
         assert two[0][0][key] == pytest.approx(one[0][key], rel=1e-5, abs=1e-6), key
@@ -114,8 +131,11 @@ def test_fsdp_checkpoint_resumes_on_one_rank(tmp_path, grpo_overrides):
     """A checkpoint written under FSDP at data=2 (sharded weights, AdamW and EMA) resumes on one rank without
     FSDP, and the following iteration equals the one of an uninterrupted one-rank run."""
     straight = run_on_ranks(_train, 1, grpo_overrides(tmp_path / "straight", steps=2, extra=SHARDED))[0]
-    run_on_ranks(_train, 2, grpo_overrides(tmp_path / "moved", steps=1,
-                                           extra=[*SHARDED, "parallel.data=2", "parallel.fsdp=true"]))
+    run_on_ranks(
+        _train,
+        2,
+        grpo_overrides(tmp_path / "moved", steps=1, extra=[*SHARDED, "parallel.data=2", "parallel.fsdp=true"]),
+    )
     resumed = run_on_ranks(_train, 1, grpo_overrides(tmp_path / "moved", steps=2, extra=SHARDED))[0]
     second = [_metrics(tmp_path / run)[-1] for run in ("straight", "moved")]
     for key in ("reward", "loss", "eval_reward"):
@@ -129,12 +149,29 @@ def test_tiny_job_reward_rises(tmp_path):
     """A cut-down run of the tiny job (examples/grpo_tiny.yaml: the block VAE's pixel videos scored by
     synthetic_caption) from the untrained tiny DiT at 5 x 64 x 64: eight iterations raise eval_reward, the
     reward of fixed prompts and noise sampled deterministically."""
-    overrides = [f"run.dir={tmp_path}", "checkpoint.load=null", "grpo.pretrain_if_missing=null",
-                 "train.progress=false", "train.sample_at_end=false", "checkpoint.interval=0", "train.steps=8",
-                 "train.lr=3e-2", "train.min_lr=3e-2", "train.micro_batch_size=8", "grpo.prompts_per_iteration=2",
-                 "grpo.decode_batch_size=8", "grpo.eta=0.7", "train.cpu_threads=0", "grpo.num_steps=6", "grpo.window_size=6",
-                 "grpo.eval_interval=8", "grpo.eval_prompts=8", "sample.num_frames=5", "sample.height=64",
-                 "sample.width=64"]
+    overrides = [
+        f"run.dir={tmp_path}",
+        "checkpoint.load=null",
+        "grpo.pretrain_if_missing=null",
+        "train.progress=false",
+        "train.sample_at_end=false",
+        "checkpoint.interval=0",
+        "train.steps=8",
+        "train.lr=3e-2",
+        "train.min_lr=3e-2",
+        "train.micro_batch_size=8",
+        "grpo.prompts_per_iteration=2",
+        "grpo.decode_batch_size=8",
+        "grpo.eta=0.7",
+        "train.cpu_threads=0",
+        "grpo.num_steps=6",
+        "grpo.window_size=6",
+        "grpo.eval_interval=8",
+        "grpo.eval_prompts=8",
+        "sample.num_frames=5",
+        "sample.height=64",
+        "sample.width=64",
+    ]
     result = _train(0, 1, overrides)[0]
     assert result["status"] == "finished"
     before, after = [row["eval_reward"] for row in _metrics(tmp_path) if "eval_reward" in row]
@@ -163,8 +200,10 @@ def test_rollout_encoders_must_be_the_policys(tmp_path):
 
     checkpoint = tmp_path / "step_00000300"
     checkpoint.mkdir()
-    saved = {"model": {"vae": "tiny-block", "vae_path": None, "text_encoder_path": None, "absolute_positions": True},
-             "data": {"synthetic_seed": 3}}
+    saved = {
+        "model": {"vae": "tiny-block", "vae_path": None, "text_encoder_path": None, "absolute_positions": True},
+        "data": {"synthetic_seed": 3},
+    }
     (checkpoint / "metadata.json").write_text(json.dumps({"config": saved}))
     check_encoders_match(load_grpo_config(EXAMPLE, ["data.synthetic_seed=3"]), checkpoint)
     with pytest.raises(ConfigError, match="model.vae='tiny-random'.*set model.vae='tiny-block'"):
@@ -172,11 +211,13 @@ def test_rollout_encoders_must_be_the_policys(tmp_path):
     with pytest.raises(ConfigError, match="data.synthetic_seed=0.*set data.synthetic_seed=3"):
         check_encoders_match(load_grpo_config(EXAMPLE), checkpoint)
     with pytest.raises(ConfigError, match="model.vae_path='/models/Wan2.1/vae'"):
-        check_encoders_match(load_grpo_config(EXAMPLE, ["model.vae_path=/models/Wan2.1/vae", "data.synthetic_seed=3"]),
-                             checkpoint)
+        check_encoders_match(
+            load_grpo_config(EXAMPLE, ["model.vae_path=/models/Wan2.1/vae", "data.synthetic_seed=3"]), checkpoint
+        )
     with pytest.raises(ConfigError, match="model.absolute_positions=false.*set model.absolute_positions=true"):
-        check_encoders_match(load_grpo_config(EXAMPLE, ["model.absolute_positions=false", "data.synthetic_seed=3"]),
-                             checkpoint)
+        check_encoders_match(
+            load_grpo_config(EXAMPLE, ["model.absolute_positions=false", "data.synthetic_seed=3"]), checkpoint
+        )
     check_encoders_match(load_grpo_config(EXAMPLE), tmp_path)  # published weights record no encoders
 
 

@@ -16,12 +16,22 @@ from osp_megatron.rl.rewards.videoalign import (
 )
 
 CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
-SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|video_pad|>",
-           "<|image_pad|>", *REWARD_TOKENS]
-CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% for c in m['content'] %}"
-                 "{% if c['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>{% else %}{{ c['text'] }}"
-                 "{% endif %}{% endfor %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
-                 "{% endif %}")
+SPECIAL = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|video_pad|>",
+    "<|image_pad|>",
+    *REWARD_TOKENS,
+]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% for c in m['content'] %}"
+    "{% if c['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>{% else %}{{ c['text'] }}"
+    "{% endif %}{% endfor %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% endif %}"
+)
 TEMPLATE = "Rate the video for {text_prompt} . quality <|VQ_reward|> motion <|MQ_reward|> text <|TA_reward|>"
 CALIBRATION = {"VQ_mean": 3.0, "VQ_std": 2.0, "MQ_mean": 1.0, "MQ_std": 1.5, "TA_mean": 2.0, "TA_std": 2.5}
 
@@ -56,27 +66,68 @@ def _tiny_videoreward(root, lora_scale=0.1):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast, Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
-    words = ["<unk>", "user", "assistant", "a", "red", "circle", "moving", "left", "Rate", "the", "video", "for",
-             ".", "quality", "motion", "text"]
+    words = [
+        "<unk>",
+        "user",
+        "assistant",
+        "a",
+        "red",
+        "circle",
+        "moving",
+        "left",
+        "Rate",
+        "the",
+        "video",
+        "for",
+        ".",
+        "quality",
+        "motion",
+        "text",
+    ]
     backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<|endoftext|>",
-                                        additional_special_tokens=SPECIAL, chat_template=CHAT_TEMPLATE)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token="<unk>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=SPECIAL,
+        chat_template=CHAT_TEMPLATE,
+    )
     ids = tokenizer.convert_tokens_to_ids
     base, checkpoint = root / "Qwen2-VL-tiny", root / "VideoReward" / "checkpoint-7"
     checkpoint.mkdir(parents=True)
     torch.manual_seed(0)
     config = Qwen2VLConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, bos_token_id=None, eos_token_id=None,
-                         rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}),
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            bos_token_id=None,
+            eos_token_id=None,
+            rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]},
+        ),
         vision_config=dict(depth=1, embed_dim=32, hidden_size=32, num_heads=2, mlp_ratio=2),
-        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
-        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"))
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
+    )
     model = Qwen2VLForConditionalGeneration(config).eval()
     model.save_pretrained(base)
-    (base / "preprocessor_config.json").write_text(json.dumps(
-        {"patch_size": 14, "temporal_patch_size": 2, "merge_size": 2, "image_mean": CLIP_MEAN, "image_std": CLIP_STD}))
+    (base / "preprocessor_config.json").write_text(
+        json.dumps(
+            {
+                "patch_size": 14,
+                "temporal_patch_size": 2,
+                "merge_size": 2,
+                "image_mean": CLIP_MEAN,
+                "image_std": CLIP_STD,
+            }
+        )
+    )
     model.rm_head = torch.nn.Linear(32, 1, bias=False)
     peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
     for name, parameter in peft_model.named_parameters():
@@ -88,11 +139,17 @@ def _tiny_videoreward(root, lora_scale=0.1):
         published[key] = value.clone()
     torch.save(published, checkpoint / "model.pth")
     tokenizer.save_pretrained(checkpoint)
-    settings = {"data_config": {"fps": 2.0, "max_frame_pixels": 200704, "eval_dim": ["VQ", "MQ", "TA"]},
-                "model_config": {"model_name_or_path": str(base), "output_dim": 1, "use_special_tokens": True,
-                                 "reward_token": "special"},
-                "peft_lora_config": {"lora_enable": True, "lora_r": 4, "lora_alpha": 8},
-                "inference_config": CALIBRATION}
+    settings = {
+        "data_config": {"fps": 2.0, "max_frame_pixels": 200704, "eval_dim": ["VQ", "MQ", "TA"]},
+        "model_config": {
+            "model_name_or_path": str(base),
+            "output_dim": 1,
+            "use_special_tokens": True,
+            "reward_token": "special",
+        },
+        "peft_lora_config": {"lora_enable": True, "lora_r": 4, "lora_alpha": 8},
+        "inference_config": CALIBRATION,
+    }
     (checkpoint.parent / "model_config.json").write_text(json.dumps(settings))
     (checkpoint.parent / "prompt_template.txt").write_text(TEMPLATE)
     return checkpoint.parent, peft_model

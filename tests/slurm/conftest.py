@@ -12,7 +12,6 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import pytest
 
@@ -22,15 +21,35 @@ ROOT = Path(__file__).resolve().parents[2]
 STEPS = 16
 CHECKPOINT_INTERVAL = 4
 LOG_INTERVAL = 4
-ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL",
-         "DEADLINE")
+ENDED = (
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "PREEMPTED",
+    "BOOT_FAIL",
+    "DEADLINE",
+)
 # The tiny DiT with tensor ranks inside a node (parallel.tensor=2) and FSDP over the data ranks across nodes.
-TRAINING = ["--config", "examples/tiny_t2v.yaml", "train.eval_interval=0", f"train.steps={STEPS}",
-            f"checkpoint.interval={CHECKPOINT_INTERVAL}", "checkpoint.keep_last=0", "train.sample_at_end=false",
-            "train.device=cpu", "train.micro_batch_size=4", "train.global_batch_size=8",
-            f"train.log_interval={LOG_INTERVAL}", "data.synthetic_num_samples=64",
-            "data.synthetic_samples_per_shard=32", "parallel.tensor=2", "parallel.fsdp=true"]
-
+TRAINING = [
+    "--config",
+    "examples/tiny_t2v.yaml",
+    "train.eval_interval=0",
+    f"train.steps={STEPS}",
+    f"checkpoint.interval={CHECKPOINT_INTERVAL}",
+    "checkpoint.keep_last=0",
+    "train.sample_at_end=false",
+    "train.device=cpu",
+    "train.micro_batch_size=4",
+    "train.global_batch_size=8",
+    f"train.log_interval={LOG_INTERVAL}",
+    "data.synthetic_num_samples=64",
+    "data.synthetic_samples_per_shard=32",
+    "parallel.tensor=2",
+    "parallel.fsdp=true",
+]
 
 
 def pytest_collection_modifyitems(config, items):
@@ -57,7 +76,7 @@ def node_states() -> dict:
     return dict(line.split() for line in run(["sinfo", "-h", "-N", "-o", "%N %T"]).splitlines())
 
 
-def wait_for(condition, timeout: float, what: str, job_id: Optional[str] = None, interval: float = 0.2):
+def wait_for(condition, timeout: float, what: str, job_id: str | None = None, interval: float = 0.2):
     """Poll `condition()` until it returns something true; fail naming `what` (and the job's state) at timeout."""
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -89,8 +108,13 @@ class Job:
 
     def wait_for_end(self, timeout: float = 600) -> dict:
         try:
-            return wait_for(lambda: (info := self.info())["JobState"] in ENDED and info, timeout,
-                            f"job {self.id} to end", self.id, interval=1)
+            return wait_for(
+                lambda: (info := self.info())["JobState"] in ENDED and info,
+                timeout,
+                f"job {self.id} to end",
+                self.id,
+                interval=1,
+            )
         except AssertionError:
             subprocess.run(["scancel", self.id])
             raise
@@ -99,6 +123,7 @@ class Job:
         def logged():
             assert self.info()["JobState"] in ("PENDING", "RUNNING", "CONFIGURING"), self.info()
             return len(read_metrics(self.run_dir)) >= steps
+
         wait_for(logged, timeout, f"job {self.id} to log {steps} steps", self.id)
 
     def log(self, rank: int, kind: str = "out") -> str:
@@ -117,20 +142,51 @@ class Lane:
     """What the lane's tests share: submit(...) into the lane's Slurm, and the checks of a run's losses and logs."""
 
     STEPS, CHECKPOINT_INTERVAL, LOG_INTERVAL, TRAINING = STEPS, CHECKPOINT_INTERVAL, LOG_INTERVAL, TRAINING
-    run, wait_for, node_states, read_metrics = staticmethod(run), staticmethod(wait_for), staticmethod(node_states), \
-        staticmethod(read_metrics)
+    run, wait_for, node_states, read_metrics = (
+        staticmethod(run),
+        staticmethod(wait_for),
+        staticmethod(node_states),
+        staticmethod(read_metrics),
+    )
 
     def __init__(self, root: Path):
         self.root = root
 
-    def submit(self, name: str, arguments: list[str] = TRAINING, job: str = "osp-train", nodes: int = 2,
-               tasks_per_node: int = 2) -> Job:
+    def submit(
+        self,
+        name: str,
+        arguments: list[str] = TRAINING,
+        job: str = "osp-train",
+        nodes: int = 2,
+        tasks_per_node: int = 2,
+    ) -> Job:
         """osp-launch `job` with `arguments` on nodes x tasks_per_node CPU ranks; every job shares one data set."""
         run_dir, log_dir = self.root / name, self.root / "logs"
-        out = run([sys.executable, "-m", "osp_launch.cli", "--nodes", str(nodes), "--gpus-per-node", "0",
-                   "--tasks-per-node", str(tasks_per_node), "--time", "15", "--stop-warning-seconds", "60",
-                   "--log-dir", str(log_dir), "--job-name", f"lane-{name}", job, *arguments, f"run.dir={run_dir}",
-                   f"data.path={self.root / 'data'}"])
+        out = run(
+            [
+                sys.executable,
+                "-m",
+                "osp_launch.cli",
+                "--nodes",
+                str(nodes),
+                "--gpus-per-node",
+                "0",
+                "--tasks-per-node",
+                str(tasks_per_node),
+                "--time",
+                "15",
+                "--stop-warning-seconds",
+                "60",
+                "--log-dir",
+                str(log_dir),
+                "--job-name",
+                f"lane-{name}",
+                job,
+                *arguments,
+                f"run.dir={run_dir}",
+                f"data.path={self.root / 'data'}",
+            ]
+        )
         job_id = re.search(rf"submitted {job} as Slurm job (\d+)", out).group(1)
         return Job(job_id, run_dir, log_dir / job_id)
 
@@ -151,8 +207,9 @@ class Lane:
 
 @pytest.fixture(scope="session")
 def lane(tmp_path_factory) -> Lane:
-    assert subprocess.run(["sinfo", "-h"], capture_output=True, timeout=30).returncode == 0, \
+    assert subprocess.run(["sinfo", "-h"], capture_output=True, timeout=30).returncode == 0, (
         "OSP_SLURM_LANE=1 but Slurm does not answer; start it with bash .ci/slurm_cluster.sh up"
+    )
     return Lane(tmp_path_factory.mktemp("slurm_lane"))
 
 

@@ -17,8 +17,9 @@ def test_a_lost_node_ends_the_job_which_resumes_on_the_nodes_left(lane, two_node
     # folder in time (a tiny save takes a fraction of a second), else just after.
     checkpoints = job.run_dir / "checkpoints"
     try:
-        writing = lane.wait_for(lambda: list(checkpoints.glob("step_*.tmp")), 30, "a checkpoint being written",
-                                interval=0.005)
+        writing = lane.wait_for(
+            lambda: list(checkpoints.glob("step_*.tmp")), 30, "a checkpoint being written", interval=0.005
+        )
     except AssertionError:
         writing = []
     killed_at = time.time()
@@ -38,9 +39,9 @@ def test_a_lost_node_ends_the_job_which_resumes_on_the_nodes_left(lane, two_node
     assert lost not in job.hosts(1).values(), job.hosts(1)
     assert not {2, 3} & set(read_notes(job.logs, "ended", 0)), "the lost node's tasks noted an end"
     resumed = int(re.search(r"resumed from \S+ at step (\d+)", log).group(1))
-    first_run = log[:log.index("resumed from")]
+    first_run = log[: log.index("resumed from")]
     assert lane.saved_steps(first_run, job.run_dir)[-1] == resumed, first_run
     # A checkpoint being written when the node died was never published, so never resumed from.
-    assert all(int(path.name[len("step_"):-len(".tmp")]) > resumed for path in writing), (writing, resumed)
+    assert all(int(path.name[len("step_") : -len(".tmp")]) > resumed for path in writing), (writing, resumed)
     lane.assert_same_losses(job.run_dir, lane.read_metrics(two_nodes[0].run_dir))
     lane.wait_for(lambda: lane.node_states()[lost] == "idle", 60, f"{lost} back in service")

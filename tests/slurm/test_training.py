@@ -27,8 +27,9 @@ def test_logs_are_plain_lines_from_rank_0(lane, two_nodes):
     of any task holds a carriage return or an escape code."""
     job, _ = two_nodes
     progress = [line for line in job.log(0).splitlines() if line.startswith("[train] step ")]
-    assert [line.split()[2] for line in progress] == [f"{step}/{lane.STEPS}" for step in
-                                                      range(lane.LOG_INTERVAL, lane.STEPS + 1, lane.LOG_INTERVAL)]
+    assert [line.split()[2] for line in progress] == [
+        f"{step}/{lane.STEPS}" for step in range(lane.LOG_INTERVAL, lane.STEPS + 1, lane.LOG_INTERVAL)
+    ]
     loss = lane.read_metrics(job.run_dir)[lane.LOG_INTERVAL]["loss"]
     assert f" loss={loss:.4g} " in progress[0] and " lr=" in progress[0] and " eta " in progress[0], progress[0]
     for rank in range(4):
@@ -58,7 +59,7 @@ def test_preempted_job_resumes_on_the_nodes_it_gets(lane, two_nodes):
     assert first_hosts[0] not in second_hosts.values() and f"rendezvous {second_hosts[0]}:" in log, second_hosts
     stopped = int(re.search(r"resumed from \S+ at step (\d+)", log).group(1))
     assert 3 <= stopped < lane.STEPS and f"stopped by SIGUSR1 at step {stopped}" in log, log
-    assert lane.saved_steps(log[:log.index("resumed from")], job.run_dir)[-1] == stopped, log
+    assert lane.saved_steps(log[: log.index("resumed from")], job.run_dir)[-1] == stopped, log
     assert f"requeued job {job.id} (restart 1)" in log and f"finished at step {lane.STEPS}" in log
     # Rank 0 requeued only after every rank's job had ended: the requeue cut no task short.
     assert all("triggered an exception" not in job.log(rank, "err") for rank in range(4))

@@ -9,8 +9,14 @@ from osp_megatron.engine.ranks import run_on_ranks
 
 
 def test_buckets_keep_dtype_and_order_and_respect_the_size():
-    grads = [torch.zeros(10), torch.zeros(20, dtype=torch.bfloat16), torch.zeros(30), torch.zeros(5),
-             torch.zeros(100), torch.zeros(2)]
+    grads = [
+        torch.zeros(10),
+        torch.zeros(20, dtype=torch.bfloat16),
+        torch.zeros(30),
+        torch.zeros(5),
+        torch.zeros(100),
+        torch.zeros(2),
+    ]
     buckets = gradient_buckets(grads, bucket_bytes=160)  # 40 float32 values
     assert [[g.numel() for g in bucket] for bucket in buckets] == [[10, 30], [5], [100], [2], [20]]
     assert all(len({g.dtype for g in bucket}) == 1 for bucket in buckets)

@@ -18,10 +18,24 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _overrides(run_dir: Path, data_dir: Path, steps: int, extra=()) -> list[str]:
-    return [f"run.dir={run_dir}", f"train.steps={steps}", "train.progress=false", "train.sample_at_end=false",
-            "model.num_layers=2", f"data.path={data_dir}", "train.eval_interval=0", "data.synthetic_num_samples=32",
-            "data.synthetic_samples_per_shard=16", "train.micro_batch_size=4", "train.global_batch_size=4",
-            "checkpoint.interval=0", "train.cpu_threads=0", "train.ema_decay=0.9", "train.lr=1e-2", *extra]
+    return [
+        f"run.dir={run_dir}",
+        f"train.steps={steps}",
+        "train.progress=false",
+        "train.sample_at_end=false",
+        "model.num_layers=2",
+        f"data.path={data_dir}",
+        "train.eval_interval=0",
+        "data.synthetic_num_samples=32",
+        "data.synthetic_samples_per_shard=16",
+        "train.micro_batch_size=4",
+        "train.global_batch_size=4",
+        "checkpoint.interval=0",
+        "train.cpu_threads=0",
+        "train.ema_decay=0.9",
+        "train.lr=1e-2",
+        *extra,
+    ]
 
 
 class StopDuringStep:
@@ -56,8 +70,9 @@ def base_run(tmp_path_factory):
 
 def test_lora_checkpoint_holds_adapters_and_a_base_reference(base_run, tmp_path):
     root = base_run
-    result, weights = run_on_ranks(_train, 1, _overrides(tmp_path / "lora", root / "data", 3,
-                                                         [f"checkpoint.load={root / 'base'}", *LORA]))[0]
+    result, weights = run_on_ranks(
+        _train, 1, _overrides(tmp_path / "lora", root / "data", 3, [f"checkpoint.load={root / 'base'}", *LORA])
+    )[0]
     assert result["status"] == "finished"
     checkpoint = tmp_path / "lora" / "checkpoints" / "step_00000003"
     stored = stored_shapes(checkpoint, "model")
@@ -81,20 +96,25 @@ def test_lora_checkpoint_holds_adapters_and_a_base_reference(base_run, tmp_path)
     adapters = read_checkpoint_tensors(checkpoint, "ema")
     name = "blocks.0.self_attention.linear_q"
     expected = base_tensors[f"{name}.weight"].double() + 2.0 * (
-        adapters[f"{name}.lora_B.default.weight"].double() @ adapters[f"{name}.lora_A.default.weight"].double())
+        adapters[f"{name}.lora_B.default.weight"].double() @ adapters[f"{name}.lora_A.default.weight"].double()
+    )
     torch.testing.assert_close(merged[f"{name}.weight"], expected.float(), rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(merged["blocks.0.mlp.linear_fc1.weight"], base_tensors["blocks.0.mlp.linear_fc1.weight"])
 
 
 def test_lora_run_resumes_exactly(base_run, tmp_path):
     root = base_run
-    overrides = lambda run: _overrides(tmp_path / run, root / "data", 3, [f"checkpoint.load={root / 'base'}", *LORA])
+
+    def overrides(run):
+        return _overrides(tmp_path / run, root / "data", 3, [f"checkpoint.load={root / 'base'}", *LORA])
+
     straight = run_on_ranks(_train, 1, overrides("straight"))[0]
     stopped = run_on_ranks(_train, 1, overrides("stopped"), 1)[0][0]
     assert (stopped["status"], stopped["step"]) == ("stopped", 1)
     resumed = run_on_ranks(_train, 1, overrides("stopped"))[0]
     assert [r["loss"] for r in read_metrics(tmp_path / "stopped" / "metrics.jsonl")] == pytest.approx(
-        [r["loss"] for r in read_metrics(tmp_path / "straight" / "metrics.jsonl")], rel=1e-6)
+        [r["loss"] for r in read_metrics(tmp_path / "straight" / "metrics.jsonl")], rel=1e-6
+    )
     for name, weight in straight[1].items():
         torch.testing.assert_close(resumed[1][name], weight, rtol=0, atol=0)
 
@@ -103,7 +123,9 @@ def test_osp_ckpt_merges_and_exports_and_refuses_a_changed_base(base_run, tmp_pa
     from osp_ckpt.cli import main as osp_ckpt
 
     root = base_run
-    run_on_ranks(_train, 1, _overrides(tmp_path / "lora", root / "data", 1, [f"checkpoint.load={root / 'base'}", *LORA]))
+    run_on_ranks(
+        _train, 1, _overrides(tmp_path / "lora", root / "data", 1, [f"checkpoint.load={root / 'base'}", *LORA])
+    )
     checkpoint = tmp_path / "lora" / "checkpoints" / "step_00000001"
     assert osp_ckpt(["merge-lora", str(checkpoint), str(tmp_path / "merged")]) == 0
     assert osp_ckpt(["export", str(checkpoint), str(tmp_path / "exported")]) == 0
@@ -115,8 +137,9 @@ def test_osp_ckpt_merges_and_exports_and_refuses_a_changed_base(base_run, tmp_pa
     moved = tmp_path / "moved_base"
     shutil.copytree(base, moved)
     assert osp_ckpt(["merge-lora", str(checkpoint), str(tmp_path / "merged2"), "--base", str(moved)]) == 0
-    torch.testing.assert_close(read_checkpoint_tensors(tmp_path / "merged2"),
-                               read_checkpoint_tensors(tmp_path / "merged"))
+    torch.testing.assert_close(
+        read_checkpoint_tensors(tmp_path / "merged2"), read_checkpoint_tensors(tmp_path / "merged")
+    )
     capsys.readouterr()
     assert osp_ckpt(["merge-lora", str(checkpoint), str(tmp_path / "merged3"), "--base", str(checkpoint)]) == 2
     assert "are not those LoRA checkpoint" in capsys.readouterr().err
@@ -127,8 +150,10 @@ def test_resuming_with_other_lora_settings_is_refused(base_run, tmp_path):
     root = base_run
     lora_run = _overrides(tmp_path / "lora", root / "data", 1, [f"checkpoint.load={root / 'base'}", *LORA])
     run_on_ranks(_train, 1, lora_run)
-    for changed, message in (([*lora_run, "lora.rank=8", "lora.alpha=8", "train.steps=2"], "rank 4"),
-                             ([*lora_run, "lora=null", "train.steps=2"], "rank 4")):
+    for changed, message in (
+        ([*lora_run, "lora.rank=8", "lora.alpha=8", "train.steps=2"], "rank 4"),
+        ([*lora_run, "lora=null", "train.steps=2"], "rank 4"),
+    ):
         with pytest.raises(RuntimeError, match=message):
             run_on_ranks(_train, 1, changed)
     full_run = _overrides(tmp_path / "full", root / "data", 1)

@@ -10,7 +10,7 @@ from osp_megatron.models.config import PRESETS, ModelConfig
 from osp_megatron.training import cli
 from osp_megatron.training.activation_bytes import measure_in_subprocess, run_requests
 from osp_megatron.training.activation_profile import request_for
-from osp_megatron.training.memory import GIB, Layout, Run, _state, count_parameters, estimate
+from osp_megatron.training.memory import Layout, Run, _state, count_parameters, estimate
 
 WAN_14B = from_dict(ModelConfig, {"preset": "wan-14b", "sparse_ratio": 2}, "model")
 TINY = from_dict(ModelConfig, {"preset": "tiny"}, "model")
@@ -31,14 +31,17 @@ def test_parameter_counts_follow_the_architecture():
     assert count_parameters(two_blocks, tensor=4).outside == counts.outside
 
 
-@pytest.mark.parametrize("layout, ema, expected", [
-    (Layout(), True, 20.0),  # fp32 weights 4, gradients 4, AdamW 8, EMA 4
-    (Layout(ema_on_cpu=True), True, 16.0),
-    (Layout(data=8, fsdp=True), True, 2.5),
-    (Layout(data=2, ssp=2, fsdp=True), False, 4.0),  # FSDP shards over data x SSP ranks
-    (Layout(data=8, fsdp=True, fsdp_offload=True, ema_on_cpu=True), True, 0.0),
-    (Layout(data=8, fsdp=True, fsdp_offload=True), True, 0.0),  # the EMA follows the shards to the CPU
-])
+@pytest.mark.parametrize(
+    "layout, ema, expected",
+    [
+        (Layout(), True, 20.0),  # fp32 weights 4, gradients 4, AdamW 8, EMA 4
+        (Layout(ema_on_cpu=True), True, 16.0),
+        (Layout(data=8, fsdp=True), True, 2.5),
+        (Layout(data=2, ssp=2, fsdp=True), False, 4.0),  # FSDP shards over data x SSP ranks
+        (Layout(data=8, fsdp=True, fsdp_offload=True, ema_on_cpu=True), True, 0.0),
+        (Layout(data=8, fsdp=True, fsdp_offload=True), True, 0.0),  # the EMA follows the shards to the CPU
+    ],
+)
 def test_model_state_bytes_per_parameter(layout, ema, expected):
     """Bytes per parameter of weights, gradients, AdamW moments and EMA for each sharding."""
     model = dataclasses.replace(WAN_14B, num_layers=2)
@@ -58,8 +61,9 @@ def _flat_profile(per_token: float, rise: float) -> dict:
     line = {"per_token": per_token, "constant": 0.0}
     zero = {"per_token": 0.0, "constant": 0.0}
     profile = {name: line for name in ("block", "block_full", "block_selective")}
-    profile.update({name: zero for name in ("block_weights", "block_weights_full", "block_weights_selective",
-                                            "outside")})
+    profile.update(
+        {name: zero for name in ("block_weights", "block_weights_full", "block_weights_selective", "outside")}
+    )
     profile.update(rise_block=[[rise, 0.0]], rise_outside=[[0.0, 0.0]])
     return profile
 
@@ -77,7 +81,8 @@ def test_phase_arithmetic():
     head = state_without_grads + 4 * counts.outside + TINY.num_layers * kept
     blocks = state_without_grads + max(
         index * kept + kept + 300.0 * tokens + 4 * (counts.outside + counts.block * (TINY.num_layers - index))
-        for index in range(TINY.num_layers))
+        for index in range(TINY.num_layers)
+    )
     assert result.phases["backward (head)"] == pytest.approx(head)
     assert result.phases["backward (blocks)"] == pytest.approx(blocks)
     assert result.phases["optimizer step"] == pytest.approx(state + 4 * TINY.ffn_dim * TINY.dim)
@@ -120,8 +125,9 @@ def test_estimate_memory_cli(capsys, monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize("preset, parameters", [("wan-1.3b", "1.42 B"), ("wan-14b", "14.29 B")])
-def test_print_config_and_estimate_memory_take_a_preset_from_the_command_line(preset, parameters, capsys,
-                                                                               monkeypatch, tmp_path):
+def test_print_config_and_estimate_memory_take_a_preset_from_the_command_line(
+    preset, parameters, capsys, monkeypatch, tmp_path
+):
     """`osp-train --print-config model.preset=X` and `--estimate-memory model.preset=X` over the packaged tiny
     config resolve and size that preset, not the tiny config's dimensions."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))

@@ -26,8 +26,9 @@ def test_plain_lines_every_interval_and_at_the_end(tmp_path, capsys):
 
 def test_other_ranks_and_progress_off_print_nothing(tmp_path, capsys):
     for enabled, progress in ((False, True), (True, False)):
-        logger = MetricsLogger(tmp_path / str(enabled), total_steps=2, start_step=0, enabled=enabled,
-                               progress=progress, log_interval=1)
+        logger = MetricsLogger(
+            tmp_path / str(enabled), total_steps=2, start_step=0, enabled=enabled, progress=progress, log_interval=1
+        )
         logger.log(1, {"loss": 1.0})
         logger.log(2, {"loss": 1.0})
         logger.close()

@@ -30,9 +30,17 @@ def _tail_loss(run_dir):
 def test_hif8_and_fp8_training_track_fp32(tmp_path):
     """40 steps with quant.recipe=hif8 (and fp8_hybrid) end within 10% of the fp32 loss; the quantized layers
     are the blocks' linears only, and the checkpoint carries every layer's amax history."""
-    common = ["train.steps=40", "train.sample_at_end=false", "train.progress=false", "model.num_layers=2",
-              f"data.path={tmp_path / 'data'}", "train.eval_interval=0", "data.synthetic_num_samples=64", "data.synthetic_samples_per_shard=32",
-              "checkpoint.interval=0"]
+    common = [
+        "train.steps=40",
+        "train.sample_at_end=false",
+        "train.progress=false",
+        "model.num_layers=2",
+        f"data.path={tmp_path / 'data'}",
+        "train.eval_interval=0",
+        "data.synthetic_num_samples=64",
+        "data.synthetic_samples_per_shard=32",
+        "checkpoint.interval=0",
+    ]
     run_on_ranks(_train, 1, common + [f"run.dir={tmp_path / 'fp32'}"])
     baseline = _tail_loss(tmp_path / "fp32")
     for recipe in ("hif8", "fp8_hybrid"):

@@ -19,10 +19,22 @@ STEPS = 8
 
 
 def _common(tmp_root: Path) -> list[str]:
-    return [f"train.steps={STEPS}", "train.sample_at_end=false", "train.progress=false", "model.num_layers=2",
-            f"data.path={tmp_root / 'data'}", "train.eval_interval=0", "data.synthetic_num_samples=48", "data.synthetic_samples_per_shard=16",
-            "train.micro_batch_size=4", "train.global_batch_size=4", "train.ema_decay=0.9", "checkpoint.interval=2",
-            "train.lr=1e-3", "train.warmup_steps=0"]
+    return [
+        f"train.steps={STEPS}",
+        "train.sample_at_end=false",
+        "train.progress=false",
+        "model.num_layers=2",
+        f"data.path={tmp_root / 'data'}",
+        "train.eval_interval=0",
+        "data.synthetic_num_samples=48",
+        "data.synthetic_samples_per_shard=16",
+        "train.micro_batch_size=4",
+        "train.global_batch_size=4",
+        "train.ema_decay=0.9",
+        "checkpoint.interval=2",
+        "train.lr=1e-3",
+        "train.warmup_steps=0",
+    ]
 
 
 def _train_runs(rank, world_size, runs):
@@ -54,9 +66,21 @@ def straight(tmp_path_factory):
 
 def _launch(args, cwd):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.Popen([sys.executable, "-m", "osp_megatron.training.cli", "--config",
-                             str(ROOT / "examples" / "tiny_t2v.yaml"), *args], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "osp_megatron.training.cli",
+            "--config",
+            str(ROOT / "examples" / "tiny_t2v.yaml"),
+            *args,
+        ],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def _wait_for_steps(run_dir: Path, count: int, process, timeout=240):
@@ -134,10 +158,14 @@ def test_damaged_newest_checkpoint_is_skipped_and_a_named_one_is_refused(straigh
     newest = run_dir / "checkpoints" / f"step_{STEPS:08d}"
     weights = newest / "state" / "__0_0.distcp"
     weights.write_bytes(weights.read_bytes()[:1000])
-    explicit, auto = run_on_ranks(_train_runs, 1, [
-        _common(root) + [f"run.dir={run_dir}", f"checkpoint.resume={newest}"],
-        _common(root) + [f"run.dir={run_dir}"],
-    ])[0]
+    explicit, auto = run_on_ranks(
+        _train_runs,
+        1,
+        [
+            _common(root) + [f"run.dir={run_dir}", f"checkpoint.resume={newest}"],
+            _common(root) + [f"run.dir={run_dir}"],
+        ],
+    )[0]
     assert explicit["error"] == "CheckpointCorruptError"
     assert "state/__0_0.distcp: truncated (1000 bytes on disk" in explicit["message"]
     assert auto["status"] == "finished" and auto["step"] == STEPS
@@ -162,15 +190,30 @@ def test_finished_run_layout_change_and_intervals(straight, tmp_path):
     metadata["layout"] = {"world_size": 2, "tensor": 2, "data": 1, "ssp": 1, "ulysses": 1}
     metadata_path.write_text(json.dumps(metadata))
     intervals = tmp_path / "intervals"
-    finished, resharded, logged = run_on_ranks(_train_runs, 1, [
-        _common(root) + [f"run.dir={run_dir}", "train.sample_at_end=true", "sample.num_steps=2"],
-        _common(root) + [f"run.dir={moved}"],
-        _common(root) + [f"run.dir={intervals}", "train.steps=4", "train.eval_interval=2", "train.eval_samples=8",
-                         f"data.eval_path={root / 'eval'}", "train.sample_interval=2", "sample.num_steps=2",
-                         "train.lr=1e-12", "train.min_lr=0", "train.ema_decay=0",
-                         # timesteps of every quarter, so that each per-quarter loss appears in 4 steps
-                         "train.timestep_shift=1.0", "train.logit_mean=0.0"],
-    ])[0]
+    finished, resharded, logged = run_on_ranks(
+        _train_runs,
+        1,
+        [
+            _common(root) + [f"run.dir={run_dir}", "train.sample_at_end=true", "sample.num_steps=2"],
+            _common(root) + [f"run.dir={moved}"],
+            _common(root)
+            + [
+                f"run.dir={intervals}",
+                "train.steps=4",
+                "train.eval_interval=2",
+                "train.eval_samples=8",
+                f"data.eval_path={root / 'eval'}",
+                "train.sample_interval=2",
+                "sample.num_steps=2",
+                "train.lr=1e-12",
+                "train.min_lr=0",
+                "train.ema_decay=0",
+                # timesteps of every quarter, so that each per-quarter loss appears in 4 steps
+                "train.timestep_shift=1.0",
+                "train.logit_mean=0.0",
+            ],
+        ],
+    )[0]
     assert finished["status"] == "already_finished" and finished["step"] == STEPS
     assert (run_dir / "metrics.jsonl").read_text() == before
     assert (run_dir / "samples" / f"step_{STEPS:08d}.mp4").is_file()  # the missing final sample, made once
@@ -198,16 +241,33 @@ def test_offline_tools_name_the_damaged_file(straight, tmp_path):
     newest = run_dir / "checkpoints" / f"step_{STEPS:08d}"
     weights = newest / "state" / "__0_0.distcp"
     weights.write_bytes(weights.read_bytes()[:-10])
-    verify = subprocess.run([sys.executable, "-m", "osp_ckpt.cli", "verify", str(run_dir)],
-                            capture_output=True, text=True, timeout=120, cwd=ROOT)
+    verify = subprocess.run(
+        [sys.executable, "-m", "osp_ckpt.cli", "verify", str(run_dir)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
     assert verify.returncode == 1
     assert f"{newest}: DAMAGED" in verify.stdout and "state/__0_0.distcp: truncated" in verify.stdout
     assert "step_00000006: intact" in verify.stdout
-    for command in (["osp_ckpt.cli", "inspect", str(newest)],
-                    ["osp_megatron.inference.cli", "--checkpoint", str(newest), "--weights", "model", "--steps", "1",
-                     "--output", str(tmp_path / "x.mp4")]):
-        result = subprocess.run([sys.executable, "-m", *command], capture_output=True, text=True, timeout=300,
-                                cwd=tmp_path)
+    for command in (
+        ["osp_ckpt.cli", "inspect", str(newest)],
+        [
+            "osp_megatron.inference.cli",
+            "--checkpoint",
+            str(newest),
+            "--weights",
+            "model",
+            "--steps",
+            "1",
+            "--output",
+            str(tmp_path / "x.mp4"),
+        ],
+    ):
+        result = subprocess.run(
+            [sys.executable, "-m", *command], capture_output=True, text=True, timeout=300, cwd=tmp_path
+        )
         assert result.returncode == 2, result.stderr
         assert "state/__0_0.distcp: truncated" in result.stderr and "Traceback" not in result.stderr
 
@@ -216,9 +276,11 @@ def test_offline_tools_name_the_damaged_file(straight, tmp_path):
 def test_config_errors_come_before_torch_and_help_lists_sections():
     """A bad key is reported without importing torch (so in well under 2 s); --help lists every section,
     examples (torchrun, resume) and where outputs go."""
-    script = ("import sys\nfrom osp_megatron.training import cli\n"
-              "code = cli.main(['--config', 'examples/tiny_t2v.yaml', 'train.stepz=3'])\n"
-              "assert code == 2, code\nassert 'torch' not in sys.modules, 'torch imported before validation'\n")
+    script = (
+        "import sys\nfrom osp_megatron.training import cli\n"
+        "code = cli.main(['--config', 'examples/tiny_t2v.yaml', 'train.stepz=3'])\n"
+        "assert code == 2, code\nassert 'torch' not in sys.modules, 'torch imported before validation'\n"
+    )
     started = time.time()
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert result.returncode == 0, result.stderr
@@ -228,9 +290,21 @@ def test_config_errors_come_before_torch_and_help_lists_sections():
     from osp_megatron.training.cli import train_spec
 
     text = build_parser(train_spec()).format_help()
-    for needle in ("run: dir", "train: steps", "checkpoint: interval", "parallel: tensor", "model: preset",
-                   "data: path", "quant: recipe", "sample: prompt", "torchrun", "checkpoint.resume",
-                   "metrics.jsonl", "tensorboard", "--print-config"):
+    for needle in (
+        "run: dir",
+        "train: steps",
+        "checkpoint: interval",
+        "parallel: tensor",
+        "model: preset",
+        "data: path",
+        "quant: recipe",
+        "sample: prompt",
+        "torchrun",
+        "checkpoint.resume",
+        "metrics.jsonl",
+        "tensorboard",
+        "--print-config",
+    ):
         assert needle in text, needle
     from osp_megatron.engine.config import load_job_config
 

@@ -29,6 +29,7 @@ def _as_broadcast(p: torch.Tensor) -> torch.Tensor:
 
 # The arithmetic of each piece, shared by the compiled functions that run it alone or followed by the next piece.
 
+
 def _modulated_norm(x, shift, scale, eps: float):
     normed = F.layer_norm(x.float(), x.shape[-1:], eps=eps)
     return (normed * (1 + _as_broadcast(scale)) + _as_broadcast(shift)).to(x.dtype)

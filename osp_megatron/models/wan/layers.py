@@ -4,17 +4,16 @@ Self-attention (q/k RMSNorm across heads, 3D RoPE, swappable core), cross-attent
 """
 
 from dataclasses import dataclass
-from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
-from torch.nn.modules import module as module_hooks
-from torch.utils.checkpoint import checkpoint
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, set_tensor_model_parallel_attributes
 from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
+from torch.nn.modules import module as module_hooks
+from torch.utils.checkpoint import checkpoint
 
 from osp_megatron.attention.context import AttentionContext, attend_in_layout
 from osp_megatron.attention.rope import apply_rope
@@ -44,31 +43,57 @@ class FusedBiasColumnParallelLinear(ColumnParallelLinear):
     megatron's fused autograd function, take megatron's path unchanged.
     """
 
-    def _forward_impl(self, input, weight, bias=None, gradient_accumulation_fusion=False, allreduce_dgrad=False,
-                      sequence_parallel=False, grad_output_buffer=None, wgrad_deferral_limit=None, tp_group=None,
-                      **kwargs):
-        needs_megatron = (sequence_parallel or grad_output_buffer is not None or not weight.requires_grad
-                          or (gradient_accumulation_fusion and hasattr(weight, "main_grad")))
+    def _forward_impl(
+        self,
+        input,
+        weight,
+        bias=None,
+        gradient_accumulation_fusion=False,
+        allreduce_dgrad=False,
+        sequence_parallel=False,
+        grad_output_buffer=None,
+        wgrad_deferral_limit=None,
+        tp_group=None,
+        **kwargs,
+    ):
+        needs_megatron = (
+            sequence_parallel
+            or grad_output_buffer is not None
+            or not weight.requires_grad
+            or (gradient_accumulation_fusion and hasattr(weight, "main_grad"))
+        )
         if needs_megatron:
             return super()._forward_impl(
-                input=input, weight=weight, bias=bias, gradient_accumulation_fusion=gradient_accumulation_fusion,
-                allreduce_dgrad=allreduce_dgrad, sequence_parallel=sequence_parallel,
-                grad_output_buffer=grad_output_buffer, wgrad_deferral_limit=wgrad_deferral_limit,
-                tp_group=tp_group, **kwargs)
+                input=input,
+                weight=weight,
+                bias=bias,
+                gradient_accumulation_fusion=gradient_accumulation_fusion,
+                allreduce_dgrad=allreduce_dgrad,
+                sequence_parallel=sequence_parallel,
+                grad_output_buffer=grad_output_buffer,
+                wgrad_deferral_limit=wgrad_deferral_limit,
+                tp_group=tp_group,
+                **kwargs,
+            )
         if allreduce_dgrad:
             input = copy_to_tensor_model_parallel_region(input, group=tp_group)
         return F.linear(input, weight, bias)
 
 
 def _without_global_hooks() -> bool:
-    return not (module_hooks._global_forward_hooks or module_hooks._global_forward_pre_hooks
-                or module_hooks._global_backward_hooks or module_hooks._global_backward_pre_hooks)
+    return not (
+        module_hooks._global_forward_hooks
+        or module_hooks._global_forward_pre_hooks
+        or module_hooks._global_backward_hooks
+        or module_hooks._global_backward_pre_hooks
+    )
 
 
 def _without_hooks(module: torch.nn.Module) -> bool:
     """True when calling `module` runs nothing but its forward (no hooks on it or on every module)."""
-    return _without_global_hooks() and not (module._forward_hooks or module._forward_pre_hooks
-                                            or module._backward_hooks or module._backward_pre_hooks)
+    return _without_global_hooks() and not (
+        module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks
+    )
 
 
 def _computes_local_linear(linear: torch.nn.Module) -> bool:
@@ -79,18 +104,32 @@ def _computes_local_linear(linear: torch.nn.Module) -> bool:
     if type(linear) is not FusedBiasColumnParallelLinear:
         return False
     weight, bias, config = linear.weight, linear.bias, linear.config
-    return ("forward" not in vars(linear) and "_forward_impl" not in vars(linear)
-            and not (linear._forward_hooks or linear._forward_pre_hooks_with_kwargs
-                     or linear._backward_hooks or linear._backward_pre_hooks)
-            and weight is not None and weight.requires_grad and bias is not None
-            and not (linear.skip_bias_add or linear.gather_output or linear.sequence_parallel
-                     or linear.explicit_expert_comm or linear.disable_grad_reduce)
-            and not (linear.gradient_accumulation_fusion and hasattr(weight, "main_grad"))
-            and not config.defer_embedding_wgrad_compute
-            and getattr(config, "_cpu_offloading_context", None) is None)
+    return (
+        "forward" not in vars(linear)
+        and "_forward_impl" not in vars(linear)
+        and not (
+            linear._forward_hooks
+            or linear._forward_pre_hooks_with_kwargs
+            or linear._backward_hooks
+            or linear._backward_pre_hooks
+        )
+        and weight is not None
+        and weight.requires_grad
+        and bias is not None
+        and not (
+            linear.skip_bias_add
+            or linear.gather_output
+            or linear.sequence_parallel
+            or linear.explicit_expert_comm
+            or linear.disable_grad_reduce
+        )
+        and not (linear.gradient_accumulation_fusion and hasattr(weight, "main_grad"))
+        and not config.defer_embedding_wgrad_compute
+        and getattr(config, "_cpu_offloading_context", None) is None
+    )
 
 
-def column_linears_together(input: torch.Tensor, linears) -> Optional[tuple]:
+def column_linears_together(input: torch.Tensor, linears) -> tuple | None:
     """The outputs of column-parallel `linears` on one input, computed by a single GEMM, or None.
 
     The local weights and biases are concatenated, so the input is read once, and its gradient is one GEMM
@@ -102,9 +141,13 @@ def column_linears_together(input: torch.Tensor, linears) -> Optional[tuple]:
     first = linears[0]
     pre_hooks = list(first._forward_pre_hooks.values())
     if not _without_global_hooks() or not all(
-            _computes_local_linear(linear) and list(linear._forward_pre_hooks.values()) == pre_hooks
-            and linear.tp_group is first.tp_group and linear.weight.dtype == first.weight.dtype
-            and linear.bias.dtype == first.bias.dtype for linear in linears):
+        _computes_local_linear(linear)
+        and list(linear._forward_pre_hooks.values()) == pre_hooks
+        and linear.tp_group is first.tp_group
+        and linear.weight.dtype == first.weight.dtype
+        and linear.bias.dtype == first.bias.dtype
+        for linear in linears
+    ):
         return None
     for hook in pre_hooks:
         result = hook(first, (input,))
@@ -170,13 +213,13 @@ class CrossAttentionNorm(torch.nn.LayerNorm):
 
 @dataclass
 class AttentionSubmodules:
-    linear_q: Union[ModuleSpec, type] = None
-    linear_k: Union[ModuleSpec, type] = None
-    linear_v: Union[ModuleSpec, type] = None
-    q_norm: Union[ModuleSpec, type] = None
-    k_norm: Union[ModuleSpec, type] = None
-    core_attention: Union[ModuleSpec, type] = None
-    linear_proj: Union[ModuleSpec, type] = None
+    linear_q: ModuleSpec | type = None
+    linear_k: ModuleSpec | type = None
+    linear_v: ModuleSpec | type = None
+    q_norm: ModuleSpec | type = None
+    k_norm: ModuleSpec | type = None
+    core_attention: ModuleSpec | type = None
+    linear_proj: ModuleSpec | type = None
 
 
 class WanAttention(MegatronModule):
@@ -192,8 +235,9 @@ class WanAttention(MegatronModule):
         self.is_cross = is_cross
         self.heads_per_rank = config.num_attention_heads // tp
         self.head_dim = dim // config.num_attention_heads
-        column = dict(config=config, init_method=config.init_method, bias=True, gather_output=False,
-                      skip_bias_add=False)
+        column = dict(
+            config=config, init_method=config.init_method, bias=True, gather_output=False, skip_bias_add=False
+        )
         self.linear_q = build_module(submodules.linear_q, dim, dim, **column)
         self.linear_k = build_module(submodules.linear_k, dim, dim, **column)
         self.linear_v = build_module(submodules.linear_v, dim, dim, **column)
@@ -201,8 +245,14 @@ class WanAttention(MegatronModule):
         self.k_norm = build_module(submodules.k_norm, dim, config.layernorm_epsilon, tp)
         self.core_attention = build_module(submodules.core_attention, config=config)
         self.linear_proj = build_module(
-            submodules.linear_proj, dim, dim, config=config, init_method=config.output_layer_init_method,
-            bias=True, input_is_parallel=True, skip_bias_add=True,
+            submodules.linear_proj,
+            dim,
+            dim,
+            config=config,
+            init_method=config.output_layer_init_method,
+            bias=True,
+            input_is_parallel=True,
+            skip_bias_add=True,
         )
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
@@ -240,8 +290,8 @@ class WanAttention(MegatronModule):
 
 @dataclass
 class WanMLPSubmodules:
-    linear_fc1: Union[ModuleSpec, type] = None
-    linear_fc2: Union[ModuleSpec, type] = None
+    linear_fc1: ModuleSpec | type = None
+    linear_fc2: ModuleSpec | type = None
 
 
 class WanMLP(MegatronModule):
@@ -254,12 +304,26 @@ class WanMLP(MegatronModule):
     def __init__(self, config: TransformerConfig, submodules: WanMLPSubmodules, ffn_hidden_size: int = None):
         super().__init__(config=config)
         ffn = ffn_hidden_size or config.ffn_hidden_size
-        self.linear_fc1 = build_module(submodules.linear_fc1, config.hidden_size, ffn, config=config,
-                                       init_method=config.init_method, bias=True, gather_output=False,
-                                       skip_bias_add=False)
-        self.linear_fc2 = build_module(submodules.linear_fc2, ffn, config.hidden_size, config=config,
-                                       init_method=config.output_layer_init_method, bias=True,
-                                       input_is_parallel=True, skip_bias_add=True)
+        self.linear_fc1 = build_module(
+            submodules.linear_fc1,
+            config.hidden_size,
+            ffn,
+            config=config,
+            init_method=config.init_method,
+            bias=True,
+            gather_output=False,
+            skip_bias_add=False,
+        )
+        self.linear_fc2 = build_module(
+            submodules.linear_fc2,
+            ffn,
+            config.hidden_size,
+            config=config,
+            init_method=config.output_layer_init_method,
+            bias=True,
+            input_is_parallel=True,
+            skip_bias_add=True,
+        )
 
     def forward(self, hidden):
         return self.linear_fc2(fused.gelu_tanh(self.linear_fc1(hidden)[0]))
@@ -267,9 +331,9 @@ class WanMLP(MegatronModule):
 
 @dataclass
 class WanLayerSubmodules:
-    self_attention: Union[ModuleSpec, type] = None
-    cross_attention: Union[ModuleSpec, type] = None
-    mlp: Union[ModuleSpec, type] = None
+    self_attention: ModuleSpec | type = None
+    cross_attention: ModuleSpec | type = None
+    mlp: ModuleSpec | type = None
 
 
 class WanDiTLayer(MegatronModule):
@@ -279,8 +343,13 @@ class WanDiTLayer(MegatronModule):
     its own learned table (shift, scale, gate for attention, then shift, scale, gate for the FFN).
     """
 
-    def __init__(self, config: TransformerConfig, submodules: WanLayerSubmodules, layer_number: int = 0,
-                 cross_attn_norm: bool = True):
+    def __init__(
+        self,
+        config: TransformerConfig,
+        submodules: WanLayerSubmodules,
+        layer_number: int = 0,
+        cross_attn_norm: bool = True,
+    ):
         super().__init__(config=config)
         dim, eps = config.hidden_size, config.layernorm_epsilon
         self.layer_number = layer_number
@@ -305,26 +374,28 @@ class WanDiTLayer(MegatronModule):
 
     def _self_attention_inputs(self, hidden, modulation, rope) -> tuple:
         shift, scale = self._modulations(modulation)[:2]
-        return self.self_attention.attention_inputs(fused.modulated_layer_norm(hidden, shift, scale, self.eps),
-                                                    rope=rope)
+        return self.self_attention.attention_inputs(
+            fused.modulated_layer_norm(hidden, shift, scale, self.eps), rope=rope
+        )
 
     def _after_self_attention(self, hidden, attended, bias, text_states, modulation, context):
         """The rest of the block from the self-attention's output projection (and its bias) on."""
         gate, ffn_shift, ffn_scale, ffn_gate = self._modulations(modulation)[2:]
         hidden, normed = self._gated_residual_and_norm2(hidden, attended, gate, bias)
-        crossed, bias = self.cross_attention(normed, AttentionContext(backend=context.backend),
-                                             text_states=text_states)
+        crossed, bias = self.cross_attention(normed, AttentionContext(backend=context.backend), text_states=text_states)
         # The residual stream and the FFN's input come out of one pass, whose backward also adds their gradients.
         hidden, normed = fused.residual_modulated_norm(hidden, crossed, bias, ffn_shift, ffn_scale, self.eps)
         ffn_out, ffn_bias = self.mlp(normed)
         return fused.gated_residual(hidden, ffn_out, ffn_gate, ffn_bias)
 
     def _after_attention_core(self, hidden, core_output, text_states, modulation, context):
-        return self._after_self_attention(hidden, *self.self_attention.output(core_output), text_states, modulation,
-                                          context)
+        return self._after_self_attention(
+            hidden, *self.self_attention.output(core_output), text_states, modulation, context
+        )
 
-    def forward(self, hidden, text_states, modulation, rope, context: AttentionContext,
-                selective_recompute: bool = False):
+    def forward(
+        self, hidden, text_states, modulation, rope, context: AttentionContext, selective_recompute: bool = False
+    ):
         """The block; `selective_recompute` keeps only the attention core's saved tensors for the backward.
 
         Selective recomputation runs the work before the self-attention core (modulated norm, q/k/v GEMM, q/k
@@ -335,11 +406,13 @@ class WanDiTLayer(MegatronModule):
         """
         if not selective_recompute:
             shift, scale = self._modulations(modulation)[:2]
-            attended, bias = self.self_attention(fused.modulated_layer_norm(hidden, shift, scale, self.eps), context,
-                                                 rope=rope)
+            attended, bias = self.self_attention(
+                fused.modulated_layer_norm(hidden, shift, scale, self.eps), context, rope=rope
+            )
             return self._after_self_attention(hidden, attended, bias, text_states, modulation, context)
         q, k, v = checkpoint(self._self_attention_inputs, hidden, modulation, rope, use_reentrant=False)
         # v is a view of the fused q/k/v GEMM output; the core would keep that whole buffer alive through it.
         core_output = self.self_attention.core_attention(q, k, v.contiguous(), context)
-        return checkpoint(self._after_attention_core, hidden, core_output, text_states, modulation, context,
-                          use_reentrant=False)
+        return checkpoint(
+            self._after_attention_core, hidden, core_output, text_states, modulation, context, use_reentrant=False
+        )

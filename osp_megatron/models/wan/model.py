@@ -4,7 +4,7 @@ forward(latents [B, C, T, H, W], timestep [B], text_states [B, L, text_dim]) -> 
 """
 
 import math
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -13,16 +13,18 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch.utils.checkpoint import checkpoint
 
+from osp_megatron.attention.rope import sincos_positions
 from osp_megatron.config.errors import ConfigError
 from osp_megatron.models.config import ModelConfig, torch_dtype
-from osp_megatron.attention.rope import sincos_positions
 from osp_megatron.models.wan import fused
 from osp_megatron.models.wan.layers import FP32LayerNorm
 from osp_megatron.models.wan.spec import wan_layer_spec
 from osp_megatron.parallel.layout import LocalTokenLayout
 
-def build_transformer_config(model: ModelConfig, tensor_parallel: int = 1, cpu_initialization: bool = True,
-                             perform_initialization: bool = True) -> TransformerConfig:
+
+def build_transformer_config(
+    model: ModelConfig, tensor_parallel: int = 1, cpu_initialization: bool = True, perform_initialization: bool = True
+) -> TransformerConfig:
     """megatron-core TransformerConfig for the DiT blocks (Wan uses xavier-uniform linears, GELU-tanh FFN)."""
     return TransformerConfig(
         num_layers=model.num_layers,
@@ -57,14 +59,17 @@ def sinusoidal_timestep_embedding(timestep: torch.Tensor, channels: int) -> torc
 class WanDiT(MegatronModule):
     """Wan2.1 DiT with per-block attention kinds ("full", "token", "group") and a pluggable token layout."""
 
-    def __init__(self, model_config: ModelConfig, config: TransformerConfig,
-                 layer_spec: Optional[ModuleSpec] = None, layout_factory: Optional[Callable] = None):
+    def __init__(
+        self,
+        model_config: ModelConfig,
+        config: TransformerConfig,
+        layer_spec: ModuleSpec | None = None,
+        layout_factory: Callable | None = None,
+    ):
         super().__init__(config=config)
         tp = config.tensor_model_parallel_size
         if model_config.num_heads % tp:
-            raise ConfigError(
-                f"model.num_heads={model_config.num_heads} is not divisible by parallel.tensor={tp}"
-            )
+            raise ConfigError(f"model.num_heads={model_config.num_heads} is not divisible by parallel.tensor={tp}")
         self.model_config = model_config
         dim, patch = model_config.dim, tuple(model_config.patch_size)
         self.patch_size = patch
@@ -137,15 +142,22 @@ class WanDiT(MegatronModule):
     def forward(self, latents: torch.Tensor, timestep: torch.Tensor, text_states: torch.Tensor) -> torch.Tensor:
         batch, channels = latents.shape[:2]
         if channels != self.model_config.in_channels:
-            raise ConfigError(f"latents have {channels} channels but model.in_channels is "
-                              f"{self.model_config.in_channels}")
+            raise ConfigError(
+                f"latents have {channels} channels but model.in_channels is {self.model_config.in_channels}"
+            )
         if text_states.shape[-1] != self.model_config.text_dim:
-            raise ConfigError(f"text_states last dim is {text_states.shape[-1]} but model.text_dim is "
-                              f"{self.model_config.text_dim}")
+            raise ConfigError(
+                f"text_states last dim is {text_states.shape[-1]} but model.text_dim is {self.model_config.text_dim}"
+            )
         grid = self.token_grid(latents)
-        layout = self.layout_factory(grid, self.model_config.sparse_ratio, self.model_config.head_dim,
-                                     self.model_config.rope_theta, latents.device,
-                                     backend=self.model_config.attention_backend)
+        layout = self.layout_factory(
+            grid,
+            self.model_config.sparse_ratio,
+            self.model_config.head_dim,
+            self.model_config.rope_theta,
+            latents.device,
+            backend=self.model_config.attention_backend,
+        )
         hidden = self.embed_patches(latents, grid)
         if self.model_config.absolute_positions:
             hidden = hidden + sincos_positions(grid, hidden.shape[-1], device=hidden.device).to(hidden.dtype)

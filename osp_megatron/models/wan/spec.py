@@ -45,8 +45,7 @@ def wan_layer_spec(self_attention_core=FullAttention, cross_attn_norm: bool = Tr
             cross_attention=attention_spec(FullAttention, is_cross=True),
             mlp=ModuleSpec(
                 module=WanMLP,
-                submodules=WanMLPSubmodules(linear_fc1=FusedBiasColumnParallelLinear,
-                                            linear_fc2=RowParallelLinear),
+                submodules=WanMLPSubmodules(linear_fc1=FusedBiasColumnParallelLinear, linear_fc2=RowParallelLinear),
             ),
         ),
     )

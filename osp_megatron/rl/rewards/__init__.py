@@ -1,5 +1,6 @@
 """Rewards for GRPO: one interface (videos + prompts -> scores), built-ins and learned-reward adapters."""
 
+from osp_megatron.rl.rewards import clip, synthetic, temporal, videoalign  # noqa: F401,E402  (register the built-ins)
 from osp_megatron.rl.rewards.base import (  # noqa: F401
     Reward,
     WeightedReward,
@@ -10,4 +11,3 @@ from osp_megatron.rl.rewards.base import (  # noqa: F401
     score_videos,
     to_uint8_frames,
 )
-from osp_megatron.rl.rewards import clip, synthetic, temporal, videoalign  # noqa: F401,E402  (register the built-ins)

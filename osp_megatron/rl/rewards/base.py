@@ -4,8 +4,9 @@ Rewards are built by name from the `grpo.rewards` list; every other key of an en
 """
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional, Protocol
+from typing import Protocol
 
 import torch
 
@@ -22,9 +23,11 @@ _REGISTRY: dict[str, Callable[..., Reward]] = {}
 
 def register_reward(name: str):
     """Class or factory decorator: `grpo.rewards: [{name: <name>, ...}]` builds it with the other keys."""
+
     def decorate(factory):
         _REGISTRY[name] = factory
         return factory
+
     return decorate
 
 
@@ -38,14 +41,15 @@ def reward_names() -> list[str]:
 class WeightedReward:
     name: str
     weight: float
-    function: Optional[Reward]  # None where the reward runs on reward ranks
+    function: Reward | None  # None where the reward runs on reward ranks
 
 
 def _name_and_weight(i: int, entry: dict) -> tuple[str, float]:
     name, weight = entry.get("name"), entry.get("weight", 1.0)
     if name not in _REGISTRY:
-        raise ConfigError(f"grpo.rewards[{i}].name={name!r} is not a known reward; choose one of "
-                          f"{', '.join(reward_names())}")
+        raise ConfigError(
+            f"grpo.rewards[{i}].name={name!r} is not a known reward; choose one of {', '.join(reward_names())}"
+        )
     if isinstance(weight, bool) or not isinstance(weight, (int, float)):
         raise ConfigError(f"grpo.rewards[{i}].weight must be a number, got {weight!r}")
     return name, float(weight)
@@ -75,7 +79,9 @@ def build_rewards(entries: list[dict], device="cpu", video_fps: float = 16.0) ->
         for key in options:
             if key not in accepted or key in context:
                 allowed = ", ".join(k for k in accepted if k not in context) or "none"
-                raise ConfigError(f"unknown config key '{where}.{key}' for reward {weighted.name!r}; allowed: {allowed}")
+                raise ConfigError(
+                    f"unknown config key '{where}.{key}' for reward {weighted.name!r}; allowed: {allowed}"
+                )
         options.update({key: value for key, value in context.items() if key in accepted})
         try:
             function = factory(**options)

@@ -14,9 +14,11 @@ from osp_megatron.rl.rewards.base import register_reward
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-_HOW_TO_GET = ("put a CLIP-style reward model in a local folder: a transformers CLIPModel folder (config.json, "
-               "weights, tokenizer files; e.g. PickScore_v1) for backend=transformers, or an open_clip checkpoint "
-               "file (e.g. HPS v2) for backend=open_clip")
+_HOW_TO_GET = (
+    "put a CLIP-style reward model in a local folder: a transformers CLIPModel folder (config.json, "
+    "weights, tokenizer files; e.g. PickScore_v1) for backend=transformers, or an open_clip checkpoint "
+    "file (e.g. HPS v2) for backend=open_clip"
+)
 
 
 def sample_frames(videos: torch.Tensor, count: int) -> torch.Tensor:
@@ -29,10 +31,15 @@ def clip_pixels(frames: torch.Tensor, size: int, mean, std) -> torch.Tensor:
     """Resize the short side to `size` (bicubic, antialiased), centre-crop, normalise: CLIP's preprocessing."""
     height, width = frames.shape[-2:]
     scale = size / min(height, width)
-    resized = F.interpolate(frames, size=(max(size, round(height * scale)), max(size, round(width * scale))),
-                            mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+    resized = F.interpolate(
+        frames,
+        size=(max(size, round(height * scale)), max(size, round(width * scale))),
+        mode="bicubic",
+        antialias=True,
+        align_corners=False,
+    ).clamp(0, 1)
     top, left = (resized.shape[-2] - size) // 2, (resized.shape[-1] - size) // 2
-    cropped = resized[..., top:top + size, left:left + size]
+    cropped = resized[..., top : top + size, left : left + size]
     return (cropped - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
 
 
@@ -49,8 +56,9 @@ class _TransformersCLIP:
             self.model = CLIPModel.from_pretrained(path, local_files_only=True).eval().requires_grad_(False).to(device)
             self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         except (OSError, ValueError) as err:
-            raise ConfigError(f"cannot load a transformers CLIPModel and tokenizer from {path!r} ({err}); "
-                              f"{_HOW_TO_GET}") from None
+            raise ConfigError(
+                f"cannot load a transformers CLIPModel and tokenizer from {path!r} ({err}); {_HOW_TO_GET}"
+            ) from None
         self.image_size = self.model.config.vision_config.image_size
         self.mean, self.std = CLIP_MEAN, CLIP_STD
         preprocessor = os.path.join(path, "preprocessor_config.json")
@@ -72,8 +80,9 @@ class _OpenCLIP:
         try:
             import open_clip
         except ImportError:
-            raise ConfigError("reward clip_score with backend=open_clip needs open_clip: "
-                              "pip install open-clip-torch") from None
+            raise ConfigError(
+                "reward clip_score with backend=open_clip needs open_clip: pip install open-clip-torch"
+            ) from None
         model, _, _ = open_clip.create_model_and_transforms(arch, pretrained=path, device=device)
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = open_clip.get_tokenizer(arch)
@@ -93,11 +102,20 @@ class CLIPScoreReward:
     """scale x cosine(image, text) of a CLIP-style model, averaged over `frames` frames; `scale` "logit"
     multiplies by the model's logit scale (PickScore), a number by that number (HPS v2 uses 1)."""
 
-    def __init__(self, path: str | None = None, backend: str = "transformers", arch: str = "ViT-H-14",
-                 frames: int = 4, scale: str | float = "logit", device="cpu"):
+    def __init__(
+        self,
+        path: str | None = None,
+        backend: str = "transformers",
+        arch: str = "ViT-H-14",
+        frames: int = 4,
+        scale: str | float = "logit",
+        device="cpu",
+    ):
         if not path or not os.path.exists(path):
-            raise ConfigError(f"reward clip_score: weights path {path!r} does not exist; {_HOW_TO_GET}, then set "
-                              "its 'path' key (nothing is downloaded)")
+            raise ConfigError(
+                f"reward clip_score: weights path {path!r} does not exist; {_HOW_TO_GET}, then set "
+                "its 'path' key (nothing is downloaded)"
+            )
         if backend not in ("transformers", "open_clip"):
             raise ConfigError(f"reward clip_score: backend must be 'transformers' or 'open_clip', got {backend!r}")
         if frames < 1:

@@ -18,8 +18,10 @@ def caption_words(prompt: str) -> tuple[str, str]:
     colours = [c for c in COLOURS if f" {c} " in f" {prompt} "]
     motions = [m for m in MOTIONS if prompt.rstrip().endswith(m)]
     if len(colours) != 1 or len(motions) != 1:
-        raise ConfigError(f"reward synthetic_caption: prompt {prompt!r} is not a synthetic caption naming one "
-                          f"colour of {COLOURS} and ending in one motion of {MOTIONS}")
+        raise ConfigError(
+            f"reward synthetic_caption: prompt {prompt!r} is not a synthetic caption naming one "
+            f"colour of {COLOURS} and ending in one motion of {MOTIONS}"
+        )
     return colours[0], motions[0]
 
 
@@ -36,10 +38,18 @@ class SyntheticCaptionReward:
     """Mean of a colour score exp(-|rgb - palette colour| / colour_scale) (RGB units, of the shape's pixels)
     and a motion score exp(-|travel - rendered travel| / motion_scale) (fractions of the frame), in [0, 1]."""
 
-    def __init__(self, colour_scale: float = 60.0, motion_scale: float = 0.15, colour_weight: float = 1.0,
-                 motion_weight: float = 1.0):
-        if min(colour_scale, motion_scale) <= 0 or min(colour_weight, motion_weight) < 0 or \
-                colour_weight + motion_weight <= 0:
+    def __init__(
+        self,
+        colour_scale: float = 60.0,
+        motion_scale: float = 0.15,
+        colour_weight: float = 1.0,
+        motion_weight: float = 1.0,
+    ):
+        if (
+            min(colour_scale, motion_scale) <= 0
+            or min(colour_weight, motion_weight) < 0
+            or colour_weight + motion_weight <= 0
+        ):
             raise ConfigError("reward synthetic_caption: scales must be > 0 and weights >= 0 with a positive sum")
         self.colour_scale, self.motion_scale = colour_scale, motion_scale
         self.colour_weight, self.motion_weight = colour_weight, motion_weight
@@ -63,6 +73,7 @@ class SyntheticCaptionReward:
         scores = []
         for video, prompt in zip(videos.cpu().numpy(), prompts):
             colour, motion = self.parts(video, prompt)
-            scores.append((self.colour_weight * colour + self.motion_weight * motion)
-                          / (self.colour_weight + self.motion_weight))
+            scores.append(
+                (self.colour_weight * colour + self.motion_weight * motion) / (self.colour_weight + self.motion_weight)
+            )
         return torch.tensor(scores, dtype=torch.float32)

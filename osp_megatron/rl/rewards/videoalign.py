@@ -30,10 +30,12 @@ VIDEO_MIN_PIXELS = 128 * 28 * 28
 FRAME_FACTOR = 2
 MIN_FRAMES = 4
 MAX_FRAMES = 768
-_HOW_TO_GET = ("download the VideoReward checkpoint (model_config.json, checkpoint-<step>/model.pth, tokenizer files) "
-               "into a local folder for 'path', Qwen2-VL-2B-Instruct (config.json, preprocessor_config.json) into one "
-               f"for 'base_model', and save VideoAlign's 'detailed_special' prompt template as {PROMPT_TEMPLATE_FILE} "
-               "in 'path' (its text with {text_prompt} where the prompt goes)")
+_HOW_TO_GET = (
+    "download the VideoReward checkpoint (model_config.json, checkpoint-<step>/model.pth, tokenizer files) "
+    "into a local folder for 'path', Qwen2-VL-2B-Instruct (config.json, preprocessor_config.json) into one "
+    f"for 'base_model', and save VideoAlign's 'detailed_special' prompt template as {PROMPT_TEMPLATE_FILE} "
+    "in 'path' (its text with {text_prompt} where the prompt goes)"
+)
 
 
 def sampled_frame_indices(num_frames: int, video_fps: float, sample_fps: float) -> list[int]:
@@ -72,8 +74,15 @@ def video_patches(frames: torch.Tensor, mean, std, patch: int, temporal_patch: i
         repeat = temporal_patch - pixels.shape[0] % temporal_patch
         pixels = torch.cat([pixels, pixels[-1:].expand(repeat, -1, -1, -1)])
     grid = (pixels.shape[0] // temporal_patch, pixels.shape[2] // patch, pixels.shape[3] // patch)
-    flat = rearrange(pixels, "(t tp) c (hm m1 p1) (wm m2 p2) -> (t hm wm m1 m2) (c tp p1 p2)",
-                     tp=temporal_patch, m1=merge, m2=merge, p1=patch, p2=patch)
+    flat = rearrange(
+        pixels,
+        "(t tp) c (hm m1 p1) (wm m2 p2) -> (t hm wm m1 m2) (c tp p1 p2)",
+        tp=temporal_patch,
+        m1=merge,
+        m2=merge,
+        p1=patch,
+        p2=patch,
+    )
     return flat, grid
 
 
@@ -83,7 +92,7 @@ def _published_name(key: str) -> str:
     if key.startswith("visual."):
         return "model." + key
     if key.startswith("model.") and not key.startswith(("model.language_model.", "model.visual.")):
-        return "model.language_model." + key[len("model."):]
+        return "model.language_model." + key[len("model.") :]
     return key
 
 
@@ -105,8 +114,10 @@ def merge_lora_state(state: dict, scaling: float) -> dict:
 
 
 def _checkpoint_folder(path: Path) -> Path:
-    steps = sorted((p for p in path.glob("checkpoint-*") if p.is_dir() and re.fullmatch(r"checkpoint-\d+", p.name)),
-                   key=lambda p: int(p.name.split("-")[1]))
+    steps = sorted(
+        (p for p in path.glob("checkpoint-*") if p.is_dir() and re.fullmatch(r"checkpoint-\d+", p.name)),
+        key=lambda p: int(p.name.split("-")[1]),
+    )
     if not steps or not (steps[-1] / "model.pth").is_file():
         raise ConfigError(f"reward videoalign: no checkpoint-<step>/model.pth under path={str(path)!r}; {_HOW_TO_GET}")
     return steps[-1]
@@ -129,14 +140,18 @@ def _load_videoalign_model(base: Path, checkpoint: Path, settings: dict, device,
     state = {_published_name(k): v for k, v in merge_lora_state(state, scaling).items()}
     head_weight = state.pop("rm_head.weight", None)
     if head_weight is None:
-        raise ConfigError(f"reward videoalign: {str(checkpoint / 'model.pth')!r} holds no rm_head.weight; {_HOW_TO_GET}")
+        raise ConfigError(
+            f"reward videoalign: {str(checkpoint / 'model.pth')!r} holds no rm_head.weight; {_HOW_TO_GET}"
+        )
     # The vocabulary grew by the reward tokens: the checkpoint's embedding sizes decide.
     model.resize_token_embeddings(state["model.language_model.embed_tokens.weight"].shape[0])
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if k != "lm_head.weight" or "lm_head.weight" in state]
     if missing or unexpected:
-        raise ConfigError(f"reward videoalign: {str(checkpoint / 'model.pth')!r} does not match the Qwen2-VL of "
-                          f"base_model={str(base)!r}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise ConfigError(
+            f"reward videoalign: {str(checkpoint / 'model.pth')!r} does not match the Qwen2-VL of "
+            f"base_model={str(base)!r}: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     head.weight.data.copy_(head_weight)
     return model.eval().requires_grad_(False).to(device), head.eval().requires_grad_(False).to(device)
 
@@ -146,12 +161,23 @@ class VideoAlignReward:
     """VQ, MQ and TA of a VideoReward-style model, each normalised by the checkpoint's inference_config means and
     standard deviations; `dimension` overall (their sum, as VideoAlign reports it) or one of VQ, MQ, TA."""
 
-    def __init__(self, path: str | None = None, base_model: str | None = None, dimension: str = "overall",
-                 sample_fps: float | None = None, max_pixels: int | None = None,
-                 normalise: bool = True, batch_size: int = 4, dtype: str = "auto", device="cpu",
-                 video_fps: float = 16.0):
+    def __init__(
+        self,
+        path: str | None = None,
+        base_model: str | None = None,
+        dimension: str = "overall",
+        sample_fps: float | None = None,
+        max_pixels: int | None = None,
+        normalise: bool = True,
+        batch_size: int = 4,
+        dtype: str = "auto",
+        device="cpu",
+        video_fps: float = 16.0,
+    ):
         if not path or not os.path.isdir(path):
-            raise ConfigError(f"reward videoalign: path={path!r} is not a folder; {_HOW_TO_GET} (nothing is downloaded)")
+            raise ConfigError(
+                f"reward videoalign: path={path!r} is not a folder; {_HOW_TO_GET} (nothing is downloaded)"
+            )
         if dimension not in ("overall", *DIMENSIONS):
             raise ConfigError(f"reward videoalign: dimension must be overall, VQ, MQ or TA, got {dimension!r}")
         if video_fps <= 0 or batch_size < 1:
@@ -162,25 +188,34 @@ class VideoAlignReward:
         settings = json.loads((root / "model_config.json").read_text())
         data, model_settings = settings.get("data_config") or {}, settings.get("model_config") or {}
         if not model_settings.get("use_special_tokens"):
-            raise ConfigError(f"reward videoalign: {str(root)!r} is not a special-token VideoReward model "
-                              "(model_config.use_special_tokens is false)")
+            raise ConfigError(
+                f"reward videoalign: {str(root)!r} is not a special-token VideoReward model "
+                "(model_config.use_special_tokens is false)"
+            )
         base = base_model or model_settings.get("model_name_or_path")
         if not base or not os.path.isfile(os.path.join(base, "config.json")):
-            raise ConfigError(f"reward videoalign: base_model={base!r} is not a local Qwen2-VL folder with config.json; "
-                              "set the reward's 'base_model' key to one (e.g. Qwen2-VL-2B-Instruct)")
+            raise ConfigError(
+                f"reward videoalign: base_model={base!r} is not a local Qwen2-VL folder with config.json; "
+                "set the reward's 'base_model' key to one (e.g. Qwen2-VL-2B-Instruct)"
+            )
         base = Path(base)
         template_file = root / PROMPT_TEMPLATE_FILE
         if not template_file.is_file():
             raise ConfigError(f"reward videoalign: {str(template_file)!r} is missing; {_HOW_TO_GET}")
         self.template = template_file.read_text()
         if "{text_prompt}" not in self.template or not all(token in self.template for token in REWARD_TOKENS):
-            raise ConfigError(f"reward videoalign: {str(template_file)!r} must contain {{text_prompt}} and the "
-                              f"tokens {', '.join(REWARD_TOKENS)}")
+            raise ConfigError(
+                f"reward videoalign: {str(template_file)!r} must contain {{text_prompt}} and the "
+                f"tokens {', '.join(REWARD_TOKENS)}"
+            )
         checkpoint = _checkpoint_folder(root)
-        tokenizer_folder = _first_with([checkpoint / "tokenizer", checkpoint, root / "tokenizer", root, base],
-                                       "tokenizer_config.json")
+        tokenizer_folder = _first_with(
+            [checkpoint / "tokenizer", checkpoint, root / "tokenizer", root, base], "tokenizer_config.json"
+        )
         if tokenizer_folder is None:
-            raise ConfigError(f"reward videoalign: no tokenizer (tokenizer_config.json) under {str(root)!r}; {_HOW_TO_GET}")
+            raise ConfigError(
+                f"reward videoalign: no tokenizer (tokenizer_config.json) under {str(root)!r}; {_HOW_TO_GET}"
+            )
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder, local_files_only=True, padding_side="right")
@@ -188,10 +223,15 @@ class VideoAlignReward:
         if self.tokenizer.unk_token_id in self.reward_ids:
             raise ConfigError(f"reward videoalign: the tokenizer in {str(tokenizer_folder)!r} lacks {REWARD_TOKENS}")
         self.chat_template = self.tokenizer.chat_template or self._base_chat_template(base)
-        processor = json.loads((base / "preprocessor_config.json").read_text()) \
-            if (base / "preprocessor_config.json").is_file() else None
+        processor = (
+            json.loads((base / "preprocessor_config.json").read_text())
+            if (base / "preprocessor_config.json").is_file()
+            else None
+        )
         if processor is None:
-            raise ConfigError(f"reward videoalign: {str(base / 'preprocessor_config.json')!r} is missing; {_HOW_TO_GET}")
+            raise ConfigError(
+                f"reward videoalign: {str(base / 'preprocessor_config.json')!r} is missing; {_HOW_TO_GET}"
+            )
         self.mean, self.std = processor["image_mean"], processor["image_std"]
         self.patch, self.temporal_patch = processor.get("patch_size", 14), processor.get("temporal_patch_size", 2)
         self.merge = processor.get("merge_size", 2)
@@ -229,17 +269,26 @@ class VideoAlignReward:
             flat, grid = video_patches(video, self.mean, self.std, self.patch, self.temporal_patch, self.merge)
             patches.append(flat)
             grids.append(grid)
-            message = [{"role": "user", "content": [{"type": "video"},
-                                                    {"type": "text", "text": self.template.format(text_prompt=prompt)}]}]
-            text = self.tokenizer.apply_chat_template(message, chat_template=self.chat_template, tokenize=False,
-                                                      add_generation_prompt=True)
+            message = [
+                {
+                    "role": "user",
+                    "content": [{"type": "video"}, {"type": "text", "text": self.template.format(text_prompt=prompt)}],
+                }
+            ]
+            text = self.tokenizer.apply_chat_template(
+                message, chat_template=self.chat_template, tokenize=False, add_generation_prompt=True
+            )
             if text.count(VIDEO_PAD) != 1:
                 raise ConfigError(f"reward videoalign: the chat template must place one {VIDEO_PAD} per video")
             tokens = grid[0] * grid[1] * grid[2] // self.merge**2
             texts.append(text.replace(VIDEO_PAD, VIDEO_PAD * tokens))
         batch = self.tokenizer(texts, padding=True, return_tensors="pt")
-        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
-                  "pixel_values_videos": torch.cat(patches), "video_grid_thw": torch.tensor(grids)}
+        inputs = {
+            "input_ids": batch["input_ids"],
+            "attention_mask": batch["attention_mask"],
+            "pixel_values_videos": torch.cat(patches),
+            "video_grid_thw": torch.tensor(grids),
+        }
         if "mm_token_type_ids" in inspect.signature(self.model.model.forward).parameters:
             # transformers 5 places the multimodal rotary positions by token type: 2 marks video tokens.
             inputs["mm_token_type_ids"] = (batch["input_ids"] == self.video_token).int() * 2
@@ -250,7 +299,7 @@ class VideoAlignReward:
         """Normalised [B, 3] scores (VQ, MQ, TA)."""
         scores = []
         for first in range(0, len(videos), self.batch_size):
-            inputs = self.prepare(videos[first:first + self.batch_size], prompts[first:first + self.batch_size])
+            inputs = self.prepare(videos[first : first + self.batch_size], prompts[first : first + self.batch_size])
             inputs = {k: v.to(self.device) for k, v in inputs.items()}
             inputs["pixel_values_videos"] = inputs["pixel_values_videos"].to(self.head.weight.dtype)
             hidden = self.model.model(**inputs).last_hidden_state
