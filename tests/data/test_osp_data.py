@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import webdataset
 
-from data import build as build_module
+from osp_data import build as build_module
 from osp_data.cli import main
 from osp_data.encode import encode_dataset
 from osp_megatron.config.errors import ConfigError
