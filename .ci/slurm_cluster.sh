@@ -26,7 +26,10 @@ die() { echo "[slurm_cluster] error: $*" >&2; exit 1; }
 node_address() { echo "${SUBNET}.$((10 + ${1#"$NODE_PREFIX"}))"; }
 node_veth() { echo "osp-v${1#"$NODE_PREFIX"}"; }  # the host end of the node's cable (at most 15 characters)
 configured_nodes() { [ -f "$CONF" ] && sed -n "s/^NodeName=\(${NODE_PREFIX}[0-9]*\) .*/\1/p" "$CONF" || true; }
-ours() { [ -f "$CONF" ] && head -n 1 "$CONF" | grep -q "slurm_cluster.sh"; }
+# Checks read a command's whole output before matching: with pipefail, `cmd | grep -q` fails whenever grep exits at
+# its first match before cmd has written everything (cmd dies of SIGPIPE), and the check then reads as "absent".
+has() { grep -q -- "$2" <<<"$1"; }
+ours() { [ -f "$CONF" ] && has "$(head -n 1 "$CONF")" "slurm_cluster.sh"; }
 
 pid_alive() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 
@@ -83,22 +86,22 @@ write_hosts() {  # the node names resolve on the host and in every namespace (th
 
 network_up() {
   local count="$1" block="" name i
-  if ip route show | grep -v "dev $BRIDGE" | grep -q "^${SUBNET}\."; then
+  if has "$(ip route show | grep -v "dev $BRIDGE" || true)" "^${SUBNET}\."; then
     die "${SUBNET}.0/24 is already routed on this machine; choose another with OSP_SLURM_SUBNET=10.x.y"
   fi
   ip link show "$BRIDGE" >/dev/null 2>&1 || ip link add "$BRIDGE" type bridge
-  ip addr show dev "$BRIDGE" | grep -q "inet ${CONTROLLER_ADDRESS}/" || ip addr add "${CONTROLLER_ADDRESS}/24" dev "$BRIDGE"
+  has "$(ip addr show dev "$BRIDGE")" "inet ${CONTROLLER_ADDRESS}/" || ip addr add "${CONTROLLER_ADDRESS}/24" dev "$BRIDGE"
   ip link set "$BRIDGE" up
   for i in $(seq 1 "$count"); do
     name="${NODE_PREFIX}${i}"
-    ip netns list | grep -qw "^${name}" || ip netns add "$name"
+    has "$(ip netns list)" "^${name}\b" || ip netns add "$name"
     if ! ip link show "$(node_veth "$name")" >/dev/null 2>&1; then
       ip link add "$(node_veth "$name")" type veth peer name eth0 netns "$name"
       ip link set "$(node_veth "$name")" master "$BRIDGE"
     fi
     ip link set "$(node_veth "$name")" up
     ip -n "$name" link set lo up
-    ip -n "$name" addr show dev eth0 | grep -q "inet $(node_address "$name")/" \
+    has "$(ip -n "$name" addr show dev eth0)" "inet $(node_address "$name")/" \
       || ip -n "$name" addr add "$(node_address "$name")/24" dev eth0
     ip -n "$name" link set eth0 up
     # The mapped IPv6 form too: torch's store accepts connections on dual-stack sockets and looks their peers up
