@@ -184,7 +184,8 @@ class Lane:
                 job,
                 *arguments,
                 f"run.dir={run_dir}",
-                f"data.path={self.root / 'data'}",
+                # osp-train's jobs share one data set; osp-grpo reads no data set (it refuses data.path).
+                *([f"data.path={self.root / 'data'}"] if job == "osp-train" else []),
             ]
         )
         job_id = re.search(rf"submitted {job} as Slurm job (\d+)", out).group(1)

@@ -19,7 +19,12 @@ def test_two_nodes_train_like_one(lane, two_nodes, one_node):
     assert f"rendezvous {first}:" in log and f"hosts: {first}: ranks 0-1; {second}: ranks 2-3" in log, log
     for rank in range(4):
         assert f"rank {rank} (local rank {rank % 2}) on {hosts[rank]}, restart 0" in job.log(rank)
-    assert "world 4 (dp 2, tp 2, ssp 1, ulysses 1, fsdp on)" in log and f"finished at step {lane.STEPS}" in log
+    assert (
+        "world 4 (dp 2, tp 2, ssp 1, ulysses 1, fsdp on: weights, gradients, optimizer state and EMA sharded "
+        "over 2 ranks)"
+        in log
+        and f"finished at step {lane.STEPS}" in log
+    )
 
 
 def test_logs_are_plain_lines_from_rank_0(lane, two_nodes):
