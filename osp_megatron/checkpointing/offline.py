@@ -4,7 +4,9 @@ Used by osp-ckpt (inspect, export, average, import) and tests; free of megatron-
 """
 
 import contextlib
+import functools
 import json
+import math
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,6 +23,8 @@ from osp_megatron.checkpointing.sharded import iter_full_tensors, open_shard, re
 from osp_megatron.config.errors import ConfigError
 
 KINDS = ("model", "ema", "optimizer")
+# iter_checkpoint_tensors loads this many bytes of tensors at a time: one DCP load per group of small tensors.
+READ_BATCH_BYTES = 256 * 2**20
 _SAFETENSORS_DTYPES = {
     "F32": torch.float32,
     "BF16": torch.bfloat16,
@@ -40,10 +44,39 @@ def _one_process():
         yield
 
 
+class _IndexedReader(FileSystemReader):
+    """A DCP folder's reader that unpickles the folder's index (.metadata: every tensor's pieces) once for all
+    the loads it serves, instead of once per load."""
+
+    def __init__(self, folder: Path):
+        super().__init__(str(folder))
+        self._metadata = None
+
+    def read_metadata(self):
+        if self._metadata is None:
+            self._metadata = super().read_metadata()
+        return self._metadata
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_reader(folder: str, stamp: tuple) -> _IndexedReader:
+    return _IndexedReader(Path(folder))
+
+
+def _reader(folder: Path) -> _IndexedReader:
+    """The folder's reader, reused while its index file is unchanged (same size and modification time)."""
+    try:
+        stat = (Path(folder) / ".metadata").stat()
+        stamp = (stat.st_mtime_ns, stat.st_size)
+    except OSError:
+        return _IndexedReader(folder)  # read_metadata names the problem
+    return _cached_reader(str(Path(folder).resolve()), stamp)
+
+
 def stored_index(folder: Path) -> dict[str, TensorStorageMetadata]:
     """key -> storage metadata (full size, dtype, stored pieces) of every tensor of a DCP folder."""
     try:
-        metadata = FileSystemReader(str(folder)).read_metadata()
+        metadata = _reader(folder).read_metadata()
     except (OSError, EOFError, RuntimeError, ValueError) as exc:
         raise ConfigError(f"{str(folder)!r} is not a readable torch.distributed.checkpoint folder ({exc})") from exc
     return {
@@ -51,19 +84,41 @@ def stored_index(folder: Path) -> dict[str, TensorStorageMetadata]:
     }
 
 
-def read_tensor(folder: Path, key: str, index: dict | None = None) -> torch.Tensor:
-    """One whole tensor of a DCP folder, assembled from its stored pieces (reads only those bytes)."""
+def read_tensors(folder: Path, keys: list[str], index: dict | None = None) -> dict[str, torch.Tensor]:
+    """Whole tensors of a DCP folder, each assembled from its stored pieces, in one load (reads only those
+    bytes)."""
     index = index if index is not None else stored_index(folder)
-    if key not in index:
-        raise ConfigError(f"{str(folder)!r} stores no tensor {key!r}")
-    meta = index[key]
-    target = torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
+    missing = [key for key in keys if key not in index]
+    if missing:
+        raise ConfigError(f"{str(folder)!r} stores no tensor {missing[0]!r}")
+    targets = {key: torch.empty(tuple(index[key].size), dtype=index[key].properties.dtype) for key in keys}
     try:
         with _one_process():
-            dcp.load({key: target}, storage_reader=FileSystemReader(str(folder)), no_dist=True)
+            dcp.load(targets, storage_reader=_reader(folder), no_dist=True)
     except Exception as exc:  # DCP's own error for an unreadable piece
-        raise CheckpointCorruptError(f"{folder}: tensor {key!r} cannot be read ({exc})") from exc
-    return target
+        names = keys[0] if len(keys) == 1 else f"{len(keys)} tensors from {keys[0]!r}"
+        raise CheckpointCorruptError(f"{folder}: {names} cannot be read ({exc})") from exc
+    return targets
+
+
+def read_tensor(folder: Path, key: str, index: dict | None = None) -> torch.Tensor:
+    """One whole tensor of a DCP folder, assembled from its stored pieces (reads only those bytes)."""
+    return read_tensors(folder, [key], index)[key]
+
+
+def _batches(keys: list[str], index: dict, budget: int) -> Iterator[list[str]]:
+    """Consecutive keys in groups of at most `budget` bytes (a larger tensor alone)."""
+    batch, size = [], 0
+    for key in keys:
+        meta = index[key]
+        nbytes = math.prod(meta.size) * meta.properties.dtype.itemsize
+        if batch and size + nbytes > budget:
+            yield batch
+            batch, size = [], 0
+        batch.append(key)
+        size += nbytes
+    if batch:
+        yield batch
 
 
 class _ProducingSavePlanner(DefaultSavePlanner):
@@ -142,9 +197,11 @@ def iter_checkpoint_tensors(path: str | Path, which: str = "model") -> Iterator[
         check_state_files(path)
         index = stored_index(path / STATE)
         prefix = which + "/"
-        for key in sorted(index):
-            if key.startswith(prefix):
-                yield key[len(prefix) :], read_tensor(path / STATE, key, index)
+        keys = [key for key in sorted(index) if key.startswith(prefix)]
+        for batch in _batches(keys, index, READ_BATCH_BYTES):
+            tensors = read_tensors(path / STATE, batch, index)
+            for key in batch:
+                yield key[len(prefix) :], tensors.pop(key)
         return
     if not (path / which).is_dir():
         return

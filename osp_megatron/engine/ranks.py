@@ -30,7 +30,17 @@ def _load_function(path: str, name: str):
 
 # What every rank imports: the fork server imports it once, then each rank starts in a fraction of a second instead
 # of spending seconds importing torch, megatron-core, transformers and diffusers anew.
-_PRELOAD = ["osp_megatron.engine.model", "osp_megatron.engine.loop", "transformers", "diffusers"]
+_PRELOAD = [
+    "osp_megatron.engine.model",
+    "osp_megatron.engine.loop",
+    "osp_megatron.training.cli",
+    "osp_megatron.training.trainer",
+    "osp_megatron.rl.cli",
+    "osp_megatron.rl.trainer",
+    "osp_megatron.inference.runner",
+    "transformers",
+    "diffusers",
+]
 
 
 def _worker(rank, world_size, port, path, name, args, queue, environ, cwd):

@@ -24,11 +24,16 @@ class GRPOConfig:
     window_mode: Literal["sliding", "fixed"] = "sliding"
     window_shift_interval: int = 1  # tau: iterations between window moves
     window_stride: int = 1  # steps the window moves each time
+    window_offset: int = 0  # the window's first position: a fixed window stays there, a sliding one wraps to it
     flash: bool = False  # steps after the window: second-order solver on a coarser grid
     flash_stride: int = 2  # the coarser grid takes every flash_stride-th point
     clip_range: float = 1e-4
     kl_coef: float = 0.0
     advantage_clip: float = 5.0
+    # The control of a GRPO study: each iteration's rewards are shuffled over its samples (a permutation drawn
+    # from train.seed and the iteration) before the advantages, so updates keep their size but carry no signal.
+    # Logged rewards stay the true ones.
+    shuffle_rewards: bool = False
     # Optimizer steps per iteration: the rollout batch is split into this many minibatches, the later ones
     # are slightly off-policy and the clipped ratio keeps them close.
     updates_per_iteration: int = 1
@@ -66,6 +71,11 @@ class GRPOConfig:
             raise ConfigError(f"{prefix}.group_size must be >= 2: advantages compare the samples of a group")
         if self.window_size > self.num_steps:
             raise ConfigError(f"{prefix}.window_size={self.window_size} exceeds {prefix}.num_steps={self.num_steps}")
+        if not 0 <= self.window_offset <= self.num_steps - self.window_size:
+            raise ConfigError(
+                f"{prefix}.window_offset must be in [0, {prefix}.num_steps - {prefix}.window_size = "
+                f"{self.num_steps - self.window_size}], got {self.window_offset}"
+            )
         if self.eval_interval < 0 or self.eval_prompts < 1:
             raise ConfigError(f"{prefix}.eval_interval must be >= 0 and {prefix}.eval_prompts >= 1")
         if self.eta <= 0:

@@ -10,10 +10,12 @@ from dataclasses import dataclass
 import torch
 
 from osp_megatron.inference.guidance import BatchedGuidance
-from osp_megatron.rl.rollout import Transition, timesteps
+from osp_megatron.rl.rollout import Transition, seeded_generator, timesteps
 from osp_megatron.rl.sde import gaussian_log_prob, sde_kl, sde_mean_and_std
 
 ADVANTAGE_EPS = 1e-8
+# The key of the reward shuffle's stream: apart from the (seed, iteration, group) keys of the initial noise.
+SHUFFLE_STREAM = 2**31 - 2
 
 
 def group_advantages(scores: torch.Tensor, group_size: int, weights, clip: float) -> torch.Tensor:
@@ -34,6 +36,12 @@ def group_advantages(scores: torch.Tensor, group_size: int, weights, clip: float
     weights = torch.as_tensor(weights, dtype=torch.float64)
     combined = (normalised * weights).sum(dim=-1).reshape(-1)
     return combined.clamp(-clip, clip).float()
+
+
+def reward_permutation(samples: int, seed: int, iteration: int) -> torch.Tensor:
+    """The order in which grpo.shuffle_rewards hands an iteration's scores to its samples: drawn from
+    (seed, iteration) alone, so every rank and a resumed run shuffle alike."""
+    return torch.randperm(samples, generator=seeded_generator(seed, iteration, SHUFFLE_STREAM))
 
 
 @dataclass

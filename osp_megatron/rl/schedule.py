@@ -1,8 +1,8 @@
 """Which denoising steps of a GRPO rollout are SDE (sampled and trained) and how the others are solved.
 
 Mix-GRPO: a window of w SDE steps [l, l + w) moves by `stride` every `shift_interval` iterations and wraps;
-"fixed" keeps it at the start. Steps before it are Euler ODE steps; after it Euler, or with `flash` a
-second-order solver on a grid `flash_stride` times coarser.
+"fixed" keeps it at its first position (step `offset`, 0 by default). Steps before it are Euler ODE
+steps; after it Euler, or with `flash` a second-order solver on a grid `flash_stride` times coarser.
 """
 
 from dataclasses import dataclass
@@ -14,18 +14,29 @@ from osp_megatron.inference.sampler import flow_timesteps
 
 
 def window_start(
-    iteration: int, num_steps: int, window_size: int, mode: str = "sliding", shift_interval: int = 1, stride: int = 1
+    iteration: int,
+    num_steps: int,
+    window_size: int,
+    mode: str = "sliding",
+    shift_interval: int = 1,
+    stride: int = 1,
+    offset: int = 0,
 ) -> int:
-    """First SDE step l of the window at `iteration`: 0, stride, 2 stride, ... up to num_steps - window_size,
-    each held `shift_interval` iterations, then back to 0 ("fixed": always 0)."""
+    """First SDE step l of the window at `iteration`: offset, offset + stride, ... up to num_steps - window_size,
+    each held `shift_interval` iterations, then back to offset ("fixed": always offset)."""
     if not 1 <= window_size <= num_steps:
         raise ConfigError(f"grpo.window_size must be in [1, grpo.num_steps={num_steps}], got {window_size}")
+    if not 0 <= offset <= num_steps - window_size:
+        raise ConfigError(
+            f"grpo.window_offset must be in [0, grpo.num_steps - grpo.window_size = "
+            f"{num_steps - window_size}], got {offset}"
+        )
     if mode == "fixed":
-        return 0
+        return offset
     if mode != "sliding":
         raise ConfigError(f"grpo.window_mode must be 'sliding' or 'fixed', got {mode!r}")
-    positions = (num_steps - window_size) // stride + 1
-    return (iteration // shift_interval) % positions * stride
+    positions = (num_steps - window_size - offset) // stride + 1
+    return offset + (iteration // shift_interval) % positions * stride
 
 
 @dataclass(frozen=True)

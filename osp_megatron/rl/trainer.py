@@ -21,7 +21,7 @@ from osp_megatron.inference.runner import build_pipeline, render_sample
 from osp_megatron.parallel import state
 from osp_megatron.parallel.fsdp import reshard
 from osp_megatron.parallel.ssp import check_sequence_parallel_layout
-from osp_megatron.rl.learner import group_advantages, transition_loss
+from osp_megatron.rl.learner import group_advantages, reward_permutation, transition_loss
 from osp_megatron.rl.policy import check_encoders_match, initial_policy_weights
 from osp_megatron.rl.prompts import build_prompt_set
 from osp_megatron.rl.reward_ranks import RewardClient
@@ -116,6 +116,7 @@ class GRPOTrainer(TrainingJob):
             grpo.window_mode,
             grpo.window_shift_interval,
             grpo.window_stride,
+            grpo.window_offset,
         )
         return rollout_plan(
             grpo.num_steps, self.config.sample.shift, start, grpo.window_size, grpo.flash, grpo.flash_stride
@@ -315,7 +316,11 @@ class GRPOTrainer(TrainingJob):
         rollout_seconds = time.time() - tick
         scores = self.gather_scores(local_scores)
         weights = [reward.weight for reward in self.rewards]
-        advantages = group_advantages(scores, grpo.group_size, weights, grpo.advantage_clip)
+        trained_scores = scores
+        if grpo.shuffle_rewards:
+            # Every sample's rewards move together to another sample: advantages of the same sizes, no signal.
+            trained_scores = scores[reward_permutation(len(scores), self.config.train.seed, self.step)]
+        advantages = group_advantages(trained_scores, grpo.group_size, weights, grpo.advantage_clip)
         local_advantages = advantages[self.local_sample_ids().start : self.local_sample_ids().stop].to(self.device)
         tick = time.time()
         metrics = self.learn(batch, local_advantages)

@@ -1,4 +1,4 @@
-"""The Mix-GRPO window: sliding with shift interval and stride, wrap-around, fixed; rollout plans with flash."""
+"""The Mix-GRPO window: sliding with shift interval and stride, wrap-around, fixed, offset; rollout plans with flash."""
 
 import pytest
 
@@ -18,6 +18,15 @@ def test_stride_and_fixed_window():
     assert [window_start(i, 5, 5) for i in range(3)] == [0, 0, 0]  # the window covers every step
     with pytest.raises(ConfigError, match="window_size"):
         window_start(0, 5, 6)
+
+
+def test_window_offset_moves_the_first_position():
+    """A fixed window stays at the offset; a sliding one slides from it to the end and wraps back to it."""
+    assert {window_start(i, 10, 2, mode="fixed", offset=4) for i in range(5)} == {4}
+    assert [window_start(i, 10, 2, stride=3, offset=2) for i in range(4)] == [2, 5, 8, 2]
+    assert [window_start(i, 10, 2, offset=8) for i in range(2)] == [8, 8]  # the last position: nowhere to slide
+    with pytest.raises(ConfigError, match="grpo.window_offset"):
+        window_start(0, 10, 4, offset=7)
 
 
 def test_plan_kinds_and_grid():

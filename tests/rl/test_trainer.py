@@ -179,6 +179,39 @@ def test_tiny_job_reward_rises(tmp_path):
     assert after > before + 0.05, (before, after)
 
 
+def test_shuffled_rewards_reach_the_advantages_not_the_log(tmp_path, grpo_overrides):
+    """grpo.shuffle_rewards gives each sample another sample's rewards, all of a sample's rewards together, in
+    the order drawn from (train.seed, iteration): the advantages are those of the permuted scores, while the
+    rollouts and the logged rewards stay the true ones."""
+    from osp_megatron.rl.learner import group_advantages, reward_permutation
+    from osp_megatron.rl.trainer import GRPOTrainer
+
+    def first_iteration(shuffle):
+        extra = [
+            f"grpo.shuffle_rewards={shuffle}",
+            "grpo.prompts_per_iteration=3",
+            "grpo.rewards=[{name: temporal_flicker}, {name: synthetic_caption, weight: 0.5}]",
+        ]
+        trainer = GRPOTrainer(load_grpo_config(EXAMPLE, grpo_overrides(tmp_path / str(shuffle), extra=extra)))
+        seen = {}
+        gather, learn = trainer.gather_scores, trainer.learn
+        trainer.gather_scores = lambda local: seen.setdefault("scores", gather(local))
+        trainer.learn = lambda batch, advantages: learn(batch, seen.setdefault("advantages", advantages))
+        return trainer.train_iteration(), seen
+
+    plain, true = first_iteration(False)
+    shuffled, seen = first_iteration(True)
+    scores = true["scores"]
+    torch.testing.assert_close(seen["scores"], scores, rtol=0, atol=0)
+    assert shuffled["reward"] == plain["reward"] == pytest.approx(float((scores @ torch.tensor([1.0, 0.5])).mean()))
+    order = reward_permutation(6, 1234, 0)
+    assert sorted(order.tolist()) == list(range(6)) and torch.equal(order, reward_permutation(6, 1234, 0))
+    assert not torch.equal(order, reward_permutation(6, 1234, 1))  # another iteration, another order
+    expected = group_advantages(scores[order], 2, [1.0, 0.5], 5.0)
+    torch.testing.assert_close(seen["advantages"], expected, rtol=0, atol=0)
+    assert not torch.allclose(seen["advantages"], true["advantages"])
+
+
 def _threads(rank, world_size, overrides):
     from osp_megatron.rl.trainer import GRPOTrainer
 

@@ -45,5 +45,5 @@ def test_grpo_with_its_reward_rank_on_the_second_node(lane):
     assert hosts[3] == hosts[2] != hosts[0], hosts  # the last rank, the reward rank, runs on the second node
     rows = lane.read_metrics(job.run_dir)
     assert sorted(rows) == [1, 2] and all("reward" in row for row in rows.values()), rows
-    assert "over 3 data-parallel ranks" in log and "finished at step 2" in log, log
+    assert "over 3 data-parallel ranks" in log and "finished at iteration 2" in log, log
     assert [line.split()[2] for line in log.splitlines() if line.startswith("[grpo] step ")] == ["1/2", "2/2"]
