@@ -35,6 +35,18 @@ from torch.multiprocessing.reductions import StorageWeakRef
 # Skiparse padding, 8 x 8 otherwise, so that packed or plain sparse layouts run as they will at scale).
 FRAMES = (1, 2, 3)
 MODES = ("none", "full", "selective")
+# The model settings a block's activations depend on (with the sparse ratio, for the one-block model).
+_BLOCK_FIELDS = (
+    "dim",
+    "num_heads",
+    "ffn_dim",
+    "text_dim",
+    "text_len",
+    "in_channels",
+    "out_channels",
+    "freq_dim",
+    "cross_attn_norm",
+)
 
 
 @dataclass(frozen=True)
@@ -66,20 +78,7 @@ class ProfileRequest:
 def request_for(
     model_config, kind: str, padded: bool, tensor: int, precision: str, recipe: str, compiled: bool = True
 ) -> ProfileRequest:
-    fields = {
-        name: getattr(model_config, name)
-        for name in (
-            "dim",
-            "num_heads",
-            "ffn_dim",
-            "text_dim",
-            "text_len",
-            "in_channels",
-            "out_channels",
-            "freq_dim",
-            "cross_attn_norm",
-        )
-    }
+    fields = {name: getattr(model_config, name) for name in _BLOCK_FIELDS}
     sparse = kind != "full"
     return ProfileRequest(
         **fields,
@@ -323,21 +322,7 @@ def _measurement_model(request: ProfileRequest):
     from osp_megatron.models.config import ModelConfig
     from osp_megatron.quantization import QuantConfig, apply_quantization
 
-    fields = {
-        name: getattr(request, name)
-        for name in (
-            "dim",
-            "num_heads",
-            "ffn_dim",
-            "text_dim",
-            "text_len",
-            "in_channels",
-            "out_channels",
-            "freq_dim",
-            "cross_attn_norm",
-            "sparse_ratio",
-        )
-    }
+    fields = {name: getattr(request, name) for name in (*_BLOCK_FIELDS, "sparse_ratio")}
     config = from_dict(
         ModelConfig,
         {
