@@ -2,30 +2,15 @@
 pretraining (the main job), raises the reward of its fixed evaluation prompts."""
 
 import json
-from pathlib import Path
 
 import pytest
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "grpo_tiny.yaml"
-
 
 @pytest.mark.slow
-def test_tiny_grpo_job_raises_eval_reward(main_job, run_python_module, tmp_path):
+def test_tiny_grpo_job_raises_eval_reward(grpo_example):
     """Only the run folders differ from the default: eval_reward (deterministic samples of fixed prompts and
     noise) ends more than 0.012 above its value before training."""
-    run_dir = tmp_path / "grpo"
-    run_python_module(
-        [
-            "osp_megatron.rl.cli",
-            "--config",
-            str(EXAMPLE),
-            f"run.dir={run_dir}",
-            f"checkpoint.load={main_job.run_dir}",
-            "train.progress=false",
-            "train.sample_at_end=false",
-        ],
-        cwd=tmp_path,
-    )
+    run_dir, _ = grpo_example
     rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
     evals = [row["eval_reward"] for row in rows if "eval_reward" in row]
     # Measured (docs/grpo.md, "The tiny example"): 0.533 -> 0.575 with this seed from the current pretraining;
