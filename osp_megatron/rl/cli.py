@@ -1,6 +1,6 @@
 """`osp-grpo`: Mix-GRPO post-training of the DiT from a YAML config plus dotted overrides.
 
-Example: osp-grpo --config examples/grpo_tiny.yaml train.steps=20 run.dir=runs/try
+Example: osp-grpo --config examples/grpo_tiny.yaml train.steps=8 run.dir=runs/try
 """
 
 import dataclasses
@@ -15,8 +15,9 @@ DESCRIPTION = (
 EXAMPLES = """\
 main sections:
   grpo       group_size, prompts_per_iteration, num_steps, eta, window_size, window_mode (sliding|fixed),
-             window_shift_interval, window_stride, flash, flash_stride, clip_range, kl_coef,
-             advantage_clip, updates_per_iteration, rewards [{name, weight, ...}], eval_interval,
+             window_shift_interval, window_stride, window_offset, flash, flash_stride, clip_range, kl_coef,
+             advantage_clip, updates_per_iteration, shuffle_rewards (the control of a study: rewards
+             shuffled over the samples before the advantages), rewards [{name, weight, ...}], eval_interval,
              eval_prompts, decode_batch_size, pretrain_if_missing, reward_ranks (the last N ranks run the
              reward models)
   lora       rank, alpha, target_modules (null: full fine-tuning; the base is checkpoint.load)
