@@ -9,10 +9,10 @@ import pytest
 @pytest.mark.slow
 def test_tiny_grpo_job_raises_eval_reward(grpo_example):
     """Only the run folders differ from the default: eval_reward (deterministic samples of fixed prompts and
-    noise) ends more than 0.02 above its value before training."""
+    noise) ends more than 0.015 above its value before training."""
     run_dir, _ = grpo_example
     rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
     evals = [row["eval_reward"] for row in rows if "eval_reward" in row]
-    # Measured (docs/grpo.md, "The tiny example"): 0.535 -> 0.570 with this seed from this pretraining, +0.035 to
-    # +0.057 over three seeds.
-    assert evals[-1] > evals[0] + 0.02, evals
+    # Measured (docs/grpo.md, "The tiny example"): 0.535 -> 0.566 with this seed from this pretraining, +0.031 to
+    # +0.046 over three seeds.
+    assert evals[-1] > evals[0] + 0.015, evals
