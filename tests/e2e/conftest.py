@@ -27,12 +27,22 @@ class MainJob:
     stdout: str
 
 
-def run_module(args, cwd, timeout=900):
-    """`python -m ARGS` in `cwd`; fails the test with the output's tail unless it exits with 0."""
+def run_module(args, cwd, timeout=900, started=None):
+    """`python -m ARGS` in `cwd`; fails the test with the output's tail unless it exits with 0. `started` is
+    handed the process as soon as it runs (so that it can be stopped from elsewhere)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    result = subprocess.run(
-        [sys.executable, "-m", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
-    )
+    with subprocess.Popen(
+        [sys.executable, "-m", *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    ) as process:
+        if started is not None:
+            started(process)
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.communicate()
+            raise
+    result = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 
@@ -50,26 +60,27 @@ def main_job_args(root: Path) -> list[str]:
     ]
 
 
-def grpo_example_args(main_root: Path, run_dir: Path) -> list[str]:
-    """osp-grpo on examples/grpo_tiny.yaml as shipped, from the main job's checkpoint."""
+def grpo_example_args(main_root: Path, root: Path) -> list[str]:
+    """osp-grpo on examples/grpo_tiny.yaml as shipped, from the main job's checkpoint, its run folder in `root`."""
     return [
         "osp_megatron.rl.cli",
         "--config",
         str(EXAMPLES / "grpo_tiny.yaml"),
-        f"run.dir={run_dir}",
+        f"run.dir={root / 'run'}",
         f"checkpoint.load={main_root / 'run'}",
         "train.progress=false",
         "train.sample_at_end=false",
     ]
 
 
-def lora_example_args(main_root: Path, run_dir: Path) -> list[str]:
-    """osp-train on examples/train_lora_tiny.yaml as shipped, from the main job's checkpoint and shards."""
+def lora_example_args(main_root: Path, root: Path) -> list[str]:
+    """osp-train on examples/train_lora_tiny.yaml as shipped, from the main job's checkpoint and shards, its
+    run folder in `root`."""
     return [
         "osp_megatron.training.cli",
         "--config",
         str(EXAMPLES / "train_lora_tiny.yaml"),
-        f"run.dir={run_dir}",
+        f"run.dir={root / 'run'}",
         f"checkpoint.load={main_root / 'run'}",
         f"data.path={main_root / 'data'}",
         "train.progress=false",
@@ -78,24 +89,27 @@ def lora_example_args(main_root: Path, run_dir: Path) -> list[str]:
 
 class BackgroundJobs:
     """Named commands run one after another in a thread; result(name) waits for one (or runs it in the
-    calling test when the thread was never started)."""
+    calling test when the thread was never started). Each job runs in its own folder, its run folder in it."""
 
-    def __init__(self, root: Path):
-        self.root = root
+    def __init__(self):
         self.plan: dict[str, tuple[list[str], Path]] = {}
         self.done: dict[str, tuple[subprocess.CompletedProcess | BaseException, float]] = {}
         self.finished = threading.Condition()
         self.thread = None
+        self.process = None  # the job running now
 
-    def add(self, name: str, args: list[str], cwd: Path) -> None:
-        cwd.mkdir(parents=True, exist_ok=True)
-        self.plan[name] = (args, cwd)
+    def add(self, name: str, args: list[str], folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.plan[name] = (args, folder)
+
+    def folder(self, name: str) -> Path:
+        return self.plan[name][1]
 
     def _run(self, name: str) -> None:
-        args, cwd = self.plan[name]
+        args, folder = self.plan[name]
         started = time.perf_counter()
         try:
-            outcome = run_module(args, cwd)
+            outcome = run_module(args, folder, started=lambda process: setattr(self, "process", process))
         except BaseException as error:  # handed to the test that waits for it
             outcome = error
         with self.finished:
@@ -109,6 +123,12 @@ class BackgroundJobs:
 
         self.thread = threading.Thread(target=work, name="e2e-background-jobs", daemon=True)
         self.thread.start()
+
+    def stop(self) -> None:
+        """End the job still running when the session ends early (a failure under -x, Ctrl-C): it would
+        otherwise outlive pytest."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
 
     def result(self, name: str) -> tuple[subprocess.CompletedProcess, float]:
         if self.thread is None and name not in self.done:
@@ -128,16 +148,16 @@ def _jobs(config) -> BackgroundJobs:
     global _JOBS
     if _JOBS is None:
         root = config._tmp_path_factory.mktemp("e2e_jobs")
-        _JOBS = BackgroundJobs(root)
+        _JOBS = BackgroundJobs()
         main = root / "main_job"
         _JOBS.add("main_job", main_job_args(main), main)
-        _JOBS.add("grpo_example", grpo_example_args(main, root / "grpo" / "run"), root / "grpo")
-        _JOBS.add("lora_example", lora_example_args(main, root / "lora" / "run"), root / "lora")
+        _JOBS.add("grpo_example", grpo_example_args(main, root / "grpo"), root / "grpo")
+        _JOBS.add("lora_example", lora_example_args(main, root / "lora"), root / "lora")
     return _JOBS
 
 
-# The background jobs, in the order they run, and the ones each fixture of that name needs.
-_JOBS_ORDER = ["main_job", "grpo_example", "lora_example"]
+# The fixtures that wait for background jobs, each with the jobs it needs; a job has its fixture's name and the
+# jobs run in this order.
 _NEEDS = {
     "main_job": ["main_job"],
     "grpo_example": ["main_job", "grpo_example"],
@@ -155,11 +175,16 @@ def pytest_collection_modifyitems(session, config, items):
 
 
 def pytest_collection_finish(session):
-    """Start the background jobs the selected tests wait for, in the order of _JOBS_ORDER."""
+    """Start the background jobs the selected tests wait for, in the order of _NEEDS."""
     wanted = {fixture for item in session.items for fixture in getattr(item, "fixturenames", ()) if fixture in _NEEDS}
-    names = [name for name in _JOBS_ORDER if any(name in _NEEDS[fixture] for fixture in wanted)]
+    names = [name for name in _NEEDS if any(name in _NEEDS[fixture] for fixture in wanted)]
     if names and not session.config.option.collectonly:
         _jobs(session.config).start(names)
+
+
+def pytest_sessionfinish(session):
+    if _JOBS is not None:
+        _JOBS.stop()
 
 
 @pytest.fixture(scope="session")
@@ -173,8 +198,8 @@ def main_job(request):
     """The README's main job (osp-train on examples/tiny_t2v.yaml), finished."""
     jobs = _jobs(request.config)
     result, seconds = jobs.result("main_job")
-    root = jobs.plan["main_job"][1]
-    return MainJob(root / "run", root / "data", seconds, result.stdout)
+    folder = jobs.folder("main_job")
+    return MainJob(folder / "run", folder / "data", seconds, result.stdout)
 
 
 @pytest.fixture(scope="session")
@@ -182,7 +207,7 @@ def grpo_example(request, main_job):
     """The run folder of examples/grpo_tiny.yaml as shipped, from the main job's checkpoint, finished."""
     jobs = _jobs(request.config)
     result, _ = jobs.result("grpo_example")
-    return jobs.plan["grpo_example"][1] / "run", result.stdout
+    return jobs.folder("grpo_example") / "run", result.stdout
 
 
 @pytest.fixture(scope="session")
@@ -190,4 +215,4 @@ def lora_example(request, main_job):
     """The run folder and output of examples/train_lora_tiny.yaml as shipped, from the main job, finished."""
     jobs = _jobs(request.config)
     result, _ = jobs.result("lora_example")
-    return jobs.plan["lora_example"][1] / "run", result.stdout
+    return jobs.folder("lora_example") / "run", result.stdout
