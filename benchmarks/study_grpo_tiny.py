@@ -8,7 +8,6 @@ already holds a finished run is read, not run again: give every recipe its own -
 """
 
 import argparse
-import json
 import os
 import re
 import statistics
@@ -23,6 +22,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import write_report  # noqa: E402
+
+from osp_megatron.engine.metrics import read_metrics  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 # The last line of a finished osp-grpo run.
@@ -65,8 +66,7 @@ def evaluations(run_dir: Path) -> dict[int, float]:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return {}
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return {row["step"]: row["eval_reward"] for row in rows if "eval_reward" in row}
+    return {row["step"]: row["eval_reward"] for row in read_metrics(path) if "eval_reward" in row}
 
 
 def finished(run_dir: Path) -> bool:
