@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
@@ -191,7 +192,7 @@ def load_tensors(folder: Path, tensors: dict) -> None:
     check_compatible(folder, tensors, state.tensor_parallel_size())
     try:
         dcp.load(global_state_dict(tensors), storage_reader=FileSystemReader(str(folder)))
-    except Exception as exc:  # DCP wraps each rank's read failure (truncated or unreadable pieces)
+    except (Exception, CheckpointException) as exc:  # DCP wraps each rank's read failure (a BaseException)
         reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
         raise CheckpointCorruptError(
             f"{folder}: its tensors cannot be read ({reason}); the checkpoint is "

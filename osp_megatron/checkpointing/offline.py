@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
@@ -95,7 +96,7 @@ def read_tensors(folder: Path, keys: list[str], index: dict | None = None) -> di
     try:
         with _one_process():
             dcp.load(targets, storage_reader=_reader(folder), no_dist=True)
-    except Exception as exc:  # DCP's own error for an unreadable piece
+    except (Exception, CheckpointException) as exc:  # DCP's own error (a BaseException) for an unreadable piece
         names = keys[0] if len(keys) == 1 else f"{len(keys)} tensors from {keys[0]!r}"
         raise CheckpointCorruptError(f"{folder}: {names} cannot be read ({exc})") from exc
     return targets

@@ -71,3 +71,33 @@ def test_unreadable_manifest_is_corruption(folder):
     (folder / MANIFEST).write_text("{not json")
     with pytest.raises(CheckpointCorruptError, match=MANIFEST):
         verify_checkpoint(folder)
+
+
+@pytest.mark.slow
+def test_damaged_piece_of_a_checkpoint_without_manifest_is_named(tiny_checkpoint, tmp_path):
+    """A checkpoint written before manifests existed, with a truncated tensor file: reading its tensors offline
+    stops with CheckpointCorruptError naming the folder, and osp-sample exits 2 with one line saying the
+    checkpoint is damaged, not with DCP's own exception (a BaseException) and its traceback."""
+    import shutil
+    import subprocess
+    import sys
+
+    from osp_megatron.checkpointing.offline import read_checkpoint_tensors
+
+    checkpoint = next((tiny_checkpoint / "checkpoints").glob("step_*"))
+    damaged = tmp_path / checkpoint.name
+    shutil.copytree(checkpoint, damaged)
+    (damaged / "manifest.json").unlink()
+    weights = next((damaged / "state").glob("*.distcp"))
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(CheckpointCorruptError, match=r"state: \d+ tensors from 'model/.*' cannot be read"):
+        read_checkpoint_tensors(damaged, "model")
+    sample = subprocess.run(
+        [sys.executable, "-m", "osp_megatron.inference.cli", "--checkpoint", str(damaged), "--steps", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert sample.returncode == 2, sample.stderr[-2000:]
+    assert "its tensors cannot be read" in sample.stderr and "Traceback" not in sample.stderr
