@@ -22,13 +22,19 @@ from osp_megatron.models.builder import build_model  # noqa: E402
 from osp_megatron.models.config import ModelConfig  # noqa: E402
 from osp_megatron.models.flops import forward_flops  # noqa: E402
 from osp_megatron.parallel.state import ensure_single_rank_group  # noqa: E402
-from osp_megatron.quantization import QuantConfig, apply_quantization  # noqa: E402
+from osp_megatron.quantization import QuantConfig, apply_quantization, selection  # noqa: E402
 
-# (name, in_features, out_features) of every GEMM in a wan-14b block.
-WAN14B_GEMMS = [("qkvo", 5120, 5120), ("ffn_up", 5120, 13824), ("ffn_down", 13824, 5120)]
+# (name, in_features, out_features) of the GEMMs of a block (q/k/v as one GEMM), and the tokens of one sample.
+GEMM_SETS = {
+    "wan-14b": (80640, [("qkvo", 5120, 5120), ("ffn_up", 5120, 13824), ("ffn_down", 13824, 5120)]),
+    "wan-1.3b": (
+        32760,  # 480P, 81 frames
+        [("qkv", 1536, 4608), ("o", 1536, 1536), ("ffn_up", 1536, 8960), ("ffn_down", 8960, 1536)],
+    ),
+}
 
 
-def quant_config(recipe: str, backend: str = "auto", include=None) -> QuantConfig:
+def quant_config(recipe: str, backend: str = "auto", include=None, select: str = "measured") -> QuantConfig:
     """The quant section for `recipe`; the model default quantizes the DiT blocks' linears.
 
     A "+attn" suffix (e.g. fp8_hybrid+attn) also runs the self-attention in FP8 (quant.attention).
@@ -36,7 +42,7 @@ def quant_config(recipe: str, backend: str = "auto", include=None) -> QuantConfi
     recipe, _, suffix = recipe.partition("+")
     if suffix not in ("", "attn"):
         raise SystemExit(f"recipe suffix '+{suffix}': only '+attn' (FP8 attention) is known")
-    fields = {"recipe": recipe, "backend": backend, "attention": suffix == "attn"}
+    fields = {"recipe": recipe, "backend": backend, "attention": suffix == "attn", "select": select}
     if include is not None:
         fields["modules"] = {"include": include, "exclude": []}
     return from_dict(QuantConfig, fields, "quant")
@@ -44,8 +50,16 @@ def quant_config(recipe: str, backend: str = "auto", include=None) -> QuantConfi
 
 def linear_rows(args, device, dtype):
     rows = []
-    tokens = 256 if args.tiny else args.tokens
-    gemms = [("toy", 64, 128)] if args.tiny else WAN14B_GEMMS
+    gemm_sets = {"toy": (256, [("toy", 64, 128)])} if args.tiny else {name: GEMM_SETS[name] for name in args.gemms}
+    for model_name, (default_tokens, gemms) in gemm_sets.items():
+        tokens = args.tokens or default_tokens
+        rows += gemm_rows(args, device, dtype, model_name, tokens, gemms)
+    return rows
+
+
+def gemm_rows(args, device, dtype, model_name, tokens, gemms):
+    """bf16 against each recipe for every GEMM of one model, forward + backward of one linear layer."""
+    rows = []
     for name, fan_in, fan_out in gemms:
         x = torch.randn(tokens, fan_in, device=device, dtype=dtype, requires_grad=True)
         grad = torch.randn(tokens, fan_out, device=device, dtype=dtype)
@@ -53,7 +67,8 @@ def linear_rows(args, device, dtype):
         for label, recipe in (("bf16", None), *((r, r) for r in args.recipes)):
             layer = torch.nn.Sequential(torch.nn.Linear(fan_in, fan_out, device=device, dtype=dtype))
             if recipe is not None:
-                assert apply_quantization(layer, quant_config(recipe, args.backend, include=["*"]))
+                config = quant_config(recipe, args.backend, include=["*"], select=args.select)
+                assert apply_quantization(layer, config)
 
             def step():
                 layer(x).backward(grad)
@@ -64,7 +79,14 @@ def linear_rows(args, device, dtype):
         rows.append(
             {
                 "bench": "linear",
+                "model": model_name,
+                "select": args.select,
                 "gemm": name,
+                "gemm_choices": [
+                    d.describe()
+                    for d in selection.decisions()
+                    if (d.shape.tokens, d.shape.in_features, d.shape.out_features) == (tokens, fan_in, fan_out)
+                ],
                 "tokens": tokens,
                 "in": fan_in,
                 "out": fan_out,
@@ -94,14 +116,22 @@ def step_rows(args, device, dtype):
         for label, sparse, layers, layout, recipe in cases:
             model, config = build_dit(args, device, dtype, sparse, layers, layout=layout)
             if recipe is not None:
-                assert apply_quantization(model, quant_config(recipe, args.backend))
+                assert apply_quantization(model, quant_config(recipe, args.backend, select=args.select))
 
             def step():
                 model(x, timestep, text).float().square().mean().backward()
 
-            ms = timed(step, args.warmup, args.repeat, device)
+            try:
+                ms = timed(step, args.warmup, args.repeat, device)
+            except torch.OutOfMemoryError:  # e.g. the 5-block bf16 model at 768P on an 80 GB GPU
+                ms = None
+                print(f"{name} {label}: out of memory", flush=True)
             measured[f"{label}_ms"] = ms
-            measured[f"{label}_model_tflops"] = 3 * forward_flops(config, grid, text_len) / ms / 1e9
+            if ms is not None:
+                measured[f"{label}_model_tflops"] = 3 * forward_flops(config, grid, text_len) / ms / 1e9
+            if device.type == "cuda":
+                measured[f"{label}_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+                torch.cuda.reset_peak_memory_stats()
             model = None  # free the weights before the next case
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -109,11 +139,12 @@ def step_rows(args, device, dtype):
         row = {"bench": "training_step", "resolution": name, "blocks": args.blocks, **measured}
         for recipe in args.recipes:
             sparse, full_quantized = measured[f"sparse_{recipe}_block_ms"], measured[f"full_{recipe}_block_ms"]
-            row[f"{recipe}_hybrid_vs_full_bf16_model"] = (
-                measured["full_bf16_model_ms"] / measured[f"hybrid_{recipe}_model_ms"]
-            )
+            full_model, hybrid_model = measured["full_bf16_model_ms"], measured[f"hybrid_{recipe}_model_ms"]
+            if full_model is not None and hybrid_model is not None:
+                row[f"{recipe}_hybrid_vs_full_bf16_model"] = full_model / hybrid_model
             # 40 blocks of OSP-Next's layout (8 full + 32 sparse), all quantized, against 40 full bf16 blocks.
-            row[f"{recipe}_projected_40_block_vs_full_bf16"] = 40 * full / (8 * full_quantized + 32 * sparse)
+            if None not in (full, sparse, full_quantized):
+                row[f"{recipe}_projected_40_block_vs_full_bf16"] = 40 * full / (8 * full_quantized + 32 * sparse)
         rows.append(row)
     return rows
 
@@ -135,7 +166,8 @@ def loss_rows(args, device, dtype):
     for label in ("bf16", *args.recipes):
         torch.manual_seed(0)
         model = build_model(config)
-        parallelize_dit(model, "train", quant=None if label == "bf16" else quant_config(label, args.backend))
+        quant = None if label == "bf16" else quant_config(label, args.backend, select=args.select)
+        parallelize_dit(model, "train", quant=quant)
         model.to(device=device, dtype=dtype)
         optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)
         losses = []
@@ -169,7 +201,18 @@ def main(argv=None):
         help="quant.recipe values to compare with bf16; append +attn for FP8 attention too",
     )
     parser.add_argument("--backend", default="auto", help="quant.backend (auto: real FP8 GEMMs on SM90)")
-    parser.add_argument("--tokens", type=int, default=80640, help="GEMM rows (768P: 80640 tokens)")
+    parser.add_argument(
+        "--gemms", nargs="+", default=["wan-14b"], choices=list(GEMM_SETS), help="whose block GEMMs to time"
+    )
+    parser.add_argument(
+        "--tokens", type=int, default=None, help="GEMM rows (default: one sample, 80640 for wan-14b at 768P)"
+    )
+    parser.add_argument(
+        "--select",
+        choices=("measured", "all"),
+        default="measured",
+        help="quant.select: FP8 only for the shapes measured faster than bf16 (default), or always",
+    )
     parser.add_argument("--resolutions", nargs="+", default=["768P", "720P"], choices=list(RESOLUTIONS))
     parser.add_argument("--blocks", type=int, default=5, help="blocks of the model step (1:4 full:sparse)")
     parser.add_argument(

@@ -32,6 +32,7 @@ quiet_third_party_warnings()
 
 from osp_megatron.engine.config import load_job_config  # noqa: E402
 from osp_megatron.parallel.config import ParallelConfig  # noqa: E402
+from osp_megatron.quantization import selection  # noqa: E402
 from osp_megatron.training.memory import GIB, estimate, run_from_config  # noqa: E402
 
 MODES = ("none", "selective", "full")
@@ -63,7 +64,7 @@ def case_overrides(args, size: str, mode: str, recipe: str, fsdp: bool, run_dir:
         f"data.synthetic_samples_per_shard={2 * args.world}",
         "model.sparse_ratio=2",
         f"model.activation_checkpointing={mode}",
-        f"quant.recipe={recipe}",
+        *recipe_overrides(recipe, args.select),
         "train.micro_batch_size=1",
         f"train.global_batch_size={args.world // args.ssp}",
         f"train.steps={args.steps}",
@@ -81,6 +82,19 @@ def case_overrides(args, size: str, mode: str, recipe: str, fsdp: bool, run_dir:
     return overrides
 
 
+def recipe_overrides(recipe: str, select: str) -> list:
+    """quant.* overrides for a recipe name; a "+attn" suffix (fp8_hybrid+attn) adds FP8 attention."""
+    name, _, suffix = recipe.partition("+")
+    if suffix not in ("", "attn"):
+        raise SystemExit(f"recipe suffix '+{suffix}': only '+attn' (FP8 attention) is known")
+    overrides = [f"quant.recipe={name}"]
+    if name != "none":
+        overrides.append(f"quant.select={select}")
+    if suffix == "attn":
+        overrides.append("quant.attention=true")
+    return overrides
+
+
 def fsdp_available() -> bool:
     return "fsdp" in ParallelConfig.__dataclass_fields__
 
@@ -90,7 +104,10 @@ def run_case(args, size, mode, recipe, fsdp) -> dict:
     from osp_megatron.training.trainer import Trainer
 
     with tempfile.TemporaryDirectory() as run_dir:
-        config = load_job_config(None, case_overrides(args, size, mode, recipe, fsdp, run_dir))
+        overrides = case_overrides(args, size, mode, recipe, fsdp, run_dir)
+        if args.latent_frames is not None:
+            overrides.append(f"data.latent_frames={args.latent_frames}")
+        config = load_job_config(None, overrides)
         predicted = estimate(run_from_config(config))
         trainer = Trainer(config)
         cuda = trainer.device.type == "cuda"
@@ -114,6 +131,9 @@ def run_case(args, size, mode, recipe, fsdp) -> dict:
             torch.cuda.empty_cache()
     row = {
         "size": size,
+        "latent_frames": config.data.latent_frames,
+        "select": args.select,
+        "gemm_choices": [decision.describe() for decision in selection.decisions()],
         "checkpointing": mode,
         "recipe": recipe,
         "fsdp": fsdp,
@@ -130,15 +150,31 @@ def run_case(args, size, mode, recipe, fsdp) -> dict:
     return row
 
 
+def add_ratios(rows) -> None:
+    """Each quantized case's speed-up and peak memory against the bf16 case of the same mode and FSDP setting."""
+    bf16 = {(r["checkpointing"], r["fsdp"]): r for r in rows if r["recipe"] == "none" and "error" not in r}
+    for row in rows:
+        base = bf16.get((row["checkpointing"], row["fsdp"]))
+        if row["recipe"] == "none" or "error" in row or base is None:
+            continue
+        row["speedup_vs_bf16"] = base["step_s"] / row["step_s"]
+        if row["measured_peak_gib"] is not None:
+            row["peak_vs_bf16_gib"] = row["measured_peak_gib"] - base["measured_peak_gib"]
+
+
 def print_table(rows) -> None:
     print(f"{'case':<34} {'step s':>7} {'measured GiB':>13} {'estimate GiB':>13} {'error':>7}  peak phase")
     for row in rows:
+        if "error" in row:
+            print(f"{row['checkpointing']} {row['recipe']}: {row['error']}")
+            continue
         name = f"{row['checkpointing']} {row['recipe']}{' fsdp' if row['fsdp'] else ''}"
         measured = "-" if row["measured_peak_gib"] is None else f"{row['measured_peak_gib']:.2f}"
         error = "-" if "estimate_error" not in row else f"{100 * row['estimate_error']:+.1f}%"
+        ratio = f"  {row['speedup_vs_bf16']:.3f}x bf16" if "speedup_vs_bf16" in row else ""
         print(
             f"{name:<34} {row['step_s']:7.3f} {measured:>13} {row['estimate_gib']:13.2f} {error:>7}  "
-            f"{row['estimate_phase']}"
+            f"{row['estimate_phase']}{ratio}"
         )
 
 
@@ -153,6 +189,18 @@ def main(argv=None) -> list:
         default="off",
         help="FSDP cases: off (default), on, or both (on and both need parallel.fsdp in this checkout)",
     )
+    parser.add_argument(
+        "--select",
+        choices=("measured", "all"),
+        default="measured",
+        help="quant.select of the quantized cases: FP8 only for shapes measured faster (default), or every layer",
+    )
+    parser.add_argument(
+        "--latent-frames",
+        type=int,
+        default=None,
+        help="data.latent_frames instead of the size's 21 (480P x 81 frames), e.g. 11 where 21 does not fit",
+    )
     parser.add_argument("--ssp", type=int, default=1, help="parallel.ssp (the rest of the world is data parallel)")
     parser.add_argument("--tiny", action="store_true", help="the tiny model on the CPU (for tests)")
     parser.add_argument("--out", default=None, help="write the rows as JSON to this file (rank 0)")
@@ -166,12 +214,20 @@ def main(argv=None) -> list:
             raise SystemExit("--fsdp on: this checkout has no parallel.fsdp")
         fsdp_cases = [False]
     size = "tiny" if args.tiny else "wan-1.3b-480P"
-    rows = [
-        run_case(args, size, mode, recipe, fsdp)
-        for fsdp in fsdp_cases
-        for recipe in args.recipes
-        for mode in args.modes
-    ]
+    rows = []
+    for fsdp in fsdp_cases:
+        for recipe in args.recipes:
+            for mode in args.modes:
+                try:
+                    rows.append(run_case(args, size, mode, recipe, fsdp))
+                except torch.OutOfMemoryError as error:  # one case that does not fit keeps the others
+                    rows.append({"checkpointing": mode, "recipe": recipe, "fsdp": fsdp, "error": f"OOM: {error}"[:300]})
+                    gc.collect()
+                    torch.cuda.empty_cache()
+                print(rows[-1], flush=True)
+                if args.out and (not dist.is_initialized() or dist.get_rank() == 0):
+                    write_report(args.out, rows, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    add_ratios(rows)
     if not dist.is_initialized() or dist.get_rank() == 0:
         print_table(rows)
         if args.out:

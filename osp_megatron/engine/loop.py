@@ -26,6 +26,7 @@ from osp_megatron.checkpointing.checkpoint import (
 from osp_megatron.config.errors import ConfigError
 from osp_megatron.config.loader import to_dict
 from osp_megatron.engine.distributed import training_device
+from osp_megatron.engine.kernels import kernel_choice_lines
 from osp_megatron.engine.metrics import MetricsLogger
 from osp_megatron.engine.model import JobModel, build_job_model, build_resumable_model
 from osp_megatron.engine.optim import EMA, build_optimizer
@@ -280,6 +281,12 @@ class TrainingJob(abc.ABC):
         else:
             self.say(text)
 
+    def report_kernel_choices(self) -> None:
+        """One line per kernel choice measured on the device since the last report (FP8 or bf16 per GEMM shape
+        under ``quant.select: measured``, the attention kernel per shape); new shapes report when they appear."""
+        for line in kernel_choice_lines():
+            self.message(f"kernel choice: {line}")
+
     def memory_scalars(self) -> dict:
         """Device memory in GiB, maximum over ranks (collective); the peak is reset for the next step."""
         if self.device.type == "cuda":
@@ -383,6 +390,7 @@ class TrainingJob(abc.ABC):
                 tick = time.time()
                 scalars = self.train_step()
                 self.step += 1
+                self.report_kernel_choices()
                 elapsed = max(time.time() - tick, 1e-9)
                 scalars.update(self._throughput(scalars, elapsed))
                 scalars.update(

@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from osp_megatron.config.errors import ConfigError
+from osp_megatron.engine.kernels import kernel_choice_lines
 from osp_megatron.inference.jobs import is_done, remove_stale_temporaries, write_record
 from osp_megatron.inference.replicas import SamplingLayout
 from osp_megatron.inference.video_io import write_frame_strip, write_frames, write_video
@@ -66,8 +67,15 @@ class SamplingProgress:
             self.bar = tqdm(total=total, desc="videos (replica 0)", unit="video", dynamic_ncols=True)
 
     def update(self, videos: int, seconds: float) -> None:
+        choices = kernel_choice_lines()  # taken on every rank, so that none piles up
         if not self.enabled:
             return
+        for line in choices:
+            text = f"[osp-sample] kernel choice: {line}"
+            if self.bar is not None:
+                self.bar.write(text)
+            else:
+                print(text, flush=True)
         self.done += videos
         elapsed = time.time() - self.started
         rate = self.done * self.replicas / max(elapsed, 1e-9)

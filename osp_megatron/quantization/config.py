@@ -10,6 +10,7 @@ from osp_megatron.quantization.options import (
     AMAX_COMPUTE_ALGOS,
     BACKENDS,
     FP8_ATTENTION_FORMATS,
+    SELECTIONS,
     check_recipe_combination,
     require_bool,
     require_choice,
@@ -47,6 +48,10 @@ class QuantConfig:
     margin, amax_history_len, amax_compute_algo: scaling parameters (history ones: delayed recipes).
     stochastic_grad_rounding: hybrid stochastic rounding of output gradients (HiF8 recipes only).
     backend: "auto" | "emulate" | "scaled_mm" | "transformer_engine".
+    select: "measured" | "all". Where a layer's GEMMs run as real FP8 (torch._scaled_mm on SM90), "measured"
+        keeps FP8 only for the GEMM shapes that a timing on the device, at their first call, found faster than
+        bf16 (the choices are printed by the job); "all" runs every selected layer in FP8. Emulated recipes
+        (HiF8, CPU) quantize every selected layer either way.
     attention: also run the self-attention cores in FP8 (cuDNN FP8 attention on SM90+ GPUs with
         nvidia-cudnn-frontend; elsewhere the 16-bit kernel runs). FP8 recipes only.
     """
@@ -58,6 +63,7 @@ class QuantConfig:
     stochastic_grad_rounding: bool = False
     modules: ModulesConfig = field(default_factory=ModulesConfig)
     backend: str = "auto"
+    select: str = "measured"
     attention: bool = False
 
     @property
@@ -72,6 +78,7 @@ class QuantConfig:
         require_choice(self.amax_compute_algo, AMAX_COMPUTE_ALGOS, f"{prefix}.amax_compute_algo")
         require_bool(self.stochastic_grad_rounding, f"{prefix}.stochastic_grad_rounding")
         require_choice(self.backend, BACKENDS, f"{prefix}.backend")
+        require_choice(self.select, SELECTIONS, f"{prefix}.select")
         require_bool(self.attention, f"{prefix}.attention")
         if self.attention and RECIPES[self.recipe][0] not in FP8_ATTENTION_FORMATS:
             raise ConfigError(
@@ -102,6 +109,7 @@ class QuantConfig:
             margin=self.margin,
             stochastic_grad_rounding=self.stochastic_grad_rounding,
             backend=self.backend,
+            select=self.select,
         )
         if delayed:
             return DelayedScaling(

@@ -56,7 +56,10 @@ class QuantizedLinearFunction(torch.autograd.Function):
         grad_scaler, scalers = ctx.scalers["grad_output"], ctx.scalers
         grad_input = grad_weight = None
         if ctx.on_scaled_mm:
-            grad_codes, grad_inverse = grad_scaler.encode(grad_out.contiguous(), ctx.group)
+            if ctx.needs_input_grad[1]:
+                grad_codes, grad_codes_t, grad_inverse = grad_scaler.encode_transposed(grad_out.contiguous(), ctx.group)
+            else:
+                grad_codes, grad_inverse = grad_scaler.encode(grad_out.contiguous(), ctx.group)
             if ctx.needs_input_grad[0]:
                 grad_input = torch._scaled_mm(
                     grad_codes,
@@ -67,7 +70,7 @@ class QuantizedLinearFunction(torch.autograd.Function):
                 )
             if ctx.needs_input_grad[1]:
                 grad_weight = torch._scaled_mm(
-                    grad_codes.t().contiguous(),
+                    grad_codes_t,
                     _column_major(x_codes),
                     scale_a=grad_inverse,
                     scale_b=x_inverse,

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from osp_megatron.config.errors import ConfigError
 from osp_megatron.quantization.attention import (
@@ -28,6 +29,7 @@ from osp_megatron.quantization.backends import (
 from osp_megatron.quantization.config import QuantConfig
 from osp_megatron.quantization.gemm import QuantizedLinearFunction, linear_output_dtype
 from osp_megatron.quantization.recipes import ROLES, Recipe, TensorScaler
+from osp_megatron.quantization.selection import fp8_pays_off
 
 _STATE_ATTRIBUTE = "_quantization_state"
 
@@ -104,9 +106,12 @@ def quantized_matmul(
             f"dimensions divisible by 16 (got {tuple(x2d.shape)} x {tuple(weight.shape)}); "
             "emulating this layer instead"
         )
+    out_dtype = linear_output_dtype(x, weight)
+    if on_scaled_mm and recipe.select == "measured" and not fp8_pays_off(x2d, weight, recipe, True, out_dtype, group):
+        return F.linear(x, weight)  # bf16 is faster for this shape on this device
     if on_scaled_mm:
         x2d = x2d.contiguous()
-    out = QuantizedLinearFunction.apply(x2d, weight, state.scalers, group, linear_output_dtype(x, weight), on_scaled_mm)
+    out = QuantizedLinearFunction.apply(x2d, weight, state.scalers, group, out_dtype, on_scaled_mm)
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
@@ -141,6 +146,8 @@ def _inference_matmul(
     x2d = x.reshape(-1, x.shape[-1])
     out_dtype = linear_output_dtype(x, weight)
     on_scaled_mm = recipe.backend in ("auto", "scaled_mm") and scaled_mm_applies(recipe.format, x2d, weight)
+    if on_scaled_mm and recipe.select == "measured" and not fp8_pays_off(x2d, weight, recipe, False, out_dtype, group):
+        return F.linear(x, weight)
     w, w_inverse = _cached_weight(weight, state, group, out_dtype, on_scaled_mm)
     x_codes, x_inverse = state.scalers["input"].encode(x2d.contiguous() if on_scaled_mm else x2d, group)
     if on_scaled_mm:

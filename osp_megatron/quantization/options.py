@@ -12,6 +12,8 @@ from osp_megatron.config.errors import ConfigError
 FP8_ATTENTION_FORMATS = ("hybrid", "e4m3")
 AMAX_COMPUTE_ALGOS = ("max", "most_recent")
 BACKENDS = ("auto", "emulate", "scaled_mm", "transformer_engine")
+# Which selected linears run their GEMMs in FP8 where the hardware path applies: the shapes measured faster, or all.
+SELECTIONS = ("measured", "all")
 
 
 def require_choice(value: Any, allowed: Iterable[Any], key: str) -> None:

@@ -12,10 +12,12 @@ import torch
 import torch.distributed as dist
 
 from osp_megatron.config.errors import ConfigError
-from osp_megatron.quantization.formats import E4M3, E5M2, HIF8, Format
+from osp_megatron.quantization.formats import E4M3, E5M2, HIF8, Format, FP8Format
+from osp_megatron.quantization.kernels import fused_on_cuda
 from osp_megatron.quantization.options import (  # noqa: F401  (re-exported)
     AMAX_COMPUTE_ALGOS,
     BACKENDS,
+    SELECTIONS,
     check_recipe_combination,
     require_bool,
     require_choice,
@@ -42,6 +44,8 @@ class Recipe:
     scaled to; None means the format's default (FP8: its maximum; HiF8: 15 and 224).
     stochastic_grad_rounding: hybrid stochastic rounding of output gradients (HiF8 only).
     backend: "auto", "emulate", "scaled_mm" or "transformer_engine" (see docs/quantization.md).
+    select: "measured" (real FP8 GEMMs only for the shapes a timing on the device found faster than bf16) or
+        "all" (every selected layer); emulated recipes (HiF8, the CPU) quantize every selected layer either way.
     """
 
     format: str = "hybrid"
@@ -50,6 +54,7 @@ class Recipe:
     backward_target: float | None = None
     stochastic_grad_rounding: bool = False
     backend: str = "auto"
+    select: str = "measured"
 
     delayed: ClassVar[bool] = False
 
@@ -74,6 +79,7 @@ class Recipe:
                 raise ConfigError(f"{prefix}.{name}: got {target!r}; allowed: a positive number or null")
         require_bool(self.stochastic_grad_rounding, f"{prefix}.stochastic_grad_rounding")
         require_choice(self.backend, BACKENDS, f"{prefix}.backend")
+        require_choice(self.select, SELECTIONS, f"{prefix}.select")
         check_recipe_combination(self.format, self.stochastic_grad_rounding, self.backend, prefix)
 
     def format_for(self, role: str) -> Format:
@@ -214,8 +220,48 @@ class TensorScaler:
 
     def encode(self, tensor: torch.Tensor, group: dist.ProcessGroup | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(codes of ``tensor`` in the format, 1 / scale) with the scale from ``compute_scale``."""
+        if self._fusable(tensor, group):
+            codes, _, inverse = self._fused_encode(tensor, transposed=False)
+            return codes, inverse
         scale = self.compute_scale(tensor, group)
         return self.format.encode(tensor, scale), scale.reciprocal()
+
+    def encode_transposed(
+        self, tensor: torch.Tensor, group: dist.ProcessGroup | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(codes of the 2-D ``tensor``, the same codes transposed and contiguous, 1 / scale), as ``encode``.
+
+        The FP8 weight-gradient GEMM needs the output gradient's codes token-major; on CUDA with current scaling
+        both layouts come from one compiled pass over the tensor.
+        """
+        if self._fusable(tensor, group):
+            return self._fused_encode(tensor, transposed=True)
+        codes, inverse = self.encode(tensor, group)
+        return codes, codes.t().contiguous(), inverse
+
+    def _fusable(self, tensor: torch.Tensor, group: dist.ProcessGroup | None) -> bool:
+        """Whether amax, scale, history and cast can run as one compiled computation: FP8 current scaling on CUDA
+        without an amax reduction across ranks."""
+        return (
+            tensor.is_cuda
+            and isinstance(self.format, FP8Format)
+            and not self.delayed
+            and len(self.amax_history) == 1
+            and tensor.numel() > 0
+            and (group is None or dist.get_world_size(group) == 1)
+        )
+
+    def _fused_encode(self, tensor: torch.Tensor, transposed: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        self._to_device(tensor.device)
+        fmt = self.format
+        codes, codes_t, scale, recorded = _fp8_current_scaling_encode(
+            tensor, self.scale, self.target, 2.0**self.margin, fmt.max_value, fmt.torch_dtype, transposed
+        )
+        # The same bookkeeping as compute_scale + _record for a one-entry history of a current-scaling recipe.
+        self.amax_history = recorded.reshape(1)
+        self.scale = scale
+        self.num_updates += 1
+        return codes, codes_t, scale.reciprocal()
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -234,3 +280,19 @@ class TensorScaler:
         self.amax_history = history
         self.scale = state["scale"].to(device=device, dtype=torch.float32).reshape(())
         self.num_updates = int(state["num_updates"])
+
+
+@fused_on_cuda
+def _fp8_current_scaling_encode(
+    tensor, previous_scale, target: float, margin_factor: float, max_value: float, fp8_dtype, transposed: bool
+):
+    """Current scaling of ``tensor`` into FP8 in one compiled computation: amax, scale (the previous one where the
+    amax is 0 or not finite), the codes (saturating), optionally their transpose, and the amax to record."""
+    work = tensor.to(torch.promote_types(tensor.dtype, torch.float32))
+    amax = work.abs().amax()
+    usable = (amax > 0) & torch.isfinite(amax)
+    scale = torch.where(usable, target / (amax * margin_factor), previous_scale)
+    codes = (work * scale).clamp(-max_value, max_value).to(fp8_dtype)
+    codes_t = codes.t().contiguous() if transposed else None
+    recorded = torch.where(torch.isfinite(amax), amax, torch.zeros_like(amax))
+    return codes, codes_t, scale, recorded

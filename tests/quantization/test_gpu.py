@@ -12,6 +12,7 @@ from osp_megatron.quantization import (
     HIF8,
     ModulesConfig,
     QuantConfig,
+    TensorScaler,
     apply_quantization,
     hif8_decode,
     hif8_encode,
@@ -64,7 +65,7 @@ def _pair(backend, dtype, shape=(64, 128, 96)):
     layer = nn.Linear(in_features, out_features).cuda().to(dtype)
     x = torch.randn(tokens, in_features, device="cuda", dtype=dtype)
     upstream = torch.randn(tokens, out_features, device="cuda", dtype=dtype)
-    apply_quantization(layer, QuantConfig(recipe="fp8_hybrid", backend=backend, modules=ALL_LINEARS))
+    apply_quantization(layer, QuantConfig(recipe="fp8_hybrid", backend=backend, select="all", modules=ALL_LINEARS))
     x.requires_grad_(True)
     y = layer(x)
     y.backward(upstream)
@@ -106,3 +107,43 @@ def test_scaled_mm_falls_back_to_emulation_for_unaligned_shapes():
     emulated = _pair("emulate", torch.float32, shape=(10, 24, 40))
     for fast_tensor, emulated_tensor in zip(fast, emulated):
         torch.testing.assert_close(fast_tensor, emulated_tensor, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("fmt", [E4M3, E5M2])
+def test_fused_current_scaling_encode_on_cuda_equals_cpu(fmt):
+    """The compiled one-pass encode (amax, scale, cast, transpose) agrees with the separate eager passes on the CPU."""
+    x = torch.randn(4096, 320, generator=torch.Generator().manual_seed(2)) * 7
+    for dtype in (torch.float32, torch.bfloat16):
+        tensor = x.to(dtype)
+        on_gpu, on_cpu = TensorScaler(fmt, fmt.forward_target), TensorScaler(fmt, fmt.forward_target)
+        assert on_gpu._fusable(tensor.cuda(), None)
+        codes, codes_t, inverse = on_gpu.encode_transposed(tensor.cuda())
+        expected, expected_inverse = on_cpu.encode(tensor)
+        torch.testing.assert_close(inverse.cpu(), expected_inverse, rtol=1e-6, atol=0)
+        # A scale one ulp apart (compiled division) may move a value sitting on a rounding boundary.
+        assert (codes.cpu().float() != expected.float()).float().mean() < 1e-4
+        assert torch.equal(codes_t.cpu().float(), codes.cpu().t().float())
+
+
+@pytest.mark.gpu
+@needs_sm90
+def test_measured_selection_on_the_device():
+    """quant.select measured times each shape once on the GPU, records both times, and either path trains."""
+    from osp_megatron.quantization import selection
+
+    selection.reset_decisions()
+    layer = nn.Linear(2048, 4096).cuda().to(torch.bfloat16)
+    apply_quantization(layer, QuantConfig(recipe="fp8_hybrid", modules=ALL_LINEARS))
+    for tokens in (8192, 64, 8192):
+        x = torch.randn(tokens, 2048, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        out = layer(x)
+        out.float().square().mean().backward()
+        reference = x.detach() @ layer.weight.detach().t() + layer.bias.detach()
+        assert ((out.detach() - reference).float().norm() / reference.float().norm()) < 0.1
+    made = selection.decisions()
+    assert [d.shape.tokens for d in made] == [8192, 64]
+    assert all(d.bf16_ms > 0 and d.fp8_ms > 0 for d in made)
+    assert len(selection.new_decisions()) == 2
+    selection.reset_decisions()

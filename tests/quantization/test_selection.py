@@ -1,0 +1,176 @@
+"""FP8 only where it is faster: the per-shape choice of quant.select, and the fused current-scaling encode.
+
+The FP8 GEMM path (torch._scaled_mm) runs on the CPU too, so these tests force it on with ``scaled_mm_applies``
+and replace the device timing with given numbers.
+"""
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from osp_megatron.config.errors import ConfigError
+from osp_megatron.engine.kernels import kernel_choice_lines
+from osp_megatron.quantization import (
+    E4M3,
+    E5M2,
+    ModulesConfig,
+    QuantConfig,
+    TensorScaler,
+    apply_quantization,
+    selection,
+)
+from osp_megatron.quantization import linear as linear_module
+
+ALL_LINEARS = ModulesConfig(include=["*"], exclude=[])
+
+
+@pytest.fixture
+def fp8_gemms(monkeypatch):
+    """The FP8 GEMM path on the CPU, every decision forgotten, and a fake timing: (bf16 ms, fp8 ms) per call."""
+    monkeypatch.setattr(linear_module, "scaled_mm_applies", lambda fmt, x2d, weight: fmt in ("e4m3", "hybrid"))
+    selection.reset_decisions()
+    timings = {"next": (1.0, 2.0), "shapes": []}
+
+    def fake_time_pair(x2d, weight, recipe, shape, out_dtype):
+        timings["shapes"].append(shape)
+        return timings["next"]
+
+    monkeypatch.setattr(selection, "_time_pair", fake_time_pair)
+    scaled_mm_calls = []
+    real_scaled_mm = torch._scaled_mm
+
+    def counting_scaled_mm(*args, **kwargs):
+        scaled_mm_calls.append(args[0].dtype)
+        return real_scaled_mm(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "_scaled_mm", counting_scaled_mm)
+    timings["scaled_mm_calls"] = scaled_mm_calls
+    yield timings
+    selection.reset_decisions()
+
+
+def _layer_and_input(tokens=32, fan_in=64, fan_out=48, seed=0):
+    torch.manual_seed(seed)
+    layer = nn.Linear(fan_in, fan_out)
+    x = torch.randn(tokens, fan_in, requires_grad=True)
+    return layer, x
+
+
+def _run(layer, x):
+    out = layer(x)
+    out.backward(torch.ones_like(out))
+    return out.detach(), x.grad.detach(), layer.weight.grad.detach()
+
+
+def test_bf16_runs_where_fp8_measured_slower(fp8_gemms):
+    layer, x = _layer_and_input()
+    reference = _run(*_layer_and_input())
+    apply_quantization(layer, QuantConfig(recipe="fp8_hybrid", modules=ALL_LINEARS))
+    fp8_gemms["next"] = (1.0, 1.5)  # FP8 slower
+    result = _run(layer, x)
+    assert fp8_gemms["scaled_mm_calls"] == []
+    for got, expected in zip(result, reference):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_fp8_runs_where_measured_faster(fp8_gemms):
+    layer, x = _layer_and_input()
+    reference = _run(*_layer_and_input())
+    apply_quantization(layer, QuantConfig(recipe="fp8_hybrid", modules=ALL_LINEARS))
+    fp8_gemms["next"] = (1.5, 1.0)
+    result = _run(layer, x)
+    # forward (E4M3 x E4M3), dgrad and wgrad (E5M2 output gradient) on the FP8 path
+    assert fp8_gemms["scaled_mm_calls"] == [torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e5m2]
+    assert not torch.equal(result[0], reference[0])  # quantized, so not the plain GEMM ...
+    error = (result[0] - reference[0]).norm() / reference[0].norm()
+    assert error < 0.1  # ... but close to it
+
+
+def test_each_shape_is_measured_once_and_reported_once(fp8_gemms):
+    layer, _ = _layer_and_input()
+    apply_quantization(layer, QuantConfig(recipe="fp8_hybrid", modules=ALL_LINEARS))
+    fp8_gemms["next"] = (2.0, 1.0)
+    for tokens in (32, 32, 64, 32):
+        layer(torch.randn(tokens, 64)).sum().backward()
+    assert [(s.tokens, s.in_features, s.out_features, s.training) for s in fp8_gemms["shapes"]] == [
+        (32, 64, 48, True),
+        (64, 64, 48, True),
+    ]
+    lines = kernel_choice_lines()
+    assert lines == [
+        "GEMM 32x64->48 fwd+bwd: bf16 2.000 ms, fp8 1.000 ms (2.00x) -> fp8",
+        "GEMM 64x64->48 fwd+bwd: bf16 2.000 ms, fp8 1.000 ms (2.00x) -> fp8",
+    ]
+    assert kernel_choice_lines() == []  # reported once
+    assert [d.use_fp8 for d in selection.decisions()] == [True, True]
+
+
+def test_select_all_never_measures(fp8_gemms):
+    layer, x = _layer_and_input()
+    apply_quantization(layer, QuantConfig(recipe="fp8_hybrid", select="all", modules=ALL_LINEARS))
+    fp8_gemms["next"] = (1.0, 9.0)  # would pick bf16 if it were asked
+    _run(layer, x)
+    assert fp8_gemms["shapes"] == []
+    assert len(fp8_gemms["scaled_mm_calls"]) == 3
+
+
+def test_inference_form_is_measured_forward_only(fp8_gemms):
+    layer, _ = _layer_and_input()
+    apply_quantization(layer, QuantConfig(recipe="fp8_e4m3", modules=ALL_LINEARS), inference=True)
+    fp8_gemms["next"] = (1.0, 2.0)
+    with torch.no_grad():
+        x = torch.randn(16, 64)
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), rtol=0, atol=0)
+    assert [s.training for s in fp8_gemms["shapes"]] == [False]
+    assert fp8_gemms["scaled_mm_calls"] == []
+
+
+def test_emulated_recipes_are_not_measured(fp8_gemms):
+    """HiF8 runs emulated (numerics, not speed): every selected layer quantizes, nothing is timed."""
+    layer, x = _layer_and_input()
+    reference = _run(*_layer_and_input())
+    apply_quantization(layer, QuantConfig(recipe="hif8", modules=ALL_LINEARS))
+    result = _run(layer, x)
+    assert fp8_gemms["shapes"] == []
+    assert not torch.equal(result[0], reference[0])
+
+
+def test_select_is_validated():
+    with pytest.raises(ConfigError, match=r"quant\.select: got 'fastest'; allowed: 'measured', 'all'"):
+        QuantConfig(recipe="fp8_hybrid", select="fastest").validate()
+
+
+@pytest.mark.parametrize("fmt", [E4M3, E5M2])
+def test_fused_current_scaling_encode_equals_the_separate_passes(fmt, monkeypatch):
+    """The one-pass encode (compiled on CUDA, eager here) gives the codes, scale and history of amax + cast."""
+    fused, separate = TensorScaler(fmt, fmt.forward_target), TensorScaler(fmt, fmt.forward_target)
+    monkeypatch.setattr(TensorScaler, "_fusable", lambda self, tensor, group: self is fused)
+    generator = torch.Generator().manual_seed(3)
+    inputs = [
+        torch.randn(40, 24, generator=generator) * 5,
+        torch.zeros(40, 24),  # amax 0: the previous scale is kept
+        torch.randn(40, 24, generator=generator).to(torch.bfloat16),
+        torch.full((40, 24), float("inf")),  # amax not finite: previous scale kept, 0 recorded
+        torch.randn(40, 24, generator=generator) * 1e-3,
+    ]
+    for tensor in inputs:
+        codes, codes_t, inverse = fused.encode_transposed(tensor)
+        expected_codes, expected_inverse = separate.encode(tensor)
+        assert torch.equal(codes.float(), expected_codes.float())
+        assert torch.equal(codes_t.float(), expected_codes.t().float())
+        assert codes_t.is_contiguous()
+        torch.testing.assert_close(inverse, expected_inverse, rtol=0, atol=0)
+        torch.testing.assert_close(fused.scale, separate.scale, rtol=0, atol=0)
+        torch.testing.assert_close(fused.amax_history, separate.amax_history, rtol=0, atol=0)
+        assert fused.num_updates == separate.num_updates
+        codes_only, _ = fused.encode(tensor)
+        assert torch.equal(codes_only.float(), separate.encode(tensor)[0].float())
+
+
+def test_fused_encode_only_for_current_scaling_without_reduction():
+    scaler = TensorScaler(E4M3, 448.0)
+    assert not scaler._fusable(torch.randn(4, 4), None)  # CPU tensors take the separate passes
+    delayed = TensorScaler(E4M3, 448.0, history_len=16, compute_algo="max", delayed=True)
+    meta = torch.empty(4, 4, device="meta")
+    assert not delayed._fusable(meta, None)
