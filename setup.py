@@ -39,6 +39,9 @@ setup(
     extras_require={
         "test": ["pytest>=7", "pytest-timeout", "ruff>=0.6"],
         "gpu": ["flash-attn", "transformer-engine[pytorch]", "nvidia-cudnn-frontend>=1.14"],
+        # FlashAttention in CuTe DSL: attention backend "flash_attn_4", and auto on Hopper where it measures faster.
+        # Its own pre-release line; b36 is the release whose API (flash_attn_func -> (out, lse)) is used.
+        "fa4": ["flash-attn-4>=4.0.0b36"],
         "ulysses-baseline": ["deepspeed"],
         "npu": ["torch_npu"],
         "eval": ["vbench"],

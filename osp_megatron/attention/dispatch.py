@@ -1,6 +1,7 @@
 """One entry point for scaled dot-product attention that picks the best kernel on the device.
 
-Layout everywhere is [batch, tokens, heads, head_dim]; an optional boolean key mask marks real keys.
+Layout everywhere is [batch, tokens, heads, head_dim]; an optional boolean key mask marks real keys. The kernel
+rules are in docs/skiparse.md ("Kernels"; "cuDNN or flash-attn-4 on Hopper" for the per-shape measured choice).
 """
 
 import functools
@@ -12,6 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from osp_megatron.attention import kernel_choice
+from osp_megatron.attention.kernel_choice import KernelKey, attention_direction
+
 # PyTorch's own SDPA kernels that a backend name restricts scaled_dot_product_attention to.
 SDPA_KERNELS = {
     "cudnn": SDPBackend.CUDNN_ATTENTION,
@@ -19,8 +23,10 @@ SDPA_KERNELS = {
     "efficient": SDPBackend.EFFICIENT_ATTENTION,
     "math": SDPBackend.MATH,
 }
-BACKENDS = ("auto", "sdpa", *SDPA_KERNELS, "flash_attn", "npu")
+BACKENDS = ("auto", "sdpa", *SDPA_KERNELS, "flash_attn", "flash_attn_4", "npu")
 HALF_DTYPES = (torch.float16, torch.bfloat16)
+# The kernels between which backend "auto" chooses by measurement on Hopper (kernel_choice), cuDNN the default.
+CUDNN, FLASH_ATTN_4 = "cudnn", "flash_attn_4"
 
 # Older PyTorch releases cannot order the allowed kernels and fall back to their built-in order.
 _SDPA_KERNEL_TAKES_PRIORITY = "set_priority" in inspect.signature(sdpa_kernel).parameters
@@ -35,11 +41,27 @@ class AttentionBackendUnavailableError(RuntimeError):
 
 @functools.cache
 def _import_flash_attn():
-    """The flash_attn module, or None; cached because a failing import searches the file system each time."""
+    """flash-attn 2's flash_attn module, or None; cached because a failing import searches the file system each time.
+
+    flash-attn-4 installs only flash_attn/cute/, so `flash_attn` then imports as an empty namespace package:
+    without flash-attn 2's functions it counts as absent.
+    """
     try:
-        return importlib.import_module("flash_attn")
+        module = importlib.import_module("flash_attn")
     except ImportError:
         return None
+    has_functions = hasattr(module, "flash_attn_func") and hasattr(module, "flash_attn_varlen_func")
+    return module if has_functions else None
+
+
+@functools.cache
+def _import_flash_attn_4():
+    """flash-attn-4's flash_attn.cute module (FlashAttention in CuTe DSL), or None."""
+    try:
+        module = importlib.import_module("flash_attn.cute")
+    except ImportError:
+        return None
+    return module if hasattr(module, "flash_attn_func") else None
 
 
 @functools.cache
@@ -60,6 +82,28 @@ def _require_flash_attn(dtype):
     if dtype not in HALF_DTYPES:
         raise ValueError(f"attention backend 'flash_attn' supports float16 and bfloat16 only, got {dtype}")
     return flash_attn
+
+
+def _flash_attn_4_takes(head_dim):
+    """flash-attn-4's head sizes on Hopper; on Blackwell it also refuses 136-248, which its probe then records."""
+    return 8 <= head_dim <= 256 and head_dim % 8 == 0
+
+
+def _require_flash_attn_4(q, v):
+    flash_attn_4 = _import_flash_attn_4()
+    if flash_attn_4 is None:
+        raise AttentionBackendUnavailableError(
+            "attention backend 'flash_attn_4' needs the flash-attn-4 package and an NVIDIA GPU of compute "
+            "capability 8.0 or newer: pip install 'osp-megatron[fa4]'"
+        )
+    if q.dtype not in HALF_DTYPES:
+        raise ValueError(f"attention backend 'flash_attn_4' supports float16 and bfloat16 only, got {q.dtype}")
+    if not (_flash_attn_4_takes(q.shape[-1]) and _flash_attn_4_takes(v.shape[-1])):
+        raise ValueError(
+            f"attention backend 'flash_attn_4' needs head_dim a multiple of 8 from 8 to 256, got "
+            f"{q.shape[-1]} for q and k, {v.shape[-1]} for v"
+        )
+    return flash_attn_4
 
 
 def _require_torch_npu():
@@ -134,6 +178,14 @@ def _flash_attn(q, k, v, key_padding_mask):
     return out.reshape(q.shape[:3] + out.shape[-1:])
 
 
+# CuTe DSL kernels cannot be traced: a torch.compile'd caller runs this call eagerly (one graph break).
+@torch.compiler.disable
+def _flash_attn_4(q, k, v):
+    """flash-attn-4, which returns (out, softmax log-sum-exp)."""
+    result = _require_flash_attn_4(q, v).flash_attn_func(q, k, v)
+    return result[0] if isinstance(result, tuple) else result
+
+
 def _npu(q, k, v, key_padding_mask):
     """Ascend fused attention in BSND layout; its atten_mask marks the positions to drop."""
     torch_npu = _require_torch_npu()
@@ -145,6 +197,41 @@ def _npu(q, k, v, key_padding_mask):
     )[0]
 
 
+# Efficient and math come last in every list: they accept any head size and mask the fused ones refuse.
+_FALLBACK_KERNELS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def _hopper_sdpa(q, k, v):
+    """Unmasked SDPA as auto runs it on Hopper or newer: cuDNN first (PyTorch skips it where it cannot run)."""
+    # On an H200 cuDNN ran 1.6x faster than SDPA flash unmasked.
+    return _sdpa(q, k, v, None, [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, *_FALLBACK_KERNELS])
+
+
+@torch.compiler.assume_constant_result
+def _measured_kernel(batch, q_tokens, k_tokens, heads, head_dim, dtype, direction, device) -> str:
+    """CUDNN, or FLASH_ATTN_4 where the probe found it faster for this shape, dtype and direction.
+
+    torch.compile calls this once while tracing a graph (whose shapes it fixes) and keeps the answer as a
+    constant, so a compiled caller neither traces the probe nor breaks its graph when cuDNN wins. The arguments
+    are plain values: only those pass into such a function.
+    """
+    key = KernelKey(batch, q_tokens, k_tokens, heads, head_dim, dtype, direction)
+    if not kernel_choice.worth_probing(key) or not _flash_attn_4_takes(head_dim) or _import_flash_attn_4() is None:
+        return CUDNN
+    return kernel_choice.choose_kernel(key, device, {CUDNN: _hopper_sdpa, FLASH_ATTN_4: _flash_attn_4})
+
+
+def _hopper_unmasked(q, k, v):
+    """Unmasked fp16/bf16 attention on Hopper or newer: cuDNN, or flash-attn-4 where measured faster."""
+    batch, q_tokens, heads, head_dim = q.shape
+    direction = attention_direction(q, k, v)
+    if v.shape[-1] == head_dim and (
+        _measured_kernel(batch, q_tokens, k.shape[1], heads, head_dim, q.dtype, direction, q.device) == FLASH_ATTN_4
+    ):
+        return _flash_attn_4(q, k, v)
+    return _hopper_sdpa(q, k, v)
+
+
 def _auto(q, k, v, key_padding_mask):
     device_type = q.device.type
     if device_type == "npu":
@@ -152,20 +239,16 @@ def _auto(q, k, v, key_padding_mask):
     if device_type != "cuda" or q.dtype not in HALF_DTYPES:
         # CPU and full-precision CUDA: PyTorch's own choice already is the fastest correct kernel.
         return _sdpa(q, k, v, key_padding_mask)
-    # Efficient and math come last in every list: they accept any head size and mask the fused ones refuse.
-    fallback_kernels = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
     if _cuda_is_hopper_or_newer(q.device):
-        # On an H200 cuDNN ran 1.6x faster than SDPA flash unmasked and, where the PyTorch build lets it
-        # take a mask, 3x faster than the efficient kernel with one; PyTorch skips it where it cannot.
-        kernels = [SDPBackend.CUDNN_ATTENTION]
         if key_padding_mask is None:
-            kernels.append(SDPBackend.FLASH_ATTENTION)
-        return _sdpa(q, k, v, key_padding_mask, kernels + fallback_kernels)
+            return _hopper_unmasked(q, k, v)
+        # Where the PyTorch build lets cuDNN take a mask it ran 3x faster than the efficient kernel on an H200.
+        return _sdpa(q, k, v, key_padding_mask, [SDPBackend.CUDNN_ATTENTION, *_FALLBACK_KERNELS])
     if _import_flash_attn() is not None:
         return _flash_attn(q, k, v, key_padding_mask)
     if key_padding_mask is None:
-        return _sdpa(q, k, v, None, [SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION] + fallback_kernels)
-    return _sdpa(q, k, v, key_padding_mask, fallback_kernels)
+        return _sdpa(q, k, v, None, [SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, *_FALLBACK_KERNELS])
+    return _sdpa(q, k, v, key_padding_mask, _FALLBACK_KERNELS)
 
 
 def _attention(q, k, v, key_padding_mask, backend):
@@ -175,6 +258,12 @@ def _attention(q, k, v, key_padding_mask, backend):
         return _sdpa(q, k, v, key_padding_mask)
     if backend == "flash_attn":
         return _flash_attn(q, k, v, key_padding_mask)
+    if backend == "flash_attn_4":
+        if key_padding_mask is not None:
+            raise ValueError(
+                "attention backend 'flash_attn_4' takes no key_padding_mask; use 'auto' or 'flash_attn' with a mask"
+            )
+        return _flash_attn_4(q, k, v)
     if backend == "npu":
         return _npu(q, k, v, key_padding_mask)
     if backend in _CUDA_ONLY_SDPA_KERNELS and q.device.type != "cuda":
@@ -198,18 +287,31 @@ def dot_product_attention(q, k, v, key_padding_mask=None, backend="auto"):
 
     backend:
       "auto"        fastest available: on a Hopper-or-newer GPU with fp16/bf16, PyTorch SDPA restricted
-                    to cuDNN attention (then flash without a mask, then efficient/math); on older GPUs
-                    flash-attn when installed (its varlen kernel over the real keys when masked), else
-                    SDPA flash/cuDNN without a mask and efficient/math with one; on an Ascend NPU
+                    to cuDNN attention (then flash without a mask, then efficient/math); without a mask,
+                    when flash-attn-4 is installed and takes the head_dim, flash-attn-4 instead for the
+                    shapes where a probe measured it faster (see below); on older GPUs flash-attn when
+                    installed (its varlen kernel over the real keys when masked), else SDPA flash/cuDNN
+                    without a mask and efficient/math with one; on an Ascend NPU
                     torch_npu.npu_fusion_attention; otherwise (CPU, float32/float64) PyTorch's own SDPA
                     choice, on CPU its fused CPU kernel or the math path.
       "sdpa"        PyTorch SDPA with its own kernel choice.
       "cudnn", "flash", "efficient", "math"
                     PyTorch SDPA restricted to that one kernel ("cudnn" and "efficient" need CUDA).
       "flash_attn"  the flash-attn package (pip install osp-megatron[gpu]); fp16/bf16 only.
+      "flash_attn_4" flash-attn-4, FlashAttention in CuTe DSL (pip install 'osp-megatron[fa4]'); fp16/bf16,
+                    head_dim a multiple of 8 from 8 to 256, no key mask.
       "npu"         torch_npu.npu_fusion_attention (pip install osp-megatron[npu]). Written against the
                     documented torch_npu API and not tested on Ascend hardware.
     An explicitly named backend that cannot run here raises AttentionBackendUnavailableError.
+
+    The probe of "auto": the first unmasked call of each (batch, q tokens, k tokens, heads, head_dim, dtype,
+    direction) on Hopper, direction "forward" when no gradient can be taken and "forward+backward" otherwise,
+    times cuDNN and flash-attn-4 on random tensors of that shape (one untimed call each, then the median of a
+    few), keeps the faster for the process and logs both times at INFO (logger
+    osp_megatron.attention.kernel_choice). Shapes under kernel_choice.MIN_PROBE_FLOPS forward FLOPs keep cuDNN
+    unprobed; a kernel that fails in the probe is logged as a warning and left out for that shape;
+    OSP_MEGATRON_ATTENTION_PROBE=0 turns the probe off (cuDNN everywhere). kernel_choice.kernel_decisions()
+    lists the choices made, kernel_choice.reset_kernel_decisions() forgets them.
     """
     _check_backend(backend)
     _check_inputs(q, k, v, key_padding_mask)

@@ -230,3 +230,14 @@ def test_cuda_row_without_keys_gives_zero_output():
     mask[0] = False
     out = dot_product_attention(q, k, v, key_padding_mask=mask)
     assert torch.isfinite(out).all() and torch.equal(out[0], torch.zeros_like(out[0]))
+
+
+@pytest.mark.parametrize("backend", dispatch.BACKENDS)
+def test_every_backend_is_a_valid_model_attention_backend(backend):
+    """model.attention_backend takes each dispatcher backend name, flash_attn_4 included, through the config loader."""
+    from osp_megatron.config.loader import from_dict
+    from osp_megatron.models.config import ModelConfig
+
+    config = from_dict(ModelConfig, {"attention_backend": backend}, "model")
+    config.validate()
+    assert config.attention_backend == backend
