@@ -26,8 +26,12 @@ fps overrides the container's frame timing. Rerunning the same command resumes a
   torchrun --nproc-per-node 8 -m osp_data.cli encode --input clips/ --output latents/ --vae ... --text-encoder ...
   osp-data encode --input clips/ --output latents/ --config examples/train_osp_data.yaml   # model.* paths
   osp-data encode --input clips/ --output latents/ --text-dim 32 --text-len 32   # tiny random models (tests)
+  osp-data encode --input clips/ --output latents/ --vae ... --text-encoder ... --batch-size 1 \\
+      --vae-chunk-frames 40 --vae-channels-last   # longer VAE chunks: faster, more GPU memory
+  osp-data encode --input clips/ --output latents/ --vae-chunk-frames 0 --no-prefetch   # the reference path
 
-Rerunning the same command resumes: finished shards are kept, the rest are encoded. Train with
+Rerunning the same command resumes: finished shards are kept, the rest are encoded (the --vae-* options and
+--no-prefetch may differ between runs: they change the speed, the latents only within rounding). Train with
 data.path=latents/.""",
     "inspect": """examples:
   osp-data inspect clips/
@@ -145,6 +149,32 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("auto", "bf16", "fp32"),
         default="auto",
         help="model dtype; auto is bf16 on GPUs, fp32 on CPU (default auto)",
+    )
+    encode.add_argument(
+        "--vae-chunk-frames",
+        type=int,
+        default=None,
+        help="frames per VAE encoder call after a clip's first frame, a multiple of 4; longer chunks are faster and "
+        "take GPU memory in proportion (docs/data.md, 'Encoding speed'); 0 runs diffusers' own encode, 4 frames "
+        "a call (default 20, models/vae.py DEFAULT_CHUNK_FRAMES)",
+    )
+    encode.add_argument(
+        "--vae-channels-last",
+        action="store_true",
+        help="run the VAE encoder in the channels-last-3d memory format (same latents; faster where cuDNN favours "
+        "it, see benchmarks/bench_data_encode.py)",
+    )
+    encode.add_argument(
+        "--vae-compile",
+        action="store_true",
+        help="torch.compile the VAE encoder: one compilation per clip shape and batch size (tens of seconds or "
+        "more each), then faster chunks; for long encodes",
+    )
+    encode.add_argument(
+        "--no-prefetch",
+        action="store_true",
+        help="read, decode and text-encode each batch before the VAE runs, instead of preparing the next batch "
+        "in a background thread while the VAE encodes this one",
     )
     encode.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -302,6 +332,10 @@ def main(argv: list[str] | None = None) -> int:
                 args.device,
                 args.precision,
                 not args.no_progress,
+                **({} if args.vae_chunk_frames is None else {"vae_chunk_frames": args.vae_chunk_frames}),
+                vae_channels_last=args.vae_channels_last,
+                vae_compile=args.vae_compile,
+                prefetch=not args.no_prefetch,
             )
             return 1 if report is not None and not report["samples"] else 0  # the report is rank 0's
         if args.command == "inspect":

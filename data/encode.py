@@ -1,13 +1,19 @@
 """`osp-data encode`: clip shards -> Wan VAE latents and umT5 text states, the shards `osp-train` reads.
 
 Each rank encodes its share of shards (torchrun), batched per bucket; finished shards are skipped on a rerun.
+A background thread reads, decodes and text-encodes the next batch while the VAE encodes this one (docs/data.md).
 """
 
+import contextlib
+import dataclasses
 import json
 import os
+import queue
 import sys
+import threading
 import time
 import warnings
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -28,7 +34,7 @@ from osp_megatron.data.shards import (
 )
 from osp_megatron.data.video import VideoError, decode_clip, to_model_input
 from osp_megatron.models.text_encoder import TextEncoder, build_text_encoder
-from osp_megatron.models.vae import VideoVAE, build_vae
+from osp_megatron.models.vae import DEFAULT_CHUNK_FRAMES, VideoVAE, build_vae, check_chunk_frames
 
 from .build import CLIPS_FORMAT
 from .outputs import claim_output
@@ -40,10 +46,15 @@ REPORT_NAME = "encode_report.json"
 
 
 class Encoders:
-    """The frozen VAE and text encoder of one rank: clips and captions in, latents and text states out."""
+    """The frozen VAE and text encoder of one rank: clips and captions in, latents and text states out.
+
+    Work is split in two steps so that they can overlap: `prepare` (model inputs on the CPU and the text encoder,
+    on its own CUDA stream) and `encode_video` (the VAE).
+    """
 
     def __init__(self, vae: VideoVAE, text: TextEncoder, names: dict[str, str]):
         self.vae, self.text, self.names = vae, text, names
+        self._text_stream = None
 
     @classmethod
     def load(
@@ -54,8 +65,12 @@ class Encoders:
         text_len: int,
         device: torch.device,
         dtype: torch.dtype,
+        vae_chunk_frames: int | None = DEFAULT_CHUNK_FRAMES,
+        vae_channels_last: bool = False,
+        vae_compile: bool = False,
     ) -> "Encoders":
-        """From local model folders; tiny random-weight models (with a warning) for those not given."""
+        """From local model folders; tiny random-weight models (with a warning) for those not given. The vae_*
+        options set how the VAE encodes (models/vae.py, VideoVAE)."""
         if vae_path is None or text_encoder_path is None:
             missing = [
                 name for name, path in (("--vae", vae_path), ("--text-encoder", text_encoder_path)) if path is None
@@ -64,7 +79,14 @@ class Encoders:
                 f"no {' / '.join(missing)} given: using tiny random-weight models (for "
                 "tests only; the latents and text states mean nothing to a real DiT)"
             )
-        vae = build_vae(vae_path, device=device, dtype=dtype)
+        vae = build_vae(
+            vae_path,
+            device=device,
+            dtype=dtype,
+            chunk_frames=vae_chunk_frames,
+            channels_last=vae_channels_last,
+            compile_encoder=vae_compile,
+        )
         text = build_text_encoder(text_encoder_path, text_dim, text_len, device=device, dtype=dtype)
         if dtype != torch.float32:  # the tiny models are built in float32
             vae.autoencoder.to(dtype)
@@ -73,10 +95,137 @@ class Encoders:
 
     def __call__(self, clips: list[np.ndarray], captions: list[str]) -> tuple[np.ndarray, list[np.ndarray]]:
         """uint8 clips [B, F, H, W, 3] and B captions -> (latents [B, C, T, h, w], [(states [l, D]), ...])."""
-        video = torch.stack([to_model_input(frames) for frames in clips])
-        latents = self.vae.encode(video)
-        states, lengths = self.text.encode(captions)
-        return latents.numpy(), [states[i, : int(lengths[i])].numpy() for i in range(len(captions))]
+        return self.encode_video(self.prepare(clips, captions))
+
+    def prepare(self, clips: list[np.ndarray], captions: list[str]) -> "PreparedBatch":
+        """The VAE's input (on the CPU, in the VAE's dtype) and the text states of one batch; safe to run in a
+        thread beside `encode_video`."""
+        video = torch.stack([to_model_input(frames) for frames in clips]).to(self.vae.dtype)
+        if self.text.device.type != "cuda":
+            states, lengths = self.text.encode(captions)
+            return PreparedBatch(video, _unpadded(states, lengths), None)
+        device = self.text.device
+        with torch.cuda.device(device):  # a thread's current device is the first GPU until set
+            if self._text_stream is None:
+                self._text_stream = torch.cuda.Stream(device)
+            with torch.cuda.stream(self._text_stream):
+                states, lengths = self.text.encode(captions)
+                done = torch.cuda.Event()
+                done.record(self._text_stream)
+        return PreparedBatch(video, _unpadded(states, lengths), done)
+
+    def encode_video(self, batch: "PreparedBatch") -> tuple[np.ndarray, list[np.ndarray]]:
+        """(latents [B, C, T, h, w], text states) of a prepared batch: runs the VAE."""
+        latents = self.vae.encode(batch.video)
+        if batch.text_done is not None:  # the text encoder's stream has finished this batch's work
+            batch.text_done.synchronize()
+        return latents.numpy(), batch.text_states
+
+
+@dataclasses.dataclass
+class PreparedBatch:
+    """One batch ready for the VAE: video [B, 3, F, H, W] on the CPU, unpadded text states, and the CUDA event
+    the text encoder's stream records when it is done (None on the CPU)."""
+
+    video: torch.Tensor
+    text_states: list[np.ndarray]
+    text_done: torch.cuda.Event | None
+
+
+def _unpadded(states, lengths):
+    return [states[i, : int(lengths[i])].numpy() for i in range(len(lengths))]
+
+
+def _read_batches(in_path: str, expected: tuple[int, int, int, int], batch_size: int) -> Iterator[tuple]:
+    """The clips of one shard in file order: ("batch", [(key, frames, caption, metadata), ...]) of batch_size
+    (the last one shorter) and ("problem", (kind, item, message)) where a clip or the shard is bad, in the order
+    they are met."""
+    batch = []
+    try:
+        for raw in iter_raw_samples(in_path):
+            item = f"{os.path.basename(in_path)}/{raw['__key__']}"
+            try:
+                if "mp4" not in raw:
+                    raise VideoError("has no 'mp4' entry")
+                frames = decode_clip(raw["mp4"])
+                if tuple(frames.shape) != expected:
+                    raise VideoError(f"has shape {tuple(frames.shape)}, its shard's bucket is {expected}")
+                metadata = json.loads(raw.get("json", b"{}"))
+            except (VideoError, ValueError) as exc:
+                yield ("problem", ("bad clip", item, str(exc)))
+                continue
+            caption = raw.get("txt", b"").decode("utf-8", errors="replace")
+            batch.append((raw["__key__"], frames, caption, metadata))
+            if len(batch) == batch_size:
+                yield ("batch", batch)
+                batch = []
+    except ConfigError as exc:
+        yield ("problem", ("unreadable shard", in_path, f"{exc}; the clips read before the damage are kept"))
+    if batch:
+        yield ("batch", batch)
+
+
+def _prepared(items: Iterator[tuple], encoders: Encoders) -> Iterator[tuple]:
+    """`items` with each batch's model inputs made: ("batch", (batch, PreparedBatch)); problems pass through."""
+    for kind, value in items:
+        if kind == "batch":
+            value = (value, encoders.prepare([b[1] for b in value], [b[2] for b in value]))
+        yield kind, value
+
+
+class Prefetcher:
+    """Runs an iterator in a background thread ahead of the reader; a context manager.
+
+    At most `depth` finished items wait in the queue (plus the one the thread is making). Items come out in the
+    iterator's order; an exception raised in the thread is raised again by the reader; leaving the `with` block
+    (normally or by an exception) stops the thread and waits for it.
+    """
+
+    _END = object()
+
+    def __init__(self, items: Iterator, depth: int = 1):
+        self._items, self._queue, self._stop = items, queue.Queue(maxsize=depth), threading.Event()
+        self._thread = threading.Thread(target=self._produce, name="osp-data-encode-prefetch", daemon=True)
+
+    def __enter__(self) -> "Prefetcher":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def __iter__(self) -> Iterator:
+        while True:
+            failed, item = self._queue.get()
+            if failed:
+                raise item
+            if item is self._END:
+                return
+            yield item
+
+    def _produce(self) -> None:
+        try:
+            for item in self._items:
+                if not self._put((False, item)):
+                    return
+            self._put((False, self._END))
+        except BaseException as exc:  # handed to the reader, which raises it
+            self._put((True, exc))
+        finally:
+            close = getattr(self._items, "close", None)
+            if close is not None:  # a generator left early closes its shard file here, in its own thread
+                close()
+
+    def _put(self, entry) -> bool:
+        """Queue `entry` unless the reader has left; False once it has."""
+        while not self._stop.is_set():
+            try:
+                self._queue.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
 
 
 def encode_shard(
@@ -87,54 +236,38 @@ def encode_shard(
     batch_size: int,
     latent_dtype: str,
     problems: ProblemLog,
+    prefetch: bool = True,
 ) -> dict:
-    """Encode one clip shard into `out_path` (atomically); returns its record (samples, offsets, problems)."""
+    """Encode one clip shard into `out_path` (atomically); returns its record (samples, offsets, problems).
+
+    prefetch: read, decode and text-encode the next batch in a background thread while the VAE encodes this one
+    (the same shard either way).
+    """
     tmp = os.path.join(os.path.dirname(out_path), f".{os.path.basename(out_path)}.tmp")
     start = len(problems.records)
     count, latent_shape = 0, None
+    items = _prepared(_read_batches(in_path, expected, batch_size), encoders)
     with open(tmp, "wb") as handle, webdataset.TarWriter(handle) as writer:
-        batch = []
-
-        def flush():
-            nonlocal count, latent_shape
-            if not batch:
-                return
-            latents, texts = encoders([b[1] for b in batch], [b[2] for b in batch])
-            for (key, _, caption, metadata), latent, text in zip(batch, latents, texts):
-                latent_shape = list(latent.shape)
-                metadata = dict(metadata, latent_shape=latent_shape, text_length=int(text.shape[0]))
-                writer.write(
-                    {
-                        "__key__": key,
-                        "latent.npy": npy_bytes(latent, latent_dtype),
-                        "text.npy": npy_bytes(text, latent_dtype),
-                        "txt": caption.encode("utf-8"),
-                        "json": json.dumps(metadata).encode("utf-8"),
-                    }
-                )
-            count += len(batch)
-            batch.clear()
-
-        try:
-            for raw in iter_raw_samples(in_path):
-                item = f"{os.path.basename(in_path)}/{raw['__key__']}"
-                try:
-                    if "mp4" not in raw:
-                        raise VideoError("has no 'mp4' entry")
-                    frames = decode_clip(raw["mp4"])
-                    if tuple(frames.shape) != expected:
-                        raise VideoError(f"has shape {tuple(frames.shape)}, its shard's bucket is {expected}")
-                    metadata = json.loads(raw.get("json", b"{}"))
-                except (VideoError, ValueError) as exc:
-                    problems.report("bad clip", item, str(exc))
+        with Prefetcher(items) if prefetch else contextlib.closing(items) as ready:
+            for kind, value in ready:
+                if kind == "problem":
+                    problems.report(*value)
                     continue
-                caption = raw.get("txt", b"").decode("utf-8", errors="replace")
-                batch.append((raw["__key__"], frames, caption, metadata))
-                if len(batch) == batch_size:
-                    flush()
-        except ConfigError as exc:
-            problems.report("unreadable shard", in_path, f"{exc}; the clips read before the damage are kept")
-        flush()
+                batch, prepared = value
+                latents, texts = encoders.encode_video(prepared)
+                for (key, _, caption, metadata), latent, text in zip(batch, latents, texts):
+                    latent_shape = list(latent.shape)
+                    metadata = dict(metadata, latent_shape=latent_shape, text_length=int(text.shape[0]))
+                    writer.write(
+                        {
+                            "__key__": key,
+                            "latent.npy": npy_bytes(latent, latent_dtype),
+                            "text.npy": npy_bytes(text, latent_dtype),
+                            "txt": caption.encode("utf-8"),
+                            "json": json.dumps(metadata).encode("utf-8"),
+                        }
+                    )
+                count += len(batch)
     record = {
         "name": os.path.basename(out_path),
         "num_samples": count,
@@ -182,12 +315,19 @@ def encode_dataset(
     precision: str = "auto",
     progress: bool = True,
     encoders: Encoders | None = None,
+    vae_chunk_frames: int | None = DEFAULT_CHUNK_FRAMES,
+    vae_channels_last: bool = False,
+    vae_compile: bool = False,
+    prefetch: bool = True,
 ) -> dict | None:
     """Encode (or resume encoding) every clip shard of `input_dir`; rank 0 writes the index and the report.
 
-    encoders: ready Encoders (benchmarks pass random-weight full-size models); default: loaded from the paths.
-    Returns rank 0's report (None on the other ranks).
+    encoders: ready Encoders (benchmarks pass random-weight full-size models); default: loaded from the paths
+    with the vae_* options (VideoVAE's chunk_frames, channels_last, compile_encoder; they change the speed, not
+    the latents, so a resumed encode may use others). prefetch: overlap reading, MP4 decoding and the text
+    encoder with the VAE (encode_shard). Returns rank 0's report (None on the other ranks).
     """
+    check_chunk_frames(vae_chunk_frames, setting="--vae-chunk-frames")
     index = read_index(input_dir)
     if index is None or index.get("format") != CLIPS_FORMAT:
         raise ConfigError(
@@ -216,7 +356,17 @@ def encode_dataset(
     if world > 1:
         dist.barrier()
     if encoders is None:
-        encoders = Encoders.load(vae_path, text_encoder_path, text_dim, text_len, device, dtype)
+        encoders = Encoders.load(
+            vae_path,
+            text_encoder_path,
+            text_dim,
+            text_len,
+            device,
+            dtype,
+            vae_chunk_frames=vae_chunk_frames,
+            vae_channels_last=vae_channels_last,
+            vae_compile=vae_compile,
+        )
     problems = ProblemLog("encode")
     entries = index["shards"]
     mine = entries[rank::world]
@@ -238,6 +388,7 @@ def encode_dataset(
                 batch_size,
                 latent_dtype,
                 problems,
+                prefetch,
             )
             clips += record["num_samples"]
         bar.update(1)
