@@ -94,14 +94,21 @@ def _time_pair(x2d: torch.Tensor, weight: torch.Tensor, recipe, shape: GemmShape
             xg, wg = x.detach().requires_grad_(True), w.detach().requires_grad_(True)
             QuantizedLinearFunction.apply(xg, wg, scalers, None, out_dtype, True).backward(grad)
 
-    with torch.no_grad():
+    # The caller's saved-tensor hooks (activation checkpointing, offloading) must not see the timing's own graphs:
+    # a checkpointed block would count them as saved by its forward and refuse the recomputation.
+    with torch.autograd.graph.saved_tensors_hooks(_keep, _keep):
+        with torch.no_grad():
+            for _ in range(WARMUP_CALLS):
+                high_precision()
         for _ in range(WARMUP_CALLS):
-            high_precision()
-    for _ in range(WARMUP_CALLS):
-        quantized()
-    with torch.no_grad():
-        bf16_ms = _elapsed_ms(high_precision, TIMED_CALLS)
-    return bf16_ms, _elapsed_ms(quantized, TIMED_CALLS)
+            quantized()
+        with torch.no_grad():
+            bf16_ms = _elapsed_ms(high_precision, TIMED_CALLS)
+        return bf16_ms, _elapsed_ms(quantized, TIMED_CALLS)
+
+
+def _keep(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
 
 
 @torch.compiler.disable

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from osp_megatron.config.errors import ConfigError
 from osp_megatron.engine.kernels import kernel_choice_lines
@@ -174,3 +175,28 @@ def test_fused_encode_only_for_current_scaling_without_reduction():
     delayed = TensorScaler(E4M3, 448.0, history_len=16, compute_algo="max", delayed=True)
     meta = torch.empty(4, 4, device="meta")
     assert not delayed._fusable(meta, None)
+
+
+def test_timing_inside_a_checkpointed_block(monkeypatch):
+    """The first call of a shape times both GEMMs inside the forward of a checkpointed block; the recomputation
+    must see the same saved tensors as the forward (the timing's own graphs stay out of the checkpoint)."""
+    monkeypatch.setattr(linear_module, "scaled_mm_applies", lambda fmt, x2d, weight: fmt in ("e4m3", "hybrid"))
+    calls = []
+
+    def run_once(function, repeats):  # the real _time_pair, with one call instead of CUDA-event timing
+        function()
+        calls.append(function.__name__)
+        return {"high_precision": 2.0, "quantized": 1.0}[function.__name__]
+
+    monkeypatch.setattr(selection, "_elapsed_ms", run_once)
+    selection.reset_decisions()
+    try:
+        layer, x = _layer_and_input()
+        apply_quantization(layer, QuantConfig(recipe="fp8_hybrid", modules=ALL_LINEARS))
+        out = torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False)
+        out.sum().backward()
+        assert calls == ["high_precision", "quantized"]
+        assert [d.use_fp8 for d in selection.decisions()] == [True]
+        assert x.grad is not None and layer.weight.grad is not None
+    finally:
+        selection.reset_decisions()
