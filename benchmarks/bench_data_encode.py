@@ -301,7 +301,7 @@ def fits_end_to_end(device, batch_size, vae_batch):
 def e2e_case(autoencoder, text, names, folder, clips, args, device, report):
     configs = [
         ("baseline", "diffusers", False),
-        ("default", f"c{DEFAULT_CHUNK_FRAMES}", True),
+        ("default", f"c{DEFAULT_CHUNK_FRAMES}-cl", True),
     ]
     # The fastest variant whose activations at --batch-size fit beside umT5 (c80 at batch 2 may not).
     best = best_variant(report["vae_variants"], fits_end_to_end(device, args.batch_size, args.vae_batch))

@@ -126,12 +126,13 @@ def test_vae_options_and_prefetch_reach_the_encoders(clip_dir, tmp_path, monkeyp
     (clips / "index.json").write_text(json.dumps(index))
     _encode(clips, tmp_path / "latents", vae_chunk_frames=8, vae_channels_last=True, prefetch=False)
     vae = seen["encoders"].vae
-    assert (vae.chunk_frames, vae.channels_last, vae.compile_encoder) == (8, True, False)
+    # channels-last is a GPU setting (measured faster there); a CPU encode keeps the default layout
+    assert (vae.chunk_frames, vae.channels_last, vae.compile_encoder) == (8, False, False)
     assert seen["prefetch"] == [False]
 
 
 def test_cli_speed_flags_are_passed_on(tmp_path, monkeypatch, capsys):
-    """--vae-chunk-frames, --vae-channels-last, --vae-compile and --no-prefetch reach encode_dataset; without them
+    """--vae-chunk-frames, --(no-)vae-channels-last, --vae-compile and --no-prefetch reach encode_dataset; without them
     it gets the defaults; a chunk size off the stride exits with status 2 naming the flag."""
     calls = []
     monkeypatch.setattr(encode_module, "encode_dataset", lambda *args, **kwargs: calls.append(kwargs) or None)
@@ -145,7 +146,9 @@ def test_cli_speed_flags_are_passed_on(tmp_path, monkeypatch, capsys):
         "prefetch": False,
     }
     assert "vae_chunk_frames" not in calls[1]  # encode_dataset's own default applies
-    assert (calls[1]["vae_channels_last"], calls[1]["vae_compile"], calls[1]["prefetch"]) == (False, False, True)
+    assert (calls[1]["vae_channels_last"], calls[1]["vae_compile"], calls[1]["prefetch"]) == (True, False, True)
+    assert main([*common, "--no-vae-channels-last"]) == 0
+    assert calls[2]["vae_channels_last"] is False
     monkeypatch.undo()
     assert main([*common, "--vae-chunk-frames", "6"]) == 2
     assert "--vae-chunk-frames must be a multiple of the VAE temporal stride 4" in capsys.readouterr().err
