@@ -50,8 +50,8 @@ class QuantConfig:
     backend: "auto" | "emulate" | "scaled_mm" | "transformer_engine".
     select: "measured" | "all". Where a layer's GEMMs run as real FP8 (torch._scaled_mm on SM90), "measured"
         keeps FP8 only for the GEMM shapes that a timing on the device, at their first call, found faster than
-        bf16 (the choices are printed by the job); "all" runs every selected layer in FP8. Emulated recipes
-        (HiF8, CPU) quantize every selected layer either way.
+        bf16 (the choices are printed by the job), and FP8 emulated on a GPU competes the same way; "all" runs
+        every selected layer in FP8. HiF8 and FP8 on the CPU quantize every selected layer either way.
     attention: also run the self-attention cores in FP8 (cuDNN FP8 attention on SM90+ GPUs with
         nvidia-cudnn-frontend; elsewhere the 16-bit kernel runs). FP8 recipes only.
     """

@@ -29,7 +29,7 @@ from osp_megatron.quantization.backends import (
 from osp_megatron.quantization.config import QuantConfig
 from osp_megatron.quantization.gemm import QuantizedLinearFunction, linear_output_dtype
 from osp_megatron.quantization.recipes import ROLES, Recipe, TensorScaler
-from osp_megatron.quantization.selection import fp8_pays_off
+from osp_megatron.quantization.selection import fp8_pays_off, measured_here
 
 _STATE_ATTRIBUTE = "_quantization_state"
 
@@ -107,7 +107,9 @@ def quantized_matmul(
             "emulating this layer instead"
         )
     out_dtype = linear_output_dtype(x, weight)
-    if on_scaled_mm and recipe.select == "measured" and not fp8_pays_off(x2d, weight, recipe, True, out_dtype, group):
+    if measured_here(recipe, x2d, on_scaled_mm) and not fp8_pays_off(
+        x2d, weight, recipe, True, out_dtype, group, on_scaled_mm
+    ):
         return F.linear(x, weight)  # bf16 is faster for this shape on this device
     if on_scaled_mm:
         x2d = x2d.contiguous()
@@ -146,7 +148,9 @@ def _inference_matmul(
     x2d = x.reshape(-1, x.shape[-1])
     out_dtype = linear_output_dtype(x, weight)
     on_scaled_mm = recipe.backend in ("auto", "scaled_mm") and scaled_mm_applies(recipe.format, x2d, weight)
-    if on_scaled_mm and recipe.select == "measured" and not fp8_pays_off(x2d, weight, recipe, False, out_dtype, group):
+    if measured_here(recipe, x2d, on_scaled_mm) and not fp8_pays_off(
+        x2d, weight, recipe, False, out_dtype, group, on_scaled_mm
+    ):
         return F.linear(x, weight)
     w, w_inverse = _cached_weight(weight, state, group, out_dtype, on_scaled_mm)
     x_codes, x_inverse = state.scalers["input"].encode(x2d.contiguous() if on_scaled_mm else x2d, group)

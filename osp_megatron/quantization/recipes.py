@@ -45,7 +45,7 @@ class Recipe:
     stochastic_grad_rounding: hybrid stochastic rounding of output gradients (HiF8 only).
     backend: "auto", "emulate", "scaled_mm" or "transformer_engine" (see docs/quantization.md).
     select: "measured" (real FP8 GEMMs only for the shapes a timing on the device found faster than bf16) or
-        "all" (every selected layer); emulated recipes (HiF8, the CPU) quantize every selected layer either way.
+        "all" (every selected layer); FP8 emulated on a GPU is measured too; HiF8 and the CPU always quantize.
     """
 
     format: str = "hybrid"

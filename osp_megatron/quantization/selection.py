@@ -31,10 +31,12 @@ class GemmShape:
     dtype: torch.dtype
     training: bool  # forward + both backward GEMMs (training form) or the forward alone (inference form)
     recipe_format: str
+    scaled_mm: bool = True  # FP8 tensor-core GEMMs; False: quantize-dequantize around a 16-bit GEMM
 
     def describe(self) -> str:
         kind = "fwd+bwd" if self.training else "fwd"
-        return f"{self.tokens}x{self.in_features}->{self.out_features} {kind}"
+        emulated = "" if self.scaled_mm else " (FP8 emulated: dimensions not multiples of 16)"
+        return f"{self.tokens}x{self.in_features}->{self.out_features} {kind}{emulated}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,11 +90,11 @@ def _time_pair(x2d: torch.Tensor, weight: torch.Tensor, recipe, shape: GemmShape
     def quantized():
         if grad is None:
             with torch.no_grad():
-                QuantizedLinearFunction.apply(x, w, scalers, None, out_dtype, True)
+                QuantizedLinearFunction.apply(x, w, scalers, None, out_dtype, shape.scaled_mm)
             return
         with torch.enable_grad():
             xg, wg = x.detach().requires_grad_(True), w.detach().requires_grad_(True)
-            QuantizedLinearFunction.apply(xg, wg, scalers, None, out_dtype, True).backward(grad)
+            QuantizedLinearFunction.apply(xg, wg, scalers, None, out_dtype, shape.scaled_mm).backward(grad)
 
     # The caller's saved-tensor hooks (activation checkpointing, offloading) must not see the timing's own graphs:
     # a checkpointed block would count them as saved by its forward and refuse the recomputation.
@@ -111,6 +113,18 @@ def _keep(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+FP8_FORMATS = ("e4m3", "e5m2", "hybrid")
+
+
+def measured_here(recipe, x2d: torch.Tensor, on_scaled_mm: bool) -> bool:
+    """Whether ``quant.select: measured`` decides this call by timing: FP8 recipes on FP8 tensor cores, and FP8
+    recipes emulated on a GPU (a shape whose dimensions torch._scaled_mm does not take), which then compete on
+    speed with bf16 too. HiF8 and FP8 emulated on the CPU are about numerics, not speed: always quantized."""
+    if recipe.select != "measured" or recipe.format not in FP8_FORMATS:
+        return False
+    return on_scaled_mm or x2d.is_cuda
+
+
 @torch.compiler.disable
 def fp8_pays_off(
     x2d: torch.Tensor,
@@ -119,9 +133,10 @@ def fp8_pays_off(
     training: bool,
     out_dtype: torch.dtype,
     group: dist.ProcessGroup | None = None,
+    on_scaled_mm: bool = True,
 ) -> bool:
     """Whether the FP8 GEMM(s) of this shape beat bf16 on this device (measured on the first call, then cached)."""
-    shape = GemmShape(x2d.shape[0], x2d.shape[1], weight.shape[0], x2d.dtype, training, recipe.format)
+    shape = GemmShape(x2d.shape[0], x2d.shape[1], weight.shape[0], x2d.dtype, training, recipe.format, on_scaled_mm)
     decision = _decisions.get(shape)
     if decision is None:
         # Under inference mode no backward can be taken, so only the forward is timed.

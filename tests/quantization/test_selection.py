@@ -200,3 +200,21 @@ def test_timing_inside_a_checkpointed_block(monkeypatch):
         assert x.grad is not None and layer.weight.grad is not None
     finally:
         selection.reset_decisions()
+
+
+def test_which_calls_are_measured():
+    """FP8 on tensor cores and FP8 emulated on a GPU (e.g. 32,760 tokens, not a multiple of 16) compete with bf16 on
+    speed; HiF8, FP8 emulated on the CPU and select=all are always quantized."""
+    from types import SimpleNamespace
+
+    on_gpu, on_cpu = SimpleNamespace(is_cuda=True), SimpleNamespace(is_cuda=False)
+    fp8 = QuantConfig(recipe="fp8_hybrid").build_recipe()
+    assert selection.measured_here(fp8, on_gpu, on_scaled_mm=True)
+    assert selection.measured_here(fp8, on_gpu, on_scaled_mm=False)
+    assert selection.measured_here(fp8, on_cpu, on_scaled_mm=True)  # forced on in the tests above
+    assert not selection.measured_here(fp8, on_cpu, on_scaled_mm=False)
+    assert not selection.measured_here(QuantConfig(recipe="hif8").build_recipe(), on_gpu, on_scaled_mm=False)
+    everything = QuantConfig(recipe="fp8_hybrid", select="all").build_recipe()
+    assert not selection.measured_here(everything, on_gpu, on_scaled_mm=True)
+    shape = selection.GemmShape(32760, 1536, 8960, torch.bfloat16, True, "hybrid", scaled_mm=False)
+    assert shape.describe() == "32760x1536->8960 fwd+bwd (FP8 emulated: dimensions not multiples of 16)"
