@@ -7,6 +7,8 @@ elsewhere (HiF8, E5M2, the CPU and older GPUs); either way the backward keeps th
 import torch
 import torch.nn.functional as F
 
+from osp_megatron.quantization.backends import pad_rows
+
 
 def linear_output_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     """The dtype F.linear(x, weight) returns here: autocast's where autocast is on, else type promotion.
@@ -36,10 +38,14 @@ class QuantizedLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x2d, weight, scalers, group, out_dtype: torch.dtype, on_scaled_mm: bool):
+        ctx.rows = rows = x2d.shape[0]
+        if on_scaled_mm:
+            x2d = pad_rows(x2d)  # zero rows up to a multiple of 16; sliced off the output again
         x_codes, x_inverse = scalers["input"].encode(x2d, group)
         w_codes, w_inverse = scalers["weight"].encode(weight, group)
         if on_scaled_mm:
             out = torch._scaled_mm(x_codes, w_codes.t(), scale_a=x_inverse, scale_b=w_inverse, out_dtype=out_dtype)
+            out = out[:rows]
         else:
             decode = scalers["input"].format.decode
             out = F.linear(
@@ -56,6 +62,7 @@ class QuantizedLinearFunction(torch.autograd.Function):
         grad_scaler, scalers = ctx.scalers["grad_output"], ctx.scalers
         grad_input = grad_weight = None
         if ctx.on_scaled_mm:
+            grad_out = pad_rows(grad_out)  # the zero rows of the padded input get zero gradients
             if ctx.needs_input_grad[1]:
                 grad_codes, grad_codes_t, grad_inverse = grad_scaler.encode_transposed(grad_out.contiguous(), ctx.group)
             else:
@@ -67,7 +74,7 @@ class QuantizedLinearFunction(torch.autograd.Function):
                     scale_a=grad_inverse,
                     scale_b=w_inverse,
                     out_dtype=ctx.input_dtype,
-                )
+                )[: ctx.rows]
             if ctx.needs_input_grad[1]:
                 grad_weight = torch._scaled_mm(
                     grad_codes_t,

@@ -24,6 +24,7 @@ from osp_megatron.quantization.autocast import autocast_frames
 from osp_megatron.quantization.backends import (
     TransformerEngineGemm,
     load_transformer_engine,
+    pad_rows,
     scaled_mm_applies,
 )
 from osp_megatron.quantization.config import QuantConfig
@@ -102,8 +103,8 @@ def quantized_matmul(
     if recipe.backend == "scaled_mm" and not on_scaled_mm and not state.warned_fallback:
         state.warned_fallback = True
         warnings.warn(
-            "quant.backend 'scaled_mm' needs an E4M3 recipe, CUDA capability >= 9.0 and GEMM "
-            f"dimensions divisible by 16 (got {tuple(x2d.shape)} x {tuple(weight.shape)}); "
+            "quant.backend 'scaled_mm' needs an E4M3 recipe, CUDA capability >= 9.0 and in and out "
+            f"features divisible by 16 (got {tuple(x2d.shape)} x {tuple(weight.shape)}); "
             "emulating this layer instead"
         )
     out_dtype = linear_output_dtype(x, weight)
@@ -153,9 +154,10 @@ def _inference_matmul(
     ):
         return F.linear(x, weight)
     w, w_inverse = _cached_weight(weight, state, group, out_dtype, on_scaled_mm)
-    x_codes, x_inverse = state.scalers["input"].encode(x2d.contiguous() if on_scaled_mm else x2d, group)
+    x_codes, x_inverse = state.scalers["input"].encode(pad_rows(x2d.contiguous()) if on_scaled_mm else x2d, group)
     if on_scaled_mm:
         out = torch._scaled_mm(x_codes, w.t(), scale_a=x_inverse, scale_b=w_inverse, out_dtype=out_dtype)
+        out = out[: x2d.shape[0]]
     else:
         out = torch.nn.functional.linear(state.scalers["input"].format.decode(x_codes, x_inverse, out_dtype), w)
     return out.reshape(*x.shape[:-1], weight.shape[0])

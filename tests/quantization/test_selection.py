@@ -41,12 +41,15 @@ def fp8_gemms(monkeypatch):
     scaled_mm_calls = []
     real_scaled_mm = torch._scaled_mm
 
+    operand_shapes = []
+
     def counting_scaled_mm(*args, **kwargs):
         scaled_mm_calls.append(args[0].dtype)
+        operand_shapes.append((tuple(args[0].shape), tuple(args[1].shape)))
         return real_scaled_mm(*args, **kwargs)
 
     monkeypatch.setattr(torch, "_scaled_mm", counting_scaled_mm)
-    timings["scaled_mm_calls"] = scaled_mm_calls
+    timings["scaled_mm_calls"], timings["operand_shapes"] = scaled_mm_calls, operand_shapes
     yield timings
     selection.reset_decisions()
 
@@ -218,3 +221,20 @@ def test_which_calls_are_measured():
     assert not selection.measured_here(everything, on_gpu, on_scaled_mm=True)
     shape = selection.GemmShape(32760, 1536, 8960, torch.bfloat16, True, "hybrid", scaled_mm=False)
     assert shape.describe() == "32760x1536->8960 fwd+bwd (FP8 emulated: dimensions not multiples of 16)"
+
+
+def test_token_count_off_the_alignment_is_padded_for_the_fp8_gemms(fp8_gemms):
+    """37 tokens (not a multiple of 16): the FP8 GEMMs run on zero-padded rows and give the emulation's results."""
+    results = {}
+    for backend in ("auto", "emulate"):
+        layer, x = _layer_and_input(tokens=37)
+        apply_quantization(layer, QuantConfig(recipe="fp8_hybrid", backend=backend, select="all", modules=ALL_LINEARS))
+        out = layer(x)
+        out.backward(torch.linspace(-1, 1, out.numel()).reshape(out.shape))
+        results[backend] = (out.detach(), x.grad, layer.weight.grad, layer.bias.grad)
+    assert len(fp8_gemms["scaled_mm_calls"]) == 3  # forward, dgrad, wgrad on the FP8 path ...
+    # every operand dimension a multiple of 16, as the GPU kernel needs: 37 tokens padded to 48
+    assert fp8_gemms["operand_shapes"] == [((48, 64), (64, 48)), ((48, 48), (48, 64)), ((48, 48), (48, 64))]
+    for fast, emulated in zip(results["auto"], results["emulate"]):  # ... with the emulation's numbers
+        assert fast.shape == emulated.shape
+        torch.testing.assert_close(fast, emulated, rtol=1e-5, atol=1e-6)
