@@ -37,6 +37,7 @@ class KernelKey(NamedTuple):
     head_dim: int
     dtype: torch.dtype
     direction: str  # FORWARD or FORWARD_BACKWARD
+    candidates: str = "16-bit"  # which kernels compete: the 16-bit ones, or "FP8 or 16-bit" (quant.attention)
 
     @property
     def forward_flops(self) -> int:
@@ -47,7 +48,7 @@ class KernelKey(NamedTuple):
         dtype = str(self.dtype).removeprefix("torch.")
         return (
             f"batch {self.batch}, {self.q_tokens} x {self.k_tokens} tokens, {self.heads} heads x {self.head_dim}, "
-            f"{dtype}, {self.direction}"
+            f"{dtype}, {self.direction}" + ("" if self.candidates == "16-bit" else f", {self.candidates}")
         )
 
 

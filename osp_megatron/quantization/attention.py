@@ -11,8 +11,14 @@ from typing import Any
 
 import torch
 
+from osp_megatron.attention.dispatch import dot_product_attention
+from osp_megatron.attention.kernel_choice import KernelKey, attention_direction, choose_kernel, worth_probing
 from osp_megatron.quantization.autocast import autocast_frames
-from osp_megatron.quantization.fp8_attention import FP8AttentionState, fp8_dot_product_attention
+from osp_megatron.quantization.fp8_attention import (
+    FP8AttentionState,
+    fp8_attention_supported,
+    fp8_dot_product_attention,
+)
 from osp_megatron.quantization.options import FP8_ATTENTION_FORMATS
 from osp_megatron.quantization.recipes import Recipe
 
@@ -49,7 +55,32 @@ def attention_kernel(module: torch.nn.Module) -> Callable | None:
     state = module.__dict__.get(ATTENTION_STATE_ATTRIBUTE)
     if state is None or not state.active():
         return None
+    if state.recipe.select == "measured":
+        return functools.partial(measured_fp8_attention, state=state.fp8)
     return functools.partial(fp8_dot_product_attention, state=state.fp8)
+
+
+def measured_fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: FP8AttentionState):
+    """FP8 attention where it is faster for this shape and direction, else the 16-bit kernel (quant.select measured).
+
+    The first call of a shape times both on tensors of that shape (kernel_choice's probe; the FP8 side with a
+    throwaway gradient-scale state, so the layer's own history is untouched) and prints the choice like the other
+    kernel choices; FP8 wins ties. Where FP8 attention cannot run, or the shape is below the probe's size
+    threshold, this is fp8_dot_product_attention.
+    """
+    if not (fp8_attention_supported(q) and q.shape == k.shape == v.shape):
+        return fp8_dot_product_attention(q, k, v, state=state)
+    key = KernelKey(*q.shape[:2], k.shape[1], *q.shape[2:], q.dtype, attention_direction(q, k, v), "FP8 or 16-bit")
+    if not worth_probing(key):
+        return fp8_dot_product_attention(q, k, v, state=state)
+    probe_state = FP8AttentionState()
+    candidates = {
+        "fp8": lambda q, k, v: fp8_dot_product_attention(q, k, v, state=probe_state),
+        "16-bit": dot_product_attention,
+    }
+    if choose_kernel(key, q.device, candidates) == "fp8":
+        return fp8_dot_product_attention(q, k, v, state=state)
+    return dot_product_attention(q, k, v)
 
 
 def quantized_attention_modules(model: torch.nn.Module) -> dict[str, AttentionQuantizationState]:

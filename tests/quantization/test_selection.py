@@ -238,3 +238,69 @@ def test_token_count_off_the_alignment_is_padded_for_the_fp8_gemms(fp8_gemms):
     for fast, emulated in zip(results["auto"], results["emulate"]):  # ... with the emulation's numbers
         assert fast.shape == emulated.shape
         torch.testing.assert_close(fast, emulated, rtol=1e-5, atol=1e-6)
+
+
+class _FakeAttention:
+    """FP8 and 16-bit attention stand-ins that record their calls, and the probe's timer reading from `times`."""
+
+    def __init__(self, monkeypatch, times):
+        from osp_megatron.attention import kernel_choice
+        from osp_megatron.quantization import attention as attention_module
+
+        self.calls, self.times = [], times
+
+        def fp8(q, k, v, state=None):
+            self.calls.append("fp8")
+            return v
+
+        def sixteen_bit(q, k, v):
+            self.calls.append("16-bit")
+            return v
+
+        def measure(run):
+            first = len(self.calls)
+            run()
+            return self.times[self.calls[first]]
+
+        monkeypatch.setattr(attention_module, "fp8_attention_supported", lambda q: True)
+        monkeypatch.setattr(attention_module, "fp8_dot_product_attention", fp8)
+        monkeypatch.setattr(attention_module, "dot_product_attention", sixteen_bit)
+        monkeypatch.setattr(kernel_choice, "_measure_ms", measure)
+        monkeypatch.setattr(kernel_choice, "PROBE_ENABLED", True)
+        monkeypatch.setattr(kernel_choice, "MIN_PROBE_FLOPS", 1)
+        kernel_choice.reset_kernel_decisions()
+        self.kernel_choice = kernel_choice
+
+
+@pytest.mark.parametrize("faster", ["fp8", "16-bit"])
+def test_fp8_attention_where_measured_faster(monkeypatch, faster):
+    """quant.attention with select measured: the first call of a shape probes FP8 against the 16-bit kernel, every
+    later call runs the faster one, and the choice is reported once; select all always runs FP8."""
+    from osp_megatron.quantization.attention import (
+        ATTENTION_STATE_ATTRIBUTE,
+        AttentionQuantizationState,
+        attention_kernel,
+    )
+
+    fake = _FakeAttention(monkeypatch, {"fp8": 1.0 if faster == "fp8" else 3.0, "16-bit": 2.0})
+    core = nn.Module()
+    measured = QuantConfig(recipe="fp8_hybrid").build_recipe()
+    core.__dict__[ATTENTION_STATE_ATTRIBUTE] = AttentionQuantizationState(measured)
+    q = torch.randn(1, 32, 2, 16)
+    with torch.no_grad():
+        attention_kernel(core)(q, q, q)
+        probe_calls = list(fake.calls)
+        fake.calls.clear()
+        attention_kernel(core)(q, q, q)
+    assert sorted(set(probe_calls)) == ["16-bit", "fp8"]  # both timed in the probe ...
+    assert fake.calls == [faster]  # ... and the faster one runs from then on
+    (line,) = fake.kernel_choice.new_decision_lines()
+    assert line.endswith(f"forward, FP8 or 16-bit: {faster} (probe: fp8 {fake.times['fp8']:.2f} ms, 16-bit 2.00 ms)")
+    core.__dict__[ATTENTION_STATE_ATTRIBUTE] = AttentionQuantizationState(
+        QuantConfig(recipe="fp8_hybrid", select="all").build_recipe()
+    )
+    fake.calls.clear()
+    with torch.no_grad():
+        attention_kernel(core)(q, q, q)
+    assert fake.calls == ["fp8"]
+    fake.kernel_choice.reset_kernel_decisions()
