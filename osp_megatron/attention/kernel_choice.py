@@ -5,12 +5,13 @@ docs/skiparse.md ("cuDNN or flash-attn-4 on Hopper") describes the rule, its log
 
 import logging
 import os
-import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+
+from osp_megatron.utils.timing import median_cuda_ms, outside_saved_tensor_hooks
 
 logger = logging.getLogger(__name__)
 
@@ -106,10 +107,6 @@ def choose_kernel(key: KernelKey, device: torch.device, kernels: dict[str, Calla
     return decision.kernel
 
 
-def _keep(tensor):
-    return tensor
-
-
 @torch.compiler.disable
 def _probe(key: KernelKey, device: torch.device, kernels: dict[str, Callable]) -> KernelDecision:
     """Time every kernel on random tensors of the key's shape: one untimed call, then the median of PROBE_REPEATS."""
@@ -126,8 +123,7 @@ def _probe(key: KernelKey, device: torch.device, kernels: dict[str, Callable]) -
         q, k, v = (tensor.requires_grad_() for tensor in (q, k, v))
         grad_out = sample(key.q_tokens)
     times, failures = {}, {}
-    # The caller's saved-tensor hooks (activation checkpointing, offloading) must not see the probe's own graph.
-    with torch.autograd.graph.saved_tensors_hooks(_keep, _keep):
+    with outside_saved_tensor_hooks():
         for name, attend in kernels.items():
 
             def run(attend=attend):
@@ -155,15 +151,7 @@ def _attend_once(attend, q, k, v, grad_out):
 
 def _measure_ms(run: Callable[[], None]) -> float:
     """Median milliseconds of run() over PROBE_REPEATS calls, timed with CUDA events on the current stream."""
-    times = []
-    for _ in range(PROBE_REPEATS):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        run()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return median_cuda_ms(run, PROBE_REPEATS)
 
 
 def _log(key: KernelKey, decision: KernelDecision) -> None:

@@ -16,9 +16,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from osp_megatron.quantization.gemm import QuantizedLinearFunction
+from osp_megatron.utils.timing import median_cuda_ms as _elapsed_ms
+from osp_megatron.utils.timing import outside_saved_tensor_hooks
 
 WARMUP_CALLS = 1  # the first call of a shape compiles the fused quantization kernels: never timed
-TIMED_CALLS = 3
+TIMED_CALLS = 3  # the median counts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,17 +64,6 @@ _unreported: list[Decision] = []
 _lock = threading.Lock()
 
 
-def _elapsed_ms(function, calls: int) -> float:
-    """Mean milliseconds of ``function()`` over ``calls`` calls, timed with CUDA events."""
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(calls):
-        function()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / calls
-
-
 def _time_pair(x2d: torch.Tensor, weight: torch.Tensor, recipe, shape: GemmShape, out_dtype) -> tuple[float, float]:
     """(bf16 ms, fp8 ms) of the GEMM(s) of ``shape`` on copies of the layer's own operands."""
     x = x2d.detach()
@@ -96,9 +87,7 @@ def _time_pair(x2d: torch.Tensor, weight: torch.Tensor, recipe, shape: GemmShape
             xg, wg = x.detach().requires_grad_(True), w.detach().requires_grad_(True)
             QuantizedLinearFunction.apply(xg, wg, scalers, None, out_dtype, shape.scaled_mm).backward(grad)
 
-    # The caller's saved-tensor hooks (activation checkpointing, offloading) must not see the timing's own graphs:
-    # a checkpointed block would count them as saved by its forward and refuse the recomputation.
-    with torch.autograd.graph.saved_tensors_hooks(_keep, _keep):
+    with outside_saved_tensor_hooks():
         with torch.no_grad():
             for _ in range(WARMUP_CALLS):
                 high_precision()
@@ -107,10 +96,6 @@ def _time_pair(x2d: torch.Tensor, weight: torch.Tensor, recipe, shape: GemmShape
         with torch.no_grad():
             bf16_ms = _elapsed_ms(high_precision, TIMED_CALLS)
         return bf16_ms, _elapsed_ms(quantized, TIMED_CALLS)
-
-
-def _keep(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor
 
 
 FP8_FORMATS = ("e4m3", "e5m2", "hybrid")
