@@ -15,6 +15,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from osp_megatron.attention import kernel_choice
 from osp_megatron.attention.kernel_choice import KernelKey, attention_direction
+from osp_megatron.config.errors import ConfigError
 
 # PyTorch's own SDPA kernels that a backend name restricts scaled_dot_product_attention to.
 SDPA_KERNELS = {
@@ -35,8 +36,11 @@ _SDPA_KERNEL_TAKES_PRIORITY = "set_priority" in inspect.signature(sdpa_kernel).p
 _CUDA_ONLY_SDPA_KERNELS = ("cudnn", "efficient")
 
 
-class AttentionBackendUnavailableError(RuntimeError):
-    """The requested attention backend cannot run here; the message says what to install or use."""
+class AttentionBackendUnavailableError(ConfigError, RuntimeError):
+    """The requested attention backend cannot run here; the message says what to install or use.
+
+    A ConfigError, so that the jobs report it as one line naming the fix (exit status 2) rather than a traceback.
+    """
 
 
 @functools.cache

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -397,3 +398,28 @@ def test_auto_probe_on_hopper_times_both_kernels(monkeypatch):
     (decision,) = kernel_choice.kernel_decisions().values()
     assert set(decision.times_ms) == {"cudnn", "flash_attn_4"} and min(decision.times_ms.values()) > 0
     torch.testing.assert_close(out, expected, rtol=2e-2, atol=2e-2)
+
+
+def test_a_job_naming_an_unavailable_backend_ends_with_one_line(tmp_path, capsys):
+    """osp-train with model.attention_backend=flash_attn_4 where it cannot run: exit status 2 and the message naming
+    the extra, not a traceback."""
+    from osp_megatron.training.cli import main
+
+    status = main(
+        [
+            "--config",
+            str(Path(__file__).parents[2] / "examples" / "tiny_t2v.yaml"),
+            f"run.dir={tmp_path}/run",
+            f"data.path={tmp_path}/data",
+            f"data.eval_path={tmp_path}/eval",
+            "model.attention_backend=flash_attn_4",
+            "train.steps=1",
+            "train.sample_at_end=false",
+            "train.progress=false",
+        ]
+    )
+    assert status == 2
+    error = capsys.readouterr().err
+    assert "osp-train: error: attention backend 'flash_attn_4' needs the flash-attn-4 package" in error
+    assert "pip install 'osp-megatron[fa4]'" in error
+    assert "Traceback" not in error
