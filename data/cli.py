@@ -161,9 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     encode.add_argument(
         "--vae-channels-last",
         action=argparse.BooleanOptionalAction,
-        default=True,
-        help="run the VAE encoder on a GPU in the channels-last-3d memory format (same latents; 1.39x against 1.22x "
-        "without it at 20-frame chunks on an H100, docs/data.md; default on, --no-vae-channels-last turns it off)",
+        default=None,
+        help="run the VAE encoder in the channels-last-3d memory format (same latents; 1.39x against 1.22x without "
+        "it at 20-frame chunks on an H100, docs/data.md); default: on GPUs, off on the CPU",
     )
     encode.add_argument(
         "--vae-compile",

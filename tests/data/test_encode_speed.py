@@ -126,9 +126,10 @@ def test_vae_options_and_prefetch_reach_the_encoders(clip_dir, tmp_path, monkeyp
     (clips / "index.json").write_text(json.dumps(index))
     _encode(clips, tmp_path / "latents", vae_chunk_frames=8, vae_channels_last=True, prefetch=False)
     vae = seen["encoders"].vae
-    # channels-last is a GPU setting (measured faster there); a CPU encode keeps the default layout
-    assert (vae.chunk_frames, vae.channels_last, vae.compile_encoder) == (8, False, False)
+    assert (vae.chunk_frames, vae.channels_last, vae.compile_encoder) == (8, True, False)  # asked for: followed
     assert seen["prefetch"] == [False]
+    _encode(clips, tmp_path / "latents_default", vae_chunk_frames=8, prefetch=False)
+    assert seen["encoders"].vae.channels_last is False  # the default on the CPU (on GPUs: on)
 
 
 def test_cli_speed_flags_are_passed_on(tmp_path, monkeypatch, capsys):
@@ -146,7 +147,7 @@ def test_cli_speed_flags_are_passed_on(tmp_path, monkeypatch, capsys):
         "prefetch": False,
     }
     assert "vae_chunk_frames" not in calls[1]  # encode_dataset's own default applies
-    assert (calls[1]["vae_channels_last"], calls[1]["vae_compile"], calls[1]["prefetch"]) == (True, False, True)
+    assert (calls[1]["vae_channels_last"], calls[1]["vae_compile"], calls[1]["prefetch"]) == (None, False, True)
     assert main([*common, "--no-vae-channels-last"]) == 0
     assert calls[2]["vae_channels_last"] is False
     monkeypatch.undo()
