@@ -225,7 +225,9 @@ def build_dataset(
         shards.append(record)
 
     bar = tqdm(total=len(pending), unit="video", disable=not progress, desc="osp-data build", dynamic_ncols=True)
-    pool = multiprocessing.Pool(workers) if workers > 0 else None
+    # Workers come from a fork server, not from forking this process: a fork of a process whose other threads hold
+    # locks (PyAV's decoder threads, a caller's threads) can hang the child in its first frame conversion.
+    pool = multiprocessing.get_context("forkserver").Pool(workers) if workers > 0 else None
     try:
         results = pool.imap(process_video, pending) if pool else map(process_video, pending)
         for line, bucket, clips, video_problems in results:
