@@ -16,21 +16,14 @@ SCALED_MM_FORMATS = ("e4m3", "hybrid")  # E5M2 x E5M2 GEMMs are not supported by
 def scaled_mm_applies(recipe_format: str, x2d: torch.Tensor, weight: torch.Tensor) -> bool:
     """True when the FP8 GEMMs of ``x2d @ weight.T`` and its gradients can run on torch._scaled_mm.
 
-    The feature dimensions must be multiples of 16; the token count need not be: the quantized GEMM pads its rows
-    with zeros (``pad_rows``), which changes no amax and no product.
+    The feature dimensions must be multiples of 16; the token count need not be: the quantized GEMM pads the
+    codes with zero rows (``TensorScaler.encode``'s row_multiple), which changes no amax and no product.
     """
     if recipe_format not in SCALED_MM_FORMATS or not x2d.is_cuda or not hasattr(torch, "_scaled_mm"):
         return False
     if torch.cuda.get_device_capability(x2d.device) < (9, 0):
         return False
     return all(dim % SCALED_MM_ALIGNMENT == 0 for dim in (x2d.shape[1], weight.shape[0]))
-
-
-def pad_rows(tensor: torch.Tensor) -> torch.Tensor:
-    """``tensor`` [rows, features] with zero rows appended up to a multiple of SCALED_MM_ALIGNMENT (itself if
-    already aligned): torch._scaled_mm takes no other row count."""
-    missing = -tensor.shape[0] % SCALED_MM_ALIGNMENT
-    return tensor if missing == 0 else torch.nn.functional.pad(tensor, (0, 0, 0, missing))
 
 
 def load_transformer_engine():

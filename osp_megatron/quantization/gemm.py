@@ -7,7 +7,7 @@ elsewhere (HiF8, E5M2, the CPU and older GPUs); either way the backward keeps th
 import torch
 import torch.nn.functional as F
 
-from osp_megatron.quantization.backends import pad_rows
+from osp_megatron.quantization.backends import SCALED_MM_ALIGNMENT
 
 
 def linear_output_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
@@ -22,68 +22,62 @@ def linear_output_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, weight.dtype)
 
 
-def _column_major(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.t().contiguous().t()
-
-
 class QuantizedLinearFunction(torch.autograd.Function):
     """``x2d @ W.T`` with x and W quantized per tensor by their scalers, the output gradient in the backward.
 
     Forward: the codes of x and W (1 byte each for FP8, E4M3 on the hardware path) and their inverse scales are
     all that is saved; the output is in ``out_dtype``. Backward: the output gradient is quantized by the
     "grad_output" scaler; dx = qdq(dy) qdq(W) and dW = qdq(dy)^T qdq(x) pass straight through the quantizers.
-    ``on_scaled_mm`` runs all three GEMMs in FP8 with float32 accumulation; otherwise the codes are decoded
-    to ``out_dtype`` and multiplied there (quantize-dequantize emulation).
+    ``on_scaled_mm`` runs all three GEMMs in FP8 with float32 accumulation: the codes the backward GEMMs need are
+    those of x and W transposed, which the forward's fused cast writes beside the ones it multiplies (and keeps
+    instead of them); token counts off a multiple of 16 get zero rows in the codes, sliced off the outputs.
+    Otherwise the codes are decoded to ``out_dtype`` and multiplied there (quantize-dequantize emulation).
+    ``grad_enabled``: whether a backward can follow (autograd's grad mode at the call), else nothing is kept.
     """
 
     @staticmethod
-    def forward(ctx, x2d, weight, scalers, group, out_dtype: torch.dtype, on_scaled_mm: bool):
+    def forward(ctx, x2d, weight, scalers, group, out_dtype: torch.dtype, on_scaled_mm: bool, grad_enabled: bool):
         ctx.rows = rows = x2d.shape[0]
-        if on_scaled_mm:
-            x2d = pad_rows(x2d)  # zero rows up to a multiple of 16; sliced off the output again
-        x_codes, x_inverse = scalers["input"].encode(x2d, group)
-        w_codes, w_inverse = scalers["weight"].encode(weight, group)
-        if on_scaled_mm:
-            out = torch._scaled_mm(x_codes, w_codes.t(), scale_a=x_inverse, scale_b=w_inverse, out_dtype=out_dtype)
-            out = out[:rows]
-        else:
+        ctx.scalers, ctx.group, ctx.on_scaled_mm = scalers, group, on_scaled_mm
+        ctx.input_dtype, ctx.weight_dtype = x2d.dtype, weight.dtype
+        if not on_scaled_mm:
+            x_codes, x_inverse = scalers["input"].encode(x2d, group)
+            w_codes, w_inverse = scalers["weight"].encode(weight, group)
             decode = scalers["input"].format.decode
             out = F.linear(
                 decode(x_codes, x_inverse, out_dtype), scalers["weight"].format.decode(w_codes, w_inverse, out_dtype)
             )
-        ctx.save_for_backward(x_codes, w_codes, x_inverse, w_inverse)
-        ctx.scalers, ctx.group, ctx.on_scaled_mm = scalers, group, on_scaled_mm
-        ctx.input_dtype, ctx.weight_dtype = x2d.dtype, weight.dtype
-        return out
+            if grad_enabled:
+                ctx.save_for_backward(x_codes, w_codes, x_inverse, w_inverse)
+            return out
+        need_grad_input, need_grad_weight = (grad_enabled and needed for needed in ctx.needs_input_grad[:2])
+        x_codes, x_codes_t, x_inverse = _encode(scalers["input"], x2d, group, need_grad_weight, SCALED_MM_ALIGNMENT)
+        w_codes, w_codes_t, w_inverse = _encode(scalers["weight"], weight, group, need_grad_input, 1)
+        out = torch._scaled_mm(x_codes, w_codes.t(), scale_a=x_inverse, scale_b=w_inverse, out_dtype=out_dtype)
+        if grad_enabled:
+            # Transposed (row-major) codes: the backward hands their .t(), column-major, to torch._scaled_mm.
+            ctx.save_for_backward(x_codes_t, w_codes_t, x_inverse, w_inverse)
+        return out[:rows]
 
     @staticmethod
     def backward(ctx, grad_out):
-        x_codes, w_codes, x_inverse, w_inverse = ctx.saved_tensors
         grad_scaler, scalers = ctx.scalers["grad_output"], ctx.scalers
         grad_input = grad_weight = None
         if ctx.on_scaled_mm:
-            grad_out = pad_rows(grad_out)  # the zero rows of the padded input get zero gradients
-            if ctx.needs_input_grad[1]:
-                grad_codes, grad_codes_t, grad_inverse = grad_scaler.encode_transposed(grad_out.contiguous(), ctx.group)
-            else:
-                grad_codes, grad_inverse = grad_scaler.encode(grad_out.contiguous(), ctx.group)
+            x_codes_t, w_codes_t, x_inverse, w_inverse = ctx.saved_tensors
+            grad_codes, grad_codes_t, grad_inverse = _encode(
+                grad_scaler, grad_out.contiguous(), ctx.group, ctx.needs_input_grad[1], SCALED_MM_ALIGNMENT
+            )
             if ctx.needs_input_grad[0]:
                 grad_input = torch._scaled_mm(
-                    grad_codes,
-                    _column_major(w_codes),
-                    scale_a=grad_inverse,
-                    scale_b=w_inverse,
-                    out_dtype=ctx.input_dtype,
+                    grad_codes, w_codes_t.t(), scale_a=grad_inverse, scale_b=w_inverse, out_dtype=ctx.input_dtype
                 )[: ctx.rows]
             if ctx.needs_input_grad[1]:
                 grad_weight = torch._scaled_mm(
-                    grad_codes_t,
-                    _column_major(x_codes),
-                    scale_a=grad_inverse,
-                    scale_b=x_inverse,
-                    out_dtype=ctx.weight_dtype,
+                    grad_codes_t, x_codes_t.t(), scale_a=grad_inverse, scale_b=x_inverse, out_dtype=ctx.weight_dtype
                 )
-            return grad_input, grad_weight, None, None, None, None
+            return grad_input, grad_weight, None, None, None, None, None
+        x_codes, w_codes, x_inverse, w_inverse = ctx.saved_tensors
         grad = grad_scaler.quantize_dequantize(grad_out, ctx.group)
         if ctx.needs_input_grad[0]:
             weight = scalers["weight"].format.decode(w_codes, w_inverse, grad.dtype)
@@ -91,4 +85,36 @@ class QuantizedLinearFunction(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             x2d = scalers["input"].format.decode(x_codes, x_inverse, grad.dtype)
             grad_weight = (grad.t() @ x2d).to(ctx.weight_dtype)
-        return grad_input, grad_weight, None, None, None, None
+        return grad_input, grad_weight, None, None, None, None, None
+
+
+def prepare_inference_weight(
+    weight: torch.Tensor, scaler, group, out_dtype: torch.dtype, on_scaled_mm: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the inference form keeps of a weight: its codes and inverse scale (scaled_mm), or its dequantized
+    values in the output dtype (emulation)."""
+    codes, inverse = scaler.encode(weight.detach(), group)
+    if not on_scaled_mm:
+        codes = scaler.format.decode(codes, inverse, out_dtype)
+    return codes, inverse
+
+
+def inference_gemm(
+    x2d: torch.Tensor, prepared: tuple[torch.Tensor, torch.Tensor], x_scaler, group, out_dtype, on_scaled_mm: bool
+) -> torch.Tensor:
+    """``x2d @ W.T`` of the inference form: x quantized per call, W as ``prepare_inference_weight`` left it."""
+    weight, w_inverse = prepared
+    if not on_scaled_mm:
+        x_codes, x_inverse = x_scaler.encode(x2d, group)
+        return F.linear(x_scaler.format.decode(x_codes, x_inverse, out_dtype), weight)
+    x_codes, x_inverse = x_scaler.encode(x2d.contiguous(), group, SCALED_MM_ALIGNMENT)
+    out = torch._scaled_mm(x_codes, weight.t(), scale_a=x_inverse, scale_b=w_inverse, out_dtype=out_dtype)
+    return out[: x2d.shape[0]]
+
+
+def _encode(scaler, tensor: torch.Tensor, group, transposed: bool, row_multiple: int):
+    """(codes, their transpose or None, 1 / scale) of ``tensor``, rows padded to ``row_multiple``."""
+    if transposed:
+        return scaler.encode_transposed(tensor, group, row_multiple)
+    codes, inverse = scaler.encode(tensor, group, row_multiple)
+    return codes, None, inverse

@@ -24,11 +24,15 @@ from osp_megatron.quantization.autocast import autocast_frames
 from osp_megatron.quantization.backends import (
     TransformerEngineGemm,
     load_transformer_engine,
-    pad_rows,
     scaled_mm_applies,
 )
 from osp_megatron.quantization.config import QuantConfig
-from osp_megatron.quantization.gemm import QuantizedLinearFunction, linear_output_dtype
+from osp_megatron.quantization.gemm import (
+    QuantizedLinearFunction,
+    inference_gemm,
+    linear_output_dtype,
+    prepare_inference_weight,
+)
 from osp_megatron.quantization.recipes import ROLES, Recipe, TensorScaler
 from osp_megatron.quantization.selection import fp8_pays_off, measured_here
 
@@ -114,7 +118,9 @@ def quantized_matmul(
         return F.linear(x, weight)  # bf16 is faster for this shape on this device
     if on_scaled_mm:
         x2d = x2d.contiguous()
-    out = QuantizedLinearFunction.apply(x2d, weight, state.scalers, group, out_dtype, on_scaled_mm)
+    out = QuantizedLinearFunction.apply(
+        x2d, weight, state.scalers, group, out_dtype, on_scaled_mm, torch.is_grad_enabled()
+    )
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
@@ -125,11 +131,8 @@ def _cached_weight(
     (emulation), computed once and again only when the weight itself changes (a load, an EMA swap)."""
     key = (weight.data_ptr(), weight._version)
     if state.weight_cache is None or state.weight_cache[0] != key:
-        scaler = state.scalers["weight"]
-        codes, inverse = scaler.encode(weight.detach(), group)
-        if not on_scaled_mm:
-            codes = scaler.format.decode(codes, inverse, out_dtype)
-        state.weight_cache = (key, codes, inverse)
+        prepared = prepare_inference_weight(weight, state.scalers["weight"], group, out_dtype, on_scaled_mm)
+        state.weight_cache = (key, *prepared)
     return state.weight_cache[1], state.weight_cache[2]
 
 
@@ -153,13 +156,8 @@ def _inference_matmul(
         x2d, weight, recipe, False, out_dtype, group, on_scaled_mm
     ):
         return F.linear(x, weight)
-    w, w_inverse = _cached_weight(weight, state, group, out_dtype, on_scaled_mm)
-    x_codes, x_inverse = state.scalers["input"].encode(pad_rows(x2d.contiguous()) if on_scaled_mm else x2d, group)
-    if on_scaled_mm:
-        out = torch._scaled_mm(x_codes, w.t(), scale_a=x_inverse, scale_b=w_inverse, out_dtype=out_dtype)
-        out = out[: x2d.shape[0]]
-    else:
-        out = torch.nn.functional.linear(state.scalers["input"].format.decode(x_codes, x_inverse, out_dtype), w)
+    prepared = _cached_weight(weight, state, group, out_dtype, on_scaled_mm)
+    out = inference_gemm(x2d, prepared, state.scalers["input"], group, out_dtype, on_scaled_mm)
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 

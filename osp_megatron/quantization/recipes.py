@@ -218,25 +218,33 @@ class TensorScaler:
         scale = self.compute_scale(tensor, group)
         return self.format.scaled_qdq(tensor, scale, stochastic=self.stochastic, generator=generator)
 
-    def encode(self, tensor: torch.Tensor, group: dist.ProcessGroup | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(codes of ``tensor`` in the format, 1 / scale) with the scale from ``compute_scale``."""
+    def encode(
+        self, tensor: torch.Tensor, group: dist.ProcessGroup | None = None, row_multiple: int = 1
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(codes of ``tensor`` in the format, 1 / scale) with the scale from ``compute_scale``.
+
+        row_multiple: the codes get zero rows appended up to a multiple of it (torch._scaled_mm takes only
+        multiples of 16); zeros change no amax, and on CUDA the padding is part of the fused cast.
+        """
         if self._fusable(tensor, group):
-            codes, _, inverse = self._fused_encode(tensor, transposed=False)
+            codes, _, inverse = self._fused_encode(tensor, transposed=False, row_multiple=row_multiple)
             return codes, inverse
+        tensor = _pad_rows(tensor, row_multiple)
         scale = self.compute_scale(tensor, group)
         return self.format.encode(tensor, scale), scale.reciprocal()
 
     def encode_transposed(
-        self, tensor: torch.Tensor, group: dist.ProcessGroup | None = None
+        self, tensor: torch.Tensor, group: dist.ProcessGroup | None = None, row_multiple: int = 1
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(codes of the 2-D ``tensor``, the same codes transposed and contiguous, 1 / scale), as ``encode``.
 
-        The FP8 weight-gradient GEMM needs the output gradient's codes token-major; on CUDA with current scaling
-        both layouts come from one compiled pass over the tensor.
+        The FP8 GEMMs of the backward need codes in the other layout (the weight-gradient GEMM the output
+        gradient's and the input's, the input-gradient GEMM the weight's); on CUDA with current scaling both
+        layouts come from one compiled pass over the tensor.
         """
         if self._fusable(tensor, group):
-            return self._fused_encode(tensor, transposed=True)
-        codes, inverse = self.encode(tensor, group)
+            return self._fused_encode(tensor, transposed=True, row_multiple=row_multiple)
+        codes, inverse = self.encode(tensor, group, row_multiple)
         return codes, codes.t().contiguous(), inverse
 
     def _fusable(self, tensor: torch.Tensor, group: dist.ProcessGroup | None) -> bool:
@@ -251,11 +259,14 @@ class TensorScaler:
             and (group is None or dist.get_world_size(group) == 1)
         )
 
-    def _fused_encode(self, tensor: torch.Tensor, transposed: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _fused_encode(
+        self, tensor: torch.Tensor, transposed: bool, row_multiple: int = 1
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         self._to_device(tensor.device)
         fmt = self.format
+        missing_rows = -tensor.shape[0] % row_multiple
         codes, codes_t, scale, recorded = _fp8_current_scaling_encode(
-            tensor, self.scale, self.target, 2.0**self.margin, fmt.max_value, fmt.torch_dtype, transposed
+            tensor, self.scale, self.target, 2.0**self.margin, fmt.max_value, fmt.torch_dtype, transposed, missing_rows
         )
         # The same bookkeeping as compute_scale + _record for a one-entry history of a current-scaling recipe.
         self.amax_history = recorded.reshape(1)
@@ -282,16 +293,32 @@ class TensorScaler:
         self.num_updates = int(state["num_updates"])
 
 
+def _pad_rows(tensor: torch.Tensor, row_multiple: int) -> torch.Tensor:
+    """``tensor`` with zero rows appended up to a multiple of ``row_multiple`` (itself if there already)."""
+    missing = -tensor.shape[0] % row_multiple
+    return tensor if missing == 0 else torch.nn.functional.pad(tensor, (0, 0) * (tensor.dim() - 1) + (0, missing))
+
+
 @fused_on_cuda
 def _fp8_current_scaling_encode(
-    tensor, previous_scale, target: float, margin_factor: float, max_value: float, fp8_dtype, transposed: bool
+    tensor,
+    previous_scale,
+    target: float,
+    margin_factor: float,
+    max_value: float,
+    fp8_dtype,
+    transposed: bool,
+    missing_rows: int = 0,
 ):
     """Current scaling of ``tensor`` into FP8 in one compiled computation: amax, scale (the previous one where the
-    amax is 0 or not finite), the codes (saturating), optionally their transpose, and the amax to record."""
+    amax is 0 or not finite), the codes (saturating, with ``missing_rows`` zero rows appended), optionally their
+    transpose, and the amax to record."""
     work = tensor.to(torch.promote_types(tensor.dtype, torch.float32))
     amax = work.abs().amax()
     usable = (amax > 0) & torch.isfinite(amax)
     scale = torch.where(usable, target / (amax * margin_factor), previous_scale)
+    if missing_rows:
+        work = torch.nn.functional.pad(work, (0, 0, 0, missing_rows))
     codes = (work * scale).clamp(-max_value, max_value).to(fp8_dtype)
     codes_t = codes.t().contiguous() if transposed else None
     recorded = torch.where(torch.isfinite(amax), amax, torch.zeros_like(amax))

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from osp_megatron.quantization.gemm import QuantizedLinearFunction
+from osp_megatron.quantization.gemm import QuantizedLinearFunction, inference_gemm, prepare_inference_weight
 from osp_megatron.utils.timing import median_cuda_ms as _elapsed_ms
 from osp_megatron.utils.timing import outside_saved_tensor_hooks
 
@@ -78,14 +78,19 @@ def _time_pair(x2d: torch.Tensor, weight: torch.Tensor, recipe, shape: GemmShape
 
     scalers = {role: recipe.make_scaler(role) for role in ("input", "weight", "grad_output")}
 
+    # The inference form quantizes its weight once (then reuses the codes): only x's cast and the GEMM count.
+    prepared = (
+        None if grad is not None else prepare_inference_weight(w, scalers["weight"], None, out_dtype, shape.scaled_mm)
+    )
+
     def quantized():
         if grad is None:
             with torch.no_grad():
-                QuantizedLinearFunction.apply(x, w, scalers, None, out_dtype, shape.scaled_mm)
+                inference_gemm(x, prepared, scalers["input"], None, out_dtype, shape.scaled_mm)
             return
         with torch.enable_grad():
             xg, wg = x.detach().requires_grad_(True), w.detach().requires_grad_(True)
-            QuantizedLinearFunction.apply(xg, wg, scalers, None, out_dtype, shape.scaled_mm).backward(grad)
+            QuantizedLinearFunction.apply(xg, wg, scalers, None, out_dtype, shape.scaled_mm, True).backward(grad)
 
     with outside_saved_tensor_hooks():
         with torch.no_grad():

@@ -170,6 +170,15 @@ def test_fused_current_scaling_encode_equals_the_separate_passes(fmt, monkeypatc
         assert fused.num_updates == separate.num_updates
         codes_only, _ = fused.encode(tensor)
         assert torch.equal(codes_only.float(), separate.encode(tensor)[0].float())
+        # rows padded with zeros to a multiple of 16 inside the same pass: the amax and codes of the real rows
+        # are unchanged, the padding rows are zero codes
+        padded, padded_t, _ = fused.encode_transposed(tensor, row_multiple=16)
+        expected_padded, _ = separate.encode(tensor, row_multiple=16)
+        assert padded.shape == (48, 24) and padded_t.shape == (24, 48) and padded_t.is_contiguous()
+        assert torch.equal(padded.float(), expected_padded.float())
+        assert torch.equal(padded[:40].float(), codes.float()) and not padded[40:].float().any()
+        assert torch.equal(padded_t.float(), padded.t().float())
+        torch.testing.assert_close(fused.amax_history, separate.amax_history, rtol=0, atol=0)
 
 
 def test_fused_encode_only_for_current_scaling_without_reduction():
@@ -223,8 +232,12 @@ def test_which_calls_are_measured():
     assert shape.describe() == "32760x1536->8960 fwd+bwd (FP8 emulated: dimensions not multiples of 16)"
 
 
-def test_token_count_off_the_alignment_is_padded_for_the_fp8_gemms(fp8_gemms):
-    """37 tokens (not a multiple of 16): the FP8 GEMMs run on zero-padded rows and give the emulation's results."""
+@pytest.mark.parametrize("fused", [False, True], ids=["separate-passes", "fused-encode"])
+def test_token_count_off_the_alignment_is_padded_for_the_fp8_gemms(fp8_gemms, fused, monkeypatch):
+    """37 tokens (not a multiple of 16): the FP8 GEMMs run on zero-padded rows and give the emulation's results,
+    with the padding done apart or inside the fused cast (the CUDA path, here run eagerly)."""
+    if fused:
+        monkeypatch.setattr(TensorScaler, "_fusable", lambda self, tensor, group: tensor.numel() > 0)
     results = {}
     for backend in ("auto", "emulate"):
         layer, x = _layer_and_input(tokens=37)
@@ -238,6 +251,30 @@ def test_token_count_off_the_alignment_is_padded_for_the_fp8_gemms(fp8_gemms):
     for fast, emulated in zip(results["auto"], results["emulate"]):  # ... with the emulation's numbers
         assert fast.shape == emulated.shape
         torch.testing.assert_close(fast, emulated, rtol=1e-5, atol=1e-6)
+
+
+def test_fp8_path_keeps_one_byte_per_element_of_x_and_w(fp8_gemms):
+    """The backward keeps the codes of x and W in the layout its GEMMs take (transposed), one copy of each: no
+    more than the 8-bit codes, and nothing at all without grad mode."""
+    saved = []
+
+    def pack(tensor):
+        saved.append((tuple(tensor.shape), tensor.dtype))
+        return tensor
+
+    layer, x = _layer_and_input(tokens=37)
+    apply_quantization(layer, QuantConfig(recipe="fp8_hybrid", select="all", modules=ALL_LINEARS))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = layer(x)
+    codes = sorted(shape for shape, dtype in saved if dtype == torch.float8_e4m3fn)
+    assert codes == [(64, 48), (64, 48)]  # x^T padded to 48 tokens, W^T: [in, out]
+    assert all(dtype in (torch.float8_e4m3fn, torch.float32) for _, dtype in saved)
+    out.sum().backward()
+    assert x.grad.shape == x.shape and layer.weight.grad.shape == layer.weight.shape
+    saved.clear()
+    with torch.no_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        layer(x)
+    assert saved == []
 
 
 class _FakeAttention:
