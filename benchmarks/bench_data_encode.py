@@ -12,7 +12,8 @@ Random weights (speed does not depend on them), bf16, 480P x 81-frame clips. Thr
 - batch: per batch size (--batch-sizes), decode, VAE and text-encoder times and the end-to-end clips/s.
 
 Variant names: `diffusers`, `diffusers-autotune` (cuDNN benchmark mode on), `c<N>` (chunks of N frames) with
-`-cl` (channels-last-3d) and `-compile` (torch.compile) suffixes, and `high-precision`. Every variant runs in
+`-cl` (channels-last-3d), `-fuse` (fused norm + SiLU, no padding copies) and `-compile` (torch.compile) suffixes,
+and `high-precision`. Every variant runs in
 try/except (out of memory included): a failure is recorded and the rest still run. Progress goes to stdout as it
 happens and the JSON is rewritten after every measurement, so a run cut short keeps what it measured. --tiny
 runs everything with tiny models in seconds on CPU.
@@ -63,10 +64,12 @@ UMT5_XXL = dict(
 CAPTION = "a slow drift of colour bands across the frame, filmed in soft daylight with a gentle camera pan"
 # In order of interest: what the time budget (--vae-budget-s) leaves out comes last.
 DEFAULT_VARIANTS = (
-    f"diffusers,high-precision,c{DEFAULT_CHUNK_FRAMES},c4,c40,c80,c{DEFAULT_CHUNK_FRAMES}-cl,c4-cl,c40-cl,c80-cl,"
-    "diffusers-autotune"
+    f"diffusers,high-precision,c{DEFAULT_CHUNK_FRAMES},c{DEFAULT_CHUNK_FRAMES}-cl,c{DEFAULT_CHUNK_FRAMES}-cl-fuse,"
+    "c40-cl,c40-cl-fuse,c80-cl-fuse,c4-cl-fuse,diffusers-autotune"
 )
-TINY_VARIANTS = "diffusers,high-precision,c4,c8,c4-cl,c8-cl,diffusers-autotune"
+TINY_VARIANTS = "diffusers,high-precision,c4,c8,c4-cl,c8-cl,c8-cl-fuse,diffusers-autotune"
+# What osp-data encode runs on a GPU by default (chunks, channels-last, fused elementwise pieces).
+GPU_DEFAULT_VARIANT = f"c{DEFAULT_CHUNK_FRAMES}-cl-fuse"
 
 
 def full_size_autoencoder(device, dtype):
@@ -173,14 +176,19 @@ def short_error(exc):
 def parse_variant(name):
     """A variant name -> VideoVAE options plus how the reference runs; SystemExit naming a bad one."""
     if name in ("diffusers", "diffusers-autotune", "high-precision"):
-        return {"chunk_frames": None, "channels_last": False, "compile_encoder": False}
+        return {"chunk_frames": None, "channels_last": False, "compile_encoder": False, "fuse_elementwise": False}
     parts = name.split("-")
-    if not parts[0].startswith("c") or not parts[0][1:].isdigit() or set(parts[1:]) - {"cl", "compile"}:
+    if not parts[0].startswith("c") or not parts[0][1:].isdigit() or set(parts[1:]) - {"cl", "compile", "fuse"}:
         raise SystemExit(
             f"--variants: unknown variant {name!r}; use diffusers, diffusers-autotune, high-precision or c<N> with "
-            "-cl and/or -compile, e.g. c20-cl"
+            "-cl, -fuse and/or -compile, e.g. c20-cl-fuse"
         )
-    return {"chunk_frames": int(parts[0][1:]), "channels_last": "cl" in parts, "compile_encoder": "compile" in parts}
+    return {
+        "chunk_frames": int(parts[0][1:]),
+        "channels_last": "cl" in parts,
+        "compile_encoder": "compile" in parts,
+        "fuse_elementwise": "fuse" in parts,
+    }
 
 
 def run_vae_variant(name, autoencoder, videos, reference, args, device):
@@ -301,11 +309,11 @@ def fits_end_to_end(device, batch_size, vae_batch):
 def e2e_case(autoencoder, text, names, folder, clips, args, device, report):
     configs = [
         ("baseline", "diffusers", False),
-        ("default", f"c{DEFAULT_CHUNK_FRAMES}-cl", True),
+        ("default", GPU_DEFAULT_VARIANT if device.type == "cuda" else f"c{DEFAULT_CHUNK_FRAMES}", True),
     ]
     # The fastest variant whose activations at --batch-size fit beside umT5 (c80 at batch 2 may not).
     best = best_variant(report["vae_variants"], fits_end_to_end(device, args.batch_size, args.vae_batch))
-    if best is not None and best["variant"] != f"c{DEFAULT_CHUNK_FRAMES}":
+    if best is not None and best["variant"] != configs[-1][1]:
         configs.append(("fastest VAE variant", best["variant"], True))
     log(f"[e2e] {args.clips} clips, batch size {args.batch_size}: " + ", ".join(c[0] for c in configs))
     for label, variant, prefetch in configs:

@@ -172,6 +172,13 @@ def build_parser() -> argparse.ArgumentParser:
         "more each), then faster chunks; for long encodes",
     )
     encode.add_argument(
+        "--vae-fuse",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="fused RMS norm + SiLU and no separate padding copy before each causal convolution in the VAE encoder "
+        "(same arithmetic; docs/data.md); default: on GPUs, off on the CPU",
+    )
+    encode.add_argument(
         "--no-prefetch",
         action="store_true",
         help="read, decode and text-encode each batch before the VAE runs, instead of preparing the next batch "
@@ -336,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
                 **({} if args.vae_chunk_frames is None else {"vae_chunk_frames": args.vae_chunk_frames}),
                 vae_channels_last=args.vae_channels_last,
                 vae_compile=args.vae_compile,
+                vae_fuse=args.vae_fuse,
                 prefetch=not args.no_prefetch,
             )
             return 1 if report is not None and not report["samples"] else 0  # the report is rank 0's

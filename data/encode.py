@@ -67,6 +67,7 @@ class Encoders:
         vae_chunk_frames: int | None = DEFAULT_CHUNK_FRAMES,
         vae_channels_last: bool | None = None,
         vae_compile: bool = False,
+        vae_fuse: bool | None = None,
     ) -> "Encoders":
         """From local model folders; tiny random-weight models (with a warning) for those not given. The vae_*
         options set how the VAE encodes (models/vae.py, VideoVAE)."""
@@ -86,6 +87,7 @@ class Encoders:
             # None: on GPUs, where it was measured faster; an explicit True or False is followed anywhere
             channels_last=device.type == "cuda" if vae_channels_last is None else vae_channels_last,
             compile_encoder=vae_compile,
+            fuse_elementwise=device.type == "cuda" if vae_fuse is None else vae_fuse,
         )
         text = build_text_encoder(text_encoder_path, text_dim, text_len, device=device, dtype=dtype)
         if dtype != torch.float32:  # the tiny models are built in float32
@@ -263,12 +265,14 @@ def encode_dataset(
     vae_chunk_frames: int | None = DEFAULT_CHUNK_FRAMES,
     vae_channels_last: bool | None = None,
     vae_compile: bool = False,
+    vae_fuse: bool | None = None,
     prefetch: bool = True,
 ) -> dict | None:
     """Encode (or resume encoding) every clip shard of `input_dir`; rank 0 writes the index and the report.
 
     encoders: ready Encoders (benchmarks pass random-weight full-size models); default: loaded from the paths
-    with the vae_* options (VideoVAE's chunk_frames, channels_last, compile_encoder; they change the speed, not
+    with the vae_* options (VideoVAE's chunk_frames, channels_last, compile_encoder, fuse_elementwise; they change
+    the speed, not
     the latents, so a resumed encode may use others). prefetch: overlap reading, MP4 decoding and the text
     encoder with the VAE (encode_shard). Returns rank 0's report (None on the other ranks).
     """
@@ -311,6 +315,7 @@ def encode_dataset(
             vae_chunk_frames=vae_chunk_frames,
             vae_channels_last=vae_channels_last,
             vae_compile=vae_compile,
+            vae_fuse=vae_fuse,
         )
     problems = ProblemLog("encode")
     entries = index["shards"]

@@ -13,6 +13,7 @@ from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
 
 from osp_megatron.config.errors import ConfigError
 from osp_megatron.models.block_vae import tiny_block_vae
+from osp_megatron.models.vae_fusion import fused_encoder_pieces
 from osp_megatron.models.video_shapes import VideoShapes
 
 _WEIGHT_FILES = (
@@ -60,7 +61,9 @@ class VideoVAE(VideoShapes):
     the causal convolutions carry their last frames over from chunk to chunk either way.
     channels_last: run the encoder in the channels-last-3d memory format (its weights are converted in place on
     the first encode). compile_encoder: torch.compile the encoder (one compilation per input shape, for up to
-    torch._dynamo's recompile limit, 8 by default; later ones run uncompiled).
+    torch._dynamo's recompile limit, 8 by default; later ones run uncompiled). fuse_elementwise: RMS norm + SiLU as
+    one computation (compiled on CUDA) and no separate spatial padding copy before each causal convolution
+    (models/vae_fusion.py); the same arithmetic, so latents agree with diffusers' to rounding.
     Configs with patch_size (Wan2.2), residual down blocks or tiling on always take diffusers' path.
     """
 
@@ -71,6 +74,7 @@ class VideoVAE(VideoShapes):
         chunk_frames: int | None = DEFAULT_CHUNK_FRAMES,
         channels_last: bool = False,
         compile_encoder: bool = False,
+        fuse_elementwise: bool = False,
     ):
         self.autoencoder = autoencoder.eval().requires_grad_(False).to(device)
         config = autoencoder.config
@@ -83,6 +87,7 @@ class VideoVAE(VideoShapes):
         self.chunk_frames = check_chunk_frames(chunk_frames, self.temporal_stride)
         self.channels_last = channels_last
         self.compile_encoder = compile_encoder
+        self.fuse_elementwise = fuse_elementwise
         self._compiled_encoder = None
         self._weights_channels_last = False
         # One feature-cache slot per causal convolution, as diffusers allots them.
@@ -136,11 +141,13 @@ class VideoVAE(VideoShapes):
         frames = video.shape[2]
         starts = [0, *range(1, frames, self.chunk_frames)]
         feature_cache, outputs = [None] * self._cache_slots, []
-        for start, end in zip(starts, [*starts[1:], frames]):
-            # The first frame and a shorter last chunk run eagerly: the compiled encoder sees one input shape.
-            run = encoder if start > 0 and end - start == self.chunk_frames else self.autoencoder.encoder
-            outputs.append(run(video[:, :, start:end], feat_cache=feature_cache, feat_idx=[0]))
-            _pad_cached_frames(feature_cache, layout)
+        fusion = fused_encoder_pieces(self.autoencoder.encoder) if self.fuse_elementwise else contextlib.nullcontext()
+        with fusion:
+            for start, end in zip(starts, [*starts[1:], frames]):
+                # The first frame and a shorter last chunk run eagerly: the compiled encoder sees one input shape.
+                run = encoder if start > 0 and end - start == self.chunk_frames else self.autoencoder.encoder
+                outputs.append(run(video[:, :, start:end], feat_cache=feature_cache, feat_idx=[0]))
+                _pad_cached_frames(feature_cache, layout)
         return self.autoencoder.quant_conv(torch.cat(outputs, dim=2))
 
     def _prepared_encoder(self):
@@ -229,12 +236,18 @@ def build_vae(
     chunk_frames: int | None = DEFAULT_CHUNK_FRAMES,
     channels_last: bool = False,
     compile_encoder: bool = False,
+    fuse_elementwise: bool = False,
 ):
     """Load AutoencoderKLWan from the local folder `path`; when path is None build the tiny one named by `tiny`:
     "tiny-random" (random weights seeded by `seed`) or "tiny-block" (the closed-form block codec of
     models/block_vae.py, normalised for the synthetic videos). The keyword options set how VideoVAE encodes
     (the block codec has none)."""
-    options = dict(chunk_frames=chunk_frames, channels_last=channels_last, compile_encoder=compile_encoder)
+    options = dict(
+        chunk_frames=chunk_frames,
+        channels_last=channels_last,
+        compile_encoder=compile_encoder,
+        fuse_elementwise=fuse_elementwise,
+    )
     if path is None:
         if tiny == "tiny-random":
             return VideoVAE(tiny_wan_vae(seed), device, **options)

@@ -124,12 +124,13 @@ def test_vae_options_and_prefetch_reach_the_encoders(clip_dir, tmp_path, monkeyp
     index = read_index(str(clips))
     index["shards"] = index["shards"][:1]
     (clips / "index.json").write_text(json.dumps(index))
-    _encode(clips, tmp_path / "latents", vae_chunk_frames=8, vae_channels_last=True, prefetch=False)
+    _encode(clips, tmp_path / "latents", vae_chunk_frames=8, vae_channels_last=True, vae_fuse=True, prefetch=False)
     vae = seen["encoders"].vae
-    assert (vae.chunk_frames, vae.channels_last, vae.compile_encoder) == (8, True, False)  # asked for: followed
+    assert (vae.chunk_frames, vae.channels_last, vae.compile_encoder, vae.fuse_elementwise) == (8, True, False, True)
     assert seen["prefetch"] == [False]
     _encode(clips, tmp_path / "latents_default", vae_chunk_frames=8, prefetch=False)
-    assert seen["encoders"].vae.channels_last is False  # the default on the CPU (on GPUs: on)
+    vae = seen["encoders"].vae
+    assert vae.channels_last is False and vae.fuse_elementwise is False  # the defaults on the CPU (on GPUs: on)
 
 
 def test_cli_speed_flags_are_passed_on(tmp_path, monkeypatch, capsys):
@@ -138,18 +139,21 @@ def test_cli_speed_flags_are_passed_on(tmp_path, monkeypatch, capsys):
     calls = []
     monkeypatch.setattr(encode_module, "encode_dataset", lambda *args, **kwargs: calls.append(kwargs) or None)
     common = ["encode", "--input", str(tmp_path / "clips"), "--output", str(tmp_path / "latents"), "--no-progress"]
-    assert main([*common, "--vae-chunk-frames", "40", "--vae-channels-last", "--vae-compile", "--no-prefetch"]) == 0
+    flags = ["--vae-chunk-frames", "40", "--vae-channels-last", "--vae-compile", "--vae-fuse", "--no-prefetch"]
+    assert main([*common, *flags]) == 0
     assert main(common) == 0
-    assert {k: calls[0][k] for k in ("vae_chunk_frames", "vae_channels_last", "vae_compile", "prefetch")} == {
+    keys = ("vae_chunk_frames", "vae_channels_last", "vae_compile", "vae_fuse", "prefetch")
+    assert {k: calls[0][k] for k in keys} == {
         "vae_chunk_frames": 40,
         "vae_channels_last": True,
         "vae_compile": True,
+        "vae_fuse": True,
         "prefetch": False,
     }
     assert "vae_chunk_frames" not in calls[1]  # encode_dataset's own default applies
-    assert (calls[1]["vae_channels_last"], calls[1]["vae_compile"], calls[1]["prefetch"]) == (None, False, True)
-    assert main([*common, "--no-vae-channels-last"]) == 0
-    assert calls[2]["vae_channels_last"] is False
+    assert tuple(calls[1][k] for k in keys[1:]) == (None, False, None, True)
+    assert main([*common, "--no-vae-channels-last", "--no-vae-fuse"]) == 0
+    assert calls[2]["vae_channels_last"] is False and calls[2]["vae_fuse"] is False
     monkeypatch.undo()
     assert main([*common, "--vae-chunk-frames", "6"]) == 2
     assert "--vae-chunk-frames must be a multiple of the VAE temporal stride 4" in capsys.readouterr().err

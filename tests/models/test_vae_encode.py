@@ -65,6 +65,66 @@ def test_chunked_encode_matches_diffusers_in_float32(frames):
     assert got.is_contiguous() and got.dtype == torch.float32
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels-last"])
+def test_fused_elementwise_pieces_give_diffusers_latents(channels_last):
+    """fuse_elementwise (norm + SiLU in one computation, padding inside the convolutions) gives diffusers' latents
+    to float64 rounding for 1, 5 and 17 frames, and leaves the model exactly as it found it."""
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
+
+    autoencoder = _small_wan_vae(torch.float64)
+    model = copy.deepcopy(autoencoder)
+    before = {name: type(module) for name, module in model.named_modules()}
+    keys = list(model.state_dict())
+    vae = VideoVAE(model, chunk_frames=8, channels_last=channels_last, fuse_elementwise=True)
+    for frames in FRAME_COUNTS:
+        video = _video(frames, torch.float64, seed=frames)
+        expected = _diffusers_latents(autoencoder, video)
+        got = vae.encode(video)
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+        assert not torch.equal(got, torch.zeros_like(got))
+    assert {name: type(module) for name, module in model.named_modules()} == before
+    assert list(model.state_dict()) == keys
+    assert not any("forward" in vars(m) for m in model.modules() if isinstance(m, WanCausalConv3d))
+
+
+def test_fused_pieces_replace_what_they_claim():
+    """Inside the block: every residual block's two norms and the head's norm are fused with the SiLU (the SiLU
+    itself becomes the identity), every causal convolution pads only in time."""
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, WanResidualBlock
+
+    from osp_megatron.models.vae_fusion import fused_encoder_pieces
+
+    encoder = _small_wan_vae(torch.float32).encoder
+    blocks = [m for m in encoder.modules() if isinstance(m, WanResidualBlock)]
+    convs = [m for m in encoder.modules() if isinstance(m, WanCausalConv3d)]
+    with fused_encoder_pieces(encoder):
+        for block in blocks:
+            assert type(block.norm1).__name__ == type(block.norm2).__name__ == "_NormSiLU"
+            assert isinstance(block.nonlinearity, torch.nn.Identity)
+        assert type(encoder.norm_out).__name__ == "_NormSiLU"
+        assert all("forward" in vars(conv) for conv in convs)
+    assert all(isinstance(block.nonlinearity, torch.nn.SiLU) for block in blocks)
+
+
+def test_rms_norm_silu_is_diffusers_norm_then_silu():
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanRMS_norm
+
+    from osp_megatron.models.vae_fusion import rms_norm_silu
+
+    norm = WanRMS_norm(12, images=False, bias=True).double()
+    with torch.no_grad():
+        norm.gamma.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.2, 0.2)
+    x = torch.randn(2, 12, 3, 5, 7, dtype=torch.float64)
+    x[0, :, 0, 0, 0] = 0  # a zero vector: F.normalize's eps, no division by zero
+    expected = torch.nn.functional.silu(norm(x))
+    torch.testing.assert_close(rms_norm_silu(x, norm.gamma * norm.scale, norm.bias), expected, rtol=1e-13, atol=1e-13)
+    half = x.to(torch.bfloat16)  # one rounding instead of several: within bf16 resolution of diffusers' result
+    got = rms_norm_silu(half, (norm.gamma * norm.scale).to(torch.bfloat16), norm.bias.to(torch.bfloat16))
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.double(), expected, rtol=2e-2, atol=2e-2)
+
+
 @pytest.mark.slow  # dynamo tracing takes about ten seconds on a CPU
 def test_compiled_encoder_compiles_once_and_gives_diffusers_latents(monkeypatch):
     """With compile_encoder every full chunk after the first goes through one compiled graph (a recompilation
@@ -162,15 +222,22 @@ def test_cudnn_benchmark_is_on_only_during_a_cuda_encode():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_chunked_encode_on_cuda_in_bf16_matches_diffusers(channels_last):
-    """On a GPU in bf16 the chunked encode agrees with diffusers' encode to bf16 rounding, and leaves cuDNN's
-    benchmark flag as it found it."""
+@pytest.mark.parametrize("fuse", [False, True], ids=["eager-pieces", "fused-pieces"])
+def test_chunked_encode_on_cuda_in_bf16_matches_diffusers(channels_last, fuse):
+    """On a GPU in bf16 the chunked encode (with the compiled norm + SiLU where fused) agrees with diffusers'
+    encode to bf16 rounding, and leaves cuDNN's benchmark flag as it found it."""
     autoencoder = _small_wan_vae(torch.bfloat16).cuda()
     video = _video(17, torch.float32)
     expected = _diffusers_latents(autoencoder, video, "cuda")
     before = torch.backends.cudnn.benchmark
     for chunk_frames in (4, 16):
-        vae = VideoVAE(copy.deepcopy(autoencoder), "cuda", chunk_frames=chunk_frames, channels_last=channels_last)
+        vae = VideoVAE(
+            copy.deepcopy(autoencoder),
+            "cuda",
+            chunk_frames=chunk_frames,
+            channels_last=channels_last,
+            fuse_elementwise=fuse,
+        )
         got = vae.encode(video)
         assert torch.backends.cudnn.benchmark == before
         assert ((got - expected).norm() / expected.norm()).item() < 2e-2
