@@ -23,10 +23,8 @@ NORMALIZE_EPS = 1e-12  # F.normalize's default, which WanRMS_norm uses
 
 
 @fused_on_cuda
-def rms_norm_silu(x: torch.Tensor, gain: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """SiLU(x / max(||x||_channels, eps) * gain + bias) over dim 1 in float32 (or x's wider dtype), in x's dtype
-    and memory format. ``gain`` is WanRMS_norm's ``scale * gamma``.
-    """
+def _rms_norm_silu(x: torch.Tensor, gain: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """SiLU(x / max(||x||, eps) * gain + bias) over dim 1, computed in float32 (or x's wider dtype)."""
     compute = torch.promote_types(x.dtype, torch.float32)
     work = x.to(compute)
     norm = torch.linalg.vector_norm(work, dim=1, keepdim=True).clamp_min(NORMALIZE_EPS)
@@ -34,6 +32,29 @@ def rms_norm_silu(x: torch.Tensor, gain: torch.Tensor, bias: torch.Tensor | None
     if bias is not None:
         out = out + bias.to(compute)
     return F.silu(out).to(x.dtype)
+
+
+def rms_norm_silu(x: torch.Tensor, gain: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """SiLU(x / max(||x||_channels, eps) * gain + bias) over dim 1 of a 5-D ``x`` [B, C, T, H, W], computed in
+    float32 (or x's wider dtype), in x's dtype and memory format. ``gain`` is WanRMS_norm's ``scale * gamma``.
+
+    The kernel gets a plain matrix [B*T*H*W, C] (channels-last-3d) or a [B, C, T*H*W] block (contiguous), so
+    that one compiled graph serves every stage, chunk length and batch size of the encoder (a 5-D input would
+    need one per combination of unit batch, unit frame count and stride pattern, past torch._dynamo's limit).
+    """
+    batch, channels = x.shape[:2]
+    # Without autograd, plain tensors instead of views (a compiled graph guards on a view's base as well).
+    plain = (lambda t: t.detach()) if not torch.is_grad_enabled() else (lambda t: t)
+    rows_layout = x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous()
+    shape = (channels,) if rows_layout else (channels, 1)
+    gain = plain(gain.reshape(shape))
+    bias = None if bias is None else plain(bias.reshape(shape))
+    if rows_layout:
+        rows = plain(x.permute(0, 2, 3, 4, 1).reshape(-1, channels))  # channels innermost: a view
+        out = _rms_norm_silu(rows, gain, bias)
+        return out.reshape(batch, *x.shape[2:], channels).permute(0, 4, 1, 2, 3)
+    out = _rms_norm_silu(plain(x.contiguous().reshape(batch, channels, -1)), gain, bias)
+    return out.reshape(x.shape)
 
 
 class _NormSiLU(torch.nn.Module):

@@ -106,6 +106,30 @@ def test_fused_pieces_replace_what_they_claim():
     assert all(isinstance(block.nonlinearity, torch.nn.SiLU) for block in blocks)
 
 
+@pytest.mark.slow  # compiles three graphs with the CPU backend (~10 s)
+def test_fused_norm_compiles_three_graphs_for_every_stage_chunk_and_batch(monkeypatch):
+    """Compiled (as on a GPU; here the CPU backend), the fused norm + SiLU serves every stage, the one-frame first
+    chunk, later chunks, batch sizes 1 and 2 and both memory formats with three graphs (torch._dynamo's limit is
+    8), and the latents stay those of the eager pieces."""
+    from osp_megatron.models import vae_fusion
+    from osp_megatron.quantization import kernels
+
+    autoencoder = _small_wan_vae(torch.float32)
+    videos = [_video(17, torch.float32)[:1], _video(9, torch.float32, seed=2)]
+    eager = [VideoVAE(copy.deepcopy(autoencoder), chunk_frames=8, fuse_elementwise=True).encode(v) for v in videos]
+    monkeypatch.setattr(kernels, "COMPILE_DEVICES", ("cpu",))
+    for channels_last in (False, True):
+        vae = VideoVAE(copy.deepcopy(autoencoder), chunk_frames=8, channels_last=channels_last, fuse_elementwise=True)
+        for video, expected in zip(videos, eager):
+            torch.testing.assert_close(vae.encode(video), expected, rtol=1e-5, atol=1e-5)
+    (versions,) = [c.cell_contents for c in vae_fusion._rms_norm_silu.__closure__ if isinstance(c.cell_contents, dict)]
+    graphs = [
+        len(torch._C._dynamo.eval_frame._debug_get_cache_entry_list(f._torchdynamo_orig_callable.__code__))
+        for f in versions.values()
+    ]
+    assert graphs == [3]
+
+
 def test_rms_norm_silu_is_diffusers_norm_then_silu():
     from diffusers.models.autoencoders.autoencoder_kl_wan import WanRMS_norm
 
@@ -118,7 +142,11 @@ def test_rms_norm_silu_is_diffusers_norm_then_silu():
     x = torch.randn(2, 12, 3, 5, 7, dtype=torch.float64)
     x[0, :, 0, 0, 0] = 0  # a zero vector: F.normalize's eps, no division by zero
     expected = torch.nn.functional.silu(norm(x))
-    torch.testing.assert_close(rms_norm_silu(x, norm.gamma * norm.scale, norm.bias), expected, rtol=1e-13, atol=1e-13)
+    for layout in (torch.contiguous_format, torch.channels_last_3d):
+        given = x.contiguous(memory_format=layout)
+        got = rms_norm_silu(given, norm.gamma * norm.scale, norm.bias)
+        torch.testing.assert_close(got, expected, rtol=1e-13, atol=1e-13)
+        assert got.is_contiguous(memory_format=layout)
     half = x.to(torch.bfloat16)  # one rounding instead of several: within bf16 resolution of diffusers' result
     got = rms_norm_silu(half, (norm.gamma * norm.scale).to(torch.bfloat16), norm.bias.to(torch.bfloat16))
     assert got.dtype == torch.bfloat16
