@@ -4,6 +4,8 @@ The three GEMMs run on torch._scaled_mm where it applies (E4M3 operands on SM90)
 elsewhere (HiF8, E5M2, the CPU and older GPUs); either way the backward keeps the same 8-bit codes.
 """
 
+import threading
+
 import torch
 import torch.nn.functional as F
 
@@ -41,7 +43,7 @@ class QuantizedLinearFunction(torch.autograd.Function):
         ctx.scalers, ctx.group, ctx.on_scaled_mm = scalers, group, on_scaled_mm
         ctx.input_dtype, ctx.weight_dtype = x2d.dtype, weight.dtype
         if not on_scaled_mm:
-            x_codes, x_inverse = scalers["input"].encode(x2d, group)
+            x_codes, _, x_inverse = _encode_input(scalers["input"], x2d, group, False, 1)
             w_codes, w_inverse = scalers["weight"].encode(weight, group)
             decode = scalers["input"].format.decode
             out = F.linear(
@@ -51,7 +53,9 @@ class QuantizedLinearFunction(torch.autograd.Function):
                 ctx.save_for_backward(x_codes, w_codes, x_inverse, w_inverse)
             return out
         need_grad_input, need_grad_weight = (grad_enabled and needed for needed in ctx.needs_input_grad[:2])
-        x_codes, x_codes_t, x_inverse = _encode(scalers["input"], x2d, group, need_grad_weight, SCALED_MM_ALIGNMENT)
+        x_codes, x_codes_t, x_inverse = _encode_input(
+            scalers["input"], x2d, group, need_grad_weight, SCALED_MM_ALIGNMENT
+        )
         w_codes, w_codes_t, w_inverse = _encode(scalers["weight"], weight, group, need_grad_input, 1)
         out = torch._scaled_mm(x_codes, w_codes.t(), scale_a=x_inverse, scale_b=w_inverse, out_dtype=out_dtype)
         if grad_enabled:
@@ -61,6 +65,7 @@ class QuantizedLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        shared_input.entry = None  # the forward's last input and its codes need not live through the backward
         grad_scaler, scalers = ctx.scalers["grad_output"], ctx.scalers
         grad_input = grad_weight = None
         if ctx.on_scaled_mm:
@@ -105,11 +110,39 @@ def inference_gemm(
     """``x2d @ W.T`` of the inference form: x quantized per call, W as ``prepare_inference_weight`` left it."""
     weight, w_inverse = prepared
     if not on_scaled_mm:
-        x_codes, x_inverse = x_scaler.encode(x2d, group)
+        x_codes, _, x_inverse = _encode_input(x_scaler, x2d, group, False, 1)
         return F.linear(x_scaler.format.decode(x_codes, x_inverse, out_dtype), weight)
-    x_codes, x_inverse = x_scaler.encode(x2d.contiguous(), group, SCALED_MM_ALIGNMENT)
+    x_codes, _, x_inverse = _encode_input(x_scaler, x2d.contiguous(), group, False, SCALED_MM_ALIGNMENT)
     out = torch._scaled_mm(x_codes, weight.t(), scale_a=x_inverse, scale_b=w_inverse, out_dtype=out_dtype)
     return out[: x2d.shape[0]]
+
+
+class _SharedInput(threading.local):
+    """The last input encoded and its codes: linears that read the same tensor one after the
+    other (q, k and v of one attention, k and v of a cross-attention) encode it once and keep one copy of its codes
+    for their backward, where 16-bit linears keep one copy of the tensor. The entry holds the tensor itself, so its
+    memory cannot be reused by another tensor while the entry lives; a write to it changes its version."""
+
+    entry: tuple | None = None
+
+
+shared_input = _SharedInput()
+
+
+def _encode_input(scaler, x2d: torch.Tensor, group, transposed: bool, row_multiple: int):
+    """``_encode`` of a linear's input, shared with the previous linear that encoded the same tensor alike."""
+    if not scaler.shares_encodes(x2d, group):
+        return _encode(scaler, x2d, group, transposed, row_multiple)
+    settings = (scaler.settings(), transposed, row_multiple)
+    key = (x2d.device, x2d.data_ptr(), x2d._version, x2d.shape, x2d.stride(), x2d.dtype, settings)
+    entry = shared_input.entry
+    if entry is not None and entry[1] == key:
+        codes, codes_t, inverse, scale, recorded = entry[2:]
+        scaler.adopt(scale, recorded)
+        return codes, codes_t, inverse
+    codes, codes_t, inverse = _encode(scaler, x2d, group, transposed, row_multiple)
+    shared_input.entry = (x2d, key, codes, codes_t, inverse, scaler.scale, scaler.amax_history[0])
+    return codes, codes_t, inverse
 
 
 def _encode(scaler, tensor: torch.Tensor, group, transposed: bool, row_multiple: int):

@@ -274,6 +274,31 @@ class TensorScaler:
         self.num_updates += 1
         return codes, codes_t, scale.reciprocal()
 
+    def shares_encodes(self, tensor: torch.Tensor, group: dist.ProcessGroup | None) -> bool:
+        """Whether the codes ``encode`` gives for ``tensor`` depend on nothing but the tensor and ``settings`` (current
+        scaling, deterministic rounding, no amax reduction across ranks), so that another scaler with the same
+        settings may take them over (``adopt``)."""
+        return (
+            not self.delayed
+            and not self.stochastic
+            and len(self.amax_history) == 1
+            and tensor.numel() > 0
+            and (group is None or dist.get_world_size(group) == 1)
+        )
+
+    def settings(self) -> tuple:
+        """What, besides the tensor, the codes of a current-scaling encode depend on."""
+        return (self.format.name, self.target, self.margin)
+
+    def adopt(self, scale: torch.Tensor, recorded_amax: torch.Tensor) -> None:
+        """Take over the outcome of another scaler's encode of the same tensor with the same ``settings``: the
+        bookkeeping of ``encode`` without the pass over the tensor. (Where that tensor's amax was 0 or not finite the
+        other scaler's previous scale comes with it.)"""
+        self._to_device(scale.device)
+        self.amax_history = recorded_amax.reshape(1)
+        self.scale = scale
+        self.num_updates += 1
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "amax_history": self.amax_history.detach().cpu().clone(),

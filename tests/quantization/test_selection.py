@@ -341,3 +341,63 @@ def test_fp8_attention_where_measured_faster(monkeypatch, faster):
         attention_kernel(core)(q, q, q)
     assert fake.calls == ["fp8"]
     fake.kernel_choice.reset_kernel_decisions()
+
+
+def _qkv(seed=0):
+    torch.manual_seed(seed)
+    layers = [nn.Linear(64, 32) for _ in range(3)]
+    for layer in layers:
+        apply_quantization(layer, QuantConfig(recipe="fp8_hybrid", select="all", modules=ALL_LINEARS))
+    return layers
+
+
+def test_linears_reading_one_input_share_its_codes(fp8_gemms, monkeypatch):
+    """q, k and v of one attention read the same tensor: it is encoded once, the three backwards keep one copy of
+    its codes, and outputs, gradients and scaler states are those of three separately encoded copies."""
+    from osp_megatron.quantization import recipes
+
+    monkeypatch.setattr(TensorScaler, "_fusable", lambda self, tensor, group: tensor.numel() > 0)
+    encoded = []
+    real_encode = recipes._fp8_current_scaling_encode
+    monkeypatch.setattr(
+        recipes,
+        "_fp8_current_scaling_encode",
+        lambda tensor, *a: encoded.append(tuple(tensor.shape)) or real_encode(tensor, *a),
+    )
+
+    def run(shared: bool):
+        layers = _qkv()
+        x = torch.randn(37, 64, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            outs = [layer(x if shared else x.clone()) for layer in layers]
+        sum(out.square().sum() for out in outs).backward()
+        grads = [x.grad] + [p.grad for layer in layers for p in layer.parameters()]
+        states = [layer._quantization_state.scalers["input"].state_dict() for layer in layers]
+        return outs, grads, states, saved
+
+    encoded.clear()
+    shared = run(shared=True)
+    assert encoded.count((37, 64)) == 1  # the input once, then the three weights [32, 64]
+    input_codes = {t.data_ptr() for t in shared[3] if t.dtype == torch.float8_e4m3fn and t.shape == (64, 48)}
+    assert len(input_codes) == 1
+    separate = run(shared=False)
+    for a, b in zip(shared[0] + shared[1], separate[0] + separate[1]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for a, b in zip(shared[2], separate[2]):
+        assert a["num_updates"] == b["num_updates"] == 1
+        torch.testing.assert_close(a["scale"], b["scale"], rtol=0, atol=0)
+        torch.testing.assert_close(a["amax_history"], b["amax_history"], rtol=0, atol=0)
+
+
+def test_an_input_written_in_between_is_encoded_again(fp8_gemms, monkeypatch):
+    monkeypatch.setattr(TensorScaler, "_fusable", lambda self, tensor, group: tensor.numel() > 0)
+    first, second, _ = _qkv()
+    x = torch.randn(32, 64)
+    with torch.no_grad():
+        before = first(x)
+        x.mul_(3)  # same tensor, same address, a new version
+        after = second(x)
+        expected = second(x.clone())
+    torch.testing.assert_close(after, expected, rtol=0, atol=0)
+    assert not torch.equal(before, first(x))
