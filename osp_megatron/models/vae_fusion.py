@@ -43,17 +43,14 @@ def rms_norm_silu(x: torch.Tensor, gain: torch.Tensor, bias: torch.Tensor | None
     need one per combination of unit batch, unit frame count and stride pattern, past torch._dynamo's limit).
     """
     batch, channels = x.shape[:2]
-    # Without autograd, plain tensors instead of views (a compiled graph guards on a view's base as well).
-    plain = (lambda t: t.detach()) if not torch.is_grad_enabled() else (lambda t: t)
     rows_layout = x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous()
     shape = (channels,) if rows_layout else (channels, 1)
-    gain = plain(gain.reshape(shape))
-    bias = None if bias is None else plain(bias.reshape(shape))
+    gain, bias = gain.reshape(shape), None if bias is None else bias.reshape(shape)
     if rows_layout:
-        rows = plain(x.permute(0, 2, 3, 4, 1).reshape(-1, channels))  # channels innermost: a view
+        rows = x.permute(0, 2, 3, 4, 1).reshape(-1, channels)  # channels innermost: a view
         out = _rms_norm_silu(rows, gain, bias)
         return out.reshape(batch, *x.shape[2:], channels).permute(0, 4, 1, 2, 3)
-    out = _rms_norm_silu(plain(x.contiguous().reshape(batch, channels, -1)), gain, bias)
+    out = _rms_norm_silu(x.contiguous().reshape(batch, channels, -1), gain, bias)
     return out.reshape(x.shape)
 
 

@@ -42,9 +42,10 @@ def _own_code_copy(function: Callable, index: int) -> Callable:
 
 
 def _plain(value):
-    """A parameter as a plain tensor (torch.compile would make its shape static: one graph per weight shape);
-    only called where no gradient is being recorded."""
-    return value.detach() if isinstance(value, torch.nn.Parameter) else value
+    """A tensor as a plain one, neither a parameter (torch.compile makes a parameter's shape static: one graph per
+    weight shape) nor a view (a compiled graph guards on a view's base too); only called where no gradient is being
+    recorded."""
+    return value.detach() if isinstance(value, torch.Tensor) else value
 
 
 def fused_on_cuda(function: Callable) -> Callable:
@@ -55,7 +56,7 @@ def fused_on_cuda(function: Callable) -> Callable:
     compilation is unavailable on a machine, the eager version is used from then on. One compiled version per
     specialisation key (tensor dtypes and flag arguments), each with its own recompilation budget; the functions
     are elementwise and dtype-explicit, so they run with autocast off (one graph whether or not the caller is
-    under autocast) and take parameters as plain tensors where no gradient is recorded.
+    under autocast) and take parameters and views as plain tensors where no gradient is recorded.
     """
     compiled: dict[tuple, Callable] = {}
     failed = False
