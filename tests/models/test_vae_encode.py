@@ -164,19 +164,21 @@ def test_compiled_encoder_compiles_once_and_gives_diffusers_latents(monkeypatch)
         return graph_module.forward
 
     torch._dynamo.reset()
-    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=count_graphs))
     autoencoder = tiny_wan_vae().double()
     video = _video(9, torch.float64)
     expected = _diffusers_latents(autoencoder, video)
     vae = VideoVAE(autoencoder, chunk_frames=4, compile_encoder=True)
-    try:
-        torch.testing.assert_close(vae.encode(video), expected, rtol=0, atol=0)  # chunks 1 and 2 share the graph
-        other = _video(9, torch.float64, seed=5)
-        torch.testing.assert_close(vae.encode(other), _diffusers_latents(autoencoder, other), rtol=0, atol=0)
-        assert graphs  # the chunks went through dynamo
-    finally:
-        torch._dynamo.reset()
+    # config.patch, not monkeypatch: undoing a monkeypatch of the config module left torch.compile failing on
+    # "error_on_recompile does not exist" for the rest of the process
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        try:
+            torch.testing.assert_close(vae.encode(video), expected, rtol=0, atol=0)  # chunks 1 and 2 share a graph
+            other = _video(9, torch.float64, seed=5)
+            torch.testing.assert_close(vae.encode(other), _diffusers_latents(autoencoder, other), rtol=0, atol=0)
+            assert graphs  # the chunks went through dynamo
+        finally:
+            torch._dynamo.reset()
 
 
 @pytest.mark.parametrize("chunk_frames", [6, 2, -4, 4.0, "8", True])

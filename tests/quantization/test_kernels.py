@@ -81,7 +81,8 @@ def test_fp8_training_and_inference_stay_within_the_recompile_limit(monkeypatch)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         compiled = run()
-    assert not [w for w in caught if "recompile" in str(w.message).lower() or "failed" in str(w.message)]
+    problems = [str(w.message) for w in caught if "recompile" in str(w.message).lower() or "failed" in str(w.message)]
+    assert not problems
     versions = _compiled_versions(recipes._fp8_current_scaling_encode)
     assert len(versions) >= 4  # weights (fp32) and activations (bf16), e4m3 and e5m2, with and without transpose
     for compiled_function in versions.values():
