@@ -9,7 +9,8 @@ Random weights (speed does not depend on them), bf16, 480P x 81-frame clips. Thr
 - e2e: `encode_dataset` clips/s and peak memory on a shard of --clips clips (MP4 decode, both models, writing):
   the old path (diffusers' encode, no prefetch) against the new default (chunked encode, prefetch), and the
   fastest VAE variant with prefetch when it is not the default.
-- batch: per batch size (--batch-sizes), decode, VAE and text-encoder times and the end-to-end clips/s.
+- batch: per batch size (--batch-sizes), decode, VAE and text-encoder times and the end-to-end clips/s, with the
+  VAE as `osp-data encode` runs it by default on the device.
 
 Variant names: `diffusers`, `diffusers-autotune` (cuDNN benchmark mode on), `c<N>` (chunks of N frames) with
 `-cl` (channels-last-3d), `-fuse` (fused norm + SiLU, no padding copies) and `-compile` (torch.compile) suffixes,
@@ -309,7 +310,7 @@ def fits_end_to_end(device, batch_size, vae_batch):
 def e2e_case(autoencoder, text, names, folder, clips, args, device, report):
     configs = [
         ("baseline", "diffusers", False),
-        ("default", GPU_DEFAULT_VARIANT if device.type == "cuda" else f"c{DEFAULT_CHUNK_FRAMES}", True),
+        ("default", default_variant(device), True),
     ]
     # The fastest variant whose activations at --batch-size fit beside umT5 (c80 at batch 2 may not).
     best = best_variant(report["vae_variants"], fits_end_to_end(device, args.batch_size, args.vae_batch))
@@ -412,8 +413,15 @@ def batch_row(encoders, folder, batch_size, clip_bytes, args, device):
     return row
 
 
+def default_variant(device) -> str:
+    """The VAE variant `osp-data encode` runs by default on this device."""
+    return GPU_DEFAULT_VARIANT if device.type == "cuda" else f"c{DEFAULT_CHUNK_FRAMES}"
+
+
 def batch_case(autoencoder, text, names, folder, clip_bytes, args, device, report):
-    encoders = Encoders(VideoVAE(autoencoder, device), text, names)
+    options = parse_variant(default_variant(device))  # what osp-data encode runs here
+    model = copy.deepcopy(autoencoder) if options["channels_last"] else autoencoder
+    encoders = Encoders(VideoVAE(model, device, **options), text, names)
     for size in args.batch_sizes.split(","):
         release_memory(device)
         report["rows"].append(batch_row(encoders, folder, int(size), clip_bytes, args, device))
