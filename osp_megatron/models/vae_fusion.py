@@ -62,10 +62,8 @@ class _NormSiLU(torch.nn.Module):
         self.norm = norm
 
     def forward(self, x):
-        norm = self.norm
+        norm = self.norm  # its bias is a tensor or 0 (_norm_then_silu_pairs wraps no other)
         bias = norm.bias if isinstance(norm.bias, torch.Tensor) else None
-        if not isinstance(norm.bias, torch.Tensor) and norm.bias != 0:
-            raise ValueError(f"WanRMS_norm with a non-tensor bias {norm.bias!r} cannot be fused")
         return rms_norm_silu(x, norm.gamma * norm.scale, bias)
 
 

@@ -250,14 +250,7 @@ class TensorScaler:
     def _fusable(self, tensor: torch.Tensor, group: dist.ProcessGroup | None) -> bool:
         """Whether amax, scale, history and cast can run as one compiled computation: FP8 current scaling on CUDA
         without an amax reduction across ranks."""
-        return (
-            tensor.is_cuda
-            and isinstance(self.format, FP8Format)
-            and not self.delayed
-            and len(self.amax_history) == 1
-            and tensor.numel() > 0
-            and (group is None or dist.get_world_size(group) == 1)
-        )
+        return tensor.is_cuda and isinstance(self.format, FP8Format) and self.shares_encodes(tensor, group)
 
     def _fused_encode(
         self, tensor: torch.Tensor, transposed: bool, row_multiple: int = 1
